@@ -1,0 +1,396 @@
+"""The objective f(θ) = (1/N) Σᵢ ℓ(net(θ, xᵢ), yᵢ) + (λ/2)‖θ‖² and every product an optimizer needs.
+
+``Objective(model, loss, X, y, l2)`` is a function of θ on a fixed batch. ``obj.at(θ)`` runs the
+forward pass once and returns a :class:`Point`, whose methods reuse that pass:
+
+================  =======================================================================  ==========================
+method            formula (J = ∂z/∂θ stacked over examples, H_L per-example output Hessian)  passes (forward = F)
+================  =======================================================================  ==========================
+``value``         f(θ)                                                                     F
+``grad``          ∇f = (1/N) Jᵀ ∂ℓ/∂z + λθ                                                  F + B
+``jvp(v)``        J v  (N × C)                                                             F + R-F
+``vjp(u)``        Jᵀ u = Σᵢ Jᵢᵀ uᵢ  (no 1/N)                                                F + B
+``hvp(v)``        ∇²f v, exact, by the R-op of the backward pass (Pearlmutter 1994)          F + R-F + B + R-B
+``ggn_vp(v)``     G v = (1/N) Jᵀ H_L J v + λ v                                              F + R-F + B
+``fisher_vp(v)``  empirical (1/N) Σ gᵢ gᵢᵀ v, gᵢ = ∇ℓᵢ; ``sampled`` with targets drawn       F + R-F + B
+                  from the model; ``exact`` = E_ỹ[…] = (1/N) Jᵀ H_L J v (canonical losses)
+``per_example_grads``  rows gᵢ = ∇_θ ℓᵢ (N × n)                                            F + B (per example)
+``gram``          N × N matrix gᵢᵀgⱼ, or NC × NC matrix Jᵢ Jⱼᵀ, by the Kronecker trick      F + B (or C backward)
+                  of Ren's thesis ch. 5 (Alg. 17–22) for dense nets
+``layer_stats``   per Kronecker layer āₗ₋₁ (homogeneous) and gₗ = ∂ℓᵢ/∂hₗ per example        F + B
+================  =======================================================================  ==========================
+
+The L2 term enters ``value``, ``grad``, ``hvp`` and ``ggn_vp``; the Fisher products and Gram
+matrices are of the data term only (they are statistical objects; add λI yourself).
+
+Every pass is counted in a :class:`PassCounter` (examples processed per pass kind), shared by all
+objectives a :class:`~qnref.optim.base.Problem` hands out, so optimizers are compared in
+gradient-equivalent passes and epochs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import backend
+from ..nn.losses import Loss, get_loss
+from ..nn.model import Sequential
+
+
+class NonFiniteError(ValueError):
+    """θ, a direction or the data contain NaN/Inf."""
+
+
+@dataclass
+class PassCounter:
+    """Examples processed by each kind of pass (forward F, backward B, R-forward, R-backward).
+
+    ``grad_equivalents`` counts one gradient = one forward + one backward over one example, so a
+    full-batch gradient on N examples adds N, a Hessian-vector product ≈ 2N.
+    """
+
+    forward: int = 0
+    backward: int = 0
+    rforward: int = 0
+    rbackward: int = 0
+    calls: dict = field(default_factory=dict)
+
+    def add(self, kind: str, n_examples: int, call: str | None = None) -> None:
+        setattr(self, kind, getattr(self, kind) + int(n_examples))
+        if call:
+            self.calls[call] = self.calls.get(call, 0) + 1
+
+    @property
+    def grad_equivalents(self) -> float:
+        return (self.forward + self.backward + self.rforward + self.rbackward) / 2.0
+
+    def snapshot(self) -> dict:
+        return {
+            "forward": self.forward,
+            "backward": self.backward,
+            "rforward": self.rforward,
+            "rbackward": self.rbackward,
+            "grad_equivalents": self.grad_equivalents,
+            "calls": dict(self.calls),
+        }
+
+
+class Objective:
+    """f(θ) on a fixed batch (X, y). See the module docstring for the products.
+
+    Parameters
+    ----------
+    model, loss:
+        a :class:`~qnref.nn.model.Sequential` and a loss (name or instance).
+    X, y:
+        inputs (N, *model.input_shape) and targets; NumPy or CuPy, float32 or float64.
+    l2:
+        weight-decay coefficient λ ≥ 0 of the term (λ/2)‖θ‖².
+    train:
+        layer mode (batch normalization uses batch statistics when True).
+    counter:
+        a :class:`PassCounter` to add to (a fresh one by default).
+    rng:
+        generator for sampled targets (true-Fisher products, KFAC statistics).
+    validate:
+        check shapes, dtypes and finiteness of the data once (on by default).
+    """
+
+    def __init__(
+        self,
+        model: Sequential,
+        loss: "str | Loss",
+        X: Any,
+        y: Any,
+        l2: float = 0.0,
+        *,
+        train: bool = True,
+        counter: PassCounter | None = None,
+        rng: Any = None,
+        validate: bool = True,
+    ):
+        self.model = model
+        self.loss = get_loss(loss)
+        if not (l2 >= 0) or l2 != l2:
+            raise ValueError(f"l2 must be a finite non-negative number, got {l2}")
+        self.l2 = float(l2)
+        self.xp = backend.namespace(X, y)
+        if validate:
+            model.check_input(X)
+            backend.check_dtype(X.dtype)
+            backend.check_finite(X, "input data X")
+            if y.dtype.kind == "f":
+                backend.check_finite(y, "targets y")
+            if y.shape[0] != X.shape[0]:
+                raise ValueError(f"X has {X.shape[0]} examples but y has {y.shape[0]}")
+            y = self.loss.check((X.shape[0],) + model.output_shape, y)
+        self.X, self.y = X, y
+        self.train = train
+        self.counter = counter if counter is not None else PassCounter()
+        self.rng = rng if rng is not None else backend.default_rng(0, self.xp)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def dtype(self):
+        return self.X.dtype
+
+    def at(self, theta: Any) -> "Point":
+        """Run the forward pass at θ and return the :class:`Point` that reuses it."""
+        self.model.layout.check(theta)
+        backend.namespace(theta, self.X)
+        if theta.dtype != self.X.dtype:
+            raise TypeError(f"theta is {theta.dtype} but the data are {self.X.dtype}; use one dtype")
+        if not backend.all_finite(theta):
+            raise NonFiniteError("theta contains NaN or Inf")
+        return Point(self, theta)
+
+    # convenience wrappers: one forward each ------------------------------------------------
+    def value(self, theta: Any) -> float:
+        return self.at(theta).value
+
+    def value_and_grad(self, theta: Any) -> tuple[float, Any]:
+        p = self.at(theta)
+        return p.value, p.grad
+
+    def grad(self, theta: Any) -> Any:
+        return self.at(theta).grad
+
+    def hvp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).hvp(v)
+
+    def ggn_vp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).ggn_vp(v)
+
+    def fisher_vp(self, theta: Any, v: Any, kind: str = "empirical") -> Any:
+        return self.at(theta).fisher_vp(v, kind)
+
+    def jvp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).jvp(v)
+
+    def vjp(self, theta: Any, u: Any) -> Any:
+        return self.at(theta).vjp(u)
+
+    def per_example_grads(self, theta: Any) -> Any:
+        return self.at(theta).per_example_grads()
+
+    def gram(self, theta: Any, kind: str = "grad") -> Any:
+        return self.at(theta).gram(kind)
+
+    def layer_stats(self, theta: Any, targets: str = "empirical") -> dict:
+        return self.at(theta).layer_stats(targets)
+
+    def subset(self, idx: Any) -> "Objective":
+        """The same objective on examples ``idx`` (shares the counter and RNG)."""
+        return Objective(self.model, self.loss, self.X[idx], self.y[idx], self.l2, train=self.train,
+                         counter=self.counter, rng=self.rng, validate=False)
+
+
+class Point:
+    """The objective linearised at one θ: caches the forward pass (and the gradient once computed)."""
+
+    def __init__(self, obj: Objective, theta: Any):
+        self.obj = obj
+        self.theta = theta
+        self.xp = obj.xp
+        self.z, self.caches = obj.model.forward(theta, obj.X, train=obj.train)
+        obj.counter.add("forward", obj.n_samples, "forward")
+        self._losses = obj.loss.per_example(self.z, obj.y)
+        self._grad = None
+        self._dz = None
+        self._sampled = None
+
+    # -- values ---------------------------------------------------------------------------
+    @property
+    def N(self) -> int:
+        return self.obj.n_samples
+
+    @property
+    def value(self) -> float:
+        """f(θ) as a Python float (non-finite values are returned, not raised)."""
+        v = self._losses.mean()
+        if self.obj.l2:
+            v = v + 0.5 * self.obj.l2 * (self.theta @ self.theta)
+        return float(v)
+
+    @property
+    def losses(self) -> Any:
+        """Per-example losses ℓᵢ (N,)."""
+        return self._losses
+
+    @property
+    def dz(self) -> Any:
+        """Per-example output gradients ∂ℓᵢ/∂zᵢ (N, C)."""
+        if self._dz is None:
+            self._dz = self.obj.loss.dz(self.z, self.obj.y)
+        return self._dz
+
+    def _check_dir(self, v: Any, what: str = "v") -> None:
+        self.obj.model.layout.check(v, what)
+        backend.namespace(v, self.theta)
+        if v.dtype != self.theta.dtype:
+            raise TypeError(f"{what} is {v.dtype} but theta is {self.theta.dtype}")
+
+    def _backward(self, gz: Any, call: str, **kw) -> Any:
+        self.obj.counter.add("backward", self.N, call)
+        return self.obj.model.backward(self.theta, self.caches, gz, **kw)
+
+    def _jvp(self, v: Any) -> tuple[Any, list]:
+        self.obj.counter.add("rforward", self.N)
+        return self.obj.model.jvp(self.theta, self.caches, v)
+
+    @property
+    def grad(self) -> Any:
+        """∇f(θ) (flat, computed once per point)."""
+        if self._grad is None:
+            g = self._backward(self.dz / self.N, "grad")
+            if self.obj.l2:
+                g += self.obj.l2 * self.theta
+            self._grad = g
+        return self._grad
+
+    # -- Jacobian products ----------------------------------------------------------------
+    def jvp(self, v: Any) -> Any:
+        """J v: the directional derivative of the outputs, shape (N, *output_shape)."""
+        self._check_dir(v)
+        return self._jvp(v)[0]
+
+    def vjp(self, u: Any) -> Any:
+        """Jᵀ u = Σᵢ Jᵢᵀ uᵢ for output-space u of the outputs' shape (no 1/N, no L2)."""
+        if tuple(u.shape) != tuple(self.z.shape):
+            raise ValueError(f"u must have the output shape {tuple(self.z.shape)}, got {tuple(u.shape)}")
+        return self._backward(u, "vjp")
+
+    # -- curvature products -----------------------------------------------------------------
+    def hvp(self, v: Any) -> Any:
+        """Exact ∇²f(θ) v by Pearlmutter's R-op (forward R-pass, then R-op of the backward pass)."""
+        self._check_dir(v)
+        jv, rcaches = self._jvp(v)
+        loss, y, N = self.obj.loss, self.obj.y, self.N
+        gz = self.dz / N
+        rgz = loss.hvp(self.z, y, jv) / N
+        self.obj.counter.add("backward", N, "hvp")
+        self.obj.counter.add("rbackward", N)
+        grad, hv = self.obj.model.backward_rop(self.theta, self.caches, rcaches, gz, rgz, v)
+        if self._grad is None:
+            if self.obj.l2:
+                grad += self.obj.l2 * self.theta
+            self._grad = grad
+        if self.obj.l2:
+            hv += self.obj.l2 * v
+        return hv
+
+    def ggn_vp(self, v: Any) -> Any:
+        """Generalized Gauss-Newton product G v = (1/N) Jᵀ H_L J v + λ v."""
+        self._check_dir(v)
+        jv, _ = self._jvp(v)
+        gv = self._backward(self.obj.loss.hvp(self.z, self.obj.y, jv) / self.N, "ggn_vp")
+        if self.obj.l2:
+            gv += self.obj.l2 * v
+        return gv
+
+    def sampled_targets(self) -> Any:
+        """Targets ỹ ~ p(y | z) drawn once per point (so the sampled Fisher is a fixed matrix)."""
+        if self._sampled is None:
+            self._sampled = self.obj.loss.sample(self.z, self.obj.rng)
+        return self._sampled
+
+    def _fisher_dz(self, kind: str) -> Any:
+        if kind == "empirical":
+            return self.dz
+        if kind == "sampled":
+            return self.obj.loss.dz(self.z, self.sampled_targets())
+        raise ValueError(f"unknown Fisher kind {kind!r}; choose 'empirical', 'sampled' or 'exact'")
+
+    def fisher_vp(self, v: Any, kind: str = "empirical") -> Any:
+        """F v for F = (1/N) Σᵢ gᵢ gᵢᵀ with gᵢ = Jᵢᵀ eᵢ (eᵢ = ∂ℓ/∂zᵢ at true or sampled targets).
+
+        Computed without per-example gradients: cᵢ = eᵢᵀ (J v)ᵢ, then F v = Jᵀ (c ⊙ e) / N.
+        ``kind="exact"`` is the expectation over ỹ, equal to (1/N) Jᵀ H_L J v for these losses.
+        """
+        if kind == "exact":
+            self._check_dir(v)
+            jv, _ = self._jvp(v)
+            return self._backward(self.obj.loss.hvp(self.z, self.obj.y, jv) / self.N, "fisher_vp")
+        self._check_coupling("fisher_vp")
+        e = self._fisher_dz(kind)
+        self._check_dir(v)
+        jv, _ = self._jvp(v)
+        c = (e * jv).reshape(self.N, -1).sum(axis=1)
+        return self._backward(e * (c / self.N).reshape((-1,) + (1,) * (e.ndim - 1)), "fisher_vp")
+
+    # -- per-example quantities ---------------------------------------------------------------
+    def _check_coupling(self, what: str) -> None:
+        if self.obj.model.couples_examples and self.obj.train:
+            raise ValueError(
+                f"{what} needs independent examples, but the model has batch normalization in training "
+                "mode (examples interact); build the Objective with train=False"
+            )
+
+    def per_example_grads(self, targets: str = "empirical") -> Any:
+        """(N, n) rows gᵢ = ∇_θ ℓ(zᵢ, yᵢ) (data term, no 1/N)."""
+        self._check_coupling("per_example_grads")
+        self.obj.counter.add("backward", self.N, "per_example_grads")
+        return self.obj.model.per_example_grads(self.theta, self.caches, self._fisher_dz(targets))
+
+    def layer_stats(self, targets: str = "empirical") -> dict:
+        """Per Kronecker layer: {"a": āₗ₋₁, "g": gₗ, "kind": …} with gₗ = ∂ℓᵢ/∂hₗ per example.
+
+        ``targets`` is "empirical" (true labels) or "sampled" (ỹ from the model, for the true
+        Fisher of KFAC). The mean-loss gradient of W̄ₗ is (1/N) Σᵢ gₗ,ᵢ āₗ₋₁,ᵢᵀ (dense); conv
+        layers return patch matrices, see docs/engine.md.
+        """
+        taps: dict = {}
+        self._backward(self._fisher_dz(targets), "layer_stats", taps=taps, want_params=False)
+        return taps
+
+    def gram(self, kind: str = "grad") -> Any:
+        """Gram matrices of thesis ch. 5.
+
+        ``kind="grad"``: the N × N matrix [gᵢᵀ gⱼ] of per-example gradients (SMW natural gradient).
+        ``kind="jacobian"``: the NC × NC matrix [Jᵢ Jⱼᵀ] of per-example output Jacobians, row
+        index i·C + c (SMW Gauss-Newton). For nets whose parametrized layers are all dense the
+        Kronecker trick Σₗ (Āₗ Āₗᵀ) ⊙ (Γₗ Γₗᵀ) is used and no n-vector per example is formed.
+        """
+        self._check_coupling("gram")
+        model, xp, N = self.obj.model, self.xp, self.N
+        kron = all(l.kron_dense for l in model.kron_layers) and _only_kron_params(model)
+        if kind == "grad":
+            if not kron:
+                P = self.per_example_grads()
+                return P @ P.T
+            taps = self.layer_stats("empirical")
+            return sum((t["a"] @ t["a"].T) * (t["g"] @ t["g"].T) for t in taps.values())
+        if kind != "jacobian":
+            raise ValueError(f"unknown Gram kind {kind!r}; choose 'grad' or 'jacobian'")
+        if self.z.ndim != 2:
+            raise ValueError("gram('jacobian') needs 2-D outputs (N, C)")
+        C = self.z.shape[1]
+        eye = xp.eye(C, dtype=self.z.dtype)
+        if not kron:
+            rows = []
+            for c in range(C):
+                self.obj.counter.add("backward", N, "gram")
+                rows.append(model.per_example_grads(self.theta, self.caches, xp.broadcast_to(eye[c], self.z.shape).copy()))
+            J = xp.stack(rows, axis=1).reshape(N * C, -1)
+            return J @ J.T
+        per_c = []
+        for c in range(C):
+            taps: dict = {}
+            self._backward(xp.broadcast_to(eye[c], self.z.shape).copy(), "gram", taps=taps, want_params=False)
+            per_c.append(taps)
+        total = xp.zeros((N * C, N * C), dtype=self.z.dtype)
+        for name in per_c[0]:
+            a = per_c[0][name]["a"]
+            ka = a @ a.T
+            gam = xp.stack([t[name]["g"] for t in per_c], axis=1).reshape(N * C, -1)  # row i·C + c
+            total += xp.repeat(xp.repeat(ka, C, axis=0), C, axis=1) * (gam @ gam.T)
+        return total
+
+
+def _only_kron_params(model: Sequential) -> bool:
+    """True when every parameter block belongs to a Kronecker (dense) layer."""
+    names = {l.name for l in model.kron_layers}
+    return all(b.name.rsplit(".", 1)[0] in names for b in model.layout.blocks)

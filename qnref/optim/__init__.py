@@ -1,0 +1,24 @@
+"""Optimizers: the protocol (:mod:`.base`), first-order baselines, quasi-Newton, trust-region,
+Hessian-free, Kronecker-factored and Sherman–Morrison–Woodbury methods.
+
+Every optimizer is registered by name in :data:`qnref.optim.registry.OPTIMIZERS`.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import Optimizer, Problem, StepInfo
+from .registry import OPTIMIZERS, get_optimizer_class, make_optimizer, register
+
+#: modules that define registered optimizers (imported on first registry use)
+OPTIMIZER_MODULES: tuple[str, ...] = ()
+
+
+def load_all() -> dict:
+    """Import every optimizer module so that the registry is complete."""
+    for mod in OPTIMIZER_MODULES:
+        importlib.import_module(f"{__name__}.{mod}")
+    return OPTIMIZERS
+
+
+__all__ = ["Optimizer", "Problem", "StepInfo", "OPTIMIZERS", "make_optimizer", "get_optimizer_class", "register", "load_all"]

@@ -1,0 +1,273 @@
+"""The optimizer protocol, step information and the :class:`Problem` that draws batches.
+
+Functional, like optax: an optimizer holds hyperparameters only; its state is a dataclass of
+arrays and scalars (so it checkpoints), and one step is
+
+    theta, state, info = opt.step(theta, state, problem)
+
+``problem`` hands out :class:`~qnref.curvature.objective.Objective` instances on minibatches,
+random samples or the full training set; all share one :class:`PassCounter`, so methods are
+compared in gradient-equivalent passes whatever they draw.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy
+
+from .. import backend
+from ..curvature.objective import NonFiniteError, Objective, PassCounter, Point
+from ..nn.losses import Loss, get_loss
+from ..nn.model import Sequential
+
+
+@dataclass
+class StepInfo:
+    """What one step did.
+
+    loss:        f at the iterate the step *returns*, on the batch the step used (NaN if unknown)
+    loss_start:  f at the start of the step on that batch
+    accepted:    whether θ moved
+    step_norm:   ‖θ_new − θ_old‖
+    radius:      trust-region radius after the step (trust-region methods)
+    step_size:   the step length / learning rate used (line-search and first-order methods)
+    skipped:     curvature updates skipped by safeguards this step
+    evals:       function/gradient evaluations the step used (objective forward passes)
+    nonfinite:   a trial point with NaN/Inf loss or gradient was rejected
+    batch_size:  examples in the step's batch
+    extra:       method-specific values (ρ, σ, CG iterations, damping, …)
+    """
+
+    loss: float = math.nan
+    loss_start: float = math.nan
+    accepted: bool = True
+    step_norm: float = 0.0
+    radius: float | None = None
+    step_size: float | None = None
+    skipped: int = 0
+    evals: int = 0
+    nonfinite: bool = False
+    batch_size: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+class Problem:
+    """Training data + model + loss; draws the objectives an optimizer asks for.
+
+    batch(size)   next minibatch of a reshuffled pass over the data (sampling without
+                  replacement within an epoch); epochs are counted here.
+    sample(size)  an independent uniform sample without replacement (curvature batches,
+                  progress checks); does not advance the epoch stream.
+    full()        the whole training set.
+    subset(idx)   given indices.
+    """
+
+    def __init__(
+        self,
+        model: Sequential,
+        loss: "str | Loss",
+        X: Any,
+        y: Any,
+        l2: float = 0.0,
+        *,
+        seed: int = 0,
+        counter: PassCounter | None = None,
+        train: bool = True,
+    ):
+        self.model = model
+        self.loss = get_loss(loss)
+        self.xp = backend.namespace(X, y)
+        # validate once, here; the per-batch objectives skip it
+        self._full = Objective(model, self.loss, X, y, l2, train=train, counter=counter,
+                               rng=backend.default_rng(seed + 1, self.xp))
+        self.X, self.y = X, self._full.y
+        self.l2 = float(l2)
+        self.train = train
+        self.counter = self._full.counter
+        self.rng = numpy.random.default_rng(seed)
+        self.device_rng = self._full.rng
+        self._perm = self.rng.permutation(self.n_samples)
+        self._pos = 0
+        self.samples_drawn = 0
+        self.epoch_passes = 0
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def epochs(self) -> float:
+        """Data passes consumed by :meth:`batch` (the papers' 'epochs')."""
+        return self.samples_drawn / self.n_samples
+
+    def _check_size(self, size: int) -> int:
+        if int(size) != size or size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {size!r}")
+        if size > self.n_samples:
+            raise ValueError(f"batch size {size} exceeds the {self.n_samples} training examples")
+        return int(size)
+
+    def subset(self, idx: Any) -> Objective:
+        idx_dev = self.xp.asarray(numpy.asarray(idx, dtype=numpy.int64))
+        return Objective(self.model, self.loss, self.X[idx_dev], self.y[idx_dev], self.l2, train=self.train,
+                         counter=self.counter, rng=self.device_rng, validate=False)
+
+    def batch(self, size: int) -> Objective:
+        size = self._check_size(size)
+        if size == self.n_samples:
+            self.samples_drawn += size
+            return self.full()
+        idx = []
+        need = size
+        while need:
+            take = min(need, self.n_samples - self._pos)
+            idx.append(self._perm[self._pos : self._pos + take])
+            self._pos += take
+            need -= take
+            if self._pos == self.n_samples:
+                self._perm = self.rng.permutation(self.n_samples)
+                self._pos = 0
+                self.epoch_passes += 1
+        self.samples_drawn += size
+        return self.subset(numpy.concatenate(idx))
+
+    def sample(self, size: int) -> Objective:
+        size = self._check_size(size)
+        if size == self.n_samples:
+            return self.full()
+        return self.subset(numpy.sort(self.rng.choice(self.n_samples, size=size, replace=False)))
+
+    def full(self) -> Objective:
+        return self._full
+
+    def state(self) -> dict:
+        """Stream position and RNG state (for bit-identical resume)."""
+        return {"rng": backend.rng_state(self.rng), "perm": self._perm.copy(), "pos": self._pos,
+                "samples_drawn": self.samples_drawn, "epoch_passes": self.epoch_passes,
+                "counter": self.counter.snapshot()}
+
+    def load_state(self, st: dict) -> None:
+        backend.set_rng_state(self.rng, st["rng"])
+        self._perm = numpy.asarray(st["perm"], dtype=numpy.int64)
+        self._pos = int(st["pos"])
+        self.samples_drawn = int(st["samples_drawn"])
+        self.epoch_passes = int(st["epoch_passes"])
+        c = st["counter"]
+        for k in ("forward", "backward", "rforward", "rbackward"):
+            setattr(self.counter, k, int(c[k]))
+        self.counter.calls = dict(c["calls"])
+
+
+class Optimizer:
+    """Base class. Subclasses define ``State`` (a dataclass), ``init`` and ``step``.
+
+    Class attributes: ``name`` (registry key), ``family`` (first-order, quasi-newton,
+    trust-region, hessian-free, kronecker, smw), ``paper`` (source of the defaults).
+    """
+
+    name: ClassVar[str] = "optimizer"
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def init(self, theta: Any) -> Any:
+        raise NotImplementedError
+
+    def step(self, theta: Any, state: Any, problem: Problem) -> tuple[Any, Any, StepInfo]:
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+# -- validation helpers -------------------------------------------------------------------------
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Reject non-finite, negative (or zero) hyperparameters with a clear message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, numpy.floating, numpy.integer)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = "≥ 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return v
+
+
+def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    """Reject values outside [lo, hi] (or the open variants)."""
+    v = float(value)
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{rb}, got {value}")
+    return v
+
+
+def check_int(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def try_point(obj: Objective, theta: Any) -> Point | None:
+    """The objective at θ, or ``None`` when θ or the loss/gradient there are not finite.
+
+    Optimizers use this for trial points: a non-finite trial is rejected, never accepted.
+    """
+    try:
+        p = obj.at(theta)
+    except NonFiniteError:
+        return None
+    if not math.isfinite(p.value):
+        return None
+    return p
+
+
+def finite_grad(p: Point) -> bool:
+    return backend.all_finite(p.grad)
+
+
+# -- state (de)serialisation for checkpoints -------------------------------------------------------
+def state_to_host(state: Any) -> dict:
+    """A dict of NumPy arrays / Python scalars / nested dicts from a state dataclass."""
+    if dataclasses.is_dataclass(state):
+        return {"__class__": type(state).__qualname__, **{f.name: state_to_host(getattr(state, f.name)) for f in dataclasses.fields(state)}}
+    if isinstance(state, dict):
+        return {k: state_to_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(state_to_host(v) for v in state)
+    if hasattr(state, "shape") and hasattr(state, "dtype"):
+        return backend.to_numpy(state).copy()
+    return state
+
+
+def state_from_host(cls: Any, data: dict, device: backend.Device = "cpu") -> Any:
+    """Inverse of :func:`state_to_host` for dataclass ``cls`` (arrays moved to ``device``)."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for name in hints:
+        if name not in data:
+            raise ValueError(f"checkpointed state of {cls.__qualname__} lacks field {name!r}")
+        kwargs[name] = _restore(data[name], device)
+    return cls(**kwargs)
+
+
+def _restore(v: Any, device: backend.Device) -> Any:
+    if isinstance(v, numpy.ndarray):
+        return backend.to_device(v, device) if v.dtype.kind in "fiub" and v.ndim > 0 else v
+    if isinstance(v, dict):
+        return {k: _restore(x, device) for k, x in v.items() if k != "__class__"}
+    if isinstance(v, list):
+        return [_restore(x, device) for x in v]
+    return v

@@ -1,0 +1,112 @@
+"""Losses: value, output gradient, Hessian products, square-root factors and target sampling."""
+import itertools
+
+import numpy as np
+import pytest
+
+from qnref.nn.losses import MeanSquaredError, SigmoidCrossEntropy, SoftmaxCrossEntropy, get_loss
+from helpers import EPS, rel_err
+
+LOSSES = ["softmax_ce", "softmax_ce_soft", "mse", "sigmoid_ce"]
+
+
+def make(name, n, c, r):
+    z = r.standard_normal((n, c)) * 2
+    if name == "softmax_ce":
+        return SoftmaxCrossEntropy(), z, r.integers(0, c, n)
+    if name == "softmax_ce_soft":
+        y = r.random((n, c))
+        return SoftmaxCrossEntropy(), z, y / y.sum(1, keepdims=True) * 1.3  # mass s = 1.3
+    if name == "mse":
+        return MeanSquaredError(), z, r.standard_normal((n, c))
+    return SigmoidCrossEntropy(), z, r.random((n, c))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("n", [1, 4])
+def test_gradient_hessian_against_fd(name, n, rng):
+    loss, z, y = make(name, n, 5, rng)
+    loss.check(z.shape, y)
+    dz = loss.dz(z, y)
+    H = loss.hessian(z, y)
+    fd_g, fd_h = np.empty_like(dz), np.empty_like(H)
+    for k in range(z.shape[1]):
+        e = np.zeros_like(z)
+        e[:, k] = EPS
+        fd_g[:, k] = (loss.per_example(z + e, y) - loss.per_example(z - e, y)) / (2 * EPS)
+        fd_h[:, :, k] = (loss.dz(z + e, y) - loss.dz(z - e, y)) / (2 * EPS)
+    assert rel_err(dz, fd_g) < 1e-8
+    assert rel_err(H, fd_h) < 1e-8
+    v = rng.standard_normal(z.shape)
+    assert rel_err(loss.hvp(z, y, v), np.einsum("ncd,nd->nc", H, v)) < 1e-13
+    S = loss.sqrt_hessian(z, y)
+    assert rel_err(np.einsum("nck,ndk->ncd", S, S), H) < 1e-13
+    np.testing.assert_allclose(loss.value(z, y), loss.per_example(z, y).mean(), rtol=1e-15)
+
+
+def test_softmax_ce_value_matches_definition(rng):
+    z = rng.standard_normal((3, 4))
+    y = np.array([0, 3, 1])
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    np.testing.assert_allclose(SoftmaxCrossEntropy().per_example(z, y), -np.log(p[np.arange(3), y]), rtol=1e-13)
+    zbig = np.array([[1000.0, 0.0, -1000.0]])
+    assert np.isfinite(SoftmaxCrossEntropy().per_example(zbig, np.array([2]))).all()
+
+
+def test_sigmoid_ce_matches_definition(rng):
+    z = rng.standard_normal((3, 4))
+    y = rng.random((3, 4))
+    p = 1 / (1 + np.exp(-z))
+    ref = -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(1)
+    np.testing.assert_allclose(SigmoidCrossEntropy().per_example(z, y), ref, rtol=1e-12)
+
+
+def test_fisher_identity_exact_expectation(rng):
+    """E_{ỹ ~ p(y|z)}[∇ℓ ∇ℓᵀ] = H_L, computed exactly by enumerating the outcomes."""
+    z = rng.standard_normal((1, 3))
+    ce = SoftmaxCrossEntropy()
+    p = np.exp(z) / np.exp(z).sum()
+    E = sum(p[0, k] * np.outer(ce.dz(z, np.array([k]))[0], ce.dz(z, np.array([k]))[0]) for k in range(3))
+    assert rel_err(E, ce.hessian(z, np.array([0]))[0]) < 1e-14
+    bce = SigmoidCrossEntropy()
+    q = 1 / (1 + np.exp(-z[0]))
+    E = np.zeros((3, 3))
+    for bits in itertools.product([0.0, 1.0], repeat=3):
+        t = np.array([bits])
+        prob = np.prod(np.where(t[0] == 1, q, 1 - q))
+        g = bce.dz(z, t)[0]
+        E += prob * np.outer(g, g)
+    assert rel_err(E, bce.hessian(z, t)[0]) < 1e-14
+
+
+def test_sampling_follows_predictive_distribution():
+    r = np.random.default_rng(0)
+    z = np.array([[0.0, 1.0, -1.0]] * 20000)
+    p = np.exp(z[0]) / np.exp(z[0]).sum()
+    s = SoftmaxCrossEntropy().sample(z, r)
+    freq = np.bincount(s, minlength=3) / len(s)
+    assert np.abs(freq - p).max() < 0.01  # ~4 standard errors
+    b = SigmoidCrossEntropy().sample(z, r)
+    assert np.abs(b.mean(0) - 1 / (1 + np.exp(-z[0]))).max() < 0.01
+    g = MeanSquaredError().sample(z, r)
+    assert np.abs(g.mean(0) - z[0]).max() < 0.03 and np.abs(g.std(0) - 1).max() < 0.02
+
+
+@pytest.mark.parametrize(
+    "loss,z_shape,y,msg",
+    [
+        ("softmax_ce", (3, 4), np.array([0, 1, 4]), "labels must lie in"),
+        ("softmax_ce", (3, 4), np.array([0.0, 1.0, 2.0]), "must be integers"),
+        ("softmax_ce", (3, 4), np.array([0, 1]), "2 labels for 3 examples"),
+        ("mse", (3, 4), np.zeros((3, 5)), "output shape"),
+        ("sigmoid_ce", (2, 2), np.array([[0.0, 2.0], [0.5, 0.5]]), r"lie in \[0, 1\]"),
+    ],
+)
+def test_bad_targets(loss, z_shape, y, msg):
+    with pytest.raises(ValueError, match=msg):
+        get_loss(loss).check(z_shape, y)
+
+
+def test_unknown_loss():
+    with pytest.raises(ValueError, match="unknown loss"):
+        get_loss("hinge")
