@@ -1,0 +1,79 @@
+"""Engine cost: forward+backward, Hv and Gv on the thesis's MNIST autoencoder (issue 2).
+
+Pearlmutter's claim: an exact Hessian-vector product costs a small constant (≈ 2–4) times a
+gradient; the Gauss-Newton product needs no second-order terms and costs ≈ 1.5 gradients.
+"""
+import numpy as np
+
+from ._common import autoencoder_objective, best_time, devices, sync
+
+
+class AutoencoderProducts:
+    """784-1000-500-250-30-250-500-1000-784, batch 1000, float32 (time and peak memory)."""
+
+    params = (["float32"], devices())
+    param_names = ["dtype", "device"]
+    timeout = 300
+
+    def setup(self, dtype, device):
+        self.obj, self.theta = autoencoder_objective(1000, dtype, device)
+        self.v = self.theta * 0 + 1e-3
+
+    def time_forward_backward(self, dtype, device):
+        sync(self.obj.grad(self.theta))
+
+    def time_hvp(self, dtype, device):
+        sync(self.obj.hvp(self.theta, self.v))
+
+    def time_ggn_vp(self, dtype, device):
+        sync(self.obj.ggn_vp(self.theta, self.v))
+
+    def peakmem_forward_backward(self, dtype, device):
+        self.obj.grad(self.theta)
+
+    def peakmem_hvp(self, dtype, device):
+        self.obj.hvp(self.theta, self.v)
+
+
+class ProductRatios:
+    """Hv / gradient and Gv / gradient time ratios, measured side by side in one process."""
+
+    params = (["float32", "float64"], devices())
+    param_names = ["dtype", "device"]
+    timeout = 300
+    unit = "ratio"
+
+    def setup(self, dtype, device):
+        self.obj, self.theta = autoencoder_objective(1000, dtype, device)
+        self.v = self.theta * 0 + 1e-3
+        self.t_grad = best_time(lambda: self.obj.grad(self.theta))
+
+    def track_hvp_over_grad(self, dtype, device):
+        return best_time(lambda: self.obj.hvp(self.theta, self.v)) / self.t_grad
+
+    def track_ggn_over_grad(self, dtype, device):
+        return best_time(lambda: self.obj.ggn_vp(self.theta, self.v)) / self.t_grad
+
+
+class ProductPasses:
+    """Gradient-equivalent passes per product (exact counts)."""
+
+    unit = "gradient equivalents"
+
+    def setup(self):
+        self.obj, self.theta = autoencoder_objective(64, "float64", "cpu", d=32, sizes=(16, 8, 16))
+        self.v = np.ones_like(self.theta)
+
+    def _passes(self, fn):
+        before = self.obj.counter.grad_equivalents
+        fn()
+        return (self.obj.counter.grad_equivalents - before) / self.obj.n_samples
+
+    def track_passes_grad(self):
+        return self._passes(lambda: self.obj.grad(self.theta))
+
+    def track_passes_hvp(self):
+        return self._passes(lambda: self.obj.hvp(self.theta, self.v))
+
+    def track_passes_ggn(self):
+        return self._passes(lambda: self.obj.ggn_vp(self.theta, self.v))
