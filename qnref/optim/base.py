@@ -123,7 +123,6 @@ class Problem:
     def batch(self, size: int) -> Objective:
         size = self._check_size(size)
         if size == self.n_samples:
-            self.samples_drawn += size
             return self.full()
         idx = []
         need = size
@@ -142,20 +141,30 @@ class Problem:
     def sample(self, size: int) -> Objective:
         size = self._check_size(size)
         if size == self.n_samples:
-            return self.full()
+            return self._full
         return self.subset(numpy.sort(self.rng.choice(self.n_samples, size=size, replace=False)))
 
     def full(self) -> Objective:
+        """The whole training set; counts as one data pass (an epoch) for the caller's step."""
+        self.samples_drawn += self.n_samples
+        return self._full
+
+    @property
+    def full_objective(self) -> Objective:
+        """The whole training set without counting a data pass (for evaluation)."""
         return self._full
 
     def state(self) -> dict:
         """Stream position and RNG state (for bit-identical resume)."""
-        return {"rng": backend.rng_state(self.rng), "perm": self._perm.copy(), "pos": self._pos,
+        dev = backend.rng_state(self.device_rng) if self.xp.__name__ == "numpy" else None
+        return {"rng": backend.rng_state(self.rng), "device_rng": dev, "perm": self._perm.copy(), "pos": self._pos,
                 "samples_drawn": self.samples_drawn, "epoch_passes": self.epoch_passes,
                 "counter": self.counter.snapshot()}
 
     def load_state(self, st: dict) -> None:
         backend.set_rng_state(self.rng, st["rng"])
+        if st.get("device_rng") is not None:
+            backend.set_rng_state(self.device_rng, st["device_rng"])
         self._perm = numpy.asarray(st["perm"], dtype=numpy.int64)
         self._pos = int(st["pos"])
         self.samples_drawn = int(st["samples_drawn"])

@@ -1,0 +1,465 @@
+"""First-order baselines: SGD, heavy-ball momentum, Nesterov (NAG), Adam, RMSprop, AdaGrad,
+AdaDelta, SVRG and gradient descent with a backtracking (Armijo) line search.
+
+Every method follows the protocol of :mod:`qnref.optim.base`::
+
+    theta, state, info = opt.step(theta, state, problem)
+
+and draws ``problem.batch(batch_size)`` once per step (``batch_size=None``: the whole training
+set, still counted as an epoch of the batch stream). Notation: g = ∇f_B(θ) is the gradient of the
+minibatch objective (including the L2 term of the problem), ⊙ and ``/`` are elementwise, η is the
+learning rate ``lr``.
+
+Conventions shared by all classes
+---------------------------------
+* The update is computed functionally (new state arrays) and applied only when it is finite:
+  a non-finite batch loss, gradient or step leaves θ and the state unchanged and reports
+  ``accepted=False, nonfinite=True``. θ itself must be finite on entry (the objective raises
+  :class:`~qnref.curvature.objective.NonFiniteError` otherwise).
+* ``StepInfo.loss_start`` is f_B at the point where the gradient was taken (θ, or the look-ahead
+  point θ + μv for NAG). ``StepInfo.loss`` of the methods with a fixed step is the same number:
+  the loss at the new point is unknown without another forward pass, which the methods do not
+  need. GD-LS reports the accepted value f_B(θ + αp).
+* ``step_size`` is η (the accepted α for GD-LS); ``step_norm`` is ‖θ_new − θ‖.
+* Host syncs per step: the batch loss and ‖Δθ‖² (plus the objective's own finiteness check of θ).
+
+Defaults and their sources are listed per class and in ``docs/first_order.md``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .. import backend
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .linesearch import backtracking_armijo
+from .registry import register
+
+__all__ = ["SGD", "Momentum", "NAG", "Adam", "RMSprop", "AdaGrad", "AdaDelta", "SVRG", "GDLineSearch"]
+
+
+def _check_batch_size(batch_size: int | None) -> int | None:
+    return None if batch_size is None else check_int("batch_size", batch_size, 1)
+
+
+def _check_unit(name: str, value: float) -> float:
+    """A decay/momentum coefficient in [0, 1)."""
+    return check_range(name, value, 0.0, 1.0, hi_open=True)
+
+
+class FirstOrderOptimizer(Optimizer):
+    """Common driver: draw a batch, take one gradient, add the step Δθ that ``_update`` returns.
+
+    Subclasses implement ``init`` and ``_update(theta, g, state) -> (delta, new_state)`` (pure:
+    no in-place changes to ``state``), and may override ``_gradient_point`` (where g is taken).
+    """
+
+    family: ClassVar[str] = "first-order"
+
+    def __init__(self, lr: float, batch_size: int | None = 128):
+        self.lr = check_positive("lr", lr)
+        self.batch_size = _check_batch_size(batch_size)
+
+    # -- helpers shared by every method -------------------------------------------------------
+    def _draw(self, problem: Problem):
+        """The step's objective: a minibatch, or the full set (counted as an epoch) for ``None``."""
+        return problem.batch(problem.n_samples if self.batch_size is None else self.batch_size)
+
+    @staticmethod
+    def _finish(theta, state, delta, new_state, base: StepInfo) -> tuple[Any, Any, StepInfo]:
+        """Apply Δθ if finite (one host sync: ‖Δθ‖²); otherwise keep θ and the old state."""
+        sq = float(delta @ delta)
+        if not math.isfinite(sq):
+            base.accepted, base.nonfinite = False, True
+            return theta, state, base
+        base.step_norm = math.sqrt(sq)
+        return theta + delta, new_state, base
+
+    def _gradient_point(self, theta, state):
+        return theta
+
+    def _update(self, theta, g, state) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
+        obj = self._draw(problem)
+        x = self._gradient_point(theta, state)
+        p = obj.at(theta) if x is theta else try_point(obj, x)
+        loss = p.value if p is not None else math.nan
+        info = StepInfo(loss=loss, loss_start=loss, step_size=self.lr, evals=1, batch_size=obj.n_samples)
+        if not math.isfinite(loss):
+            info.accepted, info.nonfinite = False, True
+            return theta, state, info
+        delta, new_state = self._update(theta, p.grad, state)
+        return self._finish(theta, state, delta, new_state, info)
+
+
+# -- plain and momentum SGD ------------------------------------------------------------------------
+@dataclass
+class SGDState:
+    t: int = 0
+
+
+@register("sgd")
+class SGD(FirstOrderOptimizer):
+    """Minibatch SGD: θ ← θ − η g (Robbins & Monro 1951).
+
+    Default η = 0.01: the fixed rate of the first-order baselines in Ramamurthy & Duffy (2016,
+    appendix, CIFAR-10); the CNN comparison paper also runs SGD at a tuned *fixed* rate.
+    """
+
+    paper: ClassVar[str] = "Robbins & Monro 1951; lr from Ramamurthy & Duffy 2016 (appendix)"
+
+    def __init__(self, lr: float = 0.01, batch_size: int | None = 128):
+        super().__init__(lr, batch_size)
+
+    def init(self, theta) -> SGDState:
+        return SGDState()
+
+    def _update(self, theta, g, state):
+        return -self.lr * g, SGDState(state.t + 1)
+
+
+@dataclass
+class MomentumState:
+    velocity: Any
+    t: int = 0
+
+
+@register("momentum")
+class Momentum(FirstOrderOptimizer):
+    """Heavy ball (Polyak 1964) in the velocity form of Sutskever et al. (2013, eq. 1–2)::
+
+        v ← μ v − η ∇f_B(θ),   θ ← θ + v
+
+    Equivalent (for constant η) to m ← μ m + g, θ ← θ − η m of Ren's thesis §2.8.2 / §4.7.2
+    with v = −η m. Defaults μ = 0.9 (Ren's thesis; Ramamurthy & Duffy 2016 appendix),
+    η = 0.01 (Ramamurthy & Duffy 2016, CIFAR-10 appendix).
+    """
+
+    paper: ClassVar[str] = "Polyak 1964; Sutskever et al. 2013; defaults Ramamurthy & Duffy 2016, Ren thesis"
+    _lookahead: ClassVar[bool] = False
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9, batch_size: int | None = 128):
+        super().__init__(lr, batch_size)
+        self.momentum = _check_unit("momentum", momentum)
+
+    def init(self, theta) -> MomentumState:
+        return MomentumState(backend.namespace(theta).zeros_like(theta))
+
+    def _gradient_point(self, theta, state):
+        return theta + self.momentum * state.velocity if self._lookahead else theta
+
+    def _update(self, theta, g, state):
+        v = self.momentum * state.velocity - self.lr * g
+        return v, MomentumState(v, state.t + 1)
+
+
+@register("nag")
+class NAG(Momentum):
+    """Nesterov's accelerated gradient in the formulation of Sutskever et al. (2013, eq. 3–4)::
+
+        v ← μ v − η ∇f_B(θ + μ v),   θ ← θ + v
+
+    The gradient is taken at the look-ahead point θ + μv, so ``info.loss_start`` is f_B there
+    (not at θ). This is the same method as the "Nesterov" option of PyTorch/Keras, which track
+    θ' = θ + μv instead (Bengio et al. 2013). Defaults as :class:`Momentum` (μ = 0.9, η = 0.01;
+    Ramamurthy & Duffy 2016, who compare L-SR1 against NAG).
+    """
+
+    paper: ClassVar[str] = "Nesterov 1983; Sutskever et al. 2013 (ICML) eq. 3-4"
+    _lookahead: ClassVar[bool] = True
+
+
+# -- diagonal adaptive methods -------------------------------------------------------------------
+@dataclass
+class MomentState:
+    """m: first moment (empty when the method has none), v: second moment / accumulator, t: steps."""
+
+    m: Any
+    v: Any
+    t: int = 0
+
+
+class DiagonalAdaptive(FirstOrderOptimizer):
+    """Shared rule of Adam, RMSprop and AdaGrad::
+
+        m ← β₁ m + (1 − β₁) g                        (m = g when β₁ = 0)
+        v ← a v + b g⊙g                             (EMA: a = β₂, b = 1 − β₂; AdaGrad: a = b = 1)
+        m̂, v̂ = m / (1 − β₁ᵗ), v / (1 − β₂ᵗ)          (bias correction, Adam only)
+        θ ← θ − η m̂ / (√v̂ + ε)
+
+    Subclasses store ``beta1`` (if they have a first moment) and define ``_decay`` = (a, b) and
+    ``_bias_correction``.
+    """
+
+    _bias_correction: ClassVar[bool] = False
+
+    def __init__(self, lr: float, eps: float, batch_size: int | None):
+        super().__init__(lr, batch_size)
+        self.eps = check_positive("eps", eps)
+
+    @property
+    def _beta1(self) -> float:
+        return getattr(self, "beta1", 0.0)
+
+    @property
+    def _decay(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def init(self, theta) -> MomentState:
+        xp = backend.namespace(theta)
+        m = xp.zeros_like(theta) if self._beta1 else xp.zeros(0, dtype=theta.dtype)
+        return MomentState(m, xp.zeros_like(theta))
+
+    def _update(self, theta, g, state):
+        xp = backend.namespace(theta)
+        b1, (a, b), t = self._beta1, self._decay, state.t + 1
+        m = b1 * state.m + (1.0 - b1) * g if b1 else state.m
+        v = a * state.v + b * (g * g)
+        num, den = (m if b1 else g), v
+        if self._bias_correction:
+            num = num / (1.0 - b1**t) if b1 else num
+            den = den / (1.0 - a**t)
+        return -self.lr * num / (xp.sqrt(den) + self.eps), MomentState(m, v, t)
+
+
+@register("adam")
+class Adam(DiagonalAdaptive):
+    """Adam (Kingma & Ba 2015, Algorithm 1): :class:`DiagonalAdaptive` with bias correction.
+
+    Defaults η = 1e-3, β₁ = 0.9, β₂ = 0.999, ε = 1e-8 — the paper's; Ren's thesis ch. 3–4 uses
+    the same β's and ε = 1e-8 "following common practice" (it tunes ε as a damping in ch. 2).
+    """
+
+    paper: ClassVar[str] = "Kingma & Ba 2015 (ICLR), Algorithm 1"
+    _bias_correction: ClassVar[bool] = True
+
+    def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 batch_size: int | None = 128):
+        super().__init__(lr, eps, batch_size)
+        self.beta1 = _check_unit("beta1", beta1)
+        self.beta2 = _check_unit("beta2", beta2)
+
+    @property
+    def _decay(self) -> tuple[float, float]:
+        return self.beta2, 1.0 - self.beta2
+
+
+@register("rmsprop")
+class RMSprop(DiagonalAdaptive):
+    """RMSprop (Tieleman & Hinton 2012, Coursera lecture 6.5)::
+
+        v ← ρ v + (1 − ρ) g⊙g,   θ ← θ − η g / (√v + ε)
+
+    Defaults η = 1e-3, ρ = 0.9 (lecture 6.5; Ren's thesis §2.8.2 uses β₂ = 0.9), ε = 1e-8.
+    ``beta1 > 0`` adds Adam's first-moment EMA without bias correction, m ← β₁m + (1 − β₁)g,
+    θ ← θ − η m / (√v + ε): the variant of Ren's thesis §2.8.2 ("the only difference [to Adam]
+    is the bias correction", β₁ = β₂ = 0.9). Not PyTorch's ``momentum`` (which accumulates the
+    scaled step).
+    """
+
+    paper: ClassVar[str] = "Tieleman & Hinton 2012 (lecture 6.5); Ren thesis §2.8.2"
+
+    def __init__(self, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-8, beta1: float = 0.0,
+                 batch_size: int | None = 128):
+        super().__init__(lr, eps, batch_size)
+        self.rho = _check_unit("rho", rho)
+        self.beta1 = _check_unit("beta1", beta1)
+
+    @property
+    def _decay(self) -> tuple[float, float]:
+        return self.rho, 1.0 - self.rho
+
+
+@register("adagrad")
+class AdaGrad(DiagonalAdaptive):
+    """AdaGrad (Duchi, Hazan & Singer 2011, diagonal version)::
+
+        G ← G + g⊙g,   θ ← θ − η g / (√G + ε)
+
+    Defaults η = 0.01, ε = 1e-10 (G₀ = 0): no paper in this project fixes them; these are the
+    common library values (PyTorch ``torch.optim.Adagrad``). Duchi et al. write δ for ε.
+    """
+
+    paper: ClassVar[str] = "Duchi, Hazan & Singer 2011 (JMLR)"
+
+    def __init__(self, lr: float = 0.01, eps: float = 1e-10, batch_size: int | None = 128):
+        super().__init__(lr, eps, batch_size)
+
+    @property
+    def _decay(self) -> tuple[float, float]:
+        return 1.0, 1.0
+
+
+@dataclass
+class AdaDeltaState:
+    """v = E[g²], u = E[Δθ²] (Zeiler's accumulators), t: steps."""
+
+    v: Any
+    u: Any
+    t: int = 0
+
+
+@register("adadelta")
+class AdaDelta(FirstOrderOptimizer):
+    """AdaDelta (Zeiler 2012, Algorithm 1)::
+
+        v ← ρ v + (1 − ρ) g⊙g
+        Δ ← −(√(u + ε) / √(v + ε)) ⊙ g
+        u ← ρ u + (1 − ρ) Δ⊙Δ
+        θ ← θ + η Δ
+
+    Defaults ρ = 0.95, ε = 1e-6 (Zeiler's MNIST settings), η = 1 (the paper has no learning rate;
+    η scales the step as in PyTorch/Keras). Ramamurthy & Duffy (2016) ran AdaDelta with no
+    parameters set, i.e. these defaults.
+    """
+
+    paper: ClassVar[str] = "Zeiler 2012 (arXiv:1212.5701), Algorithm 1"
+
+    def __init__(self, lr: float = 1.0, rho: float = 0.95, eps: float = 1e-6, batch_size: int | None = 128):
+        super().__init__(lr, batch_size)
+        self.rho = _check_unit("rho", rho)
+        self.eps = check_positive("eps", eps)
+
+    def init(self, theta) -> AdaDeltaState:
+        xp = backend.namespace(theta)
+        return AdaDeltaState(xp.zeros_like(theta), xp.zeros_like(theta))
+
+    def _update(self, theta, g, state):
+        xp, r = backend.namespace(theta), self.rho
+        v = r * state.v + (1.0 - r) * (g * g)
+        d = -(xp.sqrt(state.u + self.eps) / xp.sqrt(v + self.eps)) * g
+        u = r * state.u + (1.0 - r) * (d * d)
+        return self.lr * d, AdaDeltaState(v, u, state.t + 1)
+
+
+# -- variance reduction ----------------------------------------------------------------------------
+@dataclass
+class SVRGState:
+    """snapshot θ̃, its full gradient μ̃ = ∇f(θ̃), k: steps since the snapshot, t: steps."""
+
+    snapshot: Any
+    mu: Any
+    k: int = 0
+    t: int = 0
+
+
+@register("svrg")
+class SVRG(FirstOrderOptimizer):
+    """Stochastic variance-reduced gradient (Johnson & Zhang 2013, Procedure SVRG, option I).
+
+    Every ``inner_steps`` (m) steps the snapshot is renewed: θ̃ ← θ, μ̃ ← ∇f(θ̃) on
+    ``problem.full()``. Each step then draws a batch B and moves along the variance-reduced
+    gradient, both batch gradients on the same B::
+
+        θ ← θ − η (∇f_B(θ) − ∇f_B(θ̃) + μ̃)
+
+    On the snapshot step θ = θ̃, so the direction is exactly μ̃ and no batch is drawn (the step is
+    a full-gradient step; ``info.batch_size`` = N, ``loss_start`` the full loss). Defaults:
+    m = ⌈2N / batch_size⌉ (``inner_steps=None``; J&Z use m = 2n single-example steps for convex
+    problems), η = 0.01 (from the grid {0.3, …, 1e-4} that Griffin et al. tune SVRG over;
+    J&Z tune η per problem).
+    """
+
+    paper: ClassVar[str] = "Johnson & Zhang 2013 (NeurIPS), option I"
+
+    def __init__(self, lr: float = 0.01, inner_steps: int | None = None, batch_size: int | None = 128):
+        super().__init__(lr, batch_size)
+        self.inner_steps = None if inner_steps is None else check_int("inner_steps", inner_steps, 1)
+
+    def init(self, theta) -> SVRGState:
+        xp = backend.namespace(theta)
+        return SVRGState(xp.zeros_like(theta), xp.zeros_like(theta))
+
+    def period(self, problem: Problem) -> int:
+        """m, the number of steps between snapshots."""
+        if self.inner_steps is not None:
+            return self.inner_steps
+        b = problem.n_samples if self.batch_size is None else self.batch_size
+        return max(1, math.ceil(2 * problem.n_samples / b))
+
+    def step(self, theta, state: SVRGState, problem: Problem) -> tuple[Any, Any, StepInfo]:
+        if state.k % self.period(problem) == 0:
+            p = problem.full().at(theta)
+            loss = p.value
+            info = StepInfo(loss=loss, loss_start=loss, step_size=self.lr, evals=1,
+                            batch_size=problem.n_samples, extra={"snapshot": True})
+            if not math.isfinite(loss):
+                info.accepted, info.nonfinite = False, True
+                return theta, state, info
+            mu = p.grad
+            new = SVRGState(theta.copy(), mu, 1, state.t + 1)
+            return self._finish(theta, state, -self.lr * mu, new, info)
+        obj = self._draw(problem)
+        p = obj.at(theta)
+        loss = p.value
+        info = StepInfo(loss=loss, loss_start=loss, step_size=self.lr, evals=2,
+                        batch_size=obj.n_samples, extra={"snapshot": False})
+        if not math.isfinite(loss):
+            info.accepted, info.nonfinite, info.evals = False, True, 1
+            return theta, state, info
+        v = p.grad - obj.at(state.snapshot).grad + state.mu
+        new = SVRGState(state.snapshot, state.mu, state.k + 1, state.t + 1)
+        return self._finish(theta, state, -self.lr * v, new, info)
+
+
+# -- gradient descent with a line search -----------------------------------------------------------
+@dataclass
+class GDLineSearchState:
+    t: int = 0
+
+
+@register("gd-ls")
+class GDLineSearch(FirstOrderOptimizer):
+    """(Minibatch) gradient descent with backtracking: p = −g, accept the first α = α₀ sᵏ with
+
+        f_B(θ + α p) − f_B(θ) ≤ c₁ α ∇f_B(θ)ᵀp        (c₁ = 0.1)
+
+    both sides on the step's batch — eq. (2) of the CNN comparison paper ("Second-order
+    optimization for neural networks" study, §3.4, citing Nocedal & Wright). The paper states
+    only c₁ = 0.1; α₀ = 1 and s = 1/2 (halving, at most ``max_evals`` trials) are Nocedal &
+    Wright's textbook choices (Alg. 3.1), not the paper's. A failed search (or a non-finite batch
+    loss/gradient) does not move θ. Non-finite trial values are treated as failures of the
+    Armijo test (the step shrinks).
+    """
+
+    paper: ClassVar[str] = "second-order CNN comparison §3.4 eq. (2); Nocedal & Wright Alg. 3.1"
+
+    def __init__(self, alpha0: float = 1.0, c1: float = 0.1, shrink: float = 0.5, max_evals: int = 30,
+                 batch_size: int | None = 128):
+        self.batch_size = _check_batch_size(batch_size)
+        self.alpha0 = check_positive("alpha0", alpha0)
+        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.max_evals = check_int("max_evals", max_evals, 1)
+
+    def init(self, theta) -> GDLineSearchState:
+        return GDLineSearchState()
+
+    def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
+        obj = self._draw(problem)
+        p0 = obj.at(theta)
+        f0 = p0.value
+        info = StepInfo(loss=f0, loss_start=f0, evals=1, batch_size=obj.n_samples, accepted=False)
+        g = p0.grad if math.isfinite(f0) else None
+        gg = float(g @ g) if g is not None else math.nan
+        if not math.isfinite(gg):
+            info.nonfinite = True
+            return theta, state, info
+
+        def phi(alpha: float) -> float:
+            trial = try_point(obj, theta - alpha * g)
+            return math.inf if trial is None else trial.value
+
+        ls = backtracking_armijo(phi, f0, -gg, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
+                                 max_evals=self.max_evals)
+        info.evals += ls.n_evals
+        info.extra = {"ls_evals": ls.n_evals, "ls_message": ls.message}
+        if not ls.success:  # includes g = 0 exactly (φ'(0) = 0 is no descent direction)
+            info.step_size = 0.0
+            return theta, state, info
+        info.accepted, info.loss, info.step_size = True, ls.value, ls.alpha
+        info.step_norm = ls.alpha * math.sqrt(gg)
+        return theta - ls.alpha * g, GDLineSearchState(state.t + 1), info
