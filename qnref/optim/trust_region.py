@@ -1,0 +1,458 @@
+"""Trust-region building blocks: radius rules, subproblem solvers.
+
+Subproblem: minimize m(p) = gᵀp + ½ pᵀBp subject to ‖p‖₂ ≤ Δ.  A global solution p* is
+characterized by ([NW06] Thm 4.1, Moré–Sorensen 1983)::
+
+    (B + σI) p* = −g,   σ ≥ 0,   σ (Δ − ‖p*‖) = 0,   B + σI ⪰ 0.
+
+* :func:`solve_lsr1_subproblem` — exact solution for B = γI + ΨMΨᵀ by the orthonormal-basis
+  (OBS) method of Brust, Erway & Marcia, "On solving L-SR1 trust-region subproblems",
+  Comput. Optim. Appl. 66 (2017) 245–266 [BEM17]: spectral decomposition of B from a thin QR of Ψ
+  and an m × m eigendecomposition, then Newton on the secular equation 1/‖p(σ)‖ − 1/Δ = 0.
+* :func:`solve_dense_subproblem` — the same from a full eigendecomposition of a dense B (oracle).
+* :func:`steihaug_cg` — Steihaug–Toint truncated CG ([NW06] Alg. 7.2).
+* :func:`update_radius`, :func:`accept_step`, :class:`RadiusRule` — the rules of [RD16]
+  Algorithm 1 (lines 13–25).
+
+[NW06] Nocedal & Wright, *Numerical Optimization*, 2nd ed., ch. 4 and §7.1.
+[RD16] Ramamurthy & Duffy, "L-SR1: a second order optimization method for deep learning", appendix,
+Algorithm 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy
+
+from .. import backend
+
+__all__ = [
+    "RadiusRule",
+    "update_radius",
+    "accept_step",
+    "reduction_ratio",
+    "TrustRegionSolution",
+    "SteihaugResult",
+    "solve_lsr1_subproblem",
+    "solve_dense_subproblem",
+    "steihaug_cg",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# radius rules ([RD16] Algorithm 1)
+# --------------------------------------------------------------------------------------------
+def reduction_ratio(ared: float, pred: float) -> float:
+    """ρ = ared / pred; −∞ when the step is unusable (pred ≤ 0 or a non-finite reduction).
+
+    A NaN/Inf f(x + s) or a model that predicts no decrease must count as a bad step: −∞ both
+    rejects the step (:func:`accept_step`) and shrinks the radius (:func:`update_radius`).
+    """
+    ared, pred = float(ared), float(pred)
+    if not (math.isfinite(ared) and math.isfinite(pred)) or pred <= 0.0:
+        return -math.inf
+    return ared / pred
+
+
+def accept_step(rho: float, eta: float = 1e-4) -> bool:
+    """Accept the trial step iff ρ = ared/pred > η ([RD16] Alg. 1 line 13, η ∈ (0, 10⁻³)).
+
+    False for a NaN ratio.
+    """
+    return float(rho) > eta
+
+
+def update_radius(
+    delta: float,
+    rho: float,
+    step_norm: float,
+    *,
+    u: float = 0.75,
+    l: float = 0.1,  # noqa: E741 - the paper's name
+    boundary_fraction: float = 0.8,
+    increase: float = 2.0,
+    decrease: float = 0.5,
+    delta_max: float = math.inf,
+) -> float:
+    """Next trust-region radius by [RD16] Algorithm 1, lines 18–25::
+
+        Δₖ₊₁ ← Δₖ
+        if ρₖ > u:                        (u = 0.75)
+            if ‖sₖ‖ > boundary_fraction·Δₖ:   (the paper's ρ = 0.8)
+                Δₖ₊₁ ← increase·Δₖ         (2)
+        else if ρₖ < l:                   (l = 0.1)
+            Δₖ₊₁ ← decrease·Δₖ             (0.5)
+
+    All comparisons are strict, as in the paper.  ``rho`` is ared/pred (use
+    :func:`reduction_ratio`); a NaN ratio is treated as ρ < l (shrink).  ``delta_max`` (not in the
+    paper, default ∞) caps the radius.  Radius growth depends on the step norm, not on whether the
+    step was accepted: acceptance is the separate test :func:`accept_step` (ρ > η).
+    """
+    delta, rho, step_norm = float(delta), float(rho), float(step_norm)
+    new = delta
+    if rho > u:
+        if step_norm > boundary_fraction * delta:
+            new = increase * delta
+    elif rho < l or math.isnan(rho):
+        new = decrease * delta
+    return min(new, float(delta_max))
+
+
+@dataclass(frozen=True)
+class RadiusRule:
+    """The trust-region hyperparameters of [RD16] Algorithm 1 in one object.
+
+    ``eta`` is the acceptance threshold (line 13, the paper asks η ∈ (0, 10⁻³)); the rest are the
+    radius parameters of :func:`update_radius`.  The paper's initial radius is Δ₀ = ‖∇f(x₀)‖₂.
+    """
+
+    eta: float = 1e-4
+    u: float = 0.75
+    l: float = 0.1  # noqa: E741
+    boundary_fraction: float = 0.8
+    increase: float = 2.0
+    decrease: float = 0.5
+    delta_max: float = math.inf
+
+    def accept(self, rho: float) -> bool:
+        return accept_step(rho, self.eta)
+
+    def update(self, delta: float, rho: float, step_norm: float) -> float:
+        return update_radius(delta, rho, step_norm, u=self.u, l=self.l,
+                             boundary_fraction=self.boundary_fraction, increase=self.increase,
+                             decrease=self.decrease, delta_max=self.delta_max)
+
+
+# --------------------------------------------------------------------------------------------
+# exact subproblem solvers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrustRegionSolution:
+    """Solution of min gᵀp + ½pᵀBp s.t. ‖p‖ ≤ Δ.
+
+    p : the step (same backend as g).
+    sigma : Lagrange multiplier σ ≥ 0 with (B + σI)p = −g.
+    pred : predicted reduction −(gᵀp + ½pᵀBp) ≥ 0.
+    boundary : ‖p‖ = Δ (σ > 0, or the hard case).
+    hard_case : g ⟂ eigenspace of λ_min < 0 and σ = −λ_min (p has a null-vector component).
+    lambda_min : smallest eigenvalue of B.
+    step_norm : ‖p‖.
+    newton_iters : Newton iterations on the secular equation.
+    rank : rank of Ψ kept after dropping dependent columns (n for the dense solver).
+    """
+
+    p: Any
+    sigma: float
+    pred: float
+    boundary: bool
+    hard_case: bool
+    lambda_min: float
+    step_norm: float
+    newton_iters: int = 0
+    rank: int = 0
+
+
+@dataclass
+class _Secular:
+    sigma: float
+    coef: numpy.ndarray  # p = Σ coef_i v_i (+ tau z)
+    tau: float
+    z_index: int  # eigen-index whose eigenvector completes the hard case (-1: none)
+    hard_case: bool
+    boundary: bool
+    iters: int
+
+
+def _secular_solve(lam: numpy.ndarray, a: numpy.ndarray, delta: float, *, hard_tol: float,
+                   eig_tol: float, newton_tol: float, maxiter: int) -> _Secular:
+    """Solve the subproblem in eigen-coordinates (host NumPy arrays of length ≤ m + 1 or n).
+
+    B = Σ λᵢ vᵢvᵢᵀ restricted to span{vᵢ} ∋ g, aᵢ = vᵢᵀg, p(σ) = −Σ aᵢ/(λᵢ+σ) vᵢ.
+    Newton on φ(σ) = 1/‖p(σ)‖ − 1/Δ ([BEM17] §3, [NW06] Alg. 4.3): φ is concave and increasing
+    on (−λ_min, ∞), so Newton started where φ ≤ 0 increases monotonically to the root.
+    """
+    a = a.copy()
+    scale = max(float(numpy.abs(lam).max()), 1e-300)
+    lam_min = float(lam.min())
+    gnorm = float(numpy.linalg.norm(a))
+    tol_l = eig_tol * scale
+    zero = numpy.zeros_like(a)
+
+    def pnorm(sigma: float) -> float:
+        nz = a != 0.0
+        return float(numpy.linalg.norm(a[nz] / (lam[nz] + sigma)))
+
+    if lam_min > tol_l:  # B positive definite: try the Newton step
+        sigma0 = 0.0
+        if pnorm(0.0) <= delta:
+            return _Secular(0.0, -a / lam, 0.0, -1, False, False, 0)
+    else:
+        sigma_low = max(0.0, -lam_min)
+        group = lam <= lam_min + tol_l  # the eigenspace of λ_min (within tolerance)
+        a_min = float(numpy.linalg.norm(a[group]))
+        if a_min <= hard_tol * gnorm:
+            a[group] = 0.0  # g ⟂ eigenspace: the pole at −λ_min is absent
+            pn = pnorm(sigma_low)
+            if pn <= delta:
+                coef = zero.copy()
+                nz = a != 0.0
+                coef[nz] = -a[nz] / (lam[nz] + sigma_low)
+                if lam_min < -tol_l:  # hard case: σ = −λ_min, fill up with the eigenvector
+                    tau = math.sqrt(max(delta * delta - pn * pn, 0.0))
+                    j = int(numpy.flatnonzero(group)[0])
+                    return _Secular(sigma_low, coef, tau, j, True, True, 0)
+                # λ_min ≈ 0, g in the range of B: σ = 0 and the minimum-norm Newton step
+                return _Secular(0.0, coef, 0.0, -1, False, pn >= delta * (1 - 1e-12), 0)
+            sigma0 = sigma_low
+        else:
+            # ‖p(σ0)‖ ≥ a_min/(λ_min + σ0) = Δ, so φ(σ0) ≤ 0 ([BEM17] initial guess)
+            sigma0 = max(0.0, a_min / delta - lam_min)
+
+    sigma, it = sigma0, 0
+    for it in range(1, maxiter + 1):
+        nz = a != 0.0
+        d = lam[nz] + sigma
+        q = a[nz] / d
+        pn = float(numpy.linalg.norm(q))
+        if abs(pn - delta) <= newton_tol * delta:
+            break
+        phi = 1.0 / pn - 1.0 / delta
+        dphi = float(numpy.sum(q * q / d)) / pn ** 3
+        new = sigma - phi / dphi
+        floor = max(0.0, -lam_min)  # B + σI ⪰ 0 and σ ≥ 0
+        if new <= floor or not math.isfinite(new):
+            new = 0.5 * (sigma + floor)  # only reachable through rounding near the root
+        if new == sigma:
+            break
+        sigma = new
+    coef = zero.copy()
+    nz = a != 0.0
+    coef[nz] = -a[nz] / (lam[nz] + sigma)
+    return _Secular(sigma, coef, 0.0, -1, False, True, it)
+
+
+def _finish(xp: Any, g: Any, p: Any, Bp: Any, sec: _Secular, lam_min: float, delta: float,
+            rank: int) -> TrustRegionSolution:
+    pred = -float(g @ p + 0.5 * (p @ Bp))
+    pn = float(xp.linalg.norm(p))
+    return TrustRegionSolution(p=p, sigma=float(sec.sigma), pred=pred, boundary=bool(sec.boundary),
+                               hard_case=bool(sec.hard_case), lambda_min=lam_min, step_norm=pn,
+                               newton_iters=sec.iters, rank=rank)
+
+
+def solve_lsr1_subproblem(
+    g: Any,
+    gamma: float,
+    Psi: Any,
+    M: Any,
+    delta: float,
+    *,
+    rank_tol: float = 1e-12,
+    hard_tol: float = 1e-12,
+    eig_tol: float = 1e-12,
+    newton_tol: float = 1e-14,
+    maxiter: int = 100,
+) -> TrustRegionSolution:
+    """Exact minimizer of gᵀp + ½pᵀBp, ‖p‖ ≤ Δ, B = γI + ΨMΨᵀ (OBS method of [BEM17]).
+
+    ``Psi``: ``(n, k)`` (e.g. :attr:`LSR1Compact.Psi`), ``M``: symmetric ``(k, k)``.
+
+    1. Thin QR Ψ = QR (Householder), then an SVD of the k × k R drops dependent columns:
+       Ψ = (QU_r)(Σ_r W_rᵀ), QU_r orthonormal n × r (r = numerical rank, σᵢ > rank_tol·σ₁).
+    2. Eigendecomposition (Σ_rW_rᵀ) M (Σ_rW_rᵀ)ᵀ = V Λ̂ Vᵀ; P_∥ = QU_rV.  The spectrum of B is
+       λ̂ᵢ + γ on range(Ψ) (eigenvectors P_∥) and γ, multiplicity n − r, on its complement.
+    3. g_∥ = P_∥ᵀg, g_⊥ = g − P_∥g_∥; in these coordinates the subproblem is diagonal and the
+       secular equation φ(σ) = 1/‖p(σ)‖ − 1/Δ is solved by Newton (host side, ≤ r + 1 numbers).
+    4. Hard case (λ_min < 0 and g ⟂ its eigenspace, ‖p(−λ_min)‖ ≤ Δ): σ = −λ_min and
+       p = p(−λ_min) + τz, ‖p‖ = Δ.  z is a column of P_∥ when λ_min = λ̂₁ + γ, or — when γ is
+       the smallest eigenvalue — the normalized projection (I − P_∥P_∥ᵀ)eⱼ onto the complement,
+       j = the coordinate with the smallest row norm of P_∥ ([BEM17] §3.2).
+
+    Cost O(nk² + k³): one QR, products with Q of length n, one B p for the predicted reduction.
+    Scalars and the r-vectors of step 3 are moved to the host (control flow, one sync each).
+    """
+    xp = backend.namespace(g, Psi, M)
+    gamma, delta = float(gamma), float(delta)
+    if not delta > 0.0:
+        raise ValueError(f"trust-region radius must be > 0, got {delta}")
+    n = int(g.shape[0])
+    k = int(Psi.shape[1]) if Psi.ndim == 2 else 0
+    if Psi.ndim != 2 or Psi.shape[0] != n or M.shape != (k, k):
+        raise ValueError(f"need Psi (n, k) and M (k, k); got {Psi.shape}, {M.shape}, n={n}")
+
+    if k > 0:
+        Q, R = xp.linalg.qr(Psi, mode="reduced")
+        U, sv, Wt = xp.linalg.svd(R)
+        sv_h = backend.to_numpy(sv)
+        r = int(numpy.sum(sv_h > rank_tol * sv_h[0])) if sv_h.size and sv_h[0] > 0 else 0
+    else:
+        r = 0
+    if r > 0:
+        Rr = sv[:r, None] * Wt[:r]  # r × k, Ψ = (Q U_r) Rr
+        Msym = 0.5 * (M + M.T)
+        lam_hat, V = xp.linalg.eigh(Rr @ Msym @ Rr.T)
+        Pk = U[:, :r] @ V  # k × r; P_∥ = Q @ Pk (never formed unless needed)
+        g_par = Pk.T @ (Q.T @ g)
+        g_perp = g - Q @ (Pk @ g_par)
+        lam_range = backend.to_numpy(lam_hat) + gamma
+        a_range = backend.to_numpy(g_par)
+    else:
+        g_perp = g
+        lam_range = numpy.zeros(0)
+        a_range = numpy.zeros(0)
+    has_perp = n > r
+    if has_perp:
+        lam = numpy.concatenate([lam_range, [gamma]])
+        a = numpy.concatenate([a_range, [float(xp.linalg.norm(g_perp))]])
+    else:
+        lam, a = lam_range, a_range
+    lam_min = float(lam.min())
+
+    sec = _secular_solve(lam, a, delta, hard_tol=hard_tol, eig_tol=eig_tol,
+                         newton_tol=newton_tol, maxiter=maxiter)
+    # assemble p = P_∥ c_∥ + c_⊥ ĝ_⊥ (+ τ z)
+    p = xp.zeros_like(g)
+    if r > 0:
+        p = p + Q @ (Pk @ xp.asarray(sec.coef[:r], dtype=g.dtype))
+    if has_perp and sec.coef[r] != 0.0:
+        p = p + (float(sec.coef[r]) / float(a[r])) * g_perp
+    if sec.hard_case and sec.tau > 0.0:
+        j = sec.z_index
+        if j < r:
+            z = Q @ Pk[:, j]
+        else:  # γ is λ_min: eigenvector in the complement of range(Ψ)
+            if r > 0:
+                P_par = Q @ Pk
+                jj = int(backend.to_numpy(xp.argmin(xp.sum(P_par * P_par, axis=1))))
+                z = -(P_par @ P_par[jj])
+                z[jj] += 1.0
+            else:
+                z = xp.zeros_like(g)
+                z[0] = 1.0
+            z = z / xp.linalg.norm(z)
+        p = p + sec.tau * z
+    Bp = gamma * p
+    if k > 0:
+        Bp = Bp + Psi @ (M @ (Psi.T @ p))
+    return _finish(xp, g, p, Bp, sec, lam_min, delta, r)
+
+
+def solve_dense_subproblem(
+    g: Any,
+    B: Any,
+    delta: float,
+    *,
+    hard_tol: float = 1e-12,
+    eig_tol: float = 1e-12,
+    newton_tol: float = 1e-14,
+    maxiter: int = 100,
+) -> TrustRegionSolution:
+    """Exact trust-region step for a dense symmetric B by a full eigendecomposition (oracle).
+
+    B = VΛVᵀ, aᵢ = vᵢᵀg, Newton on 1/‖p(σ)‖ − 1/Δ as in :func:`solve_lsr1_subproblem`, with the
+    hard case p = −Σ_{λᵢ>λ_min} aᵢ/(λᵢ − λ_min) vᵢ + τ v₁ ([NW06] §4.3).  O(n³); small n only.
+    """
+    xp = backend.namespace(g, B)
+    delta = float(delta)
+    if not delta > 0.0:
+        raise ValueError(f"trust-region radius must be > 0, got {delta}")
+    lam_d, V = xp.linalg.eigh(0.5 * (B + B.T))
+    lam = backend.to_numpy(lam_d)
+    a = backend.to_numpy(V.T @ g)
+    sec = _secular_solve(lam, a, delta, hard_tol=hard_tol, eig_tol=eig_tol,
+                         newton_tol=newton_tol, maxiter=maxiter)
+    p = V @ xp.asarray(sec.coef, dtype=g.dtype)
+    if sec.hard_case and sec.tau > 0.0:
+        p = p + sec.tau * V[:, sec.z_index]
+    return _finish(xp, g, p, B @ p, sec, float(lam.min()), delta, int(g.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Steihaug–Toint CG
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SteihaugResult:
+    """Outcome of :func:`steihaug_cg`.
+
+    p : the step, ‖p‖ ≤ Δ.
+    pred : predicted reduction −(gᵀp + ½pᵀBp) (tracked through the CG residual, no extra product).
+    boundary : the step stopped on the boundary.
+    negative_curvature : a direction with dᵀBd ≤ 0 was met.
+    n_iter : number of B-products.
+    converged : ‖g + Bp‖ ≤ tol·‖g‖ (interior solution).
+    message : what happened.
+    """
+
+    p: Any
+    pred: float
+    boundary: bool
+    negative_curvature: bool
+    n_iter: int
+    converged: bool
+    message: str
+
+
+def _to_boundary(p: Any, d: Any, delta: float) -> float:
+    """τ ≥ 0 with ‖p + τd‖ = Δ (stable root of the quadratic; ‖p‖ ≤ Δ)."""
+    dd, pd, pp = float(d @ d), float(p @ d), float(p @ p)
+    rest = max(delta * delta - pp, 0.0)
+    root = math.sqrt(pd * pd + dd * rest)
+    return (rest / (pd + root)) if pd > 0.0 else ((root - pd) / dd)
+
+
+def steihaug_cg(
+    g: Any,
+    Bv: Callable[[Any], Any],
+    delta: float,
+    tol: float = 1e-10,
+    maxiter: int | None = None,
+) -> SteihaugResult:
+    """Steihaug–Toint truncated CG for min gᵀp + ½pᵀBp, ‖p‖ ≤ Δ ([NW06] Alg. 7.2).
+
+    CG from p = 0 on Bp = −g; stops at the boundary when an iterate leaves the region or a
+    direction of non-positive curvature dᵀBd ≤ 0 appears (then p moves along d to ‖p‖ = Δ), or
+    when ‖g + Bp‖ ≤ tol·‖g‖.  ``Bv(v)`` returns B v; ``maxiter`` defaults to 2n.
+    """
+    xp = backend.namespace(g)
+    delta = float(delta)
+    if not delta > 0.0:
+        raise ValueError(f"trust-region radius must be > 0, got {delta}")
+    n = int(g.shape[0])
+    maxiter = 2 * n if maxiter is None else int(maxiter)
+    p = xp.zeros_like(g)
+    r = g.copy()  # residual r = g + Bp
+    rr = float(r @ r)
+    gnorm = math.sqrt(rr)
+    if gnorm == 0.0:
+        return SteihaugResult(p, 0.0, False, False, 0, True, "g = 0")
+    d = -r
+
+    def done(p: Any, r: Any, boundary: bool, neg: bool, it: int, conv: bool,
+             msg: str) -> SteihaugResult:
+        # m(p) = gᵀp + ½pᵀBp = ½(gᵀp + pᵀr) since r = g + Bp
+        pred = -0.5 * float(g @ p + p @ r)
+        return SteihaugResult(p, pred, boundary, neg, it, conv, msg)
+
+    for it in range(1, maxiter + 1):
+        Bd = Bv(d)
+        dBd = float(d @ Bd)
+        if not dBd > 0.0:
+            tau = _to_boundary(p, d, delta)
+            return done(p + tau * d, r + tau * Bd, True, True, it, False,
+                        "negative curvature: stepped to the boundary")
+        alpha = rr / dBd
+        p_new = p + alpha * d
+        if float(xp.linalg.norm(p_new)) >= delta:
+            tau = _to_boundary(p, d, delta)
+            return done(p + tau * d, r + tau * Bd, True, False, it, False,
+                        "iterate left the trust region: stopped on the boundary")
+        r = r + alpha * Bd
+        p = p_new
+        rr_new = float(r @ r)
+        if math.sqrt(rr_new) <= tol * gnorm:
+            return done(p, r, False, False, it, True, "converged (interior)")
+        d = -r + (rr_new / rr) * d
+        rr = rr_new
+    return done(p, r, False, False, maxiter, False, f"maxiter={maxiter} reached")
