@@ -1,0 +1,214 @@
+"""L-SR1 with a trust region (Algorithm 1) and with a line search (Algorithm 2) of
+Ramamurthy & Duffy, "L-SR1: a second order optimization method for deep learning" [RD16].
+
+Both keep the limited-memory SR1 matrix in compact form (Byrd, Nocedal & Schnabel 1994):
+B = γI + Ψ M Ψᵀ with Ψ = Y − γS, M = (D + L + Lᵀ − γSᵀS)⁻¹ (:class:`~.compact.LSR1Compact`).
+Every step works on one minibatch: f, ∇f at θ and at the trial point are evaluated on the same
+batch, so y = ∇f_B(θ + s) − ∇f_B(θ) is a consistent curvature pair.
+
+Deviation from the printed pseudocode, on purpose: the paper writes M⁻¹ = SᵀY − SᵀB₀S, which is
+the compact SR1 middle matrix only when SᵀY is symmetric (exact pairs of a quadratic). We use the
+symmetric D + L + Lᵀ − γSᵀS of Byrd et al. (1994, Thm 5.1), which the paper cites as its source.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .. import backend
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .compact import LSR1Compact, PairMemory, lsr1_prune_count, sr1_skip
+from .linesearch import backtracking_armijo
+from .registry import register
+from .trust_region import RadiusRule, reduction_ratio, solve_lsr1_subproblem, steihaug_cg
+from ._qn_common import LineFunction, begin_step, memory_from_state, memory_to_state, stay
+
+
+@dataclass
+class LSR1State:
+    """memory: S, Y buffers (m × n) and the pair count; delta: radius (NaN before the first
+    step: Δ₀ = ‖∇f(x₀)‖ is set then); step_length: λ of the previous line-search step."""
+
+    memory: dict
+    delta: float = math.nan
+    step_length: float = 1.0
+    k: int = 0
+
+
+class _LSR1Base(Optimizer):
+    family = "quasi-newton"
+    paper = "Ramamurthy & Duffy (2016), appendix Algorithms 1–2"
+
+    def __init__(self, memory: int, gamma: float, r: float, batch_size: int | None, tol: float):
+        self.memory = check_int("memory", memory)
+        g = float(gamma)
+        if g == 0 or not math.isfinite(g):
+            raise ValueError(f"gamma (B₀ = γI) must be finite and nonzero, got {gamma}")
+        self.gamma = g
+        self.r = check_range("r", r, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
+        self.tol = check_positive("tol", tol, allow_zero=True)
+
+    def init(self, theta: Any) -> LSR1State:
+        return LSR1State(memory_to_state(PairMemory.like(theta, self.memory)))
+
+    def _compact(self, mem: PairMemory) -> LSR1Compact | None:
+        return LSR1Compact(mem.S, mem.Y, self.gamma) if mem.count else None
+
+    def _store(self, mem: PairMemory, s: Any, y: Any, skip: bool, inverse: bool) -> int:
+        """Append (s, y) unless the SR1 rule says skip, then drop the oldest pairs until the
+        compact form is usable (Alg. 1 lines 26–39 / Alg. 2 lines 19–32). Returns 1 if skipped."""
+        if skip:
+            return 1
+        mem.push(s, y)
+        mem.remove_oldest(lsr1_prune_count(mem.S, mem.Y, self.gamma, inverse=inverse))
+        return 0
+
+
+@register("lsr1-tr")
+class LSR1TrustRegion(_LSR1Base):
+    """L-SR1 with a trust region, [RD16] Algorithm 1 (subproblem solved exactly, Brust et al. 2017).
+
+    Defaults: memory m = 5, radius decrease 0.5 and increase 2.0 ([RD16] §4.2, "default
+    settings"), u = 0.75, ρ-fraction 0.8, l = 0.1 (Alg. 1 lines 18–25), η = 10⁻⁴ ∈ (0, 10⁻³)
+    (line 13), Δ₀ = ‖∇f(x₀)‖ (Require line), B₀ = γI with γ = 1 ("typically γI"), SR1 skip
+    threshold r = 10⁻⁸ (Nocedal & Wright eq. 6.26), minibatch 128 ([RD16] §4.2).
+
+    Steps: s = argmin gᵀs + ½sᵀBs s.t. ‖s‖ ≤ Δ (with no pairs, B = B₀: s = −g/γ cut to the
+    radius, which is the paper's s = −∇f when γ = 1 and ‖∇f‖ ≤ Δ); pred = −(gᵀs + ½sᵀBs);
+    ared = f(x) − f(x + s); accept iff ared/pred > η; pairs are stored whether or not the step
+    was accepted (line 12). ``solver="steihaug"`` uses truncated CG on B instead of the exact
+    solver. A trial point with NaN/Inf loss or gradient counts as ρ = −∞: rejected, radius halved.
+    """
+
+    def __init__(self, memory: int = 5, gamma: float = 1.0, r: float = 1e-8, batch_size: int | None = 128,
+                 eta: float = 1e-4, u: float = 0.75, rho_fraction: float = 0.8, l: float = 0.1,  # noqa: E741
+                 increase: float = 2.0, decrease: float = 0.5, delta0: float | None = None,
+                 solver: str = "exact", tol: float = 0.0):
+        super().__init__(memory, gamma, r, batch_size, tol)
+        check_range("eta", eta, 0.0, 1.0, hi_open=True)
+        check_range("l", l, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_range("u", u, l, 1.0, lo_open=True, hi_open=True)
+        check_range("rho_fraction", rho_fraction, 0.0, 1.0, lo_open=True)
+        if not increase > 1:
+            raise ValueError(f"increase must be > 1, got {increase}")
+        check_range("decrease", decrease, 0.0, 1.0, lo_open=True, hi_open=True)
+        if delta0 is not None:
+            check_positive("delta0", delta0)
+        if solver not in ("exact", "steihaug"):
+            raise ValueError(f"solver must be 'exact' or 'steihaug', got {solver!r}")
+        self.eta, self.u, self.rho_fraction, self.l = eta, u, rho_fraction, l
+        self.increase, self.decrease, self.delta0, self.solver = increase, decrease, delta0, solver
+        self._rule = RadiusRule(eta=eta, u=u, l=l, boundary_fraction=rho_fraction, increase=increase, decrease=decrease)
+
+    def _solve(self, g: Any, B: LSR1Compact | None, delta: float) -> tuple[Any, float]:
+        xp = backend.namespace(g)
+        if self.solver == "steihaug":
+            bv = (lambda v: B.matvec(v)) if B is not None else (lambda v: self.gamma * v)
+            res = steihaug_cg(g, bv, delta)
+            s = res.p
+            return s, -float(g @ s + 0.5 * (s @ bv(s)))
+        if B is None:
+            empty = xp.zeros((g.shape[0], 0), dtype=g.dtype)
+            sol = solve_lsr1_subproblem(g, self.gamma, empty, xp.zeros((0, 0), dtype=g.dtype), delta)
+        else:
+            sol = solve_lsr1_subproblem(g, self.gamma, B.Psi, B.M, delta)
+        return sol.p, sol.pred
+
+    def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
+        obj, p0 = begin_step(problem, self.batch_size, theta)
+        if p0 is None:
+            return stay(theta, state, obj)
+        g, f0 = p0.grad, p0.value
+        gnorm = math.sqrt(float(g @ g))
+        if math.isnan(state.delta):
+            state.delta = self.delta0 if self.delta0 is not None else gnorm
+        if gnorm <= self.tol:
+            return stay(theta, state, obj, f0, converged=True)
+        mem = memory_from_state(state.memory)
+        B = self._compact(mem)
+        s, pred = self._solve(g, B, state.delta)
+        snorm = math.sqrt(float(s @ s))
+        trial = theta + s
+        p1 = try_point(obj, trial)
+        nonfinite = p1 is None or not backend.all_finite(p1.grad)
+        ared = -math.inf if nonfinite else f0 - p1.value
+        rho = reduction_ratio(ared, pred)
+        accepted = self._rule.accept(rho)
+        delta_old = state.delta
+        state.delta = self._rule.update(state.delta, rho, snorm)
+        skipped = 0
+        if not nonfinite:
+            y = p1.grad - g
+            Bs = B.matvec(s) if B is not None else self.gamma * s
+            skipped = self._store(mem, s, y, sr1_skip(s, y, Bs, self.r), inverse=False)
+        state.memory = memory_to_state(mem)
+        state.k += 1
+        new = trial if accepted else theta
+        loss = p1.value if accepted else f0
+        return new, state, StepInfo(loss=loss, loss_start=f0, accepted=accepted, step_norm=snorm if accepted else 0.0,
+                                    radius=state.delta, skipped=skipped, evals=2, nonfinite=nonfinite,
+                                    batch_size=obj.n_samples,
+                                    extra={"rho": rho, "pred": pred, "ared": ared, "delta_used": delta_old, "pairs": mem.count})
+
+
+@register("lsr1-ls")
+class LSR1LineSearch(_LSR1Base):
+    """L-SR1 with a backtracking line search, [RD16] Algorithm 2.
+
+    d = −H∇f with the inverse compact form H = H₀ + (S − H₀Y) N⁻¹ (S − H₀Y)ᵀ, H₀ = (1/γ)I
+    (γ = 1: the paper's H₀ = I); first trial step λ₀ = min{1, 2λₖ₋₁} (line 10); pairs kept when
+    |yᵀ(s − Hy)| ≥ r‖y‖‖s − Hy‖ (line 19). Safeguard not in the paper: SR1's H may be indefinite,
+    so when d is not a descent direction the step falls back to d = −∇f/γ (counted in
+    ``extra["fallback"]``). The line search is Armijo backtracking (c₁ = 10⁻⁴, halving), one of
+    the Dennis & Schnabel methods the paper tested.
+    """
+
+    def __init__(self, memory: int = 5, gamma: float = 1.0, r: float = 1e-8, batch_size: int | None = 128,
+                 c1: float = 1e-4, shrink: float = 0.5, max_evals: int = 30, tol: float = 0.0):
+        super().__init__(memory, gamma, r, batch_size, tol)
+        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.max_evals = check_int("max_evals", max_evals)
+
+    def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
+        obj, p0 = begin_step(problem, self.batch_size, theta)
+        if p0 is None:
+            return stay(theta, state, obj)
+        g, f0 = p0.grad, p0.value
+        if math.sqrt(float(g @ g)) <= self.tol:
+            return stay(theta, state, obj, f0, converged=True)
+        mem = memory_from_state(state.memory)
+        H = self._compact(mem)
+        d = -H.solve(g) if H is not None else -g / self.gamma
+        slope = float(g @ d)
+        fallback = not (slope < 0 and math.isfinite(slope))
+        if fallback:
+            d = -g / self.gamma
+            slope = float(g @ d)
+        lam0 = 1.0 if state.k == 0 else min(1.0, 2.0 * state.step_length)
+        line = LineFunction(obj, theta, d)
+        ls = backtracking_armijo(line.phi, f0, slope, alpha0=lam0, c1=self.c1, shrink=self.shrink, max_evals=self.max_evals)
+        state.k += 1
+        nonfinite = any(p is None for p in line.points.values())
+        if not ls.success:
+            state.memory = memory_to_state(mem)
+            return theta, state, StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=1 + ls.n_evals,
+                                          nonfinite=nonfinite, batch_size=obj.n_samples,
+                                          extra={"fallback": fallback, "pairs": mem.count, "message": ls.message})
+        state.step_length = ls.alpha
+        s = ls.alpha * d
+        p1 = line.point(ls.alpha)
+        skipped = 0
+        if backend.all_finite(p1.grad):
+            y = p1.grad - g
+            Hy = H.solve(y) if H is not None else y / self.gamma
+            # self-dual SR1 rule on the inverse: |yᵀ(s − Hy)| ≥ r‖y‖‖s − Hy‖
+            skipped = self._store(mem, s, y, sr1_skip(y, s, Hy, self.r), inverse=True)
+        else:
+            nonfinite, skipped = True, 1
+        state.memory = memory_to_state(mem)
+        return theta + s, state, StepInfo(loss=p1.value, loss_start=f0, accepted=True, step_norm=math.sqrt(float(s @ s)),
+                                          step_size=ls.alpha, skipped=skipped, evals=1 + ls.n_evals, nonfinite=nonfinite,
+                                          batch_size=obj.n_samples, extra={"fallback": fallback, "pairs": mem.count})
