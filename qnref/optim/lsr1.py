@@ -53,8 +53,10 @@ class _LSR1Base(Optimizer):
     def init(self, theta: Any) -> LSR1State:
         return LSR1State(memory_to_state(PairMemory.like(theta, self.memory)))
 
-    def _compact(self, mem: PairMemory) -> LSR1Compact | None:
-        return LSR1Compact(mem.S, mem.Y, self.gamma) if mem.count else None
+    def _compact(self, mem: PairMemory, inverse: bool = False) -> LSR1Compact | None:
+        """The compact matrix of the stored pairs; the line-search variant only needs the
+        inverse form, whose middle matrix N was checked when pruning (so M⁻¹ may be singular)."""
+        return LSR1Compact(mem.S, mem.Y, self.gamma, check=not inverse) if mem.count else None
 
     def _store(self, mem: PairMemory, s: Any, y: Any, skip: bool, inverse: bool) -> int:
         """Append (s, y) unless the SR1 rule says skip, then drop the oldest pairs until the
@@ -150,7 +152,8 @@ class LSR1TrustRegion(_LSR1Base):
         return new, state, StepInfo(loss=loss, loss_start=f0, accepted=accepted, step_norm=snorm if accepted else 0.0,
                                     radius=state.delta, skipped=skipped, evals=2, nonfinite=nonfinite,
                                     batch_size=obj.n_samples,
-                                    extra={"rho": rho, "pred": pred, "ared": ared, "delta_used": delta_old, "pairs": mem.count})
+                                    extra={"rho": rho, "pred": pred, "ared": ared, "delta_used": delta_old, "trial_norm": snorm,
+                                           "pairs": mem.count})
 
 
 @register("lsr1-ls")
@@ -180,7 +183,7 @@ class LSR1LineSearch(_LSR1Base):
         if math.sqrt(float(g @ g)) <= self.tol:
             return stay(theta, state, obj, f0, converged=True)
         mem = memory_from_state(state.memory)
-        H = self._compact(mem)
+        H = self._compact(mem, inverse=True)
         d = -H.solve(g) if H is not None else -g / self.gamma
         slope = float(g @ d)
         fallback = not (slope < 0 and math.isfinite(slope))
