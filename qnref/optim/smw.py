@@ -1,0 +1,445 @@
+"""Subsampled Gauss-Newton and natural gradient through the Sherman–Morrison–Woodbury identity.
+
+Ren & Goldfarb, "Efficient subsampled Gauss-Newton and natural gradient methods for training
+neural networks" (arXiv:1906.02353), = chapter 5 of Y. Ren's thesis (§5.2–5.5, Algorithms 17–23,
+eqs. 5.4–5.7). Registered as ``"smw-gn"`` (:class:`SMWGN`) and ``"smw-ng"`` (:class:`SMWNG`); both
+are the same class :class:`SMWOptimizer` with a different curvature matrix.
+
+Notation (all on the curvature minibatch S₂ of N₂ examples, J stacked over examples)
+-------------------------------------------------------------------------------------
+* data-term curvature  B_d = (1/N₂) Jᵀ H J                                   (eq. 5.2 / 5.3)
+    GN: J = (J₁; …; J_N₂) output Jacobians (N₂C × n), H = diag(H_{L,1}, …) output Hessians;
+    NG: J = (∇ℓ₁ᵀ; …; ∇ℓ_N₂ᵀ) per-example gradients (N₂ × n), H = I (empirical Fisher, eq. 5.3).
+* the problem's weight decay l2 (``Problem(l2=…)``) is part of f, so the curvature of the
+  quadratic model is B = B_d + l2·I (exactly :func:`qnref.curvature.dense.ggn` for GN).
+* λ = λ_LM + τ  (§5.2.3);  G = B + λI = B_d + μI with μ = λ + l2          (eq. 5.4)
+* direction p = −G⁻¹ g with g the gradient of f on the gradient batch S₁ (Alg. 23, line 4–5).
+
+The three SMW forms (``form=``), all exact, none forms an n × n matrix
+---------------------------------------------------------------------
+``"5.6"`` (default; symmetric, uses the factor H_{L,i} = Sᵢ Sᵢᵀ from ``loss.sqrt_hessian``).
+    With J̃ = diag(Sᵢᵀ) J, B_d = (1/N₂) J̃ᵀ J̃ and SMW gives
+        G⁻¹ = (1/μ)(I − (1/N₂) J̃ᵀ D⁻¹ J̃),   D = μI + (1/N₂) J̃ J̃ᵀ = μI + (1/N₂) Sᵀ (J Jᵀ) S.
+    This is eq. 5.6 multiplied through by the factor (D₅.₆ = μH⁻¹ + JJᵀ/N₂ ⇒ Sᵀ D₅.₆ S = D) and
+    needs no inverse of H, so it is valid for singular H (softmax) too. D is symmetric positive
+    definite (N₂C × N₂C for GN, N₂ × N₂ for NG where S = I and J̃ = J).
+        u = J̃ g  (one R-forward: uᵢ = Sᵢᵀ (J g)ᵢ),  w = D⁻¹ u,
+        p = −(1/μ)(g − (1/N₂) Jᵀ (S w))   (one backward with per-example output weights Sᵢ wᵢ),
+    and J̃ p = −w, so pᵀ B_d p = ‖w‖²/N₂ comes for free.
+``"5.7"`` (non-symmetric, no factor of H):  G⁻¹ = (1/μ)(I − (1/N₂) Jᵀ H D⁻¹ J), D = μI + (1/N₂) J Jᵀ H.
+        u = J g,  d = D⁻¹ u,  p = −(1/μ)(g − (1/N₂) Jᵀ (H d)),  J p = −d,  pᵀ B_d p = dᵀ H d / N₂.
+    The thesis proposes it for non-invertible H (softmax with GN); D is non-symmetric (general LU).
+``"5.6-inv"`` (eq. 5.6 literally):  D = μ H⁻¹ + (1/N₂) J Jᵀ,  d = D⁻¹ u,  p = −(1/μ)(g − (1/N₂) Jᵀ d),
+        J p = −H⁻¹ d,  pᵀ B_d p = dᵀ H⁻¹ d / N₂.  Only for invertible H (mse; sigmoid_ce away from
+        saturation). Raises for softmax_ce, whose H_L is always singular (H 1 = 0).
+
+For NG, H = I and the three forms coincide, so SMW-NG accepts ``form="5.6"`` only.
+
+J Jᵀ comes from :meth:`Point.gram` ("jacobian" for GN, "grad" for NG): the Kronecker trick of
+§5.3.3 / §5.4.6–5.4.7 (Alg. 22) when every parametrised layer is dense, otherwise an explicit
+per-example fallback (forms N₂C (GN) or N₂ (NG) n-vectors: O(N₂ C n) memory, slower). J g and Jᵀ u
+are R-forward / backward passes of the curvature batch (Alg. 19, 21).
+
+The algorithm (Alg. 23) and the λ_LM rule (§5.2.3)
+-------------------------------------------------
+    draw S₁ (N₁ examples) and S₂ ⊆ S₁ (N₂ examples, uniformly without replacement)
+    g = ∇f_{S₁}(θ);  p = −(B + λI)⁻¹ g on S₂;
+    ρ = (f_{S₁}(θ) − f_{S₁}(θ + p)) / (m(0) − m(p)),  m(0) − m(p) = −gᵀp − ½ pᵀ B p    (eq. 5.5)
+    λ_LM ← boost·λ_LM if ρ < ε;  drop·λ_LM if ρ > 1 − ε;  unchanged otherwise;  λ = λ_LM + τ
+    θ ← θ + α p
+``rho_at="update"`` evaluates ρ at the actual update αp instead of p (m(0) − m(αp)); then
+``StepInfo.loss`` is known without an extra pass. The thesis writes ρ with p_t (default).
+
+Semi-stochastic variant (§5.6, Theorem 6): ``full_gradient=True`` uses g and f of the whole
+training set (``problem.full()``), S₂ = ``problem.sample(N₂)``, α = 1 and accepts a step only when
+ρ ≥ η (0 < η < ε). Theorem 6 proves lim ‖∇f‖ = 0 for it.
+
+Defaults (thesis §5.8, "for all experiments"): λ_LM⁽⁰⁾ = 1, boost = 1.01, drop = 0.99, ε = 1/4,
+τ = 10⁻³ (taken from Kiros 2013); N₁ = 60, N₂ = 30 (MNIST and webspam experiments); α = 0.1
+(MNIST: "initial learning rates for other methods were also set to be 0.1"; CIFAR used 0.01,
+webspam 0.05 for SMW-GN and 0.1 for SMW-NG). No momentum (the experiments use none).
+Not from the thesis: η = ε/2 for the semi-stochastic variant (the thesis only requires 0 < η < ε).
+
+Safeguards: a non-finite gradient, direction, D solve or trial loss never moves θ; the step
+reports ``accepted=False, nonfinite=True`` and λ_LM is boosted (ρ = −∞) when the trial failed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy
+
+from .. import backend
+from ..curvature.objective import Point
+from ..nn.losses import MeanSquaredError, SigmoidCrossEntropy, SoftmaxCrossEntropy
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .registry import register
+
+__all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWState", "SMWDirection", "smw_direction", "update_lambda_lm", "FORMS"]
+
+FORMS = ("5.6", "5.7", "5.6-inv")
+CURVATURES = ("gn", "ng")
+#: losses whose output Hessian H_L is diagonal: SMW-GN scales rows/columns instead of block GEMMs
+DIAGONAL_HESSIAN_LOSSES = (MeanSquaredError, SigmoidCrossEntropy)
+
+
+# -- the λ_LM rule of §5.2.3 -------------------------------------------------------------------------
+def update_lambda_lm(lambda_lm: float, rho: float, *, eps: float = 0.25, boost: float = 1.01, drop: float = 0.99) -> float:
+    """One step of the Levenberg–Marquardt rule of thesis §5.2.3.
+
+    ρ < ε → boost·λ_LM;  ρ > 1 − ε → drop·λ_LM;  otherwise unchanged. A failed trial is passed as
+    ρ = −∞ (boost). ρ = NaN (no predicted decrease, i.e. g = 0 and p = 0) leaves λ_LM unchanged.
+    """
+    if math.isnan(rho):
+        return lambda_lm
+    if rho < eps:
+        return lambda_lm * boost
+    if rho > 1.0 - eps:
+        return lambda_lm * drop
+    return lambda_lm
+
+
+# -- the SMW direction -----------------------------------------------------------------------------
+@dataclass
+class SMWDirection:
+    """p = −(B + λI)⁻¹ g and the pieces of the quadratic model m(p) = f + gᵀp + ½ pᵀBp.
+
+    ``pBp`` includes the L2 part (l2·‖p‖²); ``model_decrease`` = m(0) − m(p) = −gᵀp − ½ pᵀBp.
+    ``finite`` is False when the D solve or p produced NaN/Inf (or D was singular).
+    """
+
+    p: Any
+    g_dot_p: float
+    pBp: float
+    mu: float
+    d_size: int
+    form: str
+    finite: bool = True
+
+    @property
+    def model_decrease(self) -> float:
+        return -self.g_dot_p - 0.5 * self.pBp
+
+    def model_decrease_at(self, t: float) -> float:
+        """m(0) − m(t p) for a scaled step t p."""
+        return -t * self.g_dot_p - 0.5 * t * t * self.pBp
+
+
+def _solve(xp, D, u):
+    """D⁻¹ u, or None when D is singular or the result is not finite."""
+    try:
+        x = xp.linalg.solve(D, u)
+    except Exception:  # numpy.linalg.LinAlgError; CuPy returns NaN instead
+        return None
+    return x if backend.all_finite(x) else None
+
+
+class _BlockDiag:
+    """diag(M₁, …, M_N) with C × C blocks: ``m`` is (N, C) for diagonal blocks or (N, C, C)."""
+
+    def __init__(self, xp, N, C, m):
+        self.xp, self.N, self.C, self.m = xp, N, C, m
+        self.is_diag = m.ndim == 2
+
+    @property
+    def T(self) -> "_BlockDiag":
+        return self if self.is_diag else _BlockDiag(self.xp, self.N, self.C, self.xp.ascontiguousarray(self.m.transpose(0, 2, 1)))
+
+    def apply(self, v):
+        """(Mᵢ vᵢ)ᵢ for v (N, C)."""
+        return self.m * v if self.is_diag else self.xp.einsum("icd,id->ic", self.m, v)
+
+    def left(self, K):
+        """diag(M) · K for K (N C × N C)."""
+        xp, N, C = self.xp, self.N, self.C
+        if self.is_diag:
+            return self.m.reshape(N * C, 1) * K
+        return xp.matmul(self.m, K.reshape(N, C, N * C)).reshape(N * C, N * C)
+
+    def right(self, K):
+        """K · diag(M) for K (N C × N C), batched GEMMs over the column blocks."""
+        xp, N, C = self.xp, self.N, self.C
+        if self.is_diag:
+            return K * self.m.reshape(1, N * C)
+        KT = xp.ascontiguousarray(K.reshape(N * C, N, C).transpose(1, 0, 2))   # (j, i·c, d)
+        return xp.matmul(KT, self.m).transpose(1, 0, 2).reshape(N * C, N * C)
+
+    def inv(self) -> "_BlockDiag | None":
+        xp = self.xp
+        try:
+            mi = 1.0 / self.m if self.is_diag else xp.linalg.inv(self.m)
+        except Exception:  # singular block
+            return None
+        return _BlockDiag(xp, self.N, self.C, mi) if backend.all_finite(mi) else None
+
+    def dense(self):
+        xp, N, C = self.xp, self.N, self.C
+        out = xp.zeros((N, C, N, C), dtype=self.m.dtype)
+        idx = xp.arange(N)
+        out[idx, :, idx, :] = self.m[:, :, None] * xp.eye(C, dtype=self.m.dtype) if self.is_diag else self.m
+        return out.reshape(N * C, N * C)
+
+
+def _sqrt_diag(xp, loss, z, y):
+    """√diag(H_L) for the losses with diagonal output Hessians (mse: 1; sigmoid_ce: √(p(1 − p)))."""
+    h = loss.hvp(z, y, xp.ones_like(z))
+    return xp.sqrt(h)
+
+
+def _bcast(w, ndim):
+    return w.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", form: str = "5.6") -> SMWDirection:
+    """The LM direction p = −(B + λI)⁻¹ g by SMW (eqs. 5.6/5.7), on the curvature batch ``curv``.
+
+    ``curv`` is the objective on S₂ evaluated at θ (a :class:`Point`); ``g`` any vector of the
+    parameter layout (the gradient on S₁). B = (1/N₂) Jᵀ H J + l2·I with l2 = ``curv.obj.l2``
+    (GN: output Jacobians and output Hessians; NG: per-example gradients and H = I). See the
+    module docstring for the three forms. Passes on S₂: the Gram matrix (GN: C backward passes
+    with the Kronecker trick; NG: one), one R-forward (J g) and one backward (Jᵀ ·).
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if not (lam > 0) or not math.isfinite(lam):
+        raise ValueError(f"λ must be finite and > 0, got {lam}")
+    xp = curv.xp
+    N = curv.N
+    mu = float(lam) + curv.obj.l2
+    z, y, loss = curv.z, curv.obj.y, curv.obj.loss
+    jg = curv.jvp(g)                                   # J_out g, output shape (N, …)
+
+    def finish(p, pBp_data, d_size):
+        if not backend.all_finite(p):
+            return SMWDirection(p, math.nan, math.nan, mu, d_size, form, finite=False)
+        gp = float(g @ p)
+        pBp = float(pBp_data) + curv.obj.l2 * float(p @ p)
+        return SMWDirection(p, gp, pBp, mu, d_size, form, finite=math.isfinite(gp) and math.isfinite(pBp))
+
+    def fail(d_size):
+        return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, d_size, form, finite=False)
+
+    if curvature == "ng":
+        if form != "5.6":
+            raise ValueError("SMW-NG has H = I, so eqs. 5.6 and 5.7 coincide: use form='5.6'")
+        e = curv.dz                                                 # ∂ℓᵢ/∂zᵢ: ∇ℓᵢ = J_iᵀ eᵢ
+        u = (e * jg).reshape(N, -1).sum(axis=1)                     # (J g)ᵢ = ∇ℓᵢᵀ g = eᵢᵀ (J_out g)ᵢ
+        K = curv.gram("grad")                                       # [∇ℓᵢᵀ ∇ℓⱼ], N₂ × N₂
+        D = K / N
+        D = 0.5 * (D + D.T)
+        D[xp.arange(N), xp.arange(N)] += mu
+        w = _solve(xp, D, u)
+        if w is None:
+            return fail(N)
+        p = -(g - curv.vjp(e * _bcast(w / N, e.ndim))) / mu         # Jᵀ w = Σ wᵢ ∇ℓᵢ = J_outᵀ (wᵢ eᵢ)
+        return finish(p, (w @ w) / N, N)
+
+    # Gauss-Newton
+    if z.ndim != 2:
+        raise ValueError("SMW-GN needs 2-D outputs (N, C)")
+    C = z.shape[1]
+    NC = N * C
+    K = curv.gram("jacobian")                                       # [Jᵢ Jⱼᵀ], N C × N C, row i·C + c
+    diag = isinstance(loss, DIAGONAL_HESSIAN_LOSSES)
+    if form == "5.6":
+        S = _BlockDiag(xp, N, C, _sqrt_diag(xp, loss, z, y) if diag else loss.sqrt_hessian(z, y))
+        u = S.T.apply(jg).reshape(NC)                               # J̃ g = Sᵢᵀ (J g)ᵢ
+        D = S.T.left(S.right(K)) / N                                # Sᵀ (J Jᵀ) S / N₂
+        D = 0.5 * (D + D.T)
+        D[xp.arange(NC), xp.arange(NC)] += mu
+        w = _solve(xp, D, u)
+        if w is None:
+            return fail(NC)
+        p = -(g - curv.vjp(S.apply(w.reshape(N, C)) / N)) / mu      # J̃ᵀ w = J_outᵀ (Sᵢ wᵢ)
+        return finish(p, (w @ w) / N, NC)
+    H = _BlockDiag(xp, N, C, loss.hvp(z, y, xp.ones_like(z)) if diag else loss.hessian(z, y))
+    u = jg.reshape(NC)
+    if form == "5.7":
+        D = H.right(K) / N                                          # J Jᵀ H / N₂ (not symmetric)
+        D[xp.arange(NC), xp.arange(NC)] += mu
+        d = _solve(xp, D, u)
+        if d is None:
+            return fail(NC)
+        Hd = H.apply(d.reshape(N, C))
+        p = -(g - curv.vjp(Hd / N)) / mu
+        return finish(p, (d @ Hd.reshape(NC)) / N, NC)
+    # "5.6-inv": eq. 5.6 literally, D = μ H⁻¹ + J Jᵀ / N₂
+    if isinstance(loss, SoftmaxCrossEntropy):
+        raise ValueError("form '5.6-inv' needs invertible output Hessians; softmax_ce has H_L 1 = 0 "
+                         "(singular): use form '5.6' (factored, default) or '5.7'")
+    Hinv = H.inv()
+    if Hinv is None:
+        return fail(NC)
+    D = K / N + mu * Hinv.dense()
+    D = 0.5 * (D + D.T)
+    d = _solve(xp, D, u)
+    if d is None:
+        return fail(NC)
+    p = -(g - curv.vjp(d.reshape(N, C) / N)) / mu
+    return finish(p, (d @ Hinv.apply(d.reshape(N, C)).reshape(NC)) / N, NC)
+
+
+# -- the optimizer -----------------------------------------------------------------------------------
+@dataclass
+class SMWState:
+    """λ_LM (the LM part of λ = λ_LM + τ), the iteration count and rejected steps so far."""
+
+    lambda_lm: float
+    t: int = 0
+    rejected: int = 0
+
+
+class SMWOptimizer(Optimizer):
+    """Subsampled GN / NG with LM damping, directions by SMW (thesis Alg. 23). See module docs.
+
+    Parameters (defaults: thesis §5.8)
+    ----------
+    lr:              α in θ ← θ + α p. ``None``: 0.1 (MNIST experiment) or 1 for the
+                     semi-stochastic variant (Theorem 6).
+    batch_size:      N₁, gradient batch S₁ (60).
+    curvature_batch: N₂, curvature batch S₂ ⊆ S₁ (30); must not exceed N₁.
+    lambda_lm:       initial λ_LM (1).
+    tau:             τ ≥ 0 added to λ_LM (10⁻³).
+    boost, drop:     λ_LM factors, drop < 1 < boost (1.01, 0.99).
+    eps:             ratio threshold, 0 < ε < ½ (¼).
+    form:            "5.6" (factored symmetric, default), "5.7" or "5.6-inv" (GN only).
+    full_gradient:   semi-stochastic variant (g and ρ on the full training set).
+    eta:             accept a step only when ρ ≥ η (0 ≤ η < ε). ``None``: always accept (the
+                     fully stochastic Alg. 23), ε/2 in the semi-stochastic variant.
+    rho_at:          "direction" (ρ at θ + p, eq. 5.5) or "update" (ρ at θ + αp).
+    """
+
+    family: ClassVar[str] = "smw"
+    paper: ClassVar[str] = "Ren & Goldfarb 2019 (arXiv:1906.02353); Ren thesis ch. 5, §5.8"
+    curvature: ClassVar[str] = "gn"
+    forms: ClassVar[tuple[str, ...]] = FORMS
+
+    def __init__(
+        self,
+        lr: float | None = None,
+        batch_size: int = 60,
+        curvature_batch: int = 30,
+        lambda_lm: float = 1.0,
+        tau: float = 1e-3,
+        boost: float = 1.01,
+        drop: float = 0.99,
+        eps: float = 0.25,
+        form: str = "5.6",
+        full_gradient: bool = False,
+        eta: float | None = None,
+        rho_at: str = "direction",
+    ):
+        self.full_gradient = bool(full_gradient)
+        self.lr = (1.0 if self.full_gradient else 0.1) if lr is None else check_positive("lr", lr)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.curvature_batch = check_int("curvature_batch", curvature_batch, 1)
+        if not self.full_gradient and self.curvature_batch > self.batch_size:
+            raise ValueError(f"curvature_batch (N₂ = {curvature_batch}) must not exceed batch_size "
+                             f"(N₁ = {batch_size}): S₂ ⊆ S₁ (Alg. 23)")
+        self.lambda_lm = check_positive("lambda_lm", lambda_lm)
+        self.tau = check_positive("tau", tau, allow_zero=True)
+        self.boost = check_positive("boost", boost)
+        if self.boost <= 1:
+            raise ValueError(f"boost must be > 1, got {boost}")
+        self.drop = check_range("drop", drop, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.eps = check_range("eps", eps, 0.0, 0.5, lo_open=True, hi_open=True)
+        if form not in self.forms:
+            hint = " (H = I for NG, so eqs. 5.6 and 5.7 coincide)" if self.curvature == "ng" else ""
+            raise ValueError(f"form must be one of {self.forms}{hint}, got {form!r}")
+        self.form = form
+        if eta is None:
+            self.eta = 0.5 * self.eps if self.full_gradient else None
+        else:
+            self.eta = check_range("eta", eta, 0.0, self.eps, hi_open=True)
+        if rho_at not in ("direction", "update"):
+            raise ValueError(f"rho_at must be 'direction' or 'update', got {rho_at!r}")
+        self.rho_at = rho_at
+
+    def init(self, theta: Any) -> SMWState:
+        return SMWState(lambda_lm=self.lambda_lm)
+
+    def _batches(self, problem: Problem):
+        """(S₁ objective, S₂ objective) per Alg. 23 line 3 (or the semi-stochastic variant)."""
+        if self.full_gradient:
+            return problem.full(), problem.sample(self.curvature_batch)
+        obj1 = problem.batch(self.batch_size)
+        n1 = obj1.n_samples
+        if self.curvature_batch >= n1:
+            return obj1, obj1
+        idx = numpy.sort(problem.rng.choice(n1, size=self.curvature_batch, replace=False))
+        return obj1, obj1.subset(problem.xp.asarray(idx))
+
+    def step(self, theta: Any, state: SMWState, problem: Problem) -> tuple[Any, SMWState, StepInfo]:
+        """One iteration of Alg. 23 (see the class and module docstrings)."""
+        obj1, obj2 = self._batches(problem)
+        lam = state.lambda_lm + self.tau
+        info = StepInfo(batch_size=obj1.n_samples, step_size=self.lr, radius=None,
+                        extra={"lambda": lam, "curvature_batch": obj2.n_samples, "form": self.form})
+        pt1 = obj1.at(theta)
+        f0 = pt1.value
+        info.loss_start = info.loss = f0
+        info.evals = 1
+        g = pt1.grad
+        if not math.isfinite(f0) or not backend.all_finite(g):
+            info.accepted, info.nonfinite = False, True
+            return theta, SMWState(state.lambda_lm, state.t + 1, state.rejected + 1), info
+        pt2 = pt1 if obj2 is obj1 else obj2.at(theta)
+        info.evals += obj2 is not obj1
+        # overflow in the direction, the trial forward pass or θ + αp is detected explicitly below
+        # (finiteness checks) and turned into a rejected step, so NumPy's warnings are silenced here
+        with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._finish(theta, state, obj1, pt2, f0, g, lam, info)
+
+    def _finish(self, theta, state, obj1, pt2, f0, g, lam, info):
+        d = smw_direction(pt2, g, lam, curvature=self.curvature, form=self.form)
+        info.extra["d_size"] = d.d_size
+        if not d.finite:
+            info.accepted, info.nonfinite = False, True
+            lam_lm = update_lambda_lm(state.lambda_lm, -math.inf, eps=self.eps, boost=self.boost, drop=self.drop)
+            info.extra.update(rho=-math.inf, lambda_lm=lam_lm)
+            return theta, SMWState(lam_lm, state.t + 1, state.rejected + 1), info
+        t = 1.0 if self.rho_at == "direction" else self.lr
+        pred = d.model_decrease_at(t)
+        trial = theta + t * d.p
+        pt = try_point(obj1, trial) if backend.all_finite(trial) else None
+        info.evals += 1
+        if pt is None:
+            rho, f_trial = -math.inf, math.nan
+            info.nonfinite = True
+        else:
+            f_trial = pt.value
+            rho = (f0 - f_trial) / pred if pred > 0 else math.nan
+        lam_lm = update_lambda_lm(state.lambda_lm, rho, eps=self.eps, boost=self.boost, drop=self.drop)
+        info.extra.update(rho=rho, lambda_lm=lam_lm, model_decrease=pred, loss_trial=f_trial)
+        new = theta + self.lr * d.p
+        accept = not info.nonfinite and backend.all_finite(new)
+        if accept and self.eta is not None and not (rho >= self.eta):
+            accept = False
+        if not accept:
+            info.accepted = False
+            info.nonfinite = info.nonfinite or not backend.all_finite(new)
+            return theta, SMWState(lam_lm, state.t + 1, state.rejected + 1), info
+        info.accepted = True
+        info.step_norm = self.lr * math.sqrt(float(d.p @ d.p))
+        info.loss = f_trial if t == self.lr else math.nan    # f at θ + αp known only if evaluated
+        return new, SMWState(lam_lm, state.t + 1, state.rejected), info
+
+
+@register("smw-gn")
+class SMWGN(SMWOptimizer):
+    """Subsampled Gauss-Newton (B = (1/N₂) Σ Jᵢᵀ H_{L,i} Jᵢ) with SMW directions."""
+
+    curvature = "gn"
+    forms = FORMS
+
+
+@register("smw-ng")
+class SMWNG(SMWOptimizer):
+    """Subsampled (empirical-Fisher) natural gradient (B = (1/N₂) Σ ∇ℓᵢ ∇ℓᵢᵀ) with SMW directions."""
+
+    curvature = "ng"
+    forms = ("5.6",)
