@@ -1,0 +1,57 @@
+"""CPU kernels (numba) for the scatter-adds that NumPy cannot vectorize in one pass.
+
+This module imports numba at the top, so it is **never** imported by ``import qnref``: the layers
+load it lazily (:func:`qnref.nn.conv.numba_kernels`) the first time a CPU backward pass needs it.
+Every kernel has an ``xp``-generic twin in :mod:`qnref.nn.conv` / :mod:`qnref.nn.pool` (a loop over
+the kh·kw kernel offsets with strided slice adds) that runs on NumPy and CuPy; tests compare the two.
+
+All kernels are ``@njit(cache=True)`` (compiled once per dtype, the machine code is cached next to
+this file) and serial: the calling process controls the threads (BLAS does the GEMMs).
+See docs/cnn.md for the measurements that motivated them.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def col2im(gcols, out, sh, sw, ph, pw):  # pragma: no cover - compiled
+    """Scatter-add patch gradients back to the input (padding positions are dropped).
+
+    gcols: (N, Ho, Wo, C, kh, kw), the gradient of the im2col matrix;
+    out:   (N, C, H, W) zero-initialised (unpadded), receives Σ over the windows covering each pixel.
+    """
+    n_, ho_, wo_, c_, kh, kw = gcols.shape
+    h_, w_ = out.shape[2], out.shape[3]
+    for n in range(n_):
+        for oh in range(ho_):
+            h0 = oh * sh - ph
+            i_lo = max(0, -h0)
+            i_hi = min(kh, h_ - h0)
+            for ow in range(wo_):
+                w0 = ow * sw - pw
+                j_lo = max(0, -w0)
+                j_hi = min(kw, w_ - w0)
+                for c in range(c_):
+                    for i in range(i_lo, i_hi):
+                        for j in range(j_lo, j_hi):
+                            out[n, c, h0 + i, w0 + j] += gcols[n, oh, ow, c, i, j]
+    return out
+
+
+@njit(cache=True)
+def index_add(gy, idx, out):  # pragma: no cover - compiled
+    """out[r, idx[r, k]] += gy[r, k] for (R, K) arrays ``gy``/``idx`` and (R, M) ``out`` (max-pool backward)."""
+    r_, k_ = gy.shape
+    for r in range(r_):
+        for k in range(k_):
+            out[r, idx[r, k]] += gy[r, k]
+    return out
+
+
+def warmup() -> None:
+    """Compile (or load from cache) the kernels for float32 and float64."""
+    for dt in (np.float32, np.float64):
+        col2im(np.zeros((1, 1, 1, 1, 1, 1), dt), np.zeros((1, 1, 1, 1), dt), 1, 1, 0, 0)
+        index_add(np.zeros((1, 1), dt), np.zeros((1, 1), np.int64), np.zeros((1, 1), dt))

@@ -1,0 +1,307 @@
+"""2-D convolution on NCHW inputs by im2col (sliding windows) and one GEMM.
+
+Notation (Ren's thesis §3.2.1, Grosse & Martens 2016 "KFC"): a layer with C_in input channels,
+C_out output channels and kh × kw filters maps x (N, C_in, H, W) to h (N, C_out, Ho, Wo) with
+Ho = ⌊(H + 2 ph − kh) / sh⌋ + 1 (same for the width). Its L = Ho·Wo output locations t each see
+one patch of K = C_in·kh·kw inputs, flattened channel-major (c, i, j) — the order of
+``W.reshape(C_out, C_in, kh, kw)`` in PyTorch — and extended by a homogeneous 1:
+
+    āₜ = [x_{c, t_h·sh + i − ph, t_w·sw + j − pw} for c, i, j ; 1] ∈ R^{K+1},
+    hₜ = W̄ āₜ,       W̄ = [W b] ∈ R^{C_out × (K+1)}   (bias = last column).
+
+So the whole layer is one GEMM of the (N·L, K+1) patch matrix with W̄ᵀ. The parameter block is
+``W̄`` of shape (C_out, K + 1), ParamSpec kind "weight", fan = (C_in·kh·kw, C_out·kh·kw).
+
+Passes
+------
+- backward: ∂ℓ/∂W̄ = Σ_{i,t} g_{i,t} ā_{i,t}ᵀ with g = ∂ℓ/∂h; gx = col2im(g W) (scatter-add of
+  the patch gradients back to the pixels they came from);
+- jvp: R{h} = im2col(dx) Wᵀ + im2col(x) dWᵀ + db (the layer is bilinear in (x, W̄));
+- backward_rop: R{gW̄} = Σ R{g} āᵀ + Σ g R{ā}ᵀ (the g ⊗ dx cross term, R{ā} = [im2col(dx); 0]),
+  R{gx} = col2im(R{g} W + g dW);
+- per_example_grads: Σₜ g_{i,t} ā_{i,t}ᵀ per example (a batched GEMM over the locations);
+- kron_taps: ``{"kind": "conv", "a": ā (N, L, K+1), "g": g (N, L, C_out)}`` — raw, per example
+  and per location, *not* averaged. With them the mean-loss gradient is
+  ∂f/∂W̄ = (1/N) Σᵢ Σₜ g_{i,t} ā_{i,t}ᵀ when g is taken per example (``Objective.layer_stats``).
+  The KFC factors of Grosse & Martens (2016) and Ren's thesis eq. (3.9) are
+  A = Eᵢ[Σₜ āₜ āₜᵀ] (sum over locations) and G = Eᵢ[(1/L) Σₜ gₜ gₜᵀ] (mean over locations);
+  the Kronecker module chooses and documents the reduction, the taps stay raw.
+
+col2im runs a numba kernel on the CPU (when numba imports) and a loop over the kh·kw kernel
+offsets with strided slice adds otherwise — the same code on NumPy and CuPy (the CuPy path is
+correct by construction and exercised in the GPU tests only when a device is present).
+See docs/cnn.md for timings.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Sequence
+
+from .. import backend
+from .base import Ctx, Layer, ParamSpec, Shape
+
+#: "auto" (numba on the CPU when it imports), "numba" (require it) or "xp" (pure NumPy/CuPy path).
+KERNELS = "auto"
+
+_numba_mod: types.ModuleType | None = None
+_numba_failed = False
+
+
+def numba_kernels() -> types.ModuleType | None:
+    """The numba kernel module, imported on first use (None when numba is unavailable or disabled)."""
+    global _numba_mod, _numba_failed
+    if KERNELS == "xp":
+        return None
+    if _numba_mod is None and not _numba_failed:
+        try:
+            from . import _numba_kernels  # noqa: PLC0415 - lazy: numba is heavy
+
+            _numba_mod = _numba_kernels
+        except Exception:  # numba missing or broken
+            _numba_failed = True
+    if _numba_mod is None and KERNELS == "numba":
+        raise RuntimeError("qnref.nn.conv.KERNELS = 'numba' but numba could not be imported")
+    return _numba_mod
+
+
+def use_numba(x: Any) -> bool:
+    """True when the CPU numba kernels should handle ``x``."""
+    return KERNELS != "xp" and not backend.is_cupy_array(x) and numba_kernels() is not None
+
+
+# -- shape helpers ----------------------------------------------------------------------------
+def pair(v: Any, what: str, minimum: int) -> tuple[int, int]:
+    """(a, b) from an int or a pair of ints, each ≥ ``minimum``."""
+    vals = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if len(vals) != 2 or any(int(a) != a or a < minimum for a in vals):
+        raise ValueError(f"{what} must be an integer ≥ {minimum} or a pair of them, got {v!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def check_image_shape(in_shape: Shape, who: str) -> None:
+    """Raise a clear error unless the per-example shape is (C, H, W)."""
+    if len(in_shape) != 3:
+        hint = " (insert a Reshape/Unflatten before it, or use Dense for flat inputs)" if len(in_shape) == 1 else ""
+        raise ValueError(f"{who} needs per-example inputs of shape (C, H, W) in NCHW layout, got {tuple(in_shape)}{hint}")
+
+
+def check_batch(x: Any, in_shape: Shape, who: str) -> None:
+    """Raise a clear error when a batch does not match the shape the layer was built for."""
+    if getattr(x, "ndim", None) != len(in_shape) + 1:
+        raise ValueError(f"{who} expects a batch of shape (N, {', '.join(map(str, in_shape))}), got {tuple(getattr(x, 'shape', ()))}")
+    if tuple(x.shape[1:]) != tuple(in_shape):
+        if len(in_shape) == 3 and x.shape[1] != in_shape[0]:
+            extra = ""
+            if x.shape[-1] == in_shape[0]:
+                extra = " — the input looks channels-last (NHWC); qnref uses NCHW, transpose with x.transpose(0, 3, 1, 2)"
+            raise ValueError(f"{who}: channel mismatch, built for {in_shape[0]} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}){extra}")
+        raise ValueError(f"{who} was built for per-example shape {tuple(in_shape)}, got {tuple(x.shape[1:])}")
+
+
+def out_size(n: int, k: int, s: int, p: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+def pad(x: Any, ph: int, pw: int, value: float = 0.0) -> Any:
+    """Zero (or ``value``) padding of the two spatial axes; a contiguous array either way."""
+    xp = backend.namespace(x)
+    if ph == 0 and pw == 0:
+        return xp.ascontiguousarray(x)
+    out = xp.full(x.shape[:2] + (x.shape[2] + 2 * ph, x.shape[3] + 2 * pw), value, dtype=x.dtype)
+    out[:, :, ph : ph + x.shape[2], pw : pw + x.shape[3]] = x
+    return out
+
+
+def windows(xpad: Any, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> Any:
+    """Read-only strided view (N, C, Ho, Wo, kh, kw) of the sliding windows of a contiguous array."""
+    xp = backend.namespace(xpad)
+    s0, s1, s2, s3 = xpad.strides
+    return xp.lib.stride_tricks.as_strided(
+        xpad, shape=(xpad.shape[0], xpad.shape[1], ho, wo, kh, kw), strides=(s0, s1, s2 * sh, s3 * sw, s2, s3)
+    )
+
+
+def im2col(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    """Patch matrix (N·Ho·Wo, C·kh·kw), rows ordered (n, oh, ow), columns (c, i, j)."""
+    n, c, h, w = x.shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    v = windows(pad(x, ph, pw), kh, kw, sh, sw, ho, wo)
+    return v.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+
+
+def scatter_windows_xp(g6: Any, xpad_shape: tuple, sh: int, sw: int) -> Any:
+    """Σ over windows: g6 (N, C, kh, kw, Ho, Wo) added into zeros(xpad_shape). NumPy and CuPy."""
+    xp = backend.namespace(g6)
+    out = xp.zeros(xpad_shape, dtype=g6.dtype)
+    _, _, kh, kw, ho, wo = g6.shape
+    for i in range(kh):
+        for j in range(kw):
+            out[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += g6[:, :, i, j]
+    return out
+
+
+def col2im(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    """Adjoint of :func:`im2col`: scatter-add (N·L, C·kh·kw) patch gradients to (N, C, H, W)."""
+    n, c, h, w = x_shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    g6 = gcols.reshape(n, ho, wo, c, kh, kw)
+    xp = backend.namespace(gcols)
+    if use_numba(gcols):
+        return numba_kernels().col2im(xp.ascontiguousarray(g6), xp.zeros((n, c, h, w), dtype=gcols.dtype), sh, sw, ph, pw)
+    out = scatter_windows_xp(g6.transpose(0, 3, 4, 5, 1, 2), (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
+    if ph or pw:
+        out = xp.ascontiguousarray(out[:, :, ph : ph + h, pw : pw + w])
+    return out
+
+
+def _nchw(rows: Any, n: int, ho: int, wo: int) -> Any:
+    """(N·L, C) rows → contiguous (N, C, Ho, Wo)."""
+    xp = backend.namespace(rows)
+    return xp.ascontiguousarray(rows.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2))
+
+
+def _rows(g: Any) -> Any:
+    """(N, C, Ho, Wo) → (N·L, C) (location-major rows, matching :func:`im2col`)."""
+    return g.transpose(0, 2, 3, 1).reshape(-1, g.shape[1])
+
+
+class Conv2d(Layer):
+    """Convolution h = W̄ ∗ [x; 1] on NCHW inputs (see the module docstring for the conventions).
+
+    Parameters
+    ----------
+    out_channels:
+        number of filters C_out.
+    kernel_size, stride, padding:
+        ints or (height, width) pairs; zero padding on both sides.
+    in_channels:
+        optional; when given, :meth:`build` checks it against the input shape.
+    """
+
+    kron_dense = False
+    has_kron = True
+
+    def __init__(self, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0, *, in_channels: int | None = None):
+        if int(out_channels) != out_channels or out_channels < 1:
+            raise ValueError(f"Conv2d out_channels must be a positive integer, got {out_channels!r}")
+        self.out_channels = int(out_channels)
+        self.kernel_size = pair(kernel_size, "Conv2d kernel_size", 1)
+        self.stride = pair(stride, "Conv2d stride", 1)
+        self.padding = pair(padding, "Conv2d padding", 0)
+        self.in_channels = in_channels
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def build(self, in_shape: Shape) -> Shape:
+        who = self.describe()
+        check_image_shape(in_shape, who)
+        c, h, w = (int(d) for d in in_shape)
+        if self.in_channels is not None and self.in_channels != c:
+            raise ValueError(f"{who}: channel mismatch, declared in_channels={self.in_channels} but the input has {c} channels (shape {tuple(in_shape)})")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if kh > h + 2 * ph or kw > w + 2 * pw:
+            raise ValueError(f"{who}: kernel {kh}×{kw} is larger than the padded input {h + 2 * ph}×{w + 2 * pw} (input {h}×{w}, padding {ph},{pw})")
+        self.in_shape = (c, h, w)
+        self.out_shape = (self.out_channels, out_size(h, kh, sh, ph), out_size(w, kw, sw, pw))
+        return self.out_shape
+
+    @property
+    def patch_size(self) -> int:
+        """K = C_in·kh·kw (without the homogeneous coordinate)."""
+        return self.in_shape[0] * self.kernel_size[0] * self.kernel_size[1]
+
+    def param_specs(self) -> list[ParamSpec]:
+        kk = self.kernel_size[0] * self.kernel_size[1]
+        k = self.patch_size
+        return [ParamSpec("W", (self.out_channels, k + 1), "weight", (k, self.out_channels * kk))]
+
+    def describe(self) -> str:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        cin = self.in_shape[0] if self.in_shape else "?"
+        extra = ""
+        if (sh, sw) != (1, 1):
+            extra += f", stride {sh}" if sh == sw else f", stride ({sh},{sw})"
+        if (ph, pw) != (0, 0):
+            extra += f", pad {ph}" if ph == pw else f", pad ({ph},{pw})"
+        return f"Conv2d({cin}→{self.out_channels}, {kh}×{kw}{extra})"
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _im2col(self, x: Any) -> Any:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return im2col(x, kh, kw, sh, sw, ph, pw)
+
+    def _col2im(self, gcols: Any, n: int) -> Any:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return col2im(gcols, (n,) + self.in_shape, kh, kw, sh, sw, ph, pw)
+
+    def _affine(self, cols: Any, wb: Any) -> Any:
+        y = cols @ wb[:, :-1].T
+        y += wb[:, -1]
+        return y
+
+    # -- passes -----------------------------------------------------------------------------------
+    def forward(self, p: Sequence[Any], x: Any, ctx: Ctx) -> tuple[Any, Any]:
+        check_batch(x, self.in_shape, self.describe())
+        n = x.shape[0]
+        cols = self._im2col(x)
+        _, ho, wo = self.out_shape
+        return _nchw(self._affine(cols, p[0]), n, ho, wo), cols
+
+    def backward(self, p, cache, gy, gp, need_gx: bool = True):
+        cols, wb = cache, p[0]
+        g = _rows(gy)
+        if gp is not None:
+            gp[0][:, :-1] = g.T @ cols
+            gp[0][:, -1] = g.sum(axis=0)
+        return self._col2im(g @ wb[:, :-1], gy.shape[0]) if need_gx else None
+
+    def jvp(self, p, cache, dx, dp):
+        cols, wb = cache, p[0]
+        n = cols.shape[0] // (self.out_shape[1] * self.out_shape[2])
+        dy = None
+        if dp:
+            dy = self._affine(cols, dp[0])
+        dcols = None
+        if dx is not None:
+            dcols = self._im2col(dx)
+            t = dcols @ wb[:, :-1].T
+            dy = t if dy is None else dy + t
+        if dy is None:  # neither input nor parameters move
+            return backend.namespace(cols).zeros((n,) + self.out_shape, dtype=cols.dtype), None
+        return _nchw(dy, n, self.out_shape[1], self.out_shape[2]), dcols
+
+    def backward_rop(self, p, cache, rcache, gy, rgy, dp, rgp, need_gx: bool = True):
+        # gx = col2im(g W);  R{gx} = col2im(R{g} W + g dW)
+        # R{gW̄} = R{g}ᵀ ā + gᵀ R{ā}, with R{ā} = [im2col(dx), 0]
+        cols, dcols, w = cache, rcache, p[0][:, :-1]
+        g, rg = _rows(gy), _rows(rgy)
+        if rgp:
+            rgw = rg.T @ cols
+            if dcols is not None:
+                rgw += g.T @ dcols
+            rgp[0][:, :-1] = rgw
+            rgp[0][:, -1] = rg.sum(axis=0)
+        if not need_gx:
+            return None, None
+        n = gy.shape[0]
+        rgc = rg @ w
+        if dp:
+            rgc += g @ dp[0][:, :-1]
+        return self._col2im(g @ w, n), self._col2im(rgc, n)
+
+    def per_example_grads(self, p, cache, gy, out):
+        cols = cache
+        n = gy.shape[0]
+        g3 = _rows(gy).reshape(n, -1, self.out_channels)  # (N, L, C_out)
+        a3 = cols.reshape(n, g3.shape[1], -1)  # (N, L, K)
+        out[0][:, :, :-1] = g3.transpose(0, 2, 1) @ a3
+        out[0][:, :, -1] = g3.sum(axis=1)
+        return self._col2im(_rows(gy) @ p[0][:, :-1], n)
+
+    def kron_taps(self, cache, gy):
+        """Raw KFC taps: ā (N, L, K+1) with a homogeneous 1 and g (N, L, C_out), per location."""
+        cols = cache
+        xp = backend.namespace(cols)
+        n = gy.shape[0]
+        a3 = cols.reshape(n, -1, cols.shape[1])
+        a = xp.concatenate([a3, xp.ones(a3.shape[:2] + (1,), dtype=cols.dtype)], axis=2)
+        return {"kind": "conv", "a": a, "g": _rows(gy).reshape(n, -1, self.out_channels)}

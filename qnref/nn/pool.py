@@ -1,0 +1,195 @@
+"""Pooling on NCHW inputs: max, average and global average.
+
+Max pooling is piecewise linear: on the piece selected by the forward pass it is the gather
+y = x[argmax]. All four passes use that same selection, so the R-ops are exact wherever the
+maximum of each window is unique (ties are broken towards the first element of the window in
+row-major order, consistently in every pass):
+
+- backward: scatter-add gy to the argmax positions (windows may overlap when stride < kernel);
+- jvp: R{y} = dx[argmax] (a gather);
+- backward_rop: (backward(gy), backward(R{gy})) — the second derivative is zero on each piece.
+
+The cache holds the flat index of each window's winner in the *unpadded* input (padding is −∞
+and at most half the kernel, so a winner is never a padding position); jvp is one gather and
+backward one scatter-add into the input, with no padded buffer. The scatter-add runs a numba
+kernel on the CPU (see :mod:`qnref.nn._numba_kernels`); without numba it is a plain indexed
+assignment when the windows do not overlap (stride ≥ kernel) and ``numpy.add.at`` otherwise;
+on CuPy the assignment or ``cupyx.scatter_add`` (GPU-tested only where a device is present). Average pooling (zero padding counted in the mean,
+PyTorch's ``count_include_pad=True``) and global average pooling are linear maps.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from .. import backend
+from .base import Ctx, Layer, Shape
+from .conv import check_batch, check_image_shape, numba_kernels, out_size, pad, pair, use_numba, windows
+
+
+def _check_window(who: str, in_shape: Shape, kernel, stride, padding) -> tuple[int, int]:
+    check_image_shape(in_shape, who)
+    _, h, w = in_shape
+    (kh, kw), (ph, pw) = kernel, padding
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(f"{who}: padding {padding} must be at most half the kernel {kernel}")
+    if kh > h + 2 * ph or kw > w + 2 * pw:
+        raise ValueError(f"{who}: kernel {kh}×{kw} is larger than the padded input {h + 2 * ph}×{w + 2 * pw}")
+    return out_size(h, kh, stride[0], ph), out_size(w, kw, stride[1], pw)
+
+
+class _Pool2d(Layer):
+    kind = "pool"
+
+    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0):
+        self.kernel_size = pair(kernel_size, f"{type(self).__name__} kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else pair(stride, f"{type(self).__name__} stride", 1)
+        self.padding = pair(padding, f"{type(self).__name__} padding", 0)
+
+    def build(self, in_shape: Shape) -> Shape:
+        ho, wo = _check_window(self.describe(), tuple(in_shape), self.kernel_size, self.stride, self.padding)
+        self.in_shape = tuple(int(d) for d in in_shape)
+        self.out_shape = (self.in_shape[0], ho, wo)
+        return self.out_shape
+
+    def describe(self) -> str:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        s = f"{type(self).__name__}({kh}×{kw}"
+        if (sh, sw) != (kh, kw):
+            s += f", stride {sh}" if sh == sw else f", stride ({sh},{sw})"
+        if (ph, pw) != (0, 0):
+            s += f", pad {ph}" if ph == pw else f", pad ({ph},{pw})"
+        return s + ")"
+
+    def per_example_grads(self, p, cache, gy, out):
+        return self.backward(p, cache, gy, None)
+
+
+class MaxPool2d(_Pool2d):
+    """Max pooling over kh × kw windows (stride defaults to the kernel; padding counts as −∞)."""
+
+    def forward(self, p, x: Any, ctx: Ctx):
+        check_batch(x, self.in_shape, self.describe())
+        xp = backend.namespace(x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        n, c, h, w = x.shape
+        _, ho, wo = self.out_shape
+        hp, wp = h + 2 * ph, w + 2 * pw
+        xpad = pad(x, ph, pw, value=-float("inf"))
+        v = windows(xpad, kh, kw, sh, sw, ho, wo).reshape(n, c, ho, wo, kh * kw)
+        a = v.argmax(axis=-1)
+        # row and column of each winner in the unpadded input (never in the padding: padding ≤ k/2)
+        rows = xp.arange(ho).reshape(ho, 1) * sh + a // kw - ph
+        cols = xp.arange(wo).reshape(1, wo) * sw + a % kw - pw
+        y = xpad.reshape(n * c, hp * wp)[xp.arange(n * c).reshape(n, c, 1, 1), (rows + ph) * wp + cols + pw]
+        # flat index of the winner in the whole (N·C·H·W) input buffer
+        gidx = rows * w + cols + (xp.arange(n * c) * (h * w)).reshape(n, c, 1, 1)
+        return y, (gidx, x.shape)
+
+    def _scatter(self, cache, gy):
+        gidx, x_shape = cache
+        xp = backend.namespace(gy)
+        size = 1
+        for d in x_shape:
+            size *= d
+        g, idx = xp.ascontiguousarray(gy).reshape(-1), gidx.reshape(-1)
+        if use_numba(gy):
+            out = numba_kernels().index_add(g.reshape(1, -1), idx.reshape(1, -1), xp.zeros((1, size), dtype=gy.dtype))
+        elif self.stride[0] >= self.kernel_size[0] and self.stride[1] >= self.kernel_size[1]:
+            out = xp.zeros(size, dtype=gy.dtype)  # windows do not overlap: the winners are distinct
+            out[idx] = g
+        elif xp is numpy:
+            out = numpy.zeros(size, dtype=gy.dtype)
+            numpy.add.at(out, idx, g)
+        else:  # CuPy (GPU-tested only where a device is present)
+            import cupyx  # noqa: PLC0415 - lazy, GPU only
+
+            out = xp.zeros(size, dtype=gy.dtype)
+            cupyx.scatter_add(out, idx, g)
+        return out.reshape(x_shape)
+
+    def backward(self, p, cache, gy, gp, need_gx: bool = True):
+        return self._scatter(cache, gy) if need_gx else None
+
+    def jvp(self, p, cache, dx, dp):
+        if dx is None:
+            return None, None
+        return dx.reshape(-1)[cache[0]], None
+
+    def backward_rop(self, p, cache, rcache, gy, rgy, dp, rgp, need_gx: bool = True):
+        if not need_gx:
+            return None, None
+        return self._scatter(cache, gy), self._scatter(cache, rgy)
+
+
+class AvgPool2d(_Pool2d):
+    """Average pooling over kh × kw windows (zero padding counted in the mean). A linear map."""
+
+    def _apply(self, x: Any) -> Any:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        _, ho, wo = self.out_shape
+        v = windows(pad(x, ph, pw), kh, kw, sh, sw, ho, wo)
+        return v.sum(axis=(4, 5)) * (1.0 / (kh * kw))
+
+    def _adjoint(self, g: Any) -> Any:
+        xp = backend.namespace(g)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        n, c, ho, wo = g.shape
+        h, w = self.in_shape[1:]
+        out = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
+        gs = g * (1.0 / (kh * kw))
+        for i in range(kh):
+            for j in range(kw):
+                out[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += gs
+        if ph or pw:
+            out = xp.ascontiguousarray(out[:, :, ph : ph + h, pw : pw + w])
+        return out
+
+    def forward(self, p, x, ctx: Ctx):
+        check_batch(x, self.in_shape, self.describe())
+        return self._apply(x), None
+
+    def backward(self, p, cache, gy, gp, need_gx: bool = True):
+        return self._adjoint(gy) if need_gx else None
+
+    def jvp(self, p, cache, dx, dp):
+        return (None if dx is None else self._apply(dx)), None
+
+    def backward_rop(self, p, cache, rcache, gy, rgy, dp, rgp, need_gx: bool = True):
+        if not need_gx:
+            return None, None
+        return self._adjoint(gy), self._adjoint(rgy)
+
+
+class GlobalAvgPool(Layer):
+    """(N, C, H, W) → (N, C): the mean over all spatial positions (ResNets, all-CNN-C)."""
+
+    def build(self, in_shape: Shape) -> Shape:
+        check_image_shape(tuple(in_shape), "GlobalAvgPool")
+        self.in_shape = tuple(int(d) for d in in_shape)
+        self.out_shape = (self.in_shape[0],)
+        return self.out_shape
+
+    def _adjoint(self, g: Any) -> Any:
+        xp = backend.namespace(g)
+        _, h, w = self.in_shape
+        return g[:, :, None, None] * xp.full((1, 1, h, w), 1.0 / (h * w), dtype=g.dtype)
+
+    def forward(self, p, x, ctx: Ctx):
+        check_batch(x, self.in_shape, "GlobalAvgPool")
+        return x.mean(axis=(2, 3)), None
+
+    def backward(self, p, cache, gy, gp, need_gx: bool = True):
+        return self._adjoint(gy) if need_gx else None
+
+    def jvp(self, p, cache, dx, dp):
+        return (None if dx is None else dx.mean(axis=(2, 3))), None
+
+    def backward_rop(self, p, cache, rcache, gy, rgy, dp, rgp, need_gx: bool = True):
+        if not need_gx:
+            return None, None
+        return self._adjoint(gy), self._adjoint(rgy)
+
+    def per_example_grads(self, p, cache, gy, out):
+        return self._adjoint(gy)
