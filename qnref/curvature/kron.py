@@ -1,0 +1,241 @@
+"""Kronecker-factor statistics for dense and conv layers, damping, inverses and inverse p-th roots.
+
+Everything here works on the raw taps of :meth:`qnref.curvature.objective.Point.layer_stats`
+(``{"kind": "dense", "a": ā (N, d_in+1), "g": g (N, d_out)}`` or ``{"kind": "conv",
+"a": ā (N, L, K+1), "g": g (N, L, C_out)}``) and on NumPy or CuPy arrays alike (the namespace
+of the inputs is used; only ``matmul``, ``eye``, ``trace``, ``linalg.eigh`` / ``inv`` and
+elementwise functions that both libraries provide).
+
+Scaling conventions (pinned by ``tests/optim/test_kron.py``)
+--------------------------------------------------------------
+The taps' gₗ are **per-example** pre-activation gradients gᵢ = ∂ℓᵢ/∂hᵢ (with ℓᵢ the loss of one
+example, *not* the mean loss), i.e. N × the gradient of the mean loss f = (1/N) Σ ℓᵢ with respect
+to hᵢ. With them:
+
+dense (Martens & Grosse 2015 §3; Ren's thesis eq. (2.3), Algorithm 7 line 9)::
+
+    A = (1/N) Σᵢ āᵢ āᵢᵀ          (d_in+1) × (d_in+1)
+    G = (1/N) Σᵢ gᵢ gᵢᵀ          d_out × d_out
+
+conv (KFC, Grosse & Martens 2016; thesis eq. (3.9) and Algorithm 12 line 14), L output locations::
+
+    A = (1/N) Σᵢ Σₜ āᵢₜ āᵢₜᵀ      sum over locations, mean over examples
+    G = (1/N) Σᵢ (1/L) Σₜ gᵢₜ gᵢₜᵀ  mean over locations and examples
+
+so that the single-example Fisher block of a conv layer is approximated by
+Σₜ āₜāₜᵀ ⊗ (1/L) Σₜ gₜgₜᵀ (thesis (3.6)): the factor L sits in A.
+
+Conversions to other conventions:
+
+* a library whose g is the gradient of the *mean* loss (g/N) and which does not rescale it gets
+  G_theirs = G / N²; multiplying its G by N² recovers ours;
+* a conv convention that averages A over locations (A/L) must sum G over locations (L·G) for the
+  same product; KFAC-PyTorch (Wang et al., used by Zhang et al. 2019) divides the patches by L and
+  multiplies the (mean-loss) output gradients by N·L, which gives A/L² and L²·G: a different split
+  with the *same* Kronecker product A ⊗ G (only the damping split π changes, see below);
+* the thesis writes vec column-major and the block as A ⊗ G; our θ is row-major (below), where the
+  same block is G ⊗ A.
+
+Layout: Kronecker order and the preconditioned gradient
+--------------------------------------------------------
+θ stores each block W̄ = [W b] (d_out × (d_in+1)) row by row: vec_r(W̄). The per-example gradient is
+gāᵀ and vec_r(u vᵀ) = u ⊗ v, so vec_r(∇W̄ᵢ) = gᵢ ⊗ āᵢ and the Fisher block is
+Eᵢ[(gᵢgᵢᵀ) ⊗ (āᵢāᵢᵀ)] ≈ G ⊗ A (KFAC's independence approximation, thesis (2.3)). With the
+row-major identity (G ⊗ A) vec_r(X) = vec_r(G X Aᵀ) = vec_r(G X A) (A symmetric; thesis Lemma 8),
+
+    (G ⊗ A)⁻¹ vec_r(∇W̄) = vec_r(G⁻¹ ∇W̄ A⁻¹)            (:func:`precondition`)
+
+and the same with damped factors. For a single example and a single dense layer the
+Kronecker-factored Fisher is exact: (g gᵀ) ⊗ (ā āᵀ) = (g ⊗ ā)(g ⊗ ā)ᵀ.
+
+Damping (thesis Algorithm 12 line 19, Martens & Grosse 2015 §6.3 "factored Tikhonov")::
+
+    π = sqrt( (tr A / dim A) / (tr G / dim G) )   = sqrt(tr(A ⊗ I) / tr(I ⊗ G))
+    H_A = (A + π √λ I)⁻¹,   H_G = (G + √λ / π I)⁻¹
+
+(the thesis's chapter-2 baseline, Algorithm 7, uses π = 1).
+
+Inverse p-th roots (Shampoo, thesis Algorithm 16 line 12 and §4.7.2): :func:`inv_root_newton`
+(coupled Newton iteration of Guo & Higham 2006 as used by Anil et al. 2020, max 100 iterations,
+tolerance 1e-6) and :func:`inv_root_eigh` (eigendecomposition; the oracle).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import backend
+
+__all__ = [
+    "dense_factors", "conv_factors", "factors", "ema", "pi_split", "damped_inverses", "precondition",
+    "kron_block", "sym", "spd_inverse", "inv_root_eigh", "inv_root_newton", "mean_a", "mean_g",
+    "apply_A", "contraction", "mode_product",
+]
+
+
+# -- factor statistics ------------------------------------------------------------------------------
+def dense_factors(a: Any, g: Any) -> tuple[Any, Any]:
+    """A = (1/N) Σ āāᵀ and G = (1/N) Σ ggᵀ from dense taps a (N, d_in+1), g (N, d_out)."""
+    n = a.shape[0]
+    return (a.T @ a) / n, (g.T @ g) / n
+
+
+def conv_factors(a: Any, g: Any) -> tuple[Any, Any]:
+    """KFC factors from conv taps a (N, L, K+1), g (N, L, C_out).
+
+    A = (1/N) Σᵢ Σₜ āᵢₜāᵢₜᵀ (sum over the L locations), G = (1/(N L)) Σᵢ Σₜ gᵢₜgᵢₜᵀ (thesis (3.9)).
+    """
+    n, L = a.shape[0], a.shape[1]
+    a2 = a.reshape(n * L, a.shape[2])
+    g2 = g.reshape(n * L, g.shape[2])
+    return (a2.T @ a2) / n, (g2.T @ g2) / (n * L)
+
+
+def factors(tap: dict) -> tuple[Any, Any]:
+    """(A, G) for a tap of either kind (see the module docstring for the reductions)."""
+    kind = tap.get("kind")
+    if kind == "dense":
+        return dense_factors(tap["a"], tap["g"])
+    if kind == "conv":
+        return conv_factors(tap["a"], tap["g"])
+    raise ValueError(f"no Kronecker factors for a tap of kind {kind!r}")
+
+
+def locations(tap: dict) -> int:
+    """|T|: the number of output locations (1 for dense layers)."""
+    return int(tap["a"].shape[1]) if tap["kind"] == "conv" else 1
+
+
+def mean_a(tap: dict) -> Any:
+    """â = Eᵢ[(1/L) Σₜ āᵢₜ] (thesis (3.14)); Eᵢ[āᵢ] for dense layers."""
+    a = tap["a"]
+    return a.mean(axis=0) if a.ndim == 2 else a.mean(axis=(0, 1))
+
+
+def mean_g(tap: dict) -> Any:
+    """Eᵢ[(1/L) Σₜ gᵢₜ] (thesis (3.13)); Eᵢ[gᵢ] for dense layers."""
+    g = tap["g"]
+    return g.mean(axis=0) if g.ndim == 2 else g.mean(axis=(0, 1))
+
+
+def mean_h(tap: dict, wbar: Any) -> Any:
+    """Eᵢ[(1/L) Σₜ hᵢₜ] with hᵢₜ = W̄ āᵢₜ (= W̄ · mean ā, the layer is linear in ā)."""
+    return wbar @ mean_a(tap)
+
+
+def apply_A(tap: dict, s: Any) -> Any:
+    """A s with A = Eᵢ[Σₜ āᵢₜāᵢₜᵀ] of the tap, without forming A (thesis (3.15))."""
+    a = tap["a"]
+    n = a.shape[0]
+    a2 = a.reshape(-1, a.shape[-1])
+    return a2.T @ (a2 @ s) / n
+
+
+def ema(old: Any, new: Any, beta: float) -> Any:
+    """Exponential moving average β·old + (1 − β)·new (thesis §2.5.2, Algorithm 12 line 14)."""
+    return beta * old + (1.0 - beta) * new
+
+
+# -- damping and inverses -----------------------------------------------------------------------------
+def sym(M: Any) -> Any:
+    return 0.5 * (M + M.T)
+
+
+def pi_split(A: Any, G: Any) -> float:
+    """π = sqrt((tr A / dim A) / (tr G / dim G)) (thesis Algorithm 12 line 19); 1 if undefined."""
+    ta = backend.scalar(A.trace()) / A.shape[0]
+    tg = backend.scalar(G.trace()) / G.shape[0]
+    if not (ta > 0 and tg > 0 and math.isfinite(ta) and math.isfinite(tg)):
+        return 1.0
+    return math.sqrt(ta / tg)
+
+
+def spd_inverse(M: Any) -> Any:
+    """Inverse of a symmetric positive-definite matrix (symmetrised)."""
+    xp = backend.namespace(M)
+    return sym(xp.linalg.inv(sym(M)))
+
+
+def damped_inverses(A: Any, G: Any, damping: float, *, use_pi: bool = True) -> tuple[Any, Any, float]:
+    """(H_A, H_G, π) = ((A + π√λ I)⁻¹, (G + √λ/π I)⁻¹, π): factored Tikhonov damping."""
+    xp = backend.namespace(A, G)
+    pi = pi_split(A, G) if use_pi else 1.0
+    r = math.sqrt(damping)
+    HA = spd_inverse(A + (pi * r) * xp.eye(A.shape[0], dtype=A.dtype))
+    HG = spd_inverse(G + (r / pi) * xp.eye(G.shape[0], dtype=G.dtype))
+    return HA, HG, pi
+
+
+def precondition(grad_block: Any, HG: Any, HA: Any) -> Any:
+    """H_G ∇W̄ H_A = vec_r⁻¹((G ⊗ A)⁻¹ vec_r(∇W̄)) for H_G = G⁻¹, H_A = A⁻¹ (row-major layout)."""
+    return HG @ grad_block @ HA
+
+
+def kron_block(G: Any, A: Any) -> Any:
+    """The explicit Fisher block G ⊗ A in our row-major layout (small layers, tests)."""
+    xp = backend.namespace(G, A)
+    return xp.kron(G, A)
+
+
+# -- inverse p-th roots -------------------------------------------------------------------------------
+def inv_root_eigh(M: Any, p: float, eps: float = 0.0) -> Any:
+    """(M + εI)^(−1/p) by eigendecomposition (eigenvalues clamped at 0 before adding ε)."""
+    xp = backend.namespace(M)
+    w, V = xp.linalg.eigh(sym(M))
+    w = xp.maximum(w, 0.0) + eps
+    return sym((V * w ** (-1.0 / p)) @ V.T)
+
+
+def inv_root_newton(M: Any, p: int, eps: float = 0.0, *, max_iter: int = 100, tol: float = 1e-6) -> tuple[Any, int, float]:
+    """(M + εI)^(−1/p) by the coupled Newton iteration (Guo & Higham 2006; Anil et al. 2020).
+
+    With z = (1 + p) / (2 ‖M‖_F), M₀ = z M, H₀ = z^{1/p} I and
+    Tₖ = ((p + 1) I − Mₖ) / p:  Hₖ₊₁ = Hₖ Tₖ, Mₖ₊₁ = Tₖᵖ Mₖ. Invariant Mₖ = Hₖᵖ M, so Mₖ → I gives
+    Hₖ → M^(−1/p). Stops when max|Mₖ − I| ≤ ``tol`` (thesis §4.7.2: 100 iterations, 1e-6), or when
+    the error grows (float round-off; the previous iterate is kept). The Frobenius norm bounds the
+    spectral norm, so every eigenvalue of M₀ lies in (0, (p+1)/2] (convergence region (0, p+1)).
+    Returns (root, iterations, final error).
+    """
+    if int(p) != p or p < 1:
+        raise ValueError(f"p must be a positive integer, got {p!r}")
+    p = int(p)
+    xp = backend.namespace(M)
+    n = M.shape[0]
+    eye = xp.eye(n, dtype=M.dtype)
+    Mm = sym(M) + eps * eye
+    nrm = backend.scalar(xp.sqrt((Mm * Mm).sum()))
+    if not (nrm > 0 and math.isfinite(nrm)):
+        raise ValueError("inv_root_newton needs a finite, nonzero positive semi-definite matrix")
+    z = (1.0 + p) / (2.0 * nrm)
+    Mk = Mm * z
+    Hk = eye * z ** (1.0 / p)
+    err = backend.scalar(xp.abs(Mk - eye).max())
+    it = 0
+    while it < max_iter and err > tol:
+        T = ((p + 1.0) * eye - Mk) / p
+        Tp = T
+        for _ in range(p - 1):
+            Tp = Tp @ T
+        M_new = Tp @ Mk
+        H_new = Hk @ T
+        new_err = backend.scalar(xp.abs(M_new - eye).max())
+        it += 1
+        if not math.isfinite(new_err) or new_err > 1.2 * err:
+            break
+        Mk, Hk, err = M_new, H_new, new_err
+    return sym(Hk), it, err
+
+
+# -- tensor contractions (Shampoo, TNT) ------------------------------------------------------------------
+def contraction(X: Any, i: int) -> Any:
+    """X⁽ⁱ⁾ = mat_i(X) mat_i(X)ᵀ: contraction of X with itself along all but mode i (thesis §4.2.1)."""
+    xp = backend.namespace(X)
+    Xi = xp.moveaxis(X, i, 0).reshape(X.shape[i], -1)
+    return Xi @ Xi.T
+
+
+def mode_product(X: Any, U: Any, i: int) -> Any:
+    """X ×ᵢ U: (X ×ᵢ U)_{…j'…} = Σⱼ X_{…j…} U_{j'j} (thesis §4.2.1)."""
+    xp = backend.namespace(X, U)
+    Y = xp.tensordot(U, X, axes=([1], [i]))
+    return xp.moveaxis(Y, 0, i)

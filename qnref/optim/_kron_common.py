@@ -1,0 +1,367 @@
+"""Shared machinery of the Kronecker-factored optimizers (KFAC, K-BFGS, Shampoo, TNT).
+
+* :func:`kron_structure`: which parameter blocks belong to dense/conv layers (W̄ = [W b], one
+  Kronecker block each) and which do not (BatchNorm scale/shift, anything else);
+* :func:`tensor_parts`: the thesis's *tensor variables* for Shampoo and TNT (ch. 4): a dense W̄ is
+  split into W (d_out × d_in) and b (d_out); a conv W̄ into the 3-way W (C_out, C_in, kh·kw) and b
+  (thesis §4.7.2: "the size of the filter, the number of input channels, and the number of output
+  channels"); every other block is a tensor of its own shape;
+* quasi-Newton pieces of K-BFGS: the BFGS inverse update, Powell / double damping (thesis
+  Algorithm 3), D_P D_LM (Algorithm 8), the compact ("non-loop", Byrd, Nocedal & Schnabel 1994)
+  L-BFGS product applied to a matrix;
+* the step driver: momentum, the finite check, and the warm start over the whole training set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from .. import backend
+from ..curvature.objective import Point
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+
+
+# -- model structure ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KronLayer:
+    name: str          # layer name (the key of the taps)
+    block: int         # index of its W̄ block in the layout
+    kind: str          # "dense" or "conv"
+    shape: tuple       # W̄ shape (d_out, d_in + 1)
+    w_shape: tuple     # shape of the weight tensor W for Shampoo/TNT (without the bias)
+
+
+def kron_structure(model) -> tuple[list[KronLayer], list[int]]:
+    """(Kronecker layers, indices of the other blocks) of a :class:`Sequential` model."""
+    layout = model.layout
+    layers = []
+    used = set()
+    for layer in model.kron_layers:
+        bname = f"{layer.name}.W"
+        try:
+            b = layout.index(bname)
+        except KeyError:
+            raise ValueError(f"Kronecker layer {layer.name!r} has no parameter block {bname!r}") from None
+        k = layout.blocks.index(b)
+        d_out = b.shape[0]
+        if getattr(layer, "kron_dense", False):
+            kind, w_shape = "dense", (d_out, b.shape[1] - 1)
+        else:
+            kind = "conv"
+            cin = int(layer.in_shape[0])
+            w_shape = (d_out, cin, (b.shape[1] - 1) // cin)
+        layers.append(KronLayer(layer.name, k, kind, tuple(b.shape), w_shape))
+        used.add(k)
+    others = [k for k in range(len(layout.blocks)) if k not in used]
+    return layers, others
+
+
+@dataclass(frozen=True)
+class TensorPart:
+    """One tensor variable: block index, which part of it, and its tensor shape."""
+
+    block: int
+    part: str          # "W" (weights of a W̄), "b" (bias column of a W̄) or "all"
+    shape: tuple
+
+
+def tensor_parts(model) -> list[TensorPart]:
+    layers, others = kron_structure(model)
+    parts = []
+    for L in layers:
+        parts.append(TensorPart(L.block, "W", tuple(L.w_shape)))
+        parts.append(TensorPart(L.block, "b", (L.shape[0],)))
+    for k in others:
+        shp = tuple(model.layout.blocks[k].shape) or (1,)
+        parts.append(TensorPart(k, "all", shp))
+    return parts
+
+
+def read_part(views: list, part: TensorPart) -> Any:
+    v = views[part.block]
+    if part.part == "W":
+        return v[:, :-1].reshape(part.shape)
+    if part.part == "b":
+        return v[:, -1]
+    return v.reshape(part.shape)
+
+
+def write_part(views: list, part: TensorPart, value: Any) -> None:
+    v = views[part.block]
+    if part.part == "W":
+        v[:, :-1] = value.reshape(v.shape[0], -1)
+    elif part.part == "b":
+        v[:, -1] = value
+    else:
+        v[...] = value.reshape(v.shape)
+
+
+# -- gradients and taps ---------------------------------------------------------------------------------
+def grad_from_taps(model, layers: list[KronLayer], others: list[int], taps: dict, p: Point) -> Any:
+    """∇f from empirical taps when every block is a Kronecker block (saves a backward pass).
+
+    ∇W̄ = (1/N) Σᵢ Σₜ gᵢₜ āᵢₜᵀ (+ λθ for the problem's L2 term). Falls back to ``p.grad`` otherwise.
+    """
+    if others:
+        return p.grad
+    xp = backend.namespace(p.theta)
+    grad = xp.empty_like(p.theta)
+    views = model.layout.views(grad)
+    for L in layers:
+        t = taps[L.name]
+        a = t["a"].reshape(-1, t["a"].shape[-1])
+        g = t["g"].reshape(-1, t["g"].shape[-1])
+        views[L.block][...] = (g.T @ a) / p.N
+    if p.obj.l2:
+        grad += p.obj.l2 * p.theta
+    return grad
+
+
+def sampled_mean_grad(p: Point) -> Any:
+    """Minibatch mean of the sampling-based gradients (targets ỹ ~ model; thesis §4.2, Alg. 15 l. 7)."""
+    loss = p.obj.loss
+    return p.vjp(loss.dz(p.z, p.sampled_targets()) / p.N)
+
+
+def full_chunks(problem: Problem, size: int):
+    """Objectives covering the whole training set in consecutive chunks of ``size`` (warm starts)."""
+    n = problem.n_samples
+    size = min(int(size), n)
+    import numpy  # host indices only
+
+    for start in range(0, n, size):
+        yield problem.subset(numpy.arange(start, min(n, start + size)))
+
+
+# -- step driver -------------------------------------------------------------------------------------------
+def check_common(lr, momentum, beta, batch_size, weight_decay) -> tuple:
+    return (
+        check_positive("lr", lr),
+        check_range("momentum", momentum, 0.0, 1.0, hi_open=True),
+        check_range("beta", beta, 0.0, 1.0, hi_open=True),
+        None if batch_size is None else check_int("batch_size", batch_size, 1),
+        check_positive("weight_decay", weight_decay, allow_zero=True),
+    )
+
+
+def draw(problem: Problem, batch_size: int | None):
+    return problem.batch(problem.n_samples if batch_size is None else min(batch_size, problem.n_samples))
+
+
+def finish(theta: Any, delta: Any, info: StepInfo) -> Any | None:
+    """θ + Δθ when Δθ is finite (one host sync), else ``None`` with info marked non-finite."""
+    sq = float(delta @ delta)
+    if not math.isfinite(sq):
+        info.accepted, info.nonfinite = False, True
+        return None
+    info.step_norm = math.sqrt(sq)
+    return theta + delta
+
+
+def start_point(obj, theta: Any, info: StepInfo) -> Point | None:
+    """The objective at θ, or ``None`` (info marked non-finite) when the batch loss is not finite."""
+    p = obj.at(theta)
+    info.loss_start = info.loss = p.value
+    if not math.isfinite(p.value):
+        info.accepted, info.nonfinite = False, True
+        return None
+    return p
+
+
+def all_finite(*arrays) -> bool:
+    return all(backend.all_finite(a) for a in arrays)
+
+
+# -- BFGS pieces (K-BFGS) -----------------------------------------------------------------------------------
+def bfgs_inverse_update(H: Any, s: Any, y: Any) -> Any:
+    """H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ, ρ = 1/sᵀy (thesis (2.6)); needs sᵀy > 0."""
+    rho = 1.0 / (s @ y)
+    Hy = H @ y
+    yHy = y @ Hy
+    out = H - rho * ((s[:, None] * Hy[None, :]) + (Hy[:, None] * s[None, :])) + (rho * rho * yHy + rho) * (s[:, None] * s[None, :])
+    return 0.5 * (out + out.T)
+
+
+def powell_on_H(s: Any, y: Any, Hy: Any, mu1: float) -> Any:
+    """Powell's damping on H (thesis §2.3.1): s̃ = θ₁ s + (1 − θ₁) H y so that s̃ᵀy ≥ μ₁ yᵀHy."""
+    sy = float(s @ y)
+    yHy = float(y @ Hy)
+    if sy < mu1 * yHy:
+        th = (1.0 - mu1) * yHy / (yHy - sy)
+        return th * s + (1.0 - th) * Hy
+    return s
+
+
+def double_damping(s: Any, y: Any, Hy: Any, mu1: float, mu2: float) -> tuple[Any, Any]:
+    """Double damping DD (thesis Algorithm 3): Powell on H, then Powell with B = I (μ₂ ∈ (0, 1])."""
+    st = powell_on_H(s, y, Hy, mu1)
+    ss = float(st @ st)
+    sy = float(st @ y)
+    if sy < mu2 * ss:
+        th2 = (1.0 - mu2) * ss / (ss - sy)
+        yt = th2 * y + (1.0 - th2) * st
+    else:
+        yt = y
+    return st, yt
+
+
+def dp_dlm(s: Any, y: Any, Hy: Any, mu1: float, mu2: float) -> tuple[Any, Any]:
+    """D_P D_LM (thesis Algorithm 8): Powell on H, then ỹ = y + μ₂ s̃ (LM damping, any μ₂ > 0)."""
+    st = powell_on_H(s, y, Hy, mu1)
+    return st, y + mu2 * st
+
+
+def lbfgs_apply(S: Any, Y: Any, gamma: float, X: Any) -> Any:
+    """H X for the L-BFGS inverse with H₀ = γ I and pairs (columns of S, Y), compact form.
+
+    Byrd, Nocedal & Schnabel (1994) eq. (3.1): H = γI + [S  γY] [[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ],
+    [−R⁻¹, 0]] [Sᵀ; γYᵀ], R = triu(SᵀY), D = diag(SᵀY). X may be a vector or a matrix whose
+    *rows* are preconditioned as columns (X of shape (d, …)). The thesis's "non-loop"
+    implementation (§2.3, [20]): two (d × 2p)·(2p × …) products instead of 4p matrix-vector loops.
+    """
+    xp = backend.namespace(S, X)
+    if S.shape[1] == 0:
+        return gamma * X
+    SY = S.T @ Y
+    R = xp.triu(SY)
+    D = xp.diag(xp.diag(SY))
+    Rinv = xp.linalg.inv(R)
+    YY = Y.T @ Y
+    m = S.shape[1]
+    top_left = Rinv.T @ (D + gamma * YY) @ Rinv
+    W = xp.concatenate([S, gamma * Y], axis=1)                  # d × 2m
+    Mid = xp.zeros((2 * m, 2 * m), dtype=S.dtype)
+    Mid[:m, :m] = top_left
+    Mid[:m, m:] = -Rinv.T
+    Mid[m:, :m] = -Rinv
+    return gamma * X + W @ (Mid @ (W.T @ X))
+
+
+def validate_freq(name: str, value: int) -> int:
+    return check_int(name, value, 1)
+
+
+def sqrt_split(damping: float, L: int) -> tuple[float, float]:
+    """(λ_A, λ_G) = (√L √λ, √λ / √L) (thesis §3.3.2; L = 1 for dense layers gives √λ each)."""
+    r = math.sqrt(damping)
+    return math.sqrt(L) * r, r / math.sqrt(L)
+
+
+Callback = Callable[..., Any]
+
+
+# -- tensor-factor preconditioners (Shampoo, TNT) ----------------------------------------------------------
+@dataclass
+class TensorState:
+    k: int = 0
+    initialized: bool = False
+    mom: Any = None
+    stats: list = None      # per tensor part: list of k_l contraction estimates Ĝ⁽ⁱ⁾
+    precond: list = None    # per tensor part: list of k_l preconditioning matrices
+
+
+class TensorFactorOptimizer(Optimizer):
+    """Common driver of Shampoo (thesis Algorithm 16) and TNT (Algorithm 15).
+
+    Per step t: ĝ ← μ ĝ + ∇f_M(θ) (line 7 / 10); if t ≡ 0 (mod T₁) update Ĝ⁽ⁱ⁾ ← β Ĝ⁽ⁱ⁾ + (1−β) Ḡ⁽ⁱ⁾
+    for every tensor variable and mode, Ḡ = :meth:`_stat_grad` (the minibatch gradient for
+    Shampoo, the minibatch mean of sampling-based gradients for TNT); if t ≡ 0 (mod T₂) recompute
+    the per-mode matrices Uᵢ (:meth:`_factor_matrices`); then p = ĝ ×₁ U₁ ⋯ ×ₖ Uₖ + γ W and
+    W ← W − α p. Warm start (line 2): Ĝ⁽ⁱ⁾ = average of Ḡ⁽ⁱ⁾ over the training set in consecutive
+    batches of ``batch_size`` (a trailing smaller batch is dropped when there are others).
+    """
+
+    family: ClassVar[str] = "kronecker"
+
+    def _setup(self, lr, damping, momentum, beta, stat_freq, inv_freq, batch_size, weight_decay, warm_start):
+        self.lr, self.momentum, self.beta, self.batch_size, self.weight_decay = check_common(
+            lr, momentum, beta, batch_size, weight_decay)
+        self.damping = check_positive("damping", damping)
+        self.stat_freq = validate_freq("stat_freq", stat_freq)
+        self.inv_freq = validate_freq("inv_freq", inv_freq)
+        self.warm_start = bool(warm_start)
+
+    def init(self, theta: Any) -> TensorState:
+        return TensorState(mom=backend.namespace(theta).zeros_like(theta))
+
+    # hooks
+    def _stat_grad(self, p: Point) -> Any:
+        raise NotImplementedError
+
+    def _factor_matrices(self, stats: list, shape: tuple) -> list | None:
+        raise NotImplementedError
+
+    # helpers
+    def _contractions(self, model, parts, flat: Any) -> list:
+        from ..curvature import kron  # noqa: PLC0415
+
+        views = model.layout.views(flat)
+        return [[kron.contraction(read_part(views, q), i) for i in range(len(q.shape))] for q in parts]
+
+    def _recompute(self, stats: list, parts, old: list | None) -> tuple[list, int]:
+        out, bad = [], 0
+        for j, q in enumerate(parts):
+            mats = self._factor_matrices(stats[j], q.shape)
+            if mats is None or not all(backend.all_finite(m) for m in mats):
+                bad += 1
+                mats = old[j] if old is not None else [backend.namespace(s).eye(s.shape[0], dtype=s.dtype) / self.damping for s in stats[j]]
+            out.append(mats)
+        return out, bad
+
+    def _warm(self, state: TensorState, problem: Problem, theta: Any, parts) -> None:
+        size = self.batch_size or problem.n_samples
+        objs = list(full_chunks(problem, size)) if self.warm_start else [draw(problem, self.batch_size)]
+        if len(objs) > 1 and objs[-1].n_samples < objs[0].n_samples:
+            objs = objs[:-1]
+        total = None
+        for obj in objs:
+            c = self._contractions(problem.model, parts, self._stat_grad(obj.at(theta)))
+            total = c if total is None else [[x + y for x, y in zip(a, b)] for a, b in zip(total, c)]
+        state.stats = [[x / len(objs) for x in a] for a in total]
+        state.precond, _ = self._recompute(state.stats, parts, None)
+        state.initialized = True
+
+    def step(self, theta: Any, state: TensorState, problem: Problem):
+        from ..curvature import kron  # noqa: PLC0415
+
+        model = problem.model
+        parts = tensor_parts(model)
+        if not state.initialized:
+            state = TensorState(k=state.k, mom=state.mom)
+            self._warm(state, problem, theta, parts)
+        obj = draw(problem, self.batch_size)
+        info = StepInfo(step_size=self.lr, evals=1, batch_size=obj.n_samples)
+        p = start_point(obj, theta, info)
+        if p is None:
+            return theta, state, info
+        grad = p.grad
+        if not backend.all_finite(grad):
+            info.accepted, info.nonfinite = False, True
+            return theta, state, info
+        k = state.k + 1
+        mom = self.momentum * state.mom + grad
+        stats, precond = state.stats, state.precond
+        if k % self.stat_freq == 0:
+            sg = self._stat_grad(p)
+            if backend.all_finite(sg):
+                new_c = self._contractions(model, parts, sg)
+                stats = [[kron.ema(o, n, self.beta) for o, n in zip(a, b)] for a, b in zip(stats, new_c)]
+            else:
+                info.skipped += 1
+        if k % self.inv_freq == 0:
+            precond, bad = self._recompute(stats, parts, precond)
+            info.skipped += bad
+        P = backend.namespace(theta).zeros_like(theta)
+        mv, pv = model.layout.views(mom), model.layout.views(P)
+        for q, mats in zip(parts, precond):
+            X = read_part(mv, q)
+            for i, U in enumerate(mats):
+                X = kron.mode_product(X, U, i)
+            write_part(pv, q, X)
+        if self.weight_decay:
+            P += self.weight_decay * theta
+        theta_new = finish(theta, -self.lr * P, info)
+        if theta_new is None:
+            return theta, state, info
+        return theta_new, TensorState(k=k, initialized=True, mom=mom, stats=stats, precond=precond), info

@@ -1,0 +1,222 @@
+"""K-BFGS and K-BFGS(L): Kronecker-factored quasi-Newton methods (Ren's thesis ch. 2 and 3;
+Goldfarb, Ren & Bahamou 2020; Ren, Bahamou & Goldfarb 2021).
+
+Each dense/conv block W̄_l is preconditioned by H_A^l ⊗ H_G^l ≈ (A_l ⊗ G_l)⁻¹ (thesis (2.4), (3.10));
+in our row-major layout the step is  P_l = H_G^l ĝ_l H_A^l  (see :mod:`qnref.curvature.kron`).
+
+``version="ch3"`` (default; thesis Algorithm 9, the improved method, "K-BFGS" in Table 3.3)::
+
+    ĝ ← β ĝ + ∇f_M(θ);  θ_l ← θ_l − α H_G ĝ_l H_A;  other blocks: θ ← θ − (α/λ) ĝ   (§3.4.3)
+    every T steps, with a second forward/backward pass over the same batch at θ⁺:
+      H_A: "minibatched" Hessian-action BFGS (§3.3.2, (3.14)-(3.15)):
+           s_A = H_A â,  y_A = Ã s_A + λ_A s_A,  Ã = Eᵢ[Σₜ āᵢₜāᵢₜᵀ] of the batch (never formed)
+      H_G: s_G ← β s_G + (1−β)(h̄⁺ − h̄),  y_G ← β y_G + (1−β)(ḡ⁺ − ḡ)      ((3.12)-(3.13))
+           (s̃, ỹ) = D_P D_LM(s_G, y_G; H_G, μ₁, λ_G)                      (Algorithm 8)
+           BFGS update of H_G (K-BFGS) or append (s̃, ỹ) to the L-BFGS memory (K-BFGS(L))
+    init: A from the whole training set, H_A = (A + λ_A I)⁻¹, H_G = λ_G⁻¹ I (L-BFGS: H₀ = λ_G⁻¹ I)
+
+``version="ch2"`` (thesis Algorithm 4, "K-BFGS-20", MLPs)::
+
+    ĝ ← β ĝ + (1−β) ∇f_M(θ)                                           (§2.5.2 item 1)
+    H_A: A ← β A + (1−β) Ã (moving average), s_A = H_A ā̄, y_A = (A + λ_A I) s_A       (§2.4)
+    H_G: (s̃, ỹ) = DD(s_G, y_G; H_G, μ₁, μ₂ = λ_G), double damping (Algorithm 3), μ₂ ≤ 1
+    init: H_G = I (L-BFGS: H₀ = I), H_A = (A + λ_A I)⁻¹ from the whole training set; T = 1
+
+Here h̄ = Eᵢ[(1/L)Σₜ hᵢₜ] and ḡ = Eᵢ[(1/L)Σₜ gᵢₜ] are batch means of the pre-activations and of the
+per-example pre-activation gradients ∂ℓᵢ/∂hᵢ (L = 1 for dense layers), â the batch mean of ā.
+Damping split (§3.3.2, §3.4.3): λ_A = √L √λ, λ_G = √λ / √L (dense: √λ each).
+Pairs with s̃ᵀỹ ≤ 0 or non-finite entries are skipped (counted in ``StepInfo.skipped``); the thesis
+always updates (§2.3: after damping s̃ᵀỹ > 0 holds by construction unless s̃ = 0).
+
+Defaults (MLP autoencoders, batch 1000, thesis §3.7.1): α = 0.03, λ = 0.3 (Table 3.5, MNIST,
+both K-BFGS and K-BFGS(L)), β = 0.9, μ₁ = 0.2 (Algorithm 9 line 1), T = 1 (§3.7.1; CNNs: T = 20,
+§3.7.1), L-BFGS memory p = 100 (§2.8.2, §3.4.3). Chapter-2 defaults from Table 2.6 (batch 100,
+MNIST) are α = 0.1, λ = 0.3 for both versions; pass them explicitly with ``version="ch2"``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .. import backend
+from ..curvature import kron
+from . import _kron_common as kc
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .registry import register
+
+
+@dataclass
+class KBFGSState:
+    k: int = 0
+    initialized: bool = False
+    mom: Any = None
+    HA: dict = field(default_factory=dict)
+    HG: dict = field(default_factory=dict)      # K-BFGS: dense H_G
+    S: dict = field(default_factory=dict)       # K-BFGS(L): d_out × m pairs (columns, oldest first)
+    Y: dict = field(default_factory=dict)
+    sG: dict = field(default_factory=dict)
+    yG: dict = field(default_factory=dict)
+    A: dict = field(default_factory=dict)       # ch2 only: moving average of A
+    lam: dict = field(default_factory=dict)     # per layer (λ_A, λ_G)
+
+
+@register("kbfgs")
+class KBFGS(Optimizer):
+    """K-BFGS (BFGS for H_G); see the module docstring. ``memory=None`` means full BFGS."""
+
+    family: ClassVar[str] = "kronecker"
+    paper: ClassVar[str] = "Ren thesis ch. 2-3 (Alg. 3, 4, 8, 9; Tables 2.6, 3.5)"
+    _limited: ClassVar[bool] = False
+
+    def __init__(self, lr: float = 0.03, damping: float = 0.3, beta: float = 0.9, mu1: float = 0.2,
+                 curvature_freq: int = 1, batch_size: int | None = 1000, version: str = "ch3",
+                 weight_decay: float = 0.0, warm_start: bool = True, memory: int | None = None):
+        self.lr, _, self.beta, self.batch_size, self.weight_decay = kc.check_common(lr, 0.0, beta, batch_size, weight_decay)
+        self.damping = check_positive("damping", damping)
+        self.mu1 = check_range("mu1", mu1, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.curvature_freq = kc.validate_freq("curvature_freq", curvature_freq)
+        if version not in ("ch3", "ch2"):
+            raise ValueError(f"version must be 'ch3' (thesis Algorithm 9) or 'ch2' (Algorithm 4), got {version!r}")
+        if version == "ch2" and damping > 1:
+            raise ValueError(f"version='ch2' uses double damping with μ₂ = √λ ∈ (0, 1] (thesis §2.3.1); got damping={damping}")
+        self.version = version
+        self.warm_start = bool(warm_start)
+        if self._limited:
+            self.memory = check_int("memory", 100 if memory is None else memory, 1)
+        elif memory is not None:
+            raise ValueError("memory is a K-BFGS(L) option; use the 'kbfgs-l' optimizer")
+        else:
+            self.memory = None
+
+    def init(self, theta: Any) -> KBFGSState:
+        return KBFGSState(mom=backend.namespace(theta).zeros_like(theta))
+
+    # -- initialisation ----------------------------------------------------------------------------------
+    def _warm(self, state: KBFGSState, problem: Problem, theta: Any, layers) -> None:
+        xp = backend.namespace(theta)
+        sums: dict = {}
+        locs: dict = {}
+        count = 0
+        chunks = kc.full_chunks(problem, self.batch_size or problem.n_samples) if self.warm_start else [kc.draw(problem, self.batch_size)]
+        for obj in chunks:
+            taps = obj.at(theta).layer_stats("empirical")
+            n = obj.n_samples
+            for name, t in taps.items():
+                a = t["a"].reshape(-1, t["a"].shape[-1])
+                sums[name] = sums.get(name, 0) + a.T @ a
+                locs[name] = kron.locations(t)
+            count += n
+        for L in layers:
+            A = sums[L.name] / count
+            lamA, lamG = kc.sqrt_split(self.damping, locs[L.name])
+            state.lam[L.name] = (lamA, lamG)
+            state.HA[L.name] = kron.spd_inverse(A + lamA * xp.eye(A.shape[0], dtype=A.dtype))
+            if self.version == "ch2":
+                state.A[L.name] = A
+            d_out = L.shape[0]
+            if self.memory is None:
+                state.HG[L.name] = xp.eye(d_out, dtype=theta.dtype) * self._h0(lamG)
+            else:
+                state.S[L.name] = xp.zeros((d_out, 0), dtype=theta.dtype)
+                state.Y[L.name] = xp.zeros((d_out, 0), dtype=theta.dtype)
+            state.sG[L.name] = xp.zeros(d_out, dtype=theta.dtype)
+            state.yG[L.name] = xp.zeros(d_out, dtype=theta.dtype)
+        state.initialized = True
+
+    def _h0(self, lamG: float) -> float:
+        """Scale γ of the initial H_G = γ I: 1/λ_G (Alg. 9 line 3) or 1 (Alg. 4 line 3)."""
+        return 1.0 / lamG if self.version == "ch3" else 1.0
+
+    def _apply_HG(self, state: KBFGSState, name: str, X: Any) -> Any:
+        if self.memory is None:
+            return state.HG[name] @ X
+        return kc.lbfgs_apply(state.S[name], state.Y[name], self._h0(state.lam[name][1]), X)
+
+    # -- step -----------------------------------------------------------------------------------------------
+    def step(self, theta: Any, state: KBFGSState, problem: Problem) -> tuple[Any, KBFGSState, StepInfo]:
+        model = problem.model
+        layers, others = kc.kron_structure(model)
+        if not state.initialized:
+            state = KBFGSState(k=state.k, mom=state.mom)
+            self._warm(state, problem, theta, layers)
+        obj = kc.draw(problem, self.batch_size)
+        info = StepInfo(step_size=self.lr, evals=1, batch_size=obj.n_samples)
+        p = kc.start_point(obj, theta, info)
+        if p is None:
+            return theta, state, info
+        taps = p.layer_stats("empirical")
+        grad = kc.grad_from_taps(model, layers, others, taps, p)
+        if not backend.all_finite(grad):
+            info.accepted, info.nonfinite = False, True
+            return theta, state, info
+        k = state.k + 1
+        mom = self.beta * state.mom + (grad if self.version == "ch3" else (1.0 - self.beta) * grad)
+        P = mom / self.damping          # non-Kronecker blocks: momentum with rate α/λ (thesis §3.4.3)
+        pv, mv = model.layout.views(P), model.layout.views(mom)
+        for L in layers:
+            pv[L.block][...] = self._apply_HG(state, L.name, mv[L.block] @ state.HA[L.name])
+        if self.weight_decay:
+            P += self.weight_decay * theta
+        theta_new = kc.finish(theta, -self.lr * P, info)
+        if theta_new is None:
+            return theta, state, info
+        new = KBFGSState(k=k, initialized=True, mom=mom, HA=dict(state.HA), HG=dict(state.HG), S=dict(state.S),
+                         Y=dict(state.Y), sG=dict(state.sG), yG=dict(state.yG), A=dict(state.A), lam=dict(state.lam))
+        if k % self.curvature_freq == 0:
+            p_new = try_point(obj, theta_new)
+            info.evals += 1
+            if p_new is None:
+                info.skipped += 2 * len(layers)
+            else:
+                info.loss = p_new.value
+                taps_new = p_new.layer_stats("empirical")
+                w_old, w_new = model.layout.views(theta), model.layout.views(theta_new)
+                for L in layers:
+                    info.skipped += self._update_layer(new, L, taps[L.name], taps_new[L.name], w_old[L.block], w_new[L.block])
+        return theta_new, new, info
+
+    def _update_layer(self, st: KBFGSState, L, t, t_new, w_old, w_new) -> int:
+        """Curvature updates of one layer; returns the number of skipped updates."""
+        xp = backend.namespace(w_old)
+        name = L.name
+        lamA, lamG = st.lam[name]
+        skipped = 0
+        # H_A by Hessian-action BFGS
+        HA = st.HA[name]
+        sA = HA @ kron.mean_a(t)
+        if self.version == "ch3":
+            yA = kron.apply_A(t, sA) + lamA * sA
+        else:
+            a = t["a"].reshape(-1, t["a"].shape[-1])
+            A = kron.ema(st.A[name], (a.T @ a) / t["a"].shape[0], self.beta)
+            st.A[name] = A
+            yA = A @ sA + lamA * sA
+        if kc.all_finite(sA, yA) and float(sA @ yA) > 0:
+            st.HA[name] = kc.bfgs_inverse_update(HA, sA, yA)
+        else:
+            skipped += 1
+        # H_G by damped BFGS / L-BFGS on averaged pre-activations and their gradients
+        dh = kron.mean_h(t_new, w_new) - kron.mean_h(t, w_old)
+        dg = kron.mean_g(t_new) - kron.mean_g(t)
+        sG = self.beta * st.sG[name] + (1.0 - self.beta) * dh
+        yG = self.beta * st.yG[name] + (1.0 - self.beta) * dg
+        st.sG[name], st.yG[name] = sG, yG
+        Hy = self._apply_HG(st, name, yG)
+        damp = kc.dp_dlm if self.version == "ch3" else kc.double_damping
+        s_t, y_t = damp(sG, yG, Hy, self.mu1, lamG)
+        if not (kc.all_finite(s_t, y_t) and float(s_t @ y_t) > 0):
+            return skipped + 1
+        if self.memory is None:
+            st.HG[name] = kc.bfgs_inverse_update(st.HG[name], s_t, y_t)
+        else:
+            S = xp.concatenate([st.S[name], s_t[:, None]], axis=1)[:, -self.memory:]
+            Y = xp.concatenate([st.Y[name], y_t[:, None]], axis=1)[:, -self.memory:]
+            st.S[name], st.Y[name] = S, Y
+        return skipped
+
+
+@register("kbfgs-l")
+class KBFGSL(KBFGS):
+    """K-BFGS(L): L-BFGS with ``memory`` p pairs (default 100, thesis §2.8.2) for H_G."""
+
+    _limited: ClassVar[bool] = True

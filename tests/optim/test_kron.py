@@ -1,0 +1,196 @@
+"""Kronecker-factor statistics, layout, damping, inverses and roots (qnref.curvature.kron)."""
+import math
+
+import numpy as np
+import pytest
+
+from qnref.curvature import kron
+from qnref.curvature.objective import Objective
+from qnref.nn.activations import Tanh
+from qnref.nn.conv import Conv2d
+from qnref.nn.dense import Dense
+from qnref.nn.model import Sequential
+from qnref.nn.reshape import Flatten
+from qnref.optim import _kron_common as kc
+from qnref.optim.tnt import tnt_factors
+
+
+def mlp(seed=0):
+    m = Sequential([Dense(5), Tanh(), Dense(3)], input_shape=(4,))
+    return m, m.init(seed)
+
+
+def cnn(seed=0):
+    m = Sequential([Conv2d(3, 3, padding=1), Tanh(), Conv2d(2, 2, stride=2), Tanh(), Flatten(), Dense(3)], input_shape=(2, 5, 5))
+    return m, m.init(seed)
+
+
+def data(shape, n, C, seed=1):
+    r = np.random.default_rng(seed)
+    return r.standard_normal((n,) + shape), r.integers(0, C, n)
+
+
+def test_dense_factors_are_explicit_averages():
+    m, th = mlp()
+    X, y = data((4,), 7, 3)
+    taps = Objective(m, "softmax_ce", X, y).at(th).layer_stats("empirical")
+    assert len(taps) == 2
+    for t in taps.values():
+        A, G = kron.factors(t)
+        a, g = t["a"], t["g"]
+        assert np.allclose(a[:, -1], 1.0)
+        A_ref = sum(np.outer(a[i], a[i]) for i in range(7)) / 7
+        G_ref = sum(np.outer(g[i], g[i]) for i in range(7)) / 7
+        np.testing.assert_allclose(A, A_ref, rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(G, G_ref, rtol=1e-13, atol=1e-14)
+
+
+def test_taps_g_is_per_example_gradient_and_grad_from_taps():
+    """Σᵢ gᵢ āᵢᵀ / N is the mean-loss gradient (gᵢ per example); grad_from_taps reproduces p.grad."""
+    m, th = mlp()
+    X, y = data((4,), 6, 3)
+    p = Objective(m, "softmax_ce", X, y, l2=1e-3).at(th)
+    taps = p.layer_stats("empirical")
+    layers, others = kc.kron_structure(m)
+    assert others == []
+    np.testing.assert_allclose(kc.grad_from_taps(m, layers, others, taps, p), p.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_conv_factors_patch_formulas():
+    """KFC: A = (1/N) Σᵢ Σₜ āāᵀ (sum over locations), G = (1/(N L)) Σᵢ Σₜ ggᵀ (thesis (3.9))."""
+    m, th = cnn()
+    X, y = data((2, 5, 5), 3, 3)
+    taps = Objective(m, "softmax_ce", X, y).at(th).layer_stats("empirical")
+    t = taps[m.layers[0].name]
+    assert t["kind"] == "conv"
+    N, L = t["a"].shape[:2]
+    assert L == 25 and t["a"].shape[2] == 2 * 9 + 1
+    A, G = kron.factors(t)
+    A_ref = sum(np.outer(t["a"][i, s], t["a"][i, s]) for i in range(N) for s in range(L)) / N
+    G_ref = sum(np.outer(t["g"][i, s], t["g"][i, s]) for i in range(N) for s in range(L)) / (N * L)
+    np.testing.assert_allclose(A, A_ref, rtol=1e-12)
+    np.testing.assert_allclose(G, G_ref, rtol=1e-12)
+    # patch entries are the padded inputs at the (c, i, j) channel-major positions
+    xpad = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    np.testing.assert_allclose(t["a"][1, 7, :-1], xpad[1, :, 1:4, 2:5].reshape(-1))
+    # the gradient of the block is the sum over locations of g āᵀ, averaged over examples
+    p = Objective(m, "softmax_ce", X, y).at(th)
+    layers, others = kc.kron_structure(m)
+    np.testing.assert_allclose(kc.grad_from_taps(m, layers, others, taps, p), p.grad, rtol=1e-11, atol=1e-13)
+    assert [L_.w_shape for L_ in layers] == [(3, 2, 9), (2, 3, 4), (3, 8)]
+
+
+@pytest.mark.parametrize("targets", ["empirical", "sampled"])
+def test_single_example_kron_fisher_is_exact(targets):
+    """N = 1: G ⊗ A (row-major layout) equals the exact Fisher block g gᵀ of the per-example gradient."""
+    m, th = mlp(3)
+    X, y = data((4,), 1, 3, seed=5)
+    p = Objective(m, "softmax_ce", X, y).at(th)
+    P = p.per_example_grads(targets)
+    taps = p.layer_stats(targets)
+    layers, _ = kc.kron_structure(m)
+    for L in layers:
+        b = m.layout.blocks[L.block]
+        gvec = P[0, b.offset:b.stop]
+        F_exact = np.outer(gvec, gvec)
+        A, G = kron.factors(taps[L.name])
+        np.testing.assert_allclose(kron.kron_block(G, A), F_exact, rtol=1e-12, atol=1e-15)
+
+
+def test_kfac_preconditioning_equals_explicit_damped_solve():
+    r = np.random.default_rng(0)
+    m, th = mlp()
+    X, y = data((4,), 9, 3)
+    p = Objective(m, "softmax_ce", X, y).at(th)
+    taps = p.layer_stats("sampled")
+    views = m.layout.views(p.grad)
+    lam = 0.37
+    for L in kc.kron_structure(m)[0]:
+        A, G = kron.factors(taps[L.name])
+        HA, HG, pi = kron.damped_inverses(A, G, lam)
+        pi_ref = math.sqrt(np.trace(np.kron(A, np.eye(G.shape[0]))) / np.trace(np.kron(np.eye(A.shape[0]), G)))
+        assert pi == pytest.approx(pi_ref, rel=1e-12)
+        Ad = A + pi * math.sqrt(lam) * np.eye(A.shape[0])
+        Gd = G + math.sqrt(lam) / pi * np.eye(G.shape[0])
+        V = views[L.block]
+        ref = np.linalg.solve(np.kron(Gd, Ad), V.reshape(-1)).reshape(V.shape)  # row-major vec
+        np.testing.assert_allclose(kron.precondition(V, HG, HA), ref, rtol=1e-10, atol=1e-13)
+        # random matrix too (not just the gradient)
+        Z = r.standard_normal(V.shape)
+        np.testing.assert_allclose(kron.precondition(Z, HG, HA), np.linalg.solve(np.kron(Gd, Ad), Z.ravel()).reshape(V.shape), rtol=1e-10)
+
+
+def test_ema_and_pi_default():
+    a, b = np.ones((2, 2)), np.zeros((2, 2))
+    np.testing.assert_allclose(kron.ema(a, b, 0.9), 0.9 * a)
+    assert kron.pi_split(np.zeros((2, 2)), np.eye(3)) == 1.0
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 6])
+def test_coupled_newton_roots_match_eigh(p):
+    r = np.random.default_rng(p)
+    Z = r.standard_normal((12, 30))
+    M = Z @ Z.T / 30
+    eps = 1e-3
+    R, its, err = kron.inv_root_newton(M, p, eps)
+    ref = kron.inv_root_eigh(M, p, eps)
+    assert its <= 100 and err <= 1e-6
+    assert np.abs(R - ref).max() / np.abs(ref).max() < 1e-6
+    # rank-deficient statistics (a single gradient's contraction) with damping
+    g = r.standard_normal((8, 1))
+    R, _, _ = kron.inv_root_newton(g @ g.T, 2 * p, 1e-4)
+    ref = kron.inv_root_eigh(g @ g.T, 2 * p, 1e-4)
+    assert np.abs(R - ref).max() / np.abs(ref).max() < 1e-6
+
+
+def test_newton_root_rejects_bad_input():
+    with pytest.raises(ValueError):
+        kron.inv_root_newton(np.eye(3), 0)
+    with pytest.raises(ValueError):
+        kron.inv_root_newton(np.zeros((3, 3)), 2)
+
+
+def test_mode_products_are_kronecker_products_row_major():
+    """(U₁ ⊗ U₂ ⊗ U₃) vec_r(X) = vec_r(X ×₁ U₁ ×₂ U₂ ×₃ U₃) (thesis Proposition 1)."""
+    r = np.random.default_rng(2)
+    X = r.standard_normal((2, 3, 4))
+    Us = [r.standard_normal((d, d)) for d in X.shape]
+    Y = X
+    for i, U in enumerate(Us):
+        Y = kron.mode_product(Y, U, i)
+    np.testing.assert_allclose(Y.ravel(), np.kron(np.kron(Us[0], Us[1]), Us[2]) @ X.ravel(), rtol=1e-12)
+    # contraction: mat_i(X) mat_i(X)ᵀ
+    np.testing.assert_allclose(kron.contraction(X, 1), np.einsum("ajk,bjk->ab", X.transpose(1, 0, 2), X.transpose(1, 0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(kron.contraction(X, 0), X.reshape(2, -1) @ X.reshape(2, -1).T, rtol=1e-12)
+
+
+def test_tnt_factors_match_definition():
+    """(4.10): Ũᵢ = Ĝ⁽ⁱ⁾/(c₀^{k−1} Π_{j≠i} dⱼ); with E[G⁽ⁱ⁾] = Uᵢ Π_{j≠i} tr Uⱼ (4.2) the product ⊗Ũᵢ = ⊗Uᵢ."""
+    r = np.random.default_rng(4)
+    shape = (2, 3, 4)
+    Us = []
+    for d in shape:
+        Z = r.standard_normal((d, d + 2))
+        Us.append(Z @ Z.T)
+    tr = [np.trace(U) for U in Us]
+    stats = [Us[i] * np.prod([tr[j] for j in range(3) if j != i]) for i in range(3)]
+    Ut = tnt_factors(stats, shape)
+    c0 = (np.trace(stats[0]) / 24) ** (1 / 3)
+    for i in range(3):
+        others = 24 // shape[i]
+        np.testing.assert_allclose(Ut[i], stats[i] / (c0 ** 2 * others), rtol=1e-12)
+    avg = [np.trace(U) / d for U, d in zip(Ut, shape)]
+    assert np.allclose(avg, avg[0])
+    np.testing.assert_allclose(np.kron(np.kron(Ut[0], Ut[1]), Ut[2]), np.kron(np.kron(Us[0], Us[1]), Us[2]), rtol=1e-10)
+    # the statistics of a sampled tensor-normal draw: E[G⁽ⁱ⁾] (Monte Carlo) is what the optimizer feeds in
+    Ls = [np.linalg.cholesky(U) for U in Us]
+    acc = [np.zeros((d, d)) for d in shape]
+    for _ in range(4000):
+        Z = r.standard_normal(shape)
+        G = Z
+        for i, Lc in enumerate(Ls):
+            G = kron.mode_product(G, Lc, i)
+        for i in range(3):
+            acc[i] += kron.contraction(G, i) / 4000
+    for i in range(3):
+        assert np.abs(acc[i] - stats[i]).max() / np.abs(stats[i]).max() < 0.1
