@@ -1,0 +1,91 @@
+"""Training loop: metrics, reproducibility, bit-identical resume, checkpoint errors, NaN handling."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from qnref.nn.activations import Tanh
+from qnref.nn.dense import Dense
+from qnref.nn.model import Sequential
+from qnref.optim import make_optimizer
+from qnref.train import Data, TrainingError, evaluate, load_checkpoint, train
+
+
+def data(n=600):
+    d = load_digits()
+    X, y = d.data / 16.0, d.target
+    return Data(X[:n], y[:n], X[n:n + 200], y[n:n + 200], "softmax_ce", "digits")
+
+
+def model():
+    return Sequential([Dense(16), Tanh(), Dense(10)], input_shape=(64,))
+
+
+def test_history_metrics_are_consistent():
+    m, dd = model(), data()
+    res = train(m, make_optimizer("adam", lr=0.01, batch_size=50), dd, epochs=2, seed=0, eval_every=0.5, l2=1e-3)
+    epochs = [r["epoch"] for r in res.history]
+    assert epochs[0] == 0 and epochs == sorted(epochs) and len(res.history) == 5
+    last = res.final
+    ev = evaluate(m, "softmax_ce", dd.X_test, dd.y_test, res.theta)
+    assert last["test_loss"] == pytest.approx(ev["loss"], rel=1e-15)
+    pred = (dd.X_test @ m.layout.views(res.theta)[0][:, :-1].T + m.layout.views(res.theta)[0][:, -1])
+    assert last["test_errors"] == 200 - last["test_acc"] * 200
+    assert last["train_loss"] > 0 and last["passes"] == pytest.approx(2.0)
+    assert pred.shape == (200, 16)
+
+
+@pytest.mark.parametrize("name,kw", [("lsr1-tr", {"batch_size": 100}), ("adam", {"batch_size": 50}), ("kfac", {"batch_size": 100})])
+def test_resume_is_bit_identical(tmp_path, name, kw):
+    m, dd = model(), data()
+    full = train(m, make_optimizer(name, **kw), dd, epochs=3, seed=4)
+    ck = str(tmp_path / "run.ckpt")
+    part = train(m, make_optimizer(name, **kw), dd, epochs=3, seed=4, checkpoint=ck, stop_after_steps=7)
+    assert part.stopped == "interrupted" and os.path.exists(ck)
+    rest = train(m, make_optimizer(name, **kw), dd, epochs=3, seed=4, checkpoint=ck, resume=True)
+    np.testing.assert_array_equal(rest.theta, full.theta)
+    assert [h["train_loss"] for h in rest.history] == [h["train_loss"] for h in full.history]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".ckpt-")]  # no temporary left
+
+
+def test_seeded_runs_reproduce():
+    m, dd = model(), data()
+    a = train(m, make_optimizer("lsr1-tr", batch_size=100), dd, epochs=2, seed=1)
+    b = train(m, make_optimizer("lsr1-tr", batch_size=100), dd, epochs=2, seed=1)
+    c = train(m, make_optimizer("lsr1-tr", batch_size=100), dd, epochs=2, seed=2)
+    np.testing.assert_array_equal(a.theta, b.theta)
+    assert not np.array_equal(a.theta, c.theta)
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    m, dd = model(), data()
+    ck = tmp_path / "bad.ckpt"
+    ck.write_bytes(b"not a pickle at all")
+    with pytest.raises(TrainingError, match="corrupt or not a qnref checkpoint"):
+        train(m, make_optimizer("sgd"), dd, epochs=1, checkpoint=str(ck), resume=True)
+    ck.write_bytes(pickle.dumps({"something": 1}))
+    with pytest.raises(TrainingError, match="not a qnref checkpoint"):
+        load_checkpoint(str(ck))
+    good = str(tmp_path / "good.ckpt")
+    train(m, make_optimizer("sgd", batch_size=100), dd, epochs=1, checkpoint=good, stop_after_steps=2)
+    with pytest.raises(TrainingError, match="another configuration"):
+        train(m, make_optimizer("sgd", batch_size=100, lr=0.5), dd, epochs=1, checkpoint=good, resume=True)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the run overflows on purpose
+def test_divergence_stops_with_clear_message():
+    dd = data()
+    reg = Data(dd.X_train, np.eye(10)[dd.y_train], None, None, "mse", "digits-regression")
+    m = Sequential([Dense(10)], input_shape=(64,))
+    with pytest.raises(TrainingError, match="consecutive steps hit non-finite"):
+        train(m, make_optimizer("sgd", lr=1e3, batch_size=100), reg, epochs=50, seed=0, max_nonfinite=5)
+
+
+def test_invalid_arguments():
+    m, dd = model(), data()
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        train(m, make_optimizer("sgd"), dd, epochs=0)
+    with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
+        train(m, make_optimizer("sgd"), dd, resume=True)
