@@ -1,0 +1,90 @@
+"""Per-step cost of every registered optimizer (issue 10), measured side by side with SGD.
+
+Model: the reduced autoencoder 64-32-16-8-16-32-64 (tanh, sigmoid cross-entropy) on 1000 random
+examples in [0, 1], batch sizes as each optimizer's defaults would use at small scale (256).
+- ``time_step``: wall time of one ``opt.step`` (after a warm-up step, so that the first-step
+  statistics of the Kronecker methods are excluded);
+- ``peakmem_step``: peak memory of a process doing a few steps;
+- ``track_passes_per_step``: gradient-equivalent passes per step / batch size (exact counts);
+- ``track_time_ratio_to_sgd``: step time / SGD step time in the same process.
+"""
+import time
+
+import numpy as np
+
+from qnref.optim import load_all, make_optimizer
+from qnref.optim.base import Problem
+
+from ._common import autoencoder
+
+BATCH = 256
+# optimizers whose defaults need a different batch keyword or none
+_KW = {"smw-gn": {"batch_size": 64, "curvature_batch": 8}, "smw-ng": {"batch_size": 64, "curvature_batch": 32}}
+
+
+def names():
+    return sorted(load_all())
+
+
+def _setup(name, seed=0):
+    model = autoencoder(64, (32, 16, 8, 16, 32))
+    r = np.random.default_rng(seed)
+    X = r.random((1000, 64))
+    prob = Problem(model, "sigmoid_ce", X, X, seed=seed)
+    kw = dict(_KW.get(name, {"batch_size": BATCH}))
+    opt = make_optimizer(name, **kw)
+    theta = model.init(seed)
+    state = opt.init(theta)
+    theta, state, _ = opt.step(theta, state, prob)  # warm-up (first-step statistics, imports)
+    return opt, prob, theta, state
+
+
+def _step_time(name, repeat=5):
+    opt, prob, theta, state = _setup(name)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        theta, state, _ = opt.step(theta, state, prob)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+class OptimizerStep:
+    params = [names()]
+    param_names = ["optimizer"]
+    timeout = 120
+
+    def setup(self, name):
+        self.opt, self.prob, self.theta, self.state = _setup(name)
+
+    def time_step(self, name):
+        self.opt.step(self.theta, self.state, self.prob)
+
+    def peakmem_step(self, name):
+        th, st = self.theta, self.state
+        for _ in range(3):
+            th, st, _ = self.opt.step(th, st, self.prob)
+
+
+class OptimizerCounts:
+    params = [names()]
+    param_names = ["optimizer"]
+    unit = "gradient equivalents per example drawn"
+    timeout = 120
+
+    def track_passes_per_step(self, name):
+        opt, prob, theta, state = _setup(name)
+        before, drawn = prob.counter.grad_equivalents, prob.samples_drawn
+        for _ in range(3):
+            theta, state, info = opt.step(theta, state, prob)
+        return (prob.counter.grad_equivalents - before) / max(prob.samples_drawn - drawn, 1)
+
+
+class OptimizerRatios:
+    params = [names()]
+    param_names = ["optimizer"]
+    unit = "ratio to an SGD step"
+    timeout = 180
+
+    def track_time_ratio_to_sgd(self, name):
+        return _step_time(name) / _step_time("sgd")
