@@ -1,0 +1,510 @@
+"""Hessian-free optimization (Martens 2010) in the "SHG" form of the second-order CNN comparison.
+
+One step at θ (the comparison paper's SHG: stochastic Hessian, gradient on 20% of the data):
+
+1. Gradient batch D_g = ``problem.batch(⌈grad_fraction·N⌉)`` (advances the epoch stream, so
+   ``problem.epochs`` counts exactly the gradient data; 20% by default, comparison paper §3.3,
+   Fig. 1). f₀ = f_{D_g}(θ), g = ∇f_{D_g}(θ).
+2. Curvature batch D_c ⊂ D_g (a uniform subset of the gradient batch drawn with
+   ``problem.rng``; no extra data, no extra epochs; ``problem.sample`` when it is larger than
+   D_g). Default 100 examples: the batch size of the comparison paper (§3.3, §4.2 varies it).
+   A = C + λI with C = G (Gauss–Newton, ``Point.ggn_vp``, default; Martens 2010 §4.2) or
+   C = ∇²f (``curvature="hessian"``, ``Point.hvp``).
+3. :func:`cg_solve` minimises q(p) = gᵀp + ½ pᵀA p, i.e. A p = −g, from the warm start
+   x₀ = ζ p_prev (ζ = 0.95, p_prev the *last* CG iterate of the previous step; Martens 2010
+   §4.5), optionally preconditioned by Martens' diagonal M = (diag F̂ + λ + l2)^ξ, ξ = 0.75
+   (§4.7, F̂ the empirical Fisher of the gradient batch). Termination (Martens 2010 §4.4): at
+   iteration i with k = max(10, ⌈0.1 i⌉), stop when i > k, q_i < 0 and
+   (q_i − q_{i−k}) / q_i < k ε, ε = 5·10⁻⁴; at most 250 iterations. Negative curvature
+   (dᵀA d ≤ 0, possible only with the exact Hessian) stops CG at the current iterate.
+4. CG backtracking (§4.6): iterates are stored at i = ⌈1.3ʲ⌉ and at the end;
+   :func:`backtrack_iterates` walks back from the last while f_{D_g} keeps decreasing.
+5. Reduction ratio ρ = (f(θ + p) − f₀) / q(p) for the backtracked p (q of the damped model that
+   CG minimised, available from CG's residual at no cost) and the Levenberg–Marquardt rule
+   (§4.1) λ ← 2/3 λ if ρ > 3/4, λ ← 3/2 λ if ρ < 1/4, clipped to [λ_min, λ_max]
+   (:func:`update_damping`).
+6. Line search: backtracking α = 1, 0.8, 0.8², … (Martens & Sutskever 2012 §8.8) until
+   f(θ + αp) − f₀ ≤ 0.1 α gᵀp (comparison paper eq. 2); a failure leaves θ unchanged.
+
+Safeguards: every trial point goes through :func:`~qnref.optim.base.try_point` (NaN/Inf
+rejected, θ never becomes non-finite); a non-finite start point leaves θ unchanged and raises λ;
+a non-finite product stops CG; a warm start with q(x₀) ≥ 0 restarts CG from zero; a direction
+with gᵀp ≥ 0 is not used (λ raised, warm start cleared); λ is kept in [λ_min, λ_max].
+
+Cost per step (counted by the shared :class:`~qnref.curvature.objective.PassCounter`): one
+gradient on D_g, one forward on D_c, one curvature product on D_c per CG iteration (+1 for a
+non-zero warm start): GGN = R-forward + backward, Hessian = R-forward + backward + R-backward,
+then one forward on D_g per backtracking or line-search evaluation. The preconditioner adds a
+forward and a per-example backward over D_g.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy
+
+from .. import backend
+from ..curvature.objective import Objective
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
+from .registry import register
+
+__all__ = ["CGResult", "cg_solve", "backtrack_iterates", "update_damping", "martens_preconditioner",
+           "HessianFree", "HFState"]
+
+
+# --------------------------------------------------------------------------------------------
+# Conjugate gradient
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CGResult:
+    """Outcome of :func:`cg_solve`.
+
+    x : final iterate (the last one CG produced; what Martens warm-starts the next solve from).
+    iterates : stored ``(i, x_i, q_i)`` in ascending i (i = number of CG iterations done);
+        always includes the final iterate.
+    q : q(x_i) = ½ x_iᵀA x_i − bᵀx_i for i = 0 … iters (q(x₀) first).
+    residual_norms : ‖b − A x_i‖ for i = 0 … iters.
+    iters : CG iterations performed (updates of x).
+    n_products : calls of ``Av`` (iters + 1 for a non-zero warm start, + 1 for the probe that
+        detected negative curvature / a non-finite product).
+    reason : "tol" (relative residual), "progress" (Martens' criterion), "max_iters",
+        "converged" (zero residual), "negative_curvature", "nonfinite" or "zero_rhs".
+    negative_curvature : a direction d with dᵀA d ≤ 0 was met.
+    x0_reset : the warm start had q(x₀) ≥ 0 and CG restarted from zero.
+    """
+
+    x: Any
+    iterates: list
+    q: list
+    residual_norms: list
+    iters: int
+    n_products: int
+    reason: str
+    negative_curvature: bool = False
+    x0_reset: bool = False
+
+    @property
+    def stats(self) -> dict:
+        return {"cg_iters": self.iters, "cg_products": self.n_products, "cg_reason": self.reason,
+                "negative_curvature": self.negative_curvature, "x0_reset": self.x0_reset,
+                "q_final": self.q[-1], "residual_final": self.residual_norms[-1]}
+
+
+def _store_schedule(ratio: float, max_iters: int) -> set[int]:
+    """Iterations i = ⌈ratioʲ⌉, j = 0, 1, … (Martens 2010 §4.6: ratio 1.3)."""
+    out, v = set(), 1.0
+    while math.ceil(v) <= max_iters:
+        out.add(int(math.ceil(v)))
+        v *= ratio
+    return out
+
+
+def cg_solve(
+    Av: Callable[[Any], Any],
+    b: Any,
+    x0: Any = None,
+    *,
+    max_iters: int = 250,
+    min_iters: int = 1,
+    tol: float | None = None,
+    progress_eps: float | None = 5e-4,
+    progress_k_min: int = 10,
+    progress_k_frac: float = 0.1,
+    precond: Any = None,
+    store_ratio: float = 1.3,
+    store_all: bool = False,
+    reset_bad_x0: bool = True,
+) -> CGResult:
+    """(Preconditioned) conjugate gradient for A x = b, A symmetric, via products ``Av(v)``.
+
+    Minimises q(x) = ½ xᵀA x − bᵀx (with b = −g this is the HF quadratic model gᵀp + ½ pᵀA p).
+
+    Stopping rules (any that is enabled, after at least ``min_iters`` iterations):
+
+    * ``tol``: ‖b − A x_i‖ ≤ tol ‖b‖ (relative residual; ``None`` disables it);
+    * ``progress_eps``: Martens (2010) §4.4 — with k = max(k_min, ⌈k_frac · i⌉), stop when
+      i > k, q_i < 0 and (q_i − q_{i−k}) / q_i < k · ε (``None`` disables it);
+    * ``max_iters``; negative curvature dᵀA d ≤ 0 (stop at the current iterate, never step
+      along d); a non-finite product or scalar (stop at the current iterate).
+
+    ``precond``: ``None``, an array d (M = diag(d), z = r / d) or a callable z = M⁻¹ r.
+    q_i is tracked by the PCG identity q_{i+1} = q_i − ½ αᵢ rᵢᵀzᵢ (no extra products; q₀ =
+    −½ x₀ᵀ(b + r₀)). Host syncs per iteration: dᵀA d, rᵀz and (with ``tol`` and a
+    preconditioner) ‖r‖. Iterates are stored at i = ⌈``store_ratio``ʲ⌉ (or every one with
+    ``store_all``) for backtracking.
+    """
+    xp = backend.namespace(b)
+    max_iters = check_int("max_iters", max_iters, 0)
+    min_iters = check_int("min_iters", min_iters, 0)
+    if tol is not None:
+        tol = check_positive("tol", tol, allow_zero=True)
+    if progress_eps is not None:
+        progress_eps = check_positive("progress_eps", progress_eps)
+    progress_k_min = check_int("progress_k_min", progress_k_min, 1)
+    progress_k_frac = check_positive("progress_k_frac", progress_k_frac, allow_zero=True)
+    store_ratio = check_range("store_ratio", store_ratio, 1.0, math.inf, lo_open=True, hi_open=True)
+    if precond is None:
+        apply_m = None
+    elif callable(precond):
+        apply_m = precond
+    else:
+        backend.namespace(precond, b)
+        apply_m = lambda r: r / precond  # noqa: E731
+
+    n_products = 0
+    x0_reset = False
+    bnorm = math.sqrt(float(b @ b))
+    if not math.isfinite(bnorm):
+        raise ValueError("cg_solve: b contains NaN or Inf")
+    if x0 is None or not bool(xp.any(x0 != 0)):
+        x = xp.zeros_like(b)
+        r = b.copy()
+        q = 0.0
+    else:
+        x = x0.copy()
+        ax = Av(x)
+        n_products += 1
+        r = b - ax
+        q = -0.5 * float(x @ (b + r))
+        if reset_bad_x0 and not (math.isfinite(q) and q < 0.0):
+            x, r, q, x0_reset = xp.zeros_like(b), b.copy(), 0.0, True
+    schedule = None if store_all else _store_schedule(store_ratio, max_iters)
+    qs, res = [q], [math.sqrt(float(r @ r))]
+    iterates: list = []
+    if bnorm == 0.0:
+        return CGResult(x, [(0, x.copy(), q)], qs, res, 0, n_products, "zero_rhs", False, x0_reset)
+
+    z = r if apply_m is None else apply_m(r)
+    rz = float(r @ z)
+    d = z.copy()
+    reason = "max_iters"
+    neg = False
+    i = 0
+    while i < max_iters:
+        if tol is not None and i >= min_iters and res[-1] <= tol * bnorm:
+            reason = "tol"
+            break
+        ad = Av(d)
+        n_products += 1
+        dad = float(d @ ad)
+        if not math.isfinite(dad) or not math.isfinite(rz):
+            reason = "nonfinite"
+            break
+        if dad <= 0.0:
+            reason, neg = "negative_curvature", True
+            break
+        alpha = rz / dad
+        x = x + alpha * d
+        r = r - alpha * ad
+        q = q - 0.5 * alpha * rz
+        i += 1
+        z = r if apply_m is None else apply_m(r)
+        rz_new = float(r @ z)
+        rr = rz_new if apply_m is None else float(r @ r)
+        qs.append(q)
+        res.append(math.sqrt(max(rr, 0.0)))
+        if store_all or i in schedule:
+            iterates.append((i, x.copy(), q))
+        if rr == 0.0:  # exact solution (a zero residual would make the next direction zero)
+            reason = "converged"
+            break
+        if progress_eps is not None and i >= min_iters:
+            k = max(progress_k_min, int(math.ceil(progress_k_frac * i)))
+            if i > k and q < 0.0 and (q - qs[i - k]) / q < k * progress_eps:
+                reason = "progress"
+                break
+        if not math.isfinite(rz_new):
+            reason = "nonfinite"
+            break
+        beta = rz_new / rz
+        rz = rz_new
+        d = z + beta * d
+    if tol is not None and reason == "max_iters" and res[-1] <= tol * bnorm:
+        reason = "tol"
+    if not iterates or iterates[-1][0] != i:
+        iterates.append((i, x.copy(), q))
+    return CGResult(x, iterates, qs, res, i, n_products, reason, neg, x0_reset)
+
+
+# --------------------------------------------------------------------------------------------
+# Backtracking over CG iterates, damping rule, preconditioner
+# --------------------------------------------------------------------------------------------
+def backtrack_iterates(f: Callable[[Any], float], iterates: list, mode: str = "martens") -> tuple[int, float, int]:
+    """Choose among the stored CG iterates ``[(i, x_i, q_i), …]`` (ascending i).
+
+    ``mode="martens"`` (Martens 2010 §4.6): start at the last iterate and step back while the
+    objective keeps decreasing; stop at the first increase. ``mode="best"``: evaluate all and
+    return the arg-min. ``f`` returns a float (``inf`` for a non-finite point, which therefore
+    never wins). Returns (position in ``iterates``, f there, evaluations).
+    """
+    if not iterates:
+        raise ValueError("backtrack_iterates needs at least one iterate")
+    if mode not in ("martens", "best"):
+        raise ValueError(f"backtrack mode must be 'martens' or 'best', got {mode!r}")
+    vals = {}
+
+    def val(j: int) -> float:
+        if j not in vals:
+            v = float(f(iterates[j][1]))
+            vals[j] = v if math.isfinite(v) else math.inf
+        return vals[j]
+
+    last = len(iterates) - 1
+    if mode == "best":
+        best = min(range(len(iterates)), key=lambda j: (val(j), -j))
+        return best, val(best), len(vals)
+    j = last
+    while j > 0 and val(j - 1) < val(j):
+        j -= 1
+    return j, val(j), len(vals)
+
+
+def update_damping(lam: float, rho: float, *, drop: float = 2.0 / 3.0, boost: float = 1.5,
+                   rho_low: float = 0.25, rho_high: float = 0.75,
+                   lam_min: float = 1e-8, lam_max: float = 1e8) -> float:
+    """Levenberg–Marquardt rule of Martens (2010) §4.1: λ·drop if ρ > ρ_high, λ·boost if ρ < ρ_low
+    (or ρ not finite), else unchanged; the result is clipped to [lam_min, lam_max]."""
+    if not math.isfinite(rho) or rho < rho_low:
+        lam = lam * boost
+    elif rho > rho_high:
+        lam = lam * drop
+    return float(min(max(lam, lam_min), lam_max))
+
+
+def martens_preconditioner(obj: Objective, theta: Any, lam: float, exponent: float = 0.75, chunk: int = 256) -> Any:
+    """Martens (2010) §4.7 diagonal: d = (diag F̂ + λ + l2)^ξ with diag F̂ = (1/N) Σᵢ ∇ℓᵢ ⊙ ∇ℓᵢ on
+    ``obj``'s examples (data term; the L2 coefficient is added like λ, matching G = JᵀH_LJ/N + l2·I).
+
+    Per-example gradients are formed ``chunk`` rows at a time (memory chunk × n); cost one
+    forward and one per-example backward over the batch. Not available for models whose
+    examples interact (batch normalization in training mode).
+    """
+    xp = backend.namespace(theta)
+    N = obj.n_samples
+    acc = xp.zeros_like(theta)
+    for a in range(0, N, chunk):
+        sub = obj.subset(slice(a, min(N, a + chunk)))
+        P = sub.at(theta).per_example_grads()
+        acc += (P * P).sum(axis=0)
+    return (acc / N + (lam + obj.l2)) ** exponent
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class HFState:
+    """damping λ, the last CG iterate (warm start; zeros at first), steps taken."""
+
+    damping: float
+    prev: Any
+    k: int = 0
+
+
+@register("hf")
+class HessianFree(Optimizer):
+    """Hessian-free (truncated Newton with CG on damped Gauss–Newton products), SHG variant.
+
+    Defaults and sources (see the module docstring and docs/hessian_free.md):
+    ``grad_fraction=0.2`` (comparison paper §3.3, Fig. 1), ``curvature_batch=100`` (comparison
+    paper's batch size, §3.3/§4.2), ``curvature="ggn"`` (Martens 2010 §4.2), ``damping=1.0``
+    initial λ (ours, for mean-over-examples losses; adapted by the LM rule), ``drop=2/3``,
+    ``boost=3/2``, ρ thresholds 1/4, 3/4 (Martens 2010 §4.1), ``warm_start_decay=0.95``
+    (§4.5), ``max_cg_iters=250``, ``progress_eps=5e-4``, k = max(10, 0.1 i) (§4.4),
+    ``store_ratio=1.3`` (§4.6), ``c1=0.1`` (comparison paper eq. 2), ``shrink=0.8``
+    (Martens & Sutskever 2012), ``preconditioner=None`` (Martens' diagonal with ξ = 0.75 via
+    ``"martens"``: it costs per-example gradients, off by default as in the comparison paper,
+    which does not mention one).
+    """
+
+    family: ClassVar[str] = "hessian-free"
+    paper: ClassVar[str] = ("Martens 2010 (ICML), Hessian-free; SHG settings of 'A comparison of second-order "
+                            "methods for deep convolutional neural networks' (§3.3, eq. 2)")
+
+    def __init__(
+        self,
+        *,
+        curvature: str = "ggn",
+        damping: float = 1.0,
+        grad_fraction: float | None = 0.2,
+        grad_batch: int | None = None,
+        curvature_batch: int | None = 100,
+        curvature_fraction: float | None = None,
+        max_cg_iters: int = 250,
+        min_cg_iters: int = 1,
+        cg_tol: float | None = None,
+        progress_eps: float | None = 5e-4,
+        warm_start_decay: float = 0.95,
+        store_ratio: float = 1.3,
+        backtrack: str = "martens",
+        c1: float = CNN_COMPARISON_C1,
+        shrink: float = 0.8,
+        max_ls_evals: int = 20,
+        drop: float = 2.0 / 3.0,
+        boost: float = 1.5,
+        rho_low: float = 0.25,
+        rho_high: float = 0.75,
+        damping_min: float = 1e-8,
+        damping_max: float = 1e8,
+        preconditioner: str | None = None,
+        precond_exponent: float = 0.75,
+    ):
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        self.curvature = curvature
+        self.damping = check_positive("damping", damping)
+        if grad_batch is not None and grad_fraction is not None:
+            raise ValueError("give grad_batch or grad_fraction, not both (grad_fraction=None for a fixed size)")
+        if grad_batch is None and grad_fraction is None:
+            raise ValueError("one of grad_batch or grad_fraction is required")
+        self.grad_fraction = None if grad_fraction is None else check_range("grad_fraction", grad_fraction, 0.0, 1.0, lo_open=True)
+        self.grad_batch = None if grad_batch is None else check_int("grad_batch", grad_batch)
+        if curvature_batch is not None and curvature_fraction is not None:
+            raise ValueError("give curvature_batch or curvature_fraction, not both")
+        if curvature_batch is None and curvature_fraction is None:
+            raise ValueError("one of curvature_batch or curvature_fraction is required")
+        self.curvature_batch = None if curvature_batch is None else check_int("curvature_batch", curvature_batch)
+        self.curvature_fraction = (None if curvature_fraction is None
+                                   else check_range("curvature_fraction", curvature_fraction, 0.0, 1.0, lo_open=True))
+        self.max_cg_iters = check_int("max_cg_iters", max_cg_iters)
+        self.min_cg_iters = check_int("min_cg_iters", min_cg_iters, 0)
+        if self.min_cg_iters > self.max_cg_iters:
+            raise ValueError(f"min_cg_iters={min_cg_iters} exceeds max_cg_iters={max_cg_iters}")
+        self.cg_tol = None if cg_tol is None else check_positive("cg_tol", cg_tol)
+        self.progress_eps = None if progress_eps is None else check_positive("progress_eps", progress_eps)
+        self.warm_start_decay = check_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
+        self.store_ratio = check_range("store_ratio", store_ratio, 1.0, math.inf, lo_open=True, hi_open=True)
+        if backtrack not in ("martens", "best", "none"):
+            raise ValueError(f"backtrack must be 'martens', 'best' or 'none', got {backtrack!r}")
+        self.backtrack = backtrack
+        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.max_ls_evals = check_int("max_ls_evals", max_ls_evals)
+        self.drop = check_range("drop", drop, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.boost = check_range("boost", boost, 1.0, math.inf, lo_open=True, hi_open=True)
+        self.rho_low = check_range("rho_low", rho_low, 0.0, 1.0, hi_open=True)
+        self.rho_high = check_range("rho_high", rho_high, self.rho_low, 1.0, lo_open=True, hi_open=True)
+        self.damping_min = check_positive("damping_min", damping_min)
+        self.damping_max = check_positive("damping_max", damping_max)
+        if not self.damping_min <= self.damping <= self.damping_max:
+            raise ValueError(f"need damping_min ≤ damping ≤ damping_max, got {damping_min}, {damping}, {damping_max}")
+        if preconditioner not in (None, "martens"):
+            raise ValueError(f"preconditioner must be None or 'martens', got {preconditioner!r}")
+        self.preconditioner = preconditioner
+        self.precond_exponent = check_range("precond_exponent", precond_exponent, 0.0, 1.0)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def grad_size(self, n: int) -> int:
+        if self.grad_batch is not None:
+            return min(self.grad_batch, n)
+        return max(1, min(n, int(math.ceil(self.grad_fraction * n))))
+
+    def curvature_size(self, n: int) -> int:
+        if self.curvature_batch is not None:
+            return min(self.curvature_batch, n)
+        return max(1, min(n, int(math.ceil(self.curvature_fraction * n))))
+
+    def _curvature_objective(self, problem: Problem, gobj: Objective) -> Objective:
+        m = self.curvature_size(problem.n_samples)
+        if m == gobj.n_samples:
+            return gobj
+        if m < gobj.n_samples:
+            idx = numpy.sort(problem.rng.choice(gobj.n_samples, size=m, replace=False))
+            return gobj.subset(gobj.xp.asarray(idx))
+        return problem.sample(m)
+
+    def init(self, theta: Any) -> HFState:
+        return HFState(damping=self.damping, prev=theta * 0)
+
+    def _lm(self, lam: float, rho: float) -> float:
+        return update_damping(lam, rho, drop=self.drop, boost=self.boost, rho_low=self.rho_low,
+                              rho_high=self.rho_high, lam_min=self.damping_min, lam_max=self.damping_max)
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self, theta: Any, state: HFState, problem: Problem) -> tuple[Any, HFState, StepInfo]:
+        lam = float(state.damping)
+        gobj = problem.batch(self.grad_size(problem.n_samples))
+        p0 = try_point(gobj, theta)
+        if p0 is None or not backend.all_finite(p0.grad):
+            st = HFState(self._lm(lam, math.nan), state.prev * 0, state.k + 1)
+            loss = math.nan if p0 is None else p0.value
+            return theta, st, StepInfo(loss=loss, loss_start=loss, accepted=False, nonfinite=True, evals=1,
+                                       batch_size=gobj.n_samples, extra={"damping": st.damping})
+        f0, g = p0.value, p0.grad
+        cobj = self._curvature_objective(problem, gobj)
+        pc = cobj.at(theta)
+        prod = pc.ggn_vp if self.curvature == "ggn" else pc.hvp
+
+        def Av(v):
+            return prod(v) + lam * v
+
+        precond = None
+        if self.preconditioner == "martens":
+            precond = martens_preconditioner(gobj, theta, lam, self.precond_exponent)
+        x0 = self.warm_start_decay * state.prev if self.warm_start_decay > 0 else None
+        cg = cg_solve(Av, -g, x0, max_iters=self.max_cg_iters, min_iters=self.min_cg_iters, tol=self.cg_tol,
+                      progress_eps=self.progress_eps, precond=precond, store_ratio=self.store_ratio)
+        extra: dict = dict(cg.stats)
+        extra["damping_used"] = lam
+        extra["curvature_batch"] = cobj.n_samples
+
+        iterates = cg.iterates
+        if cg.iters == 0 and not bool(cg.x.any()):
+            # negative curvature (or a non-finite product) at the very first CG direction: fall
+            # back to the step of the damping term alone, p = −g/λ
+            iterates = [(0, -g / lam, -0.5 * float(g @ g) / lam)]
+            extra["fallback"] = "gradient"
+
+        cache: dict = {}
+
+        def f_at(x):
+            key = id(x)
+            if key not in cache:
+                pt = try_point(gobj, theta + x)
+                cache[key] = math.inf if pt is None else pt.value
+            return cache[key]
+
+        if self.backtrack == "none" or len(iterates) == 1:
+            j, fj, bt_evals = len(iterates) - 1, f_at(iterates[-1][1]), 1
+        else:
+            j, fj, bt_evals = backtrack_iterates(f_at, iterates, self.backtrack)
+        p, qp = iterates[j][1], iterates[j][2]
+        extra["backtrack_iter"] = iterates[j][0]
+        evals = 1 + bt_evals
+        nonfinite = any(not math.isfinite(v) for v in cache.values())
+
+        # reduction ratio and Levenberg–Marquardt update
+        rho = (fj - f0) / qp if (qp < 0.0 and math.isfinite(fj)) else -math.inf
+        new_lam = self._lm(lam, rho)
+        extra["rho"] = rho
+        extra["damping"] = new_lam
+        new_prev = cg.x if cg.iters > 0 else state.prev * 0
+
+        slope = float(g @ p)
+        if not (slope < 0.0 and math.isfinite(slope)):
+            extra["message"] = f"not a descent direction (gᵀp = {slope:.3e})"
+            st = HFState(self._lm(lam, -math.inf), state.prev * 0, state.k + 1)
+            extra["damping"] = st.damping
+            return theta, st, StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=evals,
+                                       nonfinite=nonfinite, batch_size=gobj.n_samples, extra=extra)
+
+        def phi(alpha: float) -> float:
+            if alpha == 1.0:
+                return fj
+            pt = try_point(gobj, theta + alpha * p)
+            return math.inf if pt is None else pt.value
+
+        ls = backtracking_armijo(phi, f0, slope, alpha0=1.0, c1=self.c1, shrink=self.shrink, max_evals=self.max_ls_evals)
+        evals += max(0, ls.n_evals - 1)
+        st = HFState(new_lam, new_prev, state.k + 1)
+        if not ls.success:
+            extra["message"] = ls.message
+            return theta, st, StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=evals,
+                                       nonfinite=True if nonfinite else False, batch_size=gobj.n_samples, extra=extra)
+        step = ls.alpha * p
+        return theta + step, st, StepInfo(loss=ls.value, loss_start=f0, accepted=True,
+                                          step_norm=math.sqrt(float(step @ step)), step_size=ls.alpha,
+                                          evals=evals, nonfinite=nonfinite, batch_size=gobj.n_samples, extra=extra)

@@ -1,0 +1,204 @@
+"""SQN: the stochastic quasi-Newton method of Byrd, Hansen, Nocedal & Singer (2016), Alg. 1–2,
+with the backtracking line search of the second-order CNN comparison paper (§3.4, eq. 2).
+
+Iteration k = 1, 2, … (``state.k`` counts completed iterations):
+
+* gradient batch S = ``problem.batch(b)`` (advances the epoch stream), g = ∇F_S(w_k);
+* the window sum w̄ += w_k (Alg. 1 line 6);
+* direction d = −g for k ≤ 2L or while no pair is stored (Alg. 1 lines 7–8), else
+  d = −H_t g by the L-BFGS two-loop recursion over the last M pairs with H⁰ = (sᵀy / yᵀy) I of
+  the newest pair (Alg. 2; :func:`~qnref.optim.compact.lbfgs_two_loop`);
+* step: ``step_rule="armijo"`` (default): backtracking α = α₀, α₀·shrink, … on the *same*
+  batch until f_S(w + αd) − f_S(w) ≤ 0.1 α gᵀd (comparison paper eq. 2, which replaced the
+  paper's β/k schedule because "this scheme does not work on most of our experiments");
+  a failed search leaves w unchanged. ``step_rule="decay"``: α_k = β/k (Byrd et al. 2016 §3).
+* every L iterations (k mod L = 0, Alg. 1 lines 12–20): w̄_t = w̄ / L; from the second window
+  on, s_t = w̄_t − w̄_{t−1} and y_t = ∇²F_{S_H}(w̄_t) s_t on an independent sample S_H of b_H
+  examples (``problem.sample``: does not advance the epoch count); the pair is stored when
+  s_tᵀy_t > ε‖s_t‖² and both are finite (the Hessian of a neural net is indefinite; Byrd et al.
+  assume convexity) — otherwise it is skipped and counted. ``curvature="ggn"`` uses G s_t
+  instead (always sᵀy ≥ 0).
+
+So the first pair exists after iteration 2L and the memory changes exactly at k = 2L, 3L, 4L, ….
+
+Cost per iteration: one gradient on b examples, the line-search forwards on the same b, the
+two-loop recursion 4Mn + n multiplications; every L iterations one Hessian-vector product on b_H
+examples (forward + R-forward + backward + R-backward ≈ 2 gradient passes per example).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy
+
+from .. import backend
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .compact import PairMemory, lbfgs_two_loop
+from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
+from .registry import register
+from ._qn_common import memory_from_state, memory_to_state
+
+__all__ = ["SQN", "SQNState", "sqn_direction"]
+
+
+def sqn_direction(g: Any, mem: PairMemory) -> Any:
+    """H_t g of Byrd et al. (2016) Alg. 2: two-loop recursion, H⁰ = (sᵀy/yᵀy) I of the newest pair
+    (= g when the memory is empty)."""
+    if mem.count == 0:
+        return g.copy()
+    return lbfgs_two_loop(g, mem.S, mem.Y)
+
+
+@dataclass
+class SQNState:
+    """memory: PairMemory buffers (S, Y, count); wbar_sum: Σ w_k over the current window;
+    wbar_prev: the previous window average w̄_{t−1}; t: windows completed; k: iterations done;
+    pairs / skipped: curvature pairs stored / rejected so far."""
+
+    memory: dict
+    wbar_sum: Any
+    wbar_prev: Any
+    t: int = 0
+    k: int = 0
+    pairs: int = 0
+    skipped: int = 0
+
+
+@register("sqn")
+class SQN(Optimizer):
+    """Stochastic quasi-Newton (Byrd, Hansen, Nocedal & Singer 2016) with line search.
+
+    Defaults: ``batch_size=100`` (comparison paper §3.3), ``L=20``, ``memory=10`` (M),
+    ``curvature_batch=300`` (b_H) — the settings of Byrd et al. 2016 §4 as we recall them (their
+    text is not in this repository; the comparison paper tuned but did not report them),
+    ``curvature="hessian"`` (Byrd et al.: sub-sampled Hessian), ``step_rule="armijo"`` with
+    ``c1=0.1`` (comparison paper eq. 2), ``alpha0=1``, ``shrink=0.5`` (N&W Alg. 3.1 halving; the
+    comparison paper does not give its factor), ``beta=1.0`` for ``step_rule="decay"``
+    (Byrd et al. tune β per problem), ``curvature_eps=1e-10``.
+    """
+
+    family: ClassVar[str] = "quasi-newton"
+    paper: ClassVar[str] = ("Byrd, Hansen, Nocedal & Singer 2016 (SIAM J. Optim. 26(2)), Alg. 1-2; line search: "
+                            "'A comparison of second-order methods for deep convolutional neural networks' §3.4 eq. 2")
+
+    def __init__(
+        self,
+        *,
+        batch_size: int | None = 100,
+        L: int = 20,
+        memory: int = 10,
+        curvature_batch: int = 300,
+        curvature: str = "hessian",
+        step_rule: str = "armijo",
+        alpha0: float = 1.0,
+        c1: float = CNN_COMPARISON_C1,
+        shrink: float = 0.5,
+        max_ls_evals: int = 20,
+        beta: float = 1.0,
+        curvature_eps: float = 1e-10,
+    ):
+        self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
+        self.L = check_int("L", L)
+        self.memory = check_int("memory", memory)
+        self.curvature_batch = check_int("curvature_batch", curvature_batch)
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+        self.curvature = curvature
+        if step_rule not in ("armijo", "decay"):
+            raise ValueError(f"step_rule must be 'armijo' or 'decay', got {step_rule!r}")
+        self.step_rule = step_rule
+        self.alpha0 = check_positive("alpha0", alpha0)
+        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.max_ls_evals = check_int("max_ls_evals", max_ls_evals)
+        self.beta = check_positive("beta", beta)
+        self.curvature_eps = check_positive("curvature_eps", curvature_eps, allow_zero=True)
+
+    def init(self, theta: Any) -> SQNState:
+        return SQNState(memory=memory_to_state(PairMemory.like(theta, self.memory)),
+                        wbar_sum=theta * 0, wbar_prev=theta * 0)
+
+    # -- curvature pairs ----------------------------------------------------------------------
+    def _end_window(self, state: SQNState, problem: Problem, mem: PairMemory, extra: dict) -> None:
+        """Alg. 1 lines 13–19: average the window; from the second window on, form (s_t, y_t)."""
+        wbar = state.wbar_sum / self.L
+        if state.t > 0:
+            s = wbar - state.wbar_prev
+            ss = float(s @ s)
+            y = None
+            if ss > 0.0 and math.isfinite(ss) and backend.all_finite(wbar):
+                cobj = problem.sample(min(self.curvature_batch, problem.n_samples))
+                pt = try_point(cobj, wbar)
+                if pt is not None:
+                    y = pt.hvp(s) if self.curvature == "hessian" else pt.ggn_vp(s)
+            sy = float(s @ y) if y is not None else math.nan
+            if y is not None and math.isfinite(sy) and sy > self.curvature_eps * ss and backend.all_finite(y):
+                mem.push(s, y)
+                state.pairs += 1
+                extra["pair_added"] = True
+            else:
+                state.skipped += 1
+                extra["pair_skipped"] = True
+            extra["sy"] = sy
+        state.wbar_prev = wbar
+        state.wbar_sum = state.wbar_sum * 0
+        state.t += 1
+
+    # -- one iteration ------------------------------------------------------------------------
+    def step(self, theta: Any, state: SQNState, problem: Problem) -> tuple[Any, SQNState, StepInfo]:
+        obj = problem.full() if self.batch_size is None else problem.batch(min(self.batch_size, problem.n_samples))
+        mem = memory_from_state(state.memory)
+        k = state.k + 1
+        state.k = k
+        state.wbar_sum = state.wbar_sum + theta
+        extra: dict = {}
+        p0 = try_point(obj, theta)
+        if p0 is None or not backend.all_finite(p0.grad):
+            info = StepInfo(accepted=False, nonfinite=True, evals=1, batch_size=obj.n_samples,
+                            loss=math.nan if p0 is None else p0.value)
+            info.loss_start = info.loss
+            new_theta = theta
+        else:
+            f0, g = p0.value, p0.grad
+            use_h = k > 2 * self.L and mem.count > 0
+            d = -sqn_direction(g, mem) if use_h else -g
+            slope = float(g @ d)
+            if use_h and not (slope < 0.0 and math.isfinite(slope)):
+                d, slope, use_h = -g, -float(g @ g), False  # safeguard: H not positive definite numerically
+                extra["fallback"] = "gradient"
+            extra["quasi_newton"] = use_h
+            info = StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=1, batch_size=obj.n_samples)
+            new_theta = theta
+            if self.step_rule == "armijo":
+                def phi(a: float) -> float:
+                    pt = try_point(obj, theta + a * d)
+                    return math.inf if pt is None else pt.value
+
+                ls = backtracking_armijo(phi, f0, slope, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
+                                         max_evals=self.max_ls_evals)
+                info.evals += ls.n_evals
+                if ls.success:
+                    new_theta, info.loss, info.step_size, info.accepted = theta + ls.alpha * d, ls.value, ls.alpha, True
+                else:
+                    extra["message"] = ls.message
+            else:
+                alpha = self.beta / k
+                with numpy.errstate(over="ignore", invalid="ignore"):  # overflow → rejected below
+                    cand = theta + alpha * d
+                if backend.all_finite(cand):
+                    new_theta, info.step_size, info.accepted = cand, alpha, True
+                    info.loss = math.nan  # not evaluated (no extra forward pass)
+                else:
+                    info.nonfinite = True
+            if info.accepted:
+                diff = new_theta - theta
+                info.step_norm = math.sqrt(float(diff @ diff))
+        if k % self.L == 0:
+            self._end_window(state, problem, mem, extra)
+        state.memory = memory_to_state(mem)
+        extra["pairs"] = mem.count
+        info.extra.update(extra)
+        info.skipped = int(bool(extra.get("pair_skipped")))
+        return new_theta, state, info
