@@ -11,7 +11,7 @@ from .base import Optimizer, Problem, StepInfo
 from .registry import OPTIMIZERS, get_optimizer_class, make_optimizer, register
 
 #: modules that define registered optimizers (imported on first registry use)
-OPTIMIZER_MODULES: tuple[str, ...] = ("first_order", "lbfgs", "lsr1", "kfac", "kbfgs", "shampoo", "tnt", "smw", "hessian_free", "sqn")
+OPTIMIZER_MODULES: tuple[str, ...] = ("first_order", "lbfgs", "lsr1", "kfac", "kbfgs", "shampoo", "tnt", "smw", "hessian_free", "sqn", "mb_lsr1", "sampled")
 
 
 def load_all() -> dict:

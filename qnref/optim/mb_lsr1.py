@@ -1,0 +1,438 @@
+"""MB-LSR1 (minibatch stochastic L-SR1 trust region) and L-SSR1-TR as its special case.
+
+[MB] J. D. Griffin, M. Jahani, M. Takáč, S. Yektamaram, W. Zhou, "A minibatch stochastic
+quasi-Newton method adapted for nonconvex deep learning problems", Algorithms 1–6.
+[SQN] Berahas, Jahani & Takáč (2019): the sampled pairs of the warm start (m̂ = m).
+
+One iteration k (Algorithm 1) = the functions below, in this order::
+
+    getStep   (Alg. 4)  p* = argmin ĝᵀp + ½pᵀBp, ‖p‖ ≤ δ        solve_lsr1_subproblem (B = γI + ΨMΨᵀ)
+                        v = μv − ηα_s ĝ + (1 − η)s ;  v ← min(1, δ/‖v‖) v          :func:`hybrid_direction`
+                        p = (1 − η)p* + μv ;          p ← min(1, δ/‖p‖) p
+                        p ← −p if pᵀĝ > 0
+                        restart L-SR1 (B = γI) if min(|ĝᵀp|, |ĝᵀp|/‖p‖) < ξ‖ĝ‖    :func:`restart_test`
+                        α: f̂(w + αp) ≤ f̂(w) + c₁αĝᵀp on the step's batch (backtracking Armijo)
+                        s = αp ;  R = f̂(w + p*) − f̂(w) ;  ρ = R / Q(p*),  Q(p*) = ĝᵀp* + ½p*ᵀBp*
+                        y = ∇f̂(w + s) − ĝ   (same batch)
+    ExitCheck (Alg. 2)  ‖ĝ‖ ≤ ε → full gradient at wₖ₊₁; stop if ‖∇f‖ ≤ ε               :func:`exit_check`
+    getRadius (Alg. 5)  ρ̂ = (ζTρ̂ + ρ)/(ζT + 1), T ← ζT + 1;
+                        ρ̂ < 0.1 → δ = min(δ, ‖s‖);  ρ̂ ≥ 0.5 and ‖s‖ ≥ δ → δ = 2δ           :func:`get_radius`
+    updateSY  (Alg. 3)  ρ < τ and m̂ ≥ 0: m̂ = 0 → S = Y = [];  m̂ > 0 → m̂ sampled pairs [SQN];
+                        else append (s, y) (SR1 skip rule) and drop the oldest              :func:`update_sy`
+    getBatch  (Alg. 6)  every K iterations: f̂ on a fresh sample of min(1.1 n_b, 5000);
+                        f̂(w) − f̂_K ≥ −γ₁ + γ₂ ΣR_j → n_b = min(2n_b, N) (ζ ← 0 at n_b = N);
+                        f̂_K = f̂(w)                                                          :func:`batch_rule`
+
+L-SSR1-TR (Erway et al. 2019) is the special case m̂ = −1, γ₂ = η = ζ = 0 and a progress check on
+all N examples ([MB] §3): class :class:`LSSR1TR` ("lssr1-tr") fixes exactly these.
+
+Safeguards (not in the paper, all documented in ``docs/mb_lsr1.md``): a trial point whose loss
+or gradient is not finite fails the line search (θ never becomes NaN); a non-finite or
+undefined ρ counts as ``rho_floor`` and every ρ is clipped below at ``rho_floor`` (so one
+garbage ratio cannot pin the running average ρ̂ for ever); the radius never drops below
+``delta_min``; when the restart test still fails right after a restart, the step is the
+steepest-descent step −min(1, δ/‖ĝ‖)ĝ; ‖s‖ ≥ δ is tested with a relative tolerance of 10⁻¹²
+(the clipped p has ‖p‖ = δ only up to rounding).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .. import backend
+from ..curvature.objective import Point
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .compact import LSR1Compact, PairMemory, lsr1_prune_count, sr1_skip
+from .linesearch import backtracking_armijo
+from .registry import register
+from .sampled import OPTIONS, sample_curvature_pairs
+from .trust_region import reduction_ratio, solve_lsr1_subproblem
+
+__all__ = ["MBLSR1State", "MBLSR1", "LSSR1TR", "clip_to_radius", "hybrid_direction", "restart_test",
+           "get_radius", "batch_rule", "progress_sample_size"]
+
+
+# --------------------------------------------------------------------------------------------
+# the sub-algorithms as pure functions (unit-tested against hand-computed cases)
+# --------------------------------------------------------------------------------------------
+def clip_to_radius(x: Any, delta: float) -> Any:
+    """min(1, δ/‖x‖) x  (Alg. 4 lines 5 and 7); x itself when ‖x‖ ≤ δ or x = 0."""
+    nrm = float(backend.namespace(x).linalg.norm(x))
+    return x * (delta / nrm) if nrm > delta else x
+
+
+def hybrid_direction(p_star: Any, g: Any, v: Any, s: Any, delta: float, *, eta: float, mu: float,
+                     alpha_s: float) -> tuple[Any, Any]:
+    """Alg. 4 lines 4–10: the momentum/SGD hybrid. Returns (p, v_new).
+
+    v = μv − ηα_s ĝ + (1 − η)s, clipped to δ;  p = (1 − η)p* + μv, clipped to δ;  p ← −p if pᵀĝ > 0.
+    """
+    v_new = clip_to_radius(mu * v - (eta * alpha_s) * g + (1.0 - eta) * s, delta)
+    p = clip_to_radius((1.0 - eta) * p_star + mu * v_new, delta)
+    if float(p @ g) > 0.0:
+        p = -p
+    return p, v_new
+
+
+def restart_test(gp: float, p_norm: float, g_norm: float, xi: float) -> bool:
+    """True when L-SR1 must restart (Alg. 4 line 11): min(|ĝᵀp|, |ĝᵀp|/‖p‖) < ξ‖ĝ‖.
+
+    A zero step (‖p‖ = 0) with ĝ ≠ 0 restarts; ĝ = 0 never does (0 < 0 is false).
+    """
+    a = abs(gp)
+    ratio = a / p_norm if p_norm > 0.0 else 0.0
+    return min(a, ratio) < xi * g_norm
+
+
+def get_radius(delta: float, s_norm: float, rho: float, zeta: float, rho_hat: float, T: float, *,
+               low: float = 0.1, high: float = 0.5, increase: float = 2.0, delta_min: float = 0.0,
+               rtol: float = 1e-12) -> tuple[float, float, float]:
+    """Algorithm 5 (non-monotone averaged ratio). Returns (δ, ρ̂, T).
+
+    ρ̂ = (ζTρ̂ + ρ)/(ζT + 1), T = ζT + 1;  ρ̂ < low → δ = min(δ, ‖s‖);
+    ρ̂ ≥ high and ‖s‖ ≥ δ(1 − rtol) → δ = increase·δ;  finally δ ≥ ``delta_min``.
+    """
+    num = zeta * T * rho_hat + rho
+    T = zeta * T + 1.0
+    rho_hat = num / T
+    if rho_hat < low:
+        delta = min(delta, s_norm)
+    elif rho_hat >= high and s_norm >= delta * (1.0 - rtol):
+        delta = increase * delta
+    return max(delta, delta_min), rho_hat, T
+
+
+def progress_sample_size(n_b: int, N: int, *, factor: float = 1.1, cap: int = 5000, full: bool = False) -> int:
+    """n̂ = min(⌈factor·n_b⌉, cap, N) (Alg. 6 line 3), or N for L-SSR1-TR."""
+    if full:
+        return int(N)
+    return int(min(math.ceil(factor * n_b - 1e-9), cap, N))
+
+
+def batch_rule(n_b: int, N: int, f_new: float, f_K: float, R_sum: float, gamma1: float, gamma2: float,
+               zeta: float) -> tuple[int, float, bool]:
+    """Alg. 6 lines 5–11: double n_b when f̂(w) − f̂_K ≥ −γ₁ + γ₂ ΣR_j. Returns (n_b, ζ, doubled).
+
+    A non-finite f̂(w) counts as no progress (double); a non-finite f̂_K (no previous check) never
+    doubles. ζ becomes 0 once n_b = N.
+    """
+    doubled = False
+    if math.isfinite(f_K) and (not math.isfinite(f_new) or f_new - f_K >= -gamma1 + gamma2 * R_sum):
+        n_b = min(2 * n_b, N)
+        doubled = True
+        if n_b == N:
+            zeta = 0.0
+    return n_b, zeta, doubled
+
+
+# --------------------------------------------------------------------------------------------
+# state and optimizer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MBLSR1State:
+    """Checkpointable state (arrays and scalars; ``memory`` is :meth:`PairMemory.state`).
+
+    v, s: momentum and the last step; delta: radius δ; rho_hat, T: averaged ratio of Alg. 5;
+    zeta: current ζ (set to 0 when n_b reaches N); n_b: current batch size; f_K: last progress
+    value f̂_K (inf before the first check); R_sum: Σ R_j since that check; k: iteration;
+    restarts: L-SR1 restarts so far (Alg. 4 line 12 and Alg. 3); converged: ExitCheck said stop.
+    """
+
+    memory: dict
+    v: Any
+    s: Any
+    delta: float
+    rho_hat: float = 0.0
+    T: float = 0.0
+    zeta: float = 1.0
+    n_b: int = 128
+    f_K: float = math.inf
+    R_sum: float = 0.0
+    k: int = 0
+    restarts: int = 0
+    converged: bool = False
+
+
+@register("mb-lsr1")
+class MBLSR1(Optimizer):
+    """MB-LSR1 ([MB] Algorithm 1). Defaults (source):
+
+    memory m = 16, batch n_b = 128, δ₀ = 10⁻⁴ ([MB] Table 2: smallest m, batch of the grid,
+    largest δ₀); ζ = 1 ([MB] §4 "we found good performance by simply setting ζ = 1");
+    progress sample min(1.1n_b, 5000) ([MB] Alg. 6); radius thresholds 0.1 / 0.5 / ×2 ([MB] Alg. 5);
+    μ = 0.9 ([MB] Table 2 momentum grid, footnote 3). Not given in the paper (our choices):
+    m̂ = 0 (vanilla restart), τ = 0, K = 10, γ₁ = 0, γ₂ = 0.1 (Theorem 4.1 needs
+    0 ≤ γ₁, γ₂ ≤ 1, γ₁ + γ₂ > 0), η = 0.1, α_s = 1, ξ = 10⁻⁸, ε = 10⁻⁵, c₁ = 10⁻⁴ and
+    backtracking by ½ ([NW06] Alg. 3.1), B₀ = γI with γ = 1 ("initial matrix being I", Alg. 4),
+    SR1 skip r = 10⁻⁸ ([NW06] 6.26), warm start: option II, r = 0.01, ε = 10⁻³ ([SQN] code).
+    """
+
+    family: ClassVar[str] = "trust-region"
+    paper: ClassVar[str] = "Griffin, Jahani, Takáč, Yektamaram & Zhou, MB-LSR1, Algorithms 1–6"
+    _full_progress: ClassVar[bool] = False
+
+    def __init__(self, memory: int = 16, batch_size: int = 128, delta0: float = 1e-4, restart_memory: int = 0,
+                 tau: float = 0.0, K: int = 10, gamma1: float = 0.0, gamma2: float = 0.1, zeta: float = 1.0,
+                 mu: float = 0.9, alpha_s: float = 1.0, eta: float = 0.1, xi: float = 1e-8, eps: float = 1e-5,
+                 c1: float = 1e-4, shrink: float = 0.5, max_evals: int = 30, gamma: float = 1.0,
+                 sr1_r: float = 1e-8, progress_factor: float = 1.1, progress_cap: int = 5000,
+                 radius_low: float = 0.1, radius_high: float = 0.5, radius_increase: float = 2.0,
+                 delta_min: float = 1e-12, rho_floor: float = -1.0, warm_option: str = "II",
+                 warm_radius: float = 0.01, warm_eps: float = 1e-3):
+        self.memory = check_int("memory", memory)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.delta0 = check_positive("delta0", delta0)
+        rm = int(restart_memory)
+        if rm != restart_memory or not (rm == -1 or 0 <= rm <= self.memory):
+            raise ValueError(f"restart_memory (m̂) must be -1 (off), 0 (restart) or 1…memory (warm start), got {restart_memory!r}")
+        self.restart_memory = rm
+        self.tau = float(tau)
+        if not math.isfinite(self.tau):
+            raise ValueError(f"tau must be finite, got {tau}")
+        self.K = check_int("K", K)
+        self.gamma1 = check_range("gamma1", gamma1, 0.0, 1.0)
+        self.gamma2 = check_range("gamma2", gamma2, 0.0, 1.0)
+        self.zeta = check_range("zeta", zeta, 0.0, 1.0)
+        self.mu = check_range("mu", mu, 0.0, 1.0, hi_open=True)
+        self.alpha_s = check_range("alpha_s", alpha_s, 0.0, 1.0)
+        self.eta = check_range("eta", eta, 0.0, 1.0)
+        self.xi = check_positive("xi", xi, allow_zero=True)
+        self.eps = check_positive("eps", eps, allow_zero=True)
+        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.max_evals = check_int("max_evals", max_evals)
+        self.gamma = check_positive("gamma", gamma)
+        self.sr1_r = check_range("sr1_r", sr1_r, 0.0, 1.0, lo_open=True, hi_open=True)
+        if not (progress_factor >= 1.0 and math.isfinite(progress_factor)):
+            raise ValueError(f"progress_factor must be finite and >= 1, got {progress_factor}")
+        self.progress_factor = float(progress_factor)
+        self.progress_cap = check_int("progress_cap", progress_cap)
+        self.radius_low = check_range("radius_low", radius_low, -math.inf, math.inf)
+        self.radius_high = check_range("radius_high", radius_high, self.radius_low, math.inf)
+        if not (radius_increase > 1.0 and math.isfinite(radius_increase)):
+            raise ValueError(f"radius_increase must be finite and > 1, got {radius_increase}")
+        self.radius_increase = float(radius_increase)
+        self.delta_min = check_positive("delta_min", delta_min)
+        if self.delta_min > self.delta0:
+            raise ValueError(f"delta_min={delta_min} exceeds delta0={delta0}")
+        rf = float(rho_floor)
+        if not math.isfinite(rf):
+            raise ValueError(f"rho_floor must be finite (ρ̂ averages it), got {rho_floor}")
+        self.rho_floor = rf
+        if warm_option not in OPTIONS:
+            raise ValueError(f"warm_option must be 'I' or 'II', got {warm_option!r}")
+        self.warm_option = warm_option
+        self.warm_radius = check_positive("warm_radius", warm_radius)
+        self.warm_eps = check_positive("warm_eps", warm_eps, allow_zero=True)
+
+    # -- state ------------------------------------------------------------------------------
+    def init(self, theta: Any) -> MBLSR1State:
+        xp = backend.namespace(theta)
+        mem = PairMemory.like(theta, self.memory)
+        return MBLSR1State(memory=mem.state(), v=xp.zeros_like(theta), s=xp.zeros_like(theta),
+                           delta=self.delta0, zeta=self.zeta, n_b=self.batch_size)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _compact(self, mem: PairMemory) -> LSR1Compact | None:
+        return LSR1Compact(mem.S, mem.Y, self.gamma) if mem.count else None
+
+    def _tr_step(self, g: Any, mem: PairMemory, delta: float):
+        """p* of the L-SR1 trust-region subproblem with the latest pairs (Alg. 4 line 3)."""
+        xp = backend.namespace(g)
+        B = self._compact(mem)
+        if B is None:
+            n = int(g.shape[0])
+            Psi, M = xp.zeros((n, 0), dtype=g.dtype), xp.zeros((0, 0), dtype=g.dtype)
+        else:
+            Psi, M = B.Psi, B.M
+        return solve_lsr1_subproblem(g, self.gamma, Psi, M, delta)
+
+    def _store(self, mem: PairMemory, s: Any, y: Any) -> int:
+        """Classic update (Alg. 3 lines 10–12) with the SR1 skip rule; returns 1 if skipped."""
+        B = self._compact(mem)
+        Bs = self.gamma * s if B is None else B.matvec(s)
+        if sr1_skip(s, y, Bs, self.sr1_r):
+            return 1
+        mem.push(s, y)
+        mem.remove_oldest(lsr1_prune_count(mem.S, mem.Y, self.gamma))
+        return 0
+
+    def _warm_start(self, mem: PairMemory, point: Point, problem: Problem) -> int:
+        """Alg. 3 lines 3–5: replace the pairs by m̂ pairs sampled around w ([SQN] Alg. 1)."""
+        pairs = sample_curvature_pairs(point, problem.device_rng, self.restart_memory, self.warm_radius,
+                                       option=self.warm_option, kind="lsr1", eps=self.warm_eps,
+                                       gamma=self.gamma)
+        mem.clear()
+        for i in range(pairs.kept):
+            mem.push(pairs.S[i], pairs.Y[i])
+        if mem.count:
+            mem.remove_oldest(lsr1_prune_count(mem.S, mem.Y, self.gamma))
+        return pairs.evals
+
+    def update_sy(self, mem: PairMemory, s: Any, y: Any | None, rho: float, point: Point | None,
+                  problem: Problem) -> tuple[str, int, int]:
+        """Algorithm 3. Returns (action, skipped, extra forward passes).
+
+        action: "restart" (m̂ = 0), "warm" (m̂ > 0), "push", "skip" (SR1 rule or no usable pair).
+        """
+        if rho < self.tau and self.restart_memory >= 0:
+            if self.restart_memory == 0 or point is None:
+                mem.clear()
+                return "restart", 0, 0
+            return "warm", 0, self._warm_start(mem, point, problem)
+        if y is None:
+            return "skip", 1, 0
+        skipped = self._store(mem, s, y)
+        return ("skip" if skipped else "push"), skipped, 0
+
+    # -- one iteration ------------------------------------------------------------------------
+    def step(self, theta: Any, state: MBLSR1State, problem: Problem) -> tuple[Any, MBLSR1State, StepInfo]:
+        N = problem.n_samples
+        n_b = min(state.n_b, N)
+        if state.converged:
+            return theta, state, StepInfo(accepted=False, batch_size=0, radius=state.delta,
+                                          extra={"converged": True})
+        obj = problem.batch(n_b)
+        p0 = try_point(obj, theta)
+        if p0 is None or not backend.all_finite(p0.grad):
+            return theta, state, StepInfo(accepted=False, nonfinite=True, evals=1, batch_size=n_b,
+                                          radius=state.delta)
+        g, f0 = p0.grad, p0.value
+        g_norm = math.sqrt(float(g @ g))
+        mem = PairMemory.from_state(state.memory)
+        delta = state.delta
+        evals = 1
+        restarts = 0
+        fallback = False
+
+        # ---- getStep (Alg. 4) ----
+        while True:
+            sol = self._tr_step(g, mem, delta)
+            p, v = hybrid_direction(sol.p, g, state.v, state.s, delta, eta=self.eta, mu=self.mu,
+                                    alpha_s=self.alpha_s)
+            gp = float(p @ g)
+            p_norm = math.sqrt(float(p @ p))
+            if not restart_test(gp, p_norm, g_norm, self.xi):
+                break
+            if restarts == 0 and mem.count:
+                mem.clear()  # "restart LSR1 with initial matrix being I", then getStep again
+                restarts += 1
+                continue
+            if restarts == 0:
+                restarts += 1  # nothing to clear: restarting would give the same p
+            if g_norm > 0.0:  # safeguard: steepest descent within the radius
+                p = g * (-min(1.0, delta / g_norm))
+                gp, p_norm, fallback = float(p @ g), min(g_norm, delta), True
+            break
+
+        trials: dict[float, Point | None] = {}
+
+        def at(alpha: float, d: Any) -> Point | None:
+            return try_point(obj, theta + alpha * d)
+
+        def phi(alpha: float) -> float:
+            if alpha not in trials:
+                trials[alpha] = at(alpha, p)
+            q = trials[alpha]
+            return math.inf if q is None else q.value
+
+        ls = backtracking_armijo(phi, f0, gp, alpha0=1.0, c1=self.c1, shrink=self.shrink,
+                                 max_evals=self.max_evals)
+        evals += ls.n_evals
+        q_new: Point | None = None
+        y = None
+        if ls.success:
+            s = ls.alpha * p
+            q_new = trials[ls.alpha]
+            g_new = q_new.grad
+            if backend.all_finite(g_new):
+                y = g_new - g
+            theta_new, f_new = theta + s, ls.value
+        else:
+            s = backend.namespace(theta).zeros_like(theta)
+            theta_new, f_new = theta, f0
+        s_norm = math.sqrt(float(s @ s))
+
+        # R = f̂(w + p*) − f̂(w) and ρ = R / Q(p*)  (Alg. 4 lines 17–18)
+        if ls.success and ls.alpha == 1.0 and not fallback and bool((p == sol.p).all()):
+            f_star = f_new
+        else:
+            q_star = try_point(obj, theta + sol.p)
+            evals += 1
+            f_star = q_star.value if q_star is not None else math.nan
+        R = f_star - f0
+        rho = max(reduction_ratio(-R, sol.pred), self.rho_floor)  # ared/pred (−inf → floor)
+
+        # ---- ExitCheck (Alg. 2) ----
+        converged = False
+        if g_norm <= self.eps:
+            full = problem.full()
+            pf = try_point(full, theta_new)
+            evals += 1
+            if pf is not None and math.sqrt(float(pf.grad @ pf.grad)) <= self.eps:
+                converged = True
+
+        # ---- getRadius (Alg. 5) ----
+        new_delta, rho_hat, T = get_radius(delta, s_norm, rho, state.zeta, state.rho_hat, state.T,
+                                           low=self.radius_low, high=self.radius_high,
+                                           increase=self.radius_increase, delta_min=self.delta_min)
+
+        # ---- updateSY (Alg. 3) ----
+        sy_point = q_new if q_new is not None else p0
+        action, skipped, warm_evals = self.update_sy(mem, s, y, rho, sy_point, problem)
+        evals += warm_evals
+        if action in ("restart", "warm"):
+            restarts += 1
+
+        # ---- getBatch (Alg. 6) ----
+        R_sum = state.R_sum + (R if math.isfinite(R) else 0.0)
+        f_K, zeta, n_next = state.f_K, state.zeta, n_b
+        progress = state.k % self.K == 0
+        doubled = False
+        f_check = math.nan
+        if progress:
+            size = progress_sample_size(n_b, N, factor=self.progress_factor, cap=self.progress_cap,
+                                        full=self._full_progress)
+            hobj = problem.sample(size)
+            ph = try_point(hobj, theta_new)
+            evals += 1
+            f_check = ph.value if ph is not None else math.nan
+            n_next, zeta, doubled = batch_rule(n_b, N, f_check, f_K, R_sum, self.gamma1, self.gamma2, zeta)
+            f_K = f_check if math.isfinite(f_check) else math.inf
+            R_sum = 0.0
+
+        new_state = MBLSR1State(memory=mem.state(), v=v, s=s, delta=new_delta, rho_hat=rho_hat, T=T,
+                                zeta=zeta, n_b=n_next, f_K=f_K, R_sum=R_sum, k=state.k + 1,
+                                restarts=state.restarts + restarts, converged=converged)
+        info = StepInfo(loss=f_new, loss_start=f0, accepted=bool(ls.success), step_norm=s_norm, radius=new_delta,
+                        step_size=ls.alpha, skipped=skipped, evals=evals, batch_size=n_b,
+                        nonfinite=any(q is None for q in trials.values()),
+                        extra={"rho": rho, "rho_hat": rho_hat, "R": R, "pred": sol.pred, "sigma": sol.sigma,
+                               "pairs": mem.count, "restarts": restarts, "sy_action": action,
+                               "fallback_gradient": fallback, "progress_check": progress,
+                               "progress_value": f_check, "batch_doubled": doubled, "n_b_next": n_next,
+                               "converged": converged, "ls_message": ls.message})
+        return theta_new, new_state, info
+
+
+@register("lssr1-tr")
+class LSSR1TR(MBLSR1):
+    """L-SSR1-TR (Erway, Griffin, Marcia & Omheni 2019) as MB-LSR1's special case ([MB] §3):
+    m̂ = −1 (no restart/warm start in updateSY), γ₂ = η = ζ = 0 and the progress check on all N
+    examples. These are fixed; the other hyperparameters are MB-LSR1's, except γ₁ = 10⁻³ (with
+    γ₂ = 0 Theorem 4.1 needs γ₁ > 0; the value is our choice)."""
+
+    paper: ClassVar[str] = "Griffin et al. MB-LSR1 §3 (special case); Erway et al. 2019"
+    _full_progress: ClassVar[bool] = True
+
+    def __init__(self, memory: int = 16, batch_size: int = 128, delta0: float = 1e-4, K: int = 10,
+                 gamma1: float = 1e-3, mu: float = 0.9, xi: float = 1e-8, eps: float = 1e-5, c1: float = 1e-4,
+                 shrink: float = 0.5, max_evals: int = 30, gamma: float = 1.0, sr1_r: float = 1e-8,
+                 radius_low: float = 0.1, radius_high: float = 0.5, radius_increase: float = 2.0,
+                 delta_min: float = 1e-12, rho_floor: float = -1.0):
+        super().__init__(memory=memory, batch_size=batch_size, delta0=delta0, restart_memory=-1, K=K,
+                         gamma1=gamma1, gamma2=0.0, zeta=0.0, mu=mu, alpha_s=1.0, eta=0.0, xi=xi, eps=eps,
+                         c1=c1, shrink=shrink, max_evals=max_evals, gamma=gamma, sr1_r=sr1_r,
+                         radius_low=radius_low, radius_high=radius_high, radius_increase=radius_increase,
+                         delta_min=delta_min, rho_floor=rho_floor)

@@ -1,0 +1,405 @@
+"""Sampled quasi-Newton methods: S-LBFGS and S-LSR1 ("forget the past, just sample").
+
+[SQN] A. S. Berahas, M. Jahani, M. Takáč, "Quasi-Newton methods for deep learning: forget the
+past, just sample", arXiv:1901.09997 / OPT 2019 poster (Algorithms 1–3); reference code
+OptMLGroup/SQN (``sampleSY.py``, ``S_LBFGS.py``, ``S_LSR1.py``, ``parameters.py``) [SQN-code].
+
+Instead of the pairs (wₖ − wₖ₋₁, ∇fₖ − ∇fₖ₋₁) of classical L-BFGS / L-SR1, every iteration draws
+m fresh pairs around the current iterate w (Algorithm 1)::
+
+    sᵢ = r σᵢ,  σᵢ ~ N(0, I)                       (directions, i = 1 … m)
+    option I :  yᵢ = ∇F(w + sᵢ) − ∇F(w)              (m gradient evaluations)
+    option II:  yᵢ = ∇²F(w) sᵢ                       (m Hessian-vector products, point.hvp)
+
+and keeps the pairs that pass the method's curvature-pair filter:
+
+    S-LBFGS, eq. (1):  sᵢᵀyᵢ > ε ‖sᵢ‖²                (``lbfgs_test="ss"``, the poster/paper form)
+                       sᵢᵀyᵢ > ε ‖sᵢ‖ ‖yᵢ‖            (``lbfgs_test="cosine"``, [SQN-code] sampleSY.py)
+    S-LSR1,  eq. (2):  |sᵢᵀ(yᵢ − Bsᵢ)| ≥ ε ‖sᵢ‖ ‖yᵢ − Bsᵢ‖, B built from the pairs accepted so far
+                       (sequential, as [SQN-code] sampleSY.py; B₀ = γI with γ = 0 there)
+
+S-LBFGS (Algorithm 2) then steps along p = −H∇F(w) with a backtracking Armijo line search;
+S-LSR1 (Algorithm 3) solves the L-SR1 trust-region subproblem exactly
+(:func:`~qnref.optim.trust_region.solve_lsr1_subproblem`) and accepts by ρ = ared/pred.
+No pair survives an iteration, so the state holds only the radius and a counter; the directions
+come from ``problem.device_rng`` (checkpointed with the problem), so runs are reproducible.
+
+The pair sampler :func:`sample_curvature_pairs` is shared with MB-LSR1's warm start
+(:mod:`qnref.optim.mb_lsr1`, updateSY with m̂ = m).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .. import backend
+from ..curvature.objective import Objective, Point
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .compact import SINGULAR_RTOL, lbfgs_two_loop, lsr1_prune_count, sr1_skip
+from .linesearch import backtracking_armijo
+from .registry import register
+from .trust_region import RadiusRule, reduction_ratio, solve_lsr1_subproblem
+
+__all__ = [
+    "SampledPairs",
+    "sample_directions",
+    "curvature_products",
+    "lbfgs_pair_mask",
+    "lsr1_pair_filter",
+    "lsr1_middle",
+    "sample_curvature_pairs",
+    "SampledState",
+    "SampledLBFGS",
+    "SampledLSR1",
+]
+
+OPTIONS = ("I", "II")
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm 1: sampling curvature pairs
+# --------------------------------------------------------------------------------------------
+def sample_directions(rng: Any, theta: Any, m: int, radius: float) -> Any:
+    """S (m × n, rows sᵢ = r σᵢ, σᵢ ~ N(0, I)) drawn from ``rng`` on θ's backend and dtype.
+
+    ``rng`` is ``problem.device_rng`` (a NumPy or CuPy generator, checkpointed by
+    :meth:`Problem.state`); [SQN-code] ``Stemp = radius*np.random.randn(num_weights, mmr)``.
+    """
+    n = int(theta.shape[0])
+    Z = rng.standard_normal((int(m), n), dtype=theta.dtype)
+    xp = backend.namespace(theta)
+    return xp.asarray(Z) * float(radius)
+
+
+def curvature_products(point: Point, S: Any, option: str) -> tuple[Any, Any, int]:
+    """Y (rows yᵢ) for the directions S at ``point``; also a host mask of usable rows and the
+    number of forward passes spent.
+
+    option "I":  yᵢ = ∇F(w + sᵢ) − ∇F(w) on ``point``'s batch (m gradient evaluations); a trial
+                 point with a non-finite loss/gradient gives an unusable row (never NaN in Y).
+    option "II": yᵢ = ∇²F(w) sᵢ by Pearlmutter's R-op (m Hessian-vector products, exact).
+    """
+    xp = point.xp
+    m = int(S.shape[0])
+    Y = xp.zeros_like(S)
+    ok = [False] * m
+    evals = 0
+    if option == "II":
+        for i in range(m):
+            hv = point.hvp(S[i])
+            if backend.all_finite(hv):
+                Y[i] = hv
+                ok[i] = True
+        return Y, ok, 0
+    if option != "I":
+        raise ValueError(f"option must be 'I' or 'II', got {option!r}")
+    g = point.grad
+    for i in range(m):
+        q = try_point(point.obj, point.theta + S[i])
+        evals += 1
+        if q is None:
+            continue
+        d = q.grad - g
+        if backend.all_finite(d):
+            Y[i] = d
+            ok[i] = True
+    return Y, ok, evals
+
+
+def lbfgs_pair_mask(S: Any, Y: Any, eps: float, test: str = "ss") -> list[bool]:
+    """The S-LBFGS curvature-pair filter, row by row.
+
+    ``test="ss"``: sᵢᵀyᵢ > ε‖sᵢ‖² ([SQN] eq. (1), Lemma 7); ``test="cosine"``:
+    sᵢᵀyᵢ > ε‖sᵢ‖‖yᵢ‖ ([SQN-code] sampleSY.py). Non-finite rows fail.
+    """
+    xp = backend.namespace(S, Y)
+    sy = backend.to_numpy((S * Y).sum(axis=1))
+    ss = backend.to_numpy((S * S).sum(axis=1))
+    if test == "ss":
+        bound = eps * ss
+    elif test == "cosine":
+        yy = backend.to_numpy((Y * Y).sum(axis=1))
+        bound = eps * (ss * yy) ** 0.5
+    else:
+        raise ValueError(f"lbfgs_test must be 'ss' or 'cosine', got {test!r}")
+    del xp
+    return [bool(math.isfinite(a) and math.isfinite(b) and a > b) for a, b in zip(sy, bound)]
+
+
+def lsr1_middle(S: Any, Y: Any, gamma: float, rtol: float = SINGULAR_RTOL) -> tuple[Any, Any] | None:
+    """(Ψ rows, M) of B = γI + ΨᵀM Ψ for row-stored pairs, or ``None`` when M⁻¹ is (near) singular.
+
+    Ψ = Y − γS, M = (D + L + Lᵀ − γSSᵀ)⁻¹ (D, L from S Yᵀ) — the compact L-SR1 form of
+    [BNS94] Thm 5.1, here valid for γ = 0 too (then B = Y (D + L + Lᵀ)⁻¹ Yᵀ, the B₀ = 0 form of
+    [SQN-code] S_LSR1.py, which :class:`~qnref.optim.compact.LSR1Compact` does not accept).
+    """
+    xp = backend.namespace(S, Y)
+    SY = S @ Y.T
+    L = xp.tril(SY, -1)
+    Minv = xp.diag(xp.diag(SY)) + L + L.T - gamma * (S @ S.T)
+    ev = backend.to_numpy(xp.abs(xp.linalg.eigvalsh(Minv)))
+    big = float(ev.max()) if ev.size else 0.0
+    if not (math.isfinite(big) and big > 0 and float(ev.min()) > rtol * big):
+        return None
+    M = xp.linalg.solve(Minv, xp.eye(S.shape[0], dtype=S.dtype))
+    return Y - gamma * S, 0.5 * (M + M.T)
+
+
+def lsr1_pair_filter(S: Any, Y: Any, gamma: float, eps: float, ok: list[bool] | None = None) -> list[int]:
+    """Indices of the pairs kept by the sequential SR1 condition ([SQN] eq. (2)).
+
+    Pair i is tested against B built (compact form, B₀ = γI) from the pairs kept before it:
+    kept iff |sᵢᵀ(yᵢ − Bsᵢ)| ≥ ε‖sᵢ‖‖yᵢ − Bsᵢ‖ (:func:`~qnref.optim.compact.sr1_skip` with r = ε)
+    and the enlarged middle matrix stays nonsingular.
+    """
+    kept: list[int] = []
+    mid = None
+    for i in range(int(S.shape[0])):
+        if ok is not None and not ok[i]:
+            continue
+        s, y = S[i], Y[i]
+        if kept:
+            P, M = mid
+            Bs = gamma * s + P.T @ (M @ (P @ s))
+        else:
+            Bs = gamma * s
+        if sr1_skip(s, y, Bs, eps):
+            continue
+        cand = lsr1_middle(S[kept + [i]], Y[kept + [i]], gamma)
+        if cand is None:
+            continue
+        kept.append(i)
+        mid = cand
+    return kept
+
+
+@dataclass
+class SampledPairs:
+    """Pairs kept at one iterate: ``S``, ``Y`` rows (k × n), counts and the passes spent."""
+
+    S: Any
+    Y: Any
+    sampled: int
+    kept: int
+    evals: int
+
+    @property
+    def rejected(self) -> int:
+        return self.sampled - self.kept
+
+
+def sample_curvature_pairs(point: Point, rng: Any, m: int, radius: float, *, option: str = "II",
+                           kind: str = "lsr1", eps: float = 1e-3, gamma: float = 0.0,
+                           lbfgs_test: str = "ss") -> SampledPairs:
+    """[SQN] Algorithm 1 plus the filter of ``kind`` ("lbfgs": eq. (1); "lsr1": eq. (2))."""
+    if kind not in ("lbfgs", "lsr1"):
+        raise ValueError(f"kind must be 'lbfgs' or 'lsr1', got {kind!r}")
+    S = sample_directions(rng, point.theta, m, radius)
+    Y, ok, evals = curvature_products(point, S, option)
+    if kind == "lbfgs":
+        mask = lbfgs_pair_mask(S, Y, eps, lbfgs_test)
+        idx = [i for i in range(m) if mask[i] and ok[i]]
+    else:
+        idx = lsr1_pair_filter(S, Y, gamma, eps, ok)
+    return SampledPairs(S[idx], Y[idx], m, len(idx), evals)
+
+
+# --------------------------------------------------------------------------------------------
+# the optimizers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SampledState:
+    """k: iterations; delta: trust-region radius (S-LSR1; NaN for S-LBFGS)."""
+
+    k: int = 0
+    delta: float = math.nan
+
+
+class _SampledQN(Optimizer):
+    """Shared part: batch, start point, pair sampling, hyperparameter checks."""
+
+    family: ClassVar[str] = "quasi-newton"
+    paper: ClassVar[str] = "Berahas, Jahani & Takáč (2019) arXiv:1901.09997, Alg. 1–3; OptMLGroup/SQN"
+    _kind: ClassVar[str] = ""
+
+    def __init__(self, memory: int, radius: float, option: str, eps: float, batch_size: int | None, tol: float):
+        self.memory = check_int("memory", memory)
+        self.radius = check_positive("radius", radius)
+        if option not in OPTIONS:
+            raise ValueError(f"option must be 'I' (gradient differences) or 'II' (Hessian products), got {option!r}")
+        self.option = option
+        self.eps = check_positive("eps", eps, allow_zero=True)
+        self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
+        self.tol = check_positive("tol", tol, allow_zero=True)
+
+    def _begin(self, theta: Any, problem: Problem) -> tuple[Objective, Point | None, float]:
+        obj = problem.full() if self.batch_size is None else problem.batch(self.batch_size)
+        p0 = try_point(obj, theta)
+        if p0 is None or not backend.all_finite(p0.grad):
+            return obj, None, math.nan
+        return obj, p0, math.sqrt(float(p0.grad @ p0.grad))
+
+    @staticmethod
+    def _stay(theta: Any, state: Any, obj: Objective, loss: float, **extra: Any) -> tuple[Any, Any, StepInfo]:
+        info = StepInfo(loss=loss, loss_start=loss, accepted=False, nonfinite=not math.isfinite(loss), evals=1,
+                        batch_size=obj.n_samples, extra=dict(extra))
+        return theta, state, info
+
+    def _pairs(self, p0: Point, problem: Problem, gamma: float = 0.0) -> SampledPairs:
+        return sample_curvature_pairs(p0, problem.device_rng, self.memory, self.radius, option=self.option,
+                                      kind=self._kind, eps=self.eps, gamma=gamma,
+                                      lbfgs_test=getattr(self, "lbfgs_test", "ss"))
+
+
+@register("s-lbfgs")
+class SampledLBFGS(_SampledQN):
+    """S-LBFGS ([SQN] Algorithm 2): fresh pairs at wₖ, p = −Hₖ∇F(wₖ), Armijo backtracking.
+
+    Hₖ: two-loop recursion over the kept pairs with H₀ = γI, γ = sᵀy/yᵀy of the newest kept pair
+    ([SQN-code] S_LBFGS.py); Hₖ = I when no pair passes the filter ([SQN] Lemma 7).
+    Defaults ([SQN-code] parameters.py / S_LBFGS.py): m = 10, r = 0.01, ε = 10⁻³, option II,
+    α₀ = 2 each iteration, c₁ = 10⁻⁴, backtracking factor 0.5; full batch (the poster's toy runs).
+    Cost per iteration (poster table): nd (gradient) + mnd (pairs) + 4md (two-loop) + κ_ls nd.
+    """
+
+    _kind: ClassVar[str] = "lbfgs"
+
+    def __init__(self, memory: int = 10, radius: float = 0.01, option: str = "II", eps: float = 1e-3,
+                 lbfgs_test: str = "ss", alpha0: float = 2.0, c1: float = 1e-4, shrink: float = 0.5,
+                 max_evals: int = 40, batch_size: int | None = None, tol: float = 0.0):
+        super().__init__(memory, radius, option, eps, batch_size, tol)
+        if lbfgs_test not in ("ss", "cosine"):
+            raise ValueError(f"lbfgs_test must be 'ss' or 'cosine', got {lbfgs_test!r}")
+        self.lbfgs_test = lbfgs_test
+        self.alpha0 = check_positive("alpha0", alpha0)
+        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.max_evals = check_int("max_evals", max_evals)
+
+    def init(self, theta: Any) -> SampledState:
+        return SampledState()
+
+    def step(self, theta: Any, state: SampledState, problem: Problem) -> tuple[Any, SampledState, StepInfo]:
+        obj, p0, gnorm = self._begin(theta, problem)
+        if p0 is None:
+            return self._stay(theta, state, obj, math.nan)
+        f0, g = p0.value, p0.grad
+        if gnorm <= self.tol:
+            return self._stay(theta, state, obj, f0, converged=True)
+        pairs = self._pairs(p0, problem)
+        fallback = False
+        if pairs.kept:
+            s, y = pairs.S[-1], pairs.Y[-1]
+            gam = float(s @ y) / float(y @ y)
+            d = -lbfgs_two_loop(g, pairs.S, pairs.Y, gam)
+        else:
+            d = -g
+        slope = float(g @ d)
+        if not (math.isfinite(slope) and slope < 0.0):  # safeguard: never a non-descent direction
+            d, slope, fallback = -g, -gnorm * gnorm, True
+        trials: dict[float, Point | None] = {}
+
+        def phi(alpha: float) -> float:
+            q = trials.setdefault(alpha, try_point(obj, theta + alpha * d))
+            return math.inf if q is None else q.value
+
+        ls = backtracking_armijo(phi, f0, slope, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
+                                 max_evals=self.max_evals)
+        extra = {"pairs_kept": pairs.kept, "pairs_rejected": pairs.rejected, "fallback_gradient": fallback,
+                 "ls_evals": ls.n_evals, "ls_message": ls.message}
+        info = StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, skipped=pairs.rejected,
+                        evals=1 + pairs.evals + ls.n_evals, batch_size=obj.n_samples, extra=extra,
+                        nonfinite=any(q is None for q in trials.values()))
+        new_state = SampledState(state.k + 1, state.delta)
+        if not ls.success:
+            return theta, new_state, info
+        info.accepted, info.loss, info.step_size = True, ls.value, ls.alpha
+        info.step_norm = ls.alpha * math.sqrt(float(d @ d))
+        return theta + ls.alpha * d, new_state, info
+
+
+@register("s-lsr1")
+class SampledLSR1(_SampledQN):
+    """S-LSR1 ([SQN] Algorithm 3): fresh pairs at wₖ, exact L-SR1 trust-region step, ρ test.
+
+    Bₖ = γI + ΨMΨᵀ from the kept pairs (γ = 0 by default: [SQN-code] S_LSR1.py builds
+    B = Y(D + L + Lᵀ)⁻¹Yᵀ); Bₖ = I when no pair passes ([SQN] Lemma 10). The step solves
+    min gᵀp + ½pᵀBp, ‖p‖ ≤ Δ exactly (OBS, :func:`solve_lsr1_subproblem`; the code uses
+    CG-Steihaug); accepted iff ρ = ared/pred > η, radius by :class:`RadiusRule`.
+    Defaults ([SQN-code]): m = 10, r = 0.01, ε = 10⁻³, η = 10⁻⁶, Δ₀ = 1 (S_LSR1.py sets
+    ``deltak = 1``), Δ ← 2Δ if ρ > 0.75, Δ ← Δ/2 if ρ < 0.1 (no boundary condition:
+    ``boundary_fraction = 0``); option II; full batch.
+    Cost per iteration (poster table): nd + mnd + nd + κ_tr md (here the OBS solve, O(m²d)).
+    """
+
+    _kind: ClassVar[str] = "lsr1"
+
+    def __init__(self, memory: int = 10, radius: float = 0.01, option: str = "II", eps: float = 1e-3,
+                 gamma: float = 0.0, delta0: float = 1.0, eta: float = 1e-6, u: float = 0.75, l: float = 0.1,  # noqa: E741
+                 increase: float = 2.0, decrease: float = 0.5, boundary_fraction: float = 0.0,
+                 delta_max: float = math.inf, delta_min: float = 1e-12, batch_size: int | None = None,
+                 tol: float = 0.0):
+        super().__init__(memory, radius, option, eps, batch_size, tol)
+        self.gamma = check_positive("gamma", gamma, allow_zero=True)
+        self.delta0 = check_positive("delta0", delta0)
+        self.eta = check_range("eta", eta, 0.0, 1.0, hi_open=True)
+        self.l = check_range("l", l, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.u = check_range("u", u, l, 1.0, lo_open=True, hi_open=True)
+        if not (increase > 1 and math.isfinite(increase)):
+            raise ValueError(f"increase must be finite and > 1, got {increase}")
+        self.increase = float(increase)
+        self.decrease = check_range("decrease", decrease, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.boundary_fraction = check_range("boundary_fraction", boundary_fraction, 0.0, 1.0)
+        if not delta_max > 0:
+            raise ValueError(f"delta_max must be > 0, got {delta_max}")
+        self.delta_max = float(delta_max)
+        self.delta_min = check_positive("delta_min", delta_min)
+        if self.delta_min > self.delta0:
+            raise ValueError(f"delta_min={delta_min} exceeds delta0={delta0}")
+
+    @property
+    def rule(self) -> RadiusRule:
+        return RadiusRule(eta=self.eta, u=self.u, l=self.l, boundary_fraction=self.boundary_fraction,
+                          increase=self.increase, decrease=self.decrease, delta_max=self.delta_max)
+
+    def init(self, theta: Any) -> SampledState:
+        return SampledState(0, self.delta0)
+
+    def step(self, theta: Any, state: SampledState, problem: Problem) -> tuple[Any, SampledState, StepInfo]:
+        obj, p0, gnorm = self._begin(theta, problem)
+        if p0 is None:
+            return self._stay(theta, state, obj, math.nan)
+        f0, g = p0.value, p0.grad
+        if gnorm <= self.tol:
+            return self._stay(theta, state, obj, f0, converged=True, radius=state.delta)
+        pairs = self._pairs(p0, problem, self.gamma)
+        xp = p0.xp
+        n = int(theta.shape[0])
+        gam, S, Y = self.gamma, pairs.S, pairs.Y
+        mid = lsr1_middle(S, Y, gam) if pairs.kept else None
+        if pairs.kept and mid is None:  # cannot happen after the filter; prune as [RD16] Alg. 1
+            drop = lsr1_prune_count(S, Y, gam)
+            S, Y = S[drop:], Y[drop:]
+            mid = lsr1_middle(S, Y, gam) if S.shape[0] else None
+        if mid is None:
+            gam, Psi, M = 1.0, xp.zeros((n, 0), dtype=g.dtype), xp.zeros((0, 0), dtype=g.dtype)
+        else:
+            Psi, M = mid[0].T, mid[1]
+        delta = state.delta
+        sol = solve_lsr1_subproblem(g, gam, Psi, M, delta)
+        trial = try_point(obj, theta + sol.p)
+        f1 = trial.value if trial is not None else math.nan
+        rho = reduction_ratio(f0 - f1, sol.pred)
+        rule = self.rule
+        accepted = rule.accept(rho)
+        new_delta = max(rule.update(delta, rho, sol.step_norm), self.delta_min)
+        info = StepInfo(loss=f1 if accepted else f0, loss_start=f0, accepted=accepted,
+                        step_norm=sol.step_norm if accepted else 0.0, radius=new_delta,
+                        skipped=pairs.rejected, evals=2 + pairs.evals, batch_size=obj.n_samples,
+                        nonfinite=trial is None,
+                        extra={"rho": rho, "pred": sol.pred, "sigma": sol.sigma, "lambda_min": sol.lambda_min,
+                               "pairs_kept": pairs.kept, "pairs_rejected": pairs.rejected,
+                               "hard_case": sol.hard_case})
+        new_state = SampledState(state.k + 1, new_delta)
+        return (theta + sol.p if accepted else theta), new_state, info
