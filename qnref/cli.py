@@ -53,11 +53,14 @@ def make_optimizer(name: str, hyper: dict) -> Any:
     return cls(**hyper)
 
 
-def build_data(dataset: str, *, data_dir: str | None, seed: int, n_train: int | None, n_test: int | None, device: str, dtype: str, **kw):
+def build_data(dataset: str, *, data_dir: str | None, seed: int, n_train: int | None, n_test: int | None, device: str, dtype: str,
+               autoencoder: bool = False, **kw):
     from .data import load_dataset
     from .train import Data
 
     ds = load_dataset(dataset, data_dir=data_dir, seed=seed, n_train=n_train, n_test=n_test, **kw)
+    if autoencoder:
+        ds = ds.as_autoencoder()
     return ds, Data.from_dataset(ds, device=device, dtype=dtype)
 
 
@@ -177,7 +180,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     rows = []
     for seed in seeds:
         ds, data = build_data(pre.dataset, data_dir=a.data_dir, seed=seed, n_train=a.n_train, n_test=a.n_test,
-                              device=a.device, dtype=a.dtype, **pre.dataset_kwargs)
+                              device=a.device, dtype=a.dtype, autoencoder=pre.autoencoder, **pre.dataset_kwargs)
         model = build_model(pre.model, ds, **pre.model_kwargs)
         theta0 = model.init(seed, scheme=pre.init, device=a.device, dtype=a.dtype)
         for run, opt in opts:

@@ -87,3 +87,23 @@ def test_help_explains_every_option():
     assert r.returncode == 0
     for opt in ("--model", "--optimizer", "--dataset", "--epochs", "--batch-size", "--device", "--seed", "--checkpoint", "--resume", "--quiet"):
         assert opt in r.stdout
+
+
+@pytest.mark.parametrize("name", sorted(__import__("qnref.presets", fromlist=["PRESETS"]).PRESETS))
+def test_every_preset_builds(name):
+    """Every preset's optimizers, hyperparameters, data set and model are valid, and one step of
+    each run works (the full presets are run by hand; their numbers are in docs/benchmarks.md)."""
+    from qnref.cli import build_data, build_model, make_optimizer
+    from qnref.optim.base import Problem
+    from qnref.presets import PRESETS
+
+    pre = PRESETS[name]
+    ds, data = build_data(pre.dataset, data_dir=None, seed=0, n_train=None, n_test=None, device="cpu", dtype="float64",
+                          autoencoder=pre.autoencoder, **pre.dataset_kwargs)
+    model = build_model(pre.model, ds, **pre.model_kwargs)
+    theta = model.init(0, scheme=pre.init)
+    for run in pre.runs:
+        opt = make_optimizer(run.optimizer, dict(run.hyperparameters))
+        prob = Problem(model, data.loss, data.X_train, data.y_train, pre.l2, seed=0)
+        th, _, info = opt.step(theta, opt.init(theta), prob)
+        assert np.all(np.isfinite(th)), run.label
