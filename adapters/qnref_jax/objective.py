@@ -1,0 +1,319 @@
+"""qnref's objective protocol over a pure JAX model, and an optax-style wrapper of qnref optimizers.
+
+``JaxObjective(apply_fn, loss, params, X, y, l2)`` — f(θ) = loss(apply_fn(unravel(θ), X), y) +
+(λ/2)‖θ‖² where θ = ``jax.flatten_util.ravel_pytree(params)[0]`` (the pytree's leaves in
+``jax.tree_util`` order, each flattened row-major). ``loss`` is a qnref name (qnref's exact
+conventions, :func:`qnref_jax.compare.jax_loss`) or any ``loss(z, y) -> scalar``.
+``obj.at(θ)`` returns a point with ``value``, ``grad``, ``hvp(v)`` (jvp of grad), ``ggn_vp(v)``,
+``jvp``, ``vjp``, ``per_example_grads`` and ``fisher_vp`` — what qnref's optimizers use.
+:class:`JaxProblem` is qnref's :class:`~qnref.optim.base.Problem` over it (same batch stream for
+the same seed). Value, gradient and products are ``jax.jit``-compiled per batch shape.
+
+float64: the constructor calls ``jax.config.update("jax_enable_x64", True)`` (process-wide) so
+that a float64 θ stays float64; a float32 θ works too (the params' dtype decides).
+
+Copies: θ and v enter JAX with ``jnp.asarray`` (host NumPy → a JAX CPU buffer; one copy unless JAX
+can alias the host memory) or ``jax.dlpack.from_dlpack`` for CuPy arrays (zero-copy on the GPU).
+Results leave as *writable* NumPy/CuPy arrays — one copy, because JAX buffers are immutable and
+qnref optimizers may update arrays in place.
+
+``as_gradient_transformation(opt, problem_fn)`` — an optax-style ``(init, update)`` pair:
+
+* first-order methods whose step is a pure function of the gradient at θ (qnref's
+  ``FirstOrderOptimizer`` subclasses with ``_update(theta, g, state)`` and no look-ahead point:
+  SGD, momentum, Adam, RMSprop, AdaGrad, AdaDelta) use the gradient optax passes in: ``update(grads,
+  state, params)`` returns ``unravel(Δθ)``; ``params`` is required;
+* every other method (line search, trust region, quasi-Newton, HF, NAG's look-ahead, SVRG) needs to
+  re-evaluate f and draw batches, so it needs ``problem_fn`` — a :class:`JaxProblem` (or a
+  zero-argument callable returning it); ``update`` then runs one full qnref step on that problem
+  and returns ``unravel(θ_new − θ)``; the incoming gradients are ignored.
+
+Limits: ``update`` runs host-side NumPy code, so it cannot be called inside ``jax.jit`` /
+``jax.lax.scan``; the state is a Python object (not a JAX pytree) and does not go through
+``optax.chain`` transformations that map over state leaves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import numpy
+
+from qnref import backend
+from qnref.curvature.objective import NonFiniteError, PassCounter
+from qnref.optim.base import Problem
+
+from .compare import jax_loss
+from .convert import enable_x64
+
+__all__ = ["JaxObjective", "JaxPoint", "JaxProblem", "as_gradient_transformation", "GradientTransformation"]
+
+
+def _to_jax(a: Any):
+    import jax.numpy as jnp
+
+    if backend.is_cupy_array(a):
+        import jax.dlpack
+
+        return jax.dlpack.from_dlpack(a)
+    return jnp.asarray(a)
+
+
+def _from_jax(a: Any, like: Any = None) -> Any:
+    if like is not None and backend.is_cupy_array(like):
+        cp = backend.xp_for_device("gpu")
+        return cp.array(cp.from_dlpack(a))  # copy: JAX buffers are immutable
+    return numpy.array(a)  # writable host copy
+
+
+class _Funcs:
+    """The jitted functions of one (apply_fn, loss, unravel, l2)."""
+
+    def __init__(self, apply_fn: Callable, loss_fn: Callable, unravel: Callable, l2: float):
+        import jax
+
+        self.apply_fn, self.loss_fn, self.unravel, self.l2 = apply_fn, loss_fn, unravel, l2
+
+        def net(t, X):
+            return apply_fn(unravel(t), X)
+
+        def f(t, X, y):
+            v = loss_fn(net(t, X), y)
+            return v + 0.5 * l2 * (t @ t) if l2 else v
+
+        def hvp(t, v, X, y):
+            return jax.jvp(lambda s: jax.grad(f)(s, X, y), (t,), (v,))[1]
+
+        def ggn(t, v, X, y):
+            z, jv = jax.jvp(lambda s: net(s, X), (t,), (v,))
+            hjv = jax.jvp(jax.grad(lambda zz: loss_fn(zz, y)), (z,), (jv,))[1]
+            gv = jax.vjp(lambda s: net(s, X), t)[1](hjv)[0]
+            return gv + l2 * v if l2 else gv
+
+        def jvp(t, v, X):
+            return jax.jvp(lambda s: net(s, X), (t,), (v,))[1]
+
+        def vjp(t, u, X):
+            return jax.vjp(lambda s: net(s, X), t)[1](u)[0]
+
+        def pex(t, X, y):
+            return jax.vmap(jax.grad(lambda s, x, yy: loss_fn(net(s, x[None]), yy[None])), in_axes=(None, 0, 0))(t, X, y)
+
+        self.net = jax.jit(net)
+        self.value = jax.jit(f)
+        self.value_and_grad = jax.jit(jax.value_and_grad(f))
+        self.hvp, self.ggn, self.jvp, self.vjp, self.pex = (jax.jit(g) for g in (hvp, ggn, jvp, vjp, pex))
+
+
+class JaxObjective:
+    """f(θ) on a fixed batch over a pure JAX model; see the module docstring."""
+
+    def __init__(self, apply_fn: Callable, loss: Any, params: Any, X: Any, y: Any, l2: float = 0.0, *,
+                 counter: PassCounter | None = None, _funcs: _Funcs | None = None):
+        enable_x64()
+        from jax.flatten_util import ravel_pytree
+
+        if not (l2 >= 0) or l2 != l2:
+            raise ValueError(f"l2 must be a finite non-negative number, got {l2}")
+        self.apply_fn, self.loss, self.params = apply_fn, loss, params
+        self.l2 = float(l2)
+        flat, self.unravel = ravel_pytree(params)
+        self.n_params = int(flat.shape[0])
+        self.param_dtype = numpy.dtype(flat.dtype)
+        loss_fn = jax_loss(loss) if isinstance(loss, str) else loss
+        if not callable(loss_fn):
+            raise TypeError("loss must be a qnref loss name or a callable loss(z, y)")
+        self._f = _funcs if _funcs is not None else _Funcs(apply_fn, loss_fn, self.unravel, self.l2)
+        self.X, self.y = _to_jax(X), _to_jax(y)
+        if self.X.shape[0] != self.y.shape[0]:
+            raise ValueError(f"X has {self.X.shape[0]} examples but y has {self.y.shape[0]}")
+        self.counter = counter if counter is not None else PassCounter()
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    def ravel(self, params: Any) -> numpy.ndarray:
+        """Flat writable NumPy θ of a params pytree."""
+        from jax.flatten_util import ravel_pytree
+
+        return numpy.array(ravel_pytree(params)[0])
+
+    def at(self, theta: Any) -> "JaxPoint":
+        if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.n_params:
+            raise ValueError(f"theta must be a flat vector of length {self.n_params}, got shape {getattr(theta, 'shape', None)}")
+        if not backend.all_finite(theta):
+            raise NonFiniteError("theta contains NaN or Inf")
+        return JaxPoint(self, theta)
+
+    def value(self, theta):
+        return self.at(theta).value
+
+    def value_and_grad(self, theta):
+        p = self.at(theta)
+        return p.value, p.grad
+
+    def grad(self, theta):
+        return self.at(theta).grad
+
+    def hvp(self, theta, v):
+        return self.at(theta).hvp(v)
+
+    def ggn_vp(self, theta, v):
+        return self.at(theta).ggn_vp(v)
+
+    def subset(self, idx: Any) -> "JaxObjective":
+        import jax.numpy as jnp
+
+        i = jnp.asarray(numpy.asarray(backend.to_numpy(idx), dtype=numpy.int64))
+        return JaxObjective(self.apply_fn, self.loss, self.params, self.X[i], self.y[i], self.l2, counter=self.counter,
+                            _funcs=self._f)
+
+
+class JaxPoint:
+    def __init__(self, obj: JaxObjective, theta: Any):
+        self.obj, self.theta = obj, theta
+        self._t = _to_jax(theta)
+        self._value = None
+        self._grad = None
+        obj.counter.add("forward", obj.n_samples, "forward")
+
+    @property
+    def N(self) -> int:
+        return self.obj.n_samples
+
+    def _out(self, a):
+        return _from_jax(a, self.theta)
+
+    @property
+    def value(self) -> float:
+        if self._value is None:
+            self._value = float(self.obj._f.value(self._t, self.obj.X, self.obj.y))
+        return self._value
+
+    @property
+    def grad(self) -> Any:
+        if self._grad is None:
+            val, g = self.obj._f.value_and_grad(self._t, self.obj.X, self.obj.y)
+            self._value = float(val)
+            self.obj.counter.add("backward", self.N, "grad")
+            self._grad = self._out(g)
+        return self._grad
+
+    def hvp(self, v: Any) -> Any:
+        c = self.obj.counter
+        c.add("rforward", self.N), c.add("backward", self.N, "hvp"), c.add("rbackward", self.N)
+        return self._out(self.obj._f.hvp(self._t, _to_jax(v), self.obj.X, self.obj.y))
+
+    def ggn_vp(self, v: Any) -> Any:
+        self.obj.counter.add("rforward", self.N), self.obj.counter.add("backward", self.N, "ggn_vp")
+        return self._out(self.obj._f.ggn(self._t, _to_jax(v), self.obj.X, self.obj.y))
+
+    def jvp(self, v: Any) -> Any:
+        self.obj.counter.add("rforward", self.N)
+        return self._out(self.obj._f.jvp(self._t, _to_jax(v), self.obj.X))
+
+    def vjp(self, u: Any) -> Any:
+        self.obj.counter.add("backward", self.N, "vjp")
+        return self._out(self.obj._f.vjp(self._t, _to_jax(u), self.obj.X))
+
+    def per_example_grads(self) -> Any:
+        self.obj.counter.add("backward", self.N, "per_example_grads")
+        return self._out(self.obj._f.pex(self._t, self.obj.X, self.obj.y))
+
+    def fisher_vp(self, v: Any, kind: str = "empirical") -> Any:
+        if kind != "empirical":
+            raise ValueError("JaxPoint.fisher_vp supports kind='empirical' only")
+        G = self.per_example_grads()
+        vv = backend.to_numpy(v) if not backend.is_cupy_array(G) else v
+        return G.T @ (G @ vv) / self.N
+
+
+class JaxProblem(Problem):
+    """qnref's :class:`~qnref.optim.base.Problem` over a :class:`JaxObjective` (same batch stream per seed)."""
+
+    def __init__(self, apply_fn: Callable, loss: Any, params: Any, X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
+                 counter: PassCounter | None = None):
+        self._full = JaxObjective(apply_fn, loss, params, X, y, l2, counter=counter)
+        self.model = apply_fn
+        self.loss = loss
+        self.X, self.y = self._full.X, self._full.y
+        self.xp = numpy
+        self.l2 = float(l2)
+        self.train = True
+        self.counter = self._full.counter
+        self.rng = numpy.random.default_rng(seed)
+        self.device_rng = backend.default_rng(seed + 1)
+        self._perm = self.rng.permutation(self.n_samples)
+        self._pos = 0
+        self.samples_drawn = 0
+        self.epoch_passes = 0
+
+    def subset(self, idx: Any) -> JaxObjective:
+        return self._full.subset(idx)
+
+    def full(self) -> JaxObjective:
+        return self._full
+
+    def get_theta(self, params: Any = None) -> numpy.ndarray:
+        return self._full.ravel(self._full.params if params is None else params)
+
+    def unravel(self, theta: Any) -> Any:
+        return self._full.unravel(_to_jax(theta))
+
+
+class GradientTransformation(NamedTuple):
+    """optax's ``GradientTransformation`` shape: ``init(params) -> state``, ``update(updates, state, params) -> (updates, state)``."""
+
+    init: Callable
+    update: Callable
+
+
+@dataclass
+class QNRefTransformState:
+    inner: Any
+    step: int = 0
+
+
+def _pure_first_order(opt: Any) -> bool:
+    """True when a step is Δθ = _update(θ, ∇f(θ), state) (qnref's FirstOrderOptimizer driver, unchanged)."""
+    cls = type(opt)
+    if not hasattr(cls, "_update"):
+        return False
+    bases = [c for c in cls.__mro__ if "_update" in vars(c)]
+    root = bases[-1]  # the driver class that introduced the _update protocol
+    if "step" not in vars(root) or cls.step is not root.step:
+        return False
+    return "_gradient_point" not in vars(root) or cls._gradient_point is root._gradient_point
+
+
+def as_gradient_transformation(qnref_optimizer: Any, problem_fn: Any = None) -> GradientTransformation:
+    """An optax-style (init, update) pair running ``qnref_optimizer`` (see the module docstring for the limits)."""
+    from jax.flatten_util import ravel_pytree
+
+    pure = _pure_first_order(qnref_optimizer) and problem_fn is None
+    if not pure and problem_fn is None:
+        raise ValueError(f"{type(qnref_optimizer).__name__} re-evaluates the objective or draws its own batches; "
+                         "pass problem_fn (a JaxProblem or a callable returning one)")
+
+    def _problem():
+        return problem_fn() if callable(problem_fn) and not isinstance(problem_fn, Problem) else problem_fn
+
+    def init(params: Any) -> QNRefTransformState:
+        flat, _ = ravel_pytree(params)
+        return QNRefTransformState(qnref_optimizer.init(numpy.array(flat)))
+
+    def update(updates: Any, state: QNRefTransformState, params: Any = None):
+        if params is None:
+            raise ValueError("qnref transformations need params: call update(grads, state, params)")
+        flat, unravel = ravel_pytree(params)
+        theta = numpy.array(flat)
+        if pure:
+            g = numpy.array(ravel_pytree(updates)[0])
+            delta, inner = qnref_optimizer._update(theta, g, state.inner)
+        else:
+            new_theta, inner, _info = qnref_optimizer.step(theta, state.inner, _problem())
+            delta = new_theta - theta
+        return unravel(_to_jax(numpy.asarray(delta, dtype=theta.dtype))), QNRefTransformState(inner, state.step + 1)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,330 @@
+"""torch ``nn.Sequential`` ⇄ qnref :class:`~qnref.nn.model.Sequential` with the same weights.
+
+Supported torch layers (nested ``nn.Sequential`` containers are flattened):
+
+==========================================  =====================================================
+torch                                       qnref
+==========================================  =====================================================
+``nn.Linear(in, out, bias=True)``           ``Dense(out)``; block W̄ = [weight  bias] (out × in+1)
+``nn.Conv2d(…, dilation=1, groups=1,        ``Conv2d(out, kernel, stride, padding)``; block
+padding_mode="zeros", bias=True)``          W̄ = [weight.reshape(C_out, C_in·kh·kw)  bias]
+``nn.ReLU`` ``nn.Tanh`` ``nn.Sigmoid``      ``ReLU`` ``Tanh`` ``Sigmoid`` ``Identity``
+``nn.Identity``
+``nn.Softplus(beta=1)``                     ``Softplus`` (torch switches to the identity above
+                                            ``threshold`` = 20, where the two differ by < 2.1e-9)
+``nn.Flatten(start_dim=1, end_dim=-1)``     ``Flatten``
+``nn.MaxPool2d(dilation=1, ceil_mode=False)`` ``MaxPool2d`` (padding counts as −∞ in both)
+``nn.AvgPool2d(count_include_pad=True,      ``AvgPool2d``
+ceil_mode=False, divisor_override=None)``
+``nn.AdaptiveAvgPool2d(1)`` + ``Flatten``    ``GlobalAvgPool`` (the Flatten is absorbed)
+``nn.BatchNorm1d`` / ``nn.BatchNorm2d``     ``BatchNorm(eps, momentum)``; blocks gamma = weight,
+(affine=True)                               beta = bias; running statistics copied both ways
+==========================================  =====================================================
+
+Anything else raises :class:`UnsupportedLayerError` naming the layer's type and its position
+(the index path in the torch container, e.g. ``features.3``).
+
+The qnref θ is float64 by default (``dtype=``); :func:`to_torch` builds the torch module in θ's
+dtype. Parameters are always *copied* between the two (weights must be re-laid out as W̄ = [W b]);
+:mod:`qnref_torch.objective` is the zero-copy path for optimizing a torch model in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy
+import torch
+from torch import nn
+
+from qnref import backend
+from qnref.nn import activations as qact
+from qnref.nn.dense import Dense
+from qnref.nn.model import Sequential
+from qnref.nn.reshape import Flatten
+
+__all__ = ["UnsupportedLayerError", "Conversion", "convert", "from_torch", "to_torch", "theta_to_torch_params",
+           "torch_to_theta"]
+
+
+class UnsupportedLayerError(TypeError):
+    """A torch layer (type, position) with no qnref counterpart, or with unsupported options."""
+
+
+def _optional(modname: str, attr: str):
+    try:
+        mod = __import__(f"qnref.nn.{modname}", fromlist=[attr])
+        return getattr(mod, attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+@dataclass
+class ParamMap:
+    """How one torch parameter is read from a qnref block.
+
+    kind: "dense_w" (W̄[:, :-1]), "dense_b" (W̄[:, -1]), "conv_w" (W̄[:, :-1].reshape(torch shape)),
+    "vec" (the whole block, BatchNorm gamma/beta).
+    """
+
+    torch_name: str
+    block: str
+    kind: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Conversion:
+    """The result of :func:`convert`: the qnref model, θ, and the name/parameter correspondence."""
+
+    model: Sequential
+    theta: Any
+    params: list[ParamMap] = field(default_factory=list)
+    #: qnref layer name → dotted torch module path (for hooks on Linear/Conv2d)
+    layer_paths: dict[str, str] = field(default_factory=dict)
+    #: qnref layer name → torch module (the original one)
+    torch_layers: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def _flatten_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    if isinstance(module, nn.Sequential):
+        out = []
+        for name, child in module.named_children():
+            out.extend(_flatten_modules(child, f"{prefix}.{name}" if prefix else name))
+        return out
+    return [(prefix, module)]
+
+
+def _where(path: str, mod: nn.Module) -> str:
+    return f"layer {type(mod).__name__} at position {path!r} ({mod!r})"
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _unsupported(path: str, mod: nn.Module, why: str = "") -> UnsupportedLayerError:
+    base = f"cannot convert {_where(path, mod)} to qnref"
+    return UnsupportedLayerError(base + (f": {why}" if why else ": no qnref counterpart (supported: Linear, Conv2d, "
+                                 "ReLU, Tanh, Sigmoid, Softplus, Identity, Flatten, MaxPool2d, AvgPool2d, "
+                                 "AdaptiveAvgPool2d(1)+Flatten, BatchNorm1d/2d, nested Sequential)"))
+
+
+def _np(t: torch.Tensor, dtype) -> numpy.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy().astype(dtype)
+
+
+def convert(module: nn.Module, input_shape: Sequence[int], *, dtype: Any = "float64") -> Conversion:
+    """Convert ``module`` (an ``nn.Sequential`` or a single supported layer); see the module docs."""
+    dt = backend.check_dtype(dtype)
+    Conv2d = _optional("conv", "Conv2d")
+    MaxPool2d = _optional("pool", "MaxPool2d")
+    AvgPool2d = _optional("pool", "AvgPool2d")
+    GlobalAvgPool = _optional("pool", "GlobalAvgPool")
+    BatchNorm = _optional("norm", "BatchNorm")
+    mods = _flatten_modules(module)
+    layers: list = []
+    plan: list[tuple[str, nn.Module, list[tuple[str, str]]]] = []  # (path, module, [(torch_param, kind)])
+    skip_next_flatten = False
+    for i, (path, mod) in enumerate(mods):
+        path = path or str(i)
+        t = type(mod)
+        if skip_next_flatten:
+            skip_next_flatten = False
+            if isinstance(mod, nn.Flatten):
+                continue
+        if t is nn.Linear:
+            if mod.bias is None:
+                raise _unsupported(path, mod, "qnref Dense always has a bias (W̄ = [W b]); use bias=True")
+            layers.append(Dense(mod.out_features))
+            plan.append((path, mod, [("weight", "dense_w"), ("bias", "dense_b")]))
+        elif t is nn.Conv2d:
+            if Conv2d is None:
+                raise _unsupported(path, mod, "qnref.nn.conv is not available")
+            if _pair(mod.dilation) != (1, 1) or mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                raise _unsupported(path, mod, "only dilation=1, groups=1, padding_mode='zeros' and integer padding are supported")
+            if mod.bias is None:
+                raise _unsupported(path, mod, "qnref Conv2d always has a bias (W̄ = [W b]); use bias=True")
+            layers.append(Conv2d(mod.out_channels, _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding),
+                                 in_channels=mod.in_channels))
+            plan.append((path, mod, [("weight", "conv_w"), ("bias", "dense_b")]))
+        elif t in (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity):
+            layers.append({nn.ReLU: qact.ReLU, nn.Tanh: qact.Tanh, nn.Sigmoid: qact.Sigmoid, nn.Identity: qact.Identity}[t]())
+            plan.append((path, mod, []))
+        elif t is nn.Softplus:
+            if float(mod.beta) != 1.0:
+                raise _unsupported(path, mod, f"only beta=1 is supported, got beta={mod.beta}")
+            layers.append(qact.Softplus())
+            plan.append((path, mod, []))
+        elif t is nn.Flatten:
+            if mod.start_dim != 1 or mod.end_dim != -1:
+                raise _unsupported(path, mod, "only Flatten(start_dim=1, end_dim=-1) is supported")
+            layers.append(Flatten())
+            plan.append((path, mod, []))
+        elif t is nn.MaxPool2d:
+            if MaxPool2d is None:
+                raise _unsupported(path, mod, "qnref.nn.pool is not available")
+            if _pair(mod.dilation) != (1, 1) or mod.ceil_mode or mod.return_indices:
+                raise _unsupported(path, mod, "only dilation=1, ceil_mode=False, return_indices=False are supported")
+            stride = mod.stride if mod.stride is not None else mod.kernel_size
+            layers.append(MaxPool2d(_pair(mod.kernel_size), _pair(stride), _pair(mod.padding)))
+            plan.append((path, mod, []))
+        elif t is nn.AvgPool2d:
+            if AvgPool2d is None:
+                raise _unsupported(path, mod, "qnref.nn.pool is not available")
+            if mod.ceil_mode or not mod.count_include_pad or mod.divisor_override is not None:
+                raise _unsupported(path, mod, "only ceil_mode=False, count_include_pad=True, divisor_override=None are supported")
+            stride = mod.stride if mod.stride is not None else mod.kernel_size
+            layers.append(AvgPool2d(_pair(mod.kernel_size), _pair(stride), _pair(mod.padding)))
+            plan.append((path, mod, []))
+        elif t is nn.AdaptiveAvgPool2d:
+            nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+            if GlobalAvgPool is None or _pair(mod.output_size) != (1, 1) or not (
+                    isinstance(nxt, nn.Flatten) and nxt.start_dim == 1 and nxt.end_dim == -1):
+                raise _unsupported(path, mod, "only AdaptiveAvgPool2d(1) followed by Flatten() (→ GlobalAvgPool) is supported")
+            layers.append(GlobalAvgPool())
+            plan.append((path, mod, []))
+            skip_next_flatten = True
+        elif t in (nn.BatchNorm1d, nn.BatchNorm2d):
+            if BatchNorm is None:
+                raise _unsupported(path, mod, "qnref.nn.norm is not available")
+            if not mod.affine or not mod.track_running_stats:
+                raise _unsupported(path, mod, "only affine=True, track_running_stats=True are supported")
+            layers.append(BatchNorm(eps=mod.eps, momentum=mod.momentum))
+            plan.append((path, mod, [("weight", "vec"), ("bias", "vec")]))
+        else:
+            raise _unsupported(path, mod)
+    if not layers:
+        raise ValueError("the torch module contains no layers")
+    model = Sequential(layers, input_shape)
+    theta = numpy.zeros(model.n_params, dtype=dt)
+    views = model.layout.views(theta)
+    block_of = {b.name: k for k, b in enumerate(model.layout.blocks)}
+    conv = Conversion(model, theta)
+    for layer, (path, mod, entries) in zip(model.layers, plan):
+        conv.layer_paths[layer.name] = path
+        conv.torch_layers[layer.name] = mod
+        lblocks = [b.name for b in model.layout.blocks if b.name.rsplit(".", 1)[0] == layer.name]
+        if isinstance(mod, nn.Linear) and layer.in_shape[0] != mod.in_features:
+            raise ValueError(f"{_where(path, mod)} expects {mod.in_features} input features but receives "
+                             f"{layer.in_shape[0]} (input_shape {tuple(input_shape)} propagated through the earlier layers)")
+        if entries and entries[0][1] in ("dense_w", "conv_w"):
+            (blk,) = lblocks
+            wb = views[block_of[blk]]
+            wb[:, :-1] = _np(mod.weight, dt).reshape(wb.shape[0], -1)
+            wb[:, -1] = _np(mod.bias, dt)
+            conv.params.append(ParamMap(f"{path}.weight", blk, entries[0][1], tuple(mod.weight.shape)))
+            conv.params.append(ParamMap(f"{path}.bias", blk, "dense_b", tuple(mod.bias.shape)))
+        elif entries:  # BatchNorm: gamma, beta
+            g, b = lblocks
+            views[block_of[g]][...] = _np(mod.weight, dt)
+            views[block_of[b]][...] = _np(mod.bias, dt)
+            conv.params.append(ParamMap(f"{path}.weight", g, "vec", tuple(mod.weight.shape)))
+            conv.params.append(ParamMap(f"{path}.bias", b, "vec", tuple(mod.bias.shape)))
+            layer.running_mean = _np(mod.running_mean, numpy.float64)
+            layer.running_var = _np(mod.running_var, numpy.float64)
+            layer.num_batches_tracked = int(mod.num_batches_tracked)
+    return conv
+
+
+def from_torch(module: nn.Module, input_shape: Sequence[int], *, dtype: Any = "float64") -> tuple[Sequential, Any]:
+    """(qnref model, θ) computing the same function as ``module`` (a copy of its weights)."""
+    c = convert(module, input_shape, dtype=dtype)
+    return c.model, c.theta
+
+
+def theta_to_torch_params(conv: Conversion, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Differentiable map from a flat torch θ (qnref layout) to ``{torch_name: tensor}``.
+
+    Used with ``torch.func.functional_call(module, params, X)`` so that torch's derivatives are
+    taken with respect to qnref's θ directly (same coordinates, no permutation).
+    """
+    layout = conv.model.layout
+    out = {}
+    for pm in conv.params:
+        b = layout.index(pm.block)
+        blk = theta[b.offset:b.stop].reshape(b.shape)
+        if pm.kind == "dense_w":
+            out[pm.torch_name] = blk[:, :-1]
+        elif pm.kind == "conv_w":
+            out[pm.torch_name] = blk[:, :-1].reshape(pm.shape)
+        elif pm.kind == "dense_b":
+            out[pm.torch_name] = blk[:, -1]
+        else:
+            out[pm.torch_name] = blk
+    return out
+
+
+def torch_to_theta(conv: Conversion, grads: dict[str, torch.Tensor]) -> numpy.ndarray:
+    """Inverse of :func:`theta_to_torch_params` for per-parameter arrays (e.g. torch gradients)."""
+    layout = conv.model.layout
+    theta = numpy.zeros(layout.size)
+    views = {b.name: v for b, v in zip(layout.blocks, layout.views(theta))}
+    for pm in conv.params:
+        v = views[pm.block]
+        g = grads[pm.torch_name].detach().cpu().double().numpy()
+        if pm.kind in ("dense_w", "conv_w"):
+            v[:, :-1] = g.reshape(v.shape[0], -1)
+        elif pm.kind == "dense_b":
+            v[:, -1] = g
+        else:
+            v[...] = g
+    return theta
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def to_torch(model: Sequential, theta: Any) -> nn.Sequential:
+    """A torch ``nn.Sequential`` (dtype of θ, on the CPU) computing the same function as (model, θ)."""
+    model.layout.check(theta)
+    th = backend.to_numpy(theta)
+    dt = _TORCH_DTYPES[th.dtype.name]
+    views = model.layout.views(th)
+    blocks = model.layout.blocks
+    mods: list[nn.Module] = []
+    Conv2d = _optional("conv", "Conv2d")
+    MaxPool2d = _optional("pool", "MaxPool2d")
+    AvgPool2d = _optional("pool", "AvgPool2d")
+    GlobalAvgPool = _optional("pool", "GlobalAvgPool")
+    BatchNorm = _optional("norm", "BatchNorm")
+    simple = {qact.ReLU: nn.ReLU, qact.Tanh: nn.Tanh, qact.Sigmoid: nn.Sigmoid, qact.Softplus: nn.Softplus,
+              qact.Identity: nn.Identity, Flatten: nn.Flatten}
+    for pos, layer in enumerate(model.layers):
+        idx = [k for k, b in enumerate(blocks) if b.name.rsplit(".", 1)[0] == layer.name]
+        t = type(layer)
+        if t is Dense:
+            wb = views[idx[0]]
+            m = nn.Linear(layer.in_shape[0], layer.units, dtype=dt)
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(numpy.ascontiguousarray(wb[:, :-1])))
+                m.bias.copy_(torch.from_numpy(numpy.ascontiguousarray(wb[:, -1])))
+        elif Conv2d is not None and t is Conv2d:
+            wb = views[idx[0]]
+            m = nn.Conv2d(layer.in_shape[0], layer.out_channels, layer.kernel_size, layer.stride, layer.padding, dtype=dt)
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(numpy.ascontiguousarray(wb[:, :-1])).reshape(m.weight.shape))
+                m.bias.copy_(torch.from_numpy(numpy.ascontiguousarray(wb[:, -1])))
+        elif t in simple:
+            m = simple[t]()
+        elif MaxPool2d is not None and t is MaxPool2d:
+            m = nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
+        elif AvgPool2d is not None and t is AvgPool2d:
+            m = nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, count_include_pad=True)
+        elif GlobalAvgPool is not None and t is GlobalAvgPool:
+            mods.append(nn.AdaptiveAvgPool2d(1))
+            m = nn.Flatten()
+        elif BatchNorm is not None and t is BatchNorm:
+            cls = nn.BatchNorm2d if layer.conv else nn.BatchNorm1d
+            m = cls(layer.channels, eps=layer.eps, momentum=layer.momentum, dtype=dt)
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(numpy.ascontiguousarray(views[idx[0]])))
+                m.bias.copy_(torch.from_numpy(numpy.ascontiguousarray(views[idx[1]])))
+                m.running_mean.copy_(torch.from_numpy(backend.to_numpy(layer.running_mean)).to(dt))
+                m.running_var.copy_(torch.from_numpy(backend.to_numpy(layer.running_var)).to(dt))
+                m.num_batches_tracked.fill_(int(layer.num_batches_tracked))
+        else:
+            raise UnsupportedLayerError(f"cannot convert qnref layer {layer.describe()} ({t.__name__}) at position {pos} "
+                                        f"(name {layer.name!r}) to torch: no torch counterpart implemented")
+        mods.append(m)
+    return nn.Sequential(*mods)

@@ -1,0 +1,358 @@
+"""An :class:`~qnref.curvature.objective.Objective` twin over an arbitrary torch model (torch.func).
+
+qnref's optimizers only touch an objective through ``problem.batch/sample/full/subset`` →
+``obj.at(θ)`` → a point's ``value``, ``grad``, ``hvp(v)``, ``ggn_vp(v)`` (plus ``obj.n_samples``,
+``problem.n_samples``, ``problem.counter``, ``problem.rng``). :class:`TorchObjective` and
+:class:`TorchProblem` provide exactly that for any ``nn.Module`` (not only convertible ones), so
+quasi-Newton, trust-region and Hessian-free methods run on torch models unchanged::
+
+    problem = TorchProblem(net, "softmax_ce", X, y, l2=1e-4, seed=0)
+    theta = problem.get_theta()                 # flat NumPy copy of the trainable parameters
+    state = opt.init(theta)
+    theta, state, info = opt.step(theta, state, problem)
+    problem.set_theta(theta)                    # write back into net's parameters
+
+θ layout
+    the trainable parameters (``requires_grad``) in ``named_parameters()`` order, each flattened
+    row-major (torch's own layout, *not* qnref's W̄ = [W b]; for a converted model use
+    :func:`qnref_torch.convert.theta_to_torch_params` instead).
+
+Objective
+    f(θ) = loss(module(X; θ), y) + (λ/2)‖θ‖², where ``loss`` is a qnref name (then qnref's exact
+    convention, :func:`qnref_torch.losses.qnref_loss_torch`), a torch loss module, or any callable
+    ``loss(z, y) -> scalar`` used *as is* (it is f's data term, so use a mean reduction to match
+    qnref's scaling).
+
+Products (all through ``torch.func.functional_call`` with θ split into views):
+    value + grad: one forward with autograd, the backward on first use of ``grad``;
+    hvp: forward-over-reverse ``jvp(grad(f))`` (reverse-over-reverse if an op lacks forward mode);
+    ggn_vp: Jᵀ (∇²_z loss) J v + λ v — ``jvp`` of the net, jvp-of-grad of the loss in z, ``vjp``;
+    jvp, vjp, per_example_grads (``vmap`` of ``grad``), fisher_vp("empirical").
+    BatchNorm layers in training mode are made stateless (batch statistics, no running-stat
+    updates) during every evaluation: see :func:`qnref_torch.compare.drop_running_stats`.
+
+DLPack and copies
+    θ arrays are NumPy (CPU) or CuPy (CUDA). When θ lives where the model lives, θ and v enter
+    torch with ``torch.from_dlpack`` (zero-copy) and results leave with ``numpy.from_dlpack`` /
+    ``cupy.from_dlpack`` (zero-copy; the arrays share memory with torch tensors that nothing else
+    references, and are writable). When devices differ (NumPy θ, CUDA model) θ and v are copied
+    to the model's device and results copied back to the host: two documented copies per product.
+    A θ whose dtype differs from the parameters' raises instead of casting.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable
+
+import numpy
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from qnref import backend
+from qnref.curvature.objective import NonFiniteError, PassCounter
+from qnref.optim.base import Problem
+
+from .compare import torch_hvp
+from .losses import QNREF_LOSSES, qnref_loss_torch
+
+__all__ = ["TorchObjective", "TorchPoint", "TorchProblem", "to_torch_tensor", "from_torch_tensor", "flat_params"]
+
+_NP_OF_TORCH = {torch.float32: numpy.float32, torch.float64: numpy.float64}
+
+
+def to_torch_tensor(a: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NumPy/CuPy → torch, zero-copy via DLPack when ``a`` already lives on ``device``."""
+    if isinstance(a, torch.Tensor):
+        return a.to(device)
+    on_gpu = backend.is_cupy_array(a)
+    if (device.type == "cuda") == on_gpu:
+        t = torch.from_dlpack(a if a.flags.c_contiguous else a.copy())
+    else:  # documented copy across devices
+        t = torch.as_tensor(backend.to_numpy(a), device=device)
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"array is {t.dtype} but the model's parameters are {dtype}; use one dtype")
+    return t
+
+
+def from_torch_tensor(t: torch.Tensor, like: Any = None) -> Any:
+    """torch → NumPy (CPU tensor) or CuPy (CUDA tensor), zero-copy; copied to the host when ``like`` is NumPy."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.device.type == "cuda":
+        if like is not None and not backend.is_cupy_array(like):
+            return numpy.from_dlpack(t.cpu())  # documented copy to the host
+        return backend.from_dlpack(t)
+    return numpy.from_dlpack(t)
+
+
+def flat_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters in θ order."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _stateless_bn(module: nn.Module):
+    """Temporarily run training-mode BatchNorm layers without running statistics (no buffer updates)."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.running_mean is not None:
+            saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked))
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    try:
+        yield
+    finally:
+        for m, rm, rv, nb in saved:
+            m.running_mean, m.running_var, m.num_batches_tracked = rm, rv, nb
+
+
+def _resolve(loss: Any) -> Callable:
+    if isinstance(loss, str):
+        if loss not in QNREF_LOSSES + ("ce", "bce"):
+            raise ValueError(f"unknown loss {loss!r}; use {QNREF_LOSSES}, a torch loss module or a callable")
+        return qnref_loss_torch(loss)
+    if callable(loss):
+        return loss
+    raise TypeError(f"loss must be a qnref loss name, a torch loss module or a callable, got {type(loss).__name__}")
+
+
+class _Params:
+    """Shared parameter bookkeeping of one torch model (names, shapes, offsets)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        named = flat_params(module)
+        if not named:
+            raise ValueError("the module has no trainable parameters")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.n = sum(self.sizes)
+        dts = {p.dtype for p in self.params}
+        devs = {p.device for p in self.params}
+        if len(dts) != 1 or len(devs) != 1:
+            raise ValueError(f"all trainable parameters must share one dtype and device, got {dts}, {devs}")
+        self.dtype = dts.pop()
+        self.device = devs.pop()
+        if self.dtype not in _NP_OF_TORCH:
+            raise TypeError(f"parameters are {self.dtype}; qnref works in float32 or float64")
+
+    def split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, off = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[name] = theta[off:off + size].view(shape)
+            off += size
+        return out
+
+    def get(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def set(self, theta: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p, t in zip(self.params, self.split(theta).values()):
+                p.copy_(t)
+
+
+class TorchObjective:
+    """f(θ) = loss(module(X), y) + (λ/2)‖θ‖² on a fixed batch; see the module docstring."""
+
+    def __init__(self, module: nn.Module, loss: Any, X: Any, y: Any, l2: float = 0.0, *,
+                 counter: PassCounter | None = None, _params: _Params | None = None):
+        if not (l2 >= 0) or l2 != l2:
+            raise ValueError(f"l2 must be a finite non-negative number, got {l2}")
+        self.module = module
+        self.loss = loss
+        self.loss_fn = _resolve(loss)
+        self.l2 = float(l2)
+        self._p = _params if _params is not None else _Params(module)
+        dev = self._p.device
+        self.X = X.to(dev) if isinstance(X, torch.Tensor) else to_torch_tensor(X, dev)
+        self.y = y.to(dev) if isinstance(y, torch.Tensor) else to_torch_tensor(y, dev)
+        if self.X.shape[0] != self.y.shape[0]:
+            raise ValueError(f"X has {self.X.shape[0]} examples but y has {self.y.shape[0]}")
+        self.counter = counter if counter is not None else PassCounter()
+
+    # -- what optimizers read -----------------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return self._p.n
+
+    @property
+    def dtype(self):
+        return numpy.dtype(_NP_OF_TORCH[self._p.dtype])
+
+    def net(self, theta: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
+        with _stateless_bn(self.module):
+            return functional_call(self.module, self._p.split(theta), (self.X if X is None else X,))
+
+    def data_loss(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.net(theta), self.y)
+
+    def f(self, theta: torch.Tensor) -> torch.Tensor:
+        v = self.data_loss(theta)
+        return v + 0.5 * self.l2 * (theta @ theta) if self.l2 else v
+
+    def at(self, theta: Any) -> "TorchPoint":
+        if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self._p.n:
+            raise ValueError(f"theta must be a flat vector of length {self._p.n}, got shape {getattr(theta, 'shape', None)}")
+        if not backend.all_finite(theta):
+            raise NonFiniteError("theta contains NaN or Inf")
+        return TorchPoint(self, theta)
+
+    # convenience wrappers ------------------------------------------------------------------------
+    def value(self, theta: Any) -> float:
+        return self.at(theta).value
+
+    def value_and_grad(self, theta: Any) -> tuple[float, Any]:
+        p = self.at(theta)
+        return p.value, p.grad
+
+    def grad(self, theta: Any) -> Any:
+        return self.at(theta).grad
+
+    def hvp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).hvp(v)
+
+    def ggn_vp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).ggn_vp(v)
+
+    def subset(self, idx: Any) -> "TorchObjective":
+        idx_t = torch.as_tensor(numpy.asarray(backend.to_numpy(idx), dtype=numpy.int64), device=self.X.device)
+        return TorchObjective(self.module, self.loss, self.X[idx_t], self.y[idx_t], self.l2, counter=self.counter,
+                              _params=self._p)
+
+
+class TorchPoint:
+    """f linearised at one θ (the forward pass and its autograd graph are kept for ``grad``)."""
+
+    def __init__(self, obj: TorchObjective, theta: Any):
+        self.obj = obj
+        self.theta = theta
+        self._t = to_torch_tensor(theta, obj._p.device, obj._p.dtype)
+        self._leaf = self._t.detach().requires_grad_(True)
+        with torch.enable_grad():
+            self._f = obj.f(self._leaf)
+        obj.counter.add("forward", obj.n_samples, "forward")
+        self._grad = None
+
+    @property
+    def N(self) -> int:
+        return self.obj.n_samples
+
+    @property
+    def value(self) -> float:
+        return float(self._f.detach())
+
+    def _out(self, t: torch.Tensor) -> Any:
+        return from_torch_tensor(t, self.theta)
+
+    def _dir(self, v: Any) -> torch.Tensor:
+        if getattr(v, "shape", None) != (self.obj.n_params,):
+            raise ValueError(f"direction must have shape ({self.obj.n_params},), got {getattr(v, 'shape', None)}")
+        return to_torch_tensor(v, self.obj._p.device, self.obj._p.dtype)
+
+    @property
+    def grad(self) -> Any:
+        if self._grad is None:
+            (g,) = torch.autograd.grad(self._f, self._leaf)
+            self.obj.counter.add("backward", self.N, "grad")
+            self._grad = self._out(g)
+        return self._grad
+
+    def jvp(self, v: Any) -> Any:
+        self.obj.counter.add("rforward", self.N)
+        return self._out(jvp(self.obj.net, (self._t,), (self._dir(v),))[1])
+
+    def vjp(self, u: Any) -> Any:
+        ut = to_torch_tensor(u, self.obj._p.device, self.obj._p.dtype)
+        self.obj.counter.add("backward", self.N, "vjp")
+        return self._out(vjp(self.obj.net, self._t)[1](ut)[0])
+
+    def hvp(self, v: Any) -> Any:
+        self.obj.counter.add("rforward", self.N)
+        self.obj.counter.add("backward", self.N, "hvp")
+        self.obj.counter.add("rbackward", self.N)
+        return self._out(torch_hvp(self.obj.f, self._t, self._dir(v)))
+
+    def ggn_vp(self, v: Any) -> Any:
+        vt = self._dir(v)
+        obj = self.obj
+        z, jv = jvp(obj.net, (self._t,), (vt,))
+        hjv = torch_hvp(lambda zz: obj.loss_fn(zz, obj.y), z.detach(), jv)
+        gv = vjp(obj.net, self._t)[1](hjv)[0]
+        if obj.l2:
+            gv = gv + obj.l2 * vt
+        obj.counter.add("rforward", self.N)
+        obj.counter.add("backward", self.N, "ggn_vp")
+        return self._out(gv)
+
+    def per_example_grads(self) -> Any:
+        """(N, n) rows ∇ℓᵢ where ℓᵢ = loss(module(xᵢ), yᵢ) on a batch of one (data term only)."""
+        obj = self.obj
+
+        def li(t, x, yy):
+            return obj.loss_fn(functional_call(obj.module, obj._p.split(t), (x[None],)), yy[None])
+
+        obj.counter.add("backward", self.N, "per_example_grads")
+        return self._out(vmap(grad(li), in_dims=(None, 0, 0))(self._t, obj.X, obj.y))
+
+    def fisher_vp(self, v: Any, kind: str = "empirical") -> Any:
+        """Empirical Fisher (1/N) Σ gᵢ gᵢᵀ v (per-example gradients; data term only)."""
+        if kind != "empirical":
+            raise ValueError("TorchPoint.fisher_vp supports kind='empirical' only")
+        G = to_torch_tensor(self.per_example_grads(), self.obj._p.device)
+        return self._out(G.T @ (G @ self._dir(v)) / self.N)
+
+
+class TorchProblem(Problem):
+    """:class:`qnref.optim.base.Problem` over a torch model: the same batch stream (same seed → the same
+    minibatches as qnref's Problem on the same data), handing out :class:`TorchObjective` instances.
+    """
+
+    def __init__(self, module: nn.Module, loss: Any, X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
+                 counter: PassCounter | None = None):
+        self.model = module
+        self.module = module
+        self.loss = loss
+        self._params = _Params(module)
+        self._full = TorchObjective(module, loss, X, y, l2, counter=counter, _params=self._params)
+        self.X, self.y = self._full.X, self._full.y
+        self.xp = backend.namespace(numpy.zeros(0)) if self._params.device.type != "cuda" else backend.xp_for_device("gpu")
+        self.l2 = float(l2)
+        self.train = module.training
+        self.counter = self._full.counter
+        self.rng = numpy.random.default_rng(seed)
+        self.device_rng = backend.default_rng(seed + 1, self.xp)
+        self._perm = self.rng.permutation(self.n_samples)
+        self._pos = 0
+        self.samples_drawn = 0
+        self.epoch_passes = 0
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return list(self._params.params)
+
+    @property
+    def n_params(self) -> int:
+        return self._params.n
+
+    def subset(self, idx: Any) -> TorchObjective:
+        return self._full.subset(idx)
+
+    def full(self) -> TorchObjective:
+        return self._full
+
+    def get_theta(self) -> Any:
+        """A flat copy of the trainable parameters (NumPy on the CPU, CuPy on CUDA)."""
+        return from_torch_tensor(self._params.get().clone())
+
+    def set_theta(self, theta: Any) -> None:
+        """Copy θ into the module's parameters."""
+        self._params.set(to_torch_tensor(theta, self._params.device, self._params.dtype))
