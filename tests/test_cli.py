@@ -46,7 +46,7 @@ def test_train_command_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["train", "--model", "mlp", "--optimizer", "lsr1", "--dataset", "digits"], "did you mean 'lsr1-tr' or 'lsr1-ls'"),
+    (["train", "--model", "mlp", "--optimizer", "lsr1", "--dataset", "digits"], "did you mean 'lsr1-ls' or 'lsr1-tr'"),
     (["train", "--model", "lenett", "--optimizer", "sgd", "--dataset", "digits"], "lenet"),
     (["train", "--model", "mlp", "--optimizer", "sgd", "--dataset", "digts"], "digits"),
     (["train", "--model", "mlp", "--optimizer", "sgd", "--dataset", "digits", "--batch-size", "100000"], "batch size"),

@@ -8,6 +8,7 @@ examples in [0, 1], batch sizes as each optimizer's defaults would use at small 
 - ``track_passes_per_step``: gradient-equivalent passes per step / batch size (exact counts);
 - ``track_time_ratio_to_sgd``: step time / SGD step time in the same process.
 """
+import inspect
 import time
 
 import numpy as np
@@ -26,13 +27,22 @@ def names():
     return sorted(load_all())
 
 
+def _kwargs(name):
+    """The benchmark's batch size where the optimizer takes one (HF draws a data fraction)."""
+    if name in _KW:
+        return dict(_KW[name])
+    from qnref.optim import get_optimizer_class
+
+    params = inspect.signature(get_optimizer_class(name).__init__).parameters
+    return {"batch_size": BATCH} if "batch_size" in params else {}
+
+
 def _setup(name, seed=0):
     model = autoencoder(64, (32, 16, 8, 16, 32))
     r = np.random.default_rng(seed)
     X = r.random((1000, 64))
     prob = Problem(model, "sigmoid_ce", X, X, seed=seed)
-    kw = dict(_KW.get(name, {"batch_size": BATCH}))
-    opt = make_optimizer(name, **kw)
+    opt = make_optimizer(name, **_kwargs(name))
     theta = model.init(seed)
     state = opt.init(theta)
     theta, state, _ = opt.step(theta, state, prob)  # warm-up (first-step statistics, imports)

@@ -21,7 +21,9 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def suggest(name: str, choices: list[str], what: str) -> str:
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    """'unknown X; did you mean …?': names that extend the input first, then difflib's closest."""
+    starts = sorted(c for c in choices if c.startswith(name))
+    close = (starts + [c for c in difflib.get_close_matches(name, choices, n=3, cutoff=0.5) if c not in starts])[:3]
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown {what} {name!r}{hint} (known: {', '.join(sorted(choices))})"
 
