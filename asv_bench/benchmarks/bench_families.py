@@ -1,0 +1,124 @@
+"""Per-iteration cost claims of the stochastic / sampled quasi-Newton, Hessian-free, SMW and
+Kronecker papers (issues 5, 6, 7). Ratios are measured side by side in one process.
+
+- sampled QN poster: S-LSR1 / S-LBFGS vs LSR1 / LBFGS step time as a function of memory m
+  (its table: the sampled methods add m gradient (option I) or Hessian-vector (option II)
+  evaluations, i.e. + m·n·d-type terms, per iteration);
+- HF: cost of one CG iteration in gradient evaluations on the same curvature batch (≈ 1.5);
+- MB-LSR1: objective evaluations per step (progress checks, line search) — ``track_``;
+- SMW: step time vs curvature batch N₂ (forming D is O(m_L² N₂² Σ mₗ)) and vs HF with the same N₂;
+- Kronecker methods: step time and peak memory relative to an SGD-momentum step on the
+  autoencoder and on a small CNN (thesis: memory comparable to first-order methods; TNT only
+  slightly above first order).
+"""
+import numpy as np
+
+from qnref.curvature.objective import Objective
+from qnref.nn.zoo import build_model
+from qnref.optim import make_optimizer
+from qnref.optim.base import Problem
+from qnref.optim.hessian_free import cg_solve
+
+from ._common import autoencoder, best_time
+
+
+def _problem(kind, seed=0, n=1000):
+    r = np.random.default_rng(seed)
+    if kind == "autoencoder":
+        model = autoencoder(64, (32, 16, 8, 16, 32))
+        X = r.random((n, 64))
+        return model, Problem(model, "sigmoid_ce", X, X, seed=seed)
+    model = build_model("lenet-digits")
+    X = r.random((n, 1, 8, 8))
+    return model, Problem(model, "softmax_ce", X, r.integers(0, 10, n), seed=seed)
+
+
+def _step_time(name, kind="autoencoder", repeat=3, **kw):
+    model, prob = _problem(kind)
+    opt = make_optimizer(name, **kw)
+    th = model.init(0)
+    st = opt.init(th)
+    th, st, _ = opt.step(th, st, prob)  # warm-up
+    times = []
+    import time
+
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        th, st, _ = opt.step(th, st, prob)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+class SampledVsClassical:
+    """Step time of S-LSR1 / S-LBFGS / LSR1 / LBFGS (full batch, 1000 examples) vs memory m."""
+
+    params = ([2, 5, 10, 20], ["s-lsr1", "s-lbfgs", "lsr1-tr", "lbfgs"])
+    param_names = ["m", "optimizer"]
+    unit = "ratio to one full gradient"
+    timeout = 300
+
+    def track_step_over_gradient(self, m, name):
+        model, prob = _problem("autoencoder")
+        th = model.init(0)
+        t_grad = best_time(lambda: prob.full_objective.grad(th))
+        return _step_time(name, memory=m, batch_size=None) / t_grad
+
+
+class HessianFreeCG:
+    """One CG iteration on the GGN of a 100-example curvature batch, in gradient times."""
+
+    unit = "gradient evaluations per CG iteration"
+
+    def track_cg_iteration_over_gradient(self):
+        model, prob = _problem("autoencoder")
+        obj = prob.sample(100)
+        th = model.init(0)
+        p = obj.at(th)
+        g = p.grad
+        t_grad = best_time(lambda: obj.at(th).grad)
+        t_cg = best_time(lambda: cg_solve(lambda v: p.ggn_vp(v) + v, -g, max_iters=20, progress_eps=None))
+        return t_cg / 20 / t_grad
+
+
+class MBLSR1Evaluations:
+    unit = "objective evaluations per step"
+
+    def track_evals_per_step(self):
+        model, prob = _problem("autoencoder")
+        opt = make_optimizer("mb-lsr1", batch_size=128)
+        th = model.init(0)
+        st = opt.init(th)
+        evals = 0
+        for _ in range(10):
+            th, st, info = opt.step(th, st, prob)
+            evals += info.evals
+        return evals / 10
+
+
+class SMWScaling:
+    params = ([5, 10, 20, 30],)
+    param_names = ["curvature_batch"]
+    unit = "ratio to an HF step with the same curvature batch"
+    timeout = 300
+
+    def time_smw_gn_step(self, n2):
+        _step_time("smw-gn", batch_size=60, curvature_batch=n2, repeat=1)
+
+    def time_smw_ng_step(self, n2):
+        _step_time("smw-ng", batch_size=60, curvature_batch=n2, repeat=1)
+
+    def track_smw_gn_over_hf(self, n2):
+        return _step_time("smw-gn", batch_size=60, curvature_batch=n2) / _step_time("hf", curvature_batch=n2, max_cg_iters=10)
+
+
+class KroneckerVsMomentum:
+    params = (["autoencoder", "cnn"], ["kfac", "kbfgs", "kbfgs-l", "shampoo", "tnt"])
+    param_names = ["model", "optimizer"]
+    unit = "ratio to an SGD-momentum step"
+    timeout = 300
+
+    def track_step_time_ratio(self, kind, name):
+        return _step_time(name, kind, batch_size=100) / _step_time("momentum", kind, batch_size=100)
+
+    def peakmem_steps(self, kind, name):
+        _step_time(name, kind, batch_size=100, repeat=2)
