@@ -16,27 +16,26 @@ from numba import njit
 
 
 @njit(cache=True)
-def col2im(gcols, out, sh, sw, ph, pw):  # pragma: no cover - compiled
+def col2im(g6, out, sh, sw, ph, pw):  # pragma: no cover - compiled
     """Scatter-add patch gradients back to the input (padding positions are dropped).
 
-    gcols: (N, Ho, Wo, C, kh, kw), the gradient of the im2col matrix;
-    out:   (N, C, H, W) zero-initialised (unpadded), receives Σ over the windows covering each pixel.
+    g6:  (N, C, kh, kw, Ho, Wo), the gradient of the per-example (K, L) patch matrices;
+    out: (N, C, H, W) zero-initialised (unpadded), receives Σ over the windows covering each pixel.
     """
-    n_, ho_, wo_, c_, kh, kw = gcols.shape
+    n_, c_, kh, kw, ho_, wo_ = g6.shape
     h_, w_ = out.shape[2], out.shape[3]
     for n in range(n_):
-        for oh in range(ho_):
-            h0 = oh * sh - ph
-            i_lo = max(0, -h0)
-            i_hi = min(kh, h_ - h0)
-            for ow in range(wo_):
-                w0 = ow * sw - pw
-                j_lo = max(0, -w0)
-                j_hi = min(kw, w_ - w0)
-                for c in range(c_):
-                    for i in range(i_lo, i_hi):
-                        for j in range(j_lo, j_hi):
-                            out[n, c, h0 + i, w0 + j] += gcols[n, oh, ow, c, i, j]
+        for c in range(c_):
+            for i in range(kh):
+                for j in range(kw):
+                    for oh in range(ho_):
+                        hh = oh * sh - ph + i
+                        if hh < 0 or hh >= h_:
+                            continue
+                        for ow in range(wo_):
+                            ww = ow * sw - pw + j
+                            if 0 <= ww < w_:
+                                out[n, c, hh, ww] += g6[n, c, i, j, oh, ow]
     return out
 
 

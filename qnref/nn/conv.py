@@ -1,4 +1,4 @@
-"""2-D convolution on NCHW inputs by im2col (sliding windows) and one GEMM.
+"""2-D convolution on NCHW inputs by im2col (sliding windows) and one (batched) GEMM.
 
 Notation (Ren's thesis §3.2.1, Grosse & Martens 2016 "KFC"): a layer with C_in input channels,
 C_out output channels and kh × kw filters maps x (N, C_in, H, W) to h (N, C_out, Ho, Wo) with
@@ -9,16 +9,18 @@ one patch of K = C_in·kh·kw inputs, flattened channel-major (c, i, j) — the 
     āₜ = [x_{c, t_h·sh + i − ph, t_w·sw + j − pw} for c, i, j ; 1] ∈ R^{K+1},
     hₜ = W̄ āₜ,       W̄ = [W b] ∈ R^{C_out × (K+1)}   (bias = last column).
 
-So the whole layer is one GEMM of the (N·L, K+1) patch matrix with W̄ᵀ. The parameter block is
-``W̄`` of shape (C_out, K + 1), ParamSpec kind "weight", fan = (C_in·kh·kw, C_out·kh·kw).
+So the layer is one GEMM of W̄ with the homogeneous patch matrices: the cache holds, per example,
+the (K, L) matrix of patches (columns = locations; the Caffe layout, which makes both the im2col copy
+and the output NCHW without transposes), and Hᵢ = W Āᵢ + b is one batched matmul. The parameter
+block is ``W̄`` of shape (C_out, K + 1), ParamSpec kind "weight", fan = (C_in·kh·kw, C_out·kh·kw).
 
 Passes
 ------
-- backward: ∂ℓ/∂W̄ = Σ_{i,t} g_{i,t} ā_{i,t}ᵀ with g = ∂ℓ/∂h; gx = col2im(g W) (scatter-add of
+- backward: ∂ℓ/∂W̄ = Σ_{i,t} g_{i,t} ā_{i,t}ᵀ with g = ∂ℓ/∂h; gx = col2im(Wᵀ g) (scatter-add of
   the patch gradients back to the pixels they came from);
-- jvp: R{h} = im2col(dx) Wᵀ + im2col(x) dWᵀ + db (the layer is bilinear in (x, W̄));
+- jvp: R{Hᵢ} = W im2col(dx)ᵢ + dW Āᵢ + db (the layer is bilinear in (x, W̄));
 - backward_rop: R{gW̄} = Σ R{g} āᵀ + Σ g R{ā}ᵀ (the g ⊗ dx cross term, R{ā} = [im2col(dx); 0]),
-  R{gx} = col2im(R{g} W + g dW);
+  R{gx} = col2im(Wᵀ R{g} + dWᵀ g);
 - per_example_grads: Σₜ g_{i,t} ā_{i,t}ᵀ per example (a batched GEMM over the locations);
 - kron_taps: ``{"kind": "conv", "a": ā (N, L, K+1), "g": g (N, L, C_out)}`` — raw, per example
   and per location, *not* averaged. With them the mean-loss gradient is
@@ -122,11 +124,12 @@ def windows(xpad: Any, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> 
 
 
 def im2col(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
-    """Patch matrix (N·Ho·Wo, C·kh·kw), rows ordered (n, oh, ow), columns (c, i, j)."""
+    """Per-example patch matrices (N, K, L): K = C·kh·kw rows ordered (c, i, j), L = Ho·Wo
+    columns ordered (oh, ow). One strided view of the padded input and one copy."""
     n, c, h, w = x.shape
     ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
-    v = windows(pad(x, ph, pw), kh, kw, sh, sw, ho, wo)
-    return v.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+    v = windows(pad(x, ph, pw), kh, kw, sh, sw, ho, wo)  # (N, C, Ho, Wo, kh, kw)
+    return v.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
 
 
 def scatter_windows_xp(g6: Any, xpad_shape: tuple, sh: int, sw: int) -> Any:
@@ -141,28 +144,22 @@ def scatter_windows_xp(g6: Any, xpad_shape: tuple, sh: int, sw: int) -> Any:
 
 
 def col2im(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
-    """Adjoint of :func:`im2col`: scatter-add (N·L, C·kh·kw) patch gradients to (N, C, H, W)."""
+    """Adjoint of :func:`im2col`: scatter-add (N, K, L) patch gradients to (N, C, H, W)."""
     n, c, h, w = x_shape
     ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
-    g6 = gcols.reshape(n, ho, wo, c, kh, kw)
     xp = backend.namespace(gcols)
+    g6 = xp.ascontiguousarray(gcols).reshape(n, c, kh, kw, ho, wo)
     if use_numba(gcols):
-        return numba_kernels().col2im(xp.ascontiguousarray(g6), xp.zeros((n, c, h, w), dtype=gcols.dtype), sh, sw, ph, pw)
-    out = scatter_windows_xp(g6.transpose(0, 3, 4, 5, 1, 2), (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
+        return numba_kernels().col2im(g6, xp.zeros((n, c, h, w), dtype=gcols.dtype), sh, sw, ph, pw)
+    out = scatter_windows_xp(g6, (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
     if ph or pw:
         out = xp.ascontiguousarray(out[:, :, ph : ph + h, pw : pw + w])
     return out
 
 
-def _nchw(rows: Any, n: int, ho: int, wo: int) -> Any:
-    """(N·L, C) rows → contiguous (N, C, Ho, Wo)."""
-    xp = backend.namespace(rows)
-    return xp.ascontiguousarray(rows.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2))
-
-
-def _rows(g: Any) -> Any:
-    """(N, C, Ho, Wo) → (N·L, C) (location-major rows, matching :func:`im2col`)."""
-    return g.transpose(0, 2, 3, 1).reshape(-1, g.shape[1])
+def _sum_outer(g: Any, cols: Any) -> Any:
+    """Σᵢ gᵢ colsᵢᵀ over the examples, for g (N, C_out, L) and cols (N, K, L): (C_out, K)."""
+    return (g @ cols.transpose(0, 2, 1)).sum(axis=0)
 
 
 class Conv2d(Layer):
@@ -234,74 +231,76 @@ class Conv2d(Layer):
         return col2im(gcols, (n,) + self.in_shape, kh, kw, sh, sw, ph, pw)
 
     def _affine(self, cols: Any, wb: Any) -> Any:
-        y = cols @ wb[:, :-1].T
-        y += wb[:, -1]
+        """W̄ applied to the homogeneous patches: (N, C_out, L)."""
+        y = wb[:, :-1] @ cols
+        y += wb[:, -1:]
         return y
+
+    def _flat(self, g: Any) -> Any:
+        """(N, C_out, Ho, Wo) → (N, C_out, L) (a view for contiguous g)."""
+        return g.reshape(g.shape[0], self.out_channels, -1)
 
     # -- passes -----------------------------------------------------------------------------------
     def forward(self, p: Sequence[Any], x: Any, ctx: Ctx) -> tuple[Any, Any]:
         check_batch(x, self.in_shape, self.describe())
-        n = x.shape[0]
         cols = self._im2col(x)
-        _, ho, wo = self.out_shape
-        return _nchw(self._affine(cols, p[0]), n, ho, wo), cols
+        return self._affine(cols, p[0]).reshape((x.shape[0],) + self.out_shape), cols
 
     def backward(self, p, cache, gy, gp, need_gx: bool = True):
         cols, wb = cache, p[0]
-        g = _rows(gy)
+        g = self._flat(gy)
         if gp is not None:
-            gp[0][:, :-1] = g.T @ cols
-            gp[0][:, -1] = g.sum(axis=0)
-        return self._col2im(g @ wb[:, :-1], gy.shape[0]) if need_gx else None
+            gp[0][:, :-1] = _sum_outer(g, cols)
+            gp[0][:, -1] = g.sum(axis=(0, 2))
+        return self._col2im(wb[:, :-1].T @ g, gy.shape[0]) if need_gx else None
 
     def jvp(self, p, cache, dx, dp):
         cols, wb = cache, p[0]
-        n = cols.shape[0] // (self.out_shape[1] * self.out_shape[2])
+        n = cols.shape[0]
         dy = None
         if dp:
             dy = self._affine(cols, dp[0])
         dcols = None
         if dx is not None:
             dcols = self._im2col(dx)
-            t = dcols @ wb[:, :-1].T
+            t = wb[:, :-1] @ dcols
             dy = t if dy is None else dy + t
         if dy is None:  # neither input nor parameters move
             return backend.namespace(cols).zeros((n,) + self.out_shape, dtype=cols.dtype), None
-        return _nchw(dy, n, self.out_shape[1], self.out_shape[2]), dcols
+        return dy.reshape((n,) + self.out_shape), dcols
 
     def backward_rop(self, p, cache, rcache, gy, rgy, dp, rgp, need_gx: bool = True):
-        # gx = col2im(g W);  R{gx} = col2im(R{g} W + g dW)
-        # R{gW̄} = R{g}ᵀ ā + gᵀ R{ā}, with R{ā} = [im2col(dx), 0]
+        # gx = col2im(Wᵀ g);  R{gx} = col2im(Wᵀ R{g} + dWᵀ g)
+        # R{gW̄} = Σ R{g} āᵀ + Σ g R{ā}ᵀ, with R{ā} = [im2col(dx); 0]
         cols, dcols, w = cache, rcache, p[0][:, :-1]
-        g, rg = _rows(gy), _rows(rgy)
+        g, rg = self._flat(gy), self._flat(rgy)
         if rgp:
-            rgw = rg.T @ cols
+            rgw = _sum_outer(rg, cols)
             if dcols is not None:
-                rgw += g.T @ dcols
+                rgw += _sum_outer(g, dcols)
             rgp[0][:, :-1] = rgw
-            rgp[0][:, -1] = rg.sum(axis=0)
+            rgp[0][:, -1] = rg.sum(axis=(0, 2))
         if not need_gx:
             return None, None
         n = gy.shape[0]
-        rgc = rg @ w
+        rgc = w.T @ rg
         if dp:
-            rgc += g @ dp[0][:, :-1]
-        return self._col2im(g @ w, n), self._col2im(rgc, n)
+            rgc += dp[0][:, :-1].T @ g
+        return self._col2im(w.T @ g, n), self._col2im(rgc, n)
 
     def per_example_grads(self, p, cache, gy, out):
         cols = cache
-        n = gy.shape[0]
-        g3 = _rows(gy).reshape(n, -1, self.out_channels)  # (N, L, C_out)
-        a3 = cols.reshape(n, g3.shape[1], -1)  # (N, L, K)
-        out[0][:, :, :-1] = g3.transpose(0, 2, 1) @ a3
-        out[0][:, :, -1] = g3.sum(axis=1)
-        return self._col2im(_rows(gy) @ p[0][:, :-1], n)
+        g = self._flat(gy)
+        out[0][:, :, :-1] = g @ cols.transpose(0, 2, 1)
+        out[0][:, :, -1] = g.sum(axis=2)
+        return self._col2im(p[0][:, :-1].T @ g, gy.shape[0])
 
     def kron_taps(self, cache, gy):
         """Raw KFC taps: ā (N, L, K+1) with a homogeneous 1 and g (N, L, C_out), per location."""
         cols = cache
         xp = backend.namespace(cols)
-        n = gy.shape[0]
-        a3 = cols.reshape(n, -1, cols.shape[1])
-        a = xp.concatenate([a3, xp.ones(a3.shape[:2] + (1,), dtype=cols.dtype)], axis=2)
-        return {"kind": "conv", "a": a, "g": _rows(gy).reshape(n, -1, self.out_channels)}
+        n, _, L = cols.shape
+        a = xp.empty((n, L, cols.shape[1] + 1), dtype=cols.dtype)
+        a[:, :, :-1] = cols.transpose(0, 2, 1)
+        a[:, :, -1] = 1
+        return {"kind": "conv", "a": a, "g": xp.ascontiguousarray(self._flat(gy).transpose(0, 2, 1))}

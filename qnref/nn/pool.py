@@ -14,8 +14,11 @@ and at most half the kernel, so a winner is never a padding position); jvp is on
 backward one scatter-add into the input, with no padded buffer. The scatter-add runs a numba
 kernel on the CPU (see :mod:`qnref.nn._numba_kernels`); without numba it is a plain indexed
 assignment when the windows do not overlap (stride ≥ kernel) and ``numpy.add.at`` otherwise;
-on CuPy the assignment or ``cupyx.scatter_add`` (GPU-tested only where a device is present). Average pooling (zero padding counted in the mean,
-PyTorch's ``count_include_pad=True``) and global average pooling are linear maps.
+on CuPy the assignment or ``cupyx.scatter_add`` (GPU-tested only where a device is present).
+
+Average pooling (zero padding counted in the mean, PyTorch's ``count_include_pad=True``) and global
+average pooling are linear maps: jvp is the forward map of dx and backward_rop applies the
+adjoint to gy and R{gy}.
 """
 from __future__ import annotations
 
@@ -40,8 +43,6 @@ def _check_window(who: str, in_shape: Shape, kernel, stride, padding) -> tuple[i
 
 
 class _Pool2d(Layer):
-    kind = "pool"
-
     def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0):
         self.kernel_size = pair(kernel_size, f"{type(self).__name__} kernel_size", 1)
         self.stride = self.kernel_size if stride is None else pair(stride, f"{type(self).__name__} stride", 1)

@@ -17,7 +17,7 @@ Papers (full text in the project's shared/papers folder):
   unless stated (§3.2); the AlexNet with its last conv replaced by a residual block (§4.3);
 - [REN]   Yi Ren, PhD thesis (Columbia 2022) on K-BFGS, TNT and SMW: the MNIST, FACES and CURVES
   autoencoders (Table 2.4 / Table 3.6), VGG16 with BN and one FC layer and ResNet32 / ResNet32-4
-  (§3.7.2, §4.5), the SMW classification MLPs (§5.8);
+  (§3.7.2, §4.7.2), the SMW classification MLPs (§5.8);
 - [SQN]   Berahas, Jahani & Takáč, "Quasi-Newton methods for deep learning: forget the past, just
   sample" (OPT 2019 poster): the toy classification nets small / medium / large with sigmoid
   activations and d = 36 / 176 / 908 parameters (Numerical results, table);
@@ -106,7 +106,7 @@ def toy_net(input_shape: Shape = (2,), n_outputs: int = 2, width: float = 1.0, *
     2-10-20-20-10-2 (d = 908). Its code (OptMLGroup/SQN, ``network.py``) builds six fully connected
     layers ``2 → FC1 … FC5 → 2`` with hidden widths (2,2,2,2,2), (4,8,8,4,2), (10,20,20,10,2);
     those reproduce the stated d exactly, so they are used here. Initialisation in the code:
-    N(0, (1/d)²) on every parameter (``model.init_kwargs``).
+    N(0, (1/d)²) on every parameter; ``model.init_kwargs`` draws the weights so (qnref starts biases at 0).
     """
     _unknown(kw, "toy_net")
     if size not in _TOY_HIDDEN:
@@ -237,7 +237,7 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 
 
 def vgg16(input_shape: Shape = (3, 32, 32), n_outputs: int = 10, width: float = 1.0, *, batchnorm: bool = True, **kw) -> Sequential:
-    """[REN] §3.7.2 / §4.5: VGG16 ("model D" of Simonyan & Zisserman) with BN after every conv and one FC.
+    """[REN] §3.7.2 / §4.7.2: VGG16 ("model D" of Simonyan & Zisserman) with BN after every conv and one FC.
 
     13 conv 3×3 (pad 1) layers 64, 64, M, 128, 128, M, 256×3, M, 512×3, M, 512×3, M (M = 2×2
     max-pool), each followed by BN and ReLU; then one FC layer from the flattened features to the
