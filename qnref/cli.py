@@ -7,6 +7,10 @@
 
 Errors (unknown names, bad data folders, impossible batch sizes, NaN in data, …) print one line
 ``qnref: error: …`` and exit with status 2; nothing half-written is left behind.
+
+Data parallel: ``mpiexec -n P qnref train …`` (and ``compare``) shards every batch over P ranks
+(docs/distributed.md); rank 0 prints, writes reports and checkpoints. Under MPI any error on any
+rank ends the whole job through MPI_Abort with the message, so no rank waits forever.
 """
 from __future__ import annotations
 
@@ -124,8 +128,12 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_train(a: argparse.Namespace) -> int:
+    from .distributed import get_comm
     from .report import write_report
     from .train import train
+
+    comm = get_comm(a.device)  # first: NCCL picks this rank's GPU before any array exists
+    quiet = a.quiet or not comm.is_root
 
     hyper = _parse_kv(a.opt)
     if a.batch_size is not None:
@@ -137,14 +145,15 @@ def cmd_train(a: argparse.Namespace) -> int:
     model = build_model(a.model, ds)
     _check_batch(hyper.get("batch_size"), data)
     res = train(model, opt, data, epochs=a.epochs, seed=a.seed, l2=a.l2, init_scheme=a.init, eval_every=a.eval_every,
-                checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not a.quiet)
+                checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not quiet, comm=comm)
     rows = [{"run": a.optimizer, "seed": a.seed, **r} for r in res.history]
-    if a.out:
+    if a.out and comm.is_root:
         write_report(a.out, rows, f"{a.model} on {a.dataset}: {a.optimizer}")
-    if not a.quiet:
+    if not quiet:
         f = res.final
         extra = f", test acc {f['test_acc']:.4f}" if "test_acc" in f else ""
-        print(f"{a.optimizer}: {res.steps} steps, {f['epoch']:.2f} epochs, train loss {f['train_loss']:.6g}{extra}, {f['time']:.2f} s")
+        ranks = f" on {comm.size} ranks" if comm.size > 1 else ""
+        print(f"{a.optimizer}: {res.steps} steps, {f['epoch']:.2f} epochs, train loss {f['train_loss']:.6g}{extra}, {f['time']:.2f} s{ranks}")
         if a.out:
             print(f"report written to {a.out}")
     return 0
@@ -157,6 +166,7 @@ def _check_batch(bs: Any, data: Any) -> None:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
+    from .distributed import get_comm
     from .presets import PRESETS, Preset, Run
     from .optim.registry import suggest
     from .report import write_report
@@ -176,6 +186,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     seeds = tuple(int(s) for s in a.seeds.split(",")) if a.seeds else pre.seeds
     l2 = a.l2 if a.l2 is not None else pre.l2
     out = a.out or os.path.join("reports", pre.name)
+    comm = get_comm(a.device)
+    quiet = a.quiet or not comm.is_root
     opts = [(r, make_optimizer(r.optimizer, dict(r.hyperparameters))) for r in pre.runs]  # fail fast on names
     rows = []
     for seed in seeds:
@@ -185,15 +197,17 @@ def cmd_compare(a: argparse.Namespace) -> int:
         theta0 = model.init(seed, scheme=pre.init, device=a.device, dtype=a.dtype)
         for run, opt in opts:
             _check_batch(run.hyperparameters.get("batch_size"), data)
-            res = train(model, opt, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0, eval_every=pre.eval_every)
+            res = train(model, opt, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0, eval_every=pre.eval_every, comm=comm)
             rows += [{"run": run.label, "seed": seed, **r} for r in res.history]
-            if not a.quiet:
+            if not quiet:
                 f = res.final
                 acc = f" acc {f['test_acc']:.4f}" if "test_acc" in f else ""
                 print(f"seed {seed}  {run.label:<12} train loss {f['train_loss']:.5g}{acc}  {f['time']:.2f} s", flush=True)
     title = f"{pre.name}: {pre.model} on {pre.dataset}" + (f" ({pre.paper})" if pre.paper else "")
+    if not comm.is_root:
+        return 0
     files = write_report(out, rows, title, extra_md=f"{pre.description}\n")
-    if not a.quiet:
+    if not quiet:
         print(f"report written to {out}: {', '.join(os.path.basename(f) for f in files)}")
     return 0
 
@@ -274,14 +288,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.print_help()
         return EXIT_USAGE
     handlers = {"train": cmd_train, "compare": cmd_compare, "list": cmd_list, "check": cmd_check}
+    comm = _parallel_comm(a)
     try:
         return handlers[a.command](a)
     except (CLIError, ValueError, TypeError, FileNotFoundError, backend.BackendError) as exc:
-        print(f"qnref: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(comm, f"qnref: error: {exc}", EXIT_USAGE)
     except RuntimeError as exc:  # TrainingError and friends
-        print(f"qnref: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(comm, f"qnref: error: {exc}", 1)
+    except Exception as exc:  # noqa: BLE001 - under MPI every failure must end the whole job
+        if comm is None:
+            raise
+        import traceback
+
+        return _fail(comm, f"{traceback.format_exc()}qnref: error: {type(exc).__name__}: {exc}", 1)
+
+
+def _parallel_comm(a: argparse.Namespace) -> Any:
+    """The communicator when this is a train/compare run launched by mpiexec with > 1 process."""
+    if a.command not in ("train", "compare"):
+        return None
+    from .distributed import get_comm, launched_under_mpi
+
+    if launched_under_mpi() <= 1 and os.environ.get("QNREF_COMM", "auto") in ("", "auto", "serial"):
+        return None
+    comm = get_comm(a.device)
+    return comm if comm.size > 1 else None
+
+
+def _fail(comm: Any, msg: str, code: int) -> int:
+    """Print the error; under MPI end every rank (MPI_Abort), since the others may be waiting."""
+    if comm is None:
+        print(msg, file=sys.stderr)
+        return code
+    comm.abort(f"{msg}\nqnref: error on rank {comm.rank} of {comm.size}; aborting all ranks (MPI_Abort)", code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

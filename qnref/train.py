@@ -67,25 +67,42 @@ class Data:
         return cls(d.X_train, d.y_train, d.X_test, d.y_test, d.loss, d.name)
 
 
-def evaluate(model: Sequential, loss: Any, X: Any, y: Any, theta: Any, chunk: int = 2048) -> dict:
+def evaluate(model: Sequential, loss: Any, X: Any, y: Any, theta: Any, chunk: int = 2048, comm: Any = None) -> dict:
     """Mean loss on (X, y) in eval mode, in chunks (uncounted passes); for classification
     (integer labels with softmax_ce, or one binary output with sigmoid_ce) also accuracy and
-    the number of errors."""
+    the number of errors. With a communicator of several ranks, each rank evaluates its shard
+    of the rows and the sums are allreduced."""
     loss = get_loss(loss)
     classify = (loss.name == "softmax_ce" and y.ndim == 1) or (
         loss.name == "sigmoid_ce" and y.ndim == 2 and y.shape[1] == 1 and _binary(y))
-    total, correct, n = 0.0, 0, int(X.shape[0])
-    for start in range(0, n, chunk):
-        Xc, yc = X[start : start + chunk], y[start : start + chunk]
+    n = int(X.shape[0])
+    lo, hi = 0, n
+    if comm is not None and comm.size > 1:
+        from .distributed.problem import shard_bounds  # noqa: PLC0415 - MPI runs only
+
+        lo, hi = shard_bounds(n, comm.size, comm.rank) if n >= comm.size else (0, n if comm.rank == 0 else 0)
+    total, correct = 0.0, 0
+    for start in range(lo, hi, chunk):
+        stop = min(hi, start + chunk)
+        Xc, yc = X[start:stop], y[start:stop]
         z, _ = model.forward(theta, Xc, train=False)
         total += float(loss.per_example(z, yc).sum())
         if classify:
             correct += int((loss.predict(z) == yc).sum())
+    if comm is not None and comm.size > 1:
+        total, correct = (float(v) for v in comm.allreduce_sum(numpy.array([total, float(correct)])))
     out = {"loss": total / n}
     if classify:
-        out["acc"] = correct / n
-        out["errors"] = n - correct
+        c = int(round(correct))
+        out["acc"] = c / n
+        out["errors"] = n - c
     return out
+
+
+def _binary(y: Any) -> bool:
+    """True when every target is exactly 0 or 1."""
+    xp = backend.namespace(y)
+    return bool(xp.all((y == 0) | (y == 1)))
 
 
 def _fingerprint(model: Sequential, optimizer: Optimizer, data: Data, l2: float, seed: int) -> dict:
@@ -152,6 +169,7 @@ def train(
     stop_after_steps: int | None = None,
     progress: bool = False,
     max_nonfinite: int = 20,
+    comm: Any = None,
 ) -> TrainResult:
     """Train ``model`` with ``optimizer`` on ``data`` for ``epochs`` data passes.
 
@@ -159,28 +177,75 @@ def train(
     (with a checkpoint when one is configured) — used to test resumption. A callback returning True
     stops the run. Training stops with :class:`TrainingError` when the training loss becomes
     non-finite or ``max_nonfinite`` consecutive steps were rejected as non-finite.
+
+    Data parallel (``docs/distributed.md``): ``comm`` is a :class:`qnref.distributed.Communicator`;
+    by default :func:`qnref.distributed.get_comm` (serial unless launched by ``mpiexec`` with more
+    than one process). With more than one rank the batches are sharded over the ranks
+    (:class:`~qnref.distributed.DistributedProblem`), the configuration is compared across ranks at
+    start, only rank 0 writes checkpoints and shows progress, and an exception on any rank aborts
+    the whole job (MPI_Abort) instead of leaving the others waiting.
     """
+    if comm is None:
+        from .distributed import get_comm  # noqa: PLC0415
+
+        comm = get_comm(backend.device_of(data.X_train))
+    if comm.size > 1:
+        with comm.abort_on_error("qnref train"):
+            return _train(model, optimizer, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0, init_scheme=init_scheme,
+                          max_steps=max_steps, eval_every=eval_every, callbacks=callbacks, checkpoint=checkpoint,
+                          checkpoint_every=checkpoint_every, resume=resume, stop_after_steps=stop_after_steps,
+                          progress=progress, max_nonfinite=max_nonfinite, comm=comm)
+    return _train(model, optimizer, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0, init_scheme=init_scheme,
+                  max_steps=max_steps, eval_every=eval_every, callbacks=callbacks, checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every, resume=resume, stop_after_steps=stop_after_steps,
+                  progress=progress, max_nonfinite=max_nonfinite, comm=None)
+
+
+def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max_steps, eval_every, callbacks, checkpoint,
+           checkpoint_every, resume, stop_after_steps, progress, max_nonfinite, comm) -> TrainResult:
+    """The loop of :func:`train`; ``comm`` is None for one process."""
     if not epochs > 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
     if not eval_every > 0:
         raise ValueError(f"eval_every must be positive, got {eval_every}")
     xp = backend.namespace(data.X_train)
-    problem = Problem(model, data.loss, data.X_train, data.y_train, l2, seed=seed)
     fp = _fingerprint(model, optimizer, data, l2, seed)
+    root = comm is None or comm.is_root
+    eval_fn = evaluate
+    if comm is None:
+        problem = Problem(model, data.loss, data.X_train, data.y_train, l2, seed=seed)
+    else:
+        from . import distributed  # noqa: PLC0415
+
+        problem = distributed.DistributedProblem(model, data.loss, data.X_train, data.y_train, l2, seed=seed, comm=comm)
+        eval_fn = lambda *a: evaluate(*a, comm=comm)  # noqa: E731
+        progress = progress and root
     device = backend.device_of(data.X_train)
     if theta0 is None:
         theta = model.init(seed, scheme=init_scheme, device=device, dtype=data.X_train.dtype)
     else:
         model.layout.check(theta0, "theta0")
         theta = xp.array(theta0, dtype=data.X_train.dtype, copy=True)
+    if comm is not None:
+        from .distributed import fingerprint_check  # noqa: PLC0415
+
+        hyper = {f"optimizer.{k}": repr(v) for k, v in sorted(optimizer.hyperparameters().items())}
+        fingerprint_check(comm, {**{k: v for k, v in fp.items() if k != "hyperparameters"}, **hyper,
+                                 "data_hash": _data_hash(data), "theta0_hash": _array_hash(theta),
+                                 "epochs": float(epochs), "checkpoint": checkpoint, "resume": bool(resume)})
     state = optimizer.init(theta)
     history: list[dict] = []
     step, opt_time, next_eval, next_ckpt = 0, 0.0, 0.0, checkpoint_every
     if resume:
         if checkpoint is None:
             raise ValueError("resume=True needs a checkpoint path")
-        if os.path.exists(checkpoint):
-            ck = load_checkpoint(checkpoint)
+        if comm is None:
+            ck = load_checkpoint(checkpoint) if os.path.exists(checkpoint) else None
+        else:  # rank 0 reads, everyone gets the same payload (no shared file system needed)
+            ck = comm.bcast(_try_load(checkpoint) if root else None)
+            if isinstance(ck, BaseException):
+                raise ck
+        if ck is not None:
             if ck["fingerprint"] != fp:
                 diff = {k: (ck["fingerprint"].get(k), v) for k, v in fp.items() if ck["fingerprint"].get(k) != v}
                 raise TrainingError(f"checkpoint {checkpoint!r} was written for another configuration: {diff}")
@@ -193,10 +258,10 @@ def train(
     def record(info: dict | None) -> dict:
         rec = {"step": step, "epoch": problem.epochs, "passes": problem.counter.grad_equivalents / problem.n_samples,
                "time": opt_time}
-        tr = evaluate(model, data.loss, data.X_train, data.y_train, theta)
+        tr = eval_fn(model, data.loss, data.X_train, data.y_train, theta)
         rec["train_loss"] = tr["loss"] + (0.5 * l2 * float(theta @ theta) if l2 else 0.0)
         if data.X_test is not None:
-            te = evaluate(model, data.loss, data.X_test, data.y_test, theta)
+            te = eval_fn(model, data.loss, data.X_test, data.y_test, theta)
             rec["test_loss"] = te["loss"]
             if "acc" in te:
                 rec["test_acc"], rec["test_errors"] = te["acc"], te["errors"]
@@ -206,7 +271,7 @@ def train(
         return rec
 
     def write_checkpoint() -> None:
-        if checkpoint:
+        if checkpoint and root:
             save_checkpoint(checkpoint, {
                 "fingerprint": fp, "theta": backend.to_numpy(theta).copy(), "state": state_to_host(state),
                 "problem": problem.state(), "history": history, "step": step, "time": opt_time,
@@ -246,7 +311,9 @@ def train(
                 raise TrainingError(f"training loss became non-finite ({rec['train_loss']}) at epoch {rec['epoch']:.3f}, step {step}")
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['train_loss']:.4g}")
-            if any(cb(rec) is True for cb in callbacks):
+            if comm is not None:  # θ must be bit-identical on every rank; callbacks decide on rank 0
+                _check_same_theta(comm, theta, step)
+            if _stop(comm, callbacks, rec):
                 stopped = "callback"
                 break
         if checkpoint and problem.epochs >= next_ckpt - 1e-12:
@@ -267,3 +334,36 @@ def _progress(enabled: bool, total: float, start: float):
     from tqdm.auto import tqdm  # noqa: PLC0415 - only for interactive runs
 
     return tqdm(total=total, initial=start, unit="epoch", bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} [{elapsed}<{remaining}{postfix}]")
+
+
+def _stop(comm: Any, callbacks: Sequence[Callable[[dict], Any]], rec: dict) -> bool:
+    stop = any(cb(rec) is True for cb in callbacks) if comm is None or comm.is_root else False
+    return stop if comm is None else bool(comm.bcast(stop))
+
+
+def _array_hash(x: Any) -> str:
+    import hashlib  # noqa: PLC0415
+
+    a = numpy.ascontiguousarray(backend.to_numpy(x))
+    return hashlib.sha1(a.view(numpy.uint8).reshape(-1)).hexdigest() + f":{a.dtype}:{a.shape}"
+
+
+def _data_hash(data: Data) -> str:
+    return ";".join(_array_hash(a) for a in (data.X_train, data.y_train, data.X_test, data.y_test) if a is not None)
+
+
+def _check_same_theta(comm: Any, theta: Any, step: int) -> None:
+    hashes = comm.allgather(_array_hash(theta))
+    if len(set(hashes)) > 1:
+        from .distributed import DistributedError  # noqa: PLC0415
+
+        raise DistributedError(f"θ differs between ranks after step {step} (a reduction returned different bits on "
+                            "different ranks); rerun with QNREF_MPI_DETERMINISTIC=1")
+
+
+def _try_load(path: str) -> Any:
+    """Rank 0's read of a checkpoint for broadcasting: the payload, None, or the exception."""
+    try:
+        return load_checkpoint(path) if os.path.exists(path) else None
+    except Exception as exc:  # noqa: BLE001 - re-raised on every rank after the broadcast
+        return exc

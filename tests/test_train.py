@@ -89,3 +89,16 @@ def test_invalid_arguments():
         train(m, make_optimizer("sgd"), dd, epochs=0)
     with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
         train(m, make_optimizer("sgd"), dd, resume=True)
+
+
+def test_evaluate_binary_sigmoid_accuracy():
+    r = np.random.default_rng(0)
+    m = Sequential([Dense(1)], input_shape=(3,))
+    X = r.standard_normal((50, 3))
+    y = (r.random((50, 1)) < 0.3).astype(float)
+    th = m.init(1)
+    ev = evaluate(m, "sigmoid_ce", X, y, th)
+    z = X @ m.layout.views(th)[0][:, :-1].T + m.layout.views(th)[0][:, -1]
+    acc = float(((z > 0) == (y == 1)).mean())
+    assert ev["acc"] == pytest.approx(acc) and ev["errors"] == round(50 * (1 - acc))
+    assert "acc" not in evaluate(m, "sigmoid_ce", X, r.random((50, 1)), th)  # soft targets: no accuracy

@@ -92,7 +92,13 @@ def conv_factors(a: Any, g: Any) -> tuple[Any, Any]:
 
 
 def factors(tap: dict) -> tuple[Any, Any]:
-    """(A, G) for a tap of either kind (see the module docstring for the reductions)."""
+    """(A, G) for a tap of either kind (see the module docstring for the reductions).
+
+    A tap that carries its own ``reduced_factors()`` (the data-parallel taps of
+    :mod:`qnref.distributed`, whose factors are allreduced over ranks) is asked for them instead."""
+    reduced = getattr(tap, "reduced_factors", None)
+    if reduced is not None:
+        return reduced()
     kind = tap.get("kind")
     if kind == "dense":
         return dense_factors(tap["a"], tap["g"])

@@ -28,6 +28,18 @@ def begin_step(problem: Problem, batch_size: int | None, theta: Any) -> tuple[Ob
     return obj, p
 
 
+def open_step(problem: Problem, batch_size: int | None, theta: Any, state: Any, tol: float):
+    """Start a step: (objective, point at θ, None) to go on, or (objective, None, result) where
+    ``result`` is the step's return value when θ does not move — f or ∇f not finite at θ, or
+    ‖∇f‖ ≤ ``tol`` (converged)."""
+    obj, p0 = begin_step(problem, batch_size, theta)
+    if p0 is None:
+        return obj, None, stay(theta, state, obj)
+    if math.sqrt(float(p0.grad @ p0.grad)) <= tol:
+        return obj, None, stay(theta, state, obj, p0.value, converged=True)
+    return obj, p0, None
+
+
 def stay(theta: Any, state: Any, obj: Objective, loss: float = math.nan, **extra: Any) -> tuple[Any, Any, StepInfo]:
     """Do not move: the start point was not finite or the method has converged."""
     info = StepInfo(loss=loss, loss_start=loss, accepted=False, nonfinite=not math.isfinite(loss),

@@ -18,7 +18,7 @@ from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check
 from .compact import PairMemory, lbfgs_two_loop
 from .linesearch import strong_wolfe
 from .registry import register
-from ._qn_common import LineFunction, begin_step, memory_from_state, memory_to_state, stay
+from ._qn_common import LineFunction, memory_from_state, memory_to_state, open_step
 
 
 @dataclass
@@ -51,12 +51,10 @@ class LBFGS(Optimizer):
         return LBFGSState(memory_to_state(PairMemory.like(theta, self.memory)))
 
     def step(self, theta: Any, state: LBFGSState, problem: Problem) -> tuple[Any, LBFGSState, StepInfo]:
-        obj, p0 = begin_step(problem, self.batch_size, theta)
-        if p0 is None:
-            return stay(theta, state, obj)
+        obj, p0, done = open_step(problem, self.batch_size, theta, state, self.tol)
+        if done:
+            return done
         g, f0 = p0.grad, p0.value
-        if math.sqrt(float(g @ g)) <= self.tol:
-            return stay(theta, state, obj, f0, converged=True)
         mem = memory_from_state(state.memory)
         if self.forget_every is not None and state.k > 0 and state.k % self.forget_every == 0:
             mem.clear()

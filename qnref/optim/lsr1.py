@@ -22,7 +22,7 @@ from .compact import LSR1Compact, PairMemory, lsr1_prune_count, sr1_skip
 from .linesearch import backtracking_armijo
 from .registry import register
 from .trust_region import RadiusRule, reduction_ratio, solve_lsr1_subproblem, steihaug_cg
-from ._qn_common import LineFunction, begin_step, memory_from_state, memory_to_state, stay
+from ._qn_common import LineFunction, memory_from_state, memory_to_state, open_step
 
 
 @dataclass
@@ -119,15 +119,12 @@ class LSR1TrustRegion(_LSR1Base):
         return sol.p, sol.pred
 
     def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
-        obj, p0 = begin_step(problem, self.batch_size, theta)
-        if p0 is None:
-            return stay(theta, state, obj)
+        obj, p0, done = open_step(problem, self.batch_size, theta, state, self.tol)
+        if done:
+            return done
         g, f0 = p0.grad, p0.value
-        gnorm = math.sqrt(float(g @ g))
-        if math.isnan(state.delta):
-            state.delta = self.delta0 if self.delta0 is not None else gnorm
-        if gnorm <= self.tol:
-            return stay(theta, state, obj, f0, converged=True)
+        if math.isnan(state.delta):  # Δ₀ = ‖∇f(x₀)‖ (Alg. 1, Require)
+            state.delta = self.delta0 if self.delta0 is not None else math.sqrt(float(g @ g))
         mem = memory_from_state(state.memory)
         B = self._compact(mem)
         s, pred = self._solve(g, B, state.delta)
@@ -176,12 +173,10 @@ class LSR1LineSearch(_LSR1Base):
         self.max_evals = check_int("max_evals", max_evals)
 
     def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
-        obj, p0 = begin_step(problem, self.batch_size, theta)
-        if p0 is None:
-            return stay(theta, state, obj)
+        obj, p0, done = open_step(problem, self.batch_size, theta, state, self.tol)
+        if done:
+            return done
         g, f0 = p0.grad, p0.value
-        if math.sqrt(float(g @ g)) <= self.tol:
-            return stay(theta, state, obj, f0, converged=True)
         mem = memory_from_state(state.memory)
         H = self._compact(mem, inverse=True)
         d = -H.solve(g) if H is not None else -g / self.gamma

@@ -1,0 +1,505 @@
+"""Data parallelism: every rank draws the same global batch and evaluates only its shard of it.
+
+:class:`DistributedProblem` is a :class:`~qnref.optim.base.Problem` (same seed, same host RNG
+``rng``, same device RNG ``device_rng``, same epoch stream, same ``state()``), so every rank draws
+the **same global indices** in the same order. The objectives it hands out
+(:class:`DistributedObjective`) split each global batch of B examples into P contiguous shards
+(rank r gets rows ``[lo_r, hi_r)``, sizes ⌈B/P⌉ for the first B mod P ranks and ⌊B/P⌋ for the
+others, like ``numpy.array_split``), run the network on their shard only, and combine:
+
+===================================  ===============================================  =====================
+quantity                             how                                              communicated per call
+===================================  ===============================================  =====================
+``value``                            Σ_r Σ_{i∈shard} ℓᵢ / B (+ λ/2 ‖θ‖²)               allreduce 1 float
+``grad``                             Σ_r J_rᵀ dz_r / B (+ λθ)                         allreduce n
+``hvp(v)``                           Σ_r of the shard's R-op backward with 1/B        allreduce n (2n with
+                                                                                      the gradient)
+``ggn_vp(v)``, ``fisher_vp(v, k)``   Σ_r J_rᵀ (H_L J v)_r / B,  Σ_r J_rᵀ (e ⊙ c)_r / B  allreduce n
+``vjp(u)``                           u global (B, C): rank r applies its rows         allreduce n
+``jvp(v)``, ``z``, ``dz``, ``losses``  shard rows gathered in rank order (global rows)  allgather B·C
+``per_example_grads``                shard rows gathered                              allgather B·n
+``layer_stats`` → ``kron.factors``   A = Σ_r Σ āāᵀ / B, G = Σ_r Σ ggᵀ / B (sums of     allreduce
+                                     outer products are reduced, rows are not          Σₗ (d_in+1)² + d_out²
+                                     gathered); tap["a"], tap["g"] gather rows on      (rows on demand:
+                                     demand (K-BFGS means, Gram matrices)              B Σₗ (d_in+1+d_out))
+``gram("grad")``                     gathered taps, Σₗ (ĀĀᵀ) ⊙ (ΓΓᵀ) on every rank    allgather
+                                                                                      B Σₗ (d_in+1+d_out)
+``gram("jacobian")``                 gathered taps per class                          allgather
+                                                                                      B Σₗ (d_in+1+C d_out)
+===================================  ===============================================  =====================
+
+(non-dense nets fall back to gathering per-example gradients: B·n, resp. B·C·n for the Jacobian
+Gram.) Every rank ends a collective with the same bits, so every rank holds the same θ and the same
+optimizer state, and an optimizer's control flow (accept/reject, line-search trials, damping
+updates) is identical on all ranks. A P-process run with global batch B therefore reproduces the
+one-process run with batch B up to the order of summation (relative differences ~1e-15 in float64).
+
+Sampled targets (true Fisher, KFAC's ``fisher="sampled"``, TNT): the outputs z of the global batch
+are gathered (B·C numbers) and ỹ is drawn **on the whole batch** from the shared ``device_rng``
+(same state on every rank, same number of draws as one process), then each rank uses its slice.
+This equals the one-process draw except where a uniform variate falls within rounding of a CDF
+boundary (z differs from the one-process z in the last bits), i.e. with probability ~1e-16 per
+example.
+
+Limits: every rank holds the whole data set (indices are global); a global batch must have at
+least P examples; batch normalization in training mode couples the examples of a batch and is
+refused (its batch statistics would be per shard).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import numpy
+
+from .. import backend
+from ..curvature.objective import Objective, PassCounter, _only_kron_params
+from ..optim.base import Problem
+from .comm import Communicator, get_comm
+
+__all__ = ["DistributedProblem", "DistributedObjective", "DistributedPoint", "DistributedTap", "shard_counts",
+           "shard_bounds"]
+
+_KINDS = ("forward", "backward", "rforward", "rbackward")
+
+
+def shard_counts(n: int, size: int) -> list[int]:
+    """Rows per rank of a contiguous split of ``n`` rows (``numpy.array_split`` sizes)."""
+    q, r = divmod(int(n), int(size))
+    return [q + (1 if k < r else 0) for k in range(size)]
+
+
+def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
+    c = shard_counts(n, size)
+    lo = sum(c[:rank])
+    return lo, lo + c[rank]
+
+
+class _NoRNG:
+    """Stands in for the shard objective's generator: sampling must happen on the global batch."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("internal error: a shard objective tried to draw random numbers; sampled targets are "
+                           "drawn on the global batch by DistributedPoint.sampled_targets")
+
+
+def _synced(fn):
+    """Add the passes the shard objective counted (scaled to the global batch) to the global counter."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.obj._sync_counter()
+
+    return wrapper
+
+
+class DistributedObjective:
+    """f on a global batch (indices ``idx`` into the training set) evaluated shard-wise.
+
+    Same interface as :class:`~qnref.curvature.objective.Objective` (``at``, ``n_samples``,
+    ``subset``, the convenience products); ``X``/``y`` are the global batch (built on demand),
+    ``local`` is the shard's ordinary Objective.
+    """
+
+    def __init__(self, problem: "DistributedProblem", idx: Any):
+        idx = numpy.asarray(backend.to_numpy(idx) if backend.is_cupy_array(idx) else idx)
+        if idx.dtype == bool:
+            idx = numpy.flatnonzero(idx)
+        self.idx = idx.astype(numpy.int64, copy=False).reshape(-1)
+        self.problem = problem
+        self.comm: Communicator = problem.comm
+        self.model, self.loss, self.l2, self.train = problem.model, problem.loss, problem.l2, problem.train
+        self.xp = problem.xp
+        self.counter = problem.counter
+        self.rng = problem.device_rng
+        N, P = int(self.idx.shape[0]), self.comm.size
+        if N < P:
+            raise ValueError(f"a batch of {N} examples cannot be split over {P} ranks (every rank needs at least one "
+                             "example); use a larger batch or fewer processes")
+        self.counts = shard_counts(N, P)
+        self.lo, self.hi = shard_bounds(N, P, self.comm.rank)
+        self._local_counter = PassCounter()
+        self._seen = {k: 0 for k in _KINDS}
+        self._seen_calls: dict = {}
+        sel = self.xp.asarray(self.idx[self.lo : self.hi])
+        self.local = Objective(self.model, self.loss, problem.X[sel], problem.y[sel], self.l2, train=self.train,
+                               counter=self._local_counter, rng=_NoRNG(), validate=False)
+        self._X = self._y = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _sync_counter(self) -> None:
+        n_local, N = self.hi - self.lo, self.n_samples
+        lc = self._local_counter
+        for k in _KINDS:
+            d = getattr(lc, k) - self._seen[k]
+            if d:
+                self.counter.add(k, (d // n_local) * N)
+                self._seen[k] = getattr(lc, k)
+        for name, c in lc.calls.items():
+            d = c - self._seen_calls.get(name, 0)
+            if d:
+                self.counter.calls[name] = self.counter.calls.get(name, 0) + d
+                self._seen_calls[name] = c
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.idx.shape[0])
+
+    @property
+    def n_local(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def dtype(self):
+        return self.problem.X.dtype
+
+    @property
+    def X(self) -> Any:
+        if self._X is None:
+            self._X = self.problem.X[self.xp.asarray(self.idx)]
+        return self._X
+
+    @property
+    def y(self) -> Any:
+        if self._y is None:
+            self._y = self.problem.y[self.xp.asarray(self.idx)]
+        return self._y
+
+    def at(self, theta: Any) -> "DistributedPoint":
+        return DistributedPoint(self, theta)
+
+    def subset(self, idx: Any) -> "DistributedObjective":
+        """The objective on positions ``idx`` *of this batch* (global positions, as for Objective)."""
+        pos = numpy.asarray(backend.to_numpy(idx) if backend.is_cupy_array(idx) else idx)
+        return DistributedObjective(self.problem, self.idx[pos])
+
+    # convenience wrappers (one forward each), as Objective
+    def value(self, theta: Any) -> float:
+        return self.at(theta).value
+
+    def value_and_grad(self, theta: Any) -> tuple[float, Any]:
+        p = self.at(theta)
+        return p.value, p.grad
+
+    def grad(self, theta: Any) -> Any:
+        return self.at(theta).grad
+
+    def hvp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).hvp(v)
+
+    def ggn_vp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).ggn_vp(v)
+
+    def fisher_vp(self, theta: Any, v: Any, kind: str = "empirical") -> Any:
+        return self.at(theta).fisher_vp(v, kind)
+
+    def jvp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).jvp(v)
+
+    def vjp(self, theta: Any, u: Any) -> Any:
+        return self.at(theta).vjp(u)
+
+    def per_example_grads(self, theta: Any) -> Any:
+        return self.at(theta).per_example_grads()
+
+    def gram(self, theta: Any, kind: str = "grad") -> Any:
+        return self.at(theta).gram(kind)
+
+    def layer_stats(self, theta: Any, targets: str = "empirical") -> dict:
+        return self.at(theta).layer_stats(targets)
+
+
+class DistributedTap(dict):
+    """One layer's taps of a distributed point: ``"kind"`` plus the shard's rows.
+
+    ``tap["a"]`` / ``tap["g"]`` gather the rows of all ranks (global batch order) on first use.
+    :meth:`reduced_factors` returns the Kronecker factors (A, G) of the *global* batch by one
+    allreduce of the shards' sums of outer products, without gathering rows;
+    :func:`qnref.curvature.kron.factors` uses it when present.
+    """
+
+    def __init__(self, point: "DistributedPoint", tap: dict):
+        super().__init__({k: v for k, v in tap.items() if k not in ("a", "g")})
+        self._point = point
+        self.local_a, self.local_g = tap["a"], tap["g"]
+
+    def __missing__(self, key: str) -> Any:
+        if key in ("a", "g"):
+            local = self.local_a if key == "a" else self.local_g
+            val = self._point.obj.comm.allgather_rows(local, self._point.obj.counts)
+            self[key] = val
+            return val
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in ("a", "g") or dict.__contains__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def reduced_factors(self) -> tuple[Any, Any]:
+        """(A, G) of the global batch; same reductions as :func:`qnref.curvature.kron.factors`."""
+        xp, N = self._point.xp, self._point.N
+        a, g = self.local_a, self.local_g
+        if self.get("kind") == "conv":
+            n, L = a.shape[0], a.shape[1]
+            a2, g2 = a.reshape(n * L, a.shape[2]), g.reshape(n * L, g.shape[2])
+            denom_g = N * L
+        elif self.get("kind") == "dense":
+            a2, g2, denom_g = a, g, N
+        else:
+            raise ValueError(f"no Kronecker factors for a tap of kind {self.get('kind')!r}")
+        sa, sg = a2.T @ a2, g2.T @ g2
+        both = self._point.obj.comm.allreduce_sum(xp.concatenate([sa.reshape(-1), sg.reshape(-1)]))
+        k = sa.size
+        return both[:k].reshape(sa.shape) / N, both[k:].reshape(sg.shape) / denom_g
+
+
+class DistributedPoint:
+    """The distributed objective linearised at θ (same interface as
+    :class:`~qnref.curvature.objective.Point`; row-space quantities are global)."""
+
+    def __init__(self, obj: DistributedObjective, theta: Any):
+        self.obj = obj
+        self.theta = theta
+        self.xp = obj.xp
+        try:
+            self.local = obj.local.at(theta)
+        finally:
+            obj._sync_counter()
+        self._value = None
+        self._grad = None
+        self._z = self._dz = self._losses = None
+        self._sampled = None
+
+    @property
+    def N(self) -> int:
+        return self.obj.n_samples
+
+    @property
+    def comm(self) -> Communicator:
+        return self.obj.comm
+
+    def _rows(self, x: Any) -> Any:
+        return self.comm.allgather_rows(x, self.obj.counts)
+
+    def _sum(self, x: Any) -> Any:
+        return self.comm.allreduce_sum(x)
+
+    # -- values -----------------------------------------------------------------------------
+    @property
+    def value(self) -> float:
+        if self._value is None:
+            s = self._sum(float(self.local.losses.sum()))
+            v = s / self.N
+            if self.obj.l2:
+                v = v + 0.5 * self.obj.l2 * float(self.theta @ self.theta)
+            self._value = float(v)
+        return self._value
+
+    @property
+    def losses(self) -> Any:
+        if self._losses is None:
+            self._losses = self._rows(self.local.losses)
+        return self._losses
+
+    @property
+    def z(self) -> Any:
+        """Network outputs of the global batch (gathered)."""
+        if self._z is None:
+            self._z = self._rows(self.local.z)
+        return self._z
+
+    @property
+    def dz(self) -> Any:
+        if self._dz is None:
+            self._dz = self._rows(self.local.dz)
+        return self._dz
+
+    @property
+    @_synced
+    def grad(self) -> Any:
+        if self._grad is None:
+            g = self._sum(self.local._backward(self.local.dz / self.N, "grad"))
+            if self.obj.l2:
+                g += self.obj.l2 * self.theta
+            self._grad = g
+        return self._grad
+
+    # -- Jacobian products --------------------------------------------------------------------
+    @_synced
+    def jvp(self, v: Any) -> Any:
+        """J v for the global batch (B, *output_shape), gathered."""
+        return self._rows(self.local.jvp(v))
+
+    @_synced
+    def vjp(self, u: Any) -> Any:
+        """Jᵀ u = Σᵢ Jᵢᵀ uᵢ for u of the global output shape (no 1/N, no L2)."""
+        shape = (self.N,) + tuple(self.local.z.shape[1:])
+        if tuple(u.shape) != shape:
+            raise ValueError(f"u must have the output shape {shape}, got {tuple(u.shape)}")
+        return self._sum(self.local._backward(u[self.obj.lo : self.obj.hi], "vjp"))
+
+    # -- curvature products -------------------------------------------------------------------
+    @_synced
+    def hvp(self, v: Any) -> Any:
+        loc, N, xp = self.local, self.N, self.xp
+        loc._check_dir(v)
+        jv, rcaches = loc._jvp(v)
+        loss, y, n = loc.obj.loss, loc.obj.y, loc.N
+        gz = loc.dz / N
+        rgz = loss.hvp(loc.z, y, jv) / N
+        loc.obj.counter.add("backward", n, "hvp")
+        loc.obj.counter.add("rbackward", n)
+        g_loc, hv_loc = loc.obj.model.backward_rop(self.theta, loc.caches, rcaches, gz, rgz, v)
+        if self._grad is None:
+            nn = g_loc.shape[0]
+            both = self._sum(xp.concatenate([g_loc, hv_loc]))
+            grad, hv = both[:nn].copy(), both[nn:].copy()
+            if self.obj.l2:
+                grad += self.obj.l2 * self.theta
+            self._grad = grad
+        else:
+            hv = self._sum(hv_loc)
+        if self.obj.l2:
+            hv += self.obj.l2 * v
+        return hv
+
+    @_synced
+    def ggn_vp(self, v: Any) -> Any:
+        loc = self.local
+        loc._check_dir(v)
+        jv, _ = loc._jvp(v)
+        gv = self._sum(loc._backward(loc.obj.loss.hvp(loc.z, loc.obj.y, jv) / self.N, "ggn_vp"))
+        if self.obj.l2:
+            gv += self.obj.l2 * v
+        return gv
+
+    def sampled_targets(self) -> Any:
+        """ỹ ~ p(y | z) for the global batch, drawn once per point from the shared device RNG."""
+        if self._sampled is None:
+            self._sampled = self.obj.loss.sample(self.z, self.obj.rng)
+        return self._sampled
+
+    def _prepare(self, kind: str) -> None:
+        """Give the shard point its slice of the globally drawn targets (before any local use)."""
+        if kind == "sampled" and self.local._sampled is None:
+            self.local._sampled = self.sampled_targets()[self.obj.lo : self.obj.hi]
+
+    @_synced
+    def fisher_vp(self, v: Any, kind: str = "empirical") -> Any:
+        loc, N = self.local, self.N
+        if kind == "exact":
+            loc._check_dir(v)
+            jv, _ = loc._jvp(v)
+            return self._sum(loc._backward(loc.obj.loss.hvp(loc.z, loc.obj.y, jv) / N, "fisher_vp"))
+        loc._check_coupling("fisher_vp")
+        self._prepare(kind)
+        e = loc._fisher_dz(kind)
+        loc._check_dir(v)
+        jv, _ = loc._jvp(v)
+        c = (e * jv).reshape(loc.N, -1).sum(axis=1)
+        return self._sum(loc._backward(e * (c / N).reshape((-1,) + (1,) * (e.ndim - 1)), "fisher_vp"))
+
+    # -- per-example quantities ---------------------------------------------------------------
+    @_synced
+    def per_example_grads(self, targets: str = "empirical") -> Any:
+        self._prepare(targets)
+        return self._rows(self.local.per_example_grads(targets))
+
+    @_synced
+    def layer_stats(self, targets: str = "empirical") -> dict:
+        """Per Kronecker layer a :class:`DistributedTap` (factors by allreduce, rows on demand)."""
+        self._prepare(targets)
+        return {name: DistributedTap(self, t) for name, t in self.local.layer_stats(targets).items()}
+
+    @_synced
+    def gram(self, kind: str = "grad") -> Any:
+        """The Gram matrix of the global batch (B × B or BC × BC), identical on every rank.
+
+        Rows are gathered (see the module table for the volume) and the Gram is formed on every
+        rank with the Kronecker trick (dense nets) or from gathered per-example rows.
+        """
+        loc, xp, N = self.local, self.xp, self.N
+        loc._check_coupling("gram")
+        model = self.obj.model
+        kron = all(l.kron_dense for l in model.kron_layers) and _only_kron_params(model)
+        if kind == "grad":
+            if not kron:
+                P = self.per_example_grads()
+                return P @ P.T
+            taps = self.layer_stats("empirical")
+            return sum((t["a"] @ t["a"].T) * (t["g"] @ t["g"].T) for t in taps.values())
+        if kind != "jacobian":
+            raise ValueError(f"unknown Gram kind {kind!r}; choose 'grad' or 'jacobian'")
+        if loc.z.ndim != 2:
+            raise ValueError("gram('jacobian') needs 2-D outputs (N, C)")
+        C = loc.z.shape[1]
+        n = loc.N
+        eye = xp.eye(C, dtype=loc.z.dtype)
+        if not kron:
+            rows = []
+            for c in range(C):
+                loc.obj.counter.add("backward", n, "gram")
+                r = model.per_example_grads(self.theta, loc.caches, xp.broadcast_to(eye[c], loc.z.shape).copy())
+                rows.append(self._rows(r))
+            J = xp.stack(rows, axis=1).reshape(N * C, -1)
+            return J @ J.T
+        per_c = []
+        for c in range(C):
+            taps: dict = {}
+            loc._backward(xp.broadcast_to(eye[c], loc.z.shape).copy(), "gram", taps=taps, want_params=False)
+            per_c.append(taps)
+        total = xp.zeros((N * C, N * C), dtype=loc.z.dtype)
+        for name in per_c[0]:
+            a = self._rows(per_c[0][name]["a"])
+            ka = a @ a.T
+            gam = xp.stack([self._rows(t[name]["g"]) for t in per_c], axis=1).reshape(N * C, -1)
+            total += xp.repeat(xp.repeat(ka, C, axis=0), C, axis=1) * (gam @ gam.T)
+        return total
+
+
+class DistributedProblem(Problem):
+    """A :class:`~qnref.optim.base.Problem` whose objectives are evaluated data-parallel on ``comm``.
+
+    Every rank must be given the same data, model, loss, l2, seed (checked by the training loop's
+    fingerprint). The stream of indices, the RNG states and the counters are global, so
+    ``state()``/``load_state()`` (and checkpoints) do not depend on the number of ranks.
+    """
+
+    def __init__(self, model: Any, loss: Any, X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
+                 counter: PassCounter | None = None, train: bool = True, comm: Communicator | None = None):
+        super().__init__(model, loss, X, y, l2, seed=seed, counter=counter, train=train)
+        self.comm = comm if comm is not None else get_comm(backend.device_of(X))
+        if model.couples_examples and train and self.comm.size > 1:
+            raise ValueError("the model has batch normalization in training mode: its batch statistics couple the "
+                             "examples of a batch, so a sharded batch would not equal the one-process batch; "
+                             "data-parallel runs need models without BatchNorm (or train=False)")
+        if self.n_samples < self.comm.size:
+            raise ValueError(f"{self.n_samples} training examples cannot be split over {self.comm.size} ranks")
+        self._dfull: DistributedObjective | None = None
+
+    def subset(self, idx: Any) -> DistributedObjective:
+        return DistributedObjective(self, numpy.asarray(idx, dtype=numpy.int64))
+
+    def _distributed_full(self) -> DistributedObjective:
+        if self._dfull is None:
+            self._dfull = DistributedObjective(self, numpy.arange(self.n_samples, dtype=numpy.int64))
+        return self._dfull
+
+    def sample(self, size: int) -> DistributedObjective:
+        size = self._check_size(size)
+        if size == self.n_samples:
+            return self._distributed_full()
+        return self.subset(numpy.sort(self.rng.choice(self.n_samples, size=size, replace=False)))
+
+    def full(self) -> DistributedObjective:
+        self.samples_drawn += self.n_samples
+        return self._distributed_full()
+
+    @property
+    def full_objective(self) -> DistributedObjective:
+        return self._distributed_full()
