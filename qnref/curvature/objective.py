@@ -75,7 +75,51 @@ class PassCounter:
         }
 
 
-class Objective:
+class PointMethods:
+    """``obj.value(θ)``, ``obj.hvp(θ, v)``, …: one-shot wrappers of ``obj.at(θ).…`` (one forward
+    pass each), shared by every objective type (network, data-parallel, torch, JAX)."""
+
+    def at(self, theta: Any) -> Any:  # pragma: no cover - provided by the objective
+        raise NotImplementedError
+
+    def value(self, theta: Any) -> float:
+        return self.at(theta).value
+
+    def value_and_grad(self, theta: Any) -> tuple[float, Any]:
+        p = self.at(theta)
+        return p.value, p.grad
+
+    def grad(self, theta: Any) -> Any:
+        return self.at(theta).grad
+
+    def hvp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).hvp(v)
+
+    def ggn_vp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).ggn_vp(v)
+
+    def fisher_vp(self, theta: Any, v: Any, kind: str = "empirical") -> Any:
+        return self.at(theta).fisher_vp(v, kind)
+
+    def jvp(self, theta: Any, v: Any) -> Any:
+        return self.at(theta).jvp(v)
+
+    def vjp(self, theta: Any, u: Any) -> Any:
+        return self.at(theta).vjp(u)
+
+    def per_example_grads(self, theta: Any) -> Any:
+        return self.at(theta).per_example_grads()
+
+    def gram(self, theta: Any, kind: str = "grad") -> Any:
+        return self.at(theta).gram(kind)
+
+    def layer_stats(self, theta: Any, targets: str = "empirical") -> dict:
+        return self.at(theta).layer_stats(targets)
+
+
+class Objective(PointMethods):
+
+
     """f(θ) on a fixed batch (X, y). See the module docstring for the products.
 
     Parameters
@@ -146,41 +190,6 @@ class Objective:
         if not backend.all_finite(theta):
             raise NonFiniteError("theta contains NaN or Inf")
         return Point(self, theta)
-
-    # convenience wrappers: one forward each ------------------------------------------------
-    def value(self, theta: Any) -> float:
-        return self.at(theta).value
-
-    def value_and_grad(self, theta: Any) -> tuple[float, Any]:
-        p = self.at(theta)
-        return p.value, p.grad
-
-    def grad(self, theta: Any) -> Any:
-        return self.at(theta).grad
-
-    def hvp(self, theta: Any, v: Any) -> Any:
-        return self.at(theta).hvp(v)
-
-    def ggn_vp(self, theta: Any, v: Any) -> Any:
-        return self.at(theta).ggn_vp(v)
-
-    def fisher_vp(self, theta: Any, v: Any, kind: str = "empirical") -> Any:
-        return self.at(theta).fisher_vp(v, kind)
-
-    def jvp(self, theta: Any, v: Any) -> Any:
-        return self.at(theta).jvp(v)
-
-    def vjp(self, theta: Any, u: Any) -> Any:
-        return self.at(theta).vjp(u)
-
-    def per_example_grads(self, theta: Any) -> Any:
-        return self.at(theta).per_example_grads()
-
-    def gram(self, theta: Any, kind: str = "grad") -> Any:
-        return self.at(theta).gram(kind)
-
-    def layer_stats(self, theta: Any, targets: str = "empirical") -> dict:
-        return self.at(theta).layer_stats(targets)
 
     def subset(self, idx: Any) -> "Objective":
         """The same objective on examples ``idx`` (shares the counter and RNG)."""

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy
 
 from .. import backend
-from ..curvature.objective import Objective, PassCounter, _only_kron_params
+from ..curvature.objective import Objective, PassCounter, PointMethods, _only_kron_params
 from ..optim.base import Problem
 from .comm import Communicator, get_comm
 
@@ -96,7 +96,7 @@ def _synced(fn):
     return wrapper
 
 
-class DistributedObjective:
+class DistributedObjective(PointMethods):
     """f on a global batch (indices ``idx`` into the training set) evaluated shard-wise.
 
     Same interface as :class:`~qnref.curvature.objective.Objective` (``at``, ``n_samples``,
@@ -175,41 +175,6 @@ class DistributedObjective:
         """The objective on positions ``idx`` *of this batch* (global positions, as for Objective)."""
         pos = numpy.asarray(backend.to_numpy(idx) if backend.is_cupy_array(idx) else idx)
         return DistributedObjective(self.problem, self.idx[pos])
-
-    # convenience wrappers (one forward each), as Objective
-    def value(self, theta: Any) -> float:
-        return self.at(theta).value
-
-    def value_and_grad(self, theta: Any) -> tuple[float, Any]:
-        p = self.at(theta)
-        return p.value, p.grad
-
-    def grad(self, theta: Any) -> Any:
-        return self.at(theta).grad
-
-    def hvp(self, theta: Any, v: Any) -> Any:
-        return self.at(theta).hvp(v)
-
-    def ggn_vp(self, theta: Any, v: Any) -> Any:
-        return self.at(theta).ggn_vp(v)
-
-    def fisher_vp(self, theta: Any, v: Any, kind: str = "empirical") -> Any:
-        return self.at(theta).fisher_vp(v, kind)
-
-    def jvp(self, theta: Any, v: Any) -> Any:
-        return self.at(theta).jvp(v)
-
-    def vjp(self, theta: Any, u: Any) -> Any:
-        return self.at(theta).vjp(u)
-
-    def per_example_grads(self, theta: Any) -> Any:
-        return self.at(theta).per_example_grads()
-
-    def gram(self, theta: Any, kind: str = "grad") -> Any:
-        return self.at(theta).gram(kind)
-
-    def layer_stats(self, theta: Any, targets: str = "empirical") -> dict:
-        return self.at(theta).layer_stats(targets)
 
 
 class DistributedTap(dict):
