@@ -169,6 +169,18 @@ def start_point(obj, theta: Any, info: StepInfo) -> Point | None:
     return p
 
 
+def open_step(opt: Any, state: Any, problem: Problem, theta: Any, structure: Any, state_cls: type):
+    """Common start of a Kronecker step: statistics warm start on the first step, the step's batch,
+    and the point at θ. Returns (state, info, point); point is ``None`` when the batch loss at θ is
+    not finite (θ must not move)."""
+    if not state.initialized:
+        state = state_cls(k=state.k, mom=state.mom)
+        opt._warm(state, problem, theta, structure)
+    obj = draw(problem, opt.batch_size)
+    info = StepInfo(step_size=opt.lr, evals=1, batch_size=obj.n_samples)
+    return state, info, start_point(obj, theta, info)
+
+
 def all_finite(*arrays) -> bool:
     return all(backend.all_finite(a) for a in arrays)
 
@@ -327,12 +339,7 @@ class TensorFactorOptimizer(Optimizer):
 
         model = problem.model
         parts = tensor_parts(model)
-        if not state.initialized:
-            state = TensorState(k=state.k, mom=state.mom)
-            self._warm(state, problem, theta, parts)
-        obj = draw(problem, self.batch_size)
-        info = StepInfo(step_size=self.lr, evals=1, batch_size=obj.n_samples)
-        p = start_point(obj, theta, info)
+        state, info, p = open_step(self, state, problem, theta, parts, TensorState)
         if p is None:
             return theta, state, info
         grad = p.grad

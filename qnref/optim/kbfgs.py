@@ -136,12 +136,7 @@ class KBFGS(Optimizer):
     def step(self, theta: Any, state: KBFGSState, problem: Problem) -> tuple[Any, KBFGSState, StepInfo]:
         model = problem.model
         layers, others = kc.kron_structure(model)
-        if not state.initialized:
-            state = KBFGSState(k=state.k, mom=state.mom)
-            self._warm(state, problem, theta, layers)
-        obj = kc.draw(problem, self.batch_size)
-        info = StepInfo(step_size=self.lr, evals=1, batch_size=obj.n_samples)
-        p = kc.start_point(obj, theta, info)
+        state, info, p = kc.open_step(self, state, problem, theta, layers, KBFGSState)
         if p is None:
             return theta, state, info
         taps = p.layer_stats("empirical")
@@ -163,7 +158,7 @@ class KBFGS(Optimizer):
         new = KBFGSState(k=k, initialized=True, mom=mom, HA=dict(state.HA), HG=dict(state.HG), S=dict(state.S),
                          Y=dict(state.Y), sG=dict(state.sG), yG=dict(state.yG), A=dict(state.A), lam=dict(state.lam))
         if k % self.curvature_freq == 0:
-            p_new = try_point(obj, theta_new)
+            p_new = try_point(p.obj, theta_new)
             info.evals += 1
             if p_new is None:
                 info.skipped += 2 * len(layers)

@@ -117,12 +117,7 @@ class KFAC(Optimizer):
     def step(self, theta: Any, state: KFACState, problem: Problem) -> tuple[Any, KFACState, StepInfo]:
         model = problem.model
         layers, others = kc.kron_structure(model)
-        if not state.initialized:
-            state = KFACState(k=state.k, mom=state.mom)
-            self._warm(state, problem, theta, layers)
-        obj = kc.draw(problem, self.batch_size)
-        info = StepInfo(step_size=self.lr, evals=1, batch_size=obj.n_samples)
-        p = kc.start_point(obj, theta, info)
+        state, info, p = kc.open_step(self, state, problem, theta, layers, KFACState)
         if p is None:
             return theta, state, info
         grad = p.grad
@@ -143,7 +138,7 @@ class KFAC(Optimizer):
         new = KFACState(k=k, initialized=True, mom=mom, A=dict(state.A), G=dict(state.G), HA=dict(state.HA),
                         HG=dict(state.HG), pi=dict(state.pi))
         if k % self.stat_freq == 0:
-            p_new = try_point(obj, theta_new)
+            p_new = try_point(p.obj, theta_new)
             info.evals += 1
             if p_new is not None:
                 info.loss = p_new.value
