@@ -283,3 +283,29 @@ def test_smw_gn_beats_sgd_on_digits_autoencoder():
         f_sgd[lr] = prob.full_objective.value(th)
     assert f_smw < 0.6 * f0
     assert f_smw < min(f_sgd.values()), (f_smw, f_sgd)
+
+
+def test_smw_gn_beats_hf_and_sgd_per_epoch_on_digits_autoencoder():
+    """Thesis ch. 5 claim at small scale: digits autoencoder 64-32-8-32-64 (tanh, sigmoid_ce on
+    pixels/16, all 1797 images), 2 epochs, seeds 0 and 1. SMW-GN (N₁ = 60, N₂ = 10, α = 0.5, other
+    defaults from the thesis) vs HF (defaults: 20 % gradient sample, curvature batch 100) and SGD
+    (batch 64, lr 0.3). Measured full training loss after epochs 1, 2:
+    seed 0: SMW-GN 21.85, 20.45; HF 24.41, 20.53; SGD 26.35, 25.19;
+    seed 1: SMW-GN 21.40, 19.85; HF 23.55, 20.05; SGD 27.32, 26.32.
+    (At epoch 3 on seed 1 HF is ahead, 18.85 vs 19.32: the claim is not asserted beyond 2 epochs.)"""
+    from sklearn.datasets import load_digits
+
+    from qnref.nn.activations import Tanh
+    from qnref.nn.dense import Dense
+    from qnref.nn.model import Sequential
+    from qnref.optim import make_optimizer
+    from qnref.train import Data, train
+
+    X = load_digits().data / 16.0
+    data = Data(X, X, None, None, "sigmoid_ce", "digits-ae")
+    m = Sequential([Dense(32), Tanh(), Dense(8), Tanh(), Dense(32), Tanh(), Dense(64)], input_shape=(64,))
+    for seed in (0, 1):
+        curves = {name: [h["train_loss"] for h in train(m, make_optimizer(name, **kw), data, epochs=2, seed=seed).history[1:]]
+                  for name, kw in [("smw-gn", {"curvature_batch": 10, "lr": 0.5}), ("hf", {}), ("sgd", {"batch_size": 64, "lr": 0.3})]}
+        for e in range(2):
+            assert curves["smw-gn"][e] < curves["hf"][e] < curves["sgd"][e], (seed, e, curves)
