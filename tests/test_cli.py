@@ -107,3 +107,24 @@ def test_every_preset_builds(name):
         prob = Problem(model, data.loss, data.X_train, data.y_train, pre.l2, seed=0)
         th, _, info = opt.step(theta, opt.init(theta), prob)
         assert np.all(np.isfinite(th)), run.label
+
+
+def test_float_idx_with_nan_is_rejected(tmp_path, capsys):
+    """MNIST files must be uint8 IDX: a float32 file (here even holding a NaN pixel) is a clear
+    format error, exit code 2, no report. NaN in arrays given through the Python API is refused by
+    the data validation and by Objective (tests/data, tests/test_train.py)."""
+    from qnref.data.idx import write_idx
+
+    r = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        img = r.random((n, 28, 28)).astype(np.float32)
+        if prefix == "train":
+            img[3, 5, 7] = np.nan
+        write_idx(str(tmp_path / f"{prefix}-images-idx3-ubyte"), img)
+        write_idx(str(tmp_path / f"{prefix}-labels-idx1-ubyte"), r.integers(0, 10, n).astype(np.uint8))
+    out = tmp_path / "report"
+    code = main(["train", "--model", "mlp", "--optimizer", "sgd", "--dataset", "mnist", "--data-dir", str(tmp_path),
+                 "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("qnref: error:") and "expected uint8 images" in err
+    assert not out.exists()

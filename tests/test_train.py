@@ -102,3 +102,12 @@ def test_evaluate_binary_sigmoid_accuracy():
     acc = float(((z > 0) == (y == 1)).mean())
     assert ev["acc"] == pytest.approx(acc) and ev["errors"] == round(50 * (1 - acc))
     assert "acc" not in evaluate(m, "sigmoid_ce", X, r.random((50, 1)), th)  # soft targets: no accuracy
+
+
+def test_nan_in_training_data_is_a_clear_error():
+    dd = data()
+    X = dd.X_train.copy()
+    X[7, 3] = np.nan
+    bad = Data(X, dd.y_train, dd.X_test, dd.y_test, "softmax_ce", "digits")
+    with pytest.raises(ValueError, match=r"input data X contains 1 non-finite value.*\(7, 3\)"):
+        train(model(), make_optimizer("sgd"), bad, epochs=1)
