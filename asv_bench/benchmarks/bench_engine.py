@@ -77,3 +77,50 @@ class ProductPasses:
 
     def track_passes_ggn(self):
         return self._passes(lambda: self.obj.ggn_vp(self.theta, self.v))
+
+
+class EngineScaling:
+    """Fitted log-log exponents of gradient and Hv time: in the batch size (expected ≈ 1) and in
+    the width w of a 256-w-w-10 MLP (n ≈ w², expected ≈ 2 in w, i.e. ≈ 1 in n)."""
+
+    unit = "exponent"
+    timeout = 300
+
+    @staticmethod
+    def _fit(xs, ts):
+        return float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
+
+    @staticmethod
+    def _mlp_objective(width, batch):
+        from qnref.curvature.objective import Objective
+        from qnref.nn.activations import Tanh
+        from qnref.nn.dense import Dense
+        from qnref.nn.model import Sequential
+
+        model = Sequential([Dense(width), Tanh(), Dense(width), Tanh(), Dense(10)], input_shape=(256,))
+        r = np.random.default_rng(0)
+        obj = Objective(model, "softmax_ce", r.standard_normal((batch, 256)).astype("float32"), r.integers(0, 10, batch))
+        return obj, model.init(0, dtype="float32")
+
+    def _sweep(self, sizes, make, product):
+        ts = []
+        for s in sizes:
+            obj, th = make(s)
+            v = th * 0 + 1e-3
+            ts.append(best_time(lambda: product(obj, th, v)))
+        return self._fit(sizes, ts)
+
+    def track_grad_exponent_in_batch(self):
+        return self._sweep([256, 1024, 4096], lambda b: self._mlp_objective(512, b), lambda o, t, v: o.grad(t))
+
+    def track_hvp_exponent_in_batch(self):
+        return self._sweep([256, 1024, 4096], lambda b: self._mlp_objective(512, b), lambda o, t, v: o.hvp(t, v))
+
+    def track_grad_exponent_in_n(self):
+        widths = [256, 512, 1024]
+        ns = [self._mlp_objective(w, 8)[0].model.n_params for w in widths]
+        ts = []
+        for w in widths:
+            obj, th = self._mlp_objective(w, 1024)
+            ts.append(best_time(lambda: obj.grad(th)))
+        return self._fit(ns, ts)
