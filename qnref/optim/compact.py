@@ -322,7 +322,8 @@ class LSR1Compact:
 
     Ψ = Y − γS (papers' n × k columns; :attr:`Psi` has shape ``(n, k)``) and
     M = (D + L + Lᵀ − γ SᵀS)⁻¹, D = diag(SᵀY), L = strict lower triangle of SᵀY.
-    **B₀ = γ I, H₀ = (1/γ) I**, γ ≠ 0 (sign free: SR1 allows indefinite B).
+    **B₀ = γ I, H₀ = (1/γ) I** (sign free: SR1 allows indefinite B). γ = 0 (B₀ = 0, the sampled
+    L-SR1 of Berahas et al.) is allowed for the direct form; :meth:`solve` then raises.
 
     :meth:`solve` applies the inverse compact SR1 form ([BNS94] eq. 5.3, [RD16] Alg. 2)::
 
@@ -346,8 +347,8 @@ class LSR1Compact:
                  check: bool = True) -> None:
         xp, k, n = _check_pairs(S, Y)
         gamma = float(gamma)
-        if gamma == 0.0 or not math.isfinite(gamma):
-            raise ValueError(f"L-SR1 needs a finite gamma != 0 (B0 = gamma*I), got {gamma}")
+        if not math.isfinite(gamma):
+            raise ValueError(f"L-SR1 needs a finite gamma (B0 = gamma*I), got {gamma}")
         self._xp, self.S, self.Y, self.k, self.n = xp, S, Y, k, n
         self.gamma, self.rtol = gamma, float(rtol)
         self._Psi_rows = Y - gamma * S  # (k, n); Psi = its transpose (a view)
@@ -396,7 +397,9 @@ class LSR1Compact:
         return R + R.T - xp.diag(xp.diag(SY)) - (self.Y @ self.Y.T) / self.gamma
 
     def solve(self, v: Any) -> Any:
-        """H v = B⁻¹ v by the inverse compact SR1 form with H₀ = (1/γ) I."""
+        """H v = B⁻¹ v by the inverse compact SR1 form with H₀ = (1/γ) I (needs γ ≠ 0)."""
+        if self.gamma == 0.0:
+            raise ValueError("the inverse L-SR1 form needs gamma != 0 (H0 = I/gamma); B0 = 0 has only the direct form")
         if self.k == 0:
             return v / self.gamma
         if self._Ninv is None:

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature.objective import Objective, Point
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .compact import SINGULAR_RTOL, lbfgs_two_loop, lsr1_prune_count, sr1_skip
+from .compact import SINGULAR_RTOL, LSR1Compact, lbfgs_two_loop, lsr1_prune_count, sr1_skip
 from .linesearch import backtracking_armijo
 from .registry import register
 from .trust_region import RadiusRule, reduction_ratio, solve_lsr1_subproblem
@@ -130,20 +130,13 @@ def lbfgs_pair_mask(S: Any, Y: Any, eps: float, test: str = "ss") -> list[bool]:
 def lsr1_middle(S: Any, Y: Any, gamma: float, rtol: float = SINGULAR_RTOL) -> tuple[Any, Any] | None:
     """(Ψ rows, M) of B = γI + ΨᵀM Ψ for row-stored pairs, or ``None`` when M⁻¹ is (near) singular.
 
-    Ψ = Y − γS, M = (D + L + Lᵀ − γSSᵀ)⁻¹ (D, L from S Yᵀ) — the compact L-SR1 form of
-    [BNS94] Thm 5.1, here valid for γ = 0 too (then B = Y (D + L + Lᵀ)⁻¹ Yᵀ, the B₀ = 0 form of
-    [SQN-code] S_LSR1.py, which :class:`~qnref.optim.compact.LSR1Compact` does not accept).
+    The compact L-SR1 form of [BNS94] Thm 5.1 (:class:`~qnref.optim.compact.LSR1Compact`), here
+    also with γ = 0: B = Y (D + L + Lᵀ)⁻¹ Yᵀ, the B₀ = 0 form of [SQN-code] S_LSR1.py.
     """
-    xp = backend.namespace(S, Y)
-    SY = S @ Y.T
-    L = xp.tril(SY, -1)
-    Minv = xp.diag(xp.diag(SY)) + L + L.T - gamma * (S @ S.T)
-    ev = backend.to_numpy(xp.abs(xp.linalg.eigvalsh(Minv)))
-    big = float(ev.max()) if ev.size else 0.0
-    if not (math.isfinite(big) and big > 0 and float(ev.min()) > rtol * big):
+    B = LSR1Compact(S, Y, gamma, rtol=rtol, check=False)
+    if B.singular:
         return None
-    M = xp.linalg.solve(Minv, xp.eye(S.shape[0], dtype=S.dtype))
-    return Y - gamma * S, 0.5 * (M + M.T)
+    return B.Psi.T, B.M
 
 
 def lsr1_pair_filter(S: Any, Y: Any, gamma: float, eps: float, ok: list[bool] | None = None) -> list[int]:

@@ -189,8 +189,26 @@ def test_lsr1_singular_middle_reported():
         op.matvec(s)
     assert lsr1_prune_count(S, Y, 1.0) == 1
     assert LSR1Compact(S[1:], Y[1:], 1.0).matvec(S[1]) == pytest.approx(Y[1], rel=1e-12)
-    with pytest.raises(ValueError, match="gamma"):
-        LSR1Compact(S, Y, 0.0)
+    with pytest.raises(ValueError, match="finite gamma"):
+        LSR1Compact(S, Y, float("nan"))
+
+
+def test_lsr1_gamma_zero_direct_form():
+    """B₀ = 0 (sampled L-SR1): B = Y (D + L + Lᵀ)⁻¹ Yᵀ equals the dense SR1 recursion from B = 0."""
+    r = np.random.default_rng(3)
+    n, k = 7, 3
+    A = r.standard_normal((n, n))
+    A = A + A.T
+    S = r.standard_normal((k, n))
+    Y = S @ A
+    B = np.zeros((n, n))
+    for s, y in zip(S, Y):
+        B, skipped = sr1_update(B, s, y)
+        assert not skipped
+    op = LSR1Compact(S, Y, 0.0)
+    np.testing.assert_allclose(op.to_dense(), B, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="gamma != 0"):
+        op.solve(S[0])
 
 
 def test_lsr1_solve_raises_when_B_singular():
