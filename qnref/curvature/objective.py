@@ -363,40 +363,58 @@ class Point:
         index i·C + c (SMW Gauss-Newton). For nets whose parametrized layers are all dense the
         Kronecker trick Σₗ (Āₗ Āₗᵀ) ⊙ (Γₗ Γₗᵀ) is used and no n-vector per example is formed.
         """
-        self._check_coupling("gram")
-        model, xp, N = self.obj.model, self.xp, self.N
-        kron = all(l.kron_dense for l in model.kron_layers) and _only_kron_params(model)
-        if kind == "grad":
-            if not kron:
-                P = self.per_example_grads()
-                return P @ P.T
-            taps = self.layer_stats("empirical")
-            return sum((t["a"] @ t["a"].T) * (t["g"] @ t["g"].T) for t in taps.values())
-        if kind != "jacobian":
-            raise ValueError(f"unknown Gram kind {kind!r}; choose 'grad' or 'jacobian'")
-        if self.z.ndim != 2:
-            raise ValueError("gram('jacobian') needs 2-D outputs (N, C)")
-        C = self.z.shape[1]
-        eye = xp.eye(C, dtype=self.z.dtype)
+        return gram_matrix(self, kind)
+
+
+def gram_matrix(local: Point, kind: str, rows: Any = None) -> Any:
+    """The Gram matrices of :meth:`Point.gram` from the point ``local``.
+
+    ``rows(x)`` maps a per-example array of ``local``'s examples to the rows of the whole batch
+    (identity for one process; an allgather over ranks for data-parallel points).
+    """
+    rows = rows or (lambda x: x)
+    local._check_coupling("gram")
+    model, xp = local.obj.model, local.xp
+    kron = all(l.kron_dense for l in model.kron_layers) and _only_kron_params(model)
+    if kind == "grad":
         if not kron:
-            rows = []
-            for c in range(C):
-                self.obj.counter.add("backward", N, "gram")
-                rows.append(model.per_example_grads(self.theta, self.caches, xp.broadcast_to(eye[c], self.z.shape).copy()))
-            J = xp.stack(rows, axis=1).reshape(N * C, -1)
-            return J @ J.T
-        per_c = []
-        for c in range(C):
-            taps: dict = {}
-            self._backward(xp.broadcast_to(eye[c], self.z.shape).copy(), "gram", taps=taps, want_params=False)
-            per_c.append(taps)
-        total = xp.zeros((N * C, N * C), dtype=self.z.dtype)
-        for name in per_c[0]:
-            a = per_c[0][name]["a"]
-            ka = a @ a.T
-            gam = xp.stack([t[name]["g"] for t in per_c], axis=1).reshape(N * C, -1)  # row i·C + c
-            total += xp.repeat(xp.repeat(ka, C, axis=0), C, axis=1) * (gam @ gam.T)
+            P = rows(local.per_example_grads())
+            return P @ P.T
+        taps = local.layer_stats("empirical")
+        total = 0
+        for t in taps.values():
+            a, g = rows(t["a"]), rows(t["g"])
+            total = total + (a @ a.T) * (g @ g.T)
         return total
+    if kind != "jacobian":
+        raise ValueError(f"unknown Gram kind {kind!r}; choose 'grad' or 'jacobian'")
+    if local.z.ndim != 2:
+        raise ValueError("gram('jacobian') needs 2-D outputs (N, C)")
+    C = local.z.shape[1]
+    eye = xp.eye(C, dtype=local.z.dtype)
+    unit = [xp.broadcast_to(eye[c], local.z.shape).copy() for c in range(C)]  # ∂z_c/∂z for every example
+    if not kron:
+        J = []
+        for c in range(C):
+            local.obj.counter.add("backward", local.N, "gram")
+            J.append(rows(model.per_example_grads(local.theta, local.caches, unit[c])))
+        J = xp.stack(J, axis=1)
+        J = J.reshape(J.shape[0] * C, -1)
+        return J @ J.T
+    per_c = []
+    for c in range(C):
+        taps: dict = {}
+        local._backward(unit[c], "gram", taps=taps, want_params=False)
+        per_c.append(taps)
+    total = None
+    for name in per_c[0]:
+        a = rows(per_c[0][name]["a"])
+        ka = a @ a.T
+        gam = xp.stack([rows(t[name]["g"]) for t in per_c], axis=1)  # row i·C + c
+        gam = gam.reshape(gam.shape[0] * C, -1)
+        term = xp.repeat(xp.repeat(ka, C, axis=0), C, axis=1) * (gam @ gam.T)
+        total = term if total is None else total + term
+    return total
 
 
 def _only_kron_params(model: Sequential) -> bool:

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy
 
 from .. import backend
-from ..curvature.objective import Objective, PassCounter, PointMethods, _only_kron_params
+from ..curvature.objective import Objective, PassCounter, PointMethods, gram_matrix
 from ..optim.base import Problem
 from .comm import Communicator, get_comm
 
@@ -388,43 +388,7 @@ class DistributedPoint:
         Rows are gathered (see the module table for the volume) and the Gram is formed on every
         rank with the Kronecker trick (dense nets) or from gathered per-example rows.
         """
-        loc, xp, N = self.local, self.xp, self.N
-        loc._check_coupling("gram")
-        model = self.obj.model
-        kron = all(l.kron_dense for l in model.kron_layers) and _only_kron_params(model)
-        if kind == "grad":
-            if not kron:
-                P = self.per_example_grads()
-                return P @ P.T
-            taps = self.layer_stats("empirical")
-            return sum((t["a"] @ t["a"].T) * (t["g"] @ t["g"].T) for t in taps.values())
-        if kind != "jacobian":
-            raise ValueError(f"unknown Gram kind {kind!r}; choose 'grad' or 'jacobian'")
-        if loc.z.ndim != 2:
-            raise ValueError("gram('jacobian') needs 2-D outputs (N, C)")
-        C = loc.z.shape[1]
-        n = loc.N
-        eye = xp.eye(C, dtype=loc.z.dtype)
-        if not kron:
-            rows = []
-            for c in range(C):
-                loc.obj.counter.add("backward", n, "gram")
-                r = model.per_example_grads(self.theta, loc.caches, xp.broadcast_to(eye[c], loc.z.shape).copy())
-                rows.append(self._rows(r))
-            J = xp.stack(rows, axis=1).reshape(N * C, -1)
-            return J @ J.T
-        per_c = []
-        for c in range(C):
-            taps: dict = {}
-            loc._backward(xp.broadcast_to(eye[c], loc.z.shape).copy(), "gram", taps=taps, want_params=False)
-            per_c.append(taps)
-        total = xp.zeros((N * C, N * C), dtype=loc.z.dtype)
-        for name in per_c[0]:
-            a = self._rows(per_c[0][name]["a"])
-            ka = a @ a.T
-            gam = xp.stack([self._rows(t[name]["g"]) for t in per_c], axis=1).reshape(N * C, -1)
-            total += xp.repeat(xp.repeat(ka, C, axis=0), C, axis=1) * (gam @ gam.T)
-        return total
+        return gram_matrix(self.local, kind, rows=self._rows)
 
 
 class DistributedProblem(Problem):
