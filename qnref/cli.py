@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import inspect
 import os
 import sys
@@ -170,7 +171,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .presets import PRESETS, Preset, Run
     from .optim.registry import suggest
     from .report import write_report
-    from .train import train
+    from .train import TrainingError, train
 
     if a.preset:
         if a.preset not in PRESETS:
@@ -194,13 +195,20 @@ def cmd_compare(a: argparse.Namespace) -> int:
         ds, data = build_data(pre.dataset, data_dir=a.data_dir, seed=seed, n_train=a.n_train, n_test=a.n_test,
                               device=a.device, dtype=a.dtype, autoencoder=pre.autoencoder, **pre.dataset_kwargs)
         model = build_model(pre.model, ds, **pre.model_kwargs)
-        theta0 = model.init(seed, scheme=pre.init, device=a.device, dtype=a.dtype)
+        theta0 = model.init(seed, scheme=pre.init, std=pre.init_std, device=a.device, dtype=a.dtype)
         for run, opt in opts:
             _check_batch(run.hyperparameters.get("batch_size"), data)
-            res = train(model, opt, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0, eval_every=pre.eval_every, comm=comm)
-            rows += [{"run": run.label, "seed": seed, **r} for r in res.history]
-            if not quiet:
-                f = res.final
+            try:
+                history = train(model, opt, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0,
+                                eval_every=pre.eval_every, comm=comm).history
+            except TrainingError as exc:  # one diverging run is a result, not a reason to lose the others
+                history = [h for h in exc.history if math.isfinite(h["train_loss"])] or exc.history[:1]
+                history[-1] = {**history[-1], "diverged": str(exc)}
+                if not quiet:
+                    print(f"seed {seed}  {run.label:<12} DIVERGED: {exc}", flush=True)
+            rows += [{"run": run.label, "seed": seed, **r} for r in history]
+            if not quiet and "diverged" not in history[-1]:
+                f = history[-1]
                 acc = f" acc {f['test_acc']:.4f}" if "test_acc" in f else ""
                 print(f"seed {seed}  {run.label:<12} train loss {f['train_loss']:.5g}{acc}  {f['time']:.2f} s", flush=True)
     title = f"{pre.name}: {pre.model} on {pre.dataset}" + (f" ({pre.paper})" if pre.paper else "")

@@ -31,6 +31,7 @@ class Preset:
     model_kwargs: dict = field(default_factory=dict)
     dataset_kwargs: dict = field(default_factory=dict)
     init: str = "glorot"
+    init_std: float = 0.01  # for init="gaussian"
     autoencoder: bool = False  # train to reconstruct the (flattened) inputs
 
 
@@ -110,7 +111,7 @@ _add(Preset(
     name="sqn-poster-toy",
     description="[SQN] poster toy problem: 2-4-8-8-4-2 sigmoid net, two classes of 50 points, full batch",
     paper="Berahas, Jahani & Takáč, numerical results (toy nets)",
-    dataset="toy2class", model="toy-medium", init="gaussian", epochs=50, seeds=(0, 1, 2), eval_every=5,
+    dataset="toy2class", model="toy-medium", init="gaussian", init_std=1.0, epochs=50, seeds=(0, 1, 2), eval_every=5,
     runs=(
         Run("S-LSR1", "s-lsr1", {}),
         Run("S-LBFGS", "s-lbfgs", {}),
@@ -158,7 +159,7 @@ _add(Preset(
     paper="Ren thesis, §4.7, Fig. 4.2",
     dataset="digits", model="lenet-digits", epochs=10, seeds=(0,),
     runs=(
-        Run("TNT", "tnt", {"batch_size": 100, "lr": 1e-3, "damping": 0.03, "inv_freq": 1}),
+        Run("TNT", "tnt", {"batch_size": 100, "lr": 1e-3, "damping": 0.1, "inv_freq": 1}),
         Run("Shampoo", "shampoo", {"batch_size": 100, "lr": 0.01, "inv_freq": 1}),
         Run("KFAC", "kfac", {"batch_size": 100, "lr": 0.1, "damping": 0.3}),
         Run("SGD-m", "momentum", {"batch_size": 100, "lr": 0.03}),

@@ -58,14 +58,15 @@ def _fmt(vals: list[float], spec: str = ".4g") -> str:
 
 def summary_table(rows: list[dict], title: str = "") -> str:
     """Markdown table of the final record of each (run, seed), averaged over seeds."""
-    out = [f"# {title}\n" if title else "", "| run | seeds | train loss | test loss | test acc | test errors | epochs | passes | time [s] |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [f"# {title}\n" if title else "", "| run | seeds | train loss | test loss | test acc | test errors | epochs | passes | time [s] | diverged |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for name, seeds in _group(rows).items():
         finals = [recs[-1] for recs in seeds.values()]
         col = lambda k: [f.get(k) for f in finals]  # noqa: E731
         out.append(
             f"| {name} | {len(finals)} | {_fmt(col('train_loss'))} | {_fmt(col('test_loss'))} | {_fmt(col('test_acc'), '.4f')} | "
-            f"{_fmt(col('test_errors'), '.0f')} | {_fmt(col('epoch'), '.2f')} | {_fmt(col('passes'), '.1f')} | {_fmt(col('time'), '.2f')} |"
+            f"{_fmt(col('test_errors'), '.0f')} | {_fmt(col('epoch'), '.2f')} | {_fmt(col('passes'), '.1f')} | {_fmt(col('time'), '.2f')} | "
+            f"{sum('diverged' in f for f in finals)} of {len(finals)} |"
         )
     return "\n".join(line for line in out if line) + "\n"
 

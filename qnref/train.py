@@ -6,7 +6,9 @@ Each record of ``result.history`` holds: step, epoch (data passes drawn by the o
 passes (gradient-equivalent passes / N: forward+backward units, so Hessian products and line
 searches count), time (optimizer wall time, evaluation excluded), train_loss (full training set),
 test_loss, test_acc and test_errors (the L-SR1 paper's error count) when a test split exists, and
-the last step's info (radius, step size, skipped updates, …).
+the last step's info (radius, step size, skipped updates, …). Models with batch normalization
+are evaluated in eval mode with running statistics re-estimated from the training set at the
+current θ (:func:`~qnref.nn.norm.estimate_batchnorm_stats`, batches of ``BN_STATS_BATCH``).
 
 Checkpoints hold θ, the optimizer state, the Problem's stream position and RNG states, the history
 and a fingerprint of the configuration; they are written atomically (temporary file + rename).
@@ -28,13 +30,23 @@ from . import backend
 from .curvature.objective import Objective
 from .nn.losses import get_loss
 from .nn.model import Sequential
+from .nn.norm import batchnorm_layers, estimate_batchnorm_stats
 from .optim.base import Optimizer, Problem, state_from_host, state_to_host
 
 CHECKPOINT_VERSION = 1
+#: batch size of the training-mode passes that re-estimate BatchNorm running statistics before
+#: each evaluation (deterministic, so resumed runs stay bit-identical)
+BN_STATS_BATCH = 256
 
 
 class TrainingError(RuntimeError):
-    """Training stopped: non-finite loss, a failing optimizer, or a bad checkpoint."""
+    """Training stopped: non-finite loss, a failing optimizer, or a bad checkpoint.
+
+    ``history`` holds the records made before a diverging run stopped (empty otherwise)."""
+
+    def __init__(self, message: str, history: list | None = None):
+        super().__init__(message)
+        self.history = list(history or [])
 
 
 @dataclass
@@ -212,6 +224,7 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
     fp = _fingerprint(model, optimizer, data, l2, seed)
     root = comm is None or comm.is_root
     eval_fn = evaluate
+    bn_layers = batchnorm_layers(model)
     if comm is None:
         problem = Problem(model, data.loss, data.X_train, data.y_train, l2, seed=seed)
     else:
@@ -258,6 +271,8 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
     def record(info: dict | None) -> dict:
         rec = {"step": step, "epoch": problem.epochs, "passes": problem.counter.grad_equivalents / problem.n_samples,
                "time": opt_time}
+        if bn_layers:  # eval mode needs running statistics of the current θ (not tracked during steps)
+            estimate_batchnorm_stats(model, theta, data.X_train, batch_size=BN_STATS_BATCH)
         tr = eval_fn(model, data.loss, data.X_train, data.y_train, theta)
         rec["train_loss"] = tr["loss"] + (0.5 * l2 * float(theta @ theta) if l2 else 0.0)
         if data.X_test is not None:
@@ -295,20 +310,20 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
         new_theta, state, info = optimizer.step(theta, state, problem)
         opt_time += time.perf_counter() - t0
         if not backend.all_finite(new_theta):
-            raise TrainingError(f"{type(optimizer).__name__} returned a non-finite θ at step {step} (this is a bug in the optimizer)")
+            raise TrainingError(f"{type(optimizer).__name__} returned a non-finite θ at step {step} (this is a bug in the optimizer)", history)
         theta, step, last_info = new_theta, step + 1, info.as_dict()
         nonfinite_run = nonfinite_run + 1 if info.nonfinite else 0
         if nonfinite_run >= max_nonfinite:
             record(last_info)
             raise TrainingError(f"{nonfinite_run} consecutive steps hit non-finite losses or gradients; "
-                                "lower the learning rate / initial radius or check the data")
+                                "lower the learning rate / initial radius or check the data", history)
         if bar is not None:
             bar.update(problem.epochs - bar.n)
         if problem.epochs >= next_eval - 1e-12 or problem.epochs >= epochs - 1e-12:
             rec = record(last_info)
             next_eval = (math.floor(problem.epochs / eval_every + 1e-9) + 1) * eval_every
             if not math.isfinite(rec["train_loss"]):
-                raise TrainingError(f"training loss became non-finite ({rec['train_loss']}) at epoch {rec['epoch']:.3f}, step {step}")
+                raise TrainingError(f"training loss became non-finite ({rec['train_loss']}) at epoch {rec['epoch']:.3f}, step {step}", history)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['train_loss']:.4g}")
             if comm is not None:  # θ must be bit-identical on every rank; callbacks decide on rank 0

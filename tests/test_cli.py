@@ -128,3 +128,23 @@ def test_float_idx_with_nan_is_rejected(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("qnref: error:") and "expected uint8 images" in err
     assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the diverging run overflows on purpose
+def test_compare_keeps_going_after_a_diverging_run(tmp_path, monkeypatch):
+    from qnref.presets import PRESETS, Preset, Run
+
+    pre = Preset("diverge-test", "one run diverges", "", "digits", "mlp",
+                 (Run("SGD-huge", "sgd", {"lr": 1e200, "batch_size": 50}), Run("Adam", "adam", {"batch_size": 200})),
+                 epochs=3, dataset_kwargs={"flat": True}, model_kwargs={"hidden": (16,), "activation": "relu"}, eval_every=0.5)
+    monkeypatch.setitem(PRESETS, "diverge-test", pre)
+    out = tmp_path / "rep"
+    assert main(["compare", "--preset", "diverge-test", "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in open(out / "runs.jsonl")]
+    bad = [r for r in rows if r["run"] == "SGD-huge"]
+    good = [r for r in rows if r["run"] == "Adam"]
+    assert "diverged" in bad[-1] and "non-finite" in bad[-1]["diverged"]
+    assert all(np.isfinite(r["train_loss"]) for r in bad)  # records up to the failure, finite ones only
+    assert good[-1]["epoch"] >= 3 - 1e-9 and "diverged" not in good[-1]
+    table = (out / "summary.md").read_text()
+    assert "| SGD-huge | 1 |" in table and "1 of 1 |" in table
