@@ -111,3 +111,30 @@ def test_nan_in_training_data_is_a_clear_error():
     bad = Data(X, dd.y_train, dd.X_test, dd.y_test, "softmax_ce", "digits")
     with pytest.raises(ValueError, match=r"input data X contains 1 non-finite value.*\(7, 3\)"):
         train(model(), make_optimizer("sgd"), bad, epochs=1)
+
+
+def test_batchnorm_models_are_evaluated_with_current_statistics(tmp_path):
+    """Eval-mode metrics of a BN net use running statistics re-estimated at the current θ (the
+    steps never update them), so the recorded loss equals an explicit re-estimate + evaluate, and
+    resume stays bit-identical."""
+    from qnref.nn.norm import estimate_batchnorm_stats
+    from qnref.nn.zoo import build_model
+    from qnref.train import BN_STATS_BATCH
+
+    d = load_digits()
+    X, y = (d.data / 16.0).reshape(-1, 1, 8, 8), d.target
+    dd = Data(X[:400], y[:400], X[400:500], y[400:500], "softmax_ce", "digits")
+    m = build_model("lenet-digits", batchnorm=True)
+    res = train(m, make_optimizer("adam", lr=0.01, batch_size=100), dd, epochs=2, seed=0)
+    fresh = build_model("lenet-digits", batchnorm=True)
+    estimate_batchnorm_stats(fresh, res.theta, dd.X_train, batch_size=BN_STATS_BATCH)
+    assert res.final["train_loss"] == evaluate(fresh, "softmax_ce", dd.X_train, dd.y_train, res.theta)["loss"]
+    untouched = build_model("lenet-digits", batchnorm=True)  # initial running stats (0, 1)
+    assert res.final["train_loss"] != evaluate(untouched, "softmax_ce", dd.X_train, dd.y_train, res.theta)["loss"]
+    ck = str(tmp_path / "bn.ckpt")
+    train(build_model("lenet-digits", batchnorm=True), make_optimizer("adam", lr=0.01, batch_size=100), dd, epochs=2,
+          seed=0, checkpoint=ck, stop_after_steps=5)
+    rest = train(build_model("lenet-digits", batchnorm=True), make_optimizer("adam", lr=0.01, batch_size=100), dd,
+                 epochs=2, seed=0, checkpoint=ck, resume=True)
+    np.testing.assert_array_equal(rest.theta, res.theta)
+    assert [h["train_loss"] for h in rest.history] == [h["train_loss"] for h in res.history]
