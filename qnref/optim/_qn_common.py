@@ -73,6 +73,11 @@ class LineFunction:
     def evals(self) -> int:
         return len(self.points)
 
+    @property
+    def nonfinite(self) -> bool:
+        """Whether some trial point had a NaN/Inf loss (it was rejected by the search)."""
+        return any(p is None for p in self.points.values())
+
 
 def memory_to_state(mem: PairMemory) -> dict:
     return {"S": mem._S, "Y": mem._Y, "count": mem.count}

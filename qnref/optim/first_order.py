@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from .. import backend
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from ._qn_common import LineFunction
 from .linesearch import backtracking_armijo
 from .registry import register
 
@@ -449,13 +450,11 @@ class GDLineSearch(FirstOrderOptimizer):
             info.nonfinite = True
             return theta, state, info
 
-        def phi(alpha: float) -> float:
-            trial = try_point(obj, theta - alpha * g)
-            return math.inf if trial is None else trial.value
-
-        ls = backtracking_armijo(phi, f0, -gg, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
+        line = LineFunction(obj, theta, -g)
+        ls = backtracking_armijo(line.phi, f0, -gg, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
                                  max_evals=self.max_evals)
         info.evals += ls.n_evals
+        info.nonfinite = line.nonfinite
         info.extra = {"ls_evals": ls.n_evals, "ls_message": ls.message}
         if not ls.success:  # includes g = 0 exactly (φ'(0) = 0 is no descent direction)
             info.step_size = 0.0

@@ -64,7 +64,7 @@ class LBFGS(Optimizer):
         line = LineFunction(obj, theta, d)
         ls = strong_wolfe(line.phi_dphi, f0, slope, alpha0=alpha0, c1=self.c1, c2=self.c2, max_evals=self.max_evals)
         state.k += 1
-        nonfinite = any(p is None for p in line.points.values())
+        nonfinite = line.nonfinite
         if not ls.success:
             # a failed search on a stochastic batch: keep θ, drop the (possibly stale) history
             mem.clear()

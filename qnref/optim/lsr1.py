@@ -189,7 +189,7 @@ class LSR1LineSearch(_LSR1Base):
         line = LineFunction(obj, theta, d)
         ls = backtracking_armijo(line.phi, f0, slope, alpha0=lam0, c1=self.c1, shrink=self.shrink, max_evals=self.max_evals)
         state.k += 1
-        nonfinite = any(p is None for p in line.points.values())
+        nonfinite = line.nonfinite
         if not ls.success:
             state.memory = memory_to_state(mem)
             return theta, state, StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=1 + ls.n_evals,

@@ -38,7 +38,7 @@ from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check
 from .compact import PairMemory, lbfgs_two_loop
 from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
 from .registry import register
-from ._qn_common import memory_from_state, memory_to_state
+from ._qn_common import LineFunction, memory_from_state, memory_to_state
 
 __all__ = ["SQN", "SQNState", "sqn_direction"]
 
@@ -172,13 +172,11 @@ class SQN(Optimizer):
             info = StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=1, batch_size=obj.n_samples)
             new_theta = theta
             if self.step_rule == "armijo":
-                def phi(a: float) -> float:
-                    pt = try_point(obj, theta + a * d)
-                    return math.inf if pt is None else pt.value
-
-                ls = backtracking_armijo(phi, f0, slope, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
+                line = LineFunction(obj, theta, d)
+                ls = backtracking_armijo(line.phi, f0, slope, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
                                          max_evals=self.max_ls_evals)
                 info.evals += ls.n_evals
+                info.nonfinite = line.nonfinite
                 if ls.success:
                     new_theta, info.loss, info.step_size, info.accepted = theta + ls.alpha * d, ls.value, ls.alpha, True
                 else:

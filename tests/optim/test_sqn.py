@@ -135,15 +135,21 @@ def test_sqn_trains_digits_mlp():
 def test_nonfinite_safeguards(monkeypatch):
     model, prob = small_problem()
     th0 = model.init(0)
+    import qnref.optim._qn_common as qn_common
+
     real = sqnmod.try_point
-    monkeypatch.setattr(sqnmod, "try_point",
-                        lambda obj, theta: None if np.linalg.norm(theta - th0) > 1e-3 else real(obj, theta))
+
+    def patch(fn):  # SQN evaluates points itself and through the shared line function
+        monkeypatch.setattr(sqnmod, "try_point", fn)
+        monkeypatch.setattr(qn_common, "try_point", fn)
+
+    patch(lambda obj, theta: None if np.linalg.norm(theta - th0) > 1e-3 else real(obj, theta))
     opt = SQN(L=2, batch_size=10, curvature_batch=20)
     st = opt.init(th0)
     th, st, info = opt.step(th0, st, prob)
     assert np.all(np.isfinite(th)) and np.linalg.norm(th - th0) <= 1e-3
     # nothing finite anywhere: θ unchanged, flagged; pair formation skipped, never NaN in memory
-    monkeypatch.setattr(sqnmod, "try_point", lambda obj, theta: None)
+    patch(lambda obj, theta: None)
     for _ in range(5):
         th1, st, info = opt.step(th, st, prob)
         assert not info.accepted and info.nonfinite
@@ -151,7 +157,7 @@ def test_nonfinite_safeguards(monkeypatch):
     mem = memory_from_state(st.memory)
     assert np.all(np.isfinite(mem.S)) and np.all(np.isfinite(mem.Y))
     # decay rule with an overflowing step is rejected
-    monkeypatch.setattr(sqnmod, "try_point", real)
+    patch(real)
     opt3 = SQN(L=2, batch_size=10, step_rule="decay", beta=1e308)
     th3, _, info3 = opt3.step(th0 * 1e10, opt3.init(th0), prob)
     assert np.all(np.isfinite(th3)) and not info3.accepted and info3.nonfinite
