@@ -2,9 +2,10 @@
 over pure JAX functions (ravel_pytree), and an optax-style wrapper of qnref optimizers.
 See docs/adapters.md. ``jax_enable_x64`` is switched on by :func:`compare` and :class:`JaxObjective`."""
 from .compare import ALL_WHAT, DEFAULT_WHAT, assert_agree, compare, jax_loss, rel_diff
-from .convert import UnsupportedLayerError, apply, enable_x64, from_spec, merge, params_to_theta, split, theta_to_params, to_spec
+from .convert import (UnsupportedLayerError, apply, enable_x64, from_spec, layer_keys, merge, params_to_theta, split,
+                      theta_to_params, to_spec)
 from .objective import GradientTransformation, JaxObjective, JaxPoint, JaxProblem, as_gradient_transformation
 
 __all__ = ["from_spec", "to_spec", "split", "merge", "apply", "params_to_theta", "theta_to_params", "enable_x64",
-           "UnsupportedLayerError", "compare", "assert_agree", "rel_diff", "jax_loss", "DEFAULT_WHAT", "ALL_WHAT",
+           "UnsupportedLayerError", "layer_keys", "compare", "assert_agree", "rel_diff", "jax_loss", "DEFAULT_WHAT", "ALL_WHAT",
            "JaxObjective", "JaxPoint", "JaxProblem", "as_gradient_transformation", "GradientTransformation"]

@@ -12,7 +12,7 @@ involved — and returns max |q − j| / max |j| per quantity:
 ``ggn``            Jᵀ (∇²_z loss) J v + λ v (jvp, jvp-of-grad of the loss in z, vjp)
 ``fisher``         (1/N) Σ gᵢ gᵢᵀ v with gᵢ from ``jax.vmap(jax.grad(ℓᵢ))``
 ``per_example_grads`` the N × n matrix of the gᵢ
-``kfac_factors``   explicit: the inputs āₗ of every dense/conv layer and gₗ = ∂(Σᵢ ℓᵢ)/∂hₗ (gradient
+``kfac_factors``   explicit (residual children included): the inputs āₗ of every dense/conv layer and gₗ = ∂(Σᵢ ℓᵢ)/∂hₗ (gradient
                    with respect to a zero perturbation added to the layer's output); factors as in
                    :mod:`qnref_torch.compare` (dense: A = (1/N)Σāāᵀ, G = (1/N)Σggᵀ; conv: KFC, patches by
                    ``lax.conv_general_dilated_patches``)
@@ -29,8 +29,9 @@ from typing import Any, Iterable, Sequence
 import numpy
 
 from qnref.curvature.objective import Objective
+from qnref.nn.dense import Dense
 
-from .convert import enable_x64, from_spec, split, apply, theta_to_params
+from .convert import apply, enable_x64, from_spec, layer_keys, split, theta_to_params
 
 __all__ = ["compare", "assert_agree", "rel_diff", "jax_loss", "DEFAULT_WHAT", "ALL_WHAT"]
 
@@ -68,8 +69,13 @@ def jax_loss(name: str):
 
 
 def compare(spec: Sequence[dict], loss: str, X: Any, y: Any, what: Iterable[str] = DEFAULT_WHAT, seed: int = 0, *,
-            input_shape: Sequence[int] | None = None, l2: float = 0.0) -> dict[str, float]:
-    """Max relative difference qnref vs JAX of each quantity in ``what`` (plus value and outputs)."""
+            input_shape: Sequence[int] | None = None, l2: float = 0.0, train: bool = True) -> dict[str, float]:
+    """Max relative difference qnref vs JAX of each quantity in ``what`` (plus value and outputs).
+
+    ``train`` is the BatchNorm mode on both sides (batch statistics when True, the spec's running
+    statistics when False). Per-example quantities (fisher, per_example_grads) need independent
+    examples and raise for a spec with BatchNorm in training mode.
+    """
     enable_x64()
     import jax
     import jax.numpy as jnp
@@ -85,13 +91,16 @@ def compare(spec: Sequence[dict], loss: str, X: Any, y: Any, what: Iterable[str]
         yn = yn.astype(numpy.float64)
     model, theta = from_spec(spec, tuple(input_shape) if input_shape is not None else Xn.shape[1:])
     structure, _ = split(spec)
+    if train and model.couples_examples and {"fisher", "per_example_grads"} & set(what):
+        raise ValueError("fisher / per_example_grads need independent examples, but the spec has BatchNorm in "
+                         "training mode; pass train=False or leave them out of `what`")
     loss_fn = jax_loss(loss)
     N = Xn.shape[0]
-    pt = Objective(model, loss, Xn, yn, l2).at(theta)
+    pt = Objective(model, loss, Xn, yn, l2, train=train).at(theta)
     Xj, yj, th = jnp.asarray(Xn), jnp.asarray(yn), jnp.asarray(theta)
 
     def net(t, x=Xj, **kw):
-        return apply(structure, theta_to_params(model, structure, t), x, **kw)
+        return apply(structure, theta_to_params(model, structure, t), x, train=train, **kw)
 
     def f(t):
         v = loss_fn(net(t), yj)
@@ -143,19 +152,22 @@ def compare(spec: Sequence[dict], loss: str, X: Any, y: Any, what: Iterable[str]
 
         def record(t):
             r: dict = {}
-            apply(structure, theta_to_params(model, structure, t), Xj, record=r)
+            apply(structure, theta_to_params(model, structure, t), Xj, train=train, record=r)
             return r
 
+        keys = layer_keys(model, structure)  # apply key → qnref layer (residual children included)
         rec = jit(record)(th)  # inputs of the dense/conv layers
-        zero = {pos: jnp.zeros((N,) + tuple(model.layers[pos].out_shape)) for pos in rec}
-        gs = jit(jax.grad(lambda pz: N * loss_fn(apply(structure, params, Xj, perturb=pz), yj)))(zero)
+        zero = {k: jnp.zeros((N,) + tuple(keys[k].out_shape)) for k in rec}
+        gs = jit(jax.grad(lambda pz: N * loss_fn(apply(structure, params, Xj, train=train, perturb=pz), yj)))(zero)
         worst = 0.0
         taps = pt.layer_stats("empirical")
-        for pos in sorted(rec):
-            layer, s = model.layers[pos], structure[pos]
-            a, g = rec[pos], gs[pos]
+        if set(taps) != {keys[k].name for k in rec}:
+            raise AssertionError(f"Kronecker layers differ: qnref {sorted(taps)}, JAX {sorted(keys[k].name for k in rec)}")
+        for k in sorted(rec):
+            layer = keys[k]
+            a, g = rec[k], gs[k]
             t = taps[layer.name]
-            if s[0] == "dense":
+            if isinstance(layer, Dense):
                 abar = jnp.concatenate([a, jnp.ones((N, 1))], 1)
                 At, Gt = abar.T @ abar / N, g.T @ g / N
                 Aq, Gq = t["a"].T @ t["a"] / N, t["g"].T @ t["g"] / N

@@ -5,7 +5,8 @@
 ``jax.tree_util`` order, each flattened row-major). ``loss`` is a qnref name (qnref's exact
 conventions, :func:`qnref_jax.compare.jax_loss`) or any ``loss(z, y) -> scalar``.
 ``obj.at(θ)`` returns a point with ``value``, ``grad``, ``hvp(v)`` (jvp of grad), ``ggn_vp(v)``,
-``jvp``, ``vjp``, ``per_example_grads`` and ``fisher_vp`` — what qnref's optimizers use.
+``jvp``, ``vjp``, ``per_example_grads`` and ``fisher_vp`` (kinds "empirical", "sampled" with
+``jax.random`` draws or explicit targets, "exact" = GGN without L2) — what qnref's optimizers use.
 :class:`JaxProblem` is qnref's :class:`~qnref.optim.base.Problem` over it (same batch stream for
 the same seed). Value, gradient and products are ``jax.jit``-compiled per batch shape.
 
@@ -84,10 +85,13 @@ class _Funcs:
         def hvp(t, v, X, y):
             return jax.jvp(lambda s: jax.grad(f)(s, X, y), (t,), (v,))[1]
 
-        def ggn(t, v, X, y):
+        def ggn0(t, v, X, y):
             z, jv = jax.jvp(lambda s: net(s, X), (t,), (v,))
             hjv = jax.jvp(jax.grad(lambda zz: loss_fn(zz, y)), (z,), (jv,))[1]
-            gv = jax.vjp(lambda s: net(s, X), t)[1](hjv)[0]
+            return jax.vjp(lambda s: net(s, X), t)[1](hjv)[0]
+
+        def ggn(t, v, X, y):
+            gv = ggn0(t, v, X, y)
             return gv + l2 * v if l2 else gv
 
         def jvp(t, v, X):
@@ -102,7 +106,7 @@ class _Funcs:
         self.net = jax.jit(net)
         self.value = jax.jit(f)
         self.value_and_grad = jax.jit(jax.value_and_grad(f))
-        self.hvp, self.ggn, self.jvp, self.vjp, self.pex = (jax.jit(g) for g in (hvp, ggn, jvp, vjp, pex))
+        self.hvp, self.ggn, self.ggn0, self.jvp, self.vjp, self.pex = (jax.jit(g) for g in (hvp, ggn, ggn0, jvp, vjp, pex))
 
 
 class JaxObjective:
@@ -176,6 +180,7 @@ class JaxPoint:
         self._t = _to_jax(theta)
         self._value = None
         self._grad = None
+        self._sampled = None
         obj.counter.add("forward", obj.n_samples, "forward")
 
     @property
@@ -217,14 +222,54 @@ class JaxPoint:
         self.obj.counter.add("backward", self.N, "vjp")
         return self._out(self.obj._f.vjp(self._t, _to_jax(u), self.obj.X))
 
-    def per_example_grads(self) -> Any:
+    def per_example_grads(self, targets: Any = None) -> Any:
+        """(N, n) rows ∇ℓᵢ (data term); ``targets`` replaces the true y (e.g. sampled ỹ)."""
         self.obj.counter.add("backward", self.N, "per_example_grads")
-        return self._out(self.obj._f.pex(self._t, self.obj.X, self.obj.y))
+        y = self.obj.y if targets is None else _to_jax(targets)
+        return self._out(self.obj._f.pex(self._t, self.obj.X, y))
 
-    def fisher_vp(self, v: Any, kind: str = "empirical") -> Any:
-        if kind != "empirical":
-            raise ValueError("JaxPoint.fisher_vp supports kind='empirical' only")
-        G = self.per_example_grads()
+    def sampled_targets(self, key: Any = None) -> Any:
+        """Targets ỹ ~ p(y | z) from the model's predictive distribution, drawn once per point.
+
+        softmax_ce → Categorical(softmax(z)) labels, mse → N(z, I), sigmoid_ce → Bernoulli(σ(z));
+        ``loss`` must be a qnref name (for a callable loss pass explicit targets to :meth:`fisher_vp`).
+        ``key`` is a ``jax.random`` key or an integer seed (0 when ``None``). The draws differ from
+        qnref's ``Point.sampled_targets()`` (different generators): pass those as ``targets=`` to
+        reproduce qnref's sampled Fisher.
+        """
+        if self._sampled is None:
+            import jax
+
+            loss = self.obj.loss
+            name = {"ce": "softmax_ce", "bce": "sigmoid_ce"}.get(loss, loss) if isinstance(loss, str) else None
+            if name not in ("softmax_ce", "mse", "sigmoid_ce"):
+                raise ValueError(f"cannot sample targets for the loss {loss!r} (no known predictive distribution); "
+                                 "pass targets= to fisher_vp(v, 'sampled', targets=...)")
+            k = jax.random.PRNGKey(0 if key is None else key) if key is None or isinstance(key, int) else key
+            z = self.obj._f.net(self._t, self.obj.X)
+            if name == "softmax_ce":
+                self._sampled = jax.random.categorical(k, z, axis=1)
+            elif name == "mse":
+                self._sampled = z + jax.random.normal(k, z.shape, dtype=z.dtype)
+            else:
+                self._sampled = (jax.random.uniform(k, z.shape, dtype=z.dtype) < jax.nn.sigmoid(z)).astype(z.dtype)
+        return self._sampled
+
+    def fisher_vp(self, v: Any, kind: str = "empirical", *, targets: Any = None, key: Any = None) -> Any:
+        """F v (data term, no L2) — ``"empirical"`` (true targets), ``"sampled"`` (``targets`` if given,
+        else :meth:`sampled_targets` with ``key``) or ``"exact"`` (the GGN without L2, the expected
+        Fisher for qnref's canonical losses). See :meth:`qnref_torch.TorchPoint.fisher_vp`."""
+        if kind == "exact":
+            self.obj.counter.add("rforward", self.N), self.obj.counter.add("backward", self.N, "fisher_vp")
+            return self._out(self.obj._f.ggn0(self._t, _to_jax(v), self.obj.X, self.obj.y))
+        if kind == "empirical":
+            if targets is not None:
+                raise ValueError("targets are for kind='sampled'; 'empirical' uses the true targets")
+            G = self.per_example_grads()
+        elif kind == "sampled":
+            G = self.per_example_grads(targets if targets is not None else self.sampled_targets(key))
+        else:
+            raise ValueError(f"unknown Fisher kind {kind!r}; choose 'empirical', 'sampled' or 'exact'")
         vv = backend.to_numpy(v) if not backend.is_cupy_array(G) else v
         return G.T @ (G @ vv) / self.N
 

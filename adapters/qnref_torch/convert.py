@@ -19,7 +19,14 @@ ceil_mode=False, divisor_override=None)``
 ``nn.AdaptiveAvgPool2d(1)`` + ``Flatten``    ``GlobalAvgPool`` (the Flatten is absorbed)
 ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``     ``BatchNorm(eps, momentum)``; blocks gamma = weight,
 (affine=True)                               beta = bias; running statistics copied both ways
+:class:`ResidualBlock` (body, shortcut,     ``Residual(body, shortcut, act)``: y = act(body(x) +
+activation)                                 shortcut(x)); shortcut ``None``/``Identity`` → identity,
+                                            any convertible module / Sequential → that branch
+:class:`PadShortcut` (out_channels, stride) ``PadShortcut`` (option A: x[:, :, ::s, ::s] + zero channels)
 ==========================================  =====================================================
+
+Inside a :class:`ResidualBlock` the positions are module paths (``3.body.1``, ``3.shortcut.0``,
+``3.activation``), and so are the parameter names (``3.body.0.weight``).
 
 Anything else raises :class:`UnsupportedLayerError` naming the layer's type and its position
 (the index path in the torch container, e.g. ``features.3``).
@@ -35,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qnref import backend
@@ -43,7 +51,7 @@ from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.nn.reshape import Flatten
 
-__all__ = ["UnsupportedLayerError", "Conversion", "convert", "from_torch", "to_torch", "theta_to_torch_params",
+__all__ = ["UnsupportedLayerError", "ResidualBlock", "PadShortcut", "Conversion", "convert", "from_torch", "to_torch", "theta_to_torch_params",
            "torch_to_theta"]
 
 
@@ -95,6 +103,10 @@ def _flatten_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.
     return [(prefix, module)]
 
 
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
 def _where(path: str, mod: nn.Module) -> str:
     return f"layer {type(mod).__name__} at position {path!r} ({mod!r})"
 
@@ -107,37 +119,84 @@ def _unsupported(path: str, mod: nn.Module, why: str = "") -> UnsupportedLayerEr
     base = f"cannot convert {_where(path, mod)} to qnref"
     return UnsupportedLayerError(base + (f": {why}" if why else ": no qnref counterpart (supported: Linear, Conv2d, "
                                  "ReLU, Tanh, Sigmoid, Softplus, Identity, Flatten, MaxPool2d, AvgPool2d, "
-                                 "AdaptiveAvgPool2d(1)+Flatten, BatchNorm1d/2d, nested Sequential)"))
+                                 "AdaptiveAvgPool2d(1)+Flatten, BatchNorm1d/2d, nested Sequential, "
+                                 "qnref_torch.ResidualBlock, qnref_torch.PadShortcut)"))
 
 
 def _np(t: torch.Tensor, dtype) -> numpy.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().astype(dtype)
 
 
-def convert(module: nn.Module, input_shape: Sequence[int], *, dtype: Any = "float64") -> Conversion:
-    """Convert ``module`` (an ``nn.Sequential`` or a single supported layer); see the module docs."""
-    dt = backend.check_dtype(dtype)
-    Conv2d = _optional("conv", "Conv2d")
-    MaxPool2d = _optional("pool", "MaxPool2d")
-    AvgPool2d = _optional("pool", "AvgPool2d")
-    GlobalAvgPool = _optional("pool", "GlobalAvgPool")
-    BatchNorm = _optional("norm", "BatchNorm")
-    mods = _flatten_modules(module)
+class PadShortcut(nn.Module):
+    """Option-A shortcut of He et al. (2016): ``x[:, :, ::s, ::s]`` with zero channels appended up to
+    ``out_channels`` (parameter-free); the torch twin of :class:`qnref.nn.residual.PadShortcut`."""
+
+    def __init__(self, out_channels: int, stride: Any = 1):
+        super().__init__()
+        self.out_channels = int(out_channels)
+        self.stride = _pair(stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        y = x[:, :, ::sh, ::sw]
+        extra = self.out_channels - y.shape[1]
+        if extra < 0:
+            raise ValueError(f"PadShortcut cannot reduce channels ({y.shape[1]} → {self.out_channels})")
+        return F.pad(y, (0, 0, 0, 0, 0, extra)) if extra else y
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.out_channels}, stride={self.stride}"
+
+
+class ResidualBlock(nn.Module):
+    """y = activation(body(x) + shortcut(x)) — the torch twin of :class:`qnref.nn.residual.Residual`.
+
+    ``body``: an ``nn.Sequential`` (or a list of modules) of convertible layers;
+    ``shortcut``: ``None`` or ``nn.Identity()`` (identity), :class:`PadShortcut` (option A), or any
+    convertible module / ``nn.Sequential`` (option B: ``nn.Sequential(nn.Conv2d(C_in, C_out, 1,
+    stride=s), nn.BatchNorm2d(C_out))``); ``activation``: an activation module (``nn.ReLU()`` by
+    default; ``nn.Tanh``, ``nn.Sigmoid``, ``nn.Softplus``, ``nn.Identity``) or ``None`` (no
+    activation after the sum). :func:`from_torch` converts it to ``Residual`` and :func:`to_torch`
+    produces it; parameter names are ``body.<i>.weight``, ``shortcut[.<i>].weight``.
+    """
+
+    def __init__(self, body: "nn.Sequential | Sequence[nn.Module]", shortcut: nn.Module | None = None,
+                 activation: "nn.Module | None | str" = "relu"):
+        super().__init__()
+        self.body = body if isinstance(body, nn.Sequential) else nn.Sequential(*body)
+        if len(self.body) == 0:
+            raise ValueError("ResidualBlock needs a non-empty body")
+        self.shortcut = shortcut
+        self.activation = nn.ReLU() if isinstance(activation, str) and activation == "relu" else activation
+        if isinstance(self.activation, str):
+            raise ValueError(f"activation must be an nn.Module, None or 'relu', got {activation!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+        return z if self.activation is None else self.activation(z)
+
+
+_ACT_TYPES = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Softplus)
+
+
+def _convert_list(mods: list[tuple[str, nn.Module]], plan: list, classes: dict) -> list:
+    """qnref layers for a flat list of (path, torch module); appends (qnref layer, path, module, entries) to ``plan``."""
+    Conv2d, MaxPool2d, AvgPool2d, GlobalAvgPool, BatchNorm = (classes[k] for k in
+                                                              ("Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool", "BatchNorm"))
     layers: list = []
-    plan: list[tuple[str, nn.Module, list[tuple[str, str]]]] = []  # (path, module, [(torch_param, kind)])
     skip_next_flatten = False
     for i, (path, mod) in enumerate(mods):
-        path = path or str(i)
         t = type(mod)
         if skip_next_flatten:
             skip_next_flatten = False
             if isinstance(mod, nn.Flatten):
                 continue
+        entries: list[tuple[str, str]] = []
         if t is nn.Linear:
             if mod.bias is None:
                 raise _unsupported(path, mod, "qnref Dense always has a bias (W̄ = [W b]); use bias=True")
-            layers.append(Dense(mod.out_features))
-            plan.append((path, mod, [("weight", "dense_w"), ("bias", "dense_b")]))
+            layer = Dense(mod.out_features)
+            entries = [("weight", "dense_w"), ("bias", "dense_b")]
         elif t is nn.Conv2d:
             if Conv2d is None:
                 raise _unsupported(path, mod, "qnref.nn.conv is not available")
@@ -145,55 +204,81 @@ def convert(module: nn.Module, input_shape: Sequence[int], *, dtype: Any = "floa
                 raise _unsupported(path, mod, "only dilation=1, groups=1, padding_mode='zeros' and integer padding are supported")
             if mod.bias is None:
                 raise _unsupported(path, mod, "qnref Conv2d always has a bias (W̄ = [W b]); use bias=True")
-            layers.append(Conv2d(mod.out_channels, _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding),
-                                 in_channels=mod.in_channels))
-            plan.append((path, mod, [("weight", "conv_w"), ("bias", "dense_b")]))
+            layer = Conv2d(mod.out_channels, _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding),
+                           in_channels=mod.in_channels)
+            entries = [("weight", "conv_w"), ("bias", "dense_b")]
         elif t in (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity):
-            layers.append({nn.ReLU: qact.ReLU, nn.Tanh: qact.Tanh, nn.Sigmoid: qact.Sigmoid, nn.Identity: qact.Identity}[t]())
-            plan.append((path, mod, []))
+            layer = {nn.ReLU: qact.ReLU, nn.Tanh: qact.Tanh, nn.Sigmoid: qact.Sigmoid, nn.Identity: qact.Identity}[t]()
         elif t is nn.Softplus:
             if float(mod.beta) != 1.0:
                 raise _unsupported(path, mod, f"only beta=1 is supported, got beta={mod.beta}")
-            layers.append(qact.Softplus())
-            plan.append((path, mod, []))
+            layer = qact.Softplus()
         elif t is nn.Flatten:
             if mod.start_dim != 1 or mod.end_dim != -1:
                 raise _unsupported(path, mod, "only Flatten(start_dim=1, end_dim=-1) is supported")
-            layers.append(Flatten())
-            plan.append((path, mod, []))
+            layer = Flatten()
         elif t is nn.MaxPool2d:
             if MaxPool2d is None:
                 raise _unsupported(path, mod, "qnref.nn.pool is not available")
             if _pair(mod.dilation) != (1, 1) or mod.ceil_mode or mod.return_indices:
                 raise _unsupported(path, mod, "only dilation=1, ceil_mode=False, return_indices=False are supported")
             stride = mod.stride if mod.stride is not None else mod.kernel_size
-            layers.append(MaxPool2d(_pair(mod.kernel_size), _pair(stride), _pair(mod.padding)))
-            plan.append((path, mod, []))
+            layer = MaxPool2d(_pair(mod.kernel_size), _pair(stride), _pair(mod.padding))
         elif t is nn.AvgPool2d:
             if AvgPool2d is None:
                 raise _unsupported(path, mod, "qnref.nn.pool is not available")
             if mod.ceil_mode or not mod.count_include_pad or mod.divisor_override is not None:
                 raise _unsupported(path, mod, "only ceil_mode=False, count_include_pad=True, divisor_override=None are supported")
             stride = mod.stride if mod.stride is not None else mod.kernel_size
-            layers.append(AvgPool2d(_pair(mod.kernel_size), _pair(stride), _pair(mod.padding)))
-            plan.append((path, mod, []))
+            layer = AvgPool2d(_pair(mod.kernel_size), _pair(stride), _pair(mod.padding))
         elif t is nn.AdaptiveAvgPool2d:
             nxt = mods[i + 1][1] if i + 1 < len(mods) else None
             if GlobalAvgPool is None or _pair(mod.output_size) != (1, 1) or not (
                     isinstance(nxt, nn.Flatten) and nxt.start_dim == 1 and nxt.end_dim == -1):
                 raise _unsupported(path, mod, "only AdaptiveAvgPool2d(1) followed by Flatten() (→ GlobalAvgPool) is supported")
-            layers.append(GlobalAvgPool())
-            plan.append((path, mod, []))
+            layer = GlobalAvgPool()
             skip_next_flatten = True
         elif t in (nn.BatchNorm1d, nn.BatchNorm2d):
             if BatchNorm is None:
                 raise _unsupported(path, mod, "qnref.nn.norm is not available")
             if not mod.affine or not mod.track_running_stats:
                 raise _unsupported(path, mod, "only affine=True, track_running_stats=True are supported")
-            layers.append(BatchNorm(eps=mod.eps, momentum=mod.momentum))
-            plan.append((path, mod, [("weight", "vec"), ("bias", "vec")]))
+            layer = BatchNorm(eps=mod.eps, momentum=mod.momentum)
+            entries = [("weight", "vec"), ("bias", "vec")]
+        elif t is PadShortcut:
+            from qnref.nn.residual import PadShortcut as QPad  # noqa: PLC0415
+
+            layer = QPad(mod.out_channels, mod.stride)
+        elif t is ResidualBlock:
+            from qnref.nn.residual import Residual  # noqa: PLC0415
+
+            body = _convert_list(_flatten_modules(mod.body, _join(path, "body")), plan, classes)
+            sc = mod.shortcut
+            short = [] if sc is None or type(sc) is nn.Identity else _convert_list(
+                _flatten_modules(sc, _join(path, "shortcut")), plan, classes)
+            act = None
+            if mod.activation is not None:
+                if not isinstance(mod.activation, _ACT_TYPES):
+                    raise _unsupported(_join(path, "activation"), mod.activation,
+                                       "a ResidualBlock activation must be ReLU, Tanh, Sigmoid, Softplus, Identity or None")
+                (act,) = _convert_list([(_join(path, "activation"), mod.activation)], plan, classes)
+            layer = Residual(body, short, activation=act)
         else:
             raise _unsupported(path, mod)
+        layers.append(layer)
+        plan.append((layer, path, mod, entries))
+    return layers
+
+
+def convert(module: nn.Module, input_shape: Sequence[int], *, dtype: Any = "float64") -> Conversion:
+    """Convert ``module`` (an ``nn.Sequential`` or a single supported layer); see the module docs."""
+    dt = backend.check_dtype(dtype)
+    classes = {"Conv2d": _optional("conv", "Conv2d"), "MaxPool2d": _optional("pool", "MaxPool2d"),
+               "AvgPool2d": _optional("pool", "AvgPool2d"), "GlobalAvgPool": _optional("pool", "GlobalAvgPool"),
+               "BatchNorm": _optional("norm", "BatchNorm")}
+    mods = _flatten_modules(module)  # path "" for a single (non-Sequential) module: its parameters are "weight", …
+    plan: list[tuple[Any, str, nn.Module, list[tuple[str, str]]]] = []  # (qnref layer, path, module, [(param, kind)])
+    layers = _convert_list(mods, plan, classes)
     if not layers:
         raise ValueError("the torch module contains no layers")
     model = Sequential(layers, input_shape)
@@ -201,26 +286,26 @@ def convert(module: nn.Module, input_shape: Sequence[int], *, dtype: Any = "floa
     views = model.layout.views(theta)
     block_of = {b.name: k for k, b in enumerate(model.layout.blocks)}
     conv = Conversion(model, theta)
-    for layer, (path, mod, entries) in zip(model.layers, plan):
+    for layer, path, mod, entries in plan:
         conv.layer_paths[layer.name] = path
         conv.torch_layers[layer.name] = mod
-        lblocks = [b.name for b in model.layout.blocks if b.name.rsplit(".", 1)[0] == layer.name]
+        pname = lambda a, _p=path: _join(_p, a)  # noqa: E731
         if isinstance(mod, nn.Linear) and layer.in_shape[0] != mod.in_features:
             raise ValueError(f"{_where(path, mod)} expects {mod.in_features} input features but receives "
                              f"{layer.in_shape[0]} (input_shape {tuple(input_shape)} propagated through the earlier layers)")
         if entries and entries[0][1] in ("dense_w", "conv_w"):
-            (blk,) = lblocks
+            blk = f"{layer.name}.W"
             wb = views[block_of[blk]]
             wb[:, :-1] = _np(mod.weight, dt).reshape(wb.shape[0], -1)
             wb[:, -1] = _np(mod.bias, dt)
-            conv.params.append(ParamMap(f"{path}.weight", blk, entries[0][1], tuple(mod.weight.shape)))
-            conv.params.append(ParamMap(f"{path}.bias", blk, "dense_b", tuple(mod.bias.shape)))
+            conv.params.append(ParamMap(pname("weight"), blk, entries[0][1], tuple(mod.weight.shape)))
+            conv.params.append(ParamMap(pname("bias"), blk, "dense_b", tuple(mod.bias.shape)))
         elif entries:  # BatchNorm: gamma, beta
-            g, b = lblocks
+            g, b = f"{layer.name}.gamma", f"{layer.name}.beta"
             views[block_of[g]][...] = _np(mod.weight, dt)
             views[block_of[b]][...] = _np(mod.bias, dt)
-            conv.params.append(ParamMap(f"{path}.weight", g, "vec", tuple(mod.weight.shape)))
-            conv.params.append(ParamMap(f"{path}.bias", b, "vec", tuple(mod.bias.shape)))
+            conv.params.append(ParamMap(pname("weight"), g, "vec", tuple(mod.weight.shape)))
+            conv.params.append(ParamMap(pname("bias"), b, "vec", tuple(mod.bias.shape)))
             layer.running_mean = _np(mod.running_mean, numpy.float64)
             layer.running_var = _np(mod.running_var, numpy.float64)
             layer.num_batches_tracked = int(mod.num_batches_tracked)
@@ -276,35 +361,47 @@ _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def to_torch(model: Sequential, theta: Any) -> nn.Sequential:
-    """A torch ``nn.Sequential`` (dtype of θ, on the CPU) computing the same function as (model, θ)."""
+    """A torch ``nn.Sequential`` (dtype of θ, on the CPU) computing the same function as (model, θ).
+
+    qnref ``Residual`` blocks become :class:`ResidualBlock` (identity shortcut → ``None``,
+    ``PadShortcut`` → :class:`PadShortcut`, any other shortcut → an ``nn.Sequential``).
+    """
     model.layout.check(theta)
     th = backend.to_numpy(theta)
     dt = _TORCH_DTYPES[th.dtype.name]
-    views = model.layout.views(th)
-    blocks = model.layout.blocks
-    mods: list[nn.Module] = []
+    views = {b.name: v for b, v in zip(model.layout.blocks, model.layout.views(th))}
+    return nn.Sequential(*_to_torch_list(model.layers, views, dt, ""))
+
+
+def _to_torch_list(layers: Sequence[Any], views: dict, dt: torch.dtype, where: str) -> list[nn.Module]:
     Conv2d = _optional("conv", "Conv2d")
     MaxPool2d = _optional("pool", "MaxPool2d")
     AvgPool2d = _optional("pool", "AvgPool2d")
     GlobalAvgPool = _optional("pool", "GlobalAvgPool")
     BatchNorm = _optional("norm", "BatchNorm")
+    Residual = _optional("residual", "Residual")
+    QPad = _optional("residual", "PadShortcut")
     simple = {qact.ReLU: nn.ReLU, qact.Tanh: nn.Tanh, qact.Sigmoid: nn.Sigmoid, qact.Softplus: nn.Softplus,
               qact.Identity: nn.Identity, Flatten: nn.Flatten}
-    for pos, layer in enumerate(model.layers):
-        idx = [k for k, b in enumerate(blocks) if b.name.rsplit(".", 1)[0] == layer.name]
+
+    def arr(a):
+        return torch.from_numpy(numpy.ascontiguousarray(a))
+
+    mods: list[nn.Module] = []
+    for pos, layer in enumerate(layers):
         t = type(layer)
         if t is Dense:
-            wb = views[idx[0]]
+            wb = views[f"{layer.name}.W"]
             m = nn.Linear(layer.in_shape[0], layer.units, dtype=dt)
             with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(numpy.ascontiguousarray(wb[:, :-1])))
-                m.bias.copy_(torch.from_numpy(numpy.ascontiguousarray(wb[:, -1])))
+                m.weight.copy_(arr(wb[:, :-1]))
+                m.bias.copy_(arr(wb[:, -1]))
         elif Conv2d is not None and t is Conv2d:
-            wb = views[idx[0]]
+            wb = views[f"{layer.name}.W"]
             m = nn.Conv2d(layer.in_shape[0], layer.out_channels, layer.kernel_size, layer.stride, layer.padding, dtype=dt)
             with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(numpy.ascontiguousarray(wb[:, :-1])).reshape(m.weight.shape))
-                m.bias.copy_(torch.from_numpy(numpy.ascontiguousarray(wb[:, -1])))
+                m.weight.copy_(arr(wb[:, :-1]).reshape(m.weight.shape))
+                m.bias.copy_(arr(wb[:, -1]))
         elif t in simple:
             m = simple[t]()
         elif MaxPool2d is not None and t is MaxPool2d:
@@ -318,13 +415,25 @@ def to_torch(model: Sequential, theta: Any) -> nn.Sequential:
             cls = nn.BatchNorm2d if layer.conv else nn.BatchNorm1d
             m = cls(layer.channels, eps=layer.eps, momentum=layer.momentum, dtype=dt)
             with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(numpy.ascontiguousarray(views[idx[0]])))
-                m.bias.copy_(torch.from_numpy(numpy.ascontiguousarray(views[idx[1]])))
+                m.weight.copy_(arr(views[f"{layer.name}.gamma"]))
+                m.bias.copy_(arr(views[f"{layer.name}.beta"]))
                 m.running_mean.copy_(torch.from_numpy(backend.to_numpy(layer.running_mean)).to(dt))
                 m.running_var.copy_(torch.from_numpy(backend.to_numpy(layer.running_var)).to(dt))
                 m.num_batches_tracked.fill_(int(layer.num_batches_tracked))
+        elif QPad is not None and t is QPad:
+            m = PadShortcut(layer.out_channels, layer.stride)
+        elif Residual is not None and t is Residual:
+            body = nn.Sequential(*_to_torch_list(layer.body, views, dt, f"{where}{pos}.body."))
+            short = None
+            if layer.shortcut:
+                sc = _to_torch_list(layer.shortcut, views, dt, f"{where}{pos}.shortcut.")
+                short = sc[0] if len(sc) == 1 and isinstance(sc[0], PadShortcut) else nn.Sequential(*sc)
+            act = None
+            if layer.act is not None:
+                (act,) = _to_torch_list([layer.act], views, dt, f"{where}{pos}.activation.")
+            m = ResidualBlock(body, short, act)
         else:
-            raise UnsupportedLayerError(f"cannot convert qnref layer {layer.describe()} ({t.__name__}) at position {pos} "
-                                        f"(name {layer.name!r}) to torch: no torch counterpart implemented")
+            raise UnsupportedLayerError(f"cannot convert qnref layer {layer.describe()} ({t.__name__}) at position "
+                                        f"{where}{pos} (name {layer.name!r}) to torch: no torch counterpart implemented")
         mods.append(m)
-    return nn.Sequential(*mods)
+    return mods

@@ -27,7 +27,9 @@ Products (all through ``torch.func.functional_call`` with θ split into views):
     value + grad: one forward with autograd, the backward on first use of ``grad``;
     hvp: forward-over-reverse ``jvp(grad(f))`` (reverse-over-reverse if an op lacks forward mode);
     ggn_vp: Jᵀ (∇²_z loss) J v + λ v — ``jvp`` of the net, jvp-of-grad of the loss in z, ``vjp``;
-    jvp, vjp, per_example_grads (``vmap`` of ``grad``), fisher_vp("empirical").
+    jvp, vjp, per_example_grads (``vmap`` of ``grad``), fisher_vp with kind "empirical", "sampled"
+    (targets drawn from the model's predictive distribution with a ``torch.Generator``, or passed
+    explicitly) and "exact" (the GGN without L2).
     BatchNorm layers in training mode are made stateless (batch statistics, no running-stat
     updates) during every evaluation: see :func:`qnref_torch.compare.drop_running_stats`.
 
@@ -55,7 +57,7 @@ from qnref.curvature.objective import NonFiniteError, PassCounter
 from qnref.optim.base import Problem
 
 from .compare import torch_hvp
-from .losses import QNREF_LOSSES, qnref_loss_torch
+from .losses import QNREF_LOSSES, qnref_loss_torch, resolve_loss
 
 __all__ = ["TorchObjective", "TorchPoint", "TorchProblem", "to_torch_tensor", "from_torch_tensor", "flat_params"]
 
@@ -241,6 +243,7 @@ class TorchPoint:
             self._f = obj.f(self._leaf)
         obj.counter.add("forward", obj.n_samples, "forward")
         self._grad = None
+        self._sampled = None
 
     @property
     def N(self) -> int:
@@ -293,22 +296,97 @@ class TorchPoint:
         obj.counter.add("backward", self.N, "ggn_vp")
         return self._out(gv)
 
-    def per_example_grads(self) -> Any:
-        """(N, n) rows ∇ℓᵢ where ℓᵢ = loss(module(xᵢ), yᵢ) on a batch of one (data term only)."""
+    def per_example_grads(self, targets: Any = None) -> Any:
+        """(N, n) rows ∇ℓᵢ where ℓᵢ = loss(module(xᵢ), yᵢ) on a batch of one (data term only).
+
+        ``targets`` replaces the true y (e.g. the sampled ỹ of :meth:`sampled_targets`).
+        """
         obj = self.obj
+        yy_all = obj.y if targets is None else _targets_tensor(targets, obj.y)
 
         def li(t, x, yy):
             return obj.loss_fn(functional_call(obj.module, obj._p.split(t), (x[None],)), yy[None])
 
         obj.counter.add("backward", self.N, "per_example_grads")
-        return self._out(vmap(grad(li), in_dims=(None, 0, 0))(self._t, obj.X, obj.y))
+        with _stateless_bn(obj.module):
+            return self._out(vmap(grad(li), in_dims=(None, 0, 0))(self._t, obj.X, yy_all))
 
-    def fisher_vp(self, v: Any, kind: str = "empirical") -> Any:
-        """Empirical Fisher (1/N) Σ gᵢ gᵢᵀ v (per-example gradients; data term only)."""
-        if kind != "empirical":
-            raise ValueError("TorchPoint.fisher_vp supports kind='empirical' only")
-        G = to_torch_tensor(self.per_example_grads(), self.obj._p.device)
+    def sampled_targets(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Targets ỹ ~ p(y | z) from the model's predictive distribution, drawn once per point.
+
+        The distribution is the one whose negative log-likelihood the loss is (qnref's conventions):
+        softmax_ce → Categorical(softmax(z)) labels, mse → N(z, I), sigmoid_ce → Bernoulli(σ(z)).
+        It needs ``loss`` to be a qnref name or a torch loss module that :func:`qnref_torch.resolve_loss`
+        maps; for any other callable pass explicit targets to :meth:`fisher_vp`. Draws use ``generator``
+        (a ``torch.Generator`` on the model's device; torch's global generator when ``None``) and are
+        *not* the draws of qnref's ``Point.sampled_targets()`` (different generators): to reproduce
+        qnref's sampled Fisher, pass ``targets=qnref_point.sampled_targets()``.
+        """
+        if self._sampled is None:
+            name = _loss_name(self.obj.loss)
+            with torch.no_grad():
+                z = self.obj.net(self._t)
+            if name == "softmax_ce":
+                self._sampled = torch.multinomial(torch.softmax(z, dim=1), 1, generator=generator)[:, 0]
+            elif name == "mse":
+                self._sampled = z + torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            else:
+                u = torch.rand(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+                self._sampled = (u < torch.sigmoid(z)).to(z.dtype)
+        return self._sampled
+
+    def fisher_vp(self, v: Any, kind: str = "empirical", *, targets: Any = None,
+                  generator: torch.Generator | None = None) -> Any:
+        """F v (data term only, no L2), the twin of qnref's ``Point.fisher_vp``.
+
+        * ``"empirical"``: (1/N) Σ gᵢ gᵢᵀ v with gᵢ = ∇ℓ(zᵢ, yᵢ) at the true targets;
+        * ``"sampled"``: the same at targets ỹ — ``targets`` if given (e.g. qnref's
+          ``Point.sampled_targets()``, which makes the result comparable with qnref to 1e-10), else
+          :meth:`sampled_targets` (drawn once per point with ``generator``; differs from qnref's draws);
+        * ``"exact"``: E_ỹ of the sampled Fisher, which for qnref's losses (canonical links) is the
+          GGN without the L2 term, Jᵀ (∇²_z loss) J v. For an arbitrary callable loss this is the
+          GGN of that loss (a Fisher only if the loss is a canonical negative log-likelihood).
+        """
+        if kind == "exact":
+            vt = self._dir(v)
+            obj = self.obj
+            with _stateless_bn(obj.module):
+                z, jv = jvp(obj.net, (self._t,), (vt,))
+                hjv = torch_hvp(lambda zz: obj.loss_fn(zz, obj.y), z.detach(), jv)
+                fv = vjp(obj.net, self._t)[1](hjv)[0]
+            obj.counter.add("rforward", self.N)
+            obj.counter.add("backward", self.N, "fisher_vp")
+            return self._out(fv)
+        if kind == "empirical":
+            if targets is not None:
+                raise ValueError("targets are for kind='sampled'; 'empirical' uses the true targets")
+            tg = None
+        elif kind == "sampled":
+            tg = targets if targets is not None else self.sampled_targets(generator)
+        else:
+            raise ValueError(f"unknown Fisher kind {kind!r}; choose 'empirical', 'sampled' or 'exact'")
+        G = to_torch_tensor(self.per_example_grads(tg), self.obj._p.device)
         return self._out(G.T @ (G @ self._dir(v)) / self.N)
+
+
+def _loss_name(loss: Any) -> str:
+    if isinstance(loss, str):
+        return {"ce": "softmax_ce", "bce": "sigmoid_ce"}.get(loss, loss)
+    try:
+        return resolve_loss(loss)[0]
+    except ValueError:
+        raise ValueError(f"cannot sample targets for the loss {loss!r} (no known predictive distribution); "
+                         "pass targets= to fisher_vp(v, 'sampled', targets=...)") from None
+
+
+def _targets_tensor(targets: Any, like: torch.Tensor) -> torch.Tensor:
+    """Targets as a tensor on ``like``'s device: integer labels stay int64, everything else takes ``like``'s dtype."""
+    t = targets if isinstance(targets, torch.Tensor) else to_torch_tensor(
+        numpy.ascontiguousarray(backend.to_numpy(targets)) if not backend.is_cupy_array(targets) else targets, like.device)
+    t = t.to(like.device)
+    if t.is_floating_point():
+        return t.to(like.dtype if like.is_floating_point() else t.dtype)
+    return t.long()
 
 
 class TorchProblem(Problem):

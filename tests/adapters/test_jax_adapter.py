@@ -195,3 +195,96 @@ def test_gradient_transformation_needs_problem_for_non_pure_methods():
         p = jax.tree_util.tree_map(lambda a, b: a + b, p, upd)
     assert prob.full().value(prob.get_theta(p)) < f0
     assert SGD.__name__ == "SGD"
+
+
+# -- BatchNorm and residual blocks in the spec --------------------------------------------------------------
+def _bn(c, rng):
+    return {"type": "batchnorm", "gamma": 1 + 0.2 * rng.standard_normal(c), "beta": 0.1 * rng.standard_normal(c),
+            "running_mean": 0.3 * rng.standard_normal(c), "running_var": 0.5 + rng.random(c), "eps": 1e-5, "momentum": 0.1}
+
+
+def _res_spec(rng):
+    """conv → BN → residual [conv s2 → BN → tanh] + projection [1×1 conv s2 → BN], tanh → GAP →
+    residual [dense → BN1d → tanh] + identity (no activation) → dense (few ops: XLA compile time)."""
+    conv = lambda co, ci, k, **kw: {"type": "conv2d", "W": 0.4 * rng.standard_normal((co, ci, k, k)),  # noqa: E731
+                                    "b": 0.1 * rng.standard_normal(co), **kw}
+    dense = lambda o, i: {"type": "dense", "W": rng.standard_normal((o, i)) / np.sqrt(i), "b": 0.1 * rng.standard_normal(o)}  # noqa: E731
+    return [conv(3, 1, 3, padding=1), _bn(3, rng),
+            {"type": "residual", "body": [conv(4, 3, 3, stride=2, padding=1), _bn(4, rng), {"type": "tanh"}],
+             "shortcut": [conv(4, 3, 1, stride=2), _bn(4, rng)], "activation": "tanh"},
+            {"type": "global_avg_pool"},
+            {"type": "residual", "body": [dense(4, 4), _bn(4, rng), {"type": "tanh"}], "shortcut": None, "activation": None},
+            dense(3, 4)]
+
+
+def test_spec_batchnorm_residual_roundtrip():
+    from qnref.nn.residual import Residual
+    from qnref.nn.zoo import build_model
+    rng = np.random.default_rng(30)
+    spec = _res_spec(rng)
+    X = rng.standard_normal((4, 1, 5, 5))
+    model, theta = qj.from_spec(spec, (1, 5, 5))
+    assert isinstance(model.layers[2], Residual) and len(model.layers[2].shortcut) == 2
+    np.testing.assert_array_equal(model.layers[1].running_var, spec[1]["running_var"])
+    structure, params = qj.split(spec)
+    for train in (True, False):
+        z_j = np.asarray(qj.apply(structure, params, jnp.asarray(X), train=train))
+        assert np.abs(model.forward(theta, X, train=train)[0] - z_j).max() <= 1e-13 * np.abs(z_j).max()
+    spec2 = qj.to_spec(model, theta)
+    model2, theta2 = qj.from_spec(spec2, (1, 5, 5))
+    np.testing.assert_array_equal(theta2, theta)
+    np.testing.assert_array_equal(spec2[2]["shortcut"][1]["running_mean"], spec[2]["shortcut"][1]["running_mean"])
+    assert spec2[4]["shortcut"] is None and spec2[4]["activation"] is None
+    assert qj.merge(*qj.split(spec2))[2]["body"][1]["type"] == "batchnorm"
+    # qnref's zoo ResNet (option A and option B shortcuts) → spec → qnref
+    for shortcut in ("projection", "pad"):
+        m = build_model("resnet-digits", shortcut=shortcut, width=0.5)
+        th = m.init(1)
+        sp = qj.to_spec(m, th)
+        st, pp = qj.split(sp)
+        Xd = rng.standard_normal((3, 1, 8, 8))
+        for train in ((True, False) if shortcut == "projection" else (False,)):
+            z_j = np.asarray(qj.apply(st, pp, jnp.asarray(Xd), train=train))
+            assert np.abs(m.forward(th, Xd, train=train)[0] - z_j).max() <= 1e-13 * np.abs(z_j).max()
+        np.testing.assert_array_equal(qj.from_spec(sp, (1, 8, 8))[1], th)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_residual_products_agree_with_jax(train):
+    rng = np.random.default_rng(31)
+    spec = _res_spec(rng)
+    X = rng.standard_normal((4, 1, 5, 5))
+    what = ("grad", "jvp", "vjp", "hvp", "ggn", "kfac_factors") if train else qj.ALL_WHAT
+    res = qj.assert_agree(spec, "softmax_ce", X, rng.integers(0, 3, 4), what=what, l2=0.01, train=train, rtol=RTOL)
+    assert set(what) <= set(res)
+    if train:
+        with pytest.raises(ValueError, match="independent examples"):
+            qj.compare(spec, "softmax_ce", X, rng.integers(0, 3, 4), what=("fisher",), train=True)
+
+
+def test_unsupported_spec_layer_inside_residual_is_named():
+    rng = np.random.default_rng(32)
+    spec = [{"type": "residual", "body": [_mlp_spec([3, 3], "tanh", rng)[0], {"type": "gelu"}]}]
+    with pytest.raises(qj.UnsupportedLayerError, match="'gelu' at position 0.body.1"):
+        qj.from_spec(spec, (3,))
+
+
+@pytest.mark.parametrize("loss", ["softmax_ce", "mse", "sigmoid_ce"])
+def test_jax_point_fisher_kinds_match_qnref(loss):
+    rng = np.random.default_rng(33)
+    spec, structure, params, X, y = _pytree_problem(loss, rng, n=7)
+    prob = qj.JaxProblem(lambda p, x: qj.apply(structure, p, x), loss, params, X, y, l2=0.2)
+    theta_j = prob.get_theta()
+    model, theta_q = qj.from_spec(spec, (5,))
+    perm = qj.params_to_theta(model, structure, prob.unravel(np.arange(theta_j.size, dtype=np.float64))).astype(np.int64)
+    pj = prob.full().at(theta_j)
+    pq = Objective(model, loss, X, y, 0.2, rng=np.random.default_rng(4)).at(theta_q)
+    v = rng.standard_normal(theta_j.size)
+    ytil = pq.sampled_targets()
+    assert qj.rel_diff(pj.fisher_vp(v, "sampled", targets=ytil)[perm], pq.fisher_vp(v[perm], "sampled")) <= RTOL
+    assert qj.rel_diff(pj.fisher_vp(v, "exact")[perm], pq.fisher_vp(v[perm], "exact")) <= RTOL
+    p1, p2 = prob.full().at(theta_j), prob.full().at(theta_j)
+    np.testing.assert_array_equal(p1.fisher_vp(v, "sampled", key=3), p2.fisher_vp(v, "sampled", key=jax.random.PRNGKey(3)))
+    assert p1.sampled_targets().shape == y.shape
+    with pytest.raises(ValueError, match="kind"):
+        pj.fisher_vp(v, "true")

@@ -1,4 +1,6 @@
 """torch adapter: conversion, products vs torch.func (float64, rtol 1e-10), TorchObjective, optimizer wrapper."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -307,3 +309,119 @@ def test_wrapper_closure_mode_has_no_curvature_and_checks_params():
         cp.full().at(theta).hvp(theta)
     with pytest.raises(ValueError, match="closure"):
         qt.QNRefOptimizer(m.parameters(), LBFGS()).step()
+
+
+# -- residual blocks ----------------------------------------------------------------------------------------
+def _resnet_tiny(seed):
+    """conv → BN → ReLU → 3 residual blocks (identity, projection 1×1 conv + BN, option-A pad) → GAP → FC."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+        qt.ResidualBlock(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(),
+                                       nn.Conv2d(3, 3, 3, padding=1))),  # identity shortcut, ReLU after the sum
+        qt.ResidualBlock(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)),
+                         nn.Sequential(nn.Conv2d(3, 4, 1, stride=2), nn.BatchNorm2d(4)), nn.Tanh()),
+        qt.ResidualBlock(nn.Sequential(nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.Sigmoid()), qt.PadShortcut(5, 2), None),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).double()
+    with torch.no_grad():  # non-trivial running statistics
+        m(torch.randn(8, 1, 6, 6, dtype=torch.float64) * 2 + 0.5)
+    return m
+
+
+def test_residual_blocks_convert_both_ways():
+    from qnref.nn.residual import PadShortcut, Residual
+    rng = np.random.default_rng(20)
+    m = _resnet_tiny(0).eval()
+    X = rng.standard_normal((4, 1, 6, 6))
+    conv = qt.convert(m, (1, 6, 6))
+    model, theta = conv.model, conv.theta
+    res = [l for l in model.layers if isinstance(l, Residual)]
+    assert [len(r.shortcut) for r in res] == [0, 2, 1] and isinstance(res[2].shortcut[0], PadShortcut)
+    assert res[2].act is None and conv.layer_paths[res[1].shortcut[0].name] == "4.shortcut.0"
+    for train in (False, True):
+        z_q, _ = model.forward(theta, X, train=train)
+        mm = copy.deepcopy(m).train(train)
+        qt.drop_running_stats(mm)
+        with torch.no_grad():
+            z_t = mm(torch.from_numpy(X)).numpy()
+        assert np.abs(z_q - z_t).max() <= 1e-13 * np.abs(z_t).max()
+    back = qt.to_torch(model, theta).eval()
+    assert isinstance(back[3], qt.ResidualBlock) and back[3].shortcut is None
+    assert isinstance(back[5].shortcut, qt.PadShortcut) and back[5].activation is None
+    with torch.no_grad():
+        np.testing.assert_array_equal(back(torch.from_numpy(X)).numpy(), m(torch.from_numpy(X)).numpy())
+    model2, theta2 = qt.from_torch(back, (1, 6, 6))
+    np.testing.assert_array_equal(theta2, theta)
+    np.testing.assert_array_equal(model2.forward(theta2, X, train=False)[0], model.forward(theta, X, train=False)[0])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_residual_products_agree_with_torch_func(train):
+    rng = np.random.default_rng(21)
+    m = _resnet_tiny(1).train(train)
+    what = ("grad", "jvp", "vjp", "hvp", "ggn", "kfac_factors") if train else qt.ALL_WHAT
+    res = qt.assert_agree(m, "softmax_ce", rng.standard_normal((5, 1, 6, 6)), rng.integers(0, 3, 5), what=what, l2=0.01,
+                          rtol=RTOL)
+    assert set(what) <= set(res)
+
+
+@pytest.mark.parametrize("shortcut", ["projection", "pad"])
+def test_zoo_resnet_digits_converts_both_ways(shortcut):
+    from qnref.nn.zoo import build_model
+    rng = np.random.default_rng(22)
+    model = build_model("resnet-digits", shortcut=shortcut, width=0.5)
+    theta = model.init(3)
+    X, y = rng.standard_normal((6, 1, 8, 8)), rng.integers(0, 10, 6)
+    net = qt.to_torch(model, theta)
+    for train in (True, False):
+        mm = copy.deepcopy(net).train(train)
+        qt.drop_running_stats(mm)
+        with torch.no_grad():
+            z_t = mm(torch.from_numpy(X)).numpy()
+        z_q = model.forward(theta, X, train=train)[0]
+        assert np.abs(z_q - z_t).max() <= 1e-13 * np.abs(z_t).max()
+    model2, theta2 = qt.from_torch(net, (1, 8, 8))
+    np.testing.assert_array_equal(theta2, theta)
+    assert model2.n_params == model.n_params
+    what = ("grad", "hvp", "ggn", "kfac_factors") if shortcut == "projection" else ("grad", "hvp", "fisher")
+    qt.assert_agree(net.train(shortcut == "projection"), "softmax_ce", X, y, what=what, rtol=RTOL)
+
+
+def test_unsupported_layer_inside_residual_block_is_named():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1),
+                      qt.ResidualBlock(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.GELU())))
+    with pytest.raises(qt.UnsupportedLayerError, match=r"GELU at position '1\.body\.1'"):
+        qt.from_torch(m, (1, 5, 5))
+    m = nn.Sequential(qt.ResidualBlock(nn.Sequential(nn.Linear(3, 3)), activation=nn.LeakyReLU()))
+    with pytest.raises(qt.UnsupportedLayerError, match=r"LeakyReLU at position '0\.activation'"):
+        qt.from_torch(m, (3,))
+
+
+# -- Fisher kinds ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["softmax_ce", "mse", "sigmoid_ce"])
+def test_torch_point_fisher_kinds_match_qnref(loss):
+    rng = np.random.default_rng(23)
+    m = _mlp([4, 5, 3], nn.Tanh, 23)
+    X, y = rng.standard_normal((7, 4)), _targets(loss, 7, 3, rng)
+    conv = qt.convert(m, (4,))
+    perm = _torch_to_qnref_perm(m, conv)
+    pt = qt.TorchProblem(m, loss, X, y, l2=0.3).full().at(qt.TorchProblem(m, loss, X, y).get_theta())
+    pq = Objective(conv.model, loss, X, y, 0.3, rng=np.random.default_rng(5)).at(conv.theta)
+    v = rng.standard_normal(conv.theta.size)
+    vq = v[perm]
+    ytil = pq.sampled_targets()  # the same targets on both sides → the same matrix
+    assert qt.rel_diff(pt.fisher_vp(v, "sampled", targets=ytil)[perm], pq.fisher_vp(vq, "sampled")) <= RTOL
+    assert qt.rel_diff(pt.fisher_vp(v, "exact")[perm], pq.fisher_vp(vq, "exact")) <= RTOL
+    assert qt.rel_diff(pt.fisher_vp(v, "empirical")[perm], pq.fisher_vp(vq, "empirical")) <= RTOL
+    # own draws: reproducible per generator seed, fixed per point, shaped like y
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    p1, p2 = (qt.TorchProblem(m, loss, X, y).full().at(pt.theta) for _ in range(2))
+    np.testing.assert_array_equal(p1.fisher_vp(v, "sampled", generator=g()), p2.fisher_vp(v, "sampled", generator=g()))
+    assert p1.sampled_targets() is p1.sampled_targets() and tuple(p1.sampled_targets().shape) == y.shape
+    with pytest.raises(ValueError, match="kind"):
+        pt.fisher_vp(v, "true")
+    other = qt.TorchObjective(m, lambda z, t: ((z - t) ** 2).mean(), X, rng.standard_normal((7, 3))).at(pt.theta)
+    with pytest.raises(ValueError, match="targets="):
+        other.fisher_vp(v, "sampled")
