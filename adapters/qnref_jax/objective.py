@@ -41,7 +41,7 @@ from typing import Any, Callable, NamedTuple
 import numpy
 
 from qnref import backend
-from qnref.curvature.objective import NonFiniteError, PassCounter
+from qnref.curvature.objective import NonFiniteError, PassCounter, PointMethods
 from qnref.optim.base import Problem
 
 from .compare import jax_loss
@@ -109,7 +109,7 @@ class _Funcs:
         self.hvp, self.ggn, self.ggn0, self.jvp, self.vjp, self.pex = (jax.jit(g) for g in (hvp, ggn, ggn0, jvp, vjp, pex))
 
 
-class JaxObjective:
+class JaxObjective(PointMethods):
     """f(θ) on a fixed batch over a pure JAX model; see the module docstring."""
 
     def __init__(self, apply_fn: Callable, loss: Any, params: Any, X: Any, y: Any, l2: float = 0.0, *,
@@ -149,22 +149,6 @@ class JaxObjective:
         if not backend.all_finite(theta):
             raise NonFiniteError("theta contains NaN or Inf")
         return JaxPoint(self, theta)
-
-    def value(self, theta):
-        return self.at(theta).value
-
-    def value_and_grad(self, theta):
-        p = self.at(theta)
-        return p.value, p.grad
-
-    def grad(self, theta):
-        return self.at(theta).grad
-
-    def hvp(self, theta, v):
-        return self.at(theta).hvp(v)
-
-    def ggn_vp(self, theta, v):
-        return self.at(theta).ggn_vp(v)
 
     def subset(self, idx: Any) -> "JaxObjective":
         import jax.numpy as jnp

@@ -53,7 +53,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from qnref import backend
-from qnref.curvature.objective import NonFiniteError, PassCounter
+from qnref.curvature.objective import NonFiniteError, PassCounter, PointMethods
 from qnref.optim.base import Problem
 
 from .compare import torch_hvp
@@ -158,7 +158,7 @@ class _Params:
                 p.copy_(t)
 
 
-class TorchObjective:
+class TorchObjective(PointMethods):
     """f(θ) = loss(module(X), y) + (λ/2)‖θ‖² on a fixed batch; see the module docstring."""
 
     def __init__(self, module: nn.Module, loss: Any, X: Any, y: Any, l2: float = 0.0, *,
@@ -207,23 +207,6 @@ class TorchObjective:
         if not backend.all_finite(theta):
             raise NonFiniteError("theta contains NaN or Inf")
         return TorchPoint(self, theta)
-
-    # convenience wrappers ------------------------------------------------------------------------
-    def value(self, theta: Any) -> float:
-        return self.at(theta).value
-
-    def value_and_grad(self, theta: Any) -> tuple[float, Any]:
-        p = self.at(theta)
-        return p.value, p.grad
-
-    def grad(self, theta: Any) -> Any:
-        return self.at(theta).grad
-
-    def hvp(self, theta: Any, v: Any) -> Any:
-        return self.at(theta).hvp(v)
-
-    def ggn_vp(self, theta: Any, v: Any) -> Any:
-        return self.at(theta).ggn_vp(v)
 
     def subset(self, idx: Any) -> "TorchObjective":
         idx_t = torch.as_tensor(numpy.asarray(backend.to_numpy(idx), dtype=numpy.int64), device=self.X.device)
