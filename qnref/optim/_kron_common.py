@@ -181,6 +181,14 @@ def open_step(opt: Any, state: Any, problem: Problem, theta: Any, structure: Any
     return state, info, start_point(obj, theta, info)
 
 
+def usable_gradient(grad: Any, info: StepInfo) -> bool:
+    """True when ``grad`` is finite; otherwise marks the step as a rejected non-finite one."""
+    if backend.all_finite(grad):
+        return True
+    info.accepted, info.nonfinite = False, True
+    return False
+
+
 def all_finite(*arrays) -> bool:
     return all(backend.all_finite(a) for a in arrays)
 
@@ -343,8 +351,7 @@ class TensorFactorOptimizer(Optimizer):
         if p is None:
             return theta, state, info
         grad = p.grad
-        if not backend.all_finite(grad):
-            info.accepted, info.nonfinite = False, True
+        if not usable_gradient(grad, info):
             return theta, state, info
         k = state.k + 1
         mom = self.momentum * state.mom + grad

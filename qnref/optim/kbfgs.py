@@ -141,8 +141,7 @@ class KBFGS(Optimizer):
             return theta, state, info
         taps = p.layer_stats("empirical")
         grad = kc.grad_from_taps(model, layers, others, taps, p)
-        if not backend.all_finite(grad):
-            info.accepted, info.nonfinite = False, True
+        if not kc.usable_gradient(grad, info):
             return theta, state, info
         k = state.k + 1
         mom = self.beta * state.mom + (grad if self.version == "ch3" else (1.0 - self.beta) * grad)

@@ -121,8 +121,7 @@ class KFAC(Optimizer):
         if p is None:
             return theta, state, info
         grad = p.grad
-        if not backend.all_finite(grad):
-            info.accepted, info.nonfinite = False, True
+        if not kc.usable_gradient(grad, info):
             return theta, state, info
         k = state.k + 1
         mom = self.momentum * state.mom + grad
