@@ -21,4 +21,12 @@ def load_all() -> dict:
     return OPTIMIZERS
 
 
+def __getattr__(name: str):
+    """Optimizer classes by class name (``qnref.optim.LSR1TrustRegion``), importing lazily."""
+    for cls in load_all().values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["Optimizer", "Problem", "StepInfo", "OPTIMIZERS", "make_optimizer", "get_optimizer_class", "register", "load_all"]
