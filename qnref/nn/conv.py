@@ -9,9 +9,10 @@ one patch of K = C_in·kh·kw inputs, flattened channel-major (c, i, j) — the 
     āₜ = [x_{c, t_h·sh + i − ph, t_w·sw + j − pw} for c, i, j ; 1] ∈ R^{K+1},
     hₜ = W̄ āₜ,       W̄ = [W b] ∈ R^{C_out × (K+1)}   (bias = last column).
 
-So the layer is one GEMM of W̄ with the homogeneous patch matrices: the cache holds, per example,
-the (K, L) matrix of patches (columns = locations; the Caffe layout, which makes both the im2col copy
-and the output NCHW without transposes), and Hᵢ = W Āᵢ + b is one batched matmul. The parameter
+So the layer is one GEMM of W̄ with the homogeneous patch matrices: the cache holds all patches as
+one (K, N·L) matrix (columns ordered (example, location); :func:`im2col_t`), so the forward pass
+H = W Ā + b and the weight gradient are single GEMMs over the whole batch (faster than per-example
+batched matmuls); ``Conv2d._cols`` views it as the per-example (N, K, L) matrices of :func:`im2col`. The parameter
 block is ``W̄`` of shape (C_out, K + 1), ParamSpec kind "weight", fan = (C_in·kh·kw, C_out·kh·kw).
 
 Passes
@@ -157,6 +158,34 @@ def col2im(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: i
     return out
 
 
+def im2col_t(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    """All patches as one (K, N·L) matrix (rows (c, i, j), columns (n, oh, ow)): the layout of the
+    forward cache, so that the forward pass and the weight gradient are single GEMMs over the batch.
+    ``im2col_t(x).reshape(K, N, L).transpose(1, 0, 2)`` equals :func:`im2col` (a view)."""
+    n, c, h, w = x.shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    xp = backend.namespace(x)
+    if use_numba(x):
+        out = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
+        return numba_kernels().im2col_t(xp.ascontiguousarray(x), out, sh, sw, ph, pw).reshape(c * kh * kw, n * ho * wo)
+    v = windows(pad(x, ph, pw), kh, kw, sh, sw, ho, wo)  # (N, C, Ho, Wo, kh, kw)
+    return v.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * ho * wo)
+
+
+def col2im_t(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    """Adjoint of :func:`im2col_t`: scatter-add (K, N·L) patch gradients to (N, C, H, W)."""
+    n, c, h, w = x_shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    xp = backend.namespace(gcols)
+    g6t = xp.ascontiguousarray(gcols).reshape(c, kh, kw, n, ho, wo)
+    if use_numba(gcols):
+        return numba_kernels().col2im_t(g6t, xp.zeros((n, c, h, w), dtype=gcols.dtype), sh, sw, ph, pw)
+    out = scatter_windows_xp(g6t.transpose(3, 0, 1, 2, 4, 5), (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
+    if ph or pw:
+        out = xp.ascontiguousarray(out[:, :, ph : ph + h, pw : pw + w])
+    return out
+
+
 def _sum_outer(g: Any, cols: Any) -> Any:
     """Σᵢ gᵢ colsᵢᵀ over the examples, for g (N, C_out, L) and cols (N, K, L): (C_out, K)."""
     return (g @ cols.transpose(0, 2, 1)).sum(axis=0)
@@ -230,6 +259,16 @@ class Conv2d(Layer):
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         return col2im(gcols, (n,) + self.in_shape, kh, kw, sh, sw, ph, pw)
 
+    def _cols(self, cache: Any) -> Any:
+        """The forward cache, (K, N·L), as per-example (N, K, L) patch matrices (a view)."""
+        L = self.out_shape[1] * self.out_shape[2]
+        return cache.reshape(cache.shape[0], -1, L).transpose(1, 0, 2)
+
+    def _gemm_out(self, y: Any, n: int) -> Any:
+        """(C_out, N·L) → contiguous (N, C_out, Ho, Wo)."""
+        xp = backend.namespace(y)
+        return xp.ascontiguousarray(y.reshape(self.out_channels, n, -1).transpose(1, 0, 2)).reshape((n,) + self.out_shape)
+
     def _affine(self, cols: Any, wb: Any) -> Any:
         """W̄ applied to the homogeneous patches: (N, C_out, L)."""
         y = wb[:, :-1] @ cols
@@ -243,19 +282,28 @@ class Conv2d(Layer):
     # -- passes -----------------------------------------------------------------------------------
     def forward(self, p: Sequence[Any], x: Any, ctx: Ctx) -> tuple[Any, Any]:
         check_batch(x, self.in_shape, self.describe())
-        cols = self._im2col(x)
-        return self._affine(cols, p[0]).reshape((x.shape[0],) + self.out_shape), cols
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        cols_t = im2col_t(x, kh, kw, sh, sw, ph, pw)  # (K, N·L): the cache
+        wb = p[0]
+        y = wb[:, :-1] @ cols_t
+        y += wb[:, -1:]
+        return self._gemm_out(y, x.shape[0]), cols_t
 
     def backward(self, p, cache, gy, gp, need_gx: bool = True):
-        cols, wb = cache, p[0]
-        g = self._flat(gy)
+        cols_t, wb = cache, p[0]
+        xp = backend.namespace(gy)
+        n = gy.shape[0]
+        g_t = xp.ascontiguousarray(self._flat(gy).transpose(1, 0, 2)).reshape(self.out_channels, -1)  # (C_out, N·L)
         if gp is not None:
-            gp[0][:, :-1] = _sum_outer(g, cols)
-            gp[0][:, -1] = g.sum(axis=(0, 2))
-        return self._col2im(wb[:, :-1].T @ g, gy.shape[0]) if need_gx else None
+            gp[0][:, :-1] = g_t @ cols_t.T
+            gp[0][:, -1] = g_t.sum(axis=1)
+        if not need_gx:
+            return None
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return col2im_t(wb[:, :-1].T @ g_t, (n,) + self.in_shape, kh, kw, sh, sw, ph, pw)
 
     def jvp(self, p, cache, dx, dp):
-        cols, wb = cache, p[0]
+        cols, wb = self._cols(cache), p[0]
         n = cols.shape[0]
         dy = None
         if dp:
@@ -272,7 +320,7 @@ class Conv2d(Layer):
     def backward_rop(self, p, cache, rcache, gy, rgy, dp, rgp, need_gx: bool = True):
         # gx = col2im(Wᵀ g);  R{gx} = col2im(Wᵀ R{g} + dWᵀ g)
         # R{gW̄} = Σ R{g} āᵀ + Σ g R{ā}ᵀ, with R{ā} = [im2col(dx); 0]
-        cols, dcols, w = cache, rcache, p[0][:, :-1]
+        cols, dcols, w = self._cols(cache), rcache, p[0][:, :-1]
         g, rg = self._flat(gy), self._flat(rgy)
         if rgp:
             rgw = _sum_outer(rg, cols)
@@ -289,7 +337,7 @@ class Conv2d(Layer):
         return self._col2im(w.T @ g, n), self._col2im(rgc, n)
 
     def per_example_grads(self, p, cache, gy, out):
-        cols = cache
+        cols = self._cols(cache)
         g = self._flat(gy)
         out[0][:, :, :-1] = g @ cols.transpose(0, 2, 1)
         out[0][:, :, -1] = g.sum(axis=2)
@@ -297,7 +345,7 @@ class Conv2d(Layer):
 
     def kron_taps(self, cache, gy):
         """Raw KFC taps: ā (N, L, K+1) with a homogeneous 1 and g (N, L, C_out), per location."""
-        cols = cache
+        cols = self._cols(cache)
         xp = backend.namespace(cols)
         n, _, L = cols.shape
         a = xp.empty((n, L, cols.shape[1] + 1), dtype=cols.dtype)

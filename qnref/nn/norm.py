@@ -127,17 +127,19 @@ class BatchNorm(Layer):
                     f"(got input shape {tuple(x.shape)}); use a larger batch or train=False"
                 )
             mu = self._mean(x)
-            xc = x - mu
-            var = self._mean(xc * xc)
+            xhat = x - mu  # x − μ, normalised in place below
+            var = self._mean(xp.square(xhat))
             inv = 1.0 / xp.sqrt(var + self.eps)
-            xhat = xc * inv
+            xhat *= inv
             cache = {"train": True, "xhat": xhat, "inv": inv, "mean": mu, "var": var, "m": m}
         else:
             rm, rv = self._stats_on(xp, x.dtype)
             inv = self._b(1.0 / xp.sqrt(rv + self.eps))
             xhat = (x - self._b(rm)) * inv
             cache = {"train": False, "xhat": xhat, "inv": inv}
-        return gamma * xhat + beta, cache
+        y = gamma * xhat
+        y += beta
+        return y, cache
 
     def _project(self, u: Any, xhat: Any) -> Any:
         """P(u) = u − mean(u) − x̂ mean(x̂ u), per channel."""
@@ -145,13 +147,23 @@ class BatchNorm(Layer):
 
     def backward(self, p, cache, gy, gp, need_gx: bool = True):
         xhat, inv = cache["xhat"], cache["inv"]
+        if not cache["train"] or not need_gx:
+            if gp is not None:
+                gp[0][...] = self._sum(gy * xhat)
+                gp[1][...] = self._sum(gy)
+            return inv * (gy * self._b(p[0])) if need_gx else None
+        # gx = γ/σ · P(gy) with the channel sums Σ gy x̂ and Σ gy shared with gγ, gβ
+        s_gx, s_g = self._sum(gy * xhat), self._sum(gy)
         if gp is not None:
-            gp[0][...] = self._sum(gy * xhat)
-            gp[1][...] = self._sum(gy)
-        if not need_gx:
-            return None
-        gxh = gy * self._b(p[0])
-        return inv * (self._project(gxh, xhat) if cache["train"] else gxh)
+            gp[0][...] = s_gx
+            gp[1][...] = s_g
+        m = gy.size // self.channels
+        scale = self._b(p[0]) * inv  # γ/σ, broadcastable
+        gx = gy - self._b(s_g / m)
+        t = xhat * self._b(s_gx / m)
+        gx -= t
+        gx *= scale
+        return gx
 
     def jvp(self, p, cache, dx, dp):
         xhat, inv = cache["xhat"], cache["inv"]
