@@ -267,6 +267,9 @@ def state_from_host(cls: Any, data: dict, device: backend.Device = "cpu") -> Any
     hints = {f.name: f for f in dataclasses.fields(cls)}
     for name in hints:
         if name not in data:
+            f = hints[name]
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue  # a field added later with a default: older checkpoints stay loadable
             raise ValueError(f"checkpointed state of {cls.__qualname__} lacks field {name!r}")
         kwargs[name] = _restore(data[name], device)
     return cls(**kwargs)

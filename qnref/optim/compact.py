@@ -45,6 +45,8 @@ __all__ = [
     "LBFGSCompact",
     "LSR1Compact",
     "lsr1_prune_count",
+    "lsr1_prune_count_from_grams",
+    "GramCache",
     "bfgs_update",
     "bfgs_inverse_update",
     "sr1_skip",
@@ -354,8 +356,37 @@ class LSR1Compact:
         self._Psi_rows = Y - gamma * S  # (k, n); Psi = its transpose (a view)
         SY = S @ Y.T
         self._SY = SY
+        self._SS = self._YY = None
         L = xp.tril(SY, -1)
         self.Minv = xp.diag(xp.diag(SY)) + L + L.T - gamma * (S @ S.T)
+        self._finish_init(check)
+
+    @classmethod
+    def from_grams(cls, S: Any, Y: Any, gamma: float, SY: Any, SS: Any, YY: Any = None, *,
+                   rtol: float = SINGULAR_RTOL, check: bool = True) -> "LSR1Compact":
+        """The same matrix built from cached Gram matrices SY = S Yᵀ, SS = S Sᵀ (YY = Y Yᵀ, used
+        by :meth:`inverse_middle` and :meth:`psi_gram`) without touching n-vectors: O(k³).
+
+        Ψ is never formed: products are applied as Ψᵀv = Yv − γSv and Ψc = Yᵀc − γSᵀc
+        (2kn each), so construction costs no O(k²n) work (see :class:`GramCache`)."""
+        xp, k, n = _check_pairs(S, Y)
+        gamma = float(gamma)
+        if not math.isfinite(gamma):
+            raise ValueError(f"L-SR1 needs a finite gamma (B0 = gamma*I), got {gamma}")
+        if SY.shape != (k, k) or SS.shape != (k, k) or (YY is not None and YY.shape != (k, k)):
+            raise ValueError(f"Gram matrices must be ({k}, {k})")
+        self = cls.__new__(cls)
+        self._xp, self.S, self.Y, self.k, self.n = xp, S, Y, k, n
+        self.gamma, self.rtol = gamma, float(rtol)
+        self._Psi_rows = None
+        self._SY, self._SS, self._YY = SY, SS, YY
+        L = xp.tril(SY, -1)
+        self.Minv = xp.diag(xp.diag(SY)) + L + L.T - gamma * SS
+        self._finish_init(check)
+        return self
+
+    def _finish_init(self, check: bool) -> None:
+        xp, k = self._xp, self.k
         self.rcond = _sym_rcond(self.Minv)
         self.singular = not (self.rcond > self.rtol)
         self._M = None
@@ -364,8 +395,27 @@ class LSR1Compact:
             if check:
                 raise ValueError(self._singular_message())
         else:
-            self._M = xp.linalg.solve(self.Minv, xp.eye(k, dtype=SY.dtype))
+            self._M = xp.linalg.solve(self.Minv, xp.eye(k, dtype=self.Minv.dtype))
             self._M = 0.5 * (self._M + self._M.T)  # exact symmetry for eigh downstream
+
+    def psi_t(self, v: Any) -> Any:
+        """Ψᵀv, ``(k,)`` (or ``(k, p)``); Yv − γSv when Ψ is not stored."""
+        if self._Psi_rows is not None:
+            return self._Psi_rows @ v
+        return self.Y @ v - self.gamma * (self.S @ v)
+
+    def psi(self, c: Any) -> Any:
+        """Ψc, ``(n,)``; Yᵀc − γSᵀc when Ψ is not stored."""
+        if self._Psi_rows is not None:
+            return self._Psi_rows.T @ c
+        return self.Y.T @ c - self.S.T @ (self.gamma * c)
+
+    def psi_gram(self) -> Any:
+        """ΨᵀΨ = YᵀY − γ(SᵀY + YᵀS) + γ²SᵀS (k × k; from the cached Grams when available)."""
+        if getattr(self, "_YY", None) is None or getattr(self, "_SS", None) is None:
+            P = self._Psi_rows if self._Psi_rows is not None else self.Y - self.gamma * self.S
+            return P @ P.T
+        return psi_gram(self._SY, self._SS, self._YY, self.gamma)
 
     def _singular_message(self) -> str:
         return (f"L-SR1 middle matrix M^-1 = D + L + L^T - gamma*S^T S ({self.k}x{self.k}) is "
@@ -374,7 +424,10 @@ class LSR1Compact:
 
     @property
     def Psi(self) -> Any:
-        """Ψ = Y − γS as an ``(n, k)`` view (papers' column convention)."""
+        """Ψ = Y − γS as an ``(n, k)`` view (papers' column convention; formed on first use
+        when built by :meth:`from_grams`)."""
+        if self._Psi_rows is None:
+            self._Psi_rows = self.Y - self.gamma * self.S
         return self._Psi_rows.T
 
     @property
@@ -388,13 +441,14 @@ class LSR1Compact:
         """B v = γv + Ψ(M(Ψᵀv)) ([RD16] Alg. 1 line 7)."""
         if self.k == 0:
             return self.gamma * v
-        return self.gamma * v + self._Psi_rows.T @ (self.M @ (self._Psi_rows @ v))
+        return self.gamma * v + self.psi(self.M @ self.psi_t(v))
 
     def inverse_middle(self) -> Any:
         """N = R + Rᵀ − D − YᵀY/γ, the middle matrix of the inverse form."""
         xp, SY = self._xp, self._SY
         R = xp.triu(SY)
-        return R + R.T - xp.diag(xp.diag(SY)) - (self.Y @ self.Y.T) / self.gamma
+        YY = self._YY if getattr(self, "_YY", None) is not None else self.Y @ self.Y.T
+        return R + R.T - xp.diag(xp.diag(SY)) - YY / self.gamma
 
     def solve(self, v: Any) -> Any:
         """H v = B⁻¹ v by the inverse compact SR1 form with H₀ = (1/γ) I (needs γ ≠ 0)."""
@@ -412,8 +466,7 @@ class LSR1Compact:
                     "not exist")
             Ninv = self._xp.linalg.solve(N, self._xp.eye(self.k, dtype=N.dtype))
             self._Ninv = 0.5 * (Ninv + Ninv.T)
-        P = self._Psi_rows
-        return v / self.gamma + (P.T @ (self._Ninv @ (P @ v))) / (self.gamma * self.gamma)
+        return v / self.gamma + self.psi(self._Ninv @ self.psi_t(v)) / (self.gamma * self.gamma)
 
     def to_dense(self, inverse: bool = False) -> Any:
         """Dense n × n B (or H with ``inverse=True``) — for tests on small n."""
@@ -460,6 +513,122 @@ def lsr1_prune_count(S: Any, Y: Any, gamma: float, *, rtol: float = SINGULAR_RTO
         if _sym_rcond(Minv) > rtol:
             return d
     return k
+
+
+def psi_gram(SY: Any, SS: Any, YY: Any, gamma: float) -> Any:
+    """ΨᵀΨ = YᵀY − γ(SᵀY + YᵀS) + γ²SᵀS for Ψ = Y − γS from the k × k Grams (row convention:
+    ``SY = S @ Y.T``, ``SS = S @ S.T``, ``YY = Y @ Y.T``); symmetrised exactly."""
+    gamma = float(gamma)
+    G = YY - gamma * (SY + SY.T) + (gamma * gamma) * SS
+    return 0.5 * (G + G.T)
+
+
+def lsr1_prune_count_from_grams(SY: Any, SS: Any, YY: Any, gamma: float, *,
+                                rtol: float = SINGULAR_RTOL, inverse: bool = False) -> int:
+    """:func:`lsr1_prune_count` from the cached Grams (SY = S Yᵀ, SS = S Sᵀ, YY = Y Yᵀ) only:
+    the same tests on trailing k × k blocks, O(k⁴) at worst and no n-vector work."""
+    k = int(SY.shape[0])
+    if SY.shape != (k, k) or SS.shape != (k, k) or YY.shape != (k, k):
+        raise ValueError("SY, SS, YY must be square and of one size")
+    xp = backend.namespace(SY, SS, YY)
+    gamma = float(gamma)
+    for d in range(k):
+        SYd, SSd, YYd = SY[d:, d:], SS[d:, d:], YY[d:, d:]
+        if inverse:
+            R = xp.triu(SYd)
+            N = R + R.T - xp.diag(xp.diag(SYd)) - YYd / gamma
+            if _sym_rcond(N) > rtol:
+                return d
+            continue
+        if not math.sqrt(max(_sym_rcond(psi_gram(SYd, SSd, YYd, gamma)), 0.0)) > rtol:
+            continue
+        L = xp.tril(SYd, -1)
+        Minv = xp.diag(xp.diag(SYd)) + L + L.T - gamma * SSd
+        if _sym_rcond(Minv) > rtol:
+            return d
+    return k
+
+
+class GramCache:
+    """The k × k Gram matrices SY = S Yᵀ ((SY)ᵢⱼ = sᵢᵀyⱼ), SS = S Sᵀ, YY = Y Yᵀ of a
+    :class:`PairMemory`, kept in step with it: :meth:`push` borders them with the new row and
+    column (4kn multiplications: S s, Y s, S y, Y y, plus 3n), :meth:`drop` slices the oldest
+    rows and columns off (no arithmetic).  Mirror every mutation of the memory: call
+    :meth:`push` with the memory's rows *before* the pair is appended (after dropping the
+    oldest pair when it is full) and :meth:`drop` with each ``remove_oldest``.
+
+    Plain arrays on the backend of the pairs; :meth:`state` / :meth:`from_state` for
+    checkpoints.  Rounding: the bordered entries are the same dot products a fresh
+    ``S @ Y.T`` computes, so they agree to a few ulps (BLAS may sum in another order).
+    """
+
+    def __init__(self, SY: Any, SS: Any, YY: Any) -> None:
+        k = int(SY.shape[0])
+        if SY.shape != (k, k) or SS.shape != (k, k) or YY.shape != (k, k):
+            raise ValueError("SY, SS, YY must be square and of one size")
+        self.SY, self.SS, self.YY = SY, SS, YY
+
+    @classmethod
+    def from_pairs(cls, S: Any, Y: Any) -> "GramCache":
+        """Fresh Grams of ``(k, n)`` pairs (O(k²n), once)."""
+        _check_pairs(S, Y)
+        return cls(S @ Y.T, S @ S.T, Y @ Y.T)
+
+    @classmethod
+    def empty_like(cls, x: Any) -> "GramCache":
+        xp = backend.namespace(x)
+        z = xp.zeros((0, 0), dtype=x.dtype)
+        return cls(z, z.copy(), z.copy())
+
+    @property
+    def count(self) -> int:
+        return int(self.SY.shape[0])
+
+    def push(self, S: Any, Y: Any, s: Any, y: Any, *, Ss: Any = None, Ys: Any = None) -> None:
+        """Border the Grams with the pair (s, y); ``S``, ``Y``: the ``(k, n)`` rows stored before
+        it (k = :attr:`count`).  ``Ss = S @ s`` and ``Ys = Y @ s`` may be passed when known."""
+        xp = backend.namespace(S, Y, s, y)
+        k = self.count
+        if S.shape[0] != k or Y.shape[0] != k:
+            raise ValueError(f"GramCache holds {k} pairs but S, Y have {S.shape[0]}, {Y.shape[0]} rows")
+        Ss = S @ s if Ss is None else Ss
+        Ys = Y @ s if Ys is None else Ys
+        Sy, Yy = S @ y, Y @ y
+        sy, ss, yy = s @ y, s @ s, y @ y
+
+        def border(A: Any, col: Any, row: Any, corner: Any) -> Any:
+            out = xp.empty((k + 1, k + 1), dtype=A.dtype)
+            out[:k, :k] = A
+            out[:k, k] = col
+            out[k, :k] = row
+            out[k, k] = corner
+            return out
+
+        self.SY = border(self.SY, Sy, Ys, sy)  # (SY)ᵢₖ = sᵢᵀy, (SY)ₖⱼ = sᵀyⱼ
+        self.SS = border(self.SS, Ss, Ss, ss)
+        self.YY = border(self.YY, Yy, Yy, yy)
+
+    def drop(self, k: int = 1) -> None:
+        """Forget the ``k`` oldest pairs (all of them when ``k >= count``)."""
+        k = int(k)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        k = min(k, self.count)
+        if k:
+            self.SY = self.SY[k:, k:].copy()
+            self.SS = self.SS[k:, k:].copy()
+            self.YY = self.YY[k:, k:].copy()
+
+    def psi_gram(self, gamma: float) -> Any:
+        """ΨᵀΨ for Ψ = Y − γS (:func:`psi_gram`)."""
+        return psi_gram(self.SY, self.SS, self.YY, gamma)
+
+    def state(self) -> dict:
+        return {"SY": self.SY, "SS": self.SS, "YY": self.YY}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "GramCache":
+        return cls(d["SY"], d["SS"], d["YY"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -257,6 +257,8 @@ def _lbfgs(opt, sh, N, a):
 def _lsr1_tr(opt, sh, N, a):
     n = sh["n"]
     k = a["pairs"] if a["pairs"] is not None else opt.memory
+    if getattr(opt, "gram_cache", False):
+        return _lsr1_tr_cached(opt, n, k)
     t = {"grad_norm": n, "compact_form": _lsr1_form(n, k)}
     if opt.solver == "exact":
         t["tr_subproblem"] = _lsr1_subproblem(n, k)
@@ -264,6 +266,22 @@ def _lsr1_tr(opt, sh, N, a):
         t["tr_subproblem"] = 10 * (_lsr1_matvec(n, k) + 6 * n)
     t.update({"step_norm": n, "Bs": _lsr1_matvec(n, k), "sr1_test": 3 * n,
               "prune": _lsr1_prune(n, min(k + 1, opt.memory), inverse=False)})
+    return t
+
+
+def _lsr1_tr_cached(opt, n, k):
+    """``LSR1TrustRegion(gram_cache=True)``, generic step (no Gram fallback, no hard case):
+    compact form and pruning from the cached Grams (O(k³), no n-work); Gram solver: Ψᵀg (2kn),
+    g_⊥ (2kn), ‖g_⊥‖ (n), p (2kn + n), Bp = γp + Ψ(MΨᵀp) (4kn + n), pred (2n), ‖p‖ (n);
+    step norm (n), SR1 test (3n, Bs = the solver's Bp), Gram border S s, Y s, S y, Y y (4kn) and
+    sᵀy, sᵀs, yᵀy (3n), ‖g‖ (n): (14m + 14)n + O(m³)."""
+    k1 = min(k + 1, opt.memory)
+    t = {"grad_norm": n, "compact_form": (_eigvalsh(k) + 2 * k ** 3) if k else 0}
+    t["tr_subproblem"] = (10 * k * n + 6 * n) if k else 6 * n
+    t["tr_subproblem_small"] = (2 * _eigh(k) + 4 * k ** 3) if k else 0
+    t.update({"step_norm": n, "Bs": 0 if k else n, "sr1_test": 3 * n,
+              "gram_update": 4 * k * n + 3 * n if k1 else 3 * n,
+              "prune": 2 * _eigvalsh(k1) + 4 * k1 * k1})
     return t
 
 
@@ -439,7 +457,7 @@ FORMULAS: dict[str, tuple[Callable, str]] = {
     "svrg": (_svrg, "2n"),
     "gd-ls": (_gd_ls, "(2 + t)n"),
     "lbfgs": (_lbfgs, "(5m + 8 + 2t)n + m"),
-    "lsr1-tr": (_lsr1_tr, "(7m² + 9m + 12)n + O(m³)"),
+    "lsr1-tr": (_lsr1_tr, "(7m² + 9m + 12)n + O(m³); gram_cache=True: (14m + 14)n + O(m³)"),
     "lsr1-ls": (_lsr1_ls, "(5m² + 5m + 11 + t)n + O(m³)"),
     "s-lbfgs": (_sampled_lbfgs, "(8m + 7 + t)n + m"),
     "s-lsr1": (_sampled_lsr1, "(2m³/3 + O(m²))n + O(m⁴): compact form re-formed per kept pair"),

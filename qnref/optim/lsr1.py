@@ -18,22 +18,35 @@ from typing import Any
 
 from .. import backend
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .compact import LSR1Compact, PairMemory, lsr1_prune_count, sr1_skip
+from .compact import (GramCache, LSR1Compact, PairMemory, lsr1_prune_count,
+                      lsr1_prune_count_from_grams, sr1_skip)
 from .linesearch import backtracking_armijo
 from .registry import register
-from .trust_region import RadiusRule, reduction_ratio, solve_lsr1_subproblem, steihaug_cg
+from .trust_region import (RadiusRule, reduction_ratio, solve_lsr1_subproblem,
+                           solve_lsr1_subproblem_gram, steihaug_cg)
 from ._qn_common import LineFunction, memory_from_state, memory_to_state, open_step
+
+
+def _rcond_psd(G: Any) -> float:
+    """λ_min/λ_max of a symmetric PSD Gram matrix (negative rounding counts as 0)."""
+    xp = backend.namespace(G)
+    ev = backend.to_numpy(xp.linalg.eigvalsh(G))
+    top = float(ev.max()) if ev.size else 0.0
+    return max(float(ev.min()), 0.0) / top if top > 0.0 and math.isfinite(top) else 0.0
 
 
 @dataclass
 class LSR1State:
     """memory: S, Y buffers (m × n) and the pair count; delta: radius (NaN before the first
-    step: Δ₀ = ‖∇f(x₀)‖ is set then); step_length: λ of the previous line-search step."""
+    step: Δ₀ = ‖∇f(x₀)‖ is set then); step_length: λ of the previous line-search step;
+    grams: the cached k × k Grams SY, SS, YY of the stored pairs (``LSR1TrustRegion(
+    gram_cache=True)``; None otherwise, or until a cached step rebuilds them once)."""
 
     memory: dict
     delta: float = math.nan
     step_length: float = 1.0
     k: int = 0
+    grams: dict | None = None
 
 
 class _LSR1Base(Optimizer):
@@ -82,13 +95,25 @@ class LSR1TrustRegion(_LSR1Base):
     ared = f(x) − f(x + s); accept iff ared/pred > η; pairs are stored whether or not the step
     was accepted (line 12). ``solver="steihaug"`` uses truncated CG on B instead of the exact
     solver. A trial point with NaN/Inf loss or gradient counts as ρ = −∞: rejected, radius halved.
+
+    ``gram_cache=True`` (opt-in) keeps SᵀY, SᵀS, YᵀY in the state, bordered in O(kn) when a
+    pair is stored and sliced when old pairs are dropped (:class:`~.compact.GramCache`); the
+    compact form, the pruning test and the exact solve (:func:`~.trust_region.
+    solve_lsr1_subproblem_gram`, eigendecomposition of ΨᵀΨ, no QR of Ψ) then cost O(mn) + O(m³)
+    per step, the paper's claim. ΨᵀΨ squares κ(Ψ): a step with λ_min/λ_max(ΨᵀΨ) below
+    ``gram_rcond`` (10⁻⁶, κ(Ψ) > 10³) takes the QR route instead (``extra["gram_fallback"]``),
+    so cached and uncached steps agree to ≈ ε/gram_rcond ≈ 10⁻¹⁰ relative.
     """
 
     def __init__(self, memory: int = 5, gamma: float = 1.0, r: float = 1e-8, batch_size: int | None = 128,
                  eta: float = 1e-4, u: float = 0.75, rho_fraction: float = 0.8, l: float = 0.1,  # noqa: E741
                  increase: float = 2.0, decrease: float = 0.5, delta0: float | None = None,
-                 solver: str = "exact", tol: float = 0.0):
+                 solver: str = "exact", tol: float = 0.0, gram_cache: bool = False,
+                 gram_rcond: float = 1e-6):
         super().__init__(memory, gamma, r, batch_size, tol)
+        self.gram_cache = bool(gram_cache)
+        self.gram_rcond = check_range("gram_rcond", gram_rcond, 0.0, 1.0, hi_open=True)
+        self._gram_fallbacks = 0
         check_range("eta", eta, 0.0, 1.0, hi_open=True)
         check_range("l", l, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range("u", u, l, 1.0, lo_open=True, hi_open=True)
@@ -118,6 +143,62 @@ class LSR1TrustRegion(_LSR1Base):
             sol = solve_lsr1_subproblem(g, self.gamma, B.Psi, B.M, delta)
         return sol.p, sol.pred
 
+    def init(self, theta: Any) -> LSR1State:
+        state = super().init(theta)
+        if self.gram_cache:
+            state.grams = GramCache.empty_like(theta).state()
+        return state
+
+    def _grams(self, state: LSR1State, mem: PairMemory) -> GramCache:
+        """The state's Gram cache; rebuilt from the pairs (O(k²n), once) when absent or stale."""
+        if state.grams is not None:
+            gc = GramCache.from_state(state.grams)
+            if gc.count == mem.count:
+                return gc
+        return GramCache.from_pairs(mem.S, mem.Y)
+
+    def _solve_cached(self, g: Any, B: LSR1Compact | None, delta: float) -> tuple[Any, float, Any]:
+        if self.solver == "steihaug" or B is None:
+            s, pred = self._solve(g, B, delta)
+            return s, pred, None
+        PtP = B.psi_gram()
+        if _rcond_psd(PtP) < self.gram_rcond:
+            # ΨᵀΨ squares κ(Ψ): with κ(Ψ)² > 1/gram_rcond the Gram route would lose more than
+            # ε/gram_rcond of relative accuracy, so this step takes the QR route (O(m²n)).
+            self._gram_fallbacks += 1
+            s, pred = self._solve(g, B, delta)
+            return s, pred, None
+        sol = solve_lsr1_subproblem_gram(g, self.gamma, B.psi_t, B.psi, PtP, B.M, delta)
+        return sol.p, sol.pred, sol.Bp
+
+    def _step_cached(self, theta: Any, state: LSR1State, obj: Any, g: Any, f0: float):
+        """One step with the Gram cache: O(mn) + O(m³) (see the class docstring)."""
+        mem = memory_from_state(state.memory)
+        gc = self._grams(state, mem)
+        B = (LSR1Compact.from_grams(mem.S, mem.Y, self.gamma, gc.SY, gc.SS, gc.YY)
+             if mem.count else None)
+        s, pred, Bs = self._solve_cached(g, B, state.delta)
+        snorm = math.sqrt(float(s @ s))
+        p1 = try_point(obj, theta + s)
+        nonfinite = p1 is None or not backend.all_finite(p1.grad)
+        skipped = 0
+        if not nonfinite:
+            y = p1.grad - g
+            if Bs is None:
+                Bs = B.matvec(s) if B is not None else self.gamma * s
+            skipped = int(sr1_skip(s, y, Bs, self.r))
+            if not skipped:
+                if mem.count == mem.capacity:  # PairMemory.push drops the oldest pair
+                    mem.remove_oldest(1)
+                    gc.drop(1)
+                gc.push(mem.S, mem.Y, s, y)
+                mem.push(s, y)
+                d = lsr1_prune_count_from_grams(gc.SY, gc.SS, gc.YY, self.gamma)
+                mem.remove_oldest(d)
+                gc.drop(d)
+        state.grams = gc.state()
+        return s, pred, snorm, p1, nonfinite, skipped, mem
+
     def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
         obj, p0, done = open_step(problem, self.batch_size, theta, state, self.tol)
         if done:
@@ -125,23 +206,33 @@ class LSR1TrustRegion(_LSR1Base):
         g, f0 = p0.grad, p0.value
         if math.isnan(state.delta):  # Δ₀ = ‖∇f(x₀)‖ (Alg. 1, Require)
             state.delta = self.delta0 if self.delta0 is not None else math.sqrt(float(g @ g))
+        if self.gram_cache:
+            before = self._gram_fallbacks
+            s, pred, snorm, p1, nonfinite, skipped, mem = self._step_cached(theta, state, obj, g, f0)
+            out = self._close(theta, state, obj, s, pred, snorm, p1, nonfinite, skipped, mem, f0)
+            out[2].extra["gram_fallback"] = self._gram_fallbacks - before
+            return out
         mem = memory_from_state(state.memory)
         B = self._compact(mem)
         s, pred = self._solve(g, B, state.delta)
         snorm = math.sqrt(float(s @ s))
-        trial = theta + s
-        p1 = try_point(obj, trial)
+        p1 = try_point(obj, theta + s)
         nonfinite = p1 is None or not backend.all_finite(p1.grad)
-        ared = -math.inf if nonfinite else f0 - p1.value
-        rho = reduction_ratio(ared, pred)
-        accepted = self._rule.accept(rho)
-        delta_old = state.delta
-        state.delta = self._rule.update(state.delta, rho, snorm)
         skipped = 0
         if not nonfinite:
             y = p1.grad - g
             Bs = B.matvec(s) if B is not None else self.gamma * s
             skipped = self._store(mem, s, y, sr1_skip(s, y, Bs, self.r), inverse=False)
+        state.grams = None  # pairs changed without the cache: a cached step would rebuild it
+        return self._close(theta, state, obj, s, pred, snorm, p1, nonfinite, skipped, mem, f0)
+
+    def _close(self, theta, state, obj, s, pred, snorm, p1, nonfinite, skipped, mem, f0):
+        trial = theta + s
+        ared = -math.inf if nonfinite else f0 - p1.value
+        rho = reduction_ratio(ared, pred)
+        accepted = self._rule.accept(rho)
+        delta_old = state.delta
+        state.delta = self._rule.update(state.delta, rho, snorm)
         state.memory = memory_to_state(mem)
         state.k += 1
         new = trial if accepted else theta

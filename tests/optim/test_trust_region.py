@@ -382,3 +382,108 @@ def test_cupy_matches_numpy():
     B = cp.asarray(op.to_dense())
     cg = steihaug_cg(cp.asarray(g), lambda v: B @ v, 0.3)
     assert cg.boundary and float(cp.linalg.norm(cg.p)) == pytest.approx(0.3, rel=1e-12)
+
+
+# ------------------------------------------------------------------------- Gram-based solver
+from qnref.optim.trust_region import solve_lsr1_subproblem_gram  # noqa: E402
+
+GRAM_TOL = 1e-9  # ΨᵀΨ squares κ(Ψ): about ε·κ(Ψ)² relative; these Ψ have κ ≲ 10
+
+
+def gram_solve(g, gamma, Psi, M, delta, **kw):
+    return solve_lsr1_subproblem_gram(g, gamma, lambda v: Psi.T @ v, lambda c: Psi @ c,
+                                      Psi.T @ Psi, M, delta, **kw)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("gamma", [1.0, 0.1, -0.5])
+def test_gram_solver_random_pairs(seed, gamma):
+    rng = np.random.default_rng(seed)
+    n = [30, 45, 60, 40, 50][seed]
+    k = [3, 5, 8, 4, 6][seed]
+    A = rng.standard_normal((n, n))
+    A = (A + A.T) / np.sqrt(n)
+    S = rng.standard_normal((k, n))
+    Y = S @ A + 0.01 * rng.standard_normal((k, n))
+    op = LSR1Compact(S, Y, gamma)
+    B = op.to_dense()
+    g = rng.standard_normal(n)
+    for delta in [1e-2, 1.0, 1e3]:
+        sol = gram_solve(g, gamma, op.Psi, op.M, delta)
+        assert_optimal(g, B, sol, delta)
+        assert_same(sol, solve_lsr1_subproblem(g, gamma, op.Psi, op.M, delta), tol=GRAM_TOL)
+        assert_same(sol, solve_dense_subproblem(g, B, delta), tol=GRAM_TOL)
+        assert sol.rank == k
+        np.testing.assert_allclose(sol.Bp, B @ sol.p, rtol=1e-10, atol=1e-12)
+        # the same from the implicit products of a Gram-built LSR1Compact
+        opg = LSR1Compact.from_grams(S, Y, gamma, S @ Y.T, S @ S.T, Y @ Y.T)
+        sol2 = solve_lsr1_subproblem_gram(g, gamma, opg.psi_t, opg.psi, opg.psi_gram(), opg.M, delta)
+        assert_same(sol2, sol, tol=GRAM_TOL)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gram_solver_random_psi_m(seed):
+    rng = np.random.default_rng(10 + seed)
+    n, k = 35, 4 + seed
+    Psi = rng.standard_normal((n, k))
+    M = rng.standard_normal((k, k))
+    M = M + M.T
+    for gamma in [2.0, -1.0]:
+        B = dense_B(gamma, Psi, M)
+        g = rng.standard_normal(n)
+        for delta in [0.05, 2.0, 50.0]:
+            sol = gram_solve(g, gamma, Psi, M, delta)
+            assert_optimal(g, B, sol, delta)
+            assert_same(sol, solve_dense_subproblem(g, B, delta), tol=GRAM_TOL)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gram_solver_hard_cases(seed):
+    rng = np.random.default_rng(seed)
+    # λ_min from the range of Ψ
+    n, gamma = 40, 1.0
+    Psi, M, Q = structured(rng, n, np.array([-3.0, 0.5, 2.0, 4.0]), gamma)
+    B = dense_B(gamma, Psi, M)
+    g = rng.standard_normal(n)
+    g -= (Q[:, 0] @ g) * Q[:, 0]
+    p_hat = -np.linalg.lstsq(B + 2.0 * np.eye(n), g, rcond=1e-10)[0]
+    delta = 3.0 * np.linalg.norm(p_hat)
+    sol = gram_solve(g, gamma, Psi, M, delta)
+    assert sol.hard_case and sol.boundary and sol.sigma == pytest.approx(2.0, rel=1e-10)
+    assert_optimal(g, B, sol, delta)
+    assert sol.pred == pytest.approx(solve_dense_subproblem(g, B, delta).pred, rel=1e-10)
+    # γ smallest: z from the complement of range(Ψ)
+    n, gamma = 35, -1.0
+    Psi, M, Q = structured(rng, n, np.array([1.5, 2.5, 4.0]), gamma)
+    B = dense_B(gamma, Psi, M)
+    g = Psi @ rng.standard_normal(3)
+    p_hat = -np.linalg.lstsq(B + np.eye(n), g, rcond=1e-10)[0]
+    delta = 2.0 * np.linalg.norm(p_hat)
+    sol = gram_solve(g, gamma, Psi, M, delta)
+    assert sol.hard_case and sol.boundary and sol.sigma == pytest.approx(1.0, rel=1e-10)
+    assert_optimal(g, B, sol, delta)
+    assert np.linalg.norm(Q.T @ (sol.p - p_hat)) <= 1e-9 * delta
+    ref = solve_dense_subproblem(g, B, delta)
+    assert ref.hard_case and sol.pred == pytest.approx(ref.pred, rel=1e-10)
+
+
+def test_gram_solver_rank_deficient_and_empty():
+    rng = np.random.default_rng(5)
+    n, k = 40, 6
+    Psi = rng.standard_normal((n, k))
+    Psi[:, 3] = Psi[:, 0] + 2 * Psi[:, 1]
+    Psi[:, 5] = Psi[:, 2]
+    M = rng.standard_normal((k, k))
+    M = M + M.T
+    for gamma in [1.0, -0.3]:
+        B = dense_B(gamma, Psi, M)
+        g = rng.standard_normal(n)
+        for delta in [0.1, 5.0]:
+            sol = gram_solve(g, gamma, Psi, M, delta)
+            assert sol.rank == 4
+            assert_optimal(g, B, sol, delta)
+            assert_same(sol, solve_dense_subproblem(g, B, delta), tol=GRAM_TOL)
+    g = rng.standard_normal(n)
+    e, e0 = np.zeros((n, 0)), np.zeros((0, 0))
+    sol = gram_solve(g, 2.0, e, e0, 100.0)
+    assert not sol.boundary and np.allclose(sol.p, -g / 2.0, rtol=1e-14)
