@@ -247,6 +247,67 @@ def _finish(xp: Any, g: Any, p: Any, Bp: Any, sec: _Secular, lam_min: float, del
                                newton_iters=sec.iters, rank=rank)
 
 
+def _range_eigen(xp: Any, Rr: Any, M: Any) -> tuple[Any, Any]:
+    """Eigendecomposition of R_r M R_rᵀ (r × r): B's spectrum on range(Ψ) is λ̂ + γ."""
+    return xp.linalg.eigh(Rr @ (0.5 * (M + M.T)) @ Rr.T)
+
+
+def _solve_in_range_basis(xp: Any, g: Any, gamma: float, delta: float, r: int, lam_hat: Any, *,
+                          par: Callable[[Any], Any], par_t: Callable[[Any], Any],
+                          complement_z: Callable[[], Any], Bv: Callable[[Any], Any],
+                          hard_tol: float, eig_tol: float, newton_tol: float, maxiter: int) -> TrustRegionSolution:
+    """Steps 3–4 of the OBS method, shared by the QR and Gram routes.
+
+    ``par(c)`` = P_∥c and ``par_t(v)`` = P_∥ᵀv for the orthonormal eigenbasis P_∥ (n × r) of B on
+    range(Ψ) with eigenvalues ``lam_hat`` + γ; γ on the complement. ``complement_z()`` returns a
+    (not yet normalized) vector of the complement, for the hard case with γ smallest.
+    """
+    n = int(g.shape[0])
+    if r > 0:
+        g_par = par_t(g)
+        g_perp = g - par(g_par)
+        lam_range = backend.to_numpy(lam_hat) + gamma
+        a_range = backend.to_numpy(g_par)
+    else:
+        g_perp = g
+        lam_range = numpy.zeros(0)
+        a_range = numpy.zeros(0)
+    has_perp = n > r
+    if has_perp:
+        lam = numpy.concatenate([lam_range, [gamma]])
+        a = numpy.concatenate([a_range, [float(xp.linalg.norm(g_perp))]])
+    else:
+        lam, a = lam_range, a_range
+    lam_min = float(lam.min())
+
+    sec = _secular_solve(lam, a, delta, hard_tol=hard_tol, eig_tol=eig_tol,
+                         newton_tol=newton_tol, maxiter=maxiter)
+    # assemble p = P_∥ c_∥ + c_⊥ ĝ_⊥ (+ τ z)
+    p = xp.zeros_like(g)
+    if r > 0:
+        p = p + par(xp.asarray(sec.coef[:r], dtype=g.dtype))
+    if has_perp and sec.coef[r] != 0.0:
+        p = p + (float(sec.coef[r]) / float(a[r])) * g_perp
+    if sec.hard_case and sec.tau > 0.0:
+        j = sec.z_index
+        if j < r:
+            e = xp.zeros(r, dtype=g.dtype)
+            e[j] = 1.0
+            z = par(e)
+        else:  # γ is λ_min: eigenvector in the complement of range(Ψ)
+            if r > 0:
+                z = complement_z()
+            else:
+                z = xp.zeros_like(g)
+                z[0] = 1.0
+            z = z / xp.linalg.norm(z)
+        p = p + sec.tau * z
+    Bp = Bv(p)
+    sol = _finish(xp, g, p, Bp, sec, lam_min, delta, r)
+    sol.Bp = Bp
+    return sol
+
+
 def solve_lsr1_subproblem(
     g: Any,
     gamma: float,
@@ -294,54 +355,24 @@ def solve_lsr1_subproblem(
         r = int(numpy.sum(sv_h > rank_tol * sv_h[0])) if sv_h.size and sv_h[0] > 0 else 0
     else:
         r = 0
+    lam_hat, Pk = None, None
     if r > 0:
-        Rr = sv[:r, None] * Wt[:r]  # r × k, Ψ = (Q U_r) Rr
-        Msym = 0.5 * (M + M.T)
-        lam_hat, V = xp.linalg.eigh(Rr @ Msym @ Rr.T)
+        lam_hat, V = _range_eigen(xp, sv[:r, None] * Wt[:r], M)  # Ψ = (Q U_r) R_r
         Pk = U[:, :r] @ V  # k × r; P_∥ = Q @ Pk (never formed unless needed)
-        g_par = Pk.T @ (Q.T @ g)
-        g_perp = g - Q @ (Pk @ g_par)
-        lam_range = backend.to_numpy(lam_hat) + gamma
-        a_range = backend.to_numpy(g_par)
-    else:
-        g_perp = g
-        lam_range = numpy.zeros(0)
-        a_range = numpy.zeros(0)
-    has_perp = n > r
-    if has_perp:
-        lam = numpy.concatenate([lam_range, [gamma]])
-        a = numpy.concatenate([a_range, [float(xp.linalg.norm(g_perp))]])
-    else:
-        lam, a = lam_range, a_range
-    lam_min = float(lam.min())
 
-    sec = _secular_solve(lam, a, delta, hard_tol=hard_tol, eig_tol=eig_tol,
-                         newton_tol=newton_tol, maxiter=maxiter)
-    # assemble p = P_∥ c_∥ + c_⊥ ĝ_⊥ (+ τ z)
-    p = xp.zeros_like(g)
-    if r > 0:
-        p = p + Q @ (Pk @ xp.asarray(sec.coef[:r], dtype=g.dtype))
-    if has_perp and sec.coef[r] != 0.0:
-        p = p + (float(sec.coef[r]) / float(a[r])) * g_perp
-    if sec.hard_case and sec.tau > 0.0:
-        j = sec.z_index
-        if j < r:
-            z = Q @ Pk[:, j]
-        else:  # γ is λ_min: eigenvector in the complement of range(Ψ)
-            if r > 0:
-                P_par = Q @ Pk
-                jj = int(backend.to_numpy(xp.argmin(xp.sum(P_par * P_par, axis=1))))
-                z = -(P_par @ P_par[jj])
-                z[jj] += 1.0
-            else:
-                z = xp.zeros_like(g)
-                z[0] = 1.0
-            z = z / xp.linalg.norm(z)
-        p = p + sec.tau * z
-    Bp = gamma * p
-    if k > 0:
-        Bp = Bp + Psi @ (M @ (Psi.T @ p))
-    return _finish(xp, g, p, Bp, sec, lam_min, delta, r)
+    def complement_z() -> Any:
+        # (I − P_∥P_∥ᵀ)eⱼ for the coordinate j with the smallest row norm of P_∥ ([BEM17] §3.2)
+        P_par = Q @ Pk
+        jj = int(backend.to_numpy(xp.argmin(xp.sum(P_par * P_par, axis=1))))
+        z = -(P_par @ P_par[jj])
+        z[jj] += 1.0
+        return z
+
+    return _solve_in_range_basis(
+        xp, g, gamma, delta, r, lam_hat,
+        par=lambda c: Q @ (Pk @ c), par_t=lambda v: Pk.T @ (Q.T @ v),
+        complement_z=complement_z, Bv=lambda v: gamma * v + (Psi @ (M @ (Psi.T @ v)) if k > 0 else 0),
+        hard_tol=hard_tol, eig_tol=eig_tol, newton_tol=newton_tol, maxiter=maxiter)
 
 
 def solve_lsr1_subproblem_gram(
@@ -399,62 +430,31 @@ def solve_lsr1_subproblem_gram(
         W = W[:, ::-1]
         if mu_h[0] > 0.0:
             r = int(numpy.sum(mu_h > (rank_tol * rank_tol) * mu_h[0]))
+    T = None
     if r > 0:
         sig = xp.sqrt(xp.asarray(mu_h[:r].copy(), dtype=PtP.dtype))
         Wr = W[:, :r]
-        Rr = sig[:, None] * Wr.T  # r × k, Ψ = Q_r Rr
-        Msym = 0.5 * (M + M.T)
-        lam_hat, V = xp.linalg.eigh(Rr @ Msym @ Rr.T)
+        lam_hat, V = _range_eigen(xp, sig[:, None] * Wr.T, M)  # Ψ = Q_r (Σ_r W_rᵀ)
         T = (Wr / sig[None, :]) @ V  # k × r; P_∥ = Ψ T
-        g_par = T.T @ psi_t(g)
-        g_perp = g - psi(T @ g_par)
-        lam_range = backend.to_numpy(lam_hat) + gamma
-        a_range = backend.to_numpy(g_par)
     else:
-        g_perp = g
-        lam_range = numpy.zeros(0)
-        a_range = numpy.zeros(0)
-    has_perp = n > r
-    if has_perp:
-        lam = numpy.concatenate([lam_range, [gamma]])
-        a = numpy.concatenate([a_range, [float(xp.linalg.norm(g_perp))]])
-    else:
-        lam, a = lam_range, a_range
-    lam_min = float(lam.min())
+        lam_hat = None
 
-    sec = _secular_solve(lam, a, delta, hard_tol=hard_tol, eig_tol=eig_tol,
-                         newton_tol=newton_tol, maxiter=maxiter)
-    # p = P_∥ c_∥ + c_⊥ ĝ_⊥ (+ τ z), with P_∥ c = Ψ(T c)
-    p = xp.zeros_like(g)
-    if r > 0:
-        p = p + psi(T @ xp.asarray(sec.coef[:r], dtype=g.dtype))
-    if has_perp and sec.coef[r] != 0.0:
-        p = p + (float(sec.coef[r]) / float(a[r])) * g_perp
-    if sec.hard_case and sec.tau > 0.0:
-        j = sec.z_index
-        if j < r:
-            z = psi(T[:, j])
-        elif r > 0:  # γ is λ_min: a vector in the complement of range(Ψ)
-            z = None
-            for jj in range(n):
-                e = xp.zeros_like(g)
-                e[jj] = 1.0
-                c = T.T @ psi_t(e)  # P_∥ᵀ eⱼ
-                if float(c @ c) <= 0.5 or jj == n - 1:
-                    z = e - psi(T @ c)
-                    z = z - psi(T @ (T.T @ psi_t(z)))  # second projection (orthogonality)
-                    break
-            z = z / xp.linalg.norm(z)
-        else:
-            z = xp.zeros_like(g)
-            z[0] = 1.0
-        p = p + sec.tau * z
-    Bp = gamma * p
-    if k > 0:
-        Bp = Bp + psi(M @ psi_t(p))
-    sol = _finish(xp, g, p, Bp, sec, lam_min, delta, r)
-    sol.Bp = Bp
-    return sol
+    def complement_z() -> Any:
+        # (I − P_∥P_∥ᵀ)eⱼ, projected twice, for the first j with ‖P_∥ᵀeⱼ‖² ≤ ½: O(kn) per try
+        for jj in range(n):
+            e = xp.zeros_like(g)
+            e[jj] = 1.0
+            c = T.T @ psi_t(e)  # P_∥ᵀ eⱼ
+            if float(c @ c) <= 0.5 or jj == n - 1:
+                z = e - psi(T @ c)
+                return z - psi(T @ (T.T @ psi_t(z)))  # second projection (orthogonality)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return _solve_in_range_basis(
+        xp, g, gamma, delta, r, lam_hat,
+        par=lambda c: psi(T @ c), par_t=lambda v: T.T @ psi_t(v), complement_z=complement_z,
+        Bv=lambda v: gamma * v + (psi(M @ psi_t(v)) if k > 0 else 0),
+        hard_tol=hard_tol, eig_tol=eig_tol, newton_tol=newton_tol, maxiter=maxiter)
 
 
 def solve_dense_subproblem(
