@@ -16,30 +16,6 @@ from numba import njit
 
 
 @njit(cache=True)
-def col2im(g6, out, sh, sw, ph, pw):  # pragma: no cover - compiled
-    """Scatter-add patch gradients back to the input (padding positions are dropped).
-
-    g6:  (N, C, kh, kw, Ho, Wo), the gradient of the per-example (K, L) patch matrices;
-    out: (N, C, H, W) zero-initialised (unpadded), receives Σ over the windows covering each pixel.
-    """
-    n_, c_, kh, kw, ho_, wo_ = g6.shape
-    h_, w_ = out.shape[2], out.shape[3]
-    for n in range(n_):
-        for c in range(c_):
-            for i in range(kh):
-                for j in range(kw):
-                    for oh in range(ho_):
-                        hh = oh * sh - ph + i
-                        if hh < 0 or hh >= h_:
-                            continue
-                        for ow in range(wo_):
-                            ww = ow * sw - pw + j
-                            if 0 <= ww < w_:
-                                out[n, c, hh, ww] += g6[n, c, i, j, oh, ow]
-    return out
-
-
-@njit(cache=True)
 def im2col_t(x, out, sh, sw, ph, pw):  # pragma: no cover - compiled
     """Patches in the (K, N·L) layout: out (C, kh, kw, N, Ho, Wo) from the unpadded x (N, C, H, W)
     (zero where a window reaches into the padding)."""
@@ -67,7 +43,8 @@ def im2col_t(x, out, sh, sw, ph, pw):  # pragma: no cover - compiled
 @njit(cache=True)
 def col2im_t(g6t, out, sh, sw, ph, pw):  # pragma: no cover - compiled
     """Adjoint of the (K, N·L) im2col layout: g6t (C, kh, kw, N, Ho, Wo) scatter-added into
-    out (N, C, H, W) (zero-initialised, unpadded; padding positions are dropped)."""
+    out (N, C, H, W) (zero-initialised, unpadded; padding positions are dropped). The
+    per-example layout (N, C, kh, kw, Ho, Wo) uses it through a transposed view."""
     c_, kh, kw, n_, ho_, wo_ = g6t.shape
     h_, w_ = out.shape[2], out.shape[3]
     for n in range(n_):
@@ -98,7 +75,7 @@ def index_add(gy, idx, out):  # pragma: no cover - compiled
 def warmup() -> None:
     """Compile (or load from cache) the kernels for float32 and float64."""
     for dt in (np.float32, np.float64):
-        col2im(np.zeros((1, 1, 1, 1, 1, 1), dt), np.zeros((1, 1, 1, 1), dt), 1, 1, 0, 0)
         col2im_t(np.zeros((1, 1, 1, 1, 1, 1), dt), np.zeros((1, 1, 1, 1), dt), 1, 1, 0, 0)
+        col2im_t(np.zeros((1, 1, 1, 1, 1, 1), dt).transpose(1, 2, 3, 0, 4, 5), np.zeros((1, 1, 1, 1), dt), 1, 1, 0, 0)
         im2col_t(np.zeros((1, 1, 1, 1), dt), np.zeros((1, 1, 1, 1, 1, 1), dt), 1, 1, 0, 0)
         index_add(np.zeros((1, 1), dt), np.zeros((1, 1), np.int64), np.zeros((1, 1), dt))

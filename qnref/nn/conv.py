@@ -151,7 +151,8 @@ def col2im(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: i
     xp = backend.namespace(gcols)
     g6 = xp.ascontiguousarray(gcols).reshape(n, c, kh, kw, ho, wo)
     if use_numba(gcols):
-        return numba_kernels().col2im(g6, xp.zeros((n, c, h, w), dtype=gcols.dtype), sh, sw, ph, pw)
+        # the (K, N·L) kernel on a transposed view: same loops, same summation order
+        return numba_kernels().col2im_t(g6.transpose(1, 2, 3, 0, 4, 5), xp.zeros((n, c, h, w), dtype=gcols.dtype), sh, sw, ph, pw)
     out = scatter_windows_xp(g6, (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
     if ph or pw:
         out = xp.ascontiguousarray(out[:, :, ph : ph + h, pw : pw + w])
