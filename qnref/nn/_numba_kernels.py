@@ -6,7 +6,8 @@ Every kernel has an ``xp``-generic twin in :mod:`qnref.nn.conv` / :mod:`qnref.nn
 the kh·kw kernel offsets with strided slice adds) that runs on NumPy and CuPy; tests compare the two.
 
 All kernels are ``@njit(cache=True)`` (compiled once per dtype, the machine code is cached next to
-this file) and serial: the calling process controls the threads (BLAS does the GEMMs).
+this file) and serial; im2col/col2im release the GIL (``nogil``) so that
+:func:`qnref.nn.chunks.map_chunks` runs them on disjoint chunks of the batch in parallel threads.
 See docs/cnn.md for the measurements that motivated them.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def im2col_t(x, out, sh, sw, ph, pw):  # pragma: no cover - compiled
     """Patches in the (K, N·L) layout: out (C, kh, kw, N, Ho, Wo) from the unpadded x (N, C, H, W)
     (zero where a window reaches into the padding)."""
@@ -40,7 +41,7 @@ def im2col_t(x, out, sh, sw, ph, pw):  # pragma: no cover - compiled
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def col2im_t(g6t, out, sh, sw, ph, pw):  # pragma: no cover - compiled
     """Adjoint of the (K, N·L) im2col layout: g6t (C, kh, kw, N, Ho, Wo) scatter-added into
     out (N, C, H, W) (zero-initialised, unpadded; padding positions are dropped). The

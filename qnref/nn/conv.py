@@ -9,11 +9,16 @@ one patch of K = C_in·kh·kw inputs, flattened channel-major (c, i, j) — the 
     āₜ = [x_{c, t_h·sh + i − ph, t_w·sw + j − pw} for c, i, j ; 1] ∈ R^{K+1},
     hₜ = W̄ āₜ,       W̄ = [W b] ∈ R^{C_out × (K+1)}   (bias = last column).
 
-So the layer is one GEMM of W̄ with the homogeneous patch matrices: the cache holds all patches as
-one (K, N·L) matrix (columns ordered (example, location); :func:`im2col_t`), so the forward pass
-H = W Ā + b and the weight gradient are single GEMMs over the whole batch (faster than per-example
-batched matmuls); ``Conv2d._cols`` views it as the per-example (N, K, L) matrices of :func:`im2col`. The parameter
-block is ``W̄`` of shape (C_out, K + 1), ParamSpec kind "weight", fan = (C_in·kh·kw, C_out·kh·kw).
+So the layer is one GEMM of W̄ with the homogeneous patch matrices. The forward cache is the
+(contiguous) input x itself, as in PyTorch: patches are rebuilt where a pass needs them. On the
+CPU the forward and backward passes run over chunks of examples whose (K, n·L) patch block
+(:func:`im2col_t`, columns ordered (example, location)) is about ``CHUNK_BYTES``: im2col, the
+GEMMs and col2im of a chunk run back to back while the block is in cache, chunks run in parallel
+threads (:mod:`qnref.nn.chunks`), and ∂/∂W̄ is summed over chunks in chunk order. Memory is
+O(input) per layer instead of O(K·N·L) for stored patches (9× the input for 3×3 kernels).
+jvp/backward_rop/per-example passes use the per-example (N, K, L) patches of :func:`im2col`.
+The parameter block is ``W̄`` of shape (C_out, K + 1), ParamSpec kind "weight",
+fan = (C_in·kh·kw, C_out·kh·kw).
 
 Passes
 ------
@@ -30,8 +35,8 @@ Passes
   A = Eᵢ[Σₜ āₜ āₜᵀ] (sum over locations) and G = Eᵢ[(1/L) Σₜ gₜ gₜᵀ] (mean over locations);
   the Kronecker module chooses and documents the reduction, the taps stay raw.
 
-col2im runs a numba kernel on the CPU (when numba imports) and a loop over the kh·kw kernel
-offsets with strided slice adds otherwise — the same code on NumPy and CuPy (the CuPy path is
+im2col/col2im run numba kernels on the CPU (when numba imports) and strided views / a loop over
+the kh·kw kernel offsets with strided slice adds otherwise — the same code on NumPy and CuPy (the CuPy path is
 correct by construction and exercised in the GPU tests only when a device is present).
 See docs/cnn.md for timings.
 """
@@ -42,9 +47,14 @@ from typing import Any, Sequence
 
 from .. import backend
 from .base import Ctx, Layer, ParamSpec, Shape
+from .chunks import example_chunks, map_chunks
 
 #: "auto" (numba on the CPU when it imports), "numba" (require it) or "xp" (pure NumPy/CuPy path).
 KERNELS = "auto"
+
+#: CPU forward/backward work on example chunks whose (K, n·L) patch block has about this many
+#: bytes, so im2col, the GEMMs and col2im of a chunk share the cache (docs/cnn.md: measured).
+CHUNK_BYTES = 1 << 21
 
 _numba_mod: types.ModuleType | None = None
 _numba_failed = False
@@ -173,17 +183,19 @@ def im2col_t(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> An
     return v.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * ho * wo)
 
 
-def col2im_t(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
-    """Adjoint of :func:`im2col_t`: scatter-add (K, N·L) patch gradients to (N, C, H, W)."""
+def col2im_t(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, out: Any = None) -> Any:
+    """Adjoint of :func:`im2col_t`: scatter-add (K, N·L) patch gradients to (N, C, H, W).
+    ``out``: optional zero-initialised contiguous destination of shape ``x_shape`` (returned)."""
     n, c, h, w = x_shape
     ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
     xp = backend.namespace(gcols)
     g6t = xp.ascontiguousarray(gcols).reshape(c, kh, kw, n, ho, wo)
+    if out is None:
+        out = xp.zeros((n, c, h, w), dtype=gcols.dtype)
     if use_numba(gcols):
-        return numba_kernels().col2im_t(g6t, xp.zeros((n, c, h, w), dtype=gcols.dtype), sh, sw, ph, pw)
-    out = scatter_windows_xp(g6t.transpose(3, 0, 1, 2, 4, 5), (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
-    if ph or pw:
-        out = xp.ascontiguousarray(out[:, :, ph : ph + h, pw : pw + w])
+        return numba_kernels().col2im_t(g6t, out, sh, sw, ph, pw)
+    full = scatter_windows_xp(g6t.transpose(3, 0, 1, 2, 4, 5), (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
+    out[...] = full[:, :, ph : ph + h, pw : pw + w]
     return out
 
 
@@ -260,15 +272,20 @@ class Conv2d(Layer):
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         return col2im(gcols, (n,) + self.in_shape, kh, kw, sh, sw, ph, pw)
 
-    def _cols(self, cache: Any) -> Any:
-        """The forward cache, (K, N·L), as per-example (N, K, L) patch matrices (a view)."""
-        L = self.out_shape[1] * self.out_shape[2]
-        return cache.reshape(cache.shape[0], -1, L).transpose(1, 0, 2)
+    def _patches_t(self, x: Any) -> Any:
+        """(K, n·L) patch matrix of a (sub-)batch x (columns ordered (example, location))."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return im2col_t(x, kh, kw, sh, sw, ph, pw)
 
-    def _gemm_out(self, y: Any, n: int) -> Any:
-        """(C_out, N·L) → contiguous (N, C_out, Ho, Wo)."""
-        xp = backend.namespace(y)
-        return xp.ascontiguousarray(y.reshape(self.out_channels, n, -1).transpose(1, 0, 2)).reshape((n,) + self.out_shape)
+    def _cols(self, x: Any) -> Any:
+        """Per-example (N, K, L) patch matrices of the cached input (a view of one (K, N·L) copy)."""
+        L = self.out_shape[1] * self.out_shape[2]
+        return self._patches_t(x).reshape(self.patch_size, -1, L).transpose(1, 0, 2)
+
+    def _chunks(self, x: Any) -> list[tuple[int, int]]:
+        """Example ranges whose (K, n·L) patch block is about ``CHUNK_BYTES``."""
+        per_example = self.patch_size * self.out_shape[1] * self.out_shape[2] * x.dtype.itemsize
+        return example_chunks(x, per_example, CHUNK_BYTES)
 
     def _affine(self, cols: Any, wb: Any) -> Any:
         """W̄ applied to the homogeneous patches: (N, C_out, L)."""
@@ -283,25 +300,44 @@ class Conv2d(Layer):
     # -- passes -----------------------------------------------------------------------------------
     def forward(self, p: Sequence[Any], x: Any, ctx: Ctx) -> tuple[Any, Any]:
         check_batch(x, self.in_shape, self.describe())
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        cols_t = im2col_t(x, kh, kw, sh, sw, ph, pw)  # (K, N·L): the cache
-        wb = p[0]
-        y = wb[:, :-1] @ cols_t
-        y += wb[:, -1:]
-        return self._gemm_out(y, x.shape[0]), cols_t
+        xp = backend.namespace(x)
+        x = xp.ascontiguousarray(x)
+        n, co = x.shape[0], self.out_channels
+        w, b = p[0][:, :-1], p[0][:, -1:]
+        out = xp.empty((n,) + self.out_shape, dtype=x.dtype)
+        out3 = self._flat(out)
+
+        def chunk(a: int, e: int) -> None:  # patches built and consumed while they are in cache
+            y = w @ self._patches_t(x[a:e])  # (C_out, n·L)
+            y += b
+            out3[a:e] = y.reshape(co, e - a, -1).transpose(1, 0, 2)
+
+        map_chunks(chunk, self._chunks(x))
+        return out, x  # the cache is the input; patches are rebuilt where needed
 
     def backward(self, p, cache, gy, gp, need_gx: bool = True):
-        cols_t, wb = cache, p[0]
+        x, w = cache, p[0][:, :-1]
         xp = backend.namespace(gy)
-        n = gy.shape[0]
-        g_t = xp.ascontiguousarray(self._flat(gy).transpose(1, 0, 2)).reshape(self.out_channels, -1)  # (C_out, N·L)
-        if gp is not None:
-            gp[0][:, :-1] = g_t @ cols_t.T
-            gp[0][:, -1] = g_t.sum(axis=1)
-        if not need_gx:
-            return None
+        n, co = gy.shape[0], self.out_channels
+        g3 = self._flat(gy)
+        gx = xp.zeros((n,) + self.in_shape, dtype=gy.dtype) if need_gx else None
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return col2im_t(wb[:, :-1].T @ g_t, (n,) + self.in_shape, kh, kw, sh, sw, ph, pw)
+
+        def chunk(a: int, e: int) -> Any:
+            g_t = xp.ascontiguousarray(g3[a:e].transpose(1, 0, 2)).reshape(co, -1)  # (C_out, n·L)
+            if need_gx:
+                col2im_t(w.T @ g_t, (e - a,) + self.in_shape, kh, kw, sh, sw, ph, pw, out=gx[a:e])
+            # this chunk's ∂/∂Wᵀ: the (K, C_out) product is BLAS's fast orientation here
+            return self._patches_t(x[a:e]) @ g_t.T if gp is not None else None
+
+        parts = map_chunks(chunk, self._chunks(x))
+        if gp is not None:
+            gwt = parts[0]
+            for part in parts[1:]:  # chunk order: independent of the thread count
+                gwt += part
+            gp[0][:, :-1] = gwt.T
+            gp[0][:, -1] = g3.sum(axis=(0, 2))
+        return gx
 
     def jvp(self, p, cache, dx, dp):
         cols, wb = self._cols(cache), p[0]
@@ -315,13 +351,13 @@ class Conv2d(Layer):
             t = wb[:, :-1] @ dcols
             dy = t if dy is None else dy + t
         if dy is None:  # neither input nor parameters move
-            return backend.namespace(cols).zeros((n,) + self.out_shape, dtype=cols.dtype), None
-        return dy.reshape((n,) + self.out_shape), dcols
+            return backend.namespace(cols).zeros((n,) + self.out_shape, dtype=cols.dtype), (cols, None)
+        return dy.reshape((n,) + self.out_shape), (cols, dcols)
 
     def backward_rop(self, p, cache, rcache, gy, rgy, dp, rgp, need_gx: bool = True):
         # gx = col2im(Wᵀ g);  R{gx} = col2im(Wᵀ R{g} + dWᵀ g)
         # R{gW̄} = Σ R{g} āᵀ + Σ g R{ā}ᵀ, with R{ā} = [im2col(dx); 0]
-        cols, dcols, w = self._cols(cache), rcache, p[0][:, :-1]
+        (cols, dcols), w = rcache, p[0][:, :-1]
         g, rg = self._flat(gy), self._flat(rgy)
         if rgp:
             rgw = _sum_outer(rg, cols)

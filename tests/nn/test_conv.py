@@ -171,7 +171,7 @@ def test_conv_jvp_without_any_direction_is_zero():
     wb = np.ones((2, 10))
     _, cache = layer.forward([wb], x, Ctx())
     dy, rc = layer.jvp([wb], cache, None, None)
-    assert dy.shape == (2, 2, 2, 2) and not dy.any() and rc is None
+    assert dy.shape == (2, 2, 2, 2) and not dy.any() and rc[1] is None  # rc = (patches, no dx patches)
 
 
 def test_conv_float32():
