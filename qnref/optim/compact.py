@@ -597,7 +597,7 @@ class GramCache:
         sy, ss, yy = s @ y, s @ s, y @ y
 
         def border(A: Any, col: Any, row: Any, corner: Any) -> Any:
-            out = xp.empty((k + 1, k + 1), dtype=A.dtype)
+            out = xp.empty_like(A, shape=(k + 1, k + 1))  # A's dtype and array type
             out[:k, :k] = A
             out[:k, k] = col
             out[k, :k] = row

@@ -269,18 +269,46 @@ def _lsr1_tr(opt, sh, N, a):
     return t
 
 
+def _psi_products(n: int, k: int, count: int) -> float:
+    """``count`` products Ψᵀv = Yv − γ(Sv) or Ψc = Yᵀc − Sᵀ(γc) with Ψ not stored: 2kn + k each."""
+    return count * (2 * k * n + k)
+
+
 def _lsr1_tr_cached(opt, n, k):
-    """``LSR1TrustRegion(gram_cache=True)``, generic step (no Gram fallback, no hard case):
-    compact form and pruning from the cached Grams (O(k³), no n-work); Gram solver: Ψᵀg (2kn),
-    g_⊥ (2kn), ‖g_⊥‖ (n), p (2kn + n), Bp = γp + Ψ(MΨᵀp) (4kn + n), pred (2n), ‖p‖ (n);
-    step norm (n), SR1 test (3n, Bs = the solver's Bp), Gram border S s, Y s, S y, Y y (4kn) and
-    sᵀy, sᵀs, yᵀy (3n), ‖g‖ (n): (14m + 14)n + O(m³)."""
-    k1 = min(k + 1, opt.memory)
-    t = {"grad_norm": n, "compact_form": (_eigvalsh(k) + 2 * k ** 3) if k else 0}
-    t["tr_subproblem"] = (10 * k * n + 6 * n) if k else 6 * n
-    t["tr_subproblem_small"] = (2 * _eigh(k) + 4 * k ** 3) if k else 0
-    t.update({"step_norm": n, "Bs": 0 if k else n, "sr1_test": 3 * n,
-              "gram_update": 4 * k * n + 3 * n if k1 else 3 * n,
+    """``LSR1TrustRegion(gram_cache=True)`` (the default), generic step: no Gram fallback (QR
+    route, ``extra["gram_fallback"]``), no hard case, Ψ of full rank, the newest memory kept.
+
+    Compact form from the cached Grams: γSS and the symmetrisation of M (2k²), rcond of M⁻¹
+    (eigvalsh), M = solve(M⁻¹, I); ΨᵀΨ from the Grams (3k²) and its rcond (eigvalsh).
+    Gram solver (:func:`.trust_region.solve_lsr1_subproblem_gram`): five Ψ products (Ψᵀg, Ψ for
+    g_⊥, Ψ for p, Ψᵀp and Ψ(MΨᵀp) of Bp; 2kn + k each), ‖g_⊥‖, (c/a)g_⊥, γp, pred (2n), ‖p‖:
+    10kn + 6n; small: eigh of ΨᵀΨ and of R_rMR_rᵀ (2 × 3k³), R_rMR_rᵀ (2k³), T = W_rΣ_r⁻¹V
+    (k³ + k²), the symmetrisations and R_r (3k²); T·, Tᵀ· (3k²) and M· (k²) of the products.
+    Then ‖s‖ (n), the SR1 test (3n; Bs = the solver's Bp), the Gram border S s, Y s, S y, Y y
+    (4k'n with k' = k, or m − 1 when the memory is full and the oldest pair is dropped first) and
+    sᵀy, sᵀs, yᵀy (3n), the pruning test on the Grams (no n-work), ‖g‖ (n).
+
+    Per step: (14k + 14)n + O(k³) while k < m pairs are stored, **(14m + 10)n + O(m³)** in the
+    steady state (memory full) — linear in m, against (7m² + 9m + 12)n for the QR route.
+    ``solver="steihaug"``: the compact form from the Grams, Ψ formed once (kn), about 10 CG
+    iterations of B·d (approximate) and B s by one more product."""
+    m = opt.memory
+    k1 = min(k + 1, m)
+    kb = k if k < m else m - 1  # rows the new pair is bordered with
+    t = {"grad_norm": n}
+    if k:
+        t["compact_form"] = _eigvalsh(k) + _solve(k, k) + 2 * k * k
+    if opt.solver == "steihaug":  # Ψ formed once (kn), then B·d = (2k + 1)n + k² per product
+        if k:
+            t["form_psi"] = k * n
+        t.update({"tr_subproblem": 10 * (_lsr1_matvec(n, k) + 6 * n), "Bs": _lsr1_matvec(n, k)})
+    elif k:
+        t.update({"gram_rcond": 3 * k * k + _eigvalsh(k),
+                  "tr_subproblem": _psi_products(n, k, 5) + 6 * n + 4 * k * k,
+                  "tr_subproblem_small": 2 * _eigh(k) + 3 * k ** 3 + 4 * k * k})
+    else:  # no pairs: g_⊥ = g, B = γI (the QR solver's empty case), B s = γs
+        t.update({"tr_subproblem": 6 * n, "Bs": n})
+    t.update({"step_norm": n, "sr1_test": 3 * n, "gram_update": 4 * kb * n + 3 * n,
               "prune": 2 * _eigvalsh(k1) + 4 * k1 * k1})
     return t
 
@@ -457,7 +485,8 @@ FORMULAS: dict[str, tuple[Callable, str]] = {
     "svrg": (_svrg, "2n"),
     "gd-ls": (_gd_ls, "(2 + t)n"),
     "lbfgs": (_lbfgs, "(5m + 8 + 2t)n + m"),
-    "lsr1-tr": (_lsr1_tr, "(7m² + 9m + 12)n + O(m³); gram_cache=True: (14m + 14)n + O(m³)"),
+    "lsr1-tr": (_lsr1_tr, "(14m + 10)n + O(m³) (default gram_cache=True; (14k + 14)n while k < m pairs); "
+                          "gram_cache=False: (7m² + 9m + 12)n + O(m³)"),
     "lsr1-ls": (_lsr1_ls, "(5m² + 5m + 11 + t)n + O(m³)"),
     "s-lbfgs": (_sampled_lbfgs, "(8m + 7 + t)n + m"),
     "s-lsr1": (_sampled_lsr1, "(2m³/3 + O(m²))n + O(m⁴): compact form re-formed per kept pair"),

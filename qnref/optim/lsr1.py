@@ -40,7 +40,8 @@ class LSR1State:
     """memory: S, Y buffers (m × n) and the pair count; delta: radius (NaN before the first
     step: Δ₀ = ‖∇f(x₀)‖ is set then); step_length: λ of the previous line-search step;
     grams: the cached k × k Grams SY, SS, YY of the stored pairs (``LSR1TrustRegion(
-    gram_cache=True)``; None otherwise, or until a cached step rebuilds them once)."""
+    gram_cache=True)``, the default; None with ``gram_cache=False``, and in checkpoints written
+    without them, until a cached step rebuilds them once from the pairs)."""
 
     memory: dict
     delta: float = math.nan
@@ -96,19 +97,26 @@ class LSR1TrustRegion(_LSR1Base):
     was accepted (line 12). ``solver="steihaug"`` uses truncated CG on B instead of the exact
     solver. A trial point with NaN/Inf loss or gradient counts as ρ = −∞: rejected, radius halved.
 
-    ``gram_cache=True`` (opt-in) keeps SᵀY, SᵀS, YᵀY in the state, bordered in O(kn) when a
-    pair is stored and sliced when old pairs are dropped (:class:`~.compact.GramCache`); the
+    ``gram_cache=True`` (the default) keeps SᵀY, SᵀS, YᵀY in the state, bordered in O(kn) when
+    a pair is stored and sliced when old pairs are dropped (:class:`~.compact.GramCache`); the
     compact form, the pruning test and the exact solve (:func:`~.trust_region.
     solve_lsr1_subproblem_gram`, eigendecomposition of ΨᵀΨ, no QR of Ψ) then cost O(mn) + O(m³)
-    per step, the paper's claim. ΨᵀΨ squares κ(Ψ): a step with λ_min/λ_max(ΨᵀΨ) below
-    ``gram_rcond`` (10⁻⁶, κ(Ψ) > 10³) takes the QR route instead (``extra["gram_fallback"]``),
-    so cached and uncached steps agree to ≈ ε/gram_rcond ≈ 10⁻¹⁰ relative.
+    per step, the paper's claim: (14m + 10)n + O(m³) multiplications with the memory full
+    (:mod:`~.costs`). ΨᵀΨ squares κ(Ψ): a step with λ_min/λ_max(ΨᵀΨ) below ``gram_rcond``
+    (10⁻⁶, κ(Ψ) > 10³) takes the QR route instead (``extra["gram_fallback"]`` = 1; ≈ 2m²n for
+    the QR, still less than a ``gram_cache=False`` step), so cached and uncached steps agree to
+    ≈ ε/gram_rcond ≈ 10⁻¹⁰ relative. Nearly dependent pairs (full-batch runs close to a
+    minimizer) trigger it; minibatch training rarely does.
+
+    ``gram_cache=False`` is the exact-QR reference route: Grams re-formed and a thin QR of Ψ every
+    step, O(m²n): (7m² + 9m + 12)n + O(m³). Checkpoints of either setting load under the other
+    (the Grams are rebuilt from the pairs, or dropped).
     """
 
     def __init__(self, memory: int = 5, gamma: float = 1.0, r: float = 1e-8, batch_size: int | None = 128,
                  eta: float = 1e-4, u: float = 0.75, rho_fraction: float = 0.8, l: float = 0.1,  # noqa: E741
                  increase: float = 2.0, decrease: float = 0.5, delta0: float | None = None,
-                 solver: str = "exact", tol: float = 0.0, gram_cache: bool = False,
+                 solver: str = "exact", tol: float = 0.0, gram_cache: bool = True,
                  gram_rcond: float = 1e-6):
         super().__init__(memory, gamma, r, batch_size, tol)
         self.gram_cache = bool(gram_cache)
@@ -158,6 +166,8 @@ class LSR1TrustRegion(_LSR1Base):
         return GramCache.from_pairs(mem.S, mem.Y)
 
     def _solve_cached(self, g: Any, B: LSR1Compact | None, delta: float) -> tuple[Any, float, Any]:
+        if self.solver == "steihaug" and B is not None:
+            _ = B.Psi  # form Ψ = Y − γS once (kn): a CG product B·d then costs (2k + 1)n, not 4kn + n
         if self.solver == "steihaug" or B is None:
             s, pred = self._solve(g, B, delta)
             return s, pred, None

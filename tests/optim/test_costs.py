@@ -35,7 +35,7 @@ class Counting(np.ndarray):
                 Counting.total += r.size
             elif ufunc is np.matmul:
                 a = np.asarray(args[0])
-                Counting.total += max(r.size, 1) * a.shape[-1]
+                Counting.total += (r.size if r.ndim else 1) * a.shape[-1]  # empty products: 0
         if isinstance(res, np.ndarray) and res.ndim > 0:
             return res.view(Counting)
         return res
@@ -60,7 +60,10 @@ class Counting(np.ndarray):
             Counting.total += 2 * n * k * k - 2 * k ** 3 / 3
         elif func is la.norm and a.ndim == 1:
             Counting.total += a.size
-        return super().__array_function__(func, types, args, kwargs)
+        res = super().__array_function__(func, types, args, kwargs)
+        if func in (la.solve, la.inv) and type(res) is np.ndarray:
+            res = res.view(Counting)  # (NumPy wraps these with the right-hand side's type)
+        return res
 
 
 def plain(x):
@@ -117,6 +120,8 @@ def _counting_run(opt, n=40, steps=8, memory_key=None):
     mem = getattr(state, "memory", None)
     if isinstance(mem, dict):  # pair buffers take part in the count too
         mem["S"], mem["Y"] = mem["S"].view(Counting), mem["Y"].view(Counting)
+    if isinstance(getattr(state, "grams", None), dict):  # and L-SR1's cached Gram matrices
+        state.grams = {key: v.view(Counting) for key, v in state.grams.items()}
     out = []
     for _ in range(steps):
         pairs = int(state.memory["count"]) if isinstance(getattr(state, "memory", None), dict) else None
@@ -160,12 +165,13 @@ def test_gd_ls_counts_with_trials():
 
 
 @pytest.mark.parametrize("name,kw", [("lbfgs", {"memory": 3}), ("lsr1-tr", {"memory": 3}),
+                                     ("lsr1-tr", {"memory": 3, "gram_cache": False}),
                                      ("lsr1-ls", {"memory": 3})])
 def test_quasi_newton_counts_match_the_code(name, kw):
     opt = make_optimizer(name, **kw)
     checked = 0
     for counted, info, pairs in _counting_run(opt, steps=8):
-        if not info.accepted or info.skipped or info.extra.get("fallback"):
+        if not info.accepted or info.skipped or info.extra.get("fallback") or info.extra.get("gram_fallback"):
             continue
         if name == "lsr1-tr" and info.extra["pairs"] < min(pairs + 1, 3):
             continue  # a pair was pruned: the formula assumes the newest memory is kept
@@ -232,13 +238,82 @@ def test_lbfgs_two_loop_term_uses_flop_count():
 
 def test_lsr1_matvec_term_and_leading_coefficient():
     m = 5
-    opt = make_optimizer("lsr1-tr", memory=m)
+    opt = make_optimizer("lsr1-tr", memory=m, gram_cache=False)  # the exact-QR reference route
     a, b = (algebra_flops(opt, _vector_layout(n)) for n in (10_000, 20_000))
     # the B s product is exactly flop_count's (2m+1)n + m² (Ψ stored; the paper's (4m+1)n recomputes it)
     assert a["terms"]["Bs"] == flop_count("lsr1_matvec", 10_000, m) == (2 * m + 1) * 10_000 + m * m
     assert flop_count("lsr1_matvec_paper", 10_000, m) - a["terms"]["Bs"] == 2 * m * 10_000
     # linear in n at fixed m; coefficient 7m² + 9m + 12 (SᵀY, SᵀS re-formed twice, QR of Ψ)
     assert b["per_step"] - a["per_step"] == (7 * m * m + 9 * m + 12) * 10_000
+
+
+def test_lsr1_cached_formula_leading_coefficient():
+    m = 5
+    opt = make_optimizer("lsr1-tr", memory=m)
+    assert opt.gram_cache  # the default
+    a, b = (algebra_flops(opt, _vector_layout(n)) for n in (10_000, 20_000))
+    assert "Bs" not in a["terms"]  # the solver's Bp serves the SR1 test
+    # steady state (memory full): (14m + 10)n; while the memory fills: (14k + 14)n
+    assert b["per_step"] - a["per_step"] == (14 * m + 10) * 10_000
+    a, b = (algebra_flops(opt, _vector_layout(n), pairs=3) for n in (10_000, 20_000))
+    assert b["per_step"] - a["per_step"] == (14 * 3 + 14) * 10_000
+
+
+# -- L-SR1 with cached Grams: independent counts of the step ---------------------------------------
+def _lsr1_counts_by_pairs(n, memory, gram_cache, steps=None):
+    """{k: multiplications counted in a step that started with k pairs}, from generic steps only
+    (pair stored, none pruned, no Gram fallback); every such step with the same k must count
+    the same (the count is a function of n and k)."""
+    opt = make_optimizer("lsr1-tr", memory=memory, gram_cache=gram_cache)
+    counts = {}
+    for counted, info, pairs in _counting_run(opt, n=n, steps=steps or memory + 4)[1:]:  # [0]: Δ₀ = ‖g₀‖
+        if info.skipped or info.extra.get("gram_fallback") or info.extra["pairs"] < min(pairs + 1, memory):
+            continue
+        assert counts.setdefault(pairs, counted) == counted, (pairs, counted, counts[pairs])
+    return counts
+
+
+@pytest.mark.parametrize("m", [3, 6])
+def test_lsr1_cached_step_counts_match_formula(m):
+    """The counted multiplications of the default (cached) step equal algebra_flops, and their
+    n-dependent part, measured from two vector lengths, is (14k + 14)n while k < m pairs are
+    stored and (14m + 10)n with the memory full (the oldest pair is dropped before the Gram
+    border): (14m + 14)n + O(m³) at most, no O(m²n) term."""
+    n1, n2 = 60, 120
+    c1, c2 = _lsr1_counts_by_pairs(n1, m, True), _lsr1_counts_by_pairs(n2, m, True)
+    opt = make_optimizer("lsr1-tr", memory=m)
+    assert m in c1 and m in c2 and len(set(c1) & set(c2)) >= 3
+    for n, counts in ((n1, c1), (n2, c2)):
+        for k, counted in counts.items():
+            expected = algebra_flops(opt, _vector_layout(n), pairs=k)["per_step"]
+            assert counted == pytest.approx(expected, abs=len(FORMULAS) + 1), (n, k, counted, expected)
+    for k in set(c1) & set(c2):
+        coef = (c2[k] - c1[k]) / (n2 - n1)
+        assert coef == pytest.approx(14 * k + 14 if k < m else 14 * m + 10, abs=1e-9), (k, coef)
+        small = c1[k] - coef * n1  # the n-independent part: O(k³)
+        assert 0 <= small <= 20 * (k + 1) ** 3, (k, small)
+
+
+def test_lsr1_cached_step_n_coefficient_linear_in_m():
+    """flops(2m) − flops(m) per unit of n grows like m for the cached step and like m² for the QR
+    route: measured coefficients of n (two vector lengths, memory full) are 14m + 10 for
+    m = 2, 3, 4, 6, so doubling m adds 14m·n; the QR route's 7m² + 9m + 12 adds (21m² + 9m)n.
+    (m ≤ 6: on this well-conditioned quadratic the pairs of later steps make κ(Ψ) > 10³ and
+    the step takes the Gram fallback.)"""
+    n1, n2 = 60, 120
+    coef = {}
+    for cached in (True, False):
+        for m in (2, 3, 4, 6):
+            c1 = _lsr1_counts_by_pairs(n1, m, cached, steps=m + 3)
+            c2 = _lsr1_counts_by_pairs(n2, m, cached, steps=m + 3)
+            coef[cached, m] = (c2[m] - c1[m]) / (n2 - n1)
+    assert [coef[True, m] for m in (2, 3, 4, 6)] == pytest.approx([14 * m + 10 for m in (2, 3, 4, 6)], abs=1e-9)
+    for m in (2, 3):
+        assert coef[True, 2 * m] - coef[True, m] == pytest.approx(14 * m, abs=1e-9)
+        assert coef[False, 2 * m] - coef[False, m] == pytest.approx(21 * m * m + 9 * m, abs=1e-9)
+    # second differences over m = 2, 4, 6: zero for the cached step, 7·(6² − 2·4² + 2²) = 56 for QR
+    assert coef[True, 6] - 2 * coef[True, 4] + coef[True, 2] == pytest.approx(0.0, abs=1e-9)
+    assert coef[False, 6] - 2 * coef[False, 4] + coef[False, 2] == pytest.approx(7 * 8, abs=1e-9)
 
 
 def test_kfac_hand_computed_tiny_case():
