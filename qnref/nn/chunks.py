@@ -67,6 +67,12 @@ def example_chunks(x: Any, bytes_per_example: int, target_bytes: int) -> list[tu
     return [(a, min(n, a + nb)) for a in range(0, n, nb)]
 
 
+def split_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """``range(n)`` as at most ``parts`` contiguous, non-empty ranges of near-equal length."""
+    parts = max(1, min(parts, n))
+    return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)] if n else []
+
+
 def _run_marked(fn: Callable[[int, int], Any], ae: tuple[int, int]) -> Any:
     _local.inside = True
     try:

@@ -33,6 +33,13 @@ on the device of the last update) live on the layer object and change **only** t
 GGN product touches them. The update follows PyTorch: r ← (1 − momentum) r + momentum · batch, with
 the unbiased batch variance σ² m/(m − 1); ``momentum=None`` gives the cumulative average over all
 updates since the last reset.
+
+CPU kernels: in training mode, (N, C, H, W) NumPy inputs of float32/float64 run the forward pass
+and the backward pass (gx, gγ, gβ) through parallel numba kernels (:mod:`qnref.nn._numba_fast`,
+channel ranges on the chunk thread pool, per-channel sums in float64 — at least as accurate as NumPy's, which
+accumulates float32 inputs in float32). They fill the same cache (x̂, 1/σ, μ, σ² in the input
+dtype), so jvp and backward_rop, eval mode, dense inputs and CuPy keep the ``xp`` code below;
+``qnref.nn.conv.KERNELS = "xp"`` switches the kernels off (tests compare the two paths).
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ import numpy
 from .. import backend
 from .base import Ctx, Layer, ParamSpec, Shape
 from .conv import check_batch
+from .pool import fast_kernels, use_fast
 
 
 class BatchNorm(Layer):
@@ -126,6 +134,8 @@ class BatchNorm(Layer):
                     f"{self.describe()} in training mode needs more than one value per channel "
                     f"(got input shape {tuple(x.shape)}); use a larger batch or train=False"
                 )
+            if self._fast(x, p):
+                return self._forward_fast(p, x, m)
             mu = self._mean(x)
             xhat = x - mu  # x − μ, normalised in place below
             var = self._mean(xp.square(xhat))
@@ -141,12 +151,55 @@ class BatchNorm(Layer):
         y += beta
         return y, cache
 
+    def _fast(self, a: Any, p: Sequence[Any]) -> bool:
+        """Use the numba kernels: 4-D NumPy float32/float64 input, parameters of the same dtype."""
+        return (
+            self.conv
+            and use_fast(a)
+            and a.size > 0
+            and all(isinstance(v, numpy.ndarray) and v.dtype == a.dtype for v in p)
+        )
+
+    def _forward_fast(self, p: Sequence[Any], x: Any, m: int) -> tuple[Any, Any]:
+        """Training-mode forward on the CPU: one kernel per channel range, in parallel (two-pass float64 statistics)."""
+        n, c = x.shape[:2]
+        xhat = numpy.empty(x.shape, dtype=x.dtype)
+        y = numpy.empty(x.shape, dtype=x.dtype)
+        mu, var, inv = (numpy.empty(c, dtype=x.dtype) for _ in range(3))
+        k = fast_kernels()
+        x3, h3, y3 = numpy.ascontiguousarray(x).reshape(n, c, -1), xhat.reshape(n, c, -1), y.reshape(n, c, -1)
+        k.run_split(c, lambda lo, hi: k.bn_forward(x3, p[0], p[1], self.eps, h3, y3, mu, var, inv, lo, hi))
+        b = self._b
+        return y, {"train": True, "xhat": xhat, "inv": b(inv), "mean": b(mu), "var": b(var), "m": m}
+
+    def _backward_fast(self, p, xhat, inv, gy, gp, need_gx: bool):
+        """Training-mode backward on the CPU: channel sums (float64) and gx in one pass per channel range."""
+        n, c = gy.shape[:2]
+        k = fast_kernels()
+        g3 = numpy.ascontiguousarray(gy).reshape(n, c, -1)
+        h3 = numpy.ascontiguousarray(xhat).reshape(n, c, -1)
+        s_g, s_gx = numpy.empty(c), numpy.empty(c)
+        gx = None
+        if need_gx:
+            scale = p[0].astype(numpy.float64) * inv.reshape(-1).astype(numpy.float64)  # γ/σ
+            gx = numpy.empty(gy.shape, dtype=gy.dtype)
+            gx3 = gx.reshape(n, c, -1)
+            k.run_split(c, lambda lo, hi: k.bn_backward(g3, h3, scale, gx3, s_g, s_gx, lo, hi))
+        else:
+            k.run_split(c, lambda lo, hi: k.bn_sums(g3, h3, s_g, s_gx, lo, hi))
+        if gp is not None:
+            gp[0][...] = s_gx
+            gp[1][...] = s_g
+        return gx
+
     def _project(self, u: Any, xhat: Any) -> Any:
         """P(u) = u − mean(u) − x̂ mean(x̂ u), per channel."""
         return u - self._mean(u) - xhat * self._mean(xhat * u)
 
     def backward(self, p, cache, gy, gp, need_gx: bool = True):
         xhat, inv = cache["xhat"], cache["inv"]
+        if cache["train"] and self._fast(gy, p) and isinstance(xhat, numpy.ndarray) and xhat.dtype == gy.dtype:
+            return self._backward_fast(p, xhat, inv, gy, gp, need_gx)
         if not cache["train"] or not need_gx:
             if gp is not None:
                 gp[0][...] = self._sum(gy * xhat)

@@ -11,10 +11,13 @@ row-major order, consistently in every pass):
 
 The cache holds the flat index of each window's winner in the *unpadded* input (padding is −∞
 and at most half the kernel, so a winner is never a padding position); jvp is one gather and
-backward one scatter-add into the input, with no padded buffer. The scatter-add runs a numba
-kernel on the CPU (see :mod:`qnref.nn._numba_kernels`); without numba it is a plain indexed
-assignment when the windows do not overlap (stride ≥ kernel) and ``numpy.add.at`` otherwise;
-on CuPy the assignment or ``cupyx.scatter_add`` (GPU-tested only where a device is present).
+backward one scatter-add into the input, with no padded buffer. On the CPU with numba the forward
+pass (max and winner index in one fused pass) and the scatter-add run GIL-free kernels of
+:mod:`qnref.nn._numba_fast` (ranges of image planes on the chunk thread pool; loaded by :func:`fast_kernels`). The
+``xp`` twin, used on CuPy, without numba or with ``qnref.nn.conv.KERNELS = "xp"``, takes the
+argmax of a strided window view and gathers; its scatter-add is a plain indexed assignment when
+the windows do not overlap (stride ≥ kernel) and ``numpy.add.at`` otherwise (on CuPy the
+assignment or ``cupyx.scatter_add``, GPU-tested only where a device is present).
 
 Average pooling (zero padding counted in the mean, PyTorch's ``count_include_pad=True``) and global
 average pooling are linear maps: jvp is the forward map of dx and backward_rop applies the
@@ -22,13 +25,47 @@ adjoint to gy and R{gy}.
 """
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import numpy
 
 from .. import backend
+from . import conv as _conv
 from .base import Ctx, Layer, Shape
-from .conv import check_batch, check_image_shape, numba_kernels, out_size, pad, pair, use_numba, windows
+from .conv import check_batch, check_image_shape, out_size, pad, pair, windows
+
+_fast_mod: types.ModuleType | None = None
+_fast_failed = False
+
+
+def fast_kernels() -> types.ModuleType | None:
+    """:mod:`qnref.nn._numba_fast` (BatchNorm and max-pool kernels), imported on first use; None when
+    numba is unavailable or ``qnref.nn.conv.KERNELS == "xp"`` (the same switch as the conv kernels)."""
+    global _fast_mod, _fast_failed
+    if _conv.KERNELS == "xp":
+        return None
+    if _fast_mod is None and not _fast_failed:
+        try:
+            from . import _numba_fast  # noqa: PLC0415 - lazy: numba is heavy
+
+            _fast_mod = _numba_fast
+        except Exception:  # numba missing or broken
+            _fast_failed = True
+    if _fast_mod is None and _conv.KERNELS == "numba":
+        raise RuntimeError("qnref.nn.conv.KERNELS = 'numba' but numba could not be imported")
+    return _fast_mod
+
+
+def use_fast(x: Any) -> bool:
+    """True when the CPU kernels of :mod:`qnref.nn._numba_fast` should handle the NumPy array ``x``
+    (float32 or float64)."""
+    return (
+        _conv.KERNELS != "xp"
+        and isinstance(x, numpy.ndarray)
+        and x.dtype in (numpy.float32, numpy.float64)
+        and fast_kernels() is not None
+    )
 
 
 def _check_window(who: str, in_shape: Shape, kernel, stride, padding) -> tuple[int, int]:
@@ -72,6 +109,24 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, p, x: Any, ctx: Ctx):
         check_batch(x, self.in_shape, self.describe())
+        if use_fast(x):
+            return self._forward_fast(x)
+        return self._forward_xp(x)
+
+    def _forward_fast(self, x: Any):
+        """Fused max + winner index, parallel over the N·C planes (:mod:`qnref.nn._numba_fast`)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        n, c, h, w = x.shape
+        _, ho, wo = self.out_shape
+        y = numpy.empty((n, c, ho, wo), dtype=x.dtype)
+        gidx = numpy.empty((n, c, ho, wo), dtype=numpy.intp)
+        k = fast_kernels()
+        x3, y3, i3 = numpy.ascontiguousarray(x).reshape(n * c, h, w), y.reshape(n * c, ho, wo), gidx.reshape(n * c, ho, wo)
+        k.run_split(n * c, lambda lo, hi: k.maxpool_forward(x3, kh, kw, sh, sw, ph, pw, y3, i3, lo, hi))
+        return y, (gidx, x.shape)
+
+    def _forward_xp(self, x: Any):
+        """The NumPy/CuPy twin: argmax over a strided view of the −∞-padded input, then a gather."""
         xp = backend.namespace(x)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         n, c, h, w = x.shape
@@ -94,9 +149,18 @@ class MaxPool2d(_Pool2d):
         size = 1
         for d in x_shape:
             size *= d
+        if use_fast(gy) and gidx.dtype == numpy.intp and gy.size:
+            # planes split among threads: the winners of plane r all lie in plane r (race-free for any stride)
+            planes = x_shape[0] * x_shape[1]
+            out = numpy.empty((planes, size // planes), dtype=gy.dtype)
+            k = fast_kernels()
+            g2, i2 = numpy.ascontiguousarray(gy).reshape(planes, -1), numpy.ascontiguousarray(gidx).reshape(planes, -1)
+            if sum(k.run_split(planes, lambda lo, hi: k.maxpool_backward(g2, i2, out, lo, hi))) == 0:
+                return out.reshape(x_shape)
+            # (an xp-path cache whose winner sits outside its plane: only when x holds −∞ next to padding)
         g, idx = xp.ascontiguousarray(gy).reshape(-1), gidx.reshape(-1)
-        if use_numba(gy):
-            out = numba_kernels().index_add(g.reshape(1, -1), idx.reshape(1, -1), xp.zeros((1, size), dtype=gy.dtype))
+        if _conv.use_numba(gy):
+            out = _conv.numba_kernels().index_add(g.reshape(1, -1), idx.reshape(1, -1), xp.zeros((1, size), dtype=gy.dtype))
         elif self.stride[0] >= self.kernel_size[0] and self.stride[1] >= self.kernel_size[1]:
             out = xp.zeros(size, dtype=gy.dtype)  # windows do not overlap: the winners are distinct
             out[idx] = g

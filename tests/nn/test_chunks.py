@@ -100,3 +100,15 @@ def test_example_chunks_cover_the_batch_exactly():
 def test_bad_thread_count(bad):
     with pytest.raises(ValueError, match="positive integer"):
         chunks.set_num_threads(bad)
+
+
+def test_split_ranges_partition():
+    for n in (0, 1, 5, 16, 17):
+        for parts in (1, 2, 3, 8):
+            r = chunks.split_ranges(n, parts)
+            assert len(r) == min(parts, n)
+            assert [i for a, e in r for i in range(a, e)] == list(range(n))
+            assert all(e > a for a, e in r)
+            if r:
+                sizes = [e - a for a, e in r]
+                assert max(sizes) - min(sizes) <= 1
