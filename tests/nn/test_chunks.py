@@ -55,7 +55,7 @@ def test_chunk_size_only_changes_rounding(restore):
 
 def _numpy_blas_threads():
     # the BLAS numpy links (other BLAS libraries may be loaded by other tests' imports)
-    numpy_libs = {i["filepath"] for i in chunks._state["controller"].info()}
+    numpy_libs = {i["filepath"] for i in chunks._state["controller"].info() if i["user_api"] == "blas"}
     return [i["num_threads"] for i in threadpool_info() if i["filepath"] in numpy_libs]
 
 
