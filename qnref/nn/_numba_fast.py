@@ -106,19 +106,25 @@ def bn_forward(x, gamma, beta, eps, xhat, y, mean, var, inv, lo, hi):  # pragma:
     return y
 
 
+@njit(cache=True, inline="always")
+def _channel_sums(gy, xhat, c, sg, sgx):  # pragma: no cover - compiled
+    """sg[c] = Σ gy, sgx[c] = Σ gy·x̂ over (n, m) of channel c (float64); returns both."""
+    s = 0.0
+    t = 0.0
+    for n in range(gy.shape[0]):
+        a, b = _row_sums2(gy[n, c], xhat[n, c])
+        s += a
+        t += b
+    sg[c] = s
+    sgx[c] = t
+    return s, t
+
+
 @njit(cache=True, nogil=True)
 def bn_sums(gy, xhat, sg, sgx, lo, hi):  # pragma: no cover - compiled
     """sg[c] = Σ gy, sgx[c] = Σ gy·x̂ over (n, m), float64 accumulation (the parameter gradients)."""
-    n_, c_, m_ = gy.shape
     for c in range(lo, hi):
-        s = 0.0
-        t = 0.0
-        for n in range(n_):
-            a, b = _row_sums2(gy[n, c], xhat[n, c])
-            s += a
-            t += b
-        sg[c] = s
-        sgx[c] = t
+        _channel_sums(gy, xhat, c, sg, sgx)
     return sg
 
 
@@ -129,14 +135,7 @@ def bn_backward(gy, xhat, scale, gx, sg, sgx, lo, hi):  # pragma: no cover - com
     n_, c_, m_ = gy.shape
     cnt = n_ * m_
     for c in range(lo, hi):
-        s = 0.0
-        t = 0.0
-        for n in range(n_):
-            a, b = _row_sums2(gy[n, c], xhat[n, c])
-            s += a
-            t += b
-        sg[c] = s
-        sgx[c] = t
+        s, t = _channel_sums(gy, xhat, c, sg, sgx)
         mg = s / cnt
         mgx = t / cnt
         sc = np.float64(scale[c])
