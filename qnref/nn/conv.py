@@ -42,6 +42,7 @@ See docs/cnn.md for timings.
 """
 from __future__ import annotations
 
+import importlib
 import types
 from typing import Any, Sequence
 
@@ -56,25 +57,27 @@ KERNELS = "auto"
 #: bytes, so im2col, the GEMMs and col2im of a chunk share the cache (docs/cnn.md: measured).
 CHUNK_BYTES = 1 << 21
 
-_numba_mod: types.ModuleType | None = None
-_numba_failed = False
+_kernel_modules: dict[str, types.ModuleType | None] = {}
+
+
+def lazy_kernels(module: str) -> types.ModuleType | None:
+    """The numba kernel module ``qnref.nn.<module>``, imported on first use (numba is heavy and
+    ``import qnref`` must not load it); None when numba is unavailable or ``KERNELS == "xp"``."""
+    if KERNELS == "xp":
+        return None
+    if module not in _kernel_modules:
+        try:
+            _kernel_modules[module] = importlib.import_module(f"{__package__}.{module}")
+        except Exception:  # numba missing or broken
+            _kernel_modules[module] = None
+    if _kernel_modules[module] is None and KERNELS == "numba":
+        raise RuntimeError("qnref.nn.conv.KERNELS = 'numba' but numba could not be imported")
+    return _kernel_modules[module]
 
 
 def numba_kernels() -> types.ModuleType | None:
-    """The numba kernel module, imported on first use (None when numba is unavailable or disabled)."""
-    global _numba_mod, _numba_failed
-    if KERNELS == "xp":
-        return None
-    if _numba_mod is None and not _numba_failed:
-        try:
-            from . import _numba_kernels  # noqa: PLC0415 - lazy: numba is heavy
-
-            _numba_mod = _numba_kernels
-        except Exception:  # numba missing or broken
-            _numba_failed = True
-    if _numba_mod is None and KERNELS == "numba":
-        raise RuntimeError("qnref.nn.conv.KERNELS = 'numba' but numba could not be imported")
-    return _numba_mod
+    """The im2col/col2im/index_add kernels (:mod:`qnref.nn._numba_kernels`), see :func:`lazy_kernels`."""
+    return lazy_kernels("_numba_kernels")
 
 
 def use_numba(x: Any) -> bool:

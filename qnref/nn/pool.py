@@ -35,26 +35,10 @@ from . import conv as _conv
 from .base import Ctx, Layer, Shape
 from .conv import check_batch, check_image_shape, out_size, pad, pair, windows
 
-_fast_mod: types.ModuleType | None = None
-_fast_failed = False
-
-
 def fast_kernels() -> types.ModuleType | None:
     """:mod:`qnref.nn._numba_fast` (BatchNorm and max-pool kernels), imported on first use; None when
     numba is unavailable or ``qnref.nn.conv.KERNELS == "xp"`` (the same switch as the conv kernels)."""
-    global _fast_mod, _fast_failed
-    if _conv.KERNELS == "xp":
-        return None
-    if _fast_mod is None and not _fast_failed:
-        try:
-            from . import _numba_fast  # noqa: PLC0415 - lazy: numba is heavy
-
-            _fast_mod = _numba_fast
-        except Exception:  # numba missing or broken
-            _fast_failed = True
-    if _fast_mod is None and _conv.KERNELS == "numba":
-        raise RuntimeError("qnref.nn.conv.KERNELS = 'numba' but numba could not be imported")
-    return _fast_mod
+    return _conv.lazy_kernels("_numba_fast")
 
 
 def use_fast(x: Any) -> bool:

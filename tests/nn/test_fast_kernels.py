@@ -334,4 +334,4 @@ def test_package_import_does_not_load_fast_kernels():
     code = "import sys, qnref, qnref.nn.pool, qnref.nn.norm, qnref.nn.zoo; print('qnref.nn._numba_fast' in sys.modules, 'numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
-    assert pool_mod._fast_mod is None or pool_mod._fast_mod.__name__ == "qnref.nn._numba_fast"
+    assert pool_mod.fast_kernels() is None or pool_mod.fast_kernels().__name__ == "qnref.nn._numba_fast"
