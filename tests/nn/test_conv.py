@@ -25,14 +25,6 @@ from helpers import check_layer_passes, rel_err
 TOL = 1e-7
 
 
-@pytest.fixture(params=["auto", "xp"])
-def kernels(request):
-    """Run a test with the numba CPU kernels ("auto") and with the pure NumPy path ("xp")."""
-    old = conv_mod.KERNELS
-    conv_mod.KERNELS = request.param
-    yield request.param
-    conv_mod.KERNELS = old
-
 
 # -- direct loop references ---------------------------------------------------------------------------
 def conv_loop(x, W, b, stride, pad):

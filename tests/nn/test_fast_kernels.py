@@ -30,13 +30,6 @@ def _with_kernels(mode, fn):
         conv_mod.KERNELS = old
 
 
-@pytest.fixture(params=["auto", "xp"])
-def kernels(request):
-    old = conv_mod.KERNELS
-    conv_mod.KERNELS = request.param
-    yield request.param
-    conv_mod.KERNELS = old
-
 
 def test_loader_honours_the_kernel_switch():
     x = np.zeros((2, 1, 2, 2))

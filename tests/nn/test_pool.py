@@ -15,13 +15,6 @@ from helpers import check_layer_passes
 from test_conv import check_products
 
 
-@pytest.fixture(params=["auto", "xp"])
-def kernels(request):
-    old = conv_mod.KERNELS
-    conv_mod.KERNELS = request.param
-    yield request.param
-    conv_mod.KERNELS = old
-
 
 def pool_loop(x, k, s, p, op):
     """Direct loops: max (padding −∞) or mean (zero padding counted), plus the argmax positions."""
