@@ -35,7 +35,7 @@ the unbiased batch variance σ² m/(m − 1); ``momentum=None`` gives the cumula
 updates since the last reset.
 
 CPU kernels: in training mode, (N, C, H, W) NumPy inputs of float32/float64 run the forward pass
-and the backward pass (gx, gγ, gβ) through parallel numba kernels (:mod:`qnref.nn._numba_fast`,
+and the backward pass (gx, gγ, gβ) through GIL-free numba kernels (:mod:`qnref.nn._numba_fast`,
 channel ranges on the chunk thread pool, per-channel sums in float64 — at least as accurate as NumPy's, which
 accumulates float32 inputs in float32). They fill the same cache (x̂, 1/σ, μ, σ² in the input
 dtype), so jvp and backward_rop, eval mode, dense inputs and CuPy keep the ``xp`` code below;
