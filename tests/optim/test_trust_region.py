@@ -48,6 +48,14 @@ def assert_same(a, b, tol=1e-9):
     assert a.boundary == b.boundary and a.hard_case == b.hard_case
 
 
+GRAM_TOL = 1e-9  # ΨᵀΨ squares κ(Ψ): about ε·κ(Ψ)² relative; these Ψ have κ ≲ 10
+
+
+def gram_solve(g, gamma, Psi, M, delta, **kw):
+    return solve_lsr1_subproblem_gram(g, gamma, lambda v: Psi.T @ v, lambda c: Psi @ c,
+                                      Psi.T @ Psi, M, delta, **kw)
+
+
 def structured(rng, n, d, gamma):
     """Ψ, M with B = γI + Q diag(d) Qᵀ exactly in a known orthonormal basis Q (n × k)."""
     k = len(d)
@@ -84,7 +92,9 @@ def test_lsr1_subproblem_random_pairs(seed, gamma):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_lsr1_subproblem_random_psi_m(seed):
+@pytest.mark.parametrize("solver", ["qr", "gram"])
+def test_lsr1_subproblem_random_psi_m(seed, solver):
+    solve = {"qr": solve_lsr1_subproblem, "gram": gram_solve}[solver]
     rng = np.random.default_rng(10 + seed)
     n, k = 35, 4 + seed
     Psi = rng.standard_normal((n, k))
@@ -94,9 +104,9 @@ def test_lsr1_subproblem_random_psi_m(seed):
         B = dense_B(gamma, Psi, M)
         g = rng.standard_normal(n)
         for delta in [0.05, 2.0, 50.0]:
-            sol = solve_lsr1_subproblem(g, gamma, Psi, M, delta)
+            sol = solve(g, gamma, Psi, M, delta)
             assert_optimal(g, B, sol, delta)
-            assert_same(sol, solve_dense_subproblem(g, B, delta))
+            assert_same(sol, solve_dense_subproblem(g, B, delta), tol=GRAM_TOL)
             assert sol.boundary  # B is indefinite
 
 
@@ -394,14 +404,6 @@ def test_cupy_matches_numpy():
 # ------------------------------------------------------------------------- Gram-based solver
 from qnref.optim.trust_region import solve_lsr1_subproblem_gram  # noqa: E402
 
-GRAM_TOL = 1e-9  # ΨᵀΨ squares κ(Ψ): about ε·κ(Ψ)² relative; these Ψ have κ ≲ 10
-
-
-def gram_solve(g, gamma, Psi, M, delta, **kw):
-    return solve_lsr1_subproblem_gram(g, gamma, lambda v: Psi.T @ v, lambda c: Psi @ c,
-                                      Psi.T @ Psi, M, delta, **kw)
-
-
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("gamma", [1.0, 0.1, -0.5])
 def test_gram_solver_random_pairs(seed, gamma):
@@ -426,22 +428,6 @@ def test_gram_solver_random_pairs(seed, gamma):
         opg = LSR1Compact.from_grams(S, Y, gamma, S @ Y.T, S @ S.T, Y @ Y.T)
         sol2 = solve_lsr1_subproblem_gram(g, gamma, opg.psi_t, opg.psi, opg.psi_gram(), opg.M, delta)
         assert_same(sol2, sol, tol=GRAM_TOL)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_gram_solver_random_psi_m(seed):
-    rng = np.random.default_rng(10 + seed)
-    n, k = 35, 4 + seed
-    Psi = rng.standard_normal((n, k))
-    M = rng.standard_normal((k, k))
-    M = M + M.T
-    for gamma in [2.0, -1.0]:
-        B = dense_B(gamma, Psi, M)
-        g = rng.standard_normal(n)
-        for delta in [0.05, 2.0, 50.0]:
-            sol = gram_solve(g, gamma, Psi, M, delta)
-            assert_optimal(g, B, sol, delta)
-            assert_same(sol, solve_dense_subproblem(g, B, delta), tol=GRAM_TOL)
 
 
 @pytest.mark.parametrize("seed", range(3))
