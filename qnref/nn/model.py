@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .. import backend
 from ..params import ParamLayout
+from .allocator import tune_malloc
 from .base import Ctx, Layer, Shape, walk
 
 
@@ -70,6 +71,8 @@ class Sequential:
     # -- passes -----------------------------------------------------------------------------
     def forward(self, theta: Any, X: Any, *, train: bool = True) -> tuple[Any, list]:
         """Outputs z = net(θ, X) and the per-layer caches the other passes use."""
+        if not backend.is_cupy_array(X):
+            tune_malloc()  # keep freed activation buffers (allocator.py: measured page-fault cost)
         ctx = Ctx(train=train)
         caches = []
         h = X
