@@ -107,3 +107,26 @@ class CNNTorchRatio:
         model, obj, theta = _objective(name)
         t_q = best_time(lambda: obj.grad(theta))
         return t_q / _torch_time(name)
+
+
+class CNNPageFaults:
+    """Minor page faults per forward+backward in a warm process: 0 with the malloc thresholds of
+    qnref/nn/allocator.py (≈ 35 000 for ResNet-20 without them, QNREF_MALLOC_TUNING=0)."""
+
+    params = [list(CASES)]
+    param_names = ["model"]
+    unit = "faults per gradient"
+    timeout = 300
+
+    def setup(self, name):
+        self.model, self.obj, self.theta = _objective(name)
+        for _ in range(2):  # warm: the heap reaches its working size
+            self.obj.grad(self.theta)
+
+    def track_minor_faults_per_grad(self, name):
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            self.obj.grad(self.theta)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
