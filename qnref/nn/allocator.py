@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
-import threading
 
 #: glibc's mallopt parameter numbers (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
-
-_lock = threading.Lock()
-_state: dict[str, bool | None] = {"tuned": None}
 
 
 def _mallopt():
@@ -44,16 +41,11 @@ def _mallopt():
     return fn
 
 
+@functools.cache  # once per process (two racing first calls set the same values twice: harmless)
 def tune_malloc() -> bool:
     """Apply the thresholds above once per process; True when they are in force."""
-    if _state["tuned"] is not None:
-        return bool(_state["tuned"])
-    with _lock:
-        if _state["tuned"] is None:
-            ok = False
-            if os.environ.get("QNREF_MALLOC_TUNING", "1").strip().lower() not in ("0", "false", "no", "off"):
-                fn = _mallopt()
-                # mallopt returns 1 on success; the trim threshold is only set when the first call took
-                ok = fn is not None and fn(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and fn(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-            _state["tuned"] = ok
-    return bool(_state["tuned"])
+    if os.environ.get("QNREF_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    fn = _mallopt()
+    # mallopt returns 1 on success; the trim threshold is only set when the first call took
+    return fn is not None and fn(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and fn(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
