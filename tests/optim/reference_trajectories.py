@@ -1,0 +1,126 @@
+"""Reference trajectories of every registered optimizer (issue 16: recorded before the redesign).
+
+For each optimizer (registry defaults) and each of two models — a small tanh MLP and a small CNN
+with BatchNorm — 20 steps from a fixed seed in float64 on the CPU with one BLAS thread: θ after
+every step and every :class:`~qnref.optim.base.StepInfo`.
+
+``python tests/optim/reference_trajectories.py`` writes
+``data/reference_trajectories.npz`` (θ arrays, ``allow_pickle=False``) and ``data/reference_infos.json``
+(the step infos); ``test_reference_trajectories.py`` replays and compares them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).parent / "data"
+N_STEPS = 20
+MODELS = ("mlp", "cnn-bn")
+
+
+def build_problem(model_key: str):
+    """The model, θ₀ and :class:`Problem` of one reference setting (float64, fixed seeds)."""
+    from qnref.nn.activations import Tanh
+    from qnref.nn.dense import Dense
+    from qnref.nn.model import Sequential
+    from qnref.nn.zoo import build_model
+    from qnref.optim.base import Problem
+
+    r = np.random.default_rng(1234)
+    if model_key == "mlp":
+        model = Sequential([Dense(6), Tanh(), Dense(5), Tanh(), Dense(3)], input_shape=(4,))
+        X = r.standard_normal((1200, 4))
+        y = (X[:, 0] + X[:, 1] * X[:, 2] > 0).astype(np.int64) + (X[:, 3] > 0.8)
+    elif model_key == "cnn-bn":
+        model = build_model("lenet-digits", batchnorm=True, width=0.5, n_outputs=3)
+        X = r.standard_normal((1200, 1, 8, 8))
+        y = (X[:, 0, :4].sum(axis=(1, 2)) > X[:, 0, 4:].sum(axis=(1, 2))).astype(np.int64) + (X[:, 0, 0, 0] > 1.0)
+    else:
+        raise ValueError(model_key)
+    theta0 = model.init(seed=7)
+    problem = Problem(model, "softmax_ce", X, y, 1e-3, seed=11)
+    return model, theta0, problem
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    if v is None or isinstance(v, str):
+        return v
+    if hasattr(v, "shape"):
+        a = np.asarray(v, dtype=np.float64)
+        return float(a) if a.ndim == 0 else [float(x) for x in a.ravel()]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return repr(v)
+
+
+def run(name: str, model_key: str, n_steps: int = N_STEPS) -> tuple[np.ndarray, list[dict]]:
+    """θ after each of ``n_steps`` steps (row 0: θ₀) and each step's info as plain values."""
+    from threadpoolctl import threadpool_limits
+
+    from qnref.optim import make_optimizer
+
+    _, theta, problem = build_problem(model_key)
+    opt = make_optimizer(name)
+    thetas, infos = [theta.copy()], []
+    with threadpool_limits(limits=1):
+        state = opt.init(theta)
+        for _ in range(n_steps):
+            theta, state, info = opt.step(theta, state, problem)
+            thetas.append(np.array(theta, dtype=np.float64, copy=True))
+            infos.append(_plain(info.as_dict()))
+    return np.stack(thetas), infos
+
+
+def record() -> None:
+    from qnref.optim import load_all
+
+    arrays, infos = {}, {}
+    for name in sorted(load_all()):
+        for mk in MODELS:
+            try:
+                th, inf = run(name, mk)
+            except (ValueError, TypeError) as e:  # a refusal (e.g. SMW on BatchNorm in training mode)
+                infos[f"{name}|{mk}"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"{name:10s} {mk:7s} refused: {e}")
+                continue
+            arrays[f"{name}|{mk}"] = th
+            infos[f"{name}|{mk}"] = inf
+            print(f"{name:10s} {mk:7s} loss {inf[0].get('loss'):.6g} → {inf[-1].get('loss'):.6g}")
+    np.savez_compressed(HERE / "reference_trajectories.npz", **arrays)
+    (HERE / "reference_infos.json").write_text(json.dumps(infos, indent=0, sort_keys=True, allow_nan=True))
+
+
+def max_rel(a: Any, b: Any) -> float:
+    """Largest relative difference between two plain values (0 when bit-identical)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or set(a) != set(b):
+            return math.inf
+        return max((max_rel(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list) or isinstance(b, list):
+        if not (isinstance(a, list) and isinstance(b, list)) or len(a) != len(b):
+            return math.inf
+        return max((max_rel(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None or isinstance(a, str) or isinstance(b, str):
+        return 0.0 if a == b else math.inf
+    a, b = float(a), float(b)
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return 0.0
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+if __name__ == "__main__":
+    record()
