@@ -68,7 +68,8 @@ class OptimizerStep:
         self.opt, self.prob, self.theta, self.state = _setup(name)
 
     def time_step(self, name):
-        self.opt.step(self.theta, self.state, self.prob)
+        # a step consumes its state (docs/optimizers.md): keep the returned one for the next call
+        self.theta, self.state, _ = self.opt.step(self.theta, self.state, self.prob)
 
     def peakmem_step(self, name):
         th, st = self.theta, self.state
