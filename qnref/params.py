@@ -25,9 +25,25 @@ from typing import Any, Sequence
 import numpy
 
 from . import backend
-from .nn.base import ParamSpec
 
 SCHEMES = ("glorot", "xavier", "glorot_normal", "he", "gaussian", "sparse")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter block of a layer, as the layer declares it in ``Layer.param_specs()``.
+
+    ``name``: the block's name inside the layer (``"W"``, ``"gamma"``, …; the layout prefixes the
+    layer path); ``shape``: the block's shape (``W̄ = [W b]`` is (d_out, d_in + 1)); ``kind``:
+    ``"weight"`` (a W̄ whose last column is the bias), ``"scale"`` or ``"shift"`` — it selects the
+    initial values in :meth:`ParamLayout.init` (see the module docstring); ``fan``: (fan_in,
+    fan_out) for the Glorot/He schemes. Layers do not initialise their blocks themselves.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str = "weight"
+    fan: tuple[int, int] = (1, 1)
 
 
 @dataclass(frozen=True)

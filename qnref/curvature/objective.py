@@ -35,10 +35,9 @@ from typing import Any
 from .. import backend
 from ..nn.losses import Loss, get_loss
 from ..nn.model import Sequential
+from .derived import NonFiniteError, PointProducts
 
-
-class NonFiniteError(ValueError):
-    """θ, a direction or the data contain NaN/Inf."""
+__all__ = ["Objective", "Point", "PassCounter", "PointMethods", "NonFiniteError", "gram_matrix"]
 
 
 @dataclass
@@ -118,8 +117,6 @@ class PointMethods:
 
 
 class Objective(PointMethods):
-
-
     """f(θ) on a fixed batch (X, y). See the module docstring for the products.
 
     Parameters
@@ -181,6 +178,11 @@ class Objective(PointMethods):
     def dtype(self):
         return self.X.dtype
 
+    @property
+    def layout(self) -> Any:
+        """The :class:`~qnref.params.ParamLayout` of θ."""
+        return self.model.layout
+
     def at(self, theta: Any) -> "Point":
         """Run the forward pass at θ and return the :class:`Point` that reuses it."""
         self.model.layout.check(theta)
@@ -197,8 +199,14 @@ class Objective(PointMethods):
                          counter=self.counter, rng=self.rng, validate=False)
 
 
-class Point:
-    """The objective linearised at one θ: caches the forward pass (and the gradient once computed)."""
+class Point(PointProducts):
+    """The objective linearised at one θ: caches the forward pass (and the gradient once computed).
+
+    Implements the primitives of :class:`~qnref.curvature.protocol.PointPrimitives` with qnref's
+    layer passes and inherits the derived products from
+    :class:`~qnref.curvature.derived.PointProducts`; overrides ``gram`` (Kronecker trick) and
+    ``dz`` (cached).
+    """
 
     def __init__(self, obj: Objective, theta: Any):
         self.obj = obj
@@ -215,6 +223,10 @@ class Point:
     @property
     def N(self) -> int:
         return self.obj.n_samples
+
+    @property
+    def layout(self) -> Any:
+        return self.obj.model.layout
 
     @property
     def value(self) -> float:
@@ -236,12 +248,6 @@ class Point:
             self._dz = self.obj.loss.dz(self.z, self.obj.y)
         return self._dz
 
-    def _check_dir(self, v: Any, what: str = "v") -> None:
-        self.obj.model.layout.check(v, what)
-        backend.namespace(v, self.theta)
-        if v.dtype != self.theta.dtype:
-            raise TypeError(f"{what} is {v.dtype} but theta is {self.theta.dtype}")
-
     def _backward(self, gz: Any, call: str, **kw) -> Any:
         self.obj.counter.add("backward", self.N, call)
         return self.obj.model.backward(self.theta, self.caches, gz, **kw)
@@ -260,29 +266,37 @@ class Point:
             self._grad = g
         return self._grad
 
-    # -- Jacobian products ----------------------------------------------------------------
-    def jvp(self, v: Any) -> Any:
-        """J v: the directional derivative of the outputs, shape (N, *output_shape)."""
-        self._check_dir(v)
+    # -- primitives (PointPrimitives) -------------------------------------------------------
+    def local_jvp(self, v: Any) -> Any:
         return self._jvp(v)[0]
 
-    def vjp(self, u: Any) -> Any:
-        """Jᵀ u = Σᵢ Jᵢᵀ uᵢ for output-space u of the outputs' shape (no 1/N, no L2)."""
-        if tuple(u.shape) != tuple(self.z.shape):
-            raise ValueError(f"u must have the output shape {tuple(self.z.shape)}, got {tuple(u.shape)}")
-        return self._backward(u, "vjp")
+    def local_vjp(self, u: Any, call: str) -> Any:
+        return self._backward(u, call)
 
-    # -- curvature products -----------------------------------------------------------------
+    def local_loss_hvp(self, u: Any) -> Any:
+        return self.obj.loss.hvp(self.z, self.obj.y, u)
+
+    def local_output_grads(self, targets: Any) -> Any:
+        return self._fisher_dz(targets)
+
+    def check_independent(self, what: str) -> None:
+        self._check_coupling(what)
+
+    def rop(self, v: Any, N: int) -> tuple[Any, Any]:
+        """(Jᵀ dz / N, R{Jᵀ dz / N}) of this point's rows by Pearlmutter's R-op (forward R-pass,
+        then the R-op of the backward pass; Pearlmutter 1994 eq. 4–5), no L2 term; ``N`` is the
+        whole batch's size (the shard's own for one process)."""
+        self.check_direction(v)
+        jv, rcaches = self._jvp(v)
+        gz = self.dz / N
+        rgz = self.obj.loss.hvp(self.z, self.obj.y, jv) / N
+        self.obj.counter.add("backward", self.N, "hvp")
+        self.obj.counter.add("rbackward", self.N)
+        return self.obj.model.backward_rop(self.theta, self.caches, rcaches, gz, rgz, v)
+
     def hvp(self, v: Any) -> Any:
         """Exact ∇²f(θ) v by Pearlmutter's R-op (forward R-pass, then R-op of the backward pass)."""
-        self._check_dir(v)
-        jv, rcaches = self._jvp(v)
-        loss, y, N = self.obj.loss, self.obj.y, self.N
-        gz = self.dz / N
-        rgz = loss.hvp(self.z, y, jv) / N
-        self.obj.counter.add("backward", N, "hvp")
-        self.obj.counter.add("rbackward", N)
-        grad, hv = self.obj.model.backward_rop(self.theta, self.caches, rcaches, gz, rgz, v)
+        grad, hv = self.rop(v, self.N)
         if self._grad is None:
             if self.obj.l2:
                 grad += self.obj.l2 * self.theta
@@ -291,44 +305,21 @@ class Point:
             hv += self.obj.l2 * v
         return hv
 
-    def ggn_vp(self, v: Any) -> Any:
-        """Generalized Gauss-Newton product G v = (1/N) Jᵀ H_L J v + λ v."""
-        self._check_dir(v)
-        jv, _ = self._jvp(v)
-        gv = self._backward(self.obj.loss.hvp(self.z, self.obj.y, jv) / self.N, "ggn_vp")
-        if self.obj.l2:
-            gv += self.obj.l2 * v
-        return gv
-
     def sampled_targets(self) -> Any:
         """Targets ỹ ~ p(y | z) drawn once per point (so the sampled Fisher is a fixed matrix)."""
         if self._sampled is None:
             self._sampled = self.obj.loss.sample(self.z, self.obj.rng)
         return self._sampled
 
-    def _fisher_dz(self, kind: str) -> Any:
-        if kind == "empirical":
-            return self.dz
-        if kind == "sampled":
-            return self.obj.loss.dz(self.z, self.sampled_targets())
-        raise ValueError(f"unknown Fisher kind {kind!r}; choose 'empirical', 'sampled' or 'exact'")
-
-    def fisher_vp(self, v: Any, kind: str = "empirical") -> Any:
-        """F v for F = (1/N) Σᵢ gᵢ gᵢᵀ with gᵢ = Jᵢᵀ eᵢ (eᵢ = ∂ℓ/∂zᵢ at true or sampled targets).
-
-        Computed without per-example gradients: cᵢ = eᵢᵀ (J v)ᵢ, then F v = Jᵀ (c ⊙ e) / N.
-        ``kind="exact"`` is the expectation over ỹ, equal to (1/N) Jᵀ H_L J v for these losses.
-        """
-        if kind == "exact":
-            self._check_dir(v)
-            jv, _ = self._jvp(v)
-            return self._backward(self.obj.loss.hvp(self.z, self.obj.y, jv) / self.N, "fisher_vp")
-        self._check_coupling("fisher_vp")
-        e = self._fisher_dz(kind)
-        self._check_dir(v)
-        jv, _ = self._jvp(v)
-        c = (e * jv).reshape(self.N, -1).sum(axis=1)
-        return self._backward(e * (c / self.N).reshape((-1,) + (1,) * (e.ndim - 1)), "fisher_vp")
+    def _fisher_dz(self, targets: Any) -> Any:
+        """∂ℓ/∂z at the true targets ("empirical"), the point's ỹ ("sampled") or given targets."""
+        if isinstance(targets, str):
+            if targets == "empirical":
+                return self.dz
+            if targets == "sampled":
+                return self.obj.loss.dz(self.z, self.sampled_targets())
+            raise ValueError(f"unknown targets {targets!r}; choose 'empirical', 'sampled' or pass an array of targets")
+        return self.obj.loss.dz(self.z, self.obj.loss.check(tuple(self.z.shape), targets))
 
     # -- per-example quantities ---------------------------------------------------------------
     def _check_coupling(self, what: str) -> None:
@@ -338,13 +329,13 @@ class Point:
                 "mode (examples interact); build the Objective with train=False"
             )
 
-    def per_example_grads(self, targets: str = "empirical") -> Any:
+    def per_example_grads(self, targets: Any = "empirical") -> Any:
         """(N, n) rows gᵢ = ∇_θ ℓ(zᵢ, yᵢ) (data term, no 1/N)."""
         self._check_coupling("per_example_grads")
         self.obj.counter.add("backward", self.N, "per_example_grads")
         return self.obj.model.per_example_grads(self.theta, self.caches, self._fisher_dz(targets))
 
-    def layer_stats(self, targets: str = "empirical") -> dict:
+    def layer_stats(self, targets: Any = "empirical") -> dict:
         """Per Kronecker layer: {"a": āₗ₋₁, "g": gₗ, "kind": …} with gₗ = ∂ℓᵢ/∂hₗ per example.
 
         ``targets`` is "empirical" (true labels) or "sampled" (ỹ from the model, for the true
@@ -356,12 +347,11 @@ class Point:
         return taps
 
     def gram(self, kind: str = "grad") -> Any:
-        """Gram matrices of thesis ch. 5.
+        """Gram matrices of thesis ch. 5 (see :meth:`PointProducts.gram`).
 
-        ``kind="grad"``: the N × N matrix [gᵢᵀ gⱼ] of per-example gradients (SMW natural gradient).
-        ``kind="jacobian"``: the NC × NC matrix [Jᵢ Jⱼᵀ] of per-example output Jacobians, row
-        index i·C + c (SMW Gauss-Newton). For nets whose parametrized layers are all dense the
-        Kronecker trick Σₗ (Āₗ Āₗᵀ) ⊙ (Γₗ Γₗᵀ) is used and no n-vector per example is formed.
+        Override (faster): for nets whose parametrized layers are all dense the Kronecker trick
+        Σₗ (Āₗ Āₗᵀ) ⊙ (Γₗ Γₗᵀ) (Ren's thesis Alg. 17–22) is used and no n-vector per example is
+        formed; otherwise per-example gradients / per-class Jacobian rows.
         """
         return gram_matrix(self, kind)
 

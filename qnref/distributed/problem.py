@@ -53,6 +53,7 @@ from typing import Any, Sequence
 import numpy
 
 from .. import backend
+from ..curvature.derived import PointProducts
 from ..curvature.objective import Objective, PassCounter, PointMethods, gram_matrix
 from ..optim.base import Problem
 from .comm import Communicator, get_comm
@@ -157,6 +158,10 @@ class DistributedObjective(PointMethods):
         return self.problem.X.dtype
 
     @property
+    def layout(self) -> Any:
+        return self.model.layout
+
+    @property
     def X(self) -> Any:
         if self._X is None:
             self._X = self.problem.X[self.xp.asarray(self.idx)]
@@ -223,9 +228,17 @@ class DistributedTap(dict):
         return both[:k].reshape(sa.shape) / N, both[k:].reshape(sg.shape) / denom_g
 
 
-class DistributedPoint:
+class DistributedPoint(PointProducts):
     """The distributed objective linearised at θ (same interface as
-    :class:`~qnref.curvature.objective.Point`; row-space quantities are global)."""
+    :class:`~qnref.curvature.objective.Point`; row-space quantities are global).
+
+    Implements the primitives on the shard point ``local`` with ``reduce_sum`` = allreduce,
+    ``gather_rows`` = allgather of rows in rank order and ``local_rows`` = this rank's slice;
+    the derived products (``jvp``, ``vjp``, ``ggn_vp``, ``fisher_vp``, ``output_grads``) are
+    inherited from :class:`~qnref.curvature.derived.PointProducts`. Overrides: ``hvp`` (one
+    allreduce of [grad, Hv] when the gradient is not known yet) and ``gram`` (gathered taps,
+    Kronecker trick).
+    """
 
     def __init__(self, obj: DistributedObjective, theta: Any):
         self.obj = obj
@@ -245,20 +258,52 @@ class DistributedPoint:
         return self.obj.n_samples
 
     @property
+    def layout(self) -> Any:
+        return self.obj.model.layout
+
+    @property
     def comm(self) -> Communicator:
         return self.obj.comm
 
-    def _rows(self, x: Any) -> Any:
+    # -- primitives (PointPrimitives) -------------------------------------------------------
+    def reduce_sum(self, x: Any) -> Any:
+        return self.comm.allreduce_sum(x)
+
+    def gather_rows(self, x: Any) -> Any:
         return self.comm.allgather_rows(x, self.obj.counts)
 
-    def _sum(self, x: Any) -> Any:
-        return self.comm.allreduce_sum(x)
+    def local_rows(self, u: Any) -> Any:
+        return u[self.obj.lo : self.obj.hi]
+
+    def check_independent(self, what: str) -> None:
+        self.local.check_independent(what)
+
+    @_synced
+    def local_jvp(self, v: Any) -> Any:
+        return self.local.local_jvp(v)
+
+    @_synced
+    def local_vjp(self, u: Any, call: str) -> Any:
+        return self.local.local_vjp(u, call)
+
+    def local_loss_hvp(self, u: Any) -> Any:
+        return self.local.local_loss_hvp(u)
+
+    def local_output_grads(self, targets: Any) -> Any:
+        if isinstance(targets, str):
+            self._prepare(targets)
+            return self.local.local_output_grads(targets)
+        return self.local.local_output_grads(self.local_rows(targets))
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.N,) + tuple(self.local.z.shape[1:])
 
     # -- values -----------------------------------------------------------------------------
     @property
     def value(self) -> float:
         if self._value is None:
-            s = self._sum(float(self.local.losses.sum()))
+            s = self.reduce_sum(float(self.local.losses.sum()))
             v = s / self.N
             if self.obj.l2:
                 v = v + 0.5 * self.obj.l2 * float(self.theta @ self.theta)
@@ -268,80 +313,50 @@ class DistributedPoint:
     @property
     def losses(self) -> Any:
         if self._losses is None:
-            self._losses = self._rows(self.local.losses)
+            self._losses = self.gather_rows(self.local.losses)
         return self._losses
 
     @property
     def z(self) -> Any:
         """Network outputs of the global batch (gathered)."""
         if self._z is None:
-            self._z = self._rows(self.local.z)
+            self._z = self.gather_rows(self.local.z)
         return self._z
 
     @property
     def dz(self) -> Any:
         if self._dz is None:
-            self._dz = self._rows(self.local.dz)
+            self._dz = self.gather_rows(self.local.dz)
         return self._dz
 
     @property
     @_synced
     def grad(self) -> Any:
         if self._grad is None:
-            g = self._sum(self.local._backward(self.local.dz / self.N, "grad"))
+            g = self.reduce_sum(self.local._backward(self.local.dz / self.N, "grad"))
             if self.obj.l2:
                 g += self.obj.l2 * self.theta
             self._grad = g
         return self._grad
 
-    # -- Jacobian products --------------------------------------------------------------------
-    @_synced
-    def jvp(self, v: Any) -> Any:
-        """J v for the global batch (B, *output_shape), gathered."""
-        return self._rows(self.local.jvp(v))
-
-    @_synced
-    def vjp(self, u: Any) -> Any:
-        """Jᵀ u = Σᵢ Jᵢᵀ uᵢ for u of the global output shape (no 1/N, no L2)."""
-        shape = (self.N,) + tuple(self.local.z.shape[1:])
-        if tuple(u.shape) != shape:
-            raise ValueError(f"u must have the output shape {shape}, got {tuple(u.shape)}")
-        return self._sum(self.local._backward(u[self.obj.lo : self.obj.hi], "vjp"))
-
     # -- curvature products -------------------------------------------------------------------
     @_synced
     def hvp(self, v: Any) -> Any:
-        loc, N, xp = self.local, self.N, self.xp
-        loc._check_dir(v)
-        jv, rcaches = loc._jvp(v)
-        loss, y, n = loc.obj.loss, loc.obj.y, loc.N
-        gz = loc.dz / N
-        rgz = loss.hvp(loc.z, y, jv) / N
-        loc.obj.counter.add("backward", n, "hvp")
-        loc.obj.counter.add("rbackward", n)
-        g_loc, hv_loc = loc.obj.model.backward_rop(self.theta, loc.caches, rcaches, gz, rgz, v)
+        """Exact ∇²f v: the shard's R-op with the global 1/N, summed over ranks (the gradient
+        rides along in the same allreduce when it is not known yet)."""
+        g_loc, hv_loc = self.local.rop(v, self.N)
         if self._grad is None:
             nn = g_loc.shape[0]
-            both = self._sum(xp.concatenate([g_loc, hv_loc]))
+            both = self.reduce_sum(self.xp.concatenate([g_loc, hv_loc]))
             grad, hv = both[:nn].copy(), both[nn:].copy()
             if self.obj.l2:
                 grad += self.obj.l2 * self.theta
             self._grad = grad
         else:
-            hv = self._sum(hv_loc)
+            hv = self.reduce_sum(hv_loc)
         if self.obj.l2:
             hv += self.obj.l2 * v
         return hv
-
-    @_synced
-    def ggn_vp(self, v: Any) -> Any:
-        loc = self.local
-        loc._check_dir(v)
-        jv, _ = loc._jvp(v)
-        gv = self._sum(loc._backward(loc.obj.loss.hvp(loc.z, loc.obj.y, jv) / self.N, "ggn_vp"))
-        if self.obj.l2:
-            gv += self.obj.l2 * v
-        return gv
 
     def sampled_targets(self) -> Any:
         """ỹ ~ p(y | z) for the global batch, drawn once per point from the shared device RNG."""
@@ -349,36 +364,25 @@ class DistributedPoint:
             self._sampled = self.obj.loss.sample(self.z, self.obj.rng)
         return self._sampled
 
-    def _prepare(self, kind: str) -> None:
+    def _prepare(self, kind: Any) -> None:
         """Give the shard point its slice of the globally drawn targets (before any local use)."""
-        if kind == "sampled" and self.local._sampled is None:
+        if isinstance(kind, str) and kind == "sampled" and self.local._sampled is None:
             self.local._sampled = self.sampled_targets()[self.obj.lo : self.obj.hi]
-
-    @_synced
-    def fisher_vp(self, v: Any, kind: str = "empirical") -> Any:
-        loc, N = self.local, self.N
-        if kind == "exact":
-            loc._check_dir(v)
-            jv, _ = loc._jvp(v)
-            return self._sum(loc._backward(loc.obj.loss.hvp(loc.z, loc.obj.y, jv) / N, "fisher_vp"))
-        loc._check_coupling("fisher_vp")
-        self._prepare(kind)
-        e = loc._fisher_dz(kind)
-        loc._check_dir(v)
-        jv, _ = loc._jvp(v)
-        c = (e * jv).reshape(loc.N, -1).sum(axis=1)
-        return self._sum(loc._backward(e * (c / N).reshape((-1,) + (1,) * (e.ndim - 1)), "fisher_vp"))
 
     # -- per-example quantities ---------------------------------------------------------------
     @_synced
-    def per_example_grads(self, targets: str = "empirical") -> Any:
+    def per_example_grads(self, targets: Any = "empirical") -> Any:
         self._prepare(targets)
-        return self._rows(self.local.per_example_grads(targets))
+        if not isinstance(targets, str):
+            targets = self.local_rows(targets)
+        return self.gather_rows(self.local.per_example_grads(targets))
 
     @_synced
-    def layer_stats(self, targets: str = "empirical") -> dict:
+    def layer_stats(self, targets: Any = "empirical") -> dict:
         """Per Kronecker layer a :class:`DistributedTap` (factors by allreduce, rows on demand)."""
         self._prepare(targets)
+        if not isinstance(targets, str):
+            targets = self.local_rows(targets)
         return {name: DistributedTap(self, t) for name, t in self.local.layer_stats(targets).items()}
 
     @_synced
@@ -388,7 +392,7 @@ class DistributedPoint:
         Rows are gathered (see the module table for the volume) and the Gram is formed on every
         rank with the Kronecker trick (dense nets) or from gathered per-example rows.
         """
-        return gram_matrix(self.local, kind, rows=self._rows)
+        return gram_matrix(self.local, kind, rows=self.gather_rows)
 
 
 class DistributedProblem(Problem):

@@ -29,33 +29,20 @@ Optional passes:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..params import ParamSpec  # noqa: F401 - re-exported: the layer modules import it from here
 
 Shape = tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter block of a layer: its name, shape and initialiser.
-
-    ``init(rng, shape, xp, dtype, scheme)`` returns a host or device array of ``shape``.
-    ``fan`` gives (fan_in, fan_out) for the Glorot/He schemes.
-    """
-
-    name: str
-    shape: Shape
-    kind: str = "weight"  # "weight" (W̄ = [W b]), "scale", "shift" — used by initialisers
-    fan: tuple[int, int] = (1, 1)
-
-
 @dataclass
 class Ctx:
-    """Per-call context: training mode, a tap collector, and the layer-path prefix."""
+    """Per-call context: the training mode and, when asked for, a dict that collects taps."""
 
     train: bool = True
     taps: dict | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Layer:
@@ -130,5 +117,3 @@ def walk(layers: Sequence[Layer]) -> list[Layer]:
         out.extend(walk(layer.sublayers()))
     return out
 
-
-Initializer = Callable[..., Any]

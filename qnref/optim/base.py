@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import numpy
 
 from .. import backend
-from ..curvature.objective import NonFiniteError, Objective, PassCounter, Point
+from ..curvature.objective import NonFiniteError, Objective, PassCounter
+from ..curvature.protocol import ObjectiveProtocol, PointProtocol
 from ..nn.losses import Loss, get_loss
 from ..nn.model import Sequential
 
@@ -68,6 +69,9 @@ class Problem:
                   progress checks); does not advance the epoch stream.
     full()        the whole training set.
     subset(idx)   given indices.
+
+    It implements :class:`~qnref.curvature.protocol.ProblemProtocol`; the torch and JAX problems
+    subclass it and replace only the objectives (``_full`` and :meth:`subset`).
     """
 
     def __init__(
@@ -91,13 +95,22 @@ class Problem:
         self.X, self.y = X, self._full.y
         self.l2 = float(l2)
         self.train = train
+        self._start_stream(seed, self._full.rng)
+
+    def _start_stream(self, seed: int, device_rng: Any) -> None:
+        """The shared counter, the host index stream from ``seed`` and the device generator."""
         self.counter = self._full.counter
         self.rng = numpy.random.default_rng(seed)
-        self.device_rng = self._full.rng
+        self.device_rng = device_rng
         self._perm = self.rng.permutation(self.n_samples)
         self._pos = 0
         self.samples_drawn = 0
         self.epoch_passes = 0
+
+    @property
+    def layout(self) -> Any:
+        """The :class:`~qnref.params.ParamLayout` of θ (``model.layout``)."""
+        return self.model.layout
 
     @property
     def n_samples(self) -> int:
@@ -229,7 +242,7 @@ def check_int(name: str, value: int, minimum: int = 1) -> int:
     return int(value)
 
 
-def try_point(obj: Objective, theta: Any) -> Point | None:
+def try_point(obj: "ObjectiveProtocol", theta: Any) -> "PointProtocol | None":
     """The objective at θ, or ``None`` when θ or the loss/gradient there are not finite.
 
     Optimizers use this for trial points: a non-finite trial is rejected, never accepted.
@@ -241,10 +254,6 @@ def try_point(obj: Objective, theta: Any) -> Point | None:
     if not math.isfinite(p.value):
         return None
     return p
-
-
-def finite_grad(p: Point) -> bool:
-    return backend.all_finite(p.grad)
 
 
 # -- state (de)serialisation for checkpoints -------------------------------------------------------
