@@ -4,14 +4,22 @@
 (λ/2)‖θ‖² where θ = ``jax.flatten_util.ravel_pytree(params)[0]`` (the pytree's leaves in
 ``jax.tree_util`` order, each flattened row-major). ``loss`` is a qnref name (qnref's exact
 conventions, :func:`qnref_jax.compare.jax_loss`) or any ``loss(z, y) -> scalar``.
-``obj.at(θ)`` returns a point with ``value``, ``grad``, ``hvp(v)`` (jvp of grad), ``ggn_vp(v)``,
-``jvp``, ``vjp``, ``per_example_grads`` and ``fisher_vp`` (kinds "empirical", "sampled" with
-``jax.random`` draws or explicit targets, "exact" = GGN without L2) — what qnref's optimizers use.
-:class:`JaxProblem` is qnref's :class:`~qnref.optim.base.Problem` over it (same batch stream for
-the same seed). Value, gradient and products are ``jax.jit``-compiled per batch shape.
+``obj.at(θ)`` returns a :class:`JaxPoint` implementing the point protocol of
+:mod:`qnref.curvature.protocol`: primitives ``value``, ``grad``, ``z``, ``hvp(v)`` (jvp of grad),
+``local_jvp``, ``local_vjp``, ``local_loss_hvp``/``local_output_grads`` (``vmap`` over examples of
+the loss on a batch of one, ℓᵢ = loss(zᵢ[None], yᵢ[None])), ``per_example_grads``,
+``sampled_targets`` (``jax.random`` draws); derived products inherited from
+:class:`~qnref.curvature.derived.PointProducts` (``jvp``, ``vjp``, ``ggn_vp``, ``fisher_vp`` kinds
+"empirical", "sampled" (own draws or explicit targets), "exact" = GGN without L2, ``gram``), the
+Gauss-Newton data term overridden by one fused jitted function (faster: one XLA call instead of
+three). ``layer_stats`` raises :class:`~qnref.curvature.protocol.UnsupportedProductError` (an
+``apply_fn`` has no Kronecker layer structure). :class:`JaxProblem` is qnref's
+:class:`~qnref.optim.base.Problem` over it (same batch stream for the same seed). Value, gradient
+and products are ``jax.jit``-compiled per batch shape.
 
-float64: the constructor calls ``jax.config.update("jax_enable_x64", True)`` (process-wide) so
-that a float64 θ stays float64; a float32 θ works too (the params' dtype decides).
+float64: when a leaf of ``params`` is float64, every JAX call of the objective and its points runs
+inside ``jax.enable_x64(True)`` (``jax.experimental.enable_x64`` in older JAX) — scoped, the
+process-wide ``jax_enable_x64`` flag is left alone; float32 params compute in float32.
 
 Copies: θ and v enter JAX with ``jnp.asarray`` (host NumPy → a JAX CPU buffer; one copy unless JAX
 can alias the host memory) or ``jax.dlpack.from_dlpack`` for CuPy arrays (zero-copy on the GPU).
@@ -35,17 +43,20 @@ Limits: ``update`` runs host-side NumPy code, so it cannot be called inside ``ja
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import numpy
 
 from qnref import backend
+from qnref.curvature.derived import PointProducts
 from qnref.curvature.objective import NonFiniteError, PassCounter, PointMethods
+from qnref.curvature.structure import OpaqueModel, layout_of, no_layer_structure
 from qnref.optim.base import Problem
 
 from .compare import jax_loss
-from .convert import enable_x64
 
 __all__ = ["JaxObjective", "JaxPoint", "JaxProblem", "as_gradient_transformation", "GradientTransformation"]
 
@@ -65,6 +76,30 @@ def _from_jax(a: Any, like: Any = None) -> Any:
         cp = backend.xp_for_device("gpu")
         return cp.array(cp.from_dlpack(a))  # copy: JAX buffers are immutable
     return numpy.array(a)  # writable host copy
+
+
+def x64_scope(on: bool = True) -> Any:
+    """``jax.enable_x64(True)`` as a context (``jax.experimental.enable_x64`` in older JAX), or a no-op."""
+    if not on:
+        return contextlib.nullcontext()
+    import jax
+
+    cm = getattr(jax, "enable_x64", None)
+    if cm is None:  # pragma: no cover - older JAX
+        from jax.experimental import enable_x64 as cm
+    return cm(True)
+
+
+def _scoped(fn: Callable) -> Callable:
+    """Run a method of a JAX objective (``self``) or point (``self.obj``) inside its x64 scope."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        obj = getattr(self, "obj", self)
+        with x64_scope(obj.float64):
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 class _Funcs:
@@ -90,10 +125,6 @@ class _Funcs:
             hjv = jax.jvp(jax.grad(lambda zz: loss_fn(zz, y)), (z,), (jv,))[1]
             return jax.vjp(lambda s: net(s, X), t)[1](hjv)[0]
 
-        def ggn(t, v, X, y):
-            gv = ggn0(t, v, X, y)
-            return gv + l2 * v if l2 else gv
-
         def jvp(t, v, X):
             return jax.jvp(lambda s: net(s, X), (t,), (v,))[1]
 
@@ -103,40 +134,70 @@ class _Funcs:
         def pex(t, X, y):
             return jax.vmap(jax.grad(lambda s, x, yy: loss_fn(net(s, x[None]), yy[None])), in_axes=(None, 0, 0))(t, X, y)
 
+        def example_loss(zi, yi):
+            return loss_fn(zi[None], yi[None])
+
+        def out_grads(z, y):
+            return jax.vmap(jax.grad(example_loss))(z, y)
+
+        def loss_hvp(z, u, y):
+            return jax.vmap(lambda zi, yi, ui: jax.jvp(lambda s: jax.grad(example_loss)(s, yi), (zi,), (ui,))[1])(z, y, u)
+
         self.net = jax.jit(net)
         self.value = jax.jit(f)
         self.value_and_grad = jax.jit(jax.value_and_grad(f))
-        self.hvp, self.ggn, self.ggn0, self.jvp, self.vjp, self.pex = (jax.jit(g) for g in (hvp, ggn, ggn0, jvp, vjp, pex))
+        self.hvp, self.ggn0, self.jvp, self.vjp, self.pex, self.out_grads, self.loss_hvp = (
+            jax.jit(g) for g in (hvp, ggn0, jvp, vjp, pex, out_grads, loss_hvp))
 
 
 class JaxObjective(PointMethods):
     """f(θ) on a fixed batch over a pure JAX model; see the module docstring."""
 
     def __init__(self, apply_fn: Callable, loss: Any, params: Any, X: Any, y: Any, l2: float = 0.0, *,
-                 counter: PassCounter | None = None, _funcs: _Funcs | None = None):
-        enable_x64()
+                 counter: PassCounter | None = None, _funcs: _Funcs | None = None, _model: OpaqueModel | None = None):
+        import jax
         from jax.flatten_util import ravel_pytree
 
         if not (l2 >= 0) or l2 != l2:
             raise ValueError(f"l2 must be a finite non-negative number, got {l2}")
         self.apply_fn, self.loss, self.params = apply_fn, loss, params
         self.l2 = float(l2)
-        flat, self.unravel = ravel_pytree(params)
+        self.float64 = any(numpy.dtype(getattr(a, "dtype", numpy.float64)) == numpy.float64
+                           for a in jax.tree_util.tree_leaves(params))
+        with x64_scope(self.float64):
+            flat, self.unravel = ravel_pytree(params)
+            self.X, self.y = _to_jax(X), _to_jax(y)
         self.n_params = int(flat.shape[0])
         self.param_dtype = numpy.dtype(flat.dtype)
         loss_fn = jax_loss(loss) if isinstance(loss, str) else loss
         if not callable(loss_fn):
             raise TypeError("loss must be a qnref loss name or a callable loss(z, y)")
         self._f = _funcs if _funcs is not None else _Funcs(apply_fn, loss_fn, self.unravel, self.l2)
-        self.X, self.y = _to_jax(X), _to_jax(y)
         if self.X.shape[0] != self.y.shape[0]:
             raise ValueError(f"X has {self.X.shape[0]} examples but y has {self.y.shape[0]}")
         self.counter = counter if counter is not None else PassCounter()
+        if _model is None:
+            leaves = jax.tree_util.tree_flatten_with_path(params)[0]  # ravel_pytree's order
+            blocks = [(jax.tree_util.keystr(path) or "theta", numpy.shape(leaf)) for path, leaf in leaves]
+            _model = OpaqueModel(apply_fn, layout_of(blocks), "jax")
+        self.model = _model
+
+    xp = numpy  # θ and results are NumPy arrays (CuPy θ are accepted and answered in CuPy)
 
     @property
     def n_samples(self) -> int:
         return int(self.X.shape[0])
 
+    @property
+    def layout(self) -> Any:
+        """θ's blocks: the pytree's leaves in ``jax.tree_util`` order, row-major."""
+        return self.model.layout
+
+    @property
+    def dtype(self):
+        return self.param_dtype
+
+    @_scoped
     def ravel(self, params: Any) -> numpy.ndarray:
         """Flat writable NumPy θ of a params pytree."""
         from jax.flatten_util import ravel_pytree
@@ -150,20 +211,25 @@ class JaxObjective(PointMethods):
             raise NonFiniteError("theta contains NaN or Inf")
         return JaxPoint(self, theta)
 
+    @_scoped
     def subset(self, idx: Any) -> "JaxObjective":
         import jax.numpy as jnp
 
         i = jnp.asarray(numpy.asarray(backend.to_numpy(idx), dtype=numpy.int64))
         return JaxObjective(self.apply_fn, self.loss, self.params, self.X[i], self.y[i], self.l2, counter=self.counter,
-                            _funcs=self._f)
+                            _funcs=self._f, _model=self.model)
 
 
-class JaxPoint:
+class JaxPoint(PointProducts):
+    """f linearised at one θ over a JAX model (primitives jitted; see the module docstring)."""
+
     def __init__(self, obj: JaxObjective, theta: Any):
         self.obj, self.theta = obj, theta
-        self._t = _to_jax(theta)
+        with x64_scope(obj.float64):
+            self._t = _to_jax(theta)
         self._value = None
         self._grad = None
+        self._z = self._zj = self._e = None
         self._sampled = None
         obj.counter.add("forward", obj.n_samples, "forward")
 
@@ -171,16 +237,26 @@ class JaxPoint:
     def N(self) -> int:
         return self.obj.n_samples
 
+    @property
+    def xp(self) -> Any:
+        return backend.namespace(self.theta)
+
+    @property
+    def layout(self) -> Any:
+        return self.obj.layout
+
     def _out(self, a):
         return _from_jax(a, self.theta)
 
     @property
+    @_scoped
     def value(self) -> float:
         if self._value is None:
             self._value = float(self.obj._f.value(self._t, self.obj.X, self.obj.y))
         return self._value
 
     @property
+    @_scoped
     def grad(self) -> Any:
         if self._grad is None:
             val, g = self.obj._f.value_and_grad(self._t, self.obj.X, self.obj.y)
@@ -189,29 +265,79 @@ class JaxPoint:
             self._grad = self._out(g)
         return self._grad
 
+    @property
+    @_scoped
+    def _z_jax(self) -> Any:
+        if self._zj is None:
+            self._zj = self.obj._f.net(self._t, self.obj.X)
+        return self._zj
+
+    @property
+    def z(self) -> Any:
+        """Network outputs (N, *output_shape) as a NumPy/CuPy array."""
+        if self._z is None:
+            self._z = self._out(self._z_jax)
+        return self._z
+
+    # -- primitives (PointPrimitives) -------------------------------------------------------
+    @_scoped
     def hvp(self, v: Any) -> Any:
+        """∇²f v by forward-over-reverse autodiff of f (λ v included)."""
+        self.check_direction(v)
         c = self.obj.counter
         c.add("rforward", self.N), c.add("backward", self.N, "hvp"), c.add("rbackward", self.N)
         return self._out(self.obj._f.hvp(self._t, _to_jax(v), self.obj.X, self.obj.y))
 
-    def ggn_vp(self, v: Any) -> Any:
-        self.obj.counter.add("rforward", self.N), self.obj.counter.add("backward", self.N, "ggn_vp")
-        return self._out(self.obj._f.ggn(self._t, _to_jax(v), self.obj.X, self.obj.y))
+    @_scoped
+    def _gauss_newton(self, v: Any, call: str) -> Any:
+        """Override (faster): (1/N) Jᵀ H_L J v as one fused jitted function instead of three calls."""
+        self.check_direction(v)
+        self.obj.counter.add("rforward", self.N), self.obj.counter.add("backward", self.N, call)
+        return self._out(self.obj._f.ggn0(self._t, _to_jax(v), self.obj.X, self.obj.y))
 
-    def jvp(self, v: Any) -> Any:
+    @_scoped
+    def local_jvp(self, v: Any) -> Any:
         self.obj.counter.add("rforward", self.N)
         return self._out(self.obj._f.jvp(self._t, _to_jax(v), self.obj.X))
 
-    def vjp(self, u: Any) -> Any:
-        self.obj.counter.add("backward", self.N, "vjp")
+    @_scoped
+    def local_vjp(self, u: Any, call: str) -> Any:
+        self.obj.counter.add("backward", self.N, call)
         return self._out(self.obj._f.vjp(self._t, _to_jax(u), self.obj.X))
 
-    def per_example_grads(self, targets: Any = None) -> Any:
-        """(N, n) rows ∇ℓᵢ (data term); ``targets`` replaces the true y (e.g. sampled ỹ)."""
-        self.obj.counter.add("backward", self.N, "per_example_grads")
-        y = self.obj.y if targets is None else _to_jax(targets)
-        return self._out(self.obj._f.pex(self._t, self.obj.X, y))
+    @_scoped
+    def local_loss_hvp(self, u: Any) -> Any:
+        return self._out(self.obj._f.loss_hvp(self._z_jax, _to_jax(u), self.obj.y))
 
+    def _targets(self, targets: Any) -> Any:
+        if targets is None or (isinstance(targets, str) and targets == "empirical"):
+            return self.obj.y
+        if isinstance(targets, str):
+            if targets == "sampled":
+                return self.sampled_targets()
+            raise ValueError(f"unknown targets {targets!r}; choose 'empirical', 'sampled' or pass an array of targets")
+        return _to_jax(targets)
+
+    @_scoped
+    def local_output_grads(self, targets: Any) -> Any:
+        empirical = targets is None or (isinstance(targets, str) and targets == "empirical")
+        if empirical and self._e is not None:
+            return self._e
+        e = self._out(self.obj._f.out_grads(self._z_jax, self._targets(targets)))
+        if empirical:
+            self._e = e
+        return e
+
+    @_scoped
+    def per_example_grads(self, targets: Any = "empirical") -> Any:
+        """(N, n) rows ∇ℓᵢ (data term); ``targets`` "empirical" (or ``None``), "sampled" or an array replacing y."""
+        self.obj.counter.add("backward", self.N, "per_example_grads")
+        return self._out(self.obj._f.pex(self._t, self.obj.X, self._targets(targets)))
+
+    def layer_stats(self, targets: Any = "empirical") -> dict:
+        raise no_layer_structure("layer_stats (the Kronecker layer taps)", "jax")
+
+    @_scoped
     def sampled_targets(self, key: Any = None) -> Any:
         """Targets ỹ ~ p(y | z) from the model's predictive distribution, drawn once per point.
 
@@ -230,7 +356,7 @@ class JaxPoint:
                 raise ValueError(f"cannot sample targets for the loss {loss!r} (no known predictive distribution); "
                                  "pass targets= to fisher_vp(v, 'sampled', targets=...)")
             k = jax.random.PRNGKey(0 if key is None else key) if key is None or isinstance(key, int) else key
-            z = self.obj._f.net(self._t, self.obj.X)
+            z = self._z_jax
             if name == "softmax_ce":
                 self._sampled = jax.random.categorical(k, z, axis=1)
             elif name == "mse":
@@ -240,55 +366,41 @@ class JaxPoint:
         return self._sampled
 
     def fisher_vp(self, v: Any, kind: str = "empirical", *, targets: Any = None, key: Any = None) -> Any:
-        """F v (data term, no L2) — ``"empirical"`` (true targets), ``"sampled"`` (``targets`` if given,
-        else :meth:`sampled_targets` with ``key``) or ``"exact"`` (the GGN without L2, the expected
-        Fisher for qnref's canonical losses). See :meth:`qnref_torch.TorchPoint.fisher_vp`."""
-        if kind == "exact":
-            self.obj.counter.add("rforward", self.N), self.obj.counter.add("backward", self.N, "fisher_vp")
-            return self._out(self.obj._f.ggn0(self._t, _to_jax(v), self.obj.X, self.obj.y))
-        if kind == "empirical":
-            if targets is not None:
-                raise ValueError("targets are for kind='sampled'; 'empirical' uses the true targets")
-            G = self.per_example_grads()
-        elif kind == "sampled":
-            G = self.per_example_grads(targets if targets is not None else self.sampled_targets(key))
-        else:
-            raise ValueError(f"unknown Fisher kind {kind!r}; choose 'empirical', 'sampled' or 'exact'")
-        vv = backend.to_numpy(v) if not backend.is_cupy_array(G) else v
-        return G.T @ (G @ vv) / self.N
+        """F v (data term, no L2): :meth:`PointProducts.fisher_vp` plus ``key`` for the point's own
+        draws of ỹ (kind "sampled" without ``targets``). See :meth:`qnref_torch.TorchPoint.fisher_vp`."""
+        if kind == "sampled" and targets is None and key is not None:
+            targets = self.sampled_targets(key)
+        return super().fisher_vp(v, kind, targets=targets)
 
 
 class JaxProblem(Problem):
-    """qnref's :class:`~qnref.optim.base.Problem` over a :class:`JaxObjective` (same batch stream per seed)."""
+    """qnref's :class:`~qnref.optim.base.Problem` over a :class:`JaxObjective` (same batch stream per seed).
+
+    ``model`` is the :class:`~qnref.curvature.structure.OpaqueModel` (layout, no Kronecker layers);
+    the apply function is ``apply_fn``.
+    """
 
     def __init__(self, apply_fn: Callable, loss: Any, params: Any, X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
                  counter: PassCounter | None = None):
         self._full = JaxObjective(apply_fn, loss, params, X, y, l2, counter=counter)
-        self.model = apply_fn
+        self.apply_fn = apply_fn
+        self.model = self._full.model
         self.loss = loss
         self.X, self.y = self._full.X, self._full.y
         self.xp = numpy
         self.l2 = float(l2)
         self.train = True
-        self.counter = self._full.counter
-        self.rng = numpy.random.default_rng(seed)
-        self.device_rng = backend.default_rng(seed + 1)
-        self._perm = self.rng.permutation(self.n_samples)
-        self._pos = 0
-        self.samples_drawn = 0
-        self.epoch_passes = 0
+        self._start_stream(seed, backend.default_rng(seed + 1))
 
     def subset(self, idx: Any) -> JaxObjective:
         return self._full.subset(idx)
-
-    def full(self) -> JaxObjective:
-        return self._full
 
     def get_theta(self, params: Any = None) -> numpy.ndarray:
         return self._full.ravel(self._full.params if params is None else params)
 
     def unravel(self, theta: Any) -> Any:
-        return self._full.unravel(_to_jax(theta))
+        with x64_scope(self._full.float64):
+            return self._full.unravel(_to_jax(theta))
 
 
 class GradientTransformation(NamedTuple):

@@ -1,10 +1,12 @@
 """An :class:`~qnref.curvature.objective.Objective` twin over an arbitrary torch model (torch.func).
 
-qnref's optimizers only touch an objective through ``problem.batch/sample/full/subset`` →
-``obj.at(θ)`` → a point's ``value``, ``grad``, ``hvp(v)``, ``ggn_vp(v)`` (plus ``obj.n_samples``,
-``problem.n_samples``, ``problem.counter``, ``problem.rng``). :class:`TorchObjective` and
-:class:`TorchProblem` provide exactly that for any ``nn.Module`` (not only convertible ones), so
-quasi-Newton, trust-region and Hessian-free methods run on torch models unchanged::
+qnref's optimizers only touch an objective through the protocol of
+:mod:`qnref.curvature.protocol` (``problem.batch/sample/full/subset`` → ``obj.at(θ)`` → a point's
+products). :class:`TorchProblem`, :class:`TorchObjective` and :class:`TorchPoint` implement it for
+any ``nn.Module`` (not only convertible ones), so quasi-Newton, trust-region, Hessian-free,
+sampled and SMW methods run on torch models unchanged; Kronecker methods (KFAC, K-BFGS, Shampoo,
+TNT) need qnref's layer structure and raise
+:class:`~qnref.curvature.protocol.UnsupportedProductError` (convert the model instead)::
 
     problem = TorchProblem(net, "softmax_ce", X, y, l2=1e-4, seed=0)
     theta = problem.get_theta()                 # flat NumPy copy of the trainable parameters
@@ -23,13 +25,17 @@ Objective
     ``loss(z, y) -> scalar`` used *as is* (it is f's data term, so use a mean reduction to match
     qnref's scaling).
 
-Products (all through ``torch.func.functional_call`` with θ split into views):
+Products (all through ``torch.func.functional_call`` with θ split into views). The point
+implements the primitives and inherits the derived products
+(:class:`~qnref.curvature.derived.PointProducts`):
     value + grad: one forward with autograd, the backward on first use of ``grad``;
     hvp: forward-over-reverse ``jvp(grad(f))`` (reverse-over-reverse if an op lacks forward mode);
-    ggn_vp: Jᵀ (∇²_z loss) J v + λ v — ``jvp`` of the net, jvp-of-grad of the loss in z, ``vjp``;
-    jvp, vjp, per_example_grads (``vmap`` of ``grad``), fisher_vp with kind "empirical", "sampled"
-    (targets drawn from the model's predictive distribution with a ``torch.Generator``, or passed
-    explicitly) and "exact" (the GGN without L2).
+    local_jvp / local_vjp: ``torch.func.jvp`` / ``vjp`` of the net;
+    local_loss_hvp, local_output_grads, per_example_grads: ``vmap`` over examples of the loss on a
+    batch of one, ℓᵢ = loss(zᵢ[None], yᵢ[None]) (so f's data term must be the mean of the ℓᵢ);
+    derived: ggn_vp = Jᵀ H_L J v / N + λ v, fisher_vp "empirical", "sampled" (targets drawn from
+    the model's predictive distribution with a ``torch.Generator``, or passed explicitly) and
+    "exact" (the GGN without L2), gram; layer_stats raises UnsupportedProductError.
     BatchNorm layers in training mode are made stateless (batch statistics, no running-stat
     updates) during every evaluation: see :func:`qnref_torch.compare.drop_running_stats`.
 
@@ -53,7 +59,9 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from qnref import backend
+from qnref.curvature.derived import PointProducts
 from qnref.curvature.objective import NonFiniteError, PassCounter, PointMethods
+from qnref.curvature.structure import OpaqueModel, layout_of, no_layer_structure
 from qnref.optim.base import Problem
 
 from .compare import torch_hvp
@@ -141,6 +149,13 @@ class _Params:
         self.device = devs.pop()
         if self.dtype not in _NP_OF_TORCH:
             raise TypeError(f"parameters are {self.dtype}; qnref works in float32 or float64")
+        self.xp = backend.xp_for_device("gpu") if self.device.type == "cuda" else numpy
+        self.structure = OpaqueModel(module, layout_of(list(zip(self.names, self.shapes))), "torch")
+
+    @property
+    def couples_examples(self) -> bool:
+        """True when a BatchNorm layer is in training mode (its batch statistics couple the examples)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.module.modules())
 
     def split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         out, off = {}, 0
@@ -190,6 +205,22 @@ class TorchObjective(PointMethods):
     def dtype(self):
         return numpy.dtype(_NP_OF_TORCH[self._p.dtype])
 
+    @property
+    def xp(self) -> Any:
+        """NumPy (CPU model) or CuPy (CUDA model): the array library of θ and of the results."""
+        return self._p.xp
+
+    @property
+    def layout(self) -> Any:
+        """θ's blocks: the trainable parameters in ``named_parameters()`` order, row-major."""
+        return self._p.structure.layout
+
+    @property
+    def model(self) -> OpaqueModel:
+        """The :class:`~qnref.curvature.protocol.ModelStructure` (layout only; no Kronecker layers)."""
+        self._p.structure.couples_examples = self._p.couples_examples
+        return self._p.structure
+
     def net(self, theta: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
         with _stateless_bn(self.module):
             return functional_call(self.module, self._p.split(theta), (self.X if X is None else X,))
@@ -214,8 +245,13 @@ class TorchObjective(PointMethods):
                               _params=self._p)
 
 
-class TorchPoint:
-    """f linearised at one θ (the forward pass and its autograd graph are kept for ``grad``)."""
+class TorchPoint(PointProducts):
+    """f linearised at one θ (the forward pass and its autograd graph are kept for ``grad``).
+
+    Primitives: ``value``, ``grad``, ``z``, ``hvp``, ``local_jvp``, ``local_vjp``,
+    ``local_loss_hvp``, ``local_output_grads``, ``per_example_grads``, ``sampled_targets``;
+    the rest is inherited. ``layer_stats`` raises (an opaque module has no Kronecker taps).
+    """
 
     def __init__(self, obj: TorchObjective, theta: Any):
         self.obj = obj
@@ -223,9 +259,14 @@ class TorchPoint:
         self._t = to_torch_tensor(theta, obj._p.device, obj._p.dtype)
         self._leaf = self._t.detach().requires_grad_(True)
         with torch.enable_grad():
-            self._f = obj.f(self._leaf)
+            zt = obj.net(self._leaf)
+            f = obj.loss_fn(zt, obj.y)
+            self._f = f + 0.5 * obj.l2 * (self._leaf @ self._leaf) if obj.l2 else f
+        self._zt = zt.detach()
         obj.counter.add("forward", obj.n_samples, "forward")
         self._grad = None
+        self._z = None
+        self._e = None
         self._sampled = None
 
     @property
@@ -233,15 +274,28 @@ class TorchPoint:
         return self.obj.n_samples
 
     @property
+    def xp(self) -> Any:
+        return self.obj.xp
+
+    @property
+    def layout(self) -> Any:
+        return self.obj.layout
+
+    @property
     def value(self) -> float:
         return float(self._f.detach())
+
+    @property
+    def z(self) -> Any:
+        """Network outputs (N, *output_shape) as a NumPy/CuPy array."""
+        if self._z is None:
+            self._z = self._out(self._zt)
+        return self._z
 
     def _out(self, t: torch.Tensor) -> Any:
         return from_torch_tensor(t, self.theta)
 
     def _dir(self, v: Any) -> torch.Tensor:
-        if getattr(v, "shape", None) != (self.obj.n_params,):
-            raise ValueError(f"direction must have shape ({self.obj.n_params},), got {getattr(v, 'shape', None)}")
         return to_torch_tensor(v, self.obj._p.device, self.obj._p.dtype)
 
     @property
@@ -252,40 +306,64 @@ class TorchPoint:
             self._grad = self._out(g)
         return self._grad
 
-    def jvp(self, v: Any) -> Any:
-        self.obj.counter.add("rforward", self.N)
-        return self._out(jvp(self.obj.net, (self._t,), (self._dir(v),))[1])
-
-    def vjp(self, u: Any) -> Any:
-        ut = to_torch_tensor(u, self.obj._p.device, self.obj._p.dtype)
-        self.obj.counter.add("backward", self.N, "vjp")
-        return self._out(vjp(self.obj.net, self._t)[1](ut)[0])
+    # -- primitives (PointPrimitives) -------------------------------------------------------
+    def check_independent(self, what: str) -> None:
+        if self.obj._p.couples_examples:
+            raise ValueError(f"{what} needs independent examples, but the module has BatchNorm in training mode "
+                             "(examples interact); call module.eval() first")
 
     def hvp(self, v: Any) -> Any:
+        """∇²f v by forward-over-reverse autodiff of f (λ v included)."""
+        self.check_direction(v)
         self.obj.counter.add("rforward", self.N)
         self.obj.counter.add("backward", self.N, "hvp")
         self.obj.counter.add("rbackward", self.N)
         return self._out(torch_hvp(self.obj.f, self._t, self._dir(v)))
 
-    def ggn_vp(self, v: Any) -> Any:
-        vt = self._dir(v)
-        obj = self.obj
-        z, jv = jvp(obj.net, (self._t,), (vt,))
-        hjv = torch_hvp(lambda zz: obj.loss_fn(zz, obj.y), z.detach(), jv)
-        gv = vjp(obj.net, self._t)[1](hjv)[0]
-        if obj.l2:
-            gv = gv + obj.l2 * vt
-        obj.counter.add("rforward", self.N)
-        obj.counter.add("backward", self.N, "ggn_vp")
-        return self._out(gv)
+    def local_jvp(self, v: Any) -> Any:
+        self.obj.counter.add("rforward", self.N)
+        return self._out(jvp(self.obj.net, (self._t,), (self._dir(v),))[1])
 
-    def per_example_grads(self, targets: Any = None) -> Any:
+    def local_vjp(self, u: Any, call: str) -> Any:
+        ut = to_torch_tensor(u, self.obj._p.device, self.obj._p.dtype)
+        self.obj.counter.add("backward", self.N, call)
+        return self._out(vjp(self.obj.net, self._t)[1](ut)[0])
+
+    def _example_loss(self):
+        loss_fn = self.obj.loss_fn
+        return lambda zi, yi: loss_fn(zi[None], yi[None])
+
+    def _targets(self, targets: Any) -> torch.Tensor:
+        if targets is None or (isinstance(targets, str) and targets == "empirical"):
+            return self.obj.y
+        if isinstance(targets, str):
+            if targets == "sampled":
+                return self.sampled_targets()
+            raise ValueError(f"unknown targets {targets!r}; choose 'empirical', 'sampled' or pass an array of targets")
+        return _targets_tensor(targets, self.obj.y)
+
+    def local_loss_hvp(self, u: Any) -> Any:
+        li, ut = self._example_loss(), to_torch_tensor(u, self.obj._p.device, self.obj._p.dtype)
+        return self._out(vmap(lambda zi, yi, ui: torch_hvp(lambda zz: li(zz, yi), zi, ui))(self._zt, self.obj.y, ut))
+
+    def local_output_grads(self, targets: Any) -> Any:
+        empirical = targets is None or (isinstance(targets, str) and targets == "empirical")
+        if empirical and self._e is not None:
+            return self._e
+        e = self._out(vmap(grad(self._example_loss()))(self._zt, self._targets(targets)))
+        if empirical:
+            self._e = e
+        return e
+
+    def per_example_grads(self, targets: Any = "empirical") -> Any:
         """(N, n) rows ∇ℓᵢ where ℓᵢ = loss(module(xᵢ), yᵢ) on a batch of one (data term only).
 
-        ``targets`` replaces the true y (e.g. the sampled ỹ of :meth:`sampled_targets`).
+        ``targets``: "empirical" (true y; ``None`` too), "sampled" (:meth:`sampled_targets`) or an
+        array replacing y (e.g. qnref's ``Point.sampled_targets()``).
         """
+        self.check_independent("per_example_grads")
         obj = self.obj
-        yy_all = obj.y if targets is None else _targets_tensor(targets, obj.y)
+        yy_all = self._targets(targets)
 
         def li(t, x, yy):
             return obj.loss_fn(functional_call(obj.module, obj._p.split(t), (x[None],)), yy[None])
@@ -293,6 +371,9 @@ class TorchPoint:
         obj.counter.add("backward", self.N, "per_example_grads")
         with _stateless_bn(obj.module):
             return self._out(vmap(grad(li), in_dims=(None, 0, 0))(self._t, obj.X, yy_all))
+
+    def layer_stats(self, targets: Any = "empirical") -> dict:
+        raise no_layer_structure("layer_stats (the Kronecker layer taps)", "torch")
 
     def sampled_targets(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Targets ỹ ~ p(y | z) from the model's predictive distribution, drawn once per point.
@@ -307,8 +388,7 @@ class TorchPoint:
         """
         if self._sampled is None:
             name = _loss_name(self.obj.loss)
-            with torch.no_grad():
-                z = self.obj.net(self._t)
+            z = self._zt
             if name == "softmax_ce":
                 self._sampled = torch.multinomial(torch.softmax(z, dim=1), 1, generator=generator)[:, 0]
             elif name == "mse":
@@ -320,7 +400,7 @@ class TorchPoint:
 
     def fisher_vp(self, v: Any, kind: str = "empirical", *, targets: Any = None,
                   generator: torch.Generator | None = None) -> Any:
-        """F v (data term only, no L2), the twin of qnref's ``Point.fisher_vp``.
+        """F v (data term only, no L2), :meth:`PointProducts.fisher_vp` plus ``generator``.
 
         * ``"empirical"``: (1/N) Σ gᵢ gᵢᵀ v with gᵢ = ∇ℓ(zᵢ, yᵢ) at the true targets;
         * ``"sampled"``: the same at targets ỹ — ``targets`` if given (e.g. qnref's
@@ -330,26 +410,9 @@ class TorchPoint:
           GGN without the L2 term, Jᵀ (∇²_z loss) J v. For an arbitrary callable loss this is the
           GGN of that loss (a Fisher only if the loss is a canonical negative log-likelihood).
         """
-        if kind == "exact":
-            vt = self._dir(v)
-            obj = self.obj
-            with _stateless_bn(obj.module):
-                z, jv = jvp(obj.net, (self._t,), (vt,))
-                hjv = torch_hvp(lambda zz: obj.loss_fn(zz, obj.y), z.detach(), jv)
-                fv = vjp(obj.net, self._t)[1](hjv)[0]
-            obj.counter.add("rforward", self.N)
-            obj.counter.add("backward", self.N, "fisher_vp")
-            return self._out(fv)
-        if kind == "empirical":
-            if targets is not None:
-                raise ValueError("targets are for kind='sampled'; 'empirical' uses the true targets")
-            tg = None
-        elif kind == "sampled":
-            tg = targets if targets is not None else self.sampled_targets(generator)
-        else:
-            raise ValueError(f"unknown Fisher kind {kind!r}; choose 'empirical', 'sampled' or 'exact'")
-        G = to_torch_tensor(self.per_example_grads(tg), self.obj._p.device)
-        return self._out(G.T @ (G @ self._dir(v)) / self.N)
+        if kind == "sampled" and targets is None and generator is not None:
+            targets = self.sampled_targets(generator)
+        return super().fisher_vp(v, kind, targets=targets)
 
 
 def _loss_name(loss: Any) -> str:
@@ -375,26 +438,25 @@ def _targets_tensor(targets: Any, like: torch.Tensor) -> torch.Tensor:
 class TorchProblem(Problem):
     """:class:`qnref.optim.base.Problem` over a torch model: the same batch stream (same seed → the same
     minibatches as qnref's Problem on the same data), handing out :class:`TorchObjective` instances.
+    ``model`` is the :class:`~qnref.curvature.structure.OpaqueModel` (layout, no Kronecker layers);
+    the ``nn.Module`` is ``module``.
     """
 
     def __init__(self, module: nn.Module, loss: Any, X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
                  counter: PassCounter | None = None):
-        self.model = module
         self.module = module
         self.loss = loss
         self._params = _Params(module)
         self._full = TorchObjective(module, loss, X, y, l2, counter=counter, _params=self._params)
         self.X, self.y = self._full.X, self._full.y
-        self.xp = backend.namespace(numpy.zeros(0)) if self._params.device.type != "cuda" else backend.xp_for_device("gpu")
+        self.xp = self._params.xp
         self.l2 = float(l2)
         self.train = module.training
-        self.counter = self._full.counter
-        self.rng = numpy.random.default_rng(seed)
-        self.device_rng = backend.default_rng(seed + 1, self.xp)
-        self._perm = self.rng.permutation(self.n_samples)
-        self._pos = 0
-        self.samples_drawn = 0
-        self.epoch_passes = 0
+        self._start_stream(seed, backend.default_rng(seed + 1, self.xp))
+
+    @property
+    def model(self) -> OpaqueModel:
+        return self._full.model
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -406,9 +468,6 @@ class TorchProblem(Problem):
 
     def subset(self, idx: Any) -> TorchObjective:
         return self._full.subset(idx)
-
-    def full(self) -> TorchObjective:
-        return self._full
 
     def get_theta(self) -> Any:
         """A flat copy of the trainable parameters (NumPy on the CPU, CuPy on CUDA)."""

@@ -1,0 +1,48 @@
+"""The :class:`~qnref.curvature.protocol.ModelStructure` of a model qnref cannot look inside.
+
+A torch ``nn.Module`` or a JAX ``apply_fn`` is opaque to qnref: θ's layout is known (the
+framework's parameter order), but not which parameters form Kronecker layers. :class:`OpaqueModel`
+offers the layout and raises :class:`~qnref.curvature.protocol.UnsupportedProductError` for the
+layer structure, so Kronecker optimizers fail with one clear message instead of an
+``AttributeError``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..params import ParamLayout, ParamSpec
+from .protocol import UnsupportedProductError
+
+
+def layout_of(blocks: Sequence[tuple[str, tuple[int, ...]]]) -> ParamLayout:
+    """A :class:`ParamLayout` of named blocks (name, shape) stored one after another, row-major."""
+    return ParamLayout([("", ParamSpec(name, tuple(int(d) for d in shape))) for name, shape in blocks])
+
+
+def no_layer_structure(product: str, framework: str) -> UnsupportedProductError:
+    """The error of a product that needs qnref's per-layer structure on an opaque model."""
+    return UnsupportedProductError(
+        f"{product} needs qnref's per-layer (Kronecker) structure, which an opaque {framework} model does not "
+        f"expose; convert the model to a qnref Sequential ({'qnref_torch' if framework == 'torch' else 'qnref_jax'}"
+        ".convert) and use qnref's Problem, or use an optimizer that needs only value, grad, hvp, ggn_vp, "
+        "fisher_vp, per_example_grads or gram")
+
+
+class OpaqueModel:
+    """Model structure of a framework model: ``layout`` and ``couples_examples``; no Kronecker layers.
+
+    ``native`` is the framework object (the ``nn.Module`` or the JAX ``apply_fn``).
+    """
+
+    def __init__(self, native: Any, layout: ParamLayout, framework: str, couples_examples: bool = False):
+        self.native = native
+        self.layout = layout
+        self.framework = framework
+        self.couples_examples = bool(couples_examples)
+
+    @property
+    def kron_layers(self) -> list:
+        raise no_layer_structure("the Kronecker layer list (model.kron_layers)", self.framework)
+
+    def __repr__(self) -> str:
+        return f"OpaqueModel({self.framework}, n={self.layout.size})"
