@@ -4,9 +4,25 @@
     qnref compare --preset quickstart --out reports/quickstart
     qnref list [models|optimizers|datasets|presets]
     qnref check [--device gpu]
+    qnref convert-checkpoint --trust OLD.ckpt NEW.ckpt
 
-Errors (unknown names, bad data folders, impossible batch sizes, NaN in data, …) print one line
-``qnref: error: …`` and exit with status 2; nothing half-written is left behind.
+Errors print one line ``qnref: error: …`` (no traceback) and exit with a documented status
+(docs/training.md, "Errors and exit codes"):
+
+====  ==========================================================================================
+0     success (also a diverged run with ``--allow-divergence``: it is marked in the report)
+1     training failed (an optimizer returned non-finite θ, too many non-finite steps, …)
+2     bad input: unknown names, a number out of range, an unusable ``--out``/``--checkpoint``
+      path, bad data folders, impossible batch sizes, NaN in data
+3     a checkpoint was refused (corrupt, truncated, another configuration, old pickle format)
+4     the run diverged (loss non-finite or above ``--diverge-factor`` × the starting loss)
+5     MPI: a rank waited longer than ``--mpi-timeout`` at a collective
+130   interrupted by SIGINT (Ctrl-C); 143: by SIGTERM. One line names the last checkpoint and
+      the command that resumes the run; the report holds what finished.
+====  ==========================================================================================
+
+Every numeric option is checked when the command line is parsed (:mod:`qnref.validate`); output
+paths are checked before any data are loaded, and nothing is created when the input is bad.
 
 Data parallel: ``mpiexec -n P qnref train …`` (and ``compare``) shards every batch over P ranks
 (docs/distributed.md); rank 0 prints, writes reports and checkpoints. Under MPI any error on any
@@ -19,29 +35,111 @@ import ast
 import math
 import inspect
 import os
+import shlex
+import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import backend
+from . import validate as check
 
-EXIT_USAGE = 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_MPI_TIMEOUT = 0, 1, 2, 3, 4, 5
+#: report files that a --checkpoint path must not collide with
+REPORT_FILES = ("runs.jsonl", "summary.md", "loss_vs_epochs.png", "loss_vs_time.png", "loss_vs_passes.png", "comparison.png")
 
 
 class CLIError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``qnref: error: <message> (see qnref … --help)``, status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"qnref: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _arg(kind: str, **bounds: Any) -> Callable[[str], Any]:
+    """An argparse ``type=`` that checks a number through :mod:`qnref.validate` (argparse prefixes
+    the option name: ``argument --epochs: must be a finite number > 0, got 'inf'``)."""
+    parse = {"number": check.parse_number, "integer": check.parse_integer, "integers": check.parse_integers}[kind]
+
+    def convert(text: str) -> Any:
+        try:
+            return parse("", text, **bounds)
+        except check.ValidationError as exc:
+            raise argparse.ArgumentTypeError(str(exc).strip()) from None
+
+    convert.__name__ = kind
+    return convert
+
+
+_POSITIVE = _arg("number", lo=0, lo_open=True)
+_NONNEG = _arg("number", lo=0)
+_COUNT = _arg("integer", lo=1)
+_SEED = _arg("integer", lo=0, hi=2**63 - 1)
+_SEEDS = _arg("integers", lo=0, hi=2**63 - 1)
+_FACTOR = _arg("number", lo=1, lo_open=True)
+
+
 # -- building blocks ------------------------------------------------------------------------------
-def _parse_kv(items: Sequence[str]) -> dict:
-    out = {}
+def _parse_kv(items: Sequence[str], given: dict | None = None) -> dict:
+    """``--opt KEY=VALUE`` items as a dict (values read as Python literals, else kept as text).
+    A key given twice, or also given by a dedicated option (``given``: --batch-size, --lr), is an error."""
+    out: dict = {}
     for item in items or ():
         if "=" not in item:
             raise CLIError(f"--opt expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
+        k, v = (t.strip() for t in item.split("=", 1))
+        if not k.isidentifier():
+            raise CLIError(f"--opt {item!r}: {k!r} is not a hyperparameter name")
         try:
-            out[k.strip()] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v
+            val = ast.literal_eval(v)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            val = v
+        if k in out:
+            raise CLIError(f"--opt {k} is given twice ({out[k]!r} and {val!r}); give it once")
+        out[k] = val
+    for k, (option, v) in (given or {}).items():
+        if v is None:
+            continue
+        if k in out:
+            raise CLIError(f"{option} {v} and --opt {k}={out[k]!r} both set {k}; give it once")
+        out[k] = v
+    return out
+
+
+def _check_hyper_types(name: str, hyper: dict, params: Any) -> dict:
+    """Command-line values against the type of each hyperparameter's default: numbers for numeric
+    defaults (text such as 'abc' or 'nan' refused by name), True/False for flags."""
+    out = dict(hyper)
+    for k, v in hyper.items():
+        p = params.get(k)
+        default = None if p is None else p.default
+        if p is None or default is inspect.Parameter.empty or default is None or isinstance(v, type(default)) and \
+                not (isinstance(v, bool) and not isinstance(default, bool)):
+            continue
+        label = f"--opt {k}"
+        if isinstance(default, bool):
+            if isinstance(v, str) and v.lower() in ("true", "false"):
+                out[k] = v.lower() == "true"
+            else:
+                raise CLIError(str(check.ValidationError(label, v, f"True or False (hyperparameter of {name})")))
+        elif isinstance(default, int):
+            if isinstance(v, str):
+                out[k] = check.parse_integer(label, v)
+            elif isinstance(v, float):
+                check.integer(label, v)
+            elif isinstance(v, bool):
+                raise CLIError(str(check.ValidationError(label, v, f"an integer (hyperparameter of {name})")))
+        elif isinstance(default, float):
+            if isinstance(v, str):
+                out[k] = check.parse_number(label, v, finite=math.isfinite(default))
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise CLIError(str(check.ValidationError(label, v, f"a number (hyperparameter of {name})")))
+            elif isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and math.isfinite(default))):
+                raise CLIError(str(check.ValidationError(label, v, f"a finite number (hyperparameter of {name})")))
     return out
 
 
@@ -55,7 +153,7 @@ def make_optimizer(name: str, hyper: dict) -> Any:
         for k in hyper:
             if k not in params:
                 raise CLIError(suggest(k, [p for p in params if p != "self"], f"hyperparameter of {name}"))
-    return cls(**hyper)
+    return cls(**_check_hyper_types(name, hyper, params))
 
 
 def build_data(dataset: str, *, data_dir: str | None, seed: int, n_train: int | None, n_test: int | None, device: str, dtype: str,
@@ -79,31 +177,42 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu (NumPy) or gpu (CuPy); default cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="floating-point precision (default float64)")
     p.add_argument("--data-dir", default=None, help="folder with MNIST/Fashion-MNIST IDX files or cifar-10-batches-py (for those data sets)")
-    p.add_argument("--n-train", type=int, default=None, help="use only this many training examples")
-    p.add_argument("--n-test", type=int, default=None, help="use only this many test examples")
+    p.add_argument("--n-train", type=_COUNT, default=None, help="use only this many training examples (≥ 1)")
+    p.add_argument("--n-test", type=_COUNT, default=None, help="use only this many test examples (≥ 1)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or tables; errors only")
+    p.add_argument("--mpi-timeout", type=_POSITIVE, default=None, metavar="SECONDS",
+                   help="under mpiexec: abort the job when a rank waits longer than this at a collective "
+                        "(default $QNREF_MPI_TIMEOUT or 600 s)")
+
+
+def _divergence(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--diverge-factor", type=_FACTOR, default=None, metavar="X",
+                   help="a training loss above X × the starting loss marks the run diverged (default 1000)")
+    p.add_argument("--allow-divergence", action="store_true",
+                   help="a diverged run still exits 0 (it is marked in the report either way)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qnref", description="Reference engine for second-order and quasi-Newton optimization of neural networks.")
+    ap = _Parser(prog="qnref", description="Reference engine for second-order and quasi-Newton optimization of neural networks.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     tr = sub.add_parser("train", help="train one model with one optimizer", description="Train a model from the zoo on a data set with one optimizer.")
     tr.add_argument("--model", required=True, help="model name (see `qnref list models`)")
     tr.add_argument("--optimizer", required=True, help="optimizer name (see `qnref list optimizers`)")
     tr.add_argument("--dataset", required=True, help="data set name (see `qnref list datasets`)")
-    tr.add_argument("--epochs", type=float, default=5.0, help="data passes drawn by the optimizer (default 5)")
-    tr.add_argument("--batch-size", type=int, default=None, help="minibatch size, passed to the optimizer as batch_size")
-    tr.add_argument("--lr", type=float, default=None, help="learning rate, passed to the optimizer as lr")
+    tr.add_argument("--epochs", type=_POSITIVE, default=5.0, help="data passes drawn by the optimizer (finite, > 0; default 5)")
+    tr.add_argument("--batch-size", type=_COUNT, default=None, help="minibatch size, passed to the optimizer as batch_size")
+    tr.add_argument("--lr", type=_POSITIVE, default=None, help="learning rate, passed to the optimizer as lr")
     tr.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="any optimizer hyperparameter (repeatable), e.g. --opt memory=10")
-    tr.add_argument("--l2", type=float, default=0.0, help="L2 coefficient λ of (λ/2)‖θ‖² (default 0)")
-    tr.add_argument("--seed", type=int, default=0, help="seed of θ₀, batches and sampling (default 0)")
+    tr.add_argument("--l2", type=_NONNEG, default=0.0, help="L2 coefficient λ of (λ/2)‖θ‖² (finite, ≥ 0; default 0)")
+    tr.add_argument("--seed", type=_SEED, default=0, help="seed of θ₀, batches and sampling (≥ 0; default 0)")
     tr.add_argument("--init", default="glorot", help="initialiser: glorot, glorot_normal, he, gaussian, sparse")
-    tr.add_argument("--eval-every", type=float, default=1.0, help="evaluate every this many epochs (default 1)")
-    tr.add_argument("--out", default=None, help="write a report folder (runs.jsonl, summary.md, plots) here")
-    tr.add_argument("--checkpoint", default=None, help="checkpoint file (written atomically every --checkpoint-every epochs)")
-    tr.add_argument("--checkpoint-every", type=float, default=1.0, help="epochs between checkpoints (default 1)")
-    tr.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists (bit-identical on CPU)")
+    tr.add_argument("--eval-every", type=_POSITIVE, default=1.0, help="evaluate every this many epochs (> 0; default 1)")
+    tr.add_argument("--out", default=None, help="write a report folder (runs.jsonl, appended per evaluation; summary.md, plots) here")
+    tr.add_argument("--checkpoint", default=None, help="checkpoint file (.npz + manifest, written atomically every --checkpoint-every epochs)")
+    tr.add_argument("--checkpoint-every", type=_POSITIVE, default=1.0, help="epochs between checkpoints (> 0; default 1)")
+    tr.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists (verified; bit-identical on CPU)")
+    _divergence(tr)
     _common(tr)
 
     cp = sub.add_parser("compare", help="compare optimizers over seeds from the same start",
@@ -112,11 +221,13 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--model", default=None, help="model (without --preset)")
     cp.add_argument("--dataset", default=None, help="data set (without --preset)")
     cp.add_argument("--optimizers", default=None, help="comma-separated optimizer names (without --preset)")
-    cp.add_argument("--epochs", type=float, default=None, help="override the preset's epochs")
-    cp.add_argument("--seeds", default=None, help="comma-separated seeds (override the preset's)")
-    cp.add_argument("--batch-size", type=int, default=None, help="batch size for --optimizers runs")
-    cp.add_argument("--l2", type=float, default=None, help="L2 coefficient (override)")
+    cp.add_argument("--epochs", type=_POSITIVE, default=None, help="override the preset's epochs (finite, > 0)")
+    cp.add_argument("--seeds", type=_SEEDS, default=None, help="comma-separated seeds ≥ 0 (override the preset's)")
+    cp.add_argument("--batch-size", type=_COUNT, default=None, help="batch size for --optimizers runs")
+    cp.add_argument("--l2", type=_NONNEG, default=None, help="L2 coefficient (override; finite, ≥ 0)")
     cp.add_argument("--out", default=None, help="report folder (default reports/<preset or 'compare'>)")
+    cp.add_argument("--diverge-factor", type=_FACTOR, default=None, metavar="X",
+                    help="a training loss above X × the starting loss marks a run diverged (default 1000)")
     _common(cp)
 
     ls = sub.add_parser("list", help="list models, optimizers, data sets or presets")
@@ -124,32 +235,120 @@ def _parser() -> argparse.ArgumentParser:
 
     ck = sub.add_parser("check", help="verify the engine's products against finite differences on a tiny net")
     ck.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="also compare the GPU against the CPU")
+
+    cv = sub.add_parser("convert-checkpoint", help="convert an old pickle checkpoint (RUNS the pickle: trusted files only)",
+                        description="Convert a format-1 (pickle) checkpoint of qnref ≤ 0.1 to the current .npz format. "
+                                    "This UNPICKLES the old file, which can execute arbitrary code: use it only on files "
+                                    "you wrote yourself, and say so with --trust.")
+    cv.add_argument("--trust", action="store_true", help="required: I wrote OLD myself and accept that it is unpickled")
+    cv.add_argument("old", help="the old pickle checkpoint")
+    cv.add_argument("new", help="the new checkpoint file (must differ from OLD)")
     return ap
 
 
 # -- commands -------------------------------------------------------------------------------------
+def _check_paths(a: argparse.Namespace) -> None:
+    """--out and --checkpoint, before anything is loaded or created (the user's path in errors)."""
+    out, ck = getattr(a, "out", None), getattr(a, "checkpoint", None)
+    if out:
+        check.output_dir("--out", out)
+    if ck:
+        check.output_file("--checkpoint", ck)
+        if out:
+            if os.path.abspath(ck) == os.path.abspath(out):
+                raise check.PathError(f"--checkpoint {ck} and --out {out} are the same path")
+            if os.path.dirname(os.path.abspath(ck)) == os.path.abspath(out) and os.path.basename(ck) in REPORT_FILES:
+                raise check.PathError(f"--checkpoint {ck} would be overwritten by the report's {os.path.basename(ck)}")
+
+
+def _command_line(a: argparse.Namespace, *, resume: bool) -> str:
+    argv = list(a._argv)
+    if resume and "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["qnref", *argv])
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _interrupted_line(a: argparse.Namespace, exc: Any, report: str | None) -> str:
+    """The one line printed for an interrupted run."""
+    what = f"qnref: interrupted by {_signal_name(exc.signum)}"
+    ck = getattr(exc, "checkpoint", None)
+    if a.command == "train" and ck:
+        where = f"last checkpoint {ck} (step {exc.checkpoint_step}, epoch {exc.checkpoint_epoch:.3f})"
+        tail = f"resume with: {_command_line(a, resume=True)}"
+    elif a.command == "train" and getattr(a, "checkpoint", None):
+        where, tail = f"no checkpoint written yet to {a.checkpoint}", f"restart with: {_command_line(a, resume=False)}"
+    elif a.command == "train":
+        where, tail = "no checkpoint (pass --checkpoint FILE to make runs resumable)", f"restart with: {_command_line(a, resume=False)}"
+    else:
+        where, tail = "compare runs are not checkpointed", f"rerun with: {_command_line(a, resume=False)}"
+    rep = f"; report of what finished in {report}" if report else ""
+    return f"{what}; {where}{rep}; {tail}"
+
+
+def _install_signal_handlers() -> None:
+    """SIGINT and SIGTERM raise :class:`qnref.train.Interrupted` in the main thread."""
+    from .train import Interrupted
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean exit
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .distributed import get_comm
-    from .report import write_report
-    from .train import train
+    from .report import RunLog, write_report
+    from .train import DIVERGE_FACTOR, DivergenceError, RunInterrupted, train
 
+    _check_paths(a)
     comm = get_comm(a.device)  # first: NCCL picks this rank's GPU before any array exists
     quiet = a.quiet or not comm.is_root
 
-    hyper = _parse_kv(a.opt)
-    if a.batch_size is not None:
-        hyper["batch_size"] = a.batch_size
-    if a.lr is not None:
-        hyper["lr"] = a.lr
+    hyper = _parse_kv(a.opt, {"batch_size": ("--batch-size", a.batch_size), "lr": ("--lr", a.lr)})
     opt = make_optimizer(a.optimizer, hyper)
     ds, data = build_data(a.dataset, data_dir=a.data_dir, seed=a.seed, n_train=a.n_train, n_test=a.n_test, device=a.device, dtype=a.dtype)
     model = build_model(a.model, ds)
     _check_batch(hyper.get("batch_size"), data)
-    res = train(model, opt, data, epochs=a.epochs, seed=a.seed, l2=a.l2, init_scheme=a.init, eval_every=a.eval_every,
-                checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not quiet, comm=comm)
-    rows = [{"run": a.optimizer, "seed": a.seed, **r} for r in res.history]
+    title = f"{a.model} on {a.dataset}: {a.optimizer}"
+    log = None
     if a.out and comm.is_root:
-        write_report(a.out, rows, f"{a.model} on {a.dataset}: {a.optimizer}")
+        check.make_dir("--out", a.out)
+        log = RunLog(os.path.join(a.out, "runs.jsonl"), a.optimizer, a.seed)
+    factor = DIVERGE_FACTOR if a.diverge_factor is None else a.diverge_factor
+
+    def report(history: list[dict]) -> str | None:
+        if a.out and comm.is_root:
+            write_report(a.out, [{"run": a.optimizer, "seed": a.seed, **r} for r in history], title)
+            return a.out
+        return None
+
+    try:
+        res = train(model, opt, data, epochs=a.epochs, seed=a.seed, l2=a.l2, init_scheme=a.init, eval_every=a.eval_every,
+                    checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not quiet,
+                    diverge_factor=factor, log=log, comm=comm)
+    except RunInterrupted as exc:
+        print(_interrupted_line(a, exc, report(exc.history)), file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    except DivergenceError as exc:
+        written = report(exc.history)
+        rep = f"; report in {written}" if written else ""
+        if a.allow_divergence:
+            if not quiet:
+                print(f"qnref: warning: run diverged: {exc}{rep} (--allow-divergence: exit 0)", file=sys.stderr)
+            return EXIT_OK
+        print(f"qnref: error: run diverged: {exc}{rep} (exit {EXIT_DIVERGED}; --allow-divergence accepts it)", file=sys.stderr)
+        return EXIT_DIVERGED
+    report(res.history)
     if not quiet:
         f = res.final
         extra = f", test acc {f['test_acc']:.4f}" if "test_acc" in f else ""
@@ -157,7 +356,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"{a.optimizer}: {res.steps} steps, {f['epoch']:.2f} epochs, train loss {f['train_loss']:.6g}{extra}, {f['time']:.2f} s{ranks}")
         if a.out:
             print(f"report written to {a.out}")
-    return 0
+    return EXIT_OK
 
 
 def _check_batch(bs: Any, data: Any) -> None:
@@ -170,8 +369,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .distributed import get_comm
     from .presets import PRESETS, Preset, Run
     from .optim.registry import suggest
-    from .report import write_report
-    from .train import TrainingError, train
+    from .report import RunLog, write_report
+    from .train import DIVERGE_FACTOR, RunInterrupted, TrainingError, train
 
     if a.preset:
         if a.preset not in PRESETS:
@@ -181,43 +380,75 @@ def cmd_compare(a: argparse.Namespace) -> int:
         if not (a.model and a.dataset and a.optimizers):
             raise CLIError("compare needs --preset, or --model, --dataset and --optimizers")
         bs = {"batch_size": a.batch_size} if a.batch_size else {}
-        pre = Preset("compare", "ad hoc comparison", "", a.dataset, a.model,
-                     tuple(Run(o, o, dict(bs)) for o in a.optimizers.split(",")))
+        names = [o.strip() for o in a.optimizers.split(",")]
+        if any(not o for o in names):
+            raise CLIError(f"--optimizers must be comma-separated optimizer names, got {a.optimizers!r}")
+        pre = Preset("compare", "ad hoc comparison", "", a.dataset, a.model, tuple(Run(o, o, dict(bs)) for o in names))
     epochs = a.epochs if a.epochs is not None else pre.epochs
-    seeds = tuple(int(s) for s in a.seeds.split(",")) if a.seeds else pre.seeds
+    seeds = a.seeds if a.seeds else pre.seeds
     l2 = a.l2 if a.l2 is not None else pre.l2
     out = a.out or os.path.join("reports", pre.name)
+    check.output_dir("--out", out)
+    factor = DIVERGE_FACTOR if a.diverge_factor is None else a.diverge_factor
     comm = get_comm(a.device)
     quiet = a.quiet or not comm.is_root
     opts = [(r, make_optimizer(r.optimizer, dict(r.hyperparameters))) for r in pre.runs]  # fail fast on names
-    rows = []
-    for seed in seeds:
-        ds, data = build_data(pre.dataset, data_dir=a.data_dir, seed=seed, n_train=a.n_train, n_test=a.n_test,
-                              device=a.device, dtype=a.dtype, autoencoder=pre.autoencoder, **pre.dataset_kwargs)
-        model = build_model(pre.model, ds, **pre.model_kwargs)
-        theta0 = model.init(seed, scheme=pre.init, std=pre.init_std, device=a.device, dtype=a.dtype)
-        for run, opt in opts:
-            _check_batch(run.hyperparameters.get("batch_size"), data)
-            try:
-                history = train(model, opt, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0,
-                                eval_every=pre.eval_every, comm=comm).history
-            except TrainingError as exc:  # one diverging run is a result, not a reason to lose the others
-                history = [h for h in exc.history if math.isfinite(h["train_loss"])] or exc.history[:1]
-                history[-1] = {**history[-1], "diverged": str(exc)}
-                if not quiet:
-                    print(f"seed {seed}  {run.label:<12} DIVERGED: {exc}", flush=True)
-            rows += [{"run": run.label, "seed": seed, **r} for r in history]
-            if not quiet and "diverged" not in history[-1]:
-                f = history[-1]
-                acc = f" acc {f['test_acc']:.4f}" if "test_acc" in f else ""
-                print(f"seed {seed}  {run.label:<12} train loss {f['train_loss']:.5g}{acc}  {f['time']:.2f} s", flush=True)
     title = f"{pre.name}: {pre.model} on {pre.dataset}" + (f" ({pre.paper})" if pre.paper else "")
+    rows: list[dict] = []
+    made = False
+    try:
+        for seed in seeds:
+            ds, data = build_data(pre.dataset, data_dir=a.data_dir, seed=seed, n_train=a.n_train, n_test=a.n_test,
+                                  device=a.device, dtype=a.dtype, autoencoder=pre.autoencoder, **pre.dataset_kwargs)
+            model = build_model(pre.model, ds, **pre.model_kwargs)
+            theta0 = model.init(seed, scheme=pre.init, std=pre.init_std, device=a.device, dtype=a.dtype)
+            for run, opt in opts:
+                _check_batch(run.hyperparameters.get("batch_size"), data)
+                if comm.is_root and not made:
+                    check.make_dir("--out", out)
+                    made = True
+                log = RunLog(os.path.join(out, "runs.jsonl"), run.label, seed) if comm.is_root else None
+                try:
+                    history = train(model, opt, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0,
+                                    eval_every=pre.eval_every, diverge_factor=factor, log=log, comm=comm).history
+                except RunInterrupted as exc:
+                    rows += [{"run": run.label, "seed": seed, **r} for r in exc.history]
+                    raise
+                except TrainingError as exc:  # one diverging run is a result, not a reason to lose the others
+                    history = [h for h in exc.history if math.isfinite(h["train_loss"])] or exc.history[:1]
+                    history[-1] = {**history[-1], "diverged": str(exc)}
+                    if not quiet:
+                        print(f"seed {seed}  {run.label:<12} DIVERGED: {exc}", flush=True)
+                rows += [{"run": run.label, "seed": seed, **r} for r in history]
+                if not quiet and "diverged" not in history[-1]:
+                    f = history[-1]
+                    acc = f" acc {f['test_acc']:.4f}" if "test_acc" in f else ""
+                    print(f"seed {seed}  {run.label:<12} train loss {f['train_loss']:.5g}{acc}  {f['time']:.2f} s", flush=True)
+    except RunInterrupted as exc:
+        written = None
+        if comm.is_root and rows:
+            write_report(out, rows, title, extra_md=f"{pre.description}\n(interrupted)\n")
+            written = out
+        print(_interrupted_line(a, exc, written), file=sys.stderr, flush=True)
+        return 128 + exc.signum
     if not comm.is_root:
-        return 0
+        return EXIT_OK
     files = write_report(out, rows, title, extra_md=f"{pre.description}\n")
     if not quiet:
         print(f"report written to {out}: {', '.join(os.path.basename(f) for f in files)}")
-    return 0
+    return EXIT_OK
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .checkpoint import convert_pickle
+
+    if not a.trust:
+        raise CLIError("convert-checkpoint unpickles OLD, which can execute arbitrary code; "
+                       "pass --trust if you wrote it yourself")
+    check.output_file("NEW", a.new)
+    convert_pickle(a.old, a.new, trust=True)
+    print(f"converted {a.old} to {a.new}")
+    return EXIT_OK
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -290,25 +521,73 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = _parser()
-    a = ap.parse_args(argv)
+    try:
+        a = ap.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    a._argv = argv
     if a.command is None:
         ap.print_help()
         return EXIT_USAGE
-    handlers = {"train": cmd_train, "compare": cmd_compare, "list": cmd_list, "check": cmd_check}
-    comm = _parallel_comm(a)
+    handlers = {"train": cmd_train, "compare": cmd_compare, "list": cmd_list, "check": cmd_check,
+                "convert-checkpoint": cmd_convert}
+    previous = None
+    if a.command in ("train", "compare"):
+        if getattr(a, "mpi_timeout", None) is not None:
+            os.environ["QNREF_MPI_TIMEOUT"] = repr(a.mpi_timeout)
+        if threading_main():
+            previous = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+            _install_signal_handlers()
+    try:
+        return _run(a, handlers)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
+
+
+def _run(a: argparse.Namespace, handlers: dict) -> int:
+    from .checkpoint import CheckpointError
+    from .train import Interrupted
+
+    try:
+        comm = _parallel_comm(a)
+    except (ValueError, RuntimeError) as exc:
+        return _fail(None, f"qnref: error: {exc}", EXIT_USAGE)
     try:
         return handlers[a.command](a)
+    except Interrupted as exc:  # outside a training run (loading data, building the model)
+        print(f"qnref: interrupted by {_signal_name(exc.signum)} before training started; nothing was written",
+              file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("qnref: interrupted by SIGINT; nothing was written", file=sys.stderr)
+        return 130
+    except CheckpointError as exc:
+        return _fail(comm, f"qnref: error: {exc}", EXIT_CHECKPOINT)
     except (CLIError, ValueError, TypeError, FileNotFoundError, backend.BackendError) as exc:
-        return _fail(comm, f"qnref: error: {exc}", EXIT_USAGE)
+        return _fail(comm, f"qnref: error: {_one_line(exc)}", EXIT_USAGE)
     except RuntimeError as exc:  # TrainingError and friends
-        return _fail(comm, f"qnref: error: {exc}", 1)
+        return _fail(comm, f"qnref: error: {_one_line(exc)}", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - under MPI every failure must end the whole job
         if comm is None:
             raise
         import traceback
 
-        return _fail(comm, f"{traceback.format_exc()}qnref: error: {type(exc).__name__}: {exc}", 1)
+        return _fail(comm, f"{traceback.format_exc()}qnref: error: {type(exc).__name__}: {exc}", EXIT_FAILED)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n"))
+
+
+def threading_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading  # noqa: PLC0415
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _parallel_comm(a: argparse.Namespace) -> Any:

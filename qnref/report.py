@@ -7,7 +7,9 @@ A report folder holds
 - ``loss_vs_epochs.png``, ``loss_vs_time.png``, ``loss_vs_passes.png`` and ``comparison.png``
   (the three side by side): mean training loss over seeds, with the min–max band.
 Files are written to a temporary folder first and moved into place, so a failed run leaves
-nothing half-written.
+nothing half-written. While a run is going, :class:`RunLog` appends each evaluation record to
+``runs.jsonl`` as it is made (flushed line by line), so a crash or an interrupt late in a run keeps
+everything done up to then; the final :func:`write_report` replaces the file with the same rows.
 """
 from __future__ import annotations
 
@@ -25,6 +27,38 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     with open(path, "w") as fh:
         for r in rows:
             fh.write(json.dumps(r, default=_json_default) + "\n")
+
+
+class RunLog:
+    """Incremental ``runs.jsonl``: every record of a run (``run`` and ``seed`` added) is appended and
+    flushed as soon as it exists. :meth:`restart` (called by :func:`qnref.train.train` when the
+    history is known: empty, or the one a resumed checkpoint holds) rewrites the file atomically
+    with the other runs' rows kept and this run's rows replaced by ``rows``."""
+
+    def __init__(self, path: str, run: str, seed: int):
+        self.path, self.run, self.seed = path, run, seed
+
+    def _tag(self, row: dict) -> dict:
+        return {"run": self.run, "seed": self.seed, **row}
+
+    def restart(self, rows: list[dict]) -> None:
+        old = read_jsonl(self.path) if os.path.exists(self.path) else []
+        keep = [r for r in old if (r.get("run"), r.get("seed")) != (self.run, self.seed)]
+        tmp = f"{self.path}.tmp-{os.getpid()}"  # created by open(): the mode follows the umask
+        try:
+            write_jsonl(tmp, keep + [self._tag(r) for r in rows])
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(self._tag(row), default=_json_default) + "\n")
+            fh.flush()
+
+    def rows(self) -> list[dict]:
+        return read_jsonl(self.path) if os.path.exists(self.path) else []
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -10,30 +10,43 @@ the last step's info (radius, step size, skipped updates, …). Models with batc
 are evaluated in eval mode with running statistics re-estimated from the training set at the
 current θ (:func:`~qnref.nn.norm.estimate_batchnorm_stats`, batches of ``BN_STATS_BATCH``).
 
-Checkpoints hold θ, the optimizer state, the Problem's stream position and RNG states, the history
-and a fingerprint of the configuration; they are written atomically (temporary file + rename).
-Resuming from one reproduces the uninterrupted run bit for bit on the CPU.
+Checkpoints (:mod:`qnref.checkpoint`: an ``.npz`` of arrays + a JSON manifest with SHA-256 hashes,
+never a pickle) hold θ, the optimizer state, the Problem's stream position and RNG states, the
+history and fingerprints of the model, optimizer, data and run; they are written atomically.
+Resuming from one reproduces the uninterrupted run bit for bit on the CPU; a checkpoint that is
+corrupt, truncated, written for another configuration, or whose θ has the wrong length, dtype or
+non-finite entries is refused with one :class:`~qnref.checkpoint.CheckpointError` line.
+
+Divergence: a run whose training loss turns non-finite, or exceeds ``diverge_factor`` (default
+:data:`DIVERGE_FACTOR`) times its starting loss, stops with :class:`DivergenceError`; its last
+record carries ``"diverged": <reason>``. Interrupts (``KeyboardInterrupt`` / :class:`Interrupted`)
+become :class:`RunInterrupted`, which names the last checkpoint written.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-import pickle
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy
 
-from . import backend
-from .curvature.objective import Objective
+from . import backend, checkpoint as ckpt
+from . import validate as check
+from .checkpoint import CheckpointError
 from .nn.losses import get_loss
 from .nn.model import Sequential
 from .nn.norm import batchnorm_layers, estimate_batchnorm_stats
-from .optim.base import Optimizer, Problem, state_from_host, state_to_host
+from .optim.base import Optimizer, Problem
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = ckpt.FORMAT_VERSION
+#: default of ``train(diverge_factor=…)`` / ``qnref train --diverge-factor``: a training loss above
+#: this multiple of the starting loss marks the run as diverged
+DIVERGE_FACTOR = 1e3
+#: keys every checkpoint payload holds
+PAYLOAD_KEYS = ("theta", "state", "problem", "history", "step", "time", "next_eval", "next_ckpt")
 #: batch size of the training-mode passes that re-estimate BatchNorm running statistics before
 #: each evaluation (deterministic, so resumed runs stay bit-identical)
 BN_STATS_BATCH = 256
@@ -47,6 +60,30 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, history: list | None = None):
         super().__init__(message)
         self.history = list(history or [])
+
+
+class DivergenceError(TrainingError):
+    """The training loss turned non-finite or exceeded ``diverge_factor`` × its starting loss; the
+    last record of ``history`` carries ``"diverged"``."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal asked the run to stop (raised by the CLI's SIGINT/SIGTERM handlers);
+    ``signum`` is the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+class RunInterrupted(Interrupted):
+    """A :func:`train` run was interrupted: ``history`` holds its records so far and ``checkpoint``
+    / ``checkpoint_step`` / ``checkpoint_epoch`` name the last checkpoint written or loaded (None
+    when there is none)."""
+
+    def __init__(self, signum: int, history: list, checkpoint: str | None, step: int | None, epoch: float | None):
+        super().__init__(signum)
+        self.history, self.checkpoint, self.checkpoint_step, self.checkpoint_epoch = history, checkpoint, step, epoch
 
 
 @dataclass
@@ -117,49 +154,82 @@ def _binary(y: Any) -> bool:
     return bool(xp.all((y == 0) | (y == 1)))
 
 
-def _fingerprint(model: Sequential, optimizer: Optimizer, data: Data, l2: float, seed: int) -> dict:
+def fingerprints(model: Sequential, optimizer: Optimizer, data: Data, l2: float, seed: int) -> dict:
+    """What a resumed run must share with the checkpoint: model, optimizer (class and every
+    hyperparameter), data (name, size, dtype, SHA-256 of the arrays) and run (λ, seed)."""
     return {
-        "model": model.name,
-        "n_params": model.n_params,
-        "optimizer": type(optimizer).__name__,
-        "hyperparameters": repr(sorted(optimizer.hyperparameters().items())),
-        "data": data.name,
-        "n_train": int(data.X_train.shape[0]),
-        "l2": float(l2),
-        "seed": int(seed),
-        "dtype": str(data.X_train.dtype),
+        "model": {"name": model.name, "n_params": int(model.n_params)},
+        "optimizer": {"class": type(optimizer).__name__,
+                      "hyperparameters": repr(sorted(optimizer.hyperparameters().items()))},
+        "data": {"name": data.name, "n_train": int(data.X_train.shape[0]), "dtype": str(data.X_train.dtype),
+                 "sha256": _data_sha256(data)},
+        "run": {"l2": float(l2), "seed": int(seed)},
     }
 
 
-def save_checkpoint(path: str, payload: dict) -> None:
-    """Write ``payload`` atomically: a temporary file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump({"qnref_checkpoint": CHECKPOINT_VERSION, **payload}, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _data_sha256(data: Data) -> str:
+    h = hashlib.sha256()
+    for a in (data.X_train, data.y_train, data.X_test, data.y_test):
+        if a is not None:
+            host = numpy.ascontiguousarray(backend.to_numpy(a))
+            h.update(f"{host.dtype.str}{host.shape}".encode())
+            h.update(host.view(numpy.uint8).reshape(-1).data)
+    return h.hexdigest()
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (clear errors when it is not one)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+def save_checkpoint(path: str, payload: dict, fingerprint: dict, state_class: Any = Any) -> None:
+    """Write a training checkpoint (:func:`qnref.checkpoint.save`, atomic; the optimizer state is
+    encoded through the fields of ``state_class``)."""
+    ckpt.save(path, payload, fingerprint, {"state": state_class})
+
+
+def load_checkpoint(path: str, state_class: Any = Any, device: backend.Device = "cpu") -> tuple[dict, dict]:
+    """Read and verify a checkpoint: ``(payload, manifest)`` (:class:`CheckpointError` otherwise)."""
+    payload, manifest = ckpt.load(path, {"state": state_class}, device=device)
+    missing = [k for k in PAYLOAD_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(path, f"lacks the field(s) {', '.join(missing)} of a training checkpoint")
+    return payload, manifest
+
+
+def _check_payload(path: str, ck: dict, model: Sequential, data: Data, problem: Problem, state_class: type) -> None:
+    """Everything a resumed run relies on, checked before any of it is used."""
+    theta = ck["theta"]
+    n = int(model.n_params)
+    if not hasattr(theta, "shape") or tuple(theta.shape) != (n,):
+        raise CheckpointError(path, f"θ has shape {getattr(theta, 'shape', type(theta).__name__)}, the model has {n} parameters")
+    if numpy.dtype(theta.dtype) != numpy.dtype(data.X_train.dtype):
+        raise CheckpointError(path, f"θ is {theta.dtype} but the data are {data.X_train.dtype}")
+    if not backend.all_finite(theta):
+        raise CheckpointError(path, f"θ holds {int((~numpy.isfinite(backend.to_numpy(theta))).sum())} non-finite value(s)")
+    if type(ck["state"]) is not state_class:
+        raise CheckpointError(path, f"optimizer state is not a {state_class.__qualname__}")
+    for key, kind in (("step", int), ("time", float), ("next_eval", float), ("next_ckpt", float), ("history", list),
+                      ("problem", dict)):
+        v = ck[key]
+        if not isinstance(v, kind) or isinstance(v, bool) or (kind is float and not math.isfinite(v)) or \
+                (kind in (int, float) and v < 0):
+            raise CheckpointError(path, f"{key} is {v!r}, expected a non-negative finite {kind.__name__}")
+    if not ck["history"] or not all(isinstance(r, dict) and isinstance(r.get("train_loss"), float) for r in ck["history"]):
+        raise CheckpointError(path, "history is empty or its records lack train_loss")
+    st = ck["problem"]
+    need = ("rng", "perm", "pos", "samples_drawn", "epoch_passes", "counter")
+    missing = [k for k in need if k not in st]
+    if missing:
+        raise CheckpointError(path, f"problem state lacks {', '.join(missing)}")
+    N = problem.n_samples
+    perm = st["perm"]
+    if not (isinstance(perm, numpy.ndarray) and perm.shape == (N,) and perm.dtype.kind in "iu"
+            and numpy.array_equal(numpy.sort(perm), numpy.arange(N))):
+        raise CheckpointError(path, f"problem state's permutation is not a permutation of the {N} training examples")
+    for key, hi in (("pos", N), ("samples_drawn", None), ("epoch_passes", None)):
+        v = st[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (hi is not None and v > hi):
+            raise CheckpointError(path, f"problem state's {key} is {v!r}")
     try:
-        with open(path, "rb") as fh:
-            data = pickle.load(fh)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, ImportError, IndexError) as exc:
-        raise TrainingError(f"checkpoint {path!r} is corrupt or not a qnref checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, dict) or data.get("qnref_checkpoint") != CHECKPOINT_VERSION:
-        raise TrainingError(f"{path!r} is not a qnref checkpoint of version {CHECKPOINT_VERSION}")
-    return data
+        problem.load_state(st)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"problem state cannot be restored ({type(exc).__name__}: {exc})") from None
 
 
 def train(
@@ -181,14 +251,24 @@ def train(
     stop_after_steps: int | None = None,
     progress: bool = False,
     max_nonfinite: int = 20,
+    diverge_factor: float | None = DIVERGE_FACTOR,
+    log: Any = None,
     comm: Any = None,
 ) -> TrainResult:
     """Train ``model`` with ``optimizer`` on ``data`` for ``epochs`` data passes.
 
     ``eval_every`` and ``checkpoint_every`` are in epochs. ``stop_after_steps`` ends the run early
     (with a checkpoint when one is configured) — used to test resumption. A callback returning True
-    stops the run. Training stops with :class:`TrainingError` when the training loss becomes
-    non-finite or ``max_nonfinite`` consecutive steps were rejected as non-finite.
+    stops the run. Training stops with :class:`TrainingError` when ``max_nonfinite`` consecutive
+    steps were rejected as non-finite, and with :class:`DivergenceError` when the training loss
+    becomes non-finite or exceeds ``diverge_factor`` × the starting loss (``None``: no limit).
+    ``log`` (e.g. :class:`qnref.report.RunLog`) gets ``restart(history)`` once the history is known
+    (empty, or the resumed one) and ``append(record)`` for every new record, so a report survives
+    a crash. ``KeyboardInterrupt`` (Ctrl-C, or :class:`Interrupted` from a signal handler) ends the
+    run with :class:`RunInterrupted`, naming the last checkpoint written or loaded.
+
+    Every numeric argument is checked first (:mod:`qnref.validate`), the checkpoint path too
+    (:func:`qnref.validate.output_file`), before any work.
 
     Data parallel (``docs/distributed.md``): ``comm`` is a :class:`qnref.distributed.Communicator`;
     by default :func:`qnref.distributed.get_comm` (serial unless launched by ``mpiexec`` with more
@@ -197,31 +277,48 @@ def train(
     start, only rank 0 writes checkpoints and shows progress, and an exception on any rank aborts
     the whole job (MPI_Abort) instead of leaving the others waiting.
     """
+    opts = dict(epochs=epochs, seed=seed, l2=l2, theta0=theta0, init_scheme=init_scheme, max_steps=max_steps,
+                eval_every=eval_every, callbacks=callbacks, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                resume=resume, stop_after_steps=stop_after_steps, progress=progress, max_nonfinite=max_nonfinite,
+                diverge_factor=diverge_factor, log=log)
+    _check_arguments(opts)
     if comm is None:
         from .distributed import get_comm  # noqa: PLC0415
 
         comm = get_comm(backend.device_of(data.X_train))
     if comm.size > 1:
         with comm.abort_on_error("qnref train"):
-            return _train(model, optimizer, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0, init_scheme=init_scheme,
-                          max_steps=max_steps, eval_every=eval_every, callbacks=callbacks, checkpoint=checkpoint,
-                          checkpoint_every=checkpoint_every, resume=resume, stop_after_steps=stop_after_steps,
-                          progress=progress, max_nonfinite=max_nonfinite, comm=comm)
-    return _train(model, optimizer, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0, init_scheme=init_scheme,
-                  max_steps=max_steps, eval_every=eval_every, callbacks=callbacks, checkpoint=checkpoint,
-                  checkpoint_every=checkpoint_every, resume=resume, stop_after_steps=stop_after_steps,
-                  progress=progress, max_nonfinite=max_nonfinite, comm=None)
+            return _train(model, optimizer, data, comm=comm, **opts)
+    return _train(model, optimizer, data, comm=None, **opts)
+
+
+def _check_arguments(o: dict) -> None:
+    """The numeric and flag arguments of :func:`train`, by name (ValueError/TypeError)."""
+    if not (isinstance(o["epochs"], (int, float)) and o["epochs"] > 0):  # the historical wording first
+        raise check.ValidationError("epochs", o["epochs"], "positive (a finite number > 0)")
+    check.number("epochs", o["epochs"], 0, lo_open=True)
+    check.integer("seed", o["seed"], 0)
+    check.number("l2", o["l2"], 0)
+    check.number("eval_every", o["eval_every"], 0, lo_open=True)
+    check.number("checkpoint_every", o["checkpoint_every"], 0, lo_open=True)
+    check.integer("max_nonfinite", o["max_nonfinite"], 1)
+    for key in ("max_steps", "stop_after_steps"):
+        if o[key] is not None:
+            check.integer(key, o[key], 0)
+    if o["diverge_factor"] is not None:
+        check.number("diverge_factor", o["diverge_factor"], 1, lo_open=True)
+    check.boolean("resume", o["resume"])
+    if o["resume"] and o["checkpoint"] is None:
+        raise ValueError("resume=True needs a checkpoint path")
+    if o["checkpoint"] is not None:
+        check.output_file("checkpoint", o["checkpoint"])
 
 
 def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max_steps, eval_every, callbacks, checkpoint,
-           checkpoint_every, resume, stop_after_steps, progress, max_nonfinite, comm) -> TrainResult:
+           checkpoint_every, resume, stop_after_steps, progress, max_nonfinite, diverge_factor, log, comm) -> TrainResult:
     """The loop of :func:`train`; ``comm`` is None for one process."""
-    if not epochs > 0:
-        raise ValueError(f"epochs must be positive, got {epochs}")
-    if not eval_every > 0:
-        raise ValueError(f"eval_every must be positive, got {eval_every}")
     xp = backend.namespace(data.X_train)
-    fp = _fingerprint(model, optimizer, data, l2, seed)
+    fp = fingerprints(model, optimizer, data, l2, seed)
     root = comm is None or comm.is_root
     eval_fn = evaluate
     bn_layers = batchnorm_layers(model)
@@ -242,31 +339,34 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
     if comm is not None:
         from .distributed import fingerprint_check  # noqa: PLC0415
 
+        flat = {f"{g}.{k}": v for g, d in fp.items() for k, v in d.items() if k not in ("hyperparameters", "sha256")}
         hyper = {f"optimizer.{k}": repr(v) for k, v in sorted(optimizer.hyperparameters().items())}
-        fingerprint_check(comm, {**{k: v for k, v in fp.items() if k != "hyperparameters"}, **hyper,
+        fingerprint_check(comm, {**flat, **hyper,
                                  "data_hash": _data_hash(data), "theta0_hash": _array_hash(theta),
                                  "epochs": float(epochs), "checkpoint": checkpoint, "resume": bool(resume)})
     state = optimizer.init(theta)
+    state_class = type(state)
     history: list[dict] = []
     step, opt_time, next_eval, next_ckpt = 0, 0.0, 0.0, checkpoint_every
+    last_ckpt: dict = {"step": None, "epoch": None}
     if resume:
-        if checkpoint is None:
-            raise ValueError("resume=True needs a checkpoint path")
         if comm is None:
-            ck = load_checkpoint(checkpoint) if os.path.exists(checkpoint) else None
+            got = _try_load(checkpoint, state_class, device)
         else:  # rank 0 reads, everyone gets the same payload (no shared file system needed)
-            ck = comm.bcast(_try_load(checkpoint) if root else None)
-            if isinstance(ck, BaseException):
-                raise ck
+            got = comm.bcast(_try_load(checkpoint, state_class, "cpu") if root else None)
+            if got is not None and not isinstance(got, BaseException):
+                got = ({**got[0], "state": _state_to(got[0]["state"], device)}, got[1])
+        if isinstance(got, BaseException):
+            raise got
+        ck = got[0] if got is not None else None
         if ck is not None:
-            if ck["fingerprint"] != fp:
-                diff = {k: (ck["fingerprint"].get(k), v) for k, v in fp.items() if ck["fingerprint"].get(k) != v}
-                raise TrainingError(f"checkpoint {checkpoint!r} was written for another configuration: {diff}")
+            ckpt.compare_fingerprints(checkpoint, got[1], fp)
+            _check_payload(checkpoint, ck, model, data, problem, state_class)
             theta = backend.to_device(ck["theta"], device)
-            state = state_from_host(type(state), ck["state"], device)
-            problem.load_state(ck["problem"])
+            state = ck["state"]
             history, step, opt_time = ck["history"], ck["step"], ck["time"]
             next_eval, next_ckpt = ck["next_eval"], ck["next_ckpt"]
+            last_ckpt = {"step": step, "epoch": problem.epochs}
 
     def record(info: dict | None) -> dict:
         rec = {"step": step, "epoch": problem.epochs, "passes": problem.counter.grad_equivalents / problem.n_samples,
@@ -282,65 +382,99 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
                 rec["test_acc"], rec["test_errors"] = te["acc"], te["errors"]
         if info:
             rec.update({k: v for k, v in info.items() if isinstance(v, (int, float, bool, str)) or v is None})
+        reason = _diverged(rec, history, diverge_factor)
+        if reason:
+            rec["diverged"] = reason
         history.append(rec)
+        if log is not None and root:
+            log.append(rec)
+        if reason:
+            raise DivergenceError(reason, history)
         return rec
 
     def write_checkpoint() -> None:
         if checkpoint and root:
             save_checkpoint(checkpoint, {
-                "fingerprint": fp, "theta": backend.to_numpy(theta).copy(), "state": state_to_host(state),
-                "problem": problem.state(), "history": history, "step": step, "time": opt_time,
-                "next_eval": next_eval, "next_ckpt": next_ckpt,
-            })
+                "theta": theta, "state": state, "problem": problem.state(), "history": history, "step": step,
+                "time": opt_time, "next_eval": float(next_eval), "next_ckpt": float(next_ckpt),
+            }, fp, state_class)
+        last_ckpt.update(step=step, epoch=problem.epochs)
 
-    if not history:
-        record(None)
-        next_eval = eval_every
-    bar = _progress(progress, epochs, problem.epochs)
+    if log is not None and root:
+        log.restart(history)
     stopped, nonfinite_run, last_info = "completed", 0, None
-    while problem.epochs < epochs - 1e-12:
-        if max_steps is not None and step >= max_steps:
-            stopped = "max_steps"
-            break
-        if stop_after_steps is not None and step >= stop_after_steps:
-            write_checkpoint()
-            stopped = "interrupted"
-            break
-        t0 = time.perf_counter()
-        new_theta, state, info = optimizer.step(theta, state, problem)
-        opt_time += time.perf_counter() - t0
-        if not backend.all_finite(new_theta):
-            raise TrainingError(f"{type(optimizer).__name__} returned a non-finite θ at step {step} (this is a bug in the optimizer)", history)
-        theta, step, last_info = new_theta, step + 1, info.as_dict()
-        nonfinite_run = nonfinite_run + 1 if info.nonfinite else 0
-        if nonfinite_run >= max_nonfinite:
-            record(last_info)
-            raise TrainingError(f"{nonfinite_run} consecutive steps hit non-finite losses or gradients; "
-                                "lower the learning rate / initial radius or check the data", history)
-        if bar is not None:
-            bar.update(problem.epochs - bar.n)
-        if problem.epochs >= next_eval - 1e-12 or problem.epochs >= epochs - 1e-12:
-            rec = record(last_info)
-            next_eval = (math.floor(problem.epochs / eval_every + 1e-9) + 1) * eval_every
-            if not math.isfinite(rec["train_loss"]):
-                raise TrainingError(f"training loss became non-finite ({rec['train_loss']}) at epoch {rec['epoch']:.3f}, step {step}", history)
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['train_loss']:.4g}")
-            if comm is not None:  # θ must be bit-identical on every rank; callbacks decide on rank 0
-                _check_same_theta(comm, theta, step)
-            if _stop(comm, callbacks, rec):
-                stopped = "callback"
+    bar = None
+    try:
+        if not history:
+            record(None)
+            next_eval = eval_every
+        bar = _progress(progress, epochs, problem.epochs)
+        while problem.epochs < epochs - 1e-12:
+            if max_steps is not None and step >= max_steps:
+                stopped = "max_steps"
                 break
-        if checkpoint and problem.epochs >= next_ckpt - 1e-12:
-            next_ckpt = (math.floor(problem.epochs / checkpoint_every + 1e-9) + 1) * checkpoint_every
+            if stop_after_steps is not None and step >= stop_after_steps:
+                write_checkpoint()
+                stopped = "interrupted"
+                break
+            t0 = time.perf_counter()
+            new_theta, state, info = optimizer.step(theta, state, problem)
+            opt_time += time.perf_counter() - t0
+            if not backend.all_finite(new_theta):
+                raise TrainingError(f"{type(optimizer).__name__} returned a non-finite θ at step {step} (this is a bug in the optimizer)", history)
+            theta, step, last_info = new_theta, step + 1, info.as_dict()
+            nonfinite_run = nonfinite_run + 1 if info.nonfinite else 0
+            if nonfinite_run >= max_nonfinite:
+                record(last_info)
+                raise TrainingError(f"{nonfinite_run} consecutive steps hit non-finite losses or gradients; "
+                                    "lower the learning rate / initial radius or check the data", history)
+            if bar is not None:
+                bar.update(problem.epochs - bar.n)
+            if problem.epochs >= next_eval - 1e-12 or problem.epochs >= epochs - 1e-12:
+                rec = record(last_info)
+                next_eval = (math.floor(problem.epochs / eval_every + 1e-9) + 1) * eval_every
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['train_loss']:.4g}")
+                if comm is not None:  # θ must be bit-identical on every rank; callbacks decide on rank 0
+                    _check_same_theta(comm, theta, step)
+                if _stop(comm, callbacks, rec):
+                    stopped = "callback"
+                    break
+            if checkpoint and problem.epochs >= next_ckpt - 1e-12:
+                next_ckpt = (math.floor(problem.epochs / checkpoint_every + 1e-9) + 1) * checkpoint_every
+                write_checkpoint()
+        if stopped == "completed" and history[-1]["step"] != step:
+            record(last_info)
+        if stopped == "completed":
             write_checkpoint()
-    if bar is not None:
-        bar.close()
-    if stopped == "completed" and history[-1]["step"] != step:
-        record(last_info)
-    if stopped == "completed":
-        write_checkpoint()
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else 2
+        raise RunInterrupted(signum, history, checkpoint if last_ckpt["step"] is not None else None,
+                             last_ckpt["step"], last_ckpt["epoch"]) from None
+    finally:
+        if bar is not None:
+            bar.close()
     return TrainResult(theta, state, history, stopped, step)
+
+
+def _diverged(rec: dict, history: list[dict], factor: float | None) -> str | None:
+    """Why ``rec`` marks a diverged run (None when it does not)."""
+    loss = rec["train_loss"]
+    where = f"at epoch {rec['epoch']:.3f}, step {rec['step']}"
+    if not math.isfinite(loss):
+        return f"training loss became non-finite ({loss}) {where}"
+    start = history[0]["train_loss"] if history else loss
+    if factor is not None and start > 0 and loss > factor * start:
+        return f"training loss {loss:.6g} exceeds {factor:g} × the starting loss {start:.6g} {where}"
+    return None
+
+
+def _state_to(state: Any, device: backend.Device) -> Any:
+    """A broadcast host state's arrays moved to ``device`` (MPI: rank 0 read them on the host)."""
+    if device == "cpu":
+        return state
+    node, arrays = ckpt.encode(state, type(state))
+    return ckpt.decode(node, arrays, type(state), device=device)
 
 
 def _progress(enabled: bool, total: float, start: float):
@@ -376,9 +510,13 @@ def _check_same_theta(comm: Any, theta: Any, step: int) -> None:
                             "different ranks); rerun with QNREF_MPI_DETERMINISTIC=1")
 
 
-def _try_load(path: str) -> Any:
-    """Rank 0's read of a checkpoint for broadcasting: the payload, None, or the exception."""
+def _try_load(path: str, state_class: Any, device: backend.Device) -> Any:
+    """A checkpoint's ``(payload, fingerprints)``, None when there is no file, or the exception
+    (so that MPI's rank 0 can broadcast it and every rank raises it)."""
     try:
-        return load_checkpoint(path) if os.path.exists(path) else None
+        if not os.path.lexists(path):
+            return None
+        payload, manifest = load_checkpoint(path, state_class, device)
+        return payload, manifest["fingerprints"]
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank after the broadcast
         return exc

@@ -10,6 +10,7 @@ from qnref.nn.activations import Tanh
 from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.optim import make_optimizer
+from qnref.checkpoint import CheckpointError
 from qnref.train import Data, TrainingError, evaluate, load_checkpoint, train
 
 
@@ -63,15 +64,20 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
     m, dd = model(), data()
     ck = tmp_path / "bad.ckpt"
     ck.write_bytes(b"not a pickle at all")
-    with pytest.raises(TrainingError, match="corrupt or not a qnref checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a qnref checkpoint"):
         train(m, make_optimizer("sgd"), dd, epochs=1, checkpoint=str(ck), resume=True)
     ck.write_bytes(pickle.dumps({"something": 1}))
-    with pytest.raises(TrainingError, match="not a qnref checkpoint"):
+    with pytest.raises(CheckpointError, match="old pickle checkpoint"):
         load_checkpoint(str(ck))
     good = str(tmp_path / "good.ckpt")
     train(m, make_optimizer("sgd", batch_size=100), dd, epochs=1, checkpoint=good, stop_after_steps=2)
-    with pytest.raises(TrainingError, match="another configuration"):
+    with pytest.raises(CheckpointError, match=r"another configuration: optimizer\.hyperparameters"):
         train(m, make_optimizer("sgd", batch_size=100, lr=0.5), dd, epochs=1, checkpoint=good, resume=True)
+    with pytest.raises(CheckpointError, match=r"another configuration: run\.seed: 0 in the file, 1 in this run"):
+        train(m, make_optimizer("sgd", batch_size=100), dd, epochs=1, seed=1, checkpoint=good, resume=True)
+    other = Data(dd.X_train + 1e-3, dd.y_train, dd.X_test, dd.y_test, "softmax_ce", "digits")
+    with pytest.raises(CheckpointError, match=r"data\.sha256"):
+        train(m, make_optimizer("sgd", batch_size=100), other, epochs=1, checkpoint=good, resume=True)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the run overflows on purpose
@@ -80,15 +86,46 @@ def test_divergence_stops_with_clear_message():
     reg = Data(dd.X_train, np.eye(10)[dd.y_train], None, None, "mse", "digits-regression")
     m = Sequential([Dense(10)], input_shape=(64,))
     with pytest.raises(TrainingError, match="consecutive steps hit non-finite"):
-        train(m, make_optimizer("sgd", lr=1e3, batch_size=100), reg, epochs=50, seed=0, max_nonfinite=5)
+        train(m, make_optimizer("sgd", lr=1e3, batch_size=100), reg, epochs=50, seed=0, max_nonfinite=5, diverge_factor=None)
 
 
-def test_invalid_arguments():
+def test_invalid_arguments(tmp_path):
     m, dd = model(), data()
     with pytest.raises(ValueError, match="epochs must be positive"):
         train(m, make_optimizer("sgd"), dd, epochs=0)
     with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
         train(m, make_optimizer("sgd"), dd, resume=True)
+    bad = [({"epochs": float("inf")}, "epochs must be a finite number > 0, got inf"),
+           ({"checkpoint_every": 0}, "checkpoint_every must be a finite number > 0, got 0"),
+           ({"checkpoint_every": float("nan")}, "checkpoint_every must be a finite number > 0, got nan"),
+           ({"l2": float("inf")}, "l2 must be a finite number ≥ 0, got inf"),
+           ({"seed": -1}, "seed must be an integer ≥ 0, got -1"),
+           ({"seed": float("nan")}, "seed must be an integer ≥ 0, got nan"),
+           ({"max_nonfinite": 0}, "max_nonfinite must be an integer ≥ 1, got 0"),
+           ({"resume": "yes", "checkpoint": str(tmp_path / "c")}, "resume must be True or False, got 'yes'"),
+           ({"diverge_factor": 0.5}, "diverge_factor must be a finite number > 1, got 0.5"),
+           ({"checkpoint": str(tmp_path)}, f"checkpoint {tmp_path}: is a folder")]
+    for kw, msg in bad:
+        with pytest.raises(ValueError) as exc:
+            train(m, make_optimizer("sgd"), dd, **kw)
+        assert msg in str(exc.value), (kw, str(exc.value))
+
+
+def test_divergence_above_the_factor_is_marked(tmp_path):
+    """A run whose loss grows past diverge_factor × the starting loss (finite, here ~1e2 ×) stops
+    with DivergenceError; its last record says why; diverge_factor=None lets it run."""
+    from qnref.report import RunLog
+    from qnref.train import DivergenceError
+
+    m, dd = model(), data()
+    log = RunLog(str(tmp_path / "runs.jsonl"), "sgd", 0)
+    with pytest.raises(DivergenceError, match=r"exceeds 3 × the starting loss") as exc:
+        train(m, make_optimizer("sgd", lr=30.0, batch_size=600), dd, epochs=5, diverge_factor=3.0, log=log)
+    hist = exc.value.history
+    assert "diverged" in hist[-1] and hist[-1]["train_loss"] > 3 * hist[0]["train_loss"]
+    assert [r["train_loss"] for r in log.rows()] == [r["train_loss"] for r in hist]  # written as it went
+    res = train(m, make_optimizer("sgd", lr=30.0, batch_size=600), dd, epochs=5, diverge_factor=None)
+    assert res.stopped == "completed" and "diverged" not in res.final
 
 
 def test_evaluate_binary_sigmoid_accuracy():
