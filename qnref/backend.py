@@ -172,7 +172,7 @@ def asarray(x: Any, xp: types.ModuleType, dtype: Any | None = None) -> Any:
     """``xp.asarray`` that refuses silent host↔device moves of existing arrays."""
     if is_cupy_array(x) and xp is numpy:
         raise BackendError("a CuPy (GPU) array was given where a NumPy (CPU) array is expected")
-    if isinstance(x, numpy.ndarray) and xp is not numpy:
+    if isinstance(x, numpy.ndarray) and not is_cupy_array(x) and xp is not numpy:
         raise BackendError("a NumPy (CPU) array was given where a CuPy (GPU) array is expected")
     return xp.asarray(x, dtype=dtype)
 

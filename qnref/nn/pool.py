@@ -47,6 +47,7 @@ def use_fast(x: Any) -> bool:
     return (
         _conv.KERNELS != "xp"
         and isinstance(x, numpy.ndarray)
+        and not backend.is_cupy_array(x)  # host memory only (also for ndarray-like device stand-ins)
         and x.dtype in (numpy.float32, numpy.float64)
         and fast_kernels() is not None
     )

@@ -1,0 +1,273 @@
+"""CPU-side CuPy conformance: qnref's CuPy code path, run by NumPy, uses only what CuPy offers.
+
+The engine (every product on an MLP, a BatchNorm CNN with max/avg pooling and a residual net), every
+registered optimizer (5 steps) and the data paths run on the recording device backend of
+:mod:`cupy_recording`; every namespace attribute and call, array method and property, and operator
+is checked against the pinned list of CuPy's public names and signatures (``tests/cupy_api.json``,
+generated from the installed ``cupy-cuda13x`` by ``tools/cupy_names.py``). Flagged: names CuPy
+lacks, keyword arguments it does not accept, too many positional arguments, and the NumPy-only
+behaviours the recorder marks as violations (``numpy.asarray`` of device arrays, NumPy functions
+called on them directly, host arrays mixed into device operations, scipy/numba on device arrays).
+
+The recorded device path must also compute what NumPy computes: θ after every step equals the
+plain NumPy run bit for bit (the recorder only changes scalar types, as CuPy does).
+
+``python tests/test_cupy_conformance.py`` prints the report (calls, distinct names, problems).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+import cupy_recording as cr
+
+API_FILE = pathlib.Path(__file__).parent / "cupy_api.json"
+API = json.loads(API_FILE.read_text())
+NS = API["namespaces"]
+
+#: Known mismatches in modules this check's owner may not edit, with the fix: (event name, file) → fix.
+#: The check tolerates these and lists them; an entry that no longer occurs is reported as stale.
+KNOWN: dict[tuple[str, str], str] = {}
+
+
+# ---------------------------------------------------------------------- the checker
+def resolve(name: str) -> tuple[str | None, list[str]]:
+    """(namespace key, remaining member path) for a recorded dotted name; longest namespace first."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        ns = ".".join(parts[:k])
+        if ns in NS:
+            return ns, parts[k:]
+    return None, parts
+
+
+def check_event(e: cr.Event) -> list[str]:
+    """The problems of one recorded event (empty when CuPy offers exactly this use)."""
+    where = f"{e.site}: {e.name}"
+    if e.kind == "violation":
+        return [f"{where}: {e.detail}"]
+    if e.kind not in ("call", "attr", "method", "prop", "op"):
+        return []
+    ns, rest = resolve(e.name)
+    if ns is None:
+        return [f"{where}: not in a CuPy namespace of {API_FILE.name}"]
+    entry = NS[ns]["names"].get(rest[0])
+    if entry is None:
+        return [f"{where}: CuPy {API['cupy_version']} has no {ns}.{rest[0]}"]
+    if len(rest) > 1:  # a ufunc method (cupy.add.at) or a submodule member resolved above
+        if entry["kind"] == "ufunc" and rest[1] not in entry.get("methods", []):
+            return [f"{where}: CuPy ufunc {rest[0]} has no method {rest[1]}"]
+        return []
+    if e.kind not in ("call", "method", "op") or entry["params"] is None:
+        return []
+    params = entry["params"]
+    kinds = {k for _, k in params}
+    named = {n for n, k in params if k in ("any", "kw")}
+    bad = [k for k in e.kwargs if k not in named and "**" not in kinds]
+    out = [f"{where}: keyword argument {k!r} not accepted by CuPy (signature {params_text(params)})" for k in bad]
+    n_pos = sum(1 for _, k in params if k in ("pos", "any"))
+    if len(e.args) > n_pos and "*" not in kinds:
+        out.append(f"{where}: {len(e.args)} positional arguments, CuPy takes at most {n_pos} ({params_text(params)})")
+    return out
+
+
+def params_text(params: list) -> str:
+    pre = {"*": "*", "**": "**"}
+    return "(" + ", ".join(pre.get(k, "") + n for n, k in params) + ")"
+
+
+def problems(rec: cr.Recorder) -> dict[str, list[str]]:
+    """Problems by message, each with the sites; known mismatches (:data:`KNOWN`) removed."""
+    out: dict[str, list[str]] = collections.defaultdict(list)
+    for e in rec.events:
+        if any(e.name == n and e.site.startswith(f) for n, f in KNOWN):
+            continue
+        for p in check_event(e):
+            out[p].append(e.site)
+    return dict(out)
+
+
+def merged(*recs: cr.Recorder) -> cr.Recorder:
+    m = cr.Recorder()
+    for r in recs:
+        m.events.update(r.events)
+    return m
+
+
+# ---------------------------------------------------------------------- workloads
+def _engine_models():
+    from qnref.nn.activations import ReLU, Tanh
+    from qnref.nn.conv import Conv2d
+    from qnref.nn.dense import Dense
+    from qnref.nn.model import Sequential
+    from qnref.nn.norm import BatchNorm
+    from qnref.nn.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
+    from qnref.nn.reshape import Flatten
+    from qnref.nn.zoo import build_model
+
+    r = np.random.default_rng(3)
+    mlp = Sequential([Dense(6), Tanh(), Dense(4)], input_shape=(5,))
+    cnn = Sequential([Conv2d(3, 3, padding=1), BatchNorm(), ReLU(), MaxPool2d(3, stride=2, padding=1),
+                      Conv2d(4, 3, stride=2), Tanh(), AvgPool2d(2, stride=1), Flatten(), Dense(3)], input_shape=(2, 10, 10))
+    res = build_model("resnet20", input_shape=(3, 8, 8), n_outputs=3, width=0.25, depth=8)
+    gap = Sequential([Conv2d(3, 3, padding=1), MaxPool2d(2), GlobalAvgPool(), Dense(3)], input_shape=(1, 6, 6))
+    return {
+        "mlp": (mlp, r.standard_normal((12, 5)), r.integers(0, 4, 12)),
+        "cnn-bn-pool": (cnn, r.standard_normal((6, 2, 10, 10)), r.integers(0, 3, 6)),
+        "resnet": (res, r.standard_normal((4, 3, 8, 8)), r.integers(0, 3, 4)),
+        "gap": (gap, r.standard_normal((5, 1, 6, 6)), r.integers(0, 3, 5)),
+    }
+
+
+def _products(make, theta, v):
+    """Every product: value, grad, Hv, Gv in training mode (BatchNorm batch statistics), and with
+    ``train=False`` also Fv, Jv, Jᵀu, the gradient Gram matrix and per-example gradients."""
+    p = make(True).at(theta)
+    out = {"value": p.value, "grad": p.grad, "hvp": p.hvp(v), "ggn_vp": p.ggn_vp(v)}
+    ev = make(False)
+    q = ev.at(theta)
+    out.update(fisher_vp=q.fisher_vp(v), gram=q.gram("grad"), per_example=q.per_example_grads(), hvp_eval=q.hvp(v))
+    out["jvp"] = ev.jvp(theta, v)
+    out["vjp"] = ev.vjp(theta, out["jvp"])
+    return out
+
+
+@functools.cache
+def run_engine():
+    """(recorder, {model: (cpu products, device products)})."""
+    from qnref import backend
+    from qnref.curvature.objective import Objective
+
+    results = {}
+    rec = cr.Recorder()
+    for key, (model, X, y) in _engine_models().items():
+        theta = model.init(seed=1)
+        v = np.random.default_rng(2).standard_normal(theta.size)
+        cpu = _products(lambda train: Objective(model, "softmax_ce", X, y, l2=1e-3, train=train), theta, v)
+        with cr.recording_backend(rec):
+            Xd, yd, thd, vd = (backend.to_device(a, "gpu") for a in (X, y, theta, v))
+            dev = _products(lambda train: Objective(model, "softmax_ce", Xd, yd, l2=1e-3, train=train), thd, vd)
+        results[key] = (cpu, cr.to_host(dev))
+    return rec, results
+
+
+@functools.cache
+def run_data():
+    """The data layer on the device: transfer, validation, subsets, scaling, a Problem's batches."""
+    from qnref.data.dataset import Dataset
+    from qnref.nn.activations import Tanh
+    from qnref.nn.dense import Dense
+    from qnref.nn.model import Sequential
+    from qnref.optim.base import Problem
+
+    r = np.random.default_rng(5)
+    ds = Dataset.from_arrays("toy", r.standard_normal((60, 3)), r.integers(0, 3, 60), n_test=15)
+    rec = cr.Recorder()
+    with cr.recording_backend(rec):
+        d = ds.to("gpu", "float64").validate().standardized().subset(30, 10, seed=1)
+        d.minmax_scaled()
+        d.as_autoencoder()
+        back = d.to("cpu")
+        model = Sequential([Dense(4), Tanh(), Dense(3)], input_shape=(3,))
+        prob = Problem(model, "softmax_ce", d.X_train, d.y_train, 1e-3, seed=0)
+        theta = cr.to_device(model.init(seed=0))
+        for o in (prob.batch(7), prob.sample(5), prob.full()):
+            o.value(theta)
+    return rec, back
+
+
+# ---------------------------------------------------------------------- tests
+def test_pinned_list_names_the_namespaces_qnref_uses():
+    assert API["generated_by"] == "tools/cupy_names.py" and API["cupy_version"]
+    for ns in ("cupy", "cupy.linalg", "cupy.random.Generator", "cupy.ndarray", "cupyx", "cupyx.scipy.linalg"):
+        assert NS[ns]["names"], ns
+    assert NS["cupy"]["names"]["add"]["kind"] == "ufunc" and "at" in NS["cupy"]["names"]["add"]["methods"]
+
+
+def test_engine_products_conform():
+    rec, results = run_engine()
+    for key, (cpu, dev) in results.items():
+        for name in cpu:
+            np.testing.assert_allclose(np.asarray(dev[name]), np.asarray(cpu[name]), rtol=1e-12, atol=1e-14, err_msg=f"{key} {name}")
+    found = problems(rec)
+    assert not found, "\n".join(f"{p}  [{len(s)} sites]" for p, s in found.items())
+    assert rec.total > 1000
+
+
+def test_every_optimizer_conforms_and_matches_numpy():
+    runs = cr.optimizer_runs()
+    errors = {n: r.error for n, r in runs.items() if r.error}
+    assert not errors, errors
+    for name, r in runs.items():
+        assert len(r.thetas) == len(r.cpu_thetas) == 5
+        for i, (a, b) in enumerate(zip(r.thetas, r.cpu_thetas)):
+            assert np.array_equal(a, b), f"{name} step {i}: the device path differs from NumPy"
+    found = problems(merged(*(r.recorder for r in runs.values())))
+    assert not found, "\n".join(f"{p}  [{len(s)} sites]" for p, s in found.items())
+
+
+def test_data_paths_conform():
+    rec, back = run_data()
+    assert type(back.X_train) is np.ndarray and back.X_train.shape == (30, 3)
+    found = problems(rec)
+    assert not found, "\n".join(f"{p}  [{len(s)} sites]" for p, s in found.items())
+
+
+PROBE = '''
+import numpy
+from qnref import backend
+
+def probe(x):
+    xp = backend.namespace(x)
+    a = xp.sum(x, where=x > 0)            # CuPy's sum has no `where`
+    b = xp.random.default_rng(0).permutation(3)   # CuPy's Generator has no permutation
+    c = numpy.asarray(x)                  # CuPy raises TypeError
+    d = numpy.linalg.norm(x)              # NumPy function on a device array
+    e = x + numpy.ones(x.shape)           # host array mixed into a device operation
+    f = float(xp.linalg.norm(x)) + x.sum().item()   # two host syncs
+    return a, b, c, d, e, f
+'''
+
+
+def test_checker_flags_what_cupy_rejects():
+    """The check can fail: a probe compiled as a qnref file makes each kind of mistake once."""
+    ns: dict = {}
+    exec(compile(PROBE, f"{cr.QNREF_DIR}/_conformance_probe.py", "exec"), ns)
+    rec = cr.Recorder()
+    with cr.recording_backend(rec), rec.in_phase("probe"):
+        ns["probe"](cr.to_device(np.arange(4.0)))
+    text = "\n".join(problems(rec))
+    assert "keyword argument 'where' not accepted" in text
+    assert "has no cupy.random.Generator.permutation" in text
+    assert "NumPy conversion of a device array" in text and "numpy.asarray" in text
+    assert "numpy.linalg.norm" in text or "numpy.norm" in text
+    assert "host NumPy array mixed into a device operation" in text
+    assert rec.syncs["probe"] >= 3  # float(), .item() and the numpy.asarray copy
+
+
+def report() -> str:
+    """Calls recorded, distinct names and problems per workload (the closing note's numbers)."""
+    recs = {"engine": run_engine()[0], "optimizers": merged(*(r.recorder for r in cr.optimizer_runs().values())),
+            "data": run_data()[0]}
+    total = merged(*recs.values())
+    lines = []
+    for label, r in list(recs.items()) + [("all", total)]:
+        names = {e.name for e in r.events if e.kind in ("call", "attr", "method", "prop", "op")}
+        lines.append(f"{label:10s} {r.total:8d} recorded uses, {len(names):4d} distinct names, {len(problems(r))} problems")
+    by_kind: collections.Counter = collections.Counter()
+    for e, n in total.events.items():
+        by_kind[e.kind] += n
+    lines.append("by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items())))
+    lines += [f"PROBLEM {p} [{len(s)} sites: {', '.join(sorted(set(s))[:4])}]" for p, s in problems(total).items()]
+    lines += [f"known (left): {n} in {f}: {fix}" for (n, f), fix in KNOWN.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(print(report()))
