@@ -1,0 +1,228 @@
+"""The quasi-Newton pair store: curvature pairs (sᵢ, yᵢ) and their Gram matrices in one place.
+
+Storage convention (the one convention of the package): pairs are **rows**, oldest first, in
+preallocated ``(capacity, n)`` buffers; row i is (sᵢ, yᵢ). The papers' n × k matrices Sₖ, Yₖ are
+the transposes, so the papers' SₖᵀYₖ is ``S @ Y.T`` here and (SₖᵀYₖ)ᵢⱼ = sᵢᵀyⱼ.
+
+:class:`PairStore` optionally keeps the k × k Grams SY = S Yᵀ, SS = S Sᵀ, YY = Y Yᵀ in step with
+the pairs: :meth:`PairStore.append` borders them with the new row and column (4kn + 3n
+multiplications: S s, Y s, S y, Y y and sᵀy, sᵀs, yᵀy), dropping old pairs slices them (no
+arithmetic). The compact L-SR1 operator, its pruning test and the Gram trust-region solver then
+cost O(kn) + O(k³) per step ([RD16] §3: "(4m + 1)n + O(m²)" per product, the Grams updated
+incrementally). Methods that never read the Grams (L-BFGS, SQN) keep ``grams=False``.
+
+A PairStore is a dataclass of plain arrays and ints, so it checkpoints as a state field
+(:func:`~qnref.optim.base.state_to_host`); a state restored from a checkpoint holds the plain
+dict, which :meth:`PairStore.coerce` turns back into a store (the optimizers' state classes do
+that in ``__post_init__``).
+
+State rule (docs/optimizers.md): the store is updated in place; a step consumes the state that
+holds it. ``copy.deepcopy`` of the state before a step resumes bit-identically.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .. import backend
+
+__all__ = ["PairStore"]
+
+
+@dataclass
+class PairStore:
+    """Curvature pairs in ``(capacity, n)`` row buffers plus (optionally) their Grams.
+
+    Sbuf, Ybuf: the buffers; rows ``0 .. count−1`` hold the pairs, oldest first.
+    count: pairs stored.
+    SY, SS, YY: ``(count, count)`` Grams S Yᵀ, S Sᵀ, Y Yᵀ of the stored pairs, or ``None`` when the
+    store does not keep them (``grams=False``) or they were invalidated (:meth:`drop_grams`);
+    :meth:`ensure_grams` rebuilds them once (O(k²n)).
+    """
+
+    Sbuf: Any
+    Ybuf: Any
+    count: int = 0
+    SY: Any = None
+    SS: Any = None
+    YY: Any = None
+
+    def __post_init__(self) -> None:
+        self.count = int(self.count)
+        if self.Sbuf.ndim != 2 or self.Sbuf.shape != self.Ybuf.shape:
+            raise ValueError(f"Sbuf and Ybuf must both have shape (capacity, n); got {self.Sbuf.shape} and "
+                             f"{self.Ybuf.shape}")
+        if not 0 <= self.count <= self.capacity:
+            raise ValueError(f"count must lie in [0, {self.capacity}], got {self.count}")
+        grams = (self.SY, self.SS, self.YY)
+        if any(G is not None for G in grams):
+            if any(G is None or G.shape != (self.count, self.count) for G in grams):
+                raise ValueError(f"SY, SS, YY must all be ({self.count}, {self.count}) or all None")
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, like: Any, capacity: int, *, grams: bool = True) -> "PairStore":
+        """An empty store for vectors shaped, typed and placed like the 1-D array ``like``."""
+        capacity = int(capacity)
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if like.ndim != 1:
+            raise ValueError(f"like must be a 1-D array, got shape {like.shape}")
+        xp = backend.namespace(like)
+        n = int(like.shape[0])
+        z = xp.zeros((0, 0), dtype=like.dtype) if grams else None
+        return cls(xp.zeros((capacity, n), dtype=like.dtype), xp.zeros((capacity, n), dtype=like.dtype), 0,
+                   z, None if z is None else z.copy(), None if z is None else z.copy())
+
+    @classmethod
+    def from_rows(cls, S: Any, Y: Any, *, capacity: int | None = None, grams: bool = True) -> "PairStore":
+        """A store holding the ``(k, n)`` rows S, Y (copied), with fresh Grams when ``grams``."""
+        if S.ndim != 2 or S.shape != Y.shape:
+            raise ValueError(f"S and Y must both have shape (k, n); got {S.shape} and {Y.shape}")
+        xp = backend.namespace(S, Y)
+        k, n = int(S.shape[0]), int(S.shape[1])
+        cap = max(k, 1) if capacity is None else int(capacity)
+        if cap < max(k, 1):
+            raise ValueError(f"capacity {capacity} is smaller than the {k} pairs given")
+        Sbuf, Ybuf = xp.zeros((cap, n), dtype=S.dtype), xp.zeros((cap, n), dtype=S.dtype)
+        Sbuf[:k], Ybuf[:k] = S, Y
+        store = cls(Sbuf, Ybuf, k)
+        if grams:
+            store.ensure_grams()
+        return store
+
+    @classmethod
+    def coerce(cls, x: "PairStore | dict") -> "PairStore":
+        """``x`` itself, or the store a checkpoint dict (:func:`~.base.state_to_host`) describes."""
+        if isinstance(x, cls):
+            return x
+        if isinstance(x, dict):
+            return cls(**{f.name: x[f.name] for f in dataclasses.fields(cls) if f.name in x})
+        raise TypeError(f"expected a PairStore or its checkpoint dict, got {type(x).__name__}")
+
+    # -- views ----------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return int(self.Sbuf.shape[0])
+
+    @property
+    def n(self) -> int:
+        return int(self.Sbuf.shape[1])
+
+    @property
+    def full(self) -> bool:
+        return self.count == self.capacity
+
+    @property
+    def has_grams(self) -> bool:
+        return self.SY is not None
+
+    @property
+    def S(self) -> Any:
+        """View ``(count, n)`` of the stored s vectors, oldest first (invalidated by a mutation)."""
+        return self.Sbuf[: self.count]
+
+    @property
+    def Y(self) -> Any:
+        """View ``(count, n)`` of the stored y vectors, oldest first."""
+        return self.Ybuf[: self.count]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def newest(self) -> tuple[Any, Any]:
+        """The newest pair (s, y) as views; ``IndexError`` when empty."""
+        if self.count == 0:
+            raise IndexError("PairStore is empty")
+        return self.Sbuf[self.count - 1], self.Ybuf[self.count - 1]
+
+    # -- Grams ----------------------------------------------------------------------------------------
+    def ensure_grams(self) -> "PairStore":
+        """Form the Grams from the pairs when they are not kept (O(k²n), once); returns self."""
+        if self.SY is None:
+            S, Y = self.S, self.Y
+            self.SY, self.SS, self.YY = S @ Y.T, S @ S.T, Y @ Y.T
+        return self
+
+    def drop_grams(self) -> None:
+        """Stop keeping the Grams (a route that changes pairs without maintaining them)."""
+        self.SY = self.SS = self.YY = None
+
+    def fresh_grams(self) -> tuple[Any, Any, Any]:
+        """(SY, SS, YY) of the stored pairs: the kept ones, else freshly formed (not stored)."""
+        if self.SY is not None:
+            return self.SY, self.SS, self.YY
+        S, Y = self.S, self.Y
+        return S @ Y.T, S @ S.T, Y @ Y.T
+
+    # -- mutation -------------------------------------------------------------------------------------
+    def append(self, s: Any, y: Any) -> None:
+        """Store (s, y) (copied) as the newest pair, dropping the oldest first when full; the kept
+        Grams are bordered with the new row/column (4kn + 3n multiplications)."""
+        backend.namespace(self.Sbuf, s, y)  # raises on a host/device mix
+        if s.shape != (self.n,) or y.shape != (self.n,):
+            raise ValueError(f"s and y must have shape ({self.n},), got {s.shape} and {y.shape}")
+        if self.full:
+            self.drop_oldest(1)
+        if self.SY is not None:
+            self._border(s, y)
+        self.Sbuf[self.count] = s
+        self.Ybuf[self.count] = y
+        self.count += 1
+
+    def _border(self, s: Any, y: Any) -> None:
+        xp = backend.namespace(self.Sbuf)
+        k = self.count
+        S, Y = self.S, self.Y
+        Ss, Ys, Sy, Yy = S @ s, Y @ s, S @ y, Y @ y
+        sy, ss, yy = s @ y, s @ s, y @ y
+
+        def border(A: Any, col: Any, row: Any, corner: Any) -> Any:
+            out = xp.empty_like(A, shape=(k + 1, k + 1))  # A's dtype and array type
+            out[:k, :k] = A
+            out[:k, k] = col
+            out[k, :k] = row
+            out[k, k] = corner
+            return out
+
+        self.SY = border(self.SY, Sy, Ys, sy)  # (SY)ᵢₖ = sᵢᵀy, (SY)ₖⱼ = sᵀyⱼ
+        self.SS = border(self.SS, Ss, Ss, ss)
+        self.YY = border(self.YY, Yy, Yy, yy)
+
+    def drop_oldest(self, k: int = 1) -> None:
+        """Forget the ``k`` oldest pairs (all of them when ``k >= count``); Grams sliced."""
+        k = int(k)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if k == 0:
+            return
+        if k >= self.count:
+            self.clear()
+            return
+        # rows k..count−1 → 0..count−k−1 one row at a time: non-overlapping copies, safe on CuPy
+        # too (whose slice assignment does not guard against overlap)
+        for i in range(self.count - k):
+            self.Sbuf[i] = self.Sbuf[i + k]
+            self.Ybuf[i] = self.Ybuf[i + k]
+        self.count -= k
+        if self.SY is not None:
+            self.SY = self.SY[k:, k:].copy()
+            self.SS = self.SS[k:, k:].copy()
+            self.YY = self.YY[k:, k:].copy()
+
+    def clear(self) -> None:
+        """Forget every pair (buffers kept; kept Grams become 0 × 0)."""
+        self.count = 0
+        if self.SY is not None:
+            self.SY, self.SS, self.YY = self.SY[:0, :0].copy(), self.SS[:0, :0].copy(), self.YY[:0, :0].copy()
+
+    def prune(self, count: Callable[[Any, Any, Any], int]) -> int:
+        """Drop the ``count(SY, SS, YY)`` oldest pairs (a pruning test on the Grams, e.g.
+        :func:`~.operators.lsr1_prune_count`); Grams formed freshly when not kept. Returns the number
+        dropped."""
+        if self.count == 0:
+            return 0
+        d = min(int(count(*self.fresh_grams())), self.count)
+        self.drop_oldest(d)
+        return d
