@@ -14,6 +14,9 @@ File layout (one ZIP archive, entries stored uncompressed, readable by ``numpy.l
     manifest is caught even where JSON would still parse).
 ``<name>.npy``
     one entry per array of the manifest; only numeric and bool dtypes are written or read.
+archive comment
+    the hex SHA-256 of every byte of the file before it (the last 64 bytes): a flip anywhere —
+    local headers, data, the central directory — or a truncation is refused before the ZIP is parsed.
 
 Dataclasses (optimizer states) are encoded field by field and rebuilt from the class the
 *caller* names — the optimizer's ``State`` class, and for nested dataclasses the classes its field
@@ -57,6 +60,7 @@ MAX_MANIFEST_BYTES = 256 * 2**20
 #: array dtype kinds a checkpoint may hold: bool, signed/unsigned integers, floats, complex
 _KINDS = "biufc"
 _TMP_TAG = ".tmp-"
+_DIGEST_LEN = 64
 
 
 class CheckpointError(RuntimeError):
@@ -125,7 +129,9 @@ class _Writer:
         self.arrays: dict[str, numpy.ndarray] = {}
 
     def add(self, path: str, a: Any) -> str:
-        host = numpy.ascontiguousarray(backend.to_numpy(a))
+        host = numpy.asarray(backend.to_numpy(a))
+        if not host.flags.c_contiguous:  # (ascontiguousarray would turn 0-d arrays into 1-d ones)
+            host = host.copy(order="C")
         if host.dtype.kind not in _KINDS:
             raise TypeError(f"{path}: arrays of dtype {host.dtype} cannot be checkpointed (numeric and bool only)")
         base = "".join(c if c.isalnum() or c in "._-" else "_" for c in path) or "array"
@@ -152,9 +158,9 @@ class _Writer:
             return {"k": "array", "ref": self.add(path, v), "host": type(v).__module__.startswith("numpy")}
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             declared = _dataclass_of(hint)
-            if declared is not None and declared is not type(v):
+            if declared is not type(v):  # the reader rebuilds it from the annotation alone
                 raise TypeError(f"{path or 'state'}: holds a {type(v).__qualname__} but its annotation names "
-                                f"{declared.__qualname__}")
+                                f"{getattr(declared, '__qualname__', 'no dataclass')}")
             hints = _field_hints(type(v))
             return {"k": "dataclass", "v": {f.name: self.encode(getattr(v, f.name), hints.get(f.name, Any), f"{path}.{f.name}")
                                             for f in dataclasses.fields(v)}}
@@ -329,12 +335,48 @@ def save(path: str | os.PathLike, payload: dict, fingerprints: dict, hints: Mapp
 
     def write(fh: Any) -> None:
         with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.comment = b"0" * _DIGEST_LEN
             _write_npy(zf, MANIFEST, numpy.frombuffer(raw, dtype=numpy.uint8))
             _write_npy(zf, MANIFEST_SHA, numpy.frombuffer(digest, dtype=numpy.uint8))
             for n, a in w.arrays.items():
                 _write_npy(zf, n, a)
+        fh.flush()
+        size = fh.tell()
+        fh.seek(0)
+        whole = _sha256_of(fh, size - _DIGEST_LEN)
+        fh.seek(size - _DIGEST_LEN)
+        fh.write(whole.encode())
 
     atomic_write(path, write)
+
+
+def _sha256_of(fh: Any, nbytes: int) -> str:
+    h = hashlib.sha256()
+    left = nbytes
+    while left > 0:
+        chunk = fh.read(min(left, 1 << 22))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+def _check_whole_file(path: str) -> None:
+    """The archive comment (last 64 bytes) must be the SHA-256 of everything before it."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size < _DIGEST_LEN + 22:
+                raise CheckpointError(path, f"is truncated ({size} bytes)")
+            fh.seek(size - _DIGEST_LEN)
+            stored = fh.read(_DIGEST_LEN)
+            fh.seek(0)
+            actual = _sha256_of(fh, size - _DIGEST_LEN)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if stored != actual.encode():
+        raise CheckpointError(path, "fails its whole-file SHA-256 (truncated, or modified after it was written)")
 
 
 def atomic_write(path: str, write: Any) -> None:
@@ -349,11 +391,11 @@ def atomic_write(path: str, write: Any) -> None:
     tmp = os.path.join(folder, f".{base}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode follows the umask
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # mode follows the umask
     except OSError as exc:
         raise CheckpointError(path, f"cannot be written ({exc.strerror or exc})") from None
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "w+b") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -445,6 +487,7 @@ def load(path: str | os.PathLike, hints: Mapping[str, Any] | None = None, *, dev
     if not os.path.lexists(path):
         raise CheckpointError(path, "does not exist")
     _kind_of_file(path)
+    _check_whole_file(path)
     try:
         npz = numpy.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes means a bad file
