@@ -3,7 +3,8 @@
 Like :mod:`qnref.nn._numba_kernels` this module imports numba at the top, so ``import qnref`` never
 imports it: :func:`qnref.nn.pool.fast_kernels` loads it on first use (it honours the same switch,
 ``qnref.nn.conv.KERNELS``). Every kernel has an ``xp`` twin in :mod:`qnref.nn.norm` /
-:mod:`qnref.nn.pool` that runs on NumPy and CuPy; the tests compare the two paths.
+:mod:`qnref.nn.pool`, named in :data:`KERNEL_TWINS`, that runs on NumPy and CuPy; the tests compare
+the two paths.
 
 The kernels are ``@njit(cache=True, nogil=True)`` and serial; each takes a range [lo, hi) of the
 channels (BatchNorm) or of the N·C image planes (pooling), whose outputs are disjoint, and
@@ -33,6 +34,16 @@ from numba import uint64 as u64  # unsigned indices: no negative-index wraparoun
 from .chunks import map_chunks, num_threads, split_ranges
 
 _FM = {"reassoc"}
+
+#: every kernel of this module → its array-API twin ("module:function"), the code that runs on CuPy
+#: (and on NumPy without numba); ``tests/nn/test_kernel_twins.py`` checks the pairing and the values
+KERNEL_TWINS: dict[str, str] = {
+    "bn_forward": "qnref.nn.norm:bn_forward_xp",
+    "bn_sums": "qnref.nn.norm:bn_sums_xp",
+    "bn_backward": "qnref.nn.norm:bn_backward_xp",
+    "maxpool_forward": "qnref.nn.pool:maxpool_forward_xp",
+    "maxpool_backward": "qnref.nn.pool:unpool_xp",
+}
 
 
 def run_split(n: int, work) -> list:

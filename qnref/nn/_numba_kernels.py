@@ -3,7 +3,8 @@
 This module imports numba at the top, so it is **never** imported by ``import qnref``: the layers
 load it lazily (:func:`qnref.nn.conv.numba_kernels`) the first time a CPU backward pass needs it.
 Every kernel has an ``xp``-generic twin in :mod:`qnref.nn.conv` / :mod:`qnref.nn.pool` (a loop over
-the kh·kw kernel offsets with strided slice adds) that runs on NumPy and CuPy; tests compare the two.
+the kh·kw kernel offsets with strided slice adds), named in :data:`KERNEL_TWINS`, that runs on NumPy
+and CuPy; tests compare the two.
 
 All kernels are ``@njit(cache=True)`` (compiled once per dtype, the machine code is cached next to
 this file) and serial; im2col/col2im release the GIL (``nogil``) so that
@@ -14,6 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+#: every kernel of this module → its array-API twin ("module:function"), the code that runs on CuPy
+#: (and on NumPy without numba); ``tests/nn/test_kernel_twins.py`` checks the pairing and the values
+KERNEL_TWINS: dict[str, str] = {
+    "im2col_t": "qnref.nn.conv:im2col_t_xp",
+    "col2im_t": "qnref.nn.conv:col2im_t_xp",
+    "index_add": "qnref.nn.pool:scatter_add_xp",
+}
 
 
 @njit(cache=True, nogil=True)

@@ -182,6 +182,14 @@ def im2col_t(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> An
     if use_numba(x):
         out = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
         return numba_kernels().im2col_t(xp.ascontiguousarray(x), out, sh, sw, ph, pw).reshape(c * kh * kw, n * ho * wo)
+    return im2col_t_xp(x, kh, kw, sh, sw, ph, pw)
+
+
+def im2col_t_xp(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    """The array-API twin of the numba kernel ``im2col_t`` (NumPy and CuPy): one strided view of
+    the padded input, transposed to the (K, N·L) layout and copied."""
+    n, c, h, w = x.shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
     v = windows(pad(x, ph, pw), kh, kw, sh, sw, ho, wo)  # (N, C, Ho, Wo, kh, kw)
     return v.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * ho * wo)
 
@@ -189,17 +197,30 @@ def im2col_t(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> An
 def col2im_t(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, out: Any = None) -> Any:
     """Adjoint of :func:`im2col_t`: scatter-add (K, N·L) patch gradients to (N, C, H, W).
     ``out``: optional zero-initialised contiguous destination of shape ``x_shape`` (returned)."""
+    if not use_numba(gcols):
+        full = col2im_t_xp(gcols, x_shape, kh, kw, sh, sw, ph, pw)
+        if out is None:
+            return full
+        out[...] = full
+        return out
     n, c, h, w = x_shape
     ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
     xp = backend.namespace(gcols)
     g6t = xp.ascontiguousarray(gcols).reshape(c, kh, kw, n, ho, wo)
     if out is None:
         out = xp.zeros((n, c, h, w), dtype=gcols.dtype)
-    if use_numba(gcols):
-        return numba_kernels().col2im_t(g6t, out, sh, sw, ph, pw)
+    return numba_kernels().col2im_t(g6t, out, sh, sw, ph, pw)
+
+
+def col2im_t_xp(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    """The array-API twin of the numba kernel ``col2im_t`` (NumPy and CuPy): strided slice adds
+    over the kh·kw kernel offsets into the padded image, then the unpadded part (a new array)."""
+    n, c, h, w = x_shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    xp = backend.namespace(gcols)
+    g6t = xp.ascontiguousarray(gcols).reshape(c, kh, kw, n, ho, wo)
     full = scatter_windows_xp(g6t.transpose(3, 0, 1, 2, 4, 5), (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
-    out[...] = full[:, :, ph : ph + h, pw : pw + w]
-    return out
+    return xp.ascontiguousarray(full[:, :, ph : ph + h, pw : pw + w]) if ph or pw else full
 
 
 def _sum_outer(g: Any, cols: Any) -> Any:

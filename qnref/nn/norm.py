@@ -136,20 +136,14 @@ class BatchNorm(Layer):
                 )
             if self._fast(x, p):
                 return self._forward_fast(p, x, m)
-            mu = self._mean(x)
-            xhat = x - mu  # x − μ, normalised in place below
-            var = self._mean(xp.square(xhat))
-            inv = 1.0 / xp.sqrt(var + self.eps)
-            xhat *= inv
-            cache = {"train": True, "xhat": xhat, "inv": inv, "mean": mu, "var": var, "m": m}
-        else:
-            rm, rv = self._stats_on(xp, x.dtype)
-            inv = self._b(1.0 / xp.sqrt(rv + self.eps))
-            xhat = (x - self._b(rm)) * inv
-            cache = {"train": False, "xhat": xhat, "inv": inv}
+            y, xhat, mu, var, inv = bn_forward_xp(x, gamma, beta, self.eps, self._axes())
+            return y, {"train": True, "xhat": xhat, "inv": inv, "mean": mu, "var": var, "m": m}
+        rm, rv = self._stats_on(xp, x.dtype)
+        inv = self._b(1.0 / xp.sqrt(rv + self.eps))
+        xhat = (x - self._b(rm)) * inv
         y = gamma * xhat
         y += beta
-        return y, cache
+        return y, {"train": False, "xhat": xhat, "inv": inv}
 
     def _fast(self, a: Any, p: Sequence[Any]) -> bool:
         """Use the numba kernels: 4-D NumPy float32/float64 input, parameters of the same dtype."""
@@ -202,20 +196,13 @@ class BatchNorm(Layer):
             return self._backward_fast(p, xhat, inv, gy, gp, need_gx)
         if not cache["train"] or not need_gx:
             if gp is not None:
-                gp[0][...] = self._sum(gy * xhat)
-                gp[1][...] = self._sum(gy)
+                gp[1][...], gp[0][...] = bn_sums_xp(gy, xhat, self._axes())
             return inv * (gy * self._b(p[0])) if need_gx else None
         # gx = γ/σ · P(gy) with the channel sums Σ gy x̂ and Σ gy shared with gγ, gβ
-        s_gx, s_g = self._sum(gy * xhat), self._sum(gy)
+        gx, s_g, s_gx = bn_backward_xp(gy, xhat, self._b(p[0]) * inv, self._axes())
         if gp is not None:
             gp[0][...] = s_gx
             gp[1][...] = s_g
-        m = gy.size // self.channels
-        scale = self._b(p[0]) * inv  # γ/σ, broadcastable
-        gx = gy - self._b(s_g / m)
-        t = xhat * self._b(s_gx / m)
-        gx -= t
-        gx *= scale
         return gx
 
     def jvp(self, p, cache, dx, dp):
@@ -287,6 +274,42 @@ class BatchNorm(Layer):
         f = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
         self.running_mean = (1 - f) * self.running_mean + f * mean
         self.running_var = (1 - f) * self.running_var + f * var
+
+
+# -- array-API twins of the numba kernels (NumPy and CuPy) ----------------------------------------
+def bn_forward_xp(x: Any, gamma: Any, beta: Any, eps: float, axes: tuple[int, ...]) -> tuple[Any, Any, Any, Any, Any]:
+    """Training-mode BatchNorm forward, the twin of the numba kernel ``bn_forward``: over ``axes``
+    μ = mean(x), σ² = mean((x − μ)²) (two passes), inv = 1/√(σ² + ε), x̂ = (x − μ)·inv,
+    y = γ x̂ + β (``gamma``/``beta`` broadcastable). Returns (y, x̂, μ, σ², inv), statistics with
+    kept dimensions. [BN] Ioffe & Szegedy 2015, Algorithm 1."""
+    xp = backend.namespace(x)
+    mu = x.mean(axis=axes, keepdims=True)
+    xhat = x - mu  # x − μ, normalised in place below
+    var = xp.square(xhat).mean(axis=axes, keepdims=True)
+    inv = 1.0 / xp.sqrt(var + eps)
+    xhat *= inv
+    y = gamma * xhat
+    y += beta
+    return y, xhat, mu, var, inv
+
+
+def bn_sums_xp(gy: Any, xhat: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """The channel sums (Σ gy, Σ gy·x̂) over ``axes`` — gβ and gγ; the twin of ``bn_sums``."""
+    return gy.sum(axis=axes), (gy * xhat).sum(axis=axes)
+
+
+def bn_backward_xp(gy: Any, xhat: Any, scale: Any, axes: tuple[int, ...]) -> tuple[Any, Any, Any]:
+    """Training-mode input gradient gx = scale·(gy − mean(gy) − x̂·mean(gy·x̂)) with ``scale`` = γ/σ
+    (broadcastable), and the channel sums; the twin of ``bn_backward``. Returns (gx, Σ gy, Σ gy·x̂).
+    [BN] Ioffe & Szegedy 2015, §3 (the backward pass of Algorithm 1)."""
+    s_g, s_gx = bn_sums_xp(gy, xhat, axes)
+    m = gy.size // s_g.size
+    shape = tuple(-1 if a == 1 else 1 for a in range(gy.ndim))
+    gx = gy - (s_g / m).reshape(shape)
+    t = xhat * (s_gx / m).reshape(shape)
+    gx -= t
+    gx *= scale
+    return gx, s_g, s_gx
 
 
 # -- model-level helpers ----------------------------------------------------------------------------

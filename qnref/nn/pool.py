@@ -64,6 +64,52 @@ def _check_window(who: str, in_shape: Shape, kernel, stride, padding) -> tuple[i
     return out_size(h, kh, stride[0], ph), out_size(w, kw, stride[1], pw)
 
 
+def maxpool_forward_xp(x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                       out_hw: tuple[int, int]) -> tuple[Any, Any]:
+    """The array-API twin of the numba kernel ``maxpool_forward`` (NumPy and CuPy): argmax over a
+    strided view of the −∞-padded input (N, C, H, W), then a gather. Returns y (N, C, Ho, Wo) and
+    the flat index of each winner in the whole (N·C·H·W) input (first maximum wins, as argmax)."""
+    xp = backend.namespace(x)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x.shape
+    ho, wo = out_hw
+    hp, wp = h + 2 * ph, w + 2 * pw
+    xpad = pad(x, ph, pw, value=-float("inf"))
+    v = windows(xpad, kh, kw, sh, sw, ho, wo).reshape(n, c, ho, wo, kh * kw)
+    a = v.argmax(axis=-1)
+    # row and column of each winner in the unpadded input (never in the padding: padding ≤ k/2)
+    rows = xp.arange(ho).reshape(ho, 1) * sh + a // kw - ph
+    cols = xp.arange(wo).reshape(1, wo) * sw + a % kw - pw
+    y = xpad.reshape(n * c, hp * wp)[xp.arange(n * c).reshape(n, c, 1, 1), (rows + ph) * wp + cols + pw]
+    # flat index of the winner in the whole (N·C·H·W) input buffer
+    gidx = rows * w + cols + (xp.arange(n * c) * (h * w)).reshape(n, c, 1, 1)
+    return y, gidx
+
+
+def scatter_add_xp(out: Any, idx: Any, g: Any) -> Any:
+    """``out[idx] += g`` with repeated indices accumulated: ``numpy.add.at`` on NumPy,
+    ``cupyx.scatter_add`` on CuPy (the array-API twin of the numba kernel ``index_add``). Returns ``out``."""
+    if backend.is_cupy_array(out):
+        import cupyx  # noqa: PLC0415 - lazy, GPU only
+
+        cupyx.scatter_add(out, idx, g)
+    else:
+        numpy.add.at(out, idx, g)
+    return out
+
+
+def unpool_xp(g: Any, idx: Any, size: int, disjoint: bool) -> Any:
+    """Max-pool backward on NumPy/CuPy (the twin of ``maxpool_backward``): the flat gradients ``g``
+    added at the flat winner indices ``idx`` of a zero (``size``,) array; a plain assignment when
+    the windows are ``disjoint`` (stride ≥ kernel: the winners are distinct)."""
+    xp = backend.namespace(g)
+    out = xp.zeros(size, dtype=g.dtype)
+    if disjoint:
+        out[idx] = g
+        return out
+    return scatter_add_xp(out, idx, g)
+
+
 class _Pool2d(Layer):
     def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0):
         self.kernel_size = pair(kernel_size, f"{type(self).__name__} kernel_size", 1)
@@ -111,21 +157,8 @@ class MaxPool2d(_Pool2d):
         return y, (gidx, x.shape)
 
     def _forward_xp(self, x: Any):
-        """The NumPy/CuPy twin: argmax over a strided view of the −∞-padded input, then a gather."""
-        xp = backend.namespace(x)
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        n, c, h, w = x.shape
-        _, ho, wo = self.out_shape
-        hp, wp = h + 2 * ph, w + 2 * pw
-        xpad = pad(x, ph, pw, value=-float("inf"))
-        v = windows(xpad, kh, kw, sh, sw, ho, wo).reshape(n, c, ho, wo, kh * kw)
-        a = v.argmax(axis=-1)
-        # row and column of each winner in the unpadded input (never in the padding: padding ≤ k/2)
-        rows = xp.arange(ho).reshape(ho, 1) * sh + a // kw - ph
-        cols = xp.arange(wo).reshape(1, wo) * sw + a % kw - pw
-        y = xpad.reshape(n * c, hp * wp)[xp.arange(n * c).reshape(n, c, 1, 1), (rows + ph) * wp + cols + pw]
-        # flat index of the winner in the whole (N·C·H·W) input buffer
-        gidx = rows * w + cols + (xp.arange(n * c) * (h * w)).reshape(n, c, 1, 1)
+        """The NumPy/CuPy twin (:func:`maxpool_forward_xp`)."""
+        y, gidx = maxpool_forward_xp(x, self.kernel_size, self.stride, self.padding, self.out_shape[1:])
         return y, (gidx, x.shape)
 
     def _scatter(self, cache, gy):
@@ -146,17 +179,9 @@ class MaxPool2d(_Pool2d):
         g, idx = xp.ascontiguousarray(gy).reshape(-1), gidx.reshape(-1)
         if _conv.use_numba(gy):
             out = _conv.numba_kernels().index_add(g.reshape(1, -1), idx.reshape(1, -1), xp.zeros((1, size), dtype=gy.dtype))
-        elif self.stride[0] >= self.kernel_size[0] and self.stride[1] >= self.kernel_size[1]:
-            out = xp.zeros(size, dtype=gy.dtype)  # windows do not overlap: the winners are distinct
-            out[idx] = g
-        elif xp is numpy:
-            out = numpy.zeros(size, dtype=gy.dtype)
-            numpy.add.at(out, idx, g)
-        else:  # CuPy (GPU-tested only where a device is present)
-            import cupyx  # noqa: PLC0415 - lazy, GPU only
-
-            out = xp.zeros(size, dtype=gy.dtype)
-            cupyx.scatter_add(out, idx, g)
+        else:
+            disjoint = self.stride[0] >= self.kernel_size[0] and self.stride[1] >= self.kernel_size[1]
+            out = unpool_xp(g, idx, size, disjoint)
         return out.reshape(x_shape)
 
     def backward(self, p, cache, gy, gp, need_gx: bool = True):
