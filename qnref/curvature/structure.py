@@ -8,13 +8,14 @@ layer structure, so Kronecker optimizers fail with one clear message instead of 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..params import ParamLayout, ParamSpec
 from .protocol import UnsupportedProductError
 
 
-def layout_of(blocks: Sequence[tuple[str, tuple[int, ...]]]) -> ParamLayout:
+def layout_of(blocks: "Sequence[tuple[str, tuple[int, ...]]]") -> ParamLayout:
     """A :class:`ParamLayout` of named blocks (name, shape) stored one after another, row-major."""
     return ParamLayout([("", ParamSpec(name, tuple(int(d) for d in shape))) for name, shape in blocks])
 
@@ -26,6 +27,29 @@ def no_layer_structure(product: str, framework: str) -> UnsupportedProductError:
         f"expose; convert the model to a qnref Sequential ({'qnref_torch' if framework == 'torch' else 'qnref_jax'}"
         ".convert) and use qnref's Problem, or use an optimizer that needs only value, grad, hvp, ggn_vp, "
         "fisher_vp, per_example_grads or gram")
+
+
+class NoKronLayers(Sequence):
+    """``kron_layers`` of an opaque model: any use (iteration, length, indexing) raises the error
+    naming the product; the attribute itself exists, so protocol checks (``isinstance``) hold."""
+
+    def __init__(self, framework: str):
+        self.framework = framework
+
+    def _refuse(self) -> UnsupportedProductError:
+        return no_layer_structure("the Kronecker layer list (model.kron_layers)", self.framework)
+
+    def __getitem__(self, i: Any) -> Any:
+        raise self._refuse()
+
+    def __len__(self) -> int:
+        raise self._refuse()
+
+    def __iter__(self):
+        raise self._refuse()
+
+    def __repr__(self) -> str:
+        return f"NoKronLayers({self.framework})"
 
 
 class OpaqueModel:
@@ -41,8 +65,8 @@ class OpaqueModel:
         self.couples_examples = bool(couples_examples)
 
     @property
-    def kron_layers(self) -> list:
-        raise no_layer_structure("the Kronecker layer list (model.kron_layers)", self.framework)
+    def kron_layers(self) -> NoKronLayers:
+        return NoKronLayers(self.framework)
 
     def __repr__(self) -> str:
         return f"OpaqueModel({self.framework}, n={self.layout.size})"
