@@ -78,8 +78,8 @@ def _arg(kind: str, **bounds: Any) -> Callable[[str], Any]:
 _POSITIVE = _arg("number", lo=0, lo_open=True)
 _NONNEG = _arg("number", lo=0)
 _COUNT = _arg("integer", lo=1)
-_SEED = _arg("integer", lo=0, hi=2**63 - 1)
-_SEEDS = _arg("integers", lo=0, hi=2**63 - 1)
+_SEED = _arg("integer", lo=0, hi=2**32 - 1)
+_SEEDS = _arg("integers", lo=0, hi=2**32 - 1)
 _FACTOR = _arg("number", lo=1, lo_open=True)
 
 

@@ -426,8 +426,10 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
             nonfinite_run = nonfinite_run + 1 if info.nonfinite else 0
             if nonfinite_run >= max_nonfinite:
                 record(last_info)
-                raise TrainingError(f"{nonfinite_run} consecutive steps hit non-finite losses or gradients; "
-                                    "lower the learning rate / initial radius or check the data", history)
+                msg = (f"{nonfinite_run} consecutive steps hit non-finite losses or gradients; "
+                       "lower the learning rate / initial radius or check the data")
+                history[-1]["diverged"] = msg
+                raise DivergenceError(msg, history)
             if bar is not None:
                 bar.update(problem.epochs - bar.n)
             if problem.epochs >= next_eval - 1e-12 or problem.epochs >= epochs - 1e-12:

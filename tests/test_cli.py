@@ -148,3 +148,109 @@ def test_compare_keeps_going_after_a_diverging_run(tmp_path, monkeypatch):
     assert good[-1]["epoch"] >= 3 - 1e-9 and "diverged" not in good[-1]
     table = (out / "summary.md").read_text()
     assert "| SGD-huge | 1 |" in table and "1 of 1 |" in table
+
+
+TRAIN = ["train", "--model", "mlp", "--optimizer", "sgd", "--dataset", "digits", "--quiet"]
+
+
+@pytest.mark.parametrize("extra,option,value", [
+    (["--epochs", "inf"], "--epochs", "'inf'"), (["--epochs", "nan"], "--epochs", "'nan'"),
+    (["--epochs", "0"], "--epochs", "'0'"), (["--checkpoint-every", "0"], "--checkpoint-every", "'0'"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every", "'-1'"), (["--checkpoint-every", "nan"], "--checkpoint-every", "'nan'"),
+    (["--l2", "inf"], "--l2", "'inf'"), (["--l2=-1e-3"], "--l2", "'-1e-3'"), (["--seed", "1.5"], "--seed", "'1.5'"),
+    (["--seed", "-2"], "--seed", "'-2'"), (["--seed", "4294967296"], "--seed", "'4294967296'"), (["--batch-size", "0"], "--batch-size", "'0'"), (["--lr", "abc"], "--lr", "'abc'"),
+    (["--n-train", "nan"], "--n-train", "'nan'"), (["--eval-every=-0.5"], "--eval-every", "'-0.5'"),
+    (["--diverge-factor", "1"], "--diverge-factor", "'1'"), (["--mpi-timeout", "0"], "--mpi-timeout", "'0'"),
+])
+def test_numeric_options_are_checked_at_parse_time(capsys, extra, option, value):
+    code = main(TRAIN + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("qnref: error: argument " + option + ": must be "), err
+    assert f"got {value}" in err
+
+
+@pytest.mark.parametrize("opts,msg", [
+    (["--opt", "lr=0.1", "--opt", "lr=0.2"], "--opt lr is given twice (0.1 and 0.2)"),
+    (["--opt", "batch_size=abc"], "--opt batch_size must be an integer, got 'abc'"),
+    (["--opt", "lr=nan"], "--opt lr must be a finite number, got 'nan'"),
+    (["--opt", "warm_start=yes"], "--opt warm_start must be True or False (hyperparameter of kfac), got 'yes'"),
+    (["--opt", "lr=1e400"], "lr must be finite"),
+    (["--batch-size", "10", "--opt", "batch_size=20"], "both set batch_size"),
+])
+def test_opt_values_are_checked_by_name(capsys, opts, msg):
+    args = ["train", "--model", "mlp", "--optimizer", "kfac" if "warm_start" in opts[-1] else "sgd", "--dataset",
+            "digits", "--quiet", *opts]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and msg in err, err
+
+
+def test_memory_opt_of_a_quasi_newton_method(capsys):
+    code = main(["train", "--model", "mlp", "--optimizer", "lbfgs", "--dataset", "digits", "--quiet",
+                 "--opt", "memory=5", "--opt", "memory=7"])
+    assert code == 2 and "--opt memory is given twice (5 and 7)" in capsys.readouterr().err
+    code = main(["train", "--model", "mlp", "--optimizer", "lbfgs", "--dataset", "digits", "--quiet", "--opt", "memory=abc"])
+    assert code == 2 and "--opt memory must be an integer, got 'abc'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds", ["1,x", "1,,2", "", "-1", "1.5", "nan"])
+def test_compare_seeds_are_checked(capsys, seeds):
+    code = main(["compare", "--preset", "quickstart", "--seeds", seeds])
+    err = capsys.readouterr().err
+    assert code == 2 and "argument --seeds: must be comma-separated integers in [0, 4294967295]" in err and err.count("\n") == 1, err
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    d = tmp_path / "adir"
+    d.mkdir()
+    cases = [(["--out", str(f)], f"--out {f}: is a file, not a folder"),
+             (["--out", str(f / "sub")], f"--out {f / 'sub'}: {f} is a file, not a folder"),
+             (["--checkpoint", str(d)], f"--checkpoint {d}: is a folder"),
+             (["--checkpoint", str(f / "c.ckpt")], f"--checkpoint {f / 'c.ckpt'}: {f} is a file, not a folder"),
+             (["--checkpoint", "/proc/qnref-test/c.ckpt"], "--checkpoint /proc/qnref-test/c.ckpt: cannot write in /proc"),
+             (["--out", str(d), "--checkpoint", str(d / "runs.jsonl")], "would be overwritten by the report"),
+             (["--out", str(d), "--checkpoint", str(d)], "is a folder")]
+    for extra, msg in cases:
+        t0 = __import__("time").monotonic()
+        code = main(["train", "--model", "mlp", "--optimizer", "nosuch", "--dataset", "digits", "--quiet", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and msg in err, (extra, err)
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"] and not os.listdir(d)
+
+
+def test_report_is_written_incrementally(tmp_path, monkeypatch, capsys):
+    """A crash late in a run keeps every evaluation made before it in runs.jsonl."""
+    import qnref.train as tr
+
+    out = tmp_path / "rep"
+    calls = {"n": 0}
+    orig = tr.evaluate
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 9:  # train + test evaluation per record: the 5th record fails
+            raise RuntimeError("disk on fire")
+        return orig(*a, **k)
+
+    monkeypatch.setattr(tr, "evaluate", failing)
+    code = main(["train", "--model", "mlp", "--optimizer", "adam", "--dataset", "digits", "--epochs", "3", "--eval-every", "0.5",
+                 "--batch-size", "100", "--quiet", "--out", str(out)])
+    assert code == 1 and "disk on fire" in capsys.readouterr().err
+    rows = [json.loads(line) for line in open(out / "runs.jsonl")]
+    assert len(rows) == 4 and rows[0]["epoch"] == 0 and rows[-1]["epoch"] < 3
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_exit_code_and_allow_option(tmp_path, capsys):
+    args = ["train", "--model", "mlp", "--optimizer", "sgd", "--dataset", "digits", "--epochs", "3", "--lr", "1e200",
+            "--batch-size", "100", "--quiet", "--out", str(tmp_path / "rep")]
+    assert main(args) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run diverged" in err
+    rows = [json.loads(line) for line in open(tmp_path / "rep" / "runs.jsonl")]
+    assert "diverged" in rows[-1]
+    assert "1 of 1 |" in (tmp_path / "rep" / "summary.md").read_text()
+    assert main(args + ["--allow-divergence"]) == 0
+    assert main(args + ["--diverge-factor", "1e300", "--allow-divergence"]) == 0
