@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import gpu_check
 from qnref import backend
 from qnref.curvature.objective import Objective
 from qnref.nn.activations import Tanh
@@ -9,6 +10,7 @@ from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 
 pytestmark = pytest.mark.gpu
+MODELS = ("mlp", "cnn", "cnn-bn", "residual")
 
 
 def _pair(dtype="float64"):
@@ -22,17 +24,20 @@ def _pair(dtype="float64"):
     return cpu, gpu, th, r
 
 
-def test_products_match_cpu():
-    cpu, gpu, th, r = _pair()
-    thg = backend.to_device(th, "gpu")
-    v = r.standard_normal(th.size)
-    vg = backend.to_device(v, "gpu")
-    pc, pg = cpu.at(th), gpu.at(thg)
-    assert abs(pc.value - pg.value) < 1e-12
-    for a, b in [(pc.grad, pg.grad), (pc.hvp(v), pg.hvp(vg)), (pc.ggn_vp(v), pg.ggn_vp(vg)),
-                 (pc.fisher_vp(v), pg.fisher_vp(vg)), (pc.gram("grad"), pg.gram("grad")),
-                 (pc.gram("jacobian"), pg.gram("jacobian"))]:
-        np.testing.assert_allclose(backend.to_numpy(b), a, rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("key", MODELS)
+def test_every_product_matches_cpu(key):
+    """value, grad, Hv, Gv (training mode), Fv, Gram, per-example gradients, Jv, Jᵀu: GPU = CPU to 1e-10."""
+    model, X, y = gpu_check._models()[key]
+    theta = model.init(seed=1)
+    v = np.random.default_rng(2).standard_normal(theta.size)
+    cpu = gpu_check.products(lambda t: Objective(model, "softmax_ce", X, y, l2=1e-3, train=t), theta, v)
+    Xg, yg, tg, vg = (backend.to_device(a, "gpu") for a in (X, y, theta, v))
+    gpu = gpu_check.products(lambda t: Objective(model, "softmax_ce", Xg, yg, l2=1e-3, train=t), tg, vg)
+    for name in cpu:
+        if name != "value":
+            assert backend.is_cupy_array(gpu[name]), f"{key} {name} left the device"
+        err = gpu_check.rel_err(backend.to_numpy(gpu[name]) if name != "value" else gpu[name], cpu[name])
+        assert err <= 1e-10, f"{key} {name}: GPU differs from CPU by {err:.2e}"
 
 
 def test_mixed_backends_raise_on_gpu():

@@ -1,0 +1,76 @@
+"""The CPU-runnable parts of tools/gpu_check.py: argument parsing, the comparison, the table, and a dry
+run of the product and trajectory checks on the recording device backend (no GPU needed)."""
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cupy_recording as cr
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+import gpu_check as gc  # noqa: E402
+
+
+def test_parse_args_defaults_and_errors():
+    a = gc.parse_args([])
+    assert a.steps == 5 and a.tol == 1e-10 and a.repeats == 5 and not a.no_bench
+    assert a.optimizers == list(gc.DEFAULT_OPTIMIZERS)
+    b = gc.parse_args(["--steps", "3", "--optimizers", "sgd, lbfgs", "--tol", "1e-9", "--no-bench", "--json", "o.json"])
+    assert (b.steps, b.optimizers, b.tol, b.no_bench, b.json) == (3, ["sgd", "lbfgs"], 1e-9, True, "o.json")
+    for bad in (["--steps", "0"], ["--steps", "x"], ["--tol", "-1"], ["--tol", "nan"], ["--optimizers", " , "]):
+        with pytest.raises(SystemExit):
+            gc.parse_args(bad)
+
+
+def test_rel_err_against_hand_values():
+    assert gc.rel_err([1.0, 2.0], [1.0, 2.0]) == 0.0
+    assert gc.rel_err([1.0, 2.5], [1.0, 2.0]) == pytest.approx(0.25)
+    assert gc.rel_err([1e-20], [0.0]) == 1e-20  # absolute when the reference is 0
+    assert gc.rel_err(np.zeros(3), np.zeros(4)) == math.inf
+    assert math.isnan(gc.rel_err([np.nan, 1.0], [0.0, 1.0]))
+    assert gc.rel_err([np.inf, 1.0], [np.inf, 1.0]) == 0.0
+    assert gc.rel_err(3.0, 3.0 * (1 + 1e-12)) == pytest.approx(1e-12, rel=1e-3)
+
+
+def test_compare_and_table():
+    rows = [gc.compare("products", "mlp: grad", np.ones(3), np.ones(3), 1e-10),
+            gc.compare("products", "mlp: hvp", np.ones(3) * (1 + 1e-8), np.ones(3), 1e-10),
+            gc.compare("trajectory", "sgd", (np.ones(2), np.zeros(2)), [np.ones(2), np.zeros(2)], 1e-10),
+            gc.Row("bench", "MLP grad", ms=1.25, torch_ms=0.5),
+            gc.Row("bench", "ResNet-20", ms=3.0, note="torch n/a")]
+    assert [r.ok for r in rows] == [True, False, True, True, True]
+    text = gc.format_table(rows)
+    lines = text.splitlines()
+    assert "rel. diff" in lines[0] and "torch ms" in lines[0]
+    assert any("mlp: hvp" in l and "FAIL" in l for l in lines)
+    assert any("MLP grad" in l and "1.25" in l and "0.50" in l for l in lines)
+    assert lines[-1] == "2/3 comparisons within tolerance; 1 FAILED"
+
+
+def test_median_ms_calls_sync_each_time():
+    calls = []
+    ms = gc.median_ms(lambda: calls.append("f"), lambda: calls.append("s"), 3)
+    assert ms >= 0 and calls == ["f", "s"] * 4  # warm-up + 3 repeats
+
+
+def test_dry_run_on_the_recording_device():
+    """The product and trajectory checks run end to end on the CuPy code path emulated by NumPy:
+    every row passes (the device path computes what NumPy computes)."""
+    with cr.recording_backend():
+        rows = gc.check_products(1e-10) + gc.check_trajectories(["sgd", "lbfgs", "kfac"], 2, 1e-10)
+    assert len(rows) == 4 * 9 + 3  # 9 products × 4 models + 3 trajectories
+    bad = [r for r in rows if not r.ok]
+    assert not bad, gc.format_table(bad)
+
+
+def test_main_without_gpu_says_so():
+    p = subprocess.run([sys.executable, gc.__file__, "--no-bench"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no usable CUDA device" in p.stderr
+
+
+def test_shell_script_parses():
+    sh = pathlib.Path(gc.__file__).with_name("gpu_check.sh")
+    assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
