@@ -22,8 +22,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from qnref.optim.compact import (GramCache, LSR1Compact, flop_count, lbfgs_two_loop, lsr1_prune_count,
-                                 lsr1_prune_count_from_grams)
+from qnref.optim.operators import LBFGSOperator, LSR1Operator, lsr1_prune, operator_flops
+from qnref.optim.pairs import PairStore
 from qnref.optim.costs import algebra_flops
 from qnref.optim.lsr1 import LSR1TrustRegion, _rcond_psd
 from qnref.optim.trust_region import solve_lsr1_subproblem, solve_lsr1_subproblem_gram
@@ -45,10 +45,10 @@ def lsr1_iteration(S, Y, g):
     """The ``gram_cache=False`` (exact-QR reference) iteration: compact form (Ψ, SᵀY, SᵀS
     re-formed), thin-QR solver, B s for the SR1 test, pruning test on the pairs (Ψ, ΨᵀΨ, SᵀY,
     SᵀS again): (7m² + 9m + 12)n + O(m³) multiplications."""
-    B = LSR1Compact(S, Y, 1.0)
+    B = LSR1Operator.from_pairs(S, Y, 1.0)
     sol = solve_lsr1_subproblem(g, 1.0, B.Psi, B.M, 1.0)
     Bs = B.matvec(sol.p)
-    lsr1_prune_count(S, Y, 1.0)
+    lsr1_prune(PairStore(S, Y, S.shape[0]), 1.0)  # a view of the pairs: nothing is dropped here
     return Bs
 
 
@@ -58,15 +58,17 @@ def lsr1_iteration_cached(S, Y, g, grams=None):
     κ(Ψ) test of the fallback, Gram solver (whose Bp is the B s of the SR1 test), pruning test on
     the Grams: (14m + 10)n + O(m³) multiplications."""
     if grams is None:
-        grams = GramCache.from_pairs(S[:-1], Y[:-1])  # state carried from earlier steps
-    gc = GramCache(grams.SY, grams.SS, grams.YY)
-    gc.push(S[:-1], Y[:-1], S[-1], Y[-1])
-    B = LSR1Compact.from_grams(S, Y, 1.0, gc.SY, gc.SS, gc.YY)
+        grams = PairStore.from_rows(S[:-1], Y[:-1])  # state carried from earlier steps
+    # the step's store: S, Y as its buffers with the newest row not yet counted; the append borders
+    # the carried Grams (O(mn)) and copies the row onto itself
+    gc = PairStore(S, Y, S.shape[0] - 1, grams.SY, grams.SS, grams.YY)
+    gc.append(S[-1], Y[-1])
+    B = LSR1Operator.from_store(gc, 1.0)
     PtP = B.psi_gram()
     if _rcond_psd(PtP) < 1e-6:  # LSR1TrustRegion.gram_rcond: the step would take the QR route
         raise RuntimeError("benchmark pairs too ill-conditioned for the Gram route")
     sol = solve_lsr1_subproblem_gram(g, 1.0, B.psi_t, B.psi, PtP, B.M, 1.0)
-    lsr1_prune_count_from_grams(gc.SY, gc.SS, gc.YY, 1.0)
+    lsr1_prune(gc, 1.0)
     return sol.Bp
 
 
@@ -80,7 +82,7 @@ class LSR1Overhead:
 
     def setup(self, n, m):
         self.S, self.Y, self.g = _pairs(n, m)
-        self.grams = GramCache.from_pairs(self.S[:-1], self.Y[:-1])
+        self.grams = PairStore.from_rows(self.S[:-1], self.Y[:-1])
 
     def time_lsr1_iteration(self, n, m):
         lsr1_iteration(self.S, self.Y, self.g)
@@ -89,13 +91,13 @@ class LSR1Overhead:
         lsr1_iteration_cached(self.S, self.Y, self.g, self.grams)
 
     def time_lbfgs_two_loop(self, n, m):
-        lbfgs_two_loop(self.g, self.S, self.Y)
+        LBFGSOperator(self.S, self.Y).solve(self.g)
 
     def track_lsr1_matvec_flops(self, n, m):
-        return flop_count("lsr1_matvec_paper", n, m)
+        return operator_flops("lsr1_matvec_paper", n, m)
 
     def track_lbfgs_two_loop_flops(self, n, m):
-        return flop_count("lbfgs_two_loop", n, m)
+        return operator_flops("lbfgs_two_loop", n, m)
 
     def track_lsr1_step_flops(self, n, m):
         """Multiplications of a ``gram_cache=False`` step, memory full: (7m² + 9m + 12)n + O(m³)."""
@@ -128,7 +130,7 @@ def _exponent(fn, sizes, n_of, m_of, cached=False, rounds=5, budget=20.0):
     for size in sizes:
         S, Y, g = _pairs(n_of(size), m_of(size))
         if cached:
-            grams = GramCache.from_pairs(S[:-1], Y[:-1])
+            grams = PairStore.from_rows(S[:-1], Y[:-1])
             calls.append(lambda S=S, Y=Y, g=g, grams=grams: fn(S, Y, g, grams))
         else:
             calls.append(lambda S=S, Y=Y, g=g: fn(S, Y, g))
@@ -146,11 +148,11 @@ def _exponent(fn, sizes, n_of, m_of, cached=False, rounds=5, budget=20.0):
 
 
 def _matvec(S, Y, g):
-    return LSR1Compact(S, Y, 1.0).matvec(g)
+    return LSR1Operator.from_pairs(S, Y, 1.0).matvec(g)
 
 
 def _two_loop(S, Y, g):
-    return lbfgs_two_loop(g, S, Y)
+    return LBFGSOperator(S, Y).solve(g)
 
 
 class LSR1Exponents:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .compact import flop_count
+from .operators import operator_flops as flop_count
 
 __all__ = ["algebra_flops", "FORMULAS", "model_shapes"]
 

@@ -31,7 +31,7 @@ from .linesearch import backtracking_armijo, strong_wolfe
 from .trust_region import reduction_ratio
 
 __all__ = ["Opened", "open_step", "finite_point", "stay", "close_step", "with_extra", "LineFunction",
-           "LineOutcome", "line_search", "RadiusRuleLike", "TrustRegionDecision", "trust_region_update"]
+           "LineOutcome", "line_search", "RadiusRuleLike", "TrustRegionDecision", "trust_region_update", "average_ratio"]
 
 
 # -- opening and closing a step -----------------------------------------------------------------------
@@ -80,13 +80,14 @@ def open_step(problem: Problem, batch_size: int | None, theta: Any, *, tol: floa
     """Draw the step's batch (``problem.full()`` when ``batch_size`` is None) and evaluate θ.
 
     ``stop`` is set when θ must not move: f or ∇f not finite at θ (``nonfinite=True``), or
-    ‖∇f‖ ≤ ``tol`` (``extra["converged"] = True``; tol = 0 stops only at ∇f = 0).
+    ‖∇f‖ ≤ ``tol`` (``extra["converged"] = True``; tol = 0 stops only at ∇f = 0; a negative tol,
+    e.g. −∞ for methods without a convergence test, never stops and costs no ‖∇f‖).
     """
     obj = problem.full() if batch_size is None else problem.batch(batch_size)
     p = finite_point(obj, theta)
     if p is None:
         return Opened(obj, None, stay(obj))
-    if math.sqrt(float(p.grad @ p.grad)) <= tol:
+    if tol >= 0.0 and math.sqrt(float(p.grad @ p.grad)) <= tol:
         return Opened(obj, p, stay(obj, p.value, converged=True))
     return Opened(obj, p, None)
 
@@ -209,8 +210,12 @@ def trust_region_update(rule: RadiusRuleLike, delta: float, ared: float, pred: f
     accepted = rule.accept(rho)
     if average is None:
         return TrustRegionDecision(rho, accepted, rule.update(delta, rho, step_norm))
-    zeta, rho_hat, T = average
+    rho_hat, T = average_ratio(rho, *average)
+    return TrustRegionDecision(rho, accepted, rule.update(delta, rho_hat, step_norm), rho_hat, T)
+
+
+def average_ratio(rho: float, zeta: float, rho_hat: float, T: float) -> tuple[float, float]:
+    """([MB] Alg. 5 lines 1–2) ρ̂ ← (ζTρ̂ + ρ)/(ζT + 1), T ← ζT + 1; returns (ρ̂, T)."""
     num = zeta * T * rho_hat + rho
     T = zeta * T + 1.0
-    rho_hat = num / T
-    return TrustRegionDecision(rho, accepted, rule.update(delta, rho_hat, step_norm), rho_hat, T)
+    return num / T, T

@@ -10,21 +10,28 @@ on the same batch; the pair (s, y) is stored only when sᵀy > ε‖s‖² (keep
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
-from .compact import PairMemory, lbfgs_two_loop
-from .linesearch import strong_wolfe
+from .drivers import close_step, line_search, open_step
+from .operators import LBFGSOperator
+from .pairs import PairStore
 from .registry import register
-from ._qn_common import LineFunction, memory_from_state, memory_to_state, open_step
 
 
 @dataclass
 class LBFGSState:
-    memory: dict
+    """memory: the (s, y) rows (:class:`~.pairs.PairStore`, no Grams); k: steps done. A step
+    consumes the state it is given (docs/optimizers.md, "State rule")."""
+
+    memory: PairStore
     k: int = 0
+
+    def __post_init__(self) -> None:
+        self.memory = PairStore.coerce(self.memory)
 
 
 @register("lbfgs")
@@ -48,40 +55,35 @@ class LBFGS(Optimizer):
         self.tol = check_positive("tol", tol, allow_zero=True)
 
     def init(self, theta: Any) -> LBFGSState:
-        return LBFGSState(memory_to_state(PairMemory.like(theta, self.memory)))
+        return LBFGSState(PairStore.empty(theta, self.memory, grams=False))
 
     def step(self, theta: Any, state: LBFGSState, problem: Problem) -> tuple[Any, LBFGSState, StepInfo]:
-        obj, p0, done = open_step(problem, self.batch_size, theta, state, self.tol)
-        if done:
-            return done
-        g, f0 = p0.grad, p0.value
-        mem = memory_from_state(state.memory)
+        o = open_step(problem, self.batch_size, theta, tol=self.tol)
+        if o.stop is not None:
+            return theta, state, o.stop
+        g, f0 = o.g, o.f0
+        pairs = state.memory
         if self.forget_every is not None and state.k > 0 and state.k % self.forget_every == 0:
-            mem.clear()
-        d = -lbfgs_two_loop(g, mem.S, mem.Y) if mem.count else -g
+            pairs.clear()
+        d = -LBFGSOperator(pairs.S, pairs.Y).solve(g) if pairs.count else -g
         slope = float(g @ d)
-        alpha0 = 1.0 if mem.count else min(1.0, 1.0 / float(abs(g).sum()))
-        line = LineFunction(obj, theta, d)
-        ls = strong_wolfe(line.phi_dphi, f0, slope, alpha0=alpha0, c1=self.c1, c2=self.c2, max_evals=self.max_evals)
-        state.k += 1
-        nonfinite = line.nonfinite
+        alpha0 = 1.0 if pairs.count else min(1.0, 1.0 / float(abs(g).sum()))
+        ls = line_search(o.obj, theta, d, f0, slope, rule="wolfe", alpha0=alpha0, c1=self.c1, c2=self.c2,
+                         max_evals=self.max_evals)
+        new_state = dataclasses.replace(state, k=state.k + 1)
         if not ls.success:
             # a failed search on a stochastic batch: keep θ, drop the (possibly stale) history
-            mem.clear()
-            state.memory = memory_to_state(mem)
-            return theta, state, StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=1 + ls.n_evals,
-                                          nonfinite=nonfinite, batch_size=obj.n_samples,
-                                          extra={"pairs": 0, "message": ls.message})
+            pairs.clear()
+            return theta, new_state, close_step(o, loss=f0, accepted=False, evals=1 + ls.evals, step_size=0.0,
+                                                nonfinite=ls.nonfinite, extra={"pairs": 0, "message": ls.message})
         s = ls.alpha * d
-        p1 = line.point(ls.alpha)
-        y = p1.grad - g
+        y = ls.point.grad - g
         sy, ss = float(s @ y), float(s @ s)
         skipped = 0
         if sy > self.curvature_eps * ss:
-            mem.push(s, y)
+            pairs.append(s, y)
         else:
             skipped = 1
-        state.memory = memory_to_state(mem)
-        return theta + s, state, StepInfo(loss=p1.value, loss_start=f0, accepted=True, step_norm=math.sqrt(ss),
-                                          step_size=ls.alpha, skipped=skipped, evals=1 + ls.n_evals, nonfinite=nonfinite,
-                                          batch_size=obj.n_samples, extra={"pairs": mem.count})
+        return theta + s, new_state, close_step(o, loss=ls.value, accepted=True, evals=1 + ls.evals,
+                                                step_norm=math.sqrt(ss), step_size=ls.alpha, skipped=skipped,
+                                                nonfinite=ls.nonfinite, extra={"pairs": pairs.count})

@@ -2,7 +2,7 @@
 Ramamurthy & Duffy, "L-SR1: a second order optimization method for deep learning" [RD16].
 
 Both keep the limited-memory SR1 matrix in compact form (Byrd, Nocedal & Schnabel 1994):
-B = γI + Ψ M Ψᵀ with Ψ = Y − γS, M = (D + L + Lᵀ − γSᵀS)⁻¹ (:class:`~.compact.LSR1Compact`).
+B = γI + Ψ M Ψᵀ with Ψ = Y − γS, M = (D + L + Lᵀ − γSᵀS)⁻¹ (:class:`~.operators.LSR1Operator`).
 Every step works on one minibatch: f, ∇f at θ and at the trial point are evaluated on the same
 batch, so y = ∇f_B(θ + s) − ∇f_B(θ) is a consistent curvature pair.
 
@@ -12,19 +12,18 @@ symmetric D + L + Lᵀ − γSᵀS of Byrd et al. (1994, Thm 5.1), which the pap
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from .. import backend
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .compact import (GramCache, LSR1Compact, PairMemory, lsr1_prune_count,
-                      lsr1_prune_count_from_grams, sr1_skip)
-from .linesearch import backtracking_armijo
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+from .drivers import close_step, finite_point, line_search, open_step, trust_region_update
+from .operators import LSR1Operator, lsr1_prune, sr1_skip
+from .pairs import PairStore
 from .registry import register
-from .trust_region import (RadiusRule, reduction_ratio, solve_lsr1_subproblem,
-                           solve_lsr1_subproblem_gram, steihaug_cg)
-from ._qn_common import LineFunction, memory_from_state, memory_to_state, open_step
+from .trust_region import RadiusRule, solve_lsr1_subproblem, solve_lsr1_subproblem_gram, steihaug_cg
 
 
 def _rcond_psd(G: Any) -> float:
@@ -37,22 +36,24 @@ def _rcond_psd(G: Any) -> float:
 
 @dataclass
 class LSR1State:
-    """memory: S, Y buffers (m × n) and the pair count; delta: radius (NaN before the first
-    step: Δ₀ = ‖∇f(x₀)‖ is set then); step_length: λ of the previous line-search step;
-    grams: the cached k × k Grams SY, SS, YY of the stored pairs (``LSR1TrustRegion(
-    gram_cache=True)``, the default; None with ``gram_cache=False``, and in checkpoints written
-    without them, until a cached step rebuilds them once from the pairs)."""
+    """memory: the :class:`~.pairs.PairStore` (S, Y rows; with the Grams SY, SS, YY for
+    ``LSR1TrustRegion(gram_cache=True)``, the default); delta: radius (NaN before the first step:
+    Δ₀ = ‖∇f(x₀)‖ is set then); step_length: λ of the previous line-search step; k: steps done.
+    A step consumes the state it is given (docs/optimizers.md, "State rule")."""
 
-    memory: dict
+    memory: PairStore
     delta: float = math.nan
     step_length: float = 1.0
     k: int = 0
-    grams: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.memory = PairStore.coerce(self.memory)
 
 
 class _LSR1Base(Optimizer):
     family = "quasi-newton"
     paper = "Ramamurthy & Duffy (2016), appendix Algorithms 1–2"
+    _grams = False
 
     def __init__(self, memory: int, gamma: float, r: float, batch_size: int | None, tol: float):
         self.memory = check_int("memory", memory)
@@ -65,20 +66,15 @@ class _LSR1Base(Optimizer):
         self.tol = check_positive("tol", tol, allow_zero=True)
 
     def init(self, theta: Any) -> LSR1State:
-        return LSR1State(memory_to_state(PairMemory.like(theta, self.memory)))
+        return LSR1State(PairStore.empty(theta, self.memory, grams=self._grams))
 
-    def _compact(self, mem: PairMemory, inverse: bool = False) -> LSR1Compact | None:
-        """The compact matrix of the stored pairs; the line-search variant only needs the
-        inverse form, whose middle matrix N was checked when pruning (so M⁻¹ may be singular)."""
-        return LSR1Compact(mem.S, mem.Y, self.gamma, check=not inverse) if mem.count else None
-
-    def _store(self, mem: PairMemory, s: Any, y: Any, skip: bool, inverse: bool) -> int:
+    def _store(self, pairs: PairStore, s: Any, y: Any, skip: bool, inverse: bool) -> int:
         """Append (s, y) unless the SR1 rule says skip, then drop the oldest pairs until the
         compact form is usable (Alg. 1 lines 26–39 / Alg. 2 lines 19–32). Returns 1 if skipped."""
         if skip:
             return 1
-        mem.push(s, y)
-        mem.remove_oldest(lsr1_prune_count(mem.S, mem.Y, self.gamma, inverse=inverse))
+        pairs.append(s, y)
+        lsr1_prune(pairs, self.gamma, inverse=inverse)
         return 0
 
 
@@ -98,7 +94,7 @@ class LSR1TrustRegion(_LSR1Base):
     solver. A trial point with NaN/Inf loss or gradient counts as ρ = −∞: rejected, radius halved.
 
     ``gram_cache=True`` (the default) keeps SᵀY, SᵀS, YᵀY in the state, bordered in O(kn) when
-    a pair is stored and sliced when old pairs are dropped (:class:`~.compact.GramCache`); the
+    a pair is stored and sliced when old pairs are dropped (:class:`~.pairs.PairStore`); the
     compact form, the pruning test and the exact solve (:func:`~.trust_region.
     solve_lsr1_subproblem_gram`, eigendecomposition of ΨᵀΨ, no QR of Ψ) then cost O(mn) + O(m³)
     per step, the paper's claim: (14m + 10)n + O(m³) multiplications with the memory full
@@ -121,7 +117,6 @@ class LSR1TrustRegion(_LSR1Base):
         super().__init__(memory, gamma, r, batch_size, tol)
         self.gram_cache = bool(gram_cache)
         self.gram_rcond = check_range("gram_rcond", gram_rcond, 0.0, 1.0, hi_open=True)
-        self._gram_fallbacks = 0
         check_range("eta", eta, 0.0, 1.0, hi_open=True)
         check_range("l", l, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range("u", u, l, 1.0, lo_open=True, hi_open=True)
@@ -137,121 +132,70 @@ class LSR1TrustRegion(_LSR1Base):
         self.increase, self.decrease, self.delta0, self.solver = increase, decrease, delta0, solver
         self._rule = RadiusRule(eta=eta, u=u, l=l, boundary_fraction=rho_fraction, increase=increase, decrease=decrease)
 
-    def _solve(self, g: Any, B: LSR1Compact | None, delta: float) -> tuple[Any, float]:
+    @property
+    def _grams(self) -> bool:  # type: ignore[override]
+        return self.gram_cache
+
+    def _solve(self, g: Any, B: LSR1Operator | None, delta: float) -> tuple[Any, float, Any, int]:
+        """(s, pred, B s or None, Gram fallback 0/1) of the subproblem min gᵀs + ½sᵀBs, ‖s‖ ≤ Δ."""
         xp = backend.namespace(g)
         if self.solver == "steihaug":
-            bv = (lambda v: B.matvec(v)) if B is not None else (lambda v: self.gamma * v)
-            res = steihaug_cg(g, bv, delta)
-            s = res.p
-            return s, -float(g @ s + 0.5 * (s @ bv(s)))
+            if B is not None:
+                _ = B.Psi  # form Ψ = Y − γS once (kn): a CG product B·d then costs (2k + 1)n, not 4kn + n
+            bv = B.matvec if B is not None else (lambda v: self.gamma * v)
+            s = steihaug_cg(g, bv, delta).p
+            return s, -float(g @ s + 0.5 * (s @ bv(s))), None, 0
         if B is None:
             empty = xp.zeros((g.shape[0], 0), dtype=g.dtype)
             sol = solve_lsr1_subproblem(g, self.gamma, empty, xp.zeros((0, 0), dtype=g.dtype), delta)
-        else:
-            sol = solve_lsr1_subproblem(g, self.gamma, B.Psi, B.M, delta)
-        return sol.p, sol.pred
-
-    def init(self, theta: Any) -> LSR1State:
-        state = super().init(theta)
+            return sol.p, sol.pred, None, 0
         if self.gram_cache:
-            state.grams = GramCache.empty_like(theta).state()
-        return state
-
-    def _grams(self, state: LSR1State, mem: PairMemory) -> GramCache:
-        """The state's Gram cache; rebuilt from the pairs (O(k²n), once) when absent or stale."""
-        if state.grams is not None:
-            gc = GramCache.from_state(state.grams)
-            if gc.count == mem.count:
-                return gc
-        return GramCache.from_pairs(mem.S, mem.Y)
-
-    def _solve_cached(self, g: Any, B: LSR1Compact | None, delta: float) -> tuple[Any, float, Any]:
-        if self.solver == "steihaug" and B is not None:
-            _ = B.Psi  # form Ψ = Y − γS once (kn): a CG product B·d then costs (2k + 1)n, not 4kn + n
-        if self.solver == "steihaug" or B is None:
-            s, pred = self._solve(g, B, delta)
-            return s, pred, None
-        PtP = B.psi_gram()
-        if _rcond_psd(PtP) < self.gram_rcond:
+            PtP = B.psi_gram()
+            if _rcond_psd(PtP) >= self.gram_rcond:
+                sol = solve_lsr1_subproblem_gram(g, self.gamma, B.psi_t, B.psi, PtP, B.M, delta)
+                return sol.p, sol.pred, sol.Bp, 0
             # ΨᵀΨ squares κ(Ψ): with κ(Ψ)² > 1/gram_rcond the Gram route would lose more than
             # ε/gram_rcond of relative accuracy, so this step takes the QR route (O(m²n)).
-            self._gram_fallbacks += 1
-            s, pred = self._solve(g, B, delta)
-            return s, pred, None
-        sol = solve_lsr1_subproblem_gram(g, self.gamma, B.psi_t, B.psi, PtP, B.M, delta)
-        return sol.p, sol.pred, sol.Bp
+            fallback = 1
+        else:
+            fallback = 0
+        sol = solve_lsr1_subproblem(g, self.gamma, B.Psi, B.M, delta)
+        return sol.p, sol.pred, None, fallback
 
-    def _step_cached(self, theta: Any, state: LSR1State, obj: Any, g: Any, f0: float):
-        """One step with the Gram cache: O(mn) + O(m³) (see the class docstring)."""
-        mem = memory_from_state(state.memory)
-        gc = self._grams(state, mem)
-        B = (LSR1Compact.from_grams(mem.S, mem.Y, self.gamma, gc.SY, gc.SS, gc.YY)
-             if mem.count else None)
-        s, pred, Bs = self._solve_cached(g, B, state.delta)
+    def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
+        o = open_step(problem, self.batch_size, theta, tol=self.tol)
+        if o.stop is not None:
+            return theta, state, o.stop
+        g, f0 = o.g, o.f0
+        delta = state.delta
+        if math.isnan(delta):  # Δ₀ = ‖∇f(x₀)‖ (Alg. 1, Require)
+            delta = self.delta0 if self.delta0 is not None else math.sqrt(float(g @ g))
+        pairs = state.memory
+        if self.gram_cache:
+            pairs.ensure_grams()  # once, for a checkpoint written with gram_cache=False
+        else:
+            pairs.drop_grams()
+        B = LSR1Operator.from_store(pairs, self.gamma) if pairs.count else None
+        s, pred, Bs, fallback = self._solve(g, B, delta)
         snorm = math.sqrt(float(s @ s))
-        p1 = try_point(obj, theta + s)
-        nonfinite = p1 is None or not backend.all_finite(p1.grad)
+        p1 = finite_point(o.obj, theta + s)
         skipped = 0
-        if not nonfinite:
+        if p1 is not None:  # pairs are stored whether or not the step is accepted (Alg. 1 line 12)
             y = p1.grad - g
             if Bs is None:
                 Bs = B.matvec(s) if B is not None else self.gamma * s
-            skipped = int(sr1_skip(s, y, Bs, self.r))
-            if not skipped:
-                if mem.count == mem.capacity:  # PairMemory.push drops the oldest pair
-                    mem.remove_oldest(1)
-                    gc.drop(1)
-                gc.push(mem.S, mem.Y, s, y)
-                mem.push(s, y)
-                d = lsr1_prune_count_from_grams(gc.SY, gc.SS, gc.YY, self.gamma)
-                mem.remove_oldest(d)
-                gc.drop(d)
-        state.grams = gc.state()
-        return s, pred, snorm, p1, nonfinite, skipped, mem
-
-    def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
-        obj, p0, done = open_step(problem, self.batch_size, theta, state, self.tol)
-        if done:
-            return done
-        g, f0 = p0.grad, p0.value
-        if math.isnan(state.delta):  # Δ₀ = ‖∇f(x₀)‖ (Alg. 1, Require)
-            state.delta = self.delta0 if self.delta0 is not None else math.sqrt(float(g @ g))
+            skipped = self._store(pairs, s, y, sr1_skip(s, y, Bs, self.r), inverse=False)
+        ared = -math.inf if p1 is None else f0 - p1.value
+        dec = trust_region_update(self._rule, delta, ared, pred, snorm)
+        extra = {"rho": dec.rho, "pred": pred, "ared": ared, "delta_used": delta, "trial_norm": snorm,
+                 "pairs": pairs.count}
         if self.gram_cache:
-            before = self._gram_fallbacks
-            s, pred, snorm, p1, nonfinite, skipped, mem = self._step_cached(theta, state, obj, g, f0)
-            out = self._close(theta, state, obj, s, pred, snorm, p1, nonfinite, skipped, mem, f0)
-            out[2].extra["gram_fallback"] = self._gram_fallbacks - before
-            return out
-        mem = memory_from_state(state.memory)
-        B = self._compact(mem)
-        s, pred = self._solve(g, B, state.delta)
-        snorm = math.sqrt(float(s @ s))
-        p1 = try_point(obj, theta + s)
-        nonfinite = p1 is None or not backend.all_finite(p1.grad)
-        skipped = 0
-        if not nonfinite:
-            y = p1.grad - g
-            Bs = B.matvec(s) if B is not None else self.gamma * s
-            skipped = self._store(mem, s, y, sr1_skip(s, y, Bs, self.r), inverse=False)
-        state.grams = None  # pairs changed without the cache: a cached step would rebuild it
-        return self._close(theta, state, obj, s, pred, snorm, p1, nonfinite, skipped, mem, f0)
-
-    def _close(self, theta, state, obj, s, pred, snorm, p1, nonfinite, skipped, mem, f0):
-        trial = theta + s
-        ared = -math.inf if nonfinite else f0 - p1.value
-        rho = reduction_ratio(ared, pred)
-        accepted = self._rule.accept(rho)
-        delta_old = state.delta
-        state.delta = self._rule.update(state.delta, rho, snorm)
-        state.memory = memory_to_state(mem)
-        state.k += 1
-        new = trial if accepted else theta
-        loss = p1.value if accepted else f0
-        return new, state, StepInfo(loss=loss, loss_start=f0, accepted=accepted, step_norm=snorm if accepted else 0.0,
-                                    radius=state.delta, skipped=skipped, evals=2, nonfinite=nonfinite,
-                                    batch_size=obj.n_samples,
-                                    extra={"rho": rho, "pred": pred, "ared": ared, "delta_used": delta_old, "trial_norm": snorm,
-                                           "pairs": mem.count})
+            extra["gram_fallback"] = fallback
+        info = close_step(o, loss=p1.value if dec.accepted else f0, accepted=dec.accepted, evals=2,
+                          step_norm=snorm if dec.accepted else 0.0, radius=dec.delta, skipped=skipped,
+                          nonfinite=p1 is None, extra=extra)
+        new_state = dataclasses.replace(state, delta=dec.delta, k=state.k + 1)
+        return (theta + s if dec.accepted else theta), new_state, info
 
 
 @register("lsr1-ls")
@@ -274,12 +218,13 @@ class LSR1LineSearch(_LSR1Base):
         self.max_evals = check_int("max_evals", max_evals)
 
     def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
-        obj, p0, done = open_step(problem, self.batch_size, theta, state, self.tol)
-        if done:
-            return done
-        g, f0 = p0.grad, p0.value
-        mem = memory_from_state(state.memory)
-        H = self._compact(mem, inverse=True)
+        o = open_step(problem, self.batch_size, theta, tol=self.tol)
+        if o.stop is not None:
+            return theta, state, o.stop
+        g, f0 = o.g, o.f0
+        pairs = state.memory
+        # the inverse form only: its middle matrix N was checked when pruning (M⁻¹ may be singular)
+        H = LSR1Operator.from_store(pairs, self.gamma, check=False) if pairs.count else None
         d = -H.solve(g) if H is not None else -g / self.gamma
         slope = float(g @ d)
         fallback = not (slope < 0 and math.isfinite(slope))
@@ -287,27 +232,23 @@ class LSR1LineSearch(_LSR1Base):
             d = -g / self.gamma
             slope = float(g @ d)
         lam0 = 1.0 if state.k == 0 else min(1.0, 2.0 * state.step_length)
-        line = LineFunction(obj, theta, d)
-        ls = backtracking_armijo(line.phi, f0, slope, alpha0=lam0, c1=self.c1, shrink=self.shrink, max_evals=self.max_evals)
-        state.k += 1
-        nonfinite = line.nonfinite
+        ls = line_search(o.obj, theta, d, f0, slope, rule="armijo", alpha0=lam0, c1=self.c1, shrink=self.shrink,
+                         max_evals=self.max_evals)
         if not ls.success:
-            state.memory = memory_to_state(mem)
-            return theta, state, StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=1 + ls.n_evals,
-                                          nonfinite=nonfinite, batch_size=obj.n_samples,
-                                          extra={"fallback": fallback, "pairs": mem.count, "message": ls.message})
-        state.step_length = ls.alpha
+            info = close_step(o, loss=f0, accepted=False, evals=1 + ls.evals, step_size=0.0, nonfinite=ls.nonfinite,
+                              extra={"fallback": fallback, "pairs": pairs.count, "message": ls.message})
+            return theta, dataclasses.replace(state, k=state.k + 1), info
         s = ls.alpha * d
-        p1 = line.point(ls.alpha)
-        skipped = 0
+        p1 = ls.point
+        nonfinite, skipped = ls.nonfinite, 0
         if backend.all_finite(p1.grad):
             y = p1.grad - g
             Hy = H.solve(y) if H is not None else y / self.gamma
             # self-dual SR1 rule on the inverse: |yᵀ(s − Hy)| ≥ r‖y‖‖s − Hy‖
-            skipped = self._store(mem, s, y, sr1_skip(y, s, Hy, self.r), inverse=True)
+            skipped = self._store(pairs, s, y, sr1_skip(y, s, Hy, self.r), inverse=True)
         else:
             nonfinite, skipped = True, 1
-        state.memory = memory_to_state(mem)
-        return theta + s, state, StepInfo(loss=p1.value, loss_start=f0, accepted=True, step_norm=math.sqrt(float(s @ s)),
-                                          step_size=ls.alpha, skipped=skipped, evals=1 + ls.n_evals, nonfinite=nonfinite,
-                                          batch_size=obj.n_samples, extra={"fallback": fallback, "pairs": mem.count})
+        info = close_step(o, loss=p1.value, accepted=True, evals=1 + ls.evals, step_norm=math.sqrt(float(s @ s)),
+                          step_size=ls.alpha, skipped=skipped, nonfinite=nonfinite,
+                          extra={"fallback": fallback, "pairs": pairs.count})
+        return theta + s, dataclasses.replace(state, step_length=ls.alpha, k=state.k + 1), info

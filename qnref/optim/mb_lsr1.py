@@ -43,11 +43,12 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature.objective import Point
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .compact import LSR1Compact, PairMemory, lsr1_prune_count, sr1_skip
-from .linesearch import backtracking_armijo
+from .drivers import average_ratio, finite_point, line_search, trust_region_update
+from .operators import LSR1Operator, lsr1_prune, sr1_skip
+from .pairs import PairStore
 from .registry import register
 from .sampled import OPTIONS, sample_curvature_pairs
-from .trust_region import reduction_ratio, solve_lsr1_subproblem
+from .trust_region import AveragedRadiusRule, solve_lsr1_subproblem
 
 __all__ = ["MBLSR1State", "MBLSR1", "LSSR1TR", "clip_to_radius", "hybrid_direction", "restart_test",
            "get_radius", "batch_rule", "progress_sample_size"]
@@ -90,17 +91,13 @@ def get_radius(delta: float, s_norm: float, rho: float, zeta: float, rho_hat: fl
                rtol: float = 1e-12) -> tuple[float, float, float]:
     """Algorithm 5 (non-monotone averaged ratio). Returns (δ, ρ̂, T).
 
-    ρ̂ = (ζTρ̂ + ρ)/(ζT + 1), T = ζT + 1;  ρ̂ < low → δ = min(δ, ‖s‖);
-    ρ̂ ≥ high and ‖s‖ ≥ δ(1 − rtol) → δ = increase·δ;  finally δ ≥ ``delta_min``.
+    ρ̂ = (ζTρ̂ + ρ)/(ζT + 1), T = ζT + 1 (:func:`~.drivers.average_ratio`);  ρ̂ < low → δ = min(δ, ‖s‖);
+    ρ̂ ≥ high and ‖s‖ ≥ δ(1 − rtol) → δ = increase·δ;  finally δ ≥ ``delta_min``
+    (:class:`~.trust_region.AveragedRadiusRule`).
     """
-    num = zeta * T * rho_hat + rho
-    T = zeta * T + 1.0
-    rho_hat = num / T
-    if rho_hat < low:
-        delta = min(delta, s_norm)
-    elif rho_hat >= high and s_norm >= delta * (1.0 - rtol):
-        delta = increase * delta
-    return max(delta, delta_min), rho_hat, T
+    rho_hat, T = average_ratio(rho, zeta, rho_hat, T)
+    rule = AveragedRadiusRule(low=low, high=high, increase=increase, delta_min=delta_min, rtol=rtol)
+    return rule.update(delta, rho_hat, s_norm), rho_hat, T
 
 
 def progress_sample_size(n_b: int, N: int, *, factor: float = 1.1, cap: int = 5000, full: bool = False) -> int:
@@ -131,7 +128,8 @@ def batch_rule(n_b: int, N: int, f_new: float, f_K: float, R_sum: float, gamma1:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class MBLSR1State:
-    """Checkpointable state (arrays and scalars; ``memory`` is :meth:`PairMemory.state`).
+    """Checkpointable state (arrays and scalars; ``memory`` is a :class:`~.pairs.PairStore` with the
+    Grams, updated in place: a step consumes the state it is given, docs/optimizers.md).
 
     v, s: momentum and the last step; delta: radius δ; rho_hat, T: averaged ratio of Alg. 5;
     zeta: current ζ (set to 0 when n_b reaches N); n_b: current batch size; f_K: last progress
@@ -139,7 +137,7 @@ class MBLSR1State:
     restarts: L-SR1 restarts so far (Alg. 4 line 12 and Alg. 3); converged: ExitCheck said stop.
     """
 
-    memory: dict
+    memory: PairStore
     v: Any
     s: Any
     delta: float
@@ -152,6 +150,9 @@ class MBLSR1State:
     k: int = 0
     restarts: int = 0
     converged: bool = False
+
+    def __post_init__(self) -> None:
+        self.memory = PairStore.coerce(self.memory)
 
 
 @register("mb-lsr1")
@@ -166,6 +167,12 @@ class MBLSR1(Optimizer):
     0 ≤ γ₁, γ₂ ≤ 1, γ₁ + γ₂ > 0), η = 0.1, α_s = 1, ξ = 10⁻⁸, ε = 10⁻⁵, c₁ = 10⁻⁴ and
     backtracking by ½ ([NW06] Alg. 3.1), B₀ = γI with γ = 1 ("initial matrix being I", Alg. 4),
     SR1 skip r = 10⁻⁸ ([NW06] 6.26), warm start: option II, r = 0.01, ε = 10⁻³ ([SQN] code).
+
+    Pairs live in the state's :class:`~.pairs.PairStore`, updated in place (no copies per step).
+    ``gram_cache=True`` keeps SᵀY, SᵀS, YᵀY bordered incrementally (O(mn) per stored pair), so M⁻¹
+    and the pruning test cost O(m³) instead of O(m²n); the subproblem is still solved by the QR
+    route. Off by default: the bordered Grams differ from fresh products by a few ulps, which moves
+    a 20-step run by ≈ 5·10⁻¹² relative (more than the reference trajectories' 10⁻¹²).
     """
 
     family: ClassVar[str] = "trust-region"
@@ -179,8 +186,9 @@ class MBLSR1(Optimizer):
                  sr1_r: float = 1e-8, progress_factor: float = 1.1, progress_cap: int = 5000,
                  radius_low: float = 0.1, radius_high: float = 0.5, radius_increase: float = 2.0,
                  delta_min: float = 1e-12, rho_floor: float = -1.0, warm_option: str = "II",
-                 warm_radius: float = 0.01, warm_eps: float = 1e-3):
+                 warm_radius: float = 0.01, warm_eps: float = 1e-3, gram_cache: bool = False):
         self.memory = check_int("memory", memory)
+        self.gram_cache = bool(gram_cache)
         self.batch_size = check_int("batch_size", batch_size)
         self.delta0 = check_positive("delta0", delta0)
         rm = int(restart_memory)
@@ -229,18 +237,21 @@ class MBLSR1(Optimizer):
     # -- state ------------------------------------------------------------------------------
     def init(self, theta: Any) -> MBLSR1State:
         xp = backend.namespace(theta)
-        mem = PairMemory.like(theta, self.memory)
-        return MBLSR1State(memory=mem.state(), v=xp.zeros_like(theta), s=xp.zeros_like(theta),
-                           delta=self.delta0, zeta=self.zeta, n_b=self.batch_size)
+        return MBLSR1State(memory=PairStore.empty(theta, self.memory, grams=self.gram_cache), v=xp.zeros_like(theta),
+                           s=xp.zeros_like(theta), delta=self.delta0, zeta=self.zeta, n_b=self.batch_size)
+
+    @property
+    def rule(self) -> AveragedRadiusRule:
+        return AveragedRadiusRule(low=self.radius_low, high=self.radius_high, increase=self.radius_increase,
+                                  delta_min=self.delta_min)
 
     # -- pieces -------------------------------------------------------------------------------
-    def _compact(self, mem: PairMemory) -> LSR1Compact | None:
-        return LSR1Compact(mem.S, mem.Y, self.gamma) if mem.count else None
+    def _compact(self, pairs: PairStore) -> LSR1Operator | None:
+        return LSR1Operator.from_store(pairs, self.gamma) if pairs.count else None
 
-    def _tr_step(self, g: Any, mem: PairMemory, delta: float):
+    def _tr_step(self, g: Any, B: LSR1Operator | None, delta: float):
         """p* of the L-SR1 trust-region subproblem with the latest pairs (Alg. 4 line 3)."""
         xp = backend.namespace(g)
-        B = self._compact(mem)
         if B is None:
             n = int(g.shape[0])
             Psi, M = xp.zeros((n, 0), dtype=g.dtype), xp.zeros((0, 0), dtype=g.dtype)
@@ -248,45 +259,89 @@ class MBLSR1(Optimizer):
             Psi, M = B.Psi, B.M
         return solve_lsr1_subproblem(g, self.gamma, Psi, M, delta)
 
-    def _store(self, mem: PairMemory, s: Any, y: Any) -> int:
+    def _prune(self, pairs: PairStore) -> None:
+        lsr1_prune(pairs, self.gamma)
+
+    def _store(self, pairs: PairStore, B: LSR1Operator | None, s: Any, y: Any) -> int:
         """Classic update (Alg. 3 lines 10–12) with the SR1 skip rule; returns 1 if skipped."""
-        B = self._compact(mem)
         Bs = self.gamma * s if B is None else B.matvec(s)
         if sr1_skip(s, y, Bs, self.sr1_r):
             return 1
-        mem.push(s, y)
-        mem.remove_oldest(lsr1_prune_count(mem.S, mem.Y, self.gamma))
+        pairs.append(s, y)
+        self._prune(pairs)
         return 0
 
-    def _warm_start(self, mem: PairMemory, point: Point, problem: Problem) -> int:
+    def _warm_start(self, pairs: PairStore, point: Point, problem: Problem) -> int:
         """Alg. 3 lines 3–5: replace the pairs by m̂ pairs sampled around w ([SQN] Alg. 1)."""
-        pairs = sample_curvature_pairs(point, problem.device_rng, self.restart_memory, self.warm_radius,
-                                       option=self.warm_option, kind="lsr1", eps=self.warm_eps,
-                                       gamma=self.gamma)
-        mem.clear()
-        for i in range(pairs.kept):
-            mem.push(pairs.S[i], pairs.Y[i])
-        if mem.count:
-            mem.remove_oldest(lsr1_prune_count(mem.S, mem.Y, self.gamma))
-        return pairs.evals
+        sampled = sample_curvature_pairs(point, problem.device_rng, self.restart_memory, self.warm_radius,
+                                         option=self.warm_option, kind="lsr1", eps=self.warm_eps,
+                                         gamma=self.gamma)
+        pairs.clear()
+        for i in range(sampled.kept):
+            pairs.append(sampled.S[i], sampled.Y[i])
+        self._prune(pairs)
+        return sampled.evals
 
-    def update_sy(self, mem: PairMemory, s: Any, y: Any | None, rho: float, point: Point | None,
-                  problem: Problem) -> tuple[str, int, int]:
-        """Algorithm 3. Returns (action, skipped, extra forward passes).
+    def update_sy(self, pairs: PairStore, s: Any, y: Any | None, rho: float, point: Point | None,
+                  problem: Problem, B: LSR1Operator | None = None) -> tuple[str, int, int]:
+        """Algorithm 3. Returns (action, skipped, extra forward passes); ``B``: the compact matrix of
+        the pairs as they are now when the caller has it (built here otherwise).
 
         action: "restart" (m̂ = 0), "warm" (m̂ > 0), "push", "skip" (SR1 rule or no usable pair).
         """
         if rho < self.tau and self.restart_memory >= 0:
             if self.restart_memory == 0 or point is None:
-                mem.clear()
+                pairs.clear()
                 return "restart", 0, 0
-            return "warm", 0, self._warm_start(mem, point, problem)
+            return "warm", 0, self._warm_start(pairs, point, problem)
         if y is None:
             return "skip", 1, 0
-        skipped = self._store(mem, s, y)
+        if B is None:
+            B = self._compact(pairs)
+        skipped = self._store(pairs, B, s, y)
         return ("skip" if skipped else "push"), skipped, 0
 
     # -- one iteration ------------------------------------------------------------------------
+    def _get_step(self, g: Any, g_norm: float, pairs: PairStore, state: MBLSR1State):
+        """getStep (Alg. 4 lines 3–16) up to the line search: (p*, p, v, gᵀp, B, restarts, fallback)."""
+        delta = state.delta
+        restarts = 0
+        fallback = False
+        while True:
+            B = self._compact(pairs)
+            sol = self._tr_step(g, B, delta)
+            p, v = hybrid_direction(sol.p, g, state.v, state.s, delta, eta=self.eta, mu=self.mu,
+                                    alpha_s=self.alpha_s)
+            gp = float(p @ g)
+            p_norm = math.sqrt(float(p @ p))
+            if not restart_test(gp, p_norm, g_norm, self.xi):
+                break
+            if restarts == 0 and pairs.count:
+                pairs.clear()  # "restart LSR1 with initial matrix being I", then getStep again
+                restarts += 1
+                continue
+            if restarts == 0:
+                restarts += 1  # nothing to clear: restarting would give the same p
+            if g_norm > 0.0:  # safeguard: steepest descent within the radius
+                p = g * (-min(1.0, delta / g_norm))
+                gp, fallback = float(p @ g), True
+            break
+        return sol, p, v, gp, B, restarts, fallback
+
+    def _progress(self, state: MBLSR1State, problem: Problem, theta_new: Any, n_b: int, R_sum: float):
+        """getBatch (Alg. 6): (f̂_K, ζ, n_b next, R_sum, doubled, f̂ checked, progress, evals)."""
+        f_K, zeta, n_next = state.f_K, state.zeta, n_b
+        if state.k % self.K != 0:
+            return f_K, zeta, n_next, R_sum, False, math.nan, False, 0
+        N = problem.n_samples
+        size = progress_sample_size(n_b, N, factor=self.progress_factor, cap=self.progress_cap,
+                                    full=self._full_progress)
+        ph = try_point(problem.sample(size), theta_new)
+        f_check = ph.value if ph is not None else math.nan
+        n_next, zeta, doubled = batch_rule(n_b, N, f_check, f_K, R_sum, self.gamma1, self.gamma2, zeta)
+        f_K = f_check if math.isfinite(f_check) else math.inf
+        return f_K, zeta, n_next, 0.0, doubled, f_check, True, 1
+
     def step(self, theta: Any, state: MBLSR1State, problem: Problem) -> tuple[Any, MBLSR1State, StepInfo]:
         N = problem.n_samples
         n_b = min(state.n_b, N)
@@ -294,64 +349,30 @@ class MBLSR1(Optimizer):
             return theta, state, StepInfo(accepted=False, batch_size=0, radius=state.delta,
                                           extra={"converged": True})
         obj = problem.batch(n_b)
-        p0 = try_point(obj, theta)
-        if p0 is None or not backend.all_finite(p0.grad):
+        p0 = finite_point(obj, theta)
+        if p0 is None:
             return theta, state, StepInfo(accepted=False, nonfinite=True, evals=1, batch_size=n_b,
                                           radius=state.delta)
         g, f0 = p0.grad, p0.value
         g_norm = math.sqrt(float(g @ g))
-        mem = PairMemory.from_state(state.memory)
+        pairs = state.memory
         delta = state.delta
-        evals = 1
-        restarts = 0
-        fallback = False
 
         # ---- getStep (Alg. 4) ----
-        while True:
-            sol = self._tr_step(g, mem, delta)
-            p, v = hybrid_direction(sol.p, g, state.v, state.s, delta, eta=self.eta, mu=self.mu,
-                                    alpha_s=self.alpha_s)
-            gp = float(p @ g)
-            p_norm = math.sqrt(float(p @ p))
-            if not restart_test(gp, p_norm, g_norm, self.xi):
-                break
-            if restarts == 0 and mem.count:
-                mem.clear()  # "restart LSR1 with initial matrix being I", then getStep again
-                restarts += 1
-                continue
-            if restarts == 0:
-                restarts += 1  # nothing to clear: restarting would give the same p
-            if g_norm > 0.0:  # safeguard: steepest descent within the radius
-                p = g * (-min(1.0, delta / g_norm))
-                gp, p_norm, fallback = float(p @ g), min(g_norm, delta), True
-            break
-
-        trials: dict[float, Point | None] = {}
-
-        def at(alpha: float, d: Any) -> Point | None:
-            return try_point(obj, theta + alpha * d)
-
-        def phi(alpha: float) -> float:
-            if alpha not in trials:
-                trials[alpha] = at(alpha, p)
-            q = trials[alpha]
-            return math.inf if q is None else q.value
-
-        ls = backtracking_armijo(phi, f0, gp, alpha0=1.0, c1=self.c1, shrink=self.shrink,
-                                 max_evals=self.max_evals)
-        evals += ls.n_evals
-        q_new: Point | None = None
+        sol, p, v, gp, B, restarts, fallback = self._get_step(g, g_norm, pairs, state)
+        ls = line_search(obj, theta, p, f0, gp, rule="armijo", alpha0=1.0, c1=self.c1, shrink=self.shrink,
+                         max_evals=self.max_evals)
+        evals = 1 + ls.evals
         y = None
         if ls.success:
             s = ls.alpha * p
-            q_new = trials[ls.alpha]
-            g_new = q_new.grad
-            if backend.all_finite(g_new):
-                y = g_new - g
-            theta_new, f_new = theta + s, ls.value
+            if backend.all_finite(ls.point.grad):
+                y = ls.point.grad - g
+            theta_new = theta + s
         else:
             s = backend.namespace(theta).zeros_like(theta)
-            theta_new, f_new = theta, f0
+            theta_new = theta
+        f_new = ls.value
         s_norm = math.sqrt(float(s @ s))
 
         # R = f̂(w + p*) − f̂(w) and ρ = R / Q(p*)  (Alg. 4 lines 17–18)
@@ -362,54 +383,39 @@ class MBLSR1(Optimizer):
             evals += 1
             f_star = q_star.value if q_star is not None else math.nan
         R = f_star - f0
-        rho = max(reduction_ratio(-R, sol.pred), self.rho_floor)  # ared/pred (−inf → floor)
 
         # ---- ExitCheck (Alg. 2) ----
         converged = False
         if g_norm <= self.eps:
-            full = problem.full()
-            pf = try_point(full, theta_new)
+            pf = try_point(problem.full(), theta_new)
             evals += 1
             if pf is not None and math.sqrt(float(pf.grad @ pf.grad)) <= self.eps:
                 converged = True
 
-        # ---- getRadius (Alg. 5) ----
-        new_delta, rho_hat, T = get_radius(delta, s_norm, rho, state.zeta, state.rho_hat, state.T,
-                                           low=self.radius_low, high=self.radius_high,
-                                           increase=self.radius_increase, delta_min=self.delta_min)
+        # ---- getRadius (Alg. 5): ρ = ared/pred (−inf → floor), averaged ----
+        dec = trust_region_update(self.rule, delta, -R, sol.pred, s_norm, rho_floor=self.rho_floor,
+                                  average=(state.zeta, state.rho_hat, state.T))
 
         # ---- updateSY (Alg. 3) ----
-        sy_point = q_new if q_new is not None else p0
-        action, skipped, warm_evals = self.update_sy(mem, s, y, rho, sy_point, problem)
+        sy_point = ls.point if ls.point is not None else p0
+        action, skipped, warm_evals = self.update_sy(pairs, s, y, dec.rho, sy_point, problem, B)
         evals += warm_evals
         if action in ("restart", "warm"):
             restarts += 1
 
         # ---- getBatch (Alg. 6) ----
         R_sum = state.R_sum + (R if math.isfinite(R) else 0.0)
-        f_K, zeta, n_next = state.f_K, state.zeta, n_b
-        progress = state.k % self.K == 0
-        doubled = False
-        f_check = math.nan
-        if progress:
-            size = progress_sample_size(n_b, N, factor=self.progress_factor, cap=self.progress_cap,
-                                        full=self._full_progress)
-            hobj = problem.sample(size)
-            ph = try_point(hobj, theta_new)
-            evals += 1
-            f_check = ph.value if ph is not None else math.nan
-            n_next, zeta, doubled = batch_rule(n_b, N, f_check, f_K, R_sum, self.gamma1, self.gamma2, zeta)
-            f_K = f_check if math.isfinite(f_check) else math.inf
-            R_sum = 0.0
+        f_K, zeta, n_next, R_sum, doubled, f_check, progress, p_evals = self._progress(state, problem, theta_new,
+                                                                                        n_b, R_sum)
+        evals += p_evals
 
-        new_state = MBLSR1State(memory=mem.state(), v=v, s=s, delta=new_delta, rho_hat=rho_hat, T=T,
+        new_state = MBLSR1State(memory=pairs, v=v, s=s, delta=dec.delta, rho_hat=dec.rho_hat, T=dec.T,
                                 zeta=zeta, n_b=n_next, f_K=f_K, R_sum=R_sum, k=state.k + 1,
                                 restarts=state.restarts + restarts, converged=converged)
-        info = StepInfo(loss=f_new, loss_start=f0, accepted=bool(ls.success), step_norm=s_norm, radius=new_delta,
-                        step_size=ls.alpha, skipped=skipped, evals=evals, batch_size=n_b,
-                        nonfinite=any(q is None for q in trials.values()),
-                        extra={"rho": rho, "rho_hat": rho_hat, "R": R, "pred": sol.pred, "sigma": sol.sigma,
-                               "pairs": mem.count, "restarts": restarts, "sy_action": action,
+        info = StepInfo(loss=f_new, loss_start=f0, accepted=bool(ls.success), step_norm=s_norm, radius=dec.delta,
+                        step_size=ls.alpha, skipped=skipped, evals=evals, batch_size=n_b, nonfinite=ls.nonfinite,
+                        extra={"rho": dec.rho, "rho_hat": dec.rho_hat, "R": R, "pred": sol.pred, "sigma": sol.sigma,
+                               "pairs": pairs.count, "restarts": restarts, "sy_action": action,
                                "fallback_gradient": fallback, "progress_check": progress,
                                "progress_value": f_check, "batch_doubled": doubled, "n_b_next": n_next,
                                "converged": converged, "ls_message": ls.message})
@@ -430,9 +436,9 @@ class LSSR1TR(MBLSR1):
                  gamma1: float = 1e-3, mu: float = 0.9, xi: float = 1e-8, eps: float = 1e-5, c1: float = 1e-4,
                  shrink: float = 0.5, max_evals: int = 30, gamma: float = 1.0, sr1_r: float = 1e-8,
                  radius_low: float = 0.1, radius_high: float = 0.5, radius_increase: float = 2.0,
-                 delta_min: float = 1e-12, rho_floor: float = -1.0):
+                 delta_min: float = 1e-12, rho_floor: float = -1.0, gram_cache: bool = False):
         super().__init__(memory=memory, batch_size=batch_size, delta0=delta0, restart_memory=-1, K=K,
                          gamma1=gamma1, gamma2=0.0, zeta=0.0, mu=mu, alpha_s=1.0, eta=0.0, xi=xi, eps=eps,
                          c1=c1, shrink=shrink, max_evals=max_evals, gamma=gamma, sr1_r=sr1_r,
                          radius_low=radius_low, radius_high=radius_high, radius_increase=radius_increase,
-                         delta_min=delta_min, rho_floor=rho_floor)
+                         delta_min=delta_min, rho_floor=rho_floor, gram_cache=gram_cache)

@@ -45,7 +45,7 @@ from .. import backend
 SINGULAR_RTOL = 1e-10
 
 __all__ = ["SINGULAR_RTOL", "sym_rcond", "LBFGSOperator", "LSR1Operator", "lsr1_middle_inverse",
-           "lsr1_inverse_middle", "psi_gram", "lsr1_prune_count", "bfgs_inverse_update", "DenseInverseBFGS",
+           "lsr1_inverse_middle", "psi_gram", "lsr1_prune_count", "lsr1_prune", "bfgs_inverse_update", "DenseInverseBFGS",
            "sr1_skip", "operator_flops"]
 
 
@@ -362,7 +362,7 @@ class LSR1Operator:
 
 
 def lsr1_prune_count(SY: Any, SS: Any, YY: Any, gamma: float, *, rtol: float = SINGULAR_RTOL,
-                     inverse: bool = False) -> int:
+                     inverse: bool = False, PtP: Any = None) -> int:
     """Number of oldest pairs to drop so the L-SR1 representation is usable — the pruning loop,
     on the Grams (row convention; trailing k × k blocks, no n-vector work, O(k⁴) at worst).
 
@@ -370,23 +370,49 @@ def lsr1_prune_count(SY: Any, SS: Any, YY: Any, gamma: float, *, rtol: float = S
     M⁻¹ nonsingular). Inverse form (``inverse=True``, Alg. 2 lines 24–32, H₀ = I/γ): drop while N
     is singular. "Singular" and "≻ 0" are read numerically: reciprocal condition (of Ψ's singular
     values, of the middle matrix's eigenvalues) above ``rtol``. Returns k when no suffix works.
+    The inverse test reads SY and YY only (``SS`` may be None); the direct test reads ΨᵀΨ from
+    ``PtP`` when given (YY may then be None), else from the Grams (:func:`psi_gram`).
     """
     k = int(SY.shape[0])
-    if SY.shape != (k, k) or SS.shape != (k, k) or YY.shape != (k, k):
-        raise ValueError("SY, SS, YY must be square and of one size")
+    need = (SY, YY) if inverse else (SY, SS, YY if PtP is None else PtP)
+    if any(G is None or G.shape != (k, k) for G in need):
+        raise ValueError(f"the pruning test needs {'SY, YY' if inverse else 'SY, SS and YY or PtP'} "
+                         f"as ({k}, {k}) matrices")
     gamma = float(gamma)
     for d in range(k):
-        SYd, SSd, YYd = SY[d:, d:], SS[d:, d:], YY[d:, d:]
+        SYd = SY[d:, d:]
         if inverse:
-            if sym_rcond(lsr1_inverse_middle(SYd, YYd, gamma)) > rtol:
+            if sym_rcond(lsr1_inverse_middle(SYd, YY[d:, d:], gamma)) > rtol:
                 return d
             continue
+        SSd = SS[d:, d:]
+        PtPd = psi_gram(SYd, SSd, YY[d:, d:], gamma) if PtP is None else PtP[d:, d:]
         # Ψ full column rank: σ_min/σ_max of Ψ = sqrt(rcond of ΨᵀΨ)
-        if not math.sqrt(max(sym_rcond(psi_gram(SYd, SSd, YYd, gamma)), 0.0)) > rtol:
+        if not math.sqrt(max(sym_rcond(PtPd), 0.0)) > rtol:
             continue
         if sym_rcond(lsr1_middle_inverse(SYd, SSd, gamma)) > rtol:
             return d
     return k
+
+
+def lsr1_prune(store: Any, gamma: float, *, inverse: bool = False, rtol: float = SINGULAR_RTOL) -> int:
+    """Drop the oldest pairs of a :class:`~.pairs.PairStore` until the L-SR1 form is usable
+    (:func:`lsr1_prune_count`); returns the number dropped. With kept Grams: no n-vector work.
+    Without: the inverse test forms SY and YY (2k²n); the direct test SY, SS and ΨᵀΨ from Ψ = Y − γS
+    itself (kn + 3k²n; more accurate than the Gram formula, which cancels when Y ≈ γS)."""
+    if store.count == 0:
+        return 0
+    if store.has_grams:
+        d = lsr1_prune_count(store.SY, store.SS, store.YY, gamma, rtol=rtol, inverse=inverse)
+    else:
+        S, Y = store.S, store.Y
+        if inverse:
+            d = lsr1_prune_count(S @ Y.T, None, Y @ Y.T, gamma, rtol=rtol, inverse=True)
+        else:
+            P = Y - float(gamma) * S
+            d = lsr1_prune_count(S @ Y.T, S @ S.T, None, gamma, rtol=rtol, PtP=P @ P.T)
+    store.drop_oldest(d)
+    return d
 
 
 # --------------------------------------------------------------------------------------------------

@@ -218,9 +218,9 @@ class PairStore:
             self.SY, self.SS, self.YY = self.SY[:0, :0].copy(), self.SS[:0, :0].copy(), self.YY[:0, :0].copy()
 
     def prune(self, count: Callable[[Any, Any, Any], int]) -> int:
-        """Drop the ``count(SY, SS, YY)`` oldest pairs (a pruning test on the Grams, e.g.
-        :func:`~.operators.lsr1_prune_count`); Grams formed freshly when not kept. Returns the number
-        dropped."""
+        """Drop the ``count(SY, SS, YY)`` oldest pairs (a pruning test on the Grams; Grams formed
+        freshly when not kept). Returns the number dropped. L-SR1 uses
+        :func:`~.operators.lsr1_prune`, which forms only the products its test reads."""
         if self.count == 0:
             return 0
         d = min(int(count(*self.fresh_grams())), self.count)

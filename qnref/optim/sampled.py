@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import backend
-from ..curvature.objective import Objective, Point
+from ..curvature.objective import Point
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .compact import SINGULAR_RTOL, LSR1Compact, lbfgs_two_loop, lsr1_prune_count, sr1_skip
-from .linesearch import backtracking_armijo
+from .drivers import close_step, line_search, open_step, trust_region_update, with_extra
+from .operators import SINGULAR_RTOL, LBFGSOperator, LSR1Operator, lsr1_prune, sr1_skip
+from .pairs import PairStore
 from .registry import register
-from .trust_region import RadiusRule, reduction_ratio, solve_lsr1_subproblem
+from .trust_region import RadiusRule, solve_lsr1_subproblem
 
 __all__ = [
     "SampledPairs",
@@ -130,10 +131,10 @@ def lbfgs_pair_mask(S: Any, Y: Any, eps: float, test: str = "ss") -> list[bool]:
 def lsr1_middle(S: Any, Y: Any, gamma: float, rtol: float = SINGULAR_RTOL) -> tuple[Any, Any] | None:
     """(Ψ rows, M) of B = γI + ΨᵀM Ψ for row-stored pairs, or ``None`` when M⁻¹ is (near) singular.
 
-    The compact L-SR1 form of [BNS94] Thm 5.1 (:class:`~qnref.optim.compact.LSR1Compact`), here
+    The compact L-SR1 form of [BNS94] Thm 5.1 (:class:`~qnref.optim.operators.LSR1Operator`), here
     also with γ = 0: B = Y (D + L + Lᵀ)⁻¹ Yᵀ, the B₀ = 0 form of [SQN-code] S_LSR1.py.
     """
-    B = LSR1Compact(S, Y, gamma, rtol=rtol, check=False)
+    B = LSR1Operator.from_pairs(S, Y, gamma, rtol=rtol, check=False)
     if B.singular:
         return None
     return B.Psi.T, B.M
@@ -143,7 +144,7 @@ def lsr1_pair_filter(S: Any, Y: Any, gamma: float, eps: float, ok: list[bool] | 
     """Indices of the pairs kept by the sequential SR1 condition ([SQN] eq. (2)).
 
     Pair i is tested against B built (compact form, B₀ = γI) from the pairs kept before it:
-    kept iff |sᵢᵀ(yᵢ − Bsᵢ)| ≥ ε‖sᵢ‖‖yᵢ − Bsᵢ‖ (:func:`~qnref.optim.compact.sr1_skip` with r = ε)
+    kept iff |sᵢᵀ(yᵢ − Bsᵢ)| ≥ ε‖sᵢ‖‖yᵢ − Bsᵢ‖ (:func:`~qnref.optim.operators.sr1_skip` with r = ε)
     and the enlarged middle matrix stays nonsingular.
     """
     kept: list[int] = []
@@ -226,19 +227,6 @@ class _SampledQN(Optimizer):
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
         self.tol = check_positive("tol", tol, allow_zero=True)
 
-    def _begin(self, theta: Any, problem: Problem) -> tuple[Objective, Point | None, float]:
-        obj = problem.full() if self.batch_size is None else problem.batch(self.batch_size)
-        p0 = try_point(obj, theta)
-        if p0 is None or not backend.all_finite(p0.grad):
-            return obj, None, math.nan
-        return obj, p0, math.sqrt(float(p0.grad @ p0.grad))
-
-    @staticmethod
-    def _stay(theta: Any, state: Any, obj: Objective, loss: float, **extra: Any) -> tuple[Any, Any, StepInfo]:
-        info = StepInfo(loss=loss, loss_start=loss, accepted=False, nonfinite=not math.isfinite(loss), evals=1,
-                        batch_size=obj.n_samples, extra=dict(extra))
-        return theta, state, info
-
     def _pairs(self, p0: Point, problem: Problem, gamma: float = 0.0) -> SampledPairs:
         return sample_curvature_pairs(p0, problem.device_rng, self.memory, self.radius, option=self.option,
                                       kind=self._kind, eps=self.eps, gamma=gamma,
@@ -274,42 +262,31 @@ class SampledLBFGS(_SampledQN):
         return SampledState()
 
     def step(self, theta: Any, state: SampledState, problem: Problem) -> tuple[Any, SampledState, StepInfo]:
-        obj, p0, gnorm = self._begin(theta, problem)
-        if p0 is None:
-            return self._stay(theta, state, obj, math.nan)
-        f0, g = p0.value, p0.grad
-        if gnorm <= self.tol:
-            return self._stay(theta, state, obj, f0, converged=True)
+        o = open_step(problem, self.batch_size, theta, tol=self.tol)
+        if o.stop is not None:
+            return theta, state, o.stop
+        p0, f0, g = o.point, o.f0, o.g
+        gnorm = math.sqrt(float(g @ g))
         pairs = self._pairs(p0, problem)
         fallback = False
         if pairs.kept:
             s, y = pairs.S[-1], pairs.Y[-1]
-            gam = float(s @ y) / float(y @ y)
-            d = -lbfgs_two_loop(g, pairs.S, pairs.Y, gam)
+            d = -LBFGSOperator(pairs.S, pairs.Y, float(s @ y) / float(y @ y)).solve(g)
         else:
             d = -g
         slope = float(g @ d)
         if not (math.isfinite(slope) and slope < 0.0):  # safeguard: never a non-descent direction
             d, slope, fallback = -g, -gnorm * gnorm, True
-        trials: dict[float, Point | None] = {}
-
-        def phi(alpha: float) -> float:
-            q = trials.setdefault(alpha, try_point(obj, theta + alpha * d))
-            return math.inf if q is None else q.value
-
-        ls = backtracking_armijo(phi, f0, slope, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
-                                 max_evals=self.max_evals)
+        ls = line_search(o.obj, theta, d, f0, slope, rule="armijo", alpha0=self.alpha0, c1=self.c1,
+                         shrink=self.shrink, max_evals=self.max_evals)
         extra = {"pairs_kept": pairs.kept, "pairs_rejected": pairs.rejected, "fallback_gradient": fallback,
-                 "ls_evals": ls.n_evals, "ls_message": ls.message}
-        info = StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, skipped=pairs.rejected,
-                        evals=1 + pairs.evals + ls.n_evals, batch_size=obj.n_samples, extra=extra,
-                        nonfinite=any(q is None for q in trials.values()))
+                 "ls_evals": ls.evals, "ls_message": ls.message}
+        moved = {"step_size": ls.alpha, "step_norm": ls.alpha * math.sqrt(float(d @ d))} if ls.success else \
+            {"step_size": 0.0}
+        info = close_step(o, loss=ls.value, accepted=ls.success, evals=1 + pairs.evals + ls.evals,
+                          skipped=pairs.rejected, nonfinite=ls.nonfinite, extra=extra, **moved)
         new_state = SampledState(state.k + 1, state.delta)
-        if not ls.success:
-            return theta, new_state, info
-        info.accepted, info.loss, info.step_size = True, ls.value, ls.alpha
-        info.step_norm = ls.alpha * math.sqrt(float(d @ d))
-        return theta + ls.alpha * d, new_state, info
+        return (theta + ls.alpha * d if ls.success else theta), new_state, info
 
 
 @register("s-lsr1")
@@ -354,45 +331,39 @@ class SampledLSR1(_SampledQN):
     @property
     def rule(self) -> RadiusRule:
         return RadiusRule(eta=self.eta, u=self.u, l=self.l, boundary_fraction=self.boundary_fraction,
-                          increase=self.increase, decrease=self.decrease, delta_max=self.delta_max)
+                          increase=self.increase, decrease=self.decrease, delta_max=self.delta_max,
+                          delta_min=self.delta_min)
 
     def init(self, theta: Any) -> SampledState:
         return SampledState(0, self.delta0)
 
     def step(self, theta: Any, state: SampledState, problem: Problem) -> tuple[Any, SampledState, StepInfo]:
-        obj, p0, gnorm = self._begin(theta, problem)
-        if p0 is None:
-            return self._stay(theta, state, obj, math.nan)
-        f0, g = p0.value, p0.grad
-        if gnorm <= self.tol:
-            return self._stay(theta, state, obj, f0, converged=True, radius=state.delta)
+        o = open_step(problem, self.batch_size, theta, tol=self.tol)
+        if o.stop is not None:
+            return theta, state, (o.stop if o.point is None else with_extra(o.stop, radius=state.delta))
+        p0, f0, g = o.point, o.f0, o.g
         pairs = self._pairs(p0, problem, self.gamma)
         xp = p0.xp
         n = int(theta.shape[0])
         gam, S, Y = self.gamma, pairs.S, pairs.Y
         mid = lsr1_middle(S, Y, gam) if pairs.kept else None
         if pairs.kept and mid is None:  # cannot happen after the filter; prune as [RD16] Alg. 1
-            drop = lsr1_prune_count(S, Y, gam)
-            S, Y = S[drop:], Y[drop:]
+            store = PairStore.from_rows(S, Y, grams=False)
+            lsr1_prune(store, gam)
+            S, Y = store.S, store.Y
             mid = lsr1_middle(S, Y, gam) if S.shape[0] else None
         if mid is None:
             gam, Psi, M = 1.0, xp.zeros((n, 0), dtype=g.dtype), xp.zeros((0, 0), dtype=g.dtype)
         else:
             Psi, M = mid[0].T, mid[1]
-        delta = state.delta
-        sol = solve_lsr1_subproblem(g, gam, Psi, M, delta)
-        trial = try_point(obj, theta + sol.p)
+        sol = solve_lsr1_subproblem(g, gam, Psi, M, state.delta)
+        trial = try_point(o.obj, theta + sol.p)
         f1 = trial.value if trial is not None else math.nan
-        rho = reduction_ratio(f0 - f1, sol.pred)
-        rule = self.rule
-        accepted = rule.accept(rho)
-        new_delta = max(rule.update(delta, rho, sol.step_norm), self.delta_min)
-        info = StepInfo(loss=f1 if accepted else f0, loss_start=f0, accepted=accepted,
-                        step_norm=sol.step_norm if accepted else 0.0, radius=new_delta,
-                        skipped=pairs.rejected, evals=2 + pairs.evals, batch_size=obj.n_samples,
-                        nonfinite=trial is None,
-                        extra={"rho": rho, "pred": sol.pred, "sigma": sol.sigma, "lambda_min": sol.lambda_min,
-                               "pairs_kept": pairs.kept, "pairs_rejected": pairs.rejected,
-                               "hard_case": sol.hard_case})
-        new_state = SampledState(state.k + 1, new_delta)
-        return (theta + sol.p if accepted else theta), new_state, info
+        dec = trust_region_update(self.rule, state.delta, f0 - f1, sol.pred, sol.step_norm)
+        info = close_step(o, loss=f1 if dec.accepted else f0, accepted=dec.accepted,
+                          step_norm=sol.step_norm if dec.accepted else 0.0, radius=dec.delta,
+                          skipped=pairs.rejected, evals=2 + pairs.evals, nonfinite=trial is None,
+                          extra={"rho": dec.rho, "pred": sol.pred, "sigma": sol.sigma, "lambda_min": sol.lambda_min,
+                                 "pairs_kept": pairs.kept, "pairs_rejected": pairs.rejected,
+                                 "hard_case": sol.hard_case})
+        return (theta + sol.p if dec.accepted else theta), SampledState(state.k + 1, dec.delta), info

@@ -7,7 +7,7 @@ Iteration k = 1, 2, … (``state.k`` counts completed iterations):
 * the window sum w̄ += w_k (Alg. 1 line 6);
 * direction d = −g for k ≤ 2L or while no pair is stored (Alg. 1 lines 7–8), else
   d = −H_t g by the L-BFGS two-loop recursion over the last M pairs with H⁰ = (sᵀy / yᵀy) I of
-  the newest pair (Alg. 2; :func:`~qnref.optim.compact.lbfgs_two_loop`);
+  the newest pair (Alg. 2; :meth:`~qnref.optim.operators.LBFGSOperator.solve`);
 * step: ``step_rule="armijo"`` (default): backtracking α = α₀, α₀·shrink, … on the *same*
   batch until f_S(w + αd) − f_S(w) ≤ 0.1 α gᵀd (comparison paper eq. 2, which replaced the
   paper's β/k schedule because "this scheme does not work on most of our experiments");
@@ -35,35 +35,40 @@ import numpy
 
 from .. import backend
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .compact import PairMemory, lbfgs_two_loop
-from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
+from .drivers import line_search
+from .linesearch import CNN_COMPARISON_C1
+from .operators import LBFGSOperator
+from .pairs import PairStore
 from .registry import register
-from ._qn_common import LineFunction, memory_from_state, memory_to_state
 
 __all__ = ["SQN", "SQNState", "sqn_direction"]
 
 
-def sqn_direction(g: Any, mem: PairMemory) -> Any:
+def sqn_direction(g: Any, pairs: PairStore) -> Any:
     """H_t g of Byrd et al. (2016) Alg. 2: two-loop recursion, H⁰ = (sᵀy/yᵀy) I of the newest pair
-    (= g when the memory is empty)."""
-    if mem.count == 0:
+    (= g when the store is empty)."""
+    if pairs.count == 0:
         return g.copy()
-    return lbfgs_two_loop(g, mem.S, mem.Y)
+    return LBFGSOperator(pairs.S, pairs.Y).solve(g)
 
 
 @dataclass
 class SQNState:
-    """memory: PairMemory buffers (S, Y, count); wbar_sum: Σ w_k over the current window;
-    wbar_prev: the previous window average w̄_{t−1}; t: windows completed; k: iterations done;
-    pairs / skipped: curvature pairs stored / rejected so far."""
+    """memory: the (s_t, y_t) rows (:class:`~.pairs.PairStore`, no Grams); wbar_sum: Σ w_k over
+    the current window; wbar_prev: the previous window average w̄_{t−1}; t: windows completed;
+    k: iterations done; pairs / skipped: curvature pairs stored / rejected so far. A step consumes
+    the state it is given (docs/optimizers.md, "State rule")."""
 
-    memory: dict
+    memory: PairStore
     wbar_sum: Any
     wbar_prev: Any
     t: int = 0
     k: int = 0
     pairs: int = 0
     skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.memory = PairStore.coerce(self.memory)
 
 
 @register("sqn")
@@ -117,11 +122,11 @@ class SQN(Optimizer):
         self.curvature_eps = check_positive("curvature_eps", curvature_eps, allow_zero=True)
 
     def init(self, theta: Any) -> SQNState:
-        return SQNState(memory=memory_to_state(PairMemory.like(theta, self.memory)),
+        return SQNState(memory=PairStore.empty(theta, self.memory, grams=False),
                         wbar_sum=theta * 0, wbar_prev=theta * 0)
 
     # -- curvature pairs ----------------------------------------------------------------------
-    def _end_window(self, state: SQNState, problem: Problem, mem: PairMemory, extra: dict) -> None:
+    def _end_window(self, state: SQNState, problem: Problem, extra: dict) -> None:
         """Alg. 1 lines 13–19: average the window; from the second window on, form (s_t, y_t)."""
         wbar = state.wbar_sum / self.L
         if state.t > 0:
@@ -135,7 +140,7 @@ class SQN(Optimizer):
                     y = pt.hvp(s) if self.curvature == "hessian" else pt.ggn_vp(s)
             sy = float(s @ y) if y is not None else math.nan
             if y is not None and math.isfinite(sy) and sy > self.curvature_eps * ss and backend.all_finite(y):
-                mem.push(s, y)
+                state.memory.append(s, y)
                 state.pairs += 1
                 extra["pair_added"] = True
             else:
@@ -147,21 +152,37 @@ class SQN(Optimizer):
         state.t += 1
 
     # -- one iteration ------------------------------------------------------------------------
+    def _move(self, obj: Any, theta: Any, p0: Any, d: Any, slope: float, k: int) -> tuple[Any, dict, dict]:
+        """The step along d: (θ_new, StepInfo fields, extra)."""
+        if self.step_rule == "armijo":
+            ls = line_search(obj, theta, d, p0.value, slope, rule="armijo", alpha0=self.alpha0, c1=self.c1,
+                             shrink=self.shrink, max_evals=self.max_ls_evals)
+            fields = {"evals": 1 + ls.evals, "nonfinite": ls.nonfinite, "loss": ls.value}
+            if ls.success:
+                return theta + ls.alpha * d, {**fields, "step_size": ls.alpha, "accepted": True}, {}
+            return theta, {**fields, "step_size": 0.0, "accepted": False}, {"message": ls.message}
+        alpha = self.beta / k
+        with numpy.errstate(over="ignore", invalid="ignore"):  # overflow → rejected below
+            cand = theta + alpha * d
+        if backend.all_finite(cand):
+            # not evaluated (no extra forward pass)
+            return cand, {"evals": 1, "loss": math.nan, "step_size": alpha, "accepted": True}, {}
+        return theta, {"evals": 1, "loss": p0.value, "step_size": 0.0, "accepted": False, "nonfinite": True}, {}
+
     def step(self, theta: Any, state: SQNState, problem: Problem) -> tuple[Any, SQNState, StepInfo]:
         obj = problem.full() if self.batch_size is None else problem.batch(min(self.batch_size, problem.n_samples))
-        mem = memory_from_state(state.memory)
+        mem = state.memory
         k = state.k + 1
         state.k = k
         state.wbar_sum = state.wbar_sum + theta
         extra: dict = {}
         p0 = try_point(obj, theta)
         if p0 is None or not backend.all_finite(p0.grad):
-            info = StepInfo(accepted=False, nonfinite=True, evals=1, batch_size=obj.n_samples,
-                            loss=math.nan if p0 is None else p0.value)
-            info.loss_start = info.loss
+            loss = math.nan if p0 is None else p0.value
+            fields = {"loss": loss, "loss_start": loss, "accepted": False, "nonfinite": True, "evals": 1}
             new_theta = theta
         else:
-            f0, g = p0.value, p0.grad
+            g = p0.grad
             use_h = k > 2 * self.L and mem.count > 0
             d = -sqn_direction(g, mem) if use_h else -g
             slope = float(g @ d)
@@ -169,34 +190,14 @@ class SQN(Optimizer):
                 d, slope, use_h = -g, -float(g @ g), False  # safeguard: H not positive definite numerically
                 extra["fallback"] = "gradient"
             extra["quasi_newton"] = use_h
-            info = StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=1, batch_size=obj.n_samples)
-            new_theta = theta
-            if self.step_rule == "armijo":
-                line = LineFunction(obj, theta, d)
-                ls = backtracking_armijo(line.phi, f0, slope, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
-                                         max_evals=self.max_ls_evals)
-                info.evals += ls.n_evals
-                info.nonfinite = line.nonfinite
-                if ls.success:
-                    new_theta, info.loss, info.step_size, info.accepted = theta + ls.alpha * d, ls.value, ls.alpha, True
-                else:
-                    extra["message"] = ls.message
-            else:
-                alpha = self.beta / k
-                with numpy.errstate(over="ignore", invalid="ignore"):  # overflow → rejected below
-                    cand = theta + alpha * d
-                if backend.all_finite(cand):
-                    new_theta, info.step_size, info.accepted = cand, alpha, True
-                    info.loss = math.nan  # not evaluated (no extra forward pass)
-                else:
-                    info.nonfinite = True
-            if info.accepted:
+            new_theta, fields, more = self._move(obj, theta, p0, d, slope, k)
+            extra.update(more)
+            fields["loss_start"] = p0.value
+            if fields["accepted"]:
                 diff = new_theta - theta
-                info.step_norm = math.sqrt(float(diff @ diff))
+                fields["step_norm"] = math.sqrt(float(diff @ diff))
         if k % self.L == 0:
-            self._end_window(state, problem, mem, extra)
-        state.memory = memory_to_state(mem)
+            self._end_window(state, problem, extra)
         extra["pairs"] = mem.count
-        info.extra.update(extra)
-        info.skipped = int(bool(extra.get("pair_skipped")))
+        info = StepInfo(batch_size=obj.n_samples, skipped=int(bool(extra.get("pair_skipped"))), extra=extra, **fields)
         return new_theta, state, info

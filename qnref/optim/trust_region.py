@@ -32,6 +32,7 @@ from .. import backend
 
 __all__ = [
     "RadiusRule",
+    "AveragedRadiusRule",
     "update_radius",
     "accept_step",
     "reduction_ratio",
@@ -118,14 +119,44 @@ class RadiusRule:
     increase: float = 2.0
     decrease: float = 0.5
     delta_max: float = math.inf
+    delta_min: float = 0.0
 
     def accept(self, rho: float) -> bool:
         return accept_step(rho, self.eta)
 
     def update(self, delta: float, rho: float, step_norm: float) -> float:
-        return update_radius(delta, rho, step_norm, u=self.u, l=self.l,
-                             boundary_fraction=self.boundary_fraction, increase=self.increase,
-                             decrease=self.decrease, delta_max=self.delta_max)
+        """:func:`update_radius`, then Δ ≥ ``delta_min`` (0 in [RD16]; S-LSR1 keeps 10⁻¹²)."""
+        return max(update_radius(delta, rho, step_norm, u=self.u, l=self.l,
+                                 boundary_fraction=self.boundary_fraction, increase=self.increase,
+                                 decrease=self.decrease, delta_max=self.delta_max), self.delta_min)
+
+
+@dataclass(frozen=True)
+class AveragedRadiusRule:
+    """The radius rule of MB-LSR1 ([MB] Griffin et al., Algorithm 5), applied to the running
+    average ρ̂ that :func:`~.drivers.trust_region_update` forms with ``average=(ζ, ρ̂, T)``::
+
+        ρ̂ < low → Δ = min(Δ, ‖s‖);   ρ̂ ≥ high and ‖s‖ ≥ Δ(1 − rtol) → Δ = increase·Δ;   Δ ≥ delta_min
+
+    (``rtol``: the clipped step has ‖s‖ = Δ only up to rounding). Acceptance in MB-LSR1 is the
+    line search's, so :meth:`accept` always says yes.
+    """
+
+    low: float = 0.1
+    high: float = 0.5
+    increase: float = 2.0
+    delta_min: float = 0.0
+    rtol: float = 1e-12
+
+    def accept(self, rho: float) -> bool:
+        return True
+
+    def update(self, delta: float, rho: float, step_norm: float) -> float:
+        if rho < self.low:
+            delta = min(delta, step_norm)
+        elif rho >= self.high and step_norm >= delta * (1.0 - self.rtol):
+            delta = self.increase * delta
+        return max(delta, self.delta_min)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +354,7 @@ def solve_lsr1_subproblem(
 ) -> TrustRegionSolution:
     """Exact minimizer of gᵀp + ½pᵀBp, ‖p‖ ≤ Δ, B = γI + ΨMΨᵀ (OBS method of [BEM17]).
 
-    ``Psi``: ``(n, k)`` (e.g. :attr:`LSR1Compact.Psi`), ``M``: symmetric ``(k, k)``.
+    ``Psi``: ``(n, k)`` (e.g. :attr:`.operators.LSR1Operator.Psi`), ``M``: symmetric ``(k, k)``.
 
     1. Thin QR Ψ = QR (Householder), then an SVD of the k × k R drops dependent columns:
        Ψ = (QU_r)(Σ_r W_rᵀ), QU_r orthonormal n × r (r = numerical rank, σᵢ > rank_tol·σ₁).
@@ -393,8 +424,8 @@ def solve_lsr1_subproblem_gram(
     """:func:`solve_lsr1_subproblem` from the Gram matrix ΨᵀΨ and Ψ products only.
 
     ``psi_t(v)`` returns Ψᵀv (k,), ``psi(c)`` returns Ψc (n,) — e.g. Yv − γSv and Yᵀc − γSᵀc
-    (:meth:`.compact.LSR1Compact.psi_t` / ``psi``); ``PtP`` = ΨᵀΨ = YᵀY − γ(SᵀY + YᵀS) + γ²SᵀS
-    (k × k, :func:`.compact.psi_gram`); ``M`` symmetric k × k.
+    (:meth:`.operators.LSR1Operator.psi_t` / ``psi``); ``PtP`` = ΨᵀΨ = YᵀY − γ(SᵀY + YᵀS) + γ²SᵀS
+    (k × k, :func:`.operators.psi_gram`); ``M`` symmetric k × k.
 
     1. ΨᵀΨ = W diag(μ) Wᵀ; the rank r counts σᵢ = √μᵢ > ``rank_tol``·σ₁ (a threshold on the
        singular values of Ψ, i.e. μᵢ > rank_tol²·μ₁ on the squared ones).  Q_r = ΨW_rΣ_r⁻¹ is an

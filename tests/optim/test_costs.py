@@ -14,7 +14,8 @@ import pytest
 from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.optim import load_all, make_optimizer
-from qnref.optim.compact import flop_count
+from qnref.optim.operators import LBFGSOperator, LSR1Operator
+from qnref.optim.pairs import PairStore
 from qnref.optim.costs import FORMULAS, algebra_flops
 
 
@@ -118,13 +119,13 @@ def _counting_run(opt, n=40, steps=8, memory_key=None):
     theta = np.random.default_rng(3).standard_normal(n).view(Counting)
     state = opt.init(theta)
     mem = getattr(state, "memory", None)
-    if isinstance(mem, dict):  # pair buffers take part in the count too
-        mem["S"], mem["Y"] = mem["S"].view(Counting), mem["Y"].view(Counting)
-    if isinstance(getattr(state, "grams", None), dict):  # and L-SR1's cached Gram matrices
-        state.grams = {key: v.view(Counting) for key, v in state.grams.items()}
+    if isinstance(mem, PairStore):  # pair buffers take part in the count too, and the kept Grams
+        mem.Sbuf, mem.Ybuf = mem.Sbuf.view(Counting), mem.Ybuf.view(Counting)
+        if mem.has_grams:
+            mem.SY, mem.SS, mem.YY = mem.SY.view(Counting), mem.SS.view(Counting), mem.YY.view(Counting)
     out = []
     for _ in range(steps):
-        pairs = int(state.memory["count"]) if isinstance(getattr(state, "memory", None), dict) else None
+        pairs = state.memory.count if isinstance(getattr(state, "memory", None), PairStore) else None
         Counting.total = 0
         theta, state, info = opt.step(theta, state, prob)
         out.append((Counting.total, info, pairs))
@@ -229,10 +230,10 @@ def test_first_order_linear_in_n(name, c):
         assert algebra_flops(name, _vector_layout(n))["per_step"] == c * n
 
 
-def test_lbfgs_two_loop_term_uses_flop_count():
+def test_lbfgs_two_loop_term_uses_the_operators_count():
     n, m = 1000, 7
     t = algebra_flops(make_optimizer("lbfgs", memory=m), _vector_layout(n))["terms"]
-    assert t["two_loop"] == flop_count("lbfgs_two_loop", n, m) == 4 * m * n + n
+    assert t["two_loop"] == LBFGSOperator.two_loop_flops(n, m) == 4 * m * n + n
     assert algebra_flops(make_optimizer("lbfgs", memory=m), _vector_layout(n))["per_step"] == (5 * m + 10) * n + m
 
 
@@ -240,9 +241,9 @@ def test_lsr1_matvec_term_and_leading_coefficient():
     m = 5
     opt = make_optimizer("lsr1-tr", memory=m, gram_cache=False)  # the exact-QR reference route
     a, b = (algebra_flops(opt, _vector_layout(n)) for n in (10_000, 20_000))
-    # the B s product is exactly flop_count's (2m+1)n + m² (Ψ stored; the paper's (4m+1)n recomputes it)
-    assert a["terms"]["Bs"] == flop_count("lsr1_matvec", 10_000, m) == (2 * m + 1) * 10_000 + m * m
-    assert flop_count("lsr1_matvec_paper", 10_000, m) - a["terms"]["Bs"] == 2 * m * 10_000
+    # the B s product is exactly the operator's (2m+1)n + m² (Ψ stored; the paper's (4m+1)n recomputes it)
+    assert a["terms"]["Bs"] == LSR1Operator.matvec_flops(10_000, m) == (2 * m + 1) * 10_000 + m * m
+    assert LSR1Operator.matvec_flops(10_000, m, psi_formed=False) - a["terms"]["Bs"] == 2 * m * 10_000
     # linear in n at fixed m; coefficient 7m² + 9m + 12 (SᵀY, SᵀS re-formed twice, QR of Ψ)
     assert b["per_step"] - a["per_step"] == (7 * m * m + 9 * m + 12) * 10_000
 

@@ -14,10 +14,10 @@ from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.optim import make_optimizer
 from qnref.optim.base import Problem, state_from_host, state_to_host
-from qnref.optim.compact import LSR1Compact
+from qnref.optim.operators import LSR1Operator, lsr1_prune_count
 from qnref.optim.lbfgs import LBFGS
 from qnref.optim.lsr1 import LSR1LineSearch, LSR1TrustRegion
-from qnref.optim._qn_common import memory_from_state
+from qnref.optim.pairs import PairStore
 from qnref.train import Data, train
 
 
@@ -88,7 +88,7 @@ def test_algorithm1_steps_by_hand(gram_cache):
     for k in range(8):
         g = A @ x - b
         x_new, state, info = opt.step(x, state, prob)
-        mem = memory_from_state(state.memory)
+        mem = state.memory
         s = x_new - x if info.accepted else None
         if k == 0:  # s₀ = −∇f(x₀), B₀ = I: pred = ‖g‖² − ½‖g‖²
             np.testing.assert_allclose(x_new - x, -g, rtol=1e-14)
@@ -110,7 +110,7 @@ def test_algorithm1_steps_by_hand(gram_cache):
         if s is not None:
             x = x_new
         if mem.count:  # exact pairs of a quadratic: every stored pair satisfies B sᵢ = yᵢ = A sᵢ
-            B = LSR1Compact(mem.S, mem.Y, 1.0)
+            B = LSR1Operator.from_pairs(mem.S, mem.Y, 1.0)
             np.testing.assert_allclose(B.matvec(mem.S.T).T, mem.S @ A, rtol=1e-8, atol=1e-10)
             np.testing.assert_allclose(mem.Y, mem.S @ A, rtol=1e-12, atol=1e-12)
 
@@ -130,7 +130,7 @@ def test_lbfgs_direction_equals_scipy_inverse_hessian_product():
     state = opt.init(th)
     for _ in range(5):
         th, state, info = opt.step(th, state, prob)
-    mem = memory_from_state(state.memory)
+    mem = state.memory
     S, Y = mem.S.copy(), mem.Y.copy()
     gamma = (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])
     g = prob.full_objective.grad(th)
@@ -149,7 +149,7 @@ def test_lbfgs_forgetting_clears_history():
     counts = []
     for _ in range(7):
         th, state, _ = opt.step(th, state, prob)
-        counts.append(state.memory["count"])
+        counts.append(state.memory.count)
     assert counts == [1, 2, 3, 1, 2, 3, 1]
 
 
@@ -226,41 +226,35 @@ def test_lsr1_paper_claim_lbfgs_trails_lsr1():
 
 
 # ------------------------------------------------------------------------- Gram cache
-from qnref.optim.compact import GramCache, PairMemory, lsr1_prune_count, lsr1_prune_count_from_grams  # noqa: E402
 
 
 def test_gram_cache_matches_fresh_grams_after_pushes_and_drops():
     rng = np.random.default_rng(0)
     n, m = 50, 4
-    mem = PairMemory(m, n)
-    gc = GramCache.empty_like(np.zeros(n))
+    mem = PairStore.empty(np.zeros(n), m)
     for i in range(11):
         s, y = rng.standard_normal(n), rng.standard_normal(n)
-        if mem.count == mem.capacity:
-            mem.remove_oldest(1)
-            gc.drop(1)
-        gc.push(mem.S, mem.Y, s, y)
-        mem.push(s, y)
+        mem.append(s, y)
         if i in (5, 8):
-            mem.remove_oldest(2)
-            gc.drop(2)
-        fresh = GramCache.from_pairs(mem.S, mem.Y)
-        for a, b in [(gc.SY, fresh.SY), (gc.SS, fresh.SS), (gc.YY, fresh.YY)]:
+            mem.drop_oldest(2)
+        S, Y = mem.S, mem.Y
+        for a, b in [(mem.SY, S @ Y.T), (mem.SS, S @ S.T), (mem.YY, Y @ Y.T)]:
             np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-12)
         for gamma in (1.0, -0.5):
             for inv in (False, True):
-                assert (lsr1_prune_count_from_grams(gc.SY, gc.SS, gc.YY, gamma, inverse=inv)
-                        == lsr1_prune_count(mem.S, mem.Y, gamma, inverse=inv))
-            a = LSR1Compact.from_grams(mem.S, mem.Y, gamma, gc.SY, gc.SS, gc.YY, check=False)
-            b = LSR1Compact(mem.S, mem.Y, gamma, check=False)
+                P = Y - gamma * S
+                assert (lsr1_prune_count(mem.SY, mem.SS, mem.YY, gamma, inverse=inv)
+                        == lsr1_prune_count(S @ Y.T, S @ S.T, Y @ Y.T, gamma, inverse=inv, PtP=P @ P.T))
+            a = LSR1Operator.from_store(mem, gamma, check=False)
+            b = LSR1Operator.from_pairs(mem.S, mem.Y, gamma, check=False)
             np.testing.assert_allclose(a.Minv, b.Minv, rtol=1e-13, atol=1e-12)
             if not b.singular:
                 v = rng.standard_normal(n)
                 np.testing.assert_allclose(a.matvec(v), b.matvec(v), rtol=1e-10)
                 np.testing.assert_allclose(a.solve(v), b.solve(v), rtol=1e-9)
                 np.testing.assert_allclose(a.psi_gram(), b.Psi.T @ b.Psi, rtol=1e-12, atol=1e-10)
-    gc.drop(10)
-    assert gc.count == 0
+    mem.drop_oldest(10)
+    assert mem.count == 0 and mem.SY.shape == (0, 0)
 
 
 def test_gram_cache_same_iterates_logistic():
@@ -273,9 +267,8 @@ def test_gram_cache_same_iterates_logistic():
     assert sum(i.extra["gram_fallback"] == 0 for i in ib) >= 20
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
     assert [i.accepted for i in ia] == [i.accepted for i in ib]
-    mem = memory_from_state(st.memory)
-    fresh = GramCache.from_pairs(mem.S, mem.Y)
-    np.testing.assert_allclose(st.grams["SY"], fresh.SY, rtol=1e-12, atol=1e-12)
+    mem = st.memory
+    np.testing.assert_allclose(mem.SY, mem.S @ mem.Y.T, rtol=1e-12, atol=1e-12)
     # and it converges to the same minimizer
     obj = prob.full_objective
     c, _, _ = run(LSR1TrustRegion(batch_size=None, gram_cache=True), prob, th0, 300)
@@ -303,16 +296,16 @@ def test_gram_cache_checkpoint_roundtrip():
     opt = LSR1TrustRegion(batch_size=None, gram_cache=True)
     th, st, _ = run(opt, prob, th0, 4)
     host = state_to_host(st)
-    assert set(host["grams"]) >= {"SY", "SS", "YY"}
+    assert all(host["memory"][k] is not None for k in ("SY", "SS", "YY"))
     st2 = state_from_host(type(st), host)
+    st3 = state_from_host(type(st), host)
     a, sa, _ = opt.step(th, st, prob)
     b, sb, _ = opt.step(th, st2, prob)
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(sa.grams["SY"], sb.grams["SY"])
-    # a checkpoint without grams (older format / uncached run) rebuilds them
-    del host["grams"]
-    st3 = state_from_host(type(st), host)
-    assert st3.grams is None
+    np.testing.assert_array_equal(sa.memory.SY, sb.memory.SY)
+    # a checkpoint without grams (an uncached run) rebuilds them
+    st3.memory.drop_grams()
+    assert not st3.memory.has_grams
     c, _, _ = LSR1TrustRegion(batch_size=None, gram_cache=True).step(th, st3, prob)
     np.testing.assert_allclose(c, a, rtol=0, atol=1e-12)
 
@@ -324,7 +317,7 @@ def test_default_is_gram_cache_and_qr_route_stays_available():
     model, prob = logistic()
     th0 = model.init(0)
     _, st, infos = run(LSR1TrustRegion(batch_size=None, gram_cache=False), prob, th0, 3)
-    assert st.grams is None and all("gram_fallback" not in i.extra for i in infos)
+    assert not st.memory.has_grams and all("gram_fallback" not in i.extra for i in infos)
 
 
 @pytest.mark.parametrize("saved_with,loaded_with", [(True, False), (False, True), (True, True), (False, False)])
@@ -335,16 +328,16 @@ def test_checkpoints_load_across_gram_cache_settings(saved_with, loaded_with):
     th0 = model.init(0)
     th, st, _ = run(LSR1TrustRegion(batch_size=None, gram_cache=saved_with), prob, th0, 5)
     host = state_to_host(st)
-    assert (host.get("grams") is not None) == saved_with
+    assert (host["memory"].get("SY") is not None) == saved_with
     opt = LSR1TrustRegion(batch_size=None, gram_cache=loaded_with)
     ref, _, _ = opt.step(th, st, prob)  # the live state (host is a copy)
     a, sa, _ = opt.step(th, state_from_host(type(st), host), prob)
     np.testing.assert_allclose(a, ref, rtol=0, atol=1e-12)
     if loaded_with:
-        mem = memory_from_state(sa.memory)
-        np.testing.assert_allclose(sa.grams["SY"], mem.S @ mem.Y.T, rtol=1e-12, atol=1e-12)
+        mem = sa.memory
+        np.testing.assert_allclose(mem.SY, mem.S @ mem.Y.T, rtol=1e-12, atol=1e-12)
     else:
-        assert sa.grams is None
+        assert not sa.memory.has_grams
     # and the resumed run keeps going
     b, _, _ = run(opt, prob, a, 3)
     assert np.all(np.isfinite(b))

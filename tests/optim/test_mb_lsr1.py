@@ -9,7 +9,7 @@ from qnref.nn.activations import Tanh
 from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.optim.base import Problem, state_from_host, state_to_host
-from qnref.optim.compact import PairMemory
+from qnref.optim.pairs import PairStore
 from qnref.optim.mb_lsr1 import (LSSR1TR, MBLSR1, MBLSR1State, batch_rule, clip_to_radius, get_radius,
                                  hybrid_direction, progress_sample_size, restart_test)
 from qnref.optim.registry import make_optimizer
@@ -116,8 +116,8 @@ def test_updateSY_restart_warm_and_classic():
     s, y = rng.standard_normal(model.n_params), rng.standard_normal(model.n_params)
     # m̂ = 0: ρ < τ clears the memory
     opt = MBLSR1(memory=4, restart_memory=0, tau=0.0)
-    mem = PairMemory.like(theta, 4)
-    mem.push(s, y)
+    mem = PairStore.empty(theta, 4)
+    mem.append(s, y)
     assert opt.update_sy(mem, s, y, -0.5, p, prob)[0] == "restart" and mem.count == 0
     # ρ ≥ τ: classic append
     assert opt.update_sy(mem, s, y, 0.5, p, prob)[0] == "push" and mem.count == 1

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from qnref.optim.compact import LSR1Compact
+from qnref.optim.operators import LBFGSOperator, LSR1Operator
+from qnref.optim.pairs import PairStore
 from qnref.optim.trust_region import (
     RadiusRule,
     accept_step,
@@ -83,7 +84,7 @@ def test_lsr1_subproblem_random_pairs(seed, gamma):
     A = (A + A.T) / np.sqrt(n)  # indefinite "Hessian"
     S = rng.standard_normal((k, n))
     Y = S @ A + 0.01 * rng.standard_normal((k, n))
-    op = LSR1Compact(S, Y, gamma)
+    op = LSR1Operator.from_pairs(S, Y, gamma)
     B = op.to_dense()
     g = rng.standard_normal(n)
     for delta in [1e-2, 1.0, 1e3]:
@@ -386,8 +387,8 @@ def test_cupy_matches_numpy():
     S = rng.standard_normal((k, n))
     Y = S @ A + 0.01 * rng.standard_normal((k, n))
     g = rng.standard_normal(n)
-    op = LSR1Compact(S, Y, 0.5)
-    op_d = LSR1Compact(cp.asarray(S), cp.asarray(Y), 0.5)
+    op = LSR1Operator.from_pairs(S, Y, 0.5)
+    op_d = LSR1Operator.from_pairs(cp.asarray(S), cp.asarray(Y), 0.5)
     assert np.allclose(cp.asnumpy(op_d.matvec(cp.asarray(g))), op.matvec(g), rtol=1e-12)
     assert np.allclose(cp.asnumpy(op_d.solve(cp.asarray(g))), op.solve(g), rtol=1e-10)
     for delta in (0.1, 100.0):
@@ -396,14 +397,13 @@ def test_cupy_matches_numpy():
         assert isinstance(sol.p, cp.ndarray)
         assert np.allclose(cp.asnumpy(sol.p), ref.p, rtol=1e-9, atol=1e-12)
         assert sol.sigma == pytest.approx(ref.sigma, rel=1e-9)
-    from qnref.optim.compact import PairMemory, lbfgs_two_loop
-
-    mem = PairMemory.like(cp.asarray(g), 3)
+    mem = PairStore.empty(cp.asarray(g), 3)
     for s, y in zip(S, Y):
-        mem.push(cp.asarray(s), cp.asarray(y))
+        mem.append(cp.asarray(s), cp.asarray(y))
     assert mem.count == 3 and np.array_equal(cp.asnumpy(mem.S), S[-3:])
-    assert np.allclose(cp.asnumpy(lbfgs_two_loop(cp.asarray(g), mem.S, mem.Y)),
-                       lbfgs_two_loop(g, S[-3:], Y[-3:]), rtol=1e-12)
+    np.testing.assert_allclose(cp.asnumpy(mem.SY), S[-3:] @ Y[-3:].T, rtol=1e-13)
+    assert np.allclose(cp.asnumpy(LBFGSOperator(mem.S, mem.Y).solve(cp.asarray(g))),
+                       LBFGSOperator(S[-3:], Y[-3:]).solve(g), rtol=1e-12)
     B = cp.asarray(op.to_dense())
     cg = steihaug_cg(cp.asarray(g), lambda v: B @ v, 0.3)
     assert cg.boundary and float(cp.linalg.norm(cg.p)) == pytest.approx(0.3, rel=1e-12)
@@ -422,7 +422,7 @@ def test_gram_solver_random_pairs(seed, gamma):
     A = (A + A.T) / np.sqrt(n)
     S = rng.standard_normal((k, n))
     Y = S @ A + 0.01 * rng.standard_normal((k, n))
-    op = LSR1Compact(S, Y, gamma)
+    op = LSR1Operator.from_pairs(S, Y, gamma)
     B = op.to_dense()
     g = rng.standard_normal(n)
     for delta in [1e-2, 1.0, 1e3]:
@@ -432,8 +432,8 @@ def test_gram_solver_random_pairs(seed, gamma):
         assert_same(sol, solve_dense_subproblem(g, B, delta), tol=GRAM_TOL)
         assert sol.rank == k
         np.testing.assert_allclose(sol.Bp, B @ sol.p, rtol=1e-10, atol=1e-12)
-        # the same from the implicit products of a Gram-built LSR1Compact
-        opg = LSR1Compact.from_grams(S, Y, gamma, S @ Y.T, S @ S.T, Y @ Y.T)
+        # the same from the implicit products of a Gram-built LSR1Operator
+        opg = LSR1Operator(S, Y, gamma, S @ Y.T, S @ S.T, Y @ Y.T)
         sol2 = solve_lsr1_subproblem_gram(g, gamma, opg.psi_t, opg.psi, opg.psi_gram(), opg.M, delta)
         assert_same(sol2, sol, tol=GRAM_TOL)
 
