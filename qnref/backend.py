@@ -127,6 +127,9 @@ def check_dtype(dtype: Any) -> numpy.dtype:
         raise BackendError(f"unsupported dtype {dtype!r}; use float32 or float64") from exc
     if dt.name not in SUPPORTED_DTYPES:
         raise BackendError(f"unsupported dtype {dt.name}; qnref computes in float32 or float64")
+    if not dt.isnative:
+        raise BackendError(f"dtype {dt.str} is {dt.name} in non-native (big-endian) byte order; convert the array "
+                           f"with x.astype('{dt.name}') first (qnref computes in native-order float32/float64)")
     return dt
 
 

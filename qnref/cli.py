@@ -567,7 +567,7 @@ def _run(a: argparse.Namespace, handlers: dict) -> int:
         return 130
     except CheckpointError as exc:
         return _fail(comm, f"qnref: error: {exc}", EXIT_CHECKPOINT)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, backend.BackendError) as exc:
+    except (CLIError, ValueError, TypeError, FileNotFoundError, ImportError, backend.BackendError) as exc:
         return _fail(comm, f"qnref: error: {_one_line(exc)}", EXIT_USAGE)
     except RuntimeError as exc:  # TrainingError and friends
         return _fail(comm, f"qnref: error: {_one_line(exc)}", EXIT_FAILED)

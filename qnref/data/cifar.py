@@ -128,6 +128,10 @@ def load_cifar10_arrays(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
                         member = tar.getmember(f"{BATCH_DIR}/{n}")
                     except KeyError:
                         raise FileNotFoundError(f"cifar10: {where} lacks {BATCH_DIR}/{n}") from None
+                    if not member.isfile():  # a symlink/hard link/device member is never followed
+                        kind = "a symbolic link" if member.issym() else "a link" if member.islnk() else "not a regular file"
+                        raise ValueError(f"cifar10: {where}:{BATCH_DIR}/{n} is {kind}; a CIFAR-10 archive holds "
+                                         "regular files only")
                     f = tar.extractfile(member)
                     if f is None:
                         raise ValueError(f"cifar10: {where}:{BATCH_DIR}/{n} is not a regular file")

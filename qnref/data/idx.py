@@ -7,9 +7,10 @@ data in C order, big-endian. Dtype codes: 0x08 uint8, 0x09 int8, 0x0B int16, 0x0
 labels (ndim 1). Files may be gzip-compressed (detected by the gzip magic bytes, whatever the
 file name).
 
-Errors: a missing file raises :class:`FileNotFoundError`; a wrong magic number, unknown dtype
-code, truncated or over-long payload, or broken gzip stream raises :class:`ValueError` naming
-the file.
+Errors: a missing file raises :class:`FileNotFoundError`; a wrong magic number (including one
+declaring the wrong number of dimensions for an image or label file), unknown dtype code,
+truncated or over-long payload, or broken gzip stream raises :class:`ValueError` naming the file;
+anything but bytes given to :func:`parse_idx` raises :class:`TypeError`.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ IDX_DTYPES: dict[int, np.dtype] = {
 }
 _CODE_OF = {dt.newbyteorder("=").str: code for code, dt in IDX_DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
+_MAX_NDIM = 64  # NumPy's limit
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -58,46 +60,64 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Decode IDX bytes (already decompressed) into a native-endian, writable array."""
-    if len(raw) < 4:
-        raise ValueError(f"{source}: not an IDX file (only {len(raw)} bytes, the header needs 4)")
-    zero0, zero1, code, ndim = raw[0], raw[1], raw[2], raw[3]
-    if zero0 != 0 or zero1 != 0:
+def parse_idx(raw: bytes, source: str = "<bytes>", *, expect_ndim: int | None = None) -> np.ndarray:
+    """Decode IDX bytes (already decompressed) into a native-endian, writable array.
+
+    ``expect_ndim`` (3 for image files, 1 for label files) checks the magic number's last byte
+    before the dimensions are read, so a file of the wrong kind is named as such."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise TypeError(f"parse_idx needs the file's bytes, got {type(raw).__name__}"
+                        + ("; use read_idx(path) for a file name" if isinstance(raw, (str, os.PathLike)) else ""))
+    raw = bytes(raw)
+    if len(raw) >= 2 and (raw[0] != 0 or raw[1] != 0) or len(raw) == 1 and raw[0] != 0:
         raise ValueError(
             f"{source}: not an IDX file (magic number {raw[:4].hex()} should start with 0000)"
         )
+    if len(raw) < 4:
+        raise ValueError(f"{source}: not an IDX file (only {len(raw)} bytes, the header needs 4)")
+    code, ndim = raw[2], raw[3]
     if code not in IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in IDX_DTYPES)
-        raise ValueError(f"{source}: unknown IDX dtype code 0x{code:02X} (known: {known})")
+        raise ValueError(f"{source}: not an IDX file of a known type (magic number {raw[:4].hex()}: unknown dtype "
+                         f"code 0x{code:02X}; known: {known})")
     if ndim == 0:
-        raise ValueError(f"{source}: IDX header declares 0 dimensions")
+        raise ValueError(f"{source}: IDX header declares 0 dimensions (magic number {raw[:4].hex()})")
+    if ndim > _MAX_NDIM:
+        raise ValueError(f"{source}: IDX header declares {ndim} dimensions (magic number {raw[:4].hex()}); "
+                         f"arrays have at most {_MAX_NDIM}")
+    if expect_ndim is not None and ndim != expect_ndim:
+        raise ValueError(f"{source}: wrong IDX magic number {raw[:4].hex()}: it declares {ndim} dimensions, this "
+                         f"file must have {expect_ndim} (0000{code:02x}{expect_ndim:02x})")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(f"{source}: truncated IDX header ({len(raw)} bytes, need {header} for {ndim} dims)")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dt = IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    count = 1
+    for d in dims:  # Python integers: 255 large dimensions must not overflow into a wrong message
+        count *= d
+    expected = count * dt.itemsize
     got = len(raw) - header
     if got < expected:
+        shown = dims if ndim <= 8 else f"({', '.join(map(str, dims[:4]))}, … {ndim} dims)"
         raise ValueError(
-            f"{source}: truncated IDX data: dims {dims} of {dt.newbyteorder('=').name} need "
+            f"{source}: truncated IDX data: dims {shown} of {dt.newbyteorder('=').name} need "
             f"{expected} bytes, file has {got}"
         )
     if got > expected:
         raise ValueError(
             f"{source}: IDX file has {got - expected} unexpected trailing bytes after dims {dims}"
         )
-    arr = np.frombuffer(raw, dtype=dt, count=int(np.prod(dims, dtype=np.int64)), offset=header)
+    arr = np.frombuffer(raw, dtype=dt, count=count, offset=header)
     return arr.reshape(dims).astype(dt.newbyteorder("="), copy=True)
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None) -> np.ndarray:
     """Read one IDX file (optionally gzip-compressed) into a native-endian NumPy array."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IDX file not found: {path}")
-    return parse_idx(_read_bytes(path), str(path))
+    return parse_idx(_read_bytes(path), str(path), expect_ndim=expect_ndim)
 
 
 def write_idx(path: str | os.PathLike, array: Any, *, compress: bool | None = None) -> Path:
@@ -167,8 +187,8 @@ def load_mnist_arrays(data_dir: str | os.PathLike, kind: str = "mnist") -> dict[
     out: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         img_path, lab_path = files[f"{split}_images"], files[f"{split}_labels"]
-        images = read_idx(img_path)
-        labels = read_idx(lab_path)
+        images = read_idx(img_path, expect_ndim=3)
+        labels = read_idx(lab_path, expect_ndim=1)
         if images.dtype != np.uint8 or images.ndim != 3:
             raise ValueError(
                 f"{img_path}: expected uint8 images with 3 dims (dtype code 0x08, idx3), "

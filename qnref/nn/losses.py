@@ -74,6 +74,20 @@ def _check_same_shape(z_shape, y, what):
         raise ValueError(f"{what} targets must be floating point, got dtype {y.dtype}")
 
 
+def _check_rows_sum_to_one(y: Any) -> None:
+    """Probability targets: every row sums to 1 (to a tolerance of the dtype's rounding)."""
+    xp = backend.namespace(y)
+    if y.shape[0] == 0:
+        return
+    sums = y.sum(axis=1, dtype=y.dtype if y.dtype.kind == "f" else "float64")
+    tol = max(1e-6, 8 * y.shape[1] * float(xp.finfo(sums.dtype).eps))
+    bad = xp.abs(sums - 1) > tol
+    if bool(bad.any()) or not backend.all_finite(sums):
+        i = int(xp.argmax(bad | ~xp.isfinite(sums)))
+        raise ValueError(f"softmax_ce probability targets must sum to 1 in every row; row {i} sums to "
+                         f"{float(sums[i]):.6g} (normalise them: y / y.sum(axis=1, keepdims=True))")
+
+
 class SoftmaxCrossEntropy(Loss):
     """Softmax cross-entropy; targets are integer labels (N,) or probabilities (N, C)."""
 
@@ -96,6 +110,7 @@ class SoftmaxCrossEntropy(Loss):
             _check_same_shape(z_shape, y, "softmax_ce")
             if bool((y < 0).any()):
                 raise ValueError("softmax_ce probability targets must be non-negative")
+            _check_rows_sum_to_one(y)
             return y
         raise ValueError(f"softmax_ce targets must be labels (N,) or probabilities (N, C), got shape {tuple(y.shape)}")
 

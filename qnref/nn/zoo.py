@@ -37,6 +37,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, NamedTuple, Sequence
 
+from .. import validate as check
 from .activations import activation as make_activation
 from .base import Layer
 from .conv import Conv2d
@@ -59,9 +60,21 @@ class ModelInfo(NamedTuple):
 
 def _w(n: int, width: float) -> int:
     """A width-scaled size, at least 1."""
-    if not width > 0:
-        raise ValueError(f"width must be positive, got {width}")
+    width = check.number("width", width, 0, 1e6, lo_open=True)
     return max(1, int(round(n * width)))
+
+
+def _sizes(name: str, sizes: Any) -> tuple[int, ...]:
+    """Layer sizes given by the user: a non-empty sequence of integers ≥ 1 (``hidden=(0,)``,
+    ``(-4,)``, ``(2.5,)``, ``"100"`` are refused by name)."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise check.ValidationError(name, sizes, "a sequence of integers ≥ 1, e.g. (100,)")
+    return tuple(check.integer(f"{name}[{i}]", h, 1, 10**8) for i, h in enumerate(sizes))
+
+
+def _flags(**flags: Any) -> None:
+    for k, v in flags.items():
+        check.boolean(k, v)
 
 
 def _flat(shape: Sequence[int]) -> list[Layer]:
@@ -90,7 +103,7 @@ def mlp(input_shape: Shape = (40,), n_outputs: int = 10, width: float = 1.0, *, 
     """
     _unknown(kw, "mlp")
     layers: list[Layer] = _flat(input_shape)
-    for h in hidden:
+    for h in _sizes("hidden", hidden):
         layers += [Dense(_w(h, width)), make_activation(activation)]
     layers.append(Dense(n_outputs))
     return Sequential(layers, input_shape, name=name)
@@ -125,6 +138,9 @@ def autoencoder(input_shape: Shape = (784,), n_outputs: int | None = None, width
     entropy) or the prediction for ``mse``. The code-layer width is not scaled by ``width``.
     """
     _unknown(kw, "autoencoder")
+    sizes = _sizes("sizes", sizes)
+    if not sizes:
+        raise check.ValidationError("sizes", sizes, "a non-empty sequence of integers ≥ 1")
     d = _size(input_shape)
     n_out = d if n_outputs is None else n_outputs
     enc = [_w(s, width) for s in sizes[:-1]] + [int(sizes[-1])]
@@ -181,6 +197,7 @@ def lenet_soc(input_shape: Shape = (1, 28, 28), n_outputs: int = 10, width: floa
     CIFAR-10.
     """
     _unknown(kw, "lenet_soc")
+    hidden = check.integer("hidden", hidden, 1, 10**8)
     act = lambda: make_activation(activation)  # noqa: E731
     layers: list[Layer] = [Conv2d(_w(20, width), 5), act(), MaxPool2d(2), Conv2d(_w(50, width), 5), act(), MaxPool2d(2),
                            Flatten(), Dense(_w(hidden, width)), act(), Dense(n_outputs)]
@@ -385,7 +402,16 @@ def build_model(name: str, input_shape: Sequence[int] | None = None, n_outputs: 
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(model_names())}")
     info = MODELS[key]
-    shape = tuple(info.input_shape if input_shape is None else (int(d) for d in input_shape))
+    if input_shape is None:
+        shape = tuple(info.input_shape)
+    elif isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not input_shape:
+        raise check.ValidationError("input_shape", input_shape, "a non-empty sequence of integers ≥ 1, e.g. (1, 28, 28)")
+    else:
+        shape = tuple(check.integer(f"input_shape[{i}]", d, 1, 10**9) for i, d in enumerate(input_shape))
+    if n_outputs is not None:
+        n_outputs = check.integer("n_outputs", n_outputs, 1, 10**8)
+    check.number("width", width, 0, 1e6, lo_open=True)
+    _flags(**{k: v for k, v in kw.items() if k in ("batchnorm", "residual")})
     return info.builder(shape, n_outputs, width, **kw)
 
 

@@ -129,3 +129,23 @@ def test_corrupt_tarball(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(ValueError, match="tar.gz"):
         load_dataset("cifar10", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("link", ["sym", "hard", "dangling"])
+def test_link_members_in_the_tarball_are_refused(tmp_path, link):
+    """A symlink (even to a real batch, or dangling) or a hard link member is never followed."""
+    src = tmp_path / "cifar-10-batches-py"
+    make_batches(src)
+    data_dir = tmp_path / "tar"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for n in NAMES:
+            if n == "data_batch_3":
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{n}")
+                info.type = tarfile.SYMTYPE if link != "hard" else tarfile.LNKTYPE
+                info.linkname = "/etc/passwd" if link == "dangling" else "cifar-10-batches-py/data_batch_1"
+                tar.addfile(info)
+            else:
+                tar.add(src / n, arcname=f"cifar-10-batches-py/{n}")
+    with pytest.raises(ValueError, match=r"data_batch_3 is (a symbolic link|a link); a CIFAR-10 archive holds regular files only"):
+        load_dataset("cifar10", data_dir=data_dir)

@@ -87,9 +87,10 @@ def test_write_idx_roundtrip(tmp_path):
 @pytest.mark.parametrize(
     "raw, message",
     [
-        (b"\x08\x03", "only 2 bytes"),
+        (b"\x08\x03", "not an IDX file \\(magic number 0803"),
+        (b"\x00\x00", "only 2 bytes"),
         (bytes([0x1F, 0x00, 8, 1, 0, 0, 0, 1, 0]), "magic number"),
-        (bytes([0, 0, 0x07, 1, 0, 0, 0, 1, 0]), "unknown IDX dtype code 0x07"),
+        (bytes([0, 0, 0x07, 1, 0, 0, 0, 1, 0]), "unknown dtype code 0x07"),
         (bytes([0, 0, 8, 3, 0, 0, 0, 2]), "truncated IDX header"),
         (bytes([0, 0, 8, 1, 0, 0, 0, 5, 1, 2, 3]), "truncated IDX data"),
         (bytes([0, 0, 8, 1, 0, 0, 0, 2, 1, 2, 3]), "trailing bytes"),
@@ -180,3 +181,35 @@ def test_truncated_mnist_file(tmp_path):
     p.write_bytes(p.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
         load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_many_dimensions_are_not_reported_as_trailing_bytes(tmp_path):
+    """255 dims are refused as such; dimension products beyond int64 (64 dims of 2³²−1) are exact
+    Python integers, so the file is 'truncated', never 'trailing bytes'."""
+    raw = bytes([0, 0, 8, 255]) + b"\xff\xff\xff\xff" * 255 + b"\x00" * 10
+    with pytest.raises(ValueError, match=r"declares 255 dimensions .*at most 64"):
+        parse_idx(raw, "big")
+    raw = bytes([0, 0, 8, 64]) + b"\xff\xff\xff\xff" * 64 + b"\x00" * 10
+    with pytest.raises(ValueError, match=r"truncated IDX data: dims \(4294967295, 4294967295, 4294967295, 4294967295, … 64 dims\)") as e:
+        parse_idx(raw, "big")
+    assert "trailing" not in str(e.value)
+    raw = bytes([0, 0, 8, 64]) + b"\x00\x00\x00\x01" * 64 + b"\x07"  # 64 dims of 1: one byte
+    assert parse_idx(raw).shape == (1,) * 64
+
+
+def test_wrong_magic_is_named_as_such(tmp_path):
+    """A label file written with the image magic (3 dims) is a wrong magic number, not truncation."""
+    raw = idx_bytes(np.zeros(60, np.uint8))
+    p = tmp_path / "labels"
+    p.write_bytes(bytes([0, 0, 8, 3]) + raw[4:])
+    with pytest.raises(ValueError, match=r"wrong IDX magic number 00000803: it declares 3 dimensions, this file must have 1"):
+        read_idx(p, expect_ndim=1)
+    p.write_bytes(b"\x1f\x00\x08\x01" + raw[4:])
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(p)
+
+
+@pytest.mark.parametrize("bad", ["train-images-idx3-ubyte", 12, None, [0, 0, 8, 1]])
+def test_parse_idx_needs_bytes(bad):
+    with pytest.raises(TypeError, match=f"parse_idx needs the file's bytes, got {type(bad).__name__}"):
+        parse_idx(bad)

@@ -98,3 +98,19 @@ def test_failed_write_cleans_up_temp_file(empty_cache, monkeypatch):
         out = mnist1d_arrays()
     assert out["X_train"].shape == (8, 40)
     assert list(empty_cache.iterdir()) == []
+
+
+def test_missing_mnist1d_package_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """Without the package (and no cache) the CLI prints one line with the install hint, exit 2."""
+    import sys
+
+    from qnref.cli import main
+
+    monkeypatch.setenv("QNREF_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "mnist1d", None)  # import mnist1d → ImportError
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(ImportError, match="pip install mnist1d"):
+        load_dataset("mnist1d")
+    code = main(["train", "--model", "mlp", "--optimizer", "sgd", "--dataset", "mnist1d", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pip install mnist1d" in err, err
