@@ -6,10 +6,11 @@
   split into W (d_out × d_in) and b (d_out); a conv W̄ into the 3-way W (C_out, C_in, kh·kw) and b
   (thesis §4.7.2: "the size of the filter, the number of input channels, and the number of output
   channels"); every other block is a tensor of its own shape;
-* quasi-Newton pieces of K-BFGS: the BFGS inverse update, Powell / double damping (thesis
-  Algorithm 3), D_P D_LM (Algorithm 8), the compact ("non-loop", Byrd, Nocedal & Schnabel 1994)
-  L-BFGS product applied to a matrix;
-* the step driver: momentum, the finite check, and the warm start over the whole training set.
+* the damping of K-BFGS's pairs: Powell / double damping (thesis Algorithm 3), D_P D_LM
+  (Algorithm 8); the BFGS algebra itself (inverse update, L-BFGS product) is the shared one of
+  :mod:`qnref.optim.compact`;
+* the Kronecker step opening (warm start of the statistics over the whole training set, then
+  :func:`qnref.optim.fixed_step.open_fixed_step`) and the finite check of Δθ.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from typing import Any, Callable, ClassVar
 
 from .. import backend
 from ..curvature.objective import Point
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .drivers import Opened, close_step
+from .fixed_step import finite_move, nonfinite_step, open_fixed_step, step_objective
 
 
 # -- model structure ----------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def write_part(views: list, part: TensorPart, value: Any) -> None:
 
 
 # -- gradients and taps ---------------------------------------------------------------------------------
-def grad_from_taps(model, layers: list[KronLayer], others: list[int], taps: dict, p: Point) -> Any:
+def grad_from_taps(layout, layers: list[KronLayer], others: list[int], taps: dict, p: Point) -> Any:
     """∇f from empirical taps when every block is a Kronecker block (saves a backward pass).
 
     ∇W̄ = (1/N) Σᵢ Σₜ gᵢₜ āᵢₜᵀ (+ λθ for the problem's L2 term). Falls back to ``p.grad`` otherwise.
@@ -107,21 +110,20 @@ def grad_from_taps(model, layers: list[KronLayer], others: list[int], taps: dict
         return p.grad
     xp = backend.namespace(p.theta)
     grad = xp.empty_like(p.theta)
-    views = model.layout.views(grad)
+    views = layout.views(grad)
     for L in layers:
         t = taps[L.name]
         a = t["a"].reshape(-1, t["a"].shape[-1])
         g = t["g"].reshape(-1, t["g"].shape[-1])
         views[L.block][...] = (g.T @ a) / p.N
-    if p.obj.l2:
-        grad += p.obj.l2 * p.theta
+    if p.l2:
+        grad += p.l2 * p.theta
     return grad
 
 
 def sampled_mean_grad(p: Point) -> Any:
     """Minibatch mean of the sampling-based gradients (targets ỹ ~ model; thesis §4.2, Alg. 15 l. 7)."""
-    loss = p.obj.loss
-    return p.vjp(loss.dz(p.z, p.sampled_targets()) / p.N)
+    return p.vjp(p.output_grads("sampled") / p.N)
 
 
 def full_chunks(problem: Problem, size: int):
@@ -145,64 +147,53 @@ def check_common(lr, momentum, beta, batch_size, weight_decay) -> tuple:
     )
 
 
-def draw(problem: Problem, batch_size: int | None):
-    return problem.batch(problem.n_samples if batch_size is None else min(batch_size, problem.n_samples))
-
-
-def finish(theta: Any, delta: Any, info: StepInfo) -> Any | None:
-    """θ + Δθ when Δθ is finite (one host sync), else ``None`` with info marked non-finite."""
-    sq = float(delta @ delta)
-    if not math.isfinite(sq):
-        info.accepted, info.nonfinite = False, True
-        return None
-    info.step_norm = math.sqrt(sq)
-    return theta + delta
-
-
-def start_point(obj, theta: Any, info: StepInfo) -> Point | None:
-    """The objective at θ, or ``None`` (info marked non-finite) when the batch loss is not finite."""
-    p = obj.at(theta)
-    info.loss_start = info.loss = p.value
-    if not math.isfinite(p.value):
-        info.accepted, info.nonfinite = False, True
-        return None
-    return p
-
-
-def open_step(opt: Any, state: Any, problem: Problem, theta: Any, structure: Any, state_cls: type):
-    """Common start of a Kronecker step: statistics warm start on the first step, the step's batch,
-    and the point at θ. Returns (state, info, point); point is ``None`` when the batch loss at θ is
-    not finite (θ must not move)."""
+def open_kron_step(opt: Any, state: Any, problem: Problem, theta: Any, structure: Any, state_cls: type, *,
+                   need_grad: bool = True) -> tuple[Any, Opened]:
+    """Start of a Kronecker step: the statistics warm start on the first step (``opt._warm`` on a
+    fresh ``state_cls``), then :func:`~.fixed_step.open_fixed_step` on the step's batch."""
     if not state.initialized:
         state = state_cls(k=state.k, mom=state.mom)
         opt._warm(state, problem, theta, structure)
-    obj = draw(problem, opt.batch_size)
-    info = StepInfo(step_size=opt.lr, evals=1, batch_size=obj.n_samples)
-    return state, info, start_point(obj, theta, info)
+    return state, open_fixed_step(problem, kron_batch(problem, opt.batch_size), theta, need_grad=need_grad)
 
 
-def usable_gradient(grad: Any, info: StepInfo) -> bool:
-    """True when ``grad`` is finite; otherwise marks the step as a rejected non-finite one."""
-    if backend.all_finite(grad):
-        return True
-    info.accepted, info.nonfinite = False, True
-    return False
+def kron_batch(problem: Problem, batch_size: int | None) -> int | None:
+    """The Kronecker methods' batch: at most the whole training set (thesis full-batch runs)."""
+    return None if batch_size is None else min(batch_size, problem.n_samples)
+
+
+def descend(theta: Any, P: Any, lr: float, weight_decay: float) -> tuple[Any, float] | None:
+    """θ − α (P + γ θ) and its step norm, or ``None`` when that step is not finite (θ stays):
+    the update of every Kronecker method (thesis Alg. 9, 12, 15, 16; γ = weight decay).
+    ``P`` (the step's own preconditioned direction) is consumed."""
+    if weight_decay:
+        P += weight_decay * theta
+    return finite_move(theta, -lr * P)
+
+
+def second_pass(opened: Opened, theta_new: Any, due: bool) -> tuple[Point | None, float, int, bool]:
+    """The curvature pass of KFAC / K-BFGS at θ⁺ on the step's own batch, every T steps (thesis
+    Alg. 12 line 12, Alg. 9 line 10): (point at θ⁺ or None, f at the returned iterate as far as
+    known, evaluations of the step, whether the pass was due but θ⁺ is not finite there)."""
+    if not due:
+        return None, opened.f0, 1, False
+    p_new = try_point(opened.obj, theta_new)
+    return p_new, opened.f0 if p_new is None else p_new.value, 2, p_new is None
+
+
+def warm_objectives(problem: Problem, batch_size: int | None, whole_set: bool) -> list:
+    """Objectives of the statistics warm start (thesis §3.7.2): the whole training set in
+    consecutive chunks of ``batch_size`` when ``whole_set``, else one step batch."""
+    if whole_set:
+        return list(full_chunks(problem, batch_size or problem.n_samples))
+    return [step_objective(problem, kron_batch(problem, batch_size))]
 
 
 def all_finite(*arrays) -> bool:
     return all(backend.all_finite(a) for a in arrays)
 
 
-# -- BFGS pieces (K-BFGS) -----------------------------------------------------------------------------------
-def bfgs_inverse_update(H: Any, s: Any, y: Any) -> Any:
-    """H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ, ρ = 1/sᵀy (thesis (2.6)); needs sᵀy > 0."""
-    rho = 1.0 / (s @ y)
-    Hy = H @ y
-    yHy = y @ Hy
-    out = H - rho * ((s[:, None] * Hy[None, :]) + (Hy[:, None] * s[None, :])) + (rho * rho * yHy + rho) * (s[:, None] * s[None, :])
-    return 0.5 * (out + out.T)
-
-
+# -- damping of the BFGS pairs (K-BFGS) ---------------------------------------------------------------------
 def powell_on_H(s: Any, y: Any, Hy: Any, mu1: float) -> Any:
     """Powell's damping on H (thesis §2.3.1): s̃ = θ₁ s + (1 − θ₁) H y so that s̃ᵀy ≥ μ₁ yᵀHy."""
     sy = float(s @ y)
@@ -230,32 +221,6 @@ def dp_dlm(s: Any, y: Any, Hy: Any, mu1: float, mu2: float) -> tuple[Any, Any]:
     """D_P D_LM (thesis Algorithm 8): Powell on H, then ỹ = y + μ₂ s̃ (LM damping, any μ₂ > 0)."""
     st = powell_on_H(s, y, Hy, mu1)
     return st, y + mu2 * st
-
-
-def lbfgs_apply(S: Any, Y: Any, gamma: float, X: Any) -> Any:
-    """H X for the L-BFGS inverse with H₀ = γ I and pairs (columns of S, Y), compact form.
-
-    Byrd, Nocedal & Schnabel (1994) eq. (3.1): H = γI + [S  γY] [[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ],
-    [−R⁻¹, 0]] [Sᵀ; γYᵀ], R = triu(SᵀY), D = diag(SᵀY). X may be a vector or a matrix whose
-    *rows* are preconditioned as columns (X of shape (d, …)). The thesis's "non-loop"
-    implementation (§2.3, [20]): two (d × 2p)·(2p × …) products instead of 4p matrix-vector loops.
-    """
-    xp = backend.namespace(S, X)
-    if S.shape[1] == 0:
-        return gamma * X
-    SY = S.T @ Y
-    R = xp.triu(SY)
-    D = xp.diag(xp.diag(SY))
-    Rinv = xp.linalg.inv(R)
-    YY = Y.T @ Y
-    m = S.shape[1]
-    top_left = Rinv.T @ (D + gamma * YY) @ Rinv
-    W = xp.concatenate([S, gamma * Y], axis=1)                  # d × 2m
-    Mid = xp.zeros((2 * m, 2 * m), dtype=S.dtype)
-    Mid[:m, :m] = top_left
-    Mid[:m, m:] = -Rinv.T
-    Mid[m:, :m] = -Rinv
-    return gamma * X + W @ (Mid @ (W.T @ X))
 
 
 def validate_freq(name: str, value: int) -> int:
@@ -313,10 +278,10 @@ class TensorFactorOptimizer(Optimizer):
         raise NotImplementedError
 
     # helpers
-    def _contractions(self, model, parts, flat: Any) -> list:
+    def _contractions(self, layout, parts, flat: Any) -> list:
         from ..curvature import kron  # noqa: PLC0415
 
-        views = model.layout.views(flat)
+        views = layout.views(flat)
         return [[kron.contraction(read_part(views, q), i) for i in range(len(q.shape))] for q in parts]
 
     def _recompute(self, stats: list, parts, old: list | None) -> tuple[list, int]:
@@ -330,52 +295,49 @@ class TensorFactorOptimizer(Optimizer):
         return out, bad
 
     def _warm(self, state: TensorState, problem: Problem, theta: Any, parts) -> None:
-        size = self.batch_size or problem.n_samples
-        objs = list(full_chunks(problem, size)) if self.warm_start else [draw(problem, self.batch_size)]
+        objs = warm_objectives(problem, self.batch_size, self.warm_start)
         if len(objs) > 1 and objs[-1].n_samples < objs[0].n_samples:
             objs = objs[:-1]
         total = None
         for obj in objs:
-            c = self._contractions(problem.model, parts, self._stat_grad(obj.at(theta)))
+            c = self._contractions(problem.layout, parts, self._stat_grad(obj.at(theta)))
             total = c if total is None else [[x + y for x, y in zip(a, b)] for a, b in zip(total, c)]
         state.stats = [[x / len(objs) for x in a] for a in total]
         state.precond, _ = self._recompute(state.stats, parts, None)
         state.initialized = True
 
-    def step(self, theta: Any, state: TensorState, problem: Problem):
+    def step(self, theta: Any, state: TensorState, problem: Problem) -> tuple[Any, TensorState, StepInfo]:
         from ..curvature import kron  # noqa: PLC0415
 
-        model = problem.model
-        parts = tensor_parts(model)
-        state, info, p = open_step(self, state, problem, theta, parts, TensorState)
-        if p is None:
-            return theta, state, info
-        grad = p.grad
-        if not usable_gradient(grad, info):
-            return theta, state, info
+        layout = problem.layout
+        parts = tensor_parts(problem.model)
+        state, opened = open_kron_step(self, state, problem, theta, parts, TensorState)
+        if opened.stop is not None:
+            return theta, state, opened.stop
+        p = opened.point
         k = state.k + 1
-        mom = self.momentum * state.mom + grad
-        stats, precond = state.stats, state.precond
+        mom = self.momentum * state.mom + p.grad
+        stats, precond, skipped = state.stats, state.precond, 0
         if k % self.stat_freq == 0:
             sg = self._stat_grad(p)
             if backend.all_finite(sg):
-                new_c = self._contractions(model, parts, sg)
+                new_c = self._contractions(layout, parts, sg)
                 stats = [[kron.ema(o, n, self.beta) for o, n in zip(a, b)] for a, b in zip(stats, new_c)]
             else:
-                info.skipped += 1
+                skipped += 1
         if k % self.inv_freq == 0:
             precond, bad = self._recompute(stats, parts, precond)
-            info.skipped += bad
+            skipped += bad
         P = backend.namespace(theta).zeros_like(theta)
-        mv, pv = model.layout.views(mom), model.layout.views(P)
+        mv, pv = layout.views(mom), layout.views(P)
         for q, mats in zip(parts, precond):
             X = read_part(mv, q)
             for i, U in enumerate(mats):
                 X = kron.mode_product(X, U, i)
             write_part(pv, q, X)
-        if self.weight_decay:
-            P += self.weight_decay * theta
-        theta_new = finish(theta, -self.lr * P, info)
-        if theta_new is None:
-            return theta, state, info
-        return theta_new, TensorState(k=k, initialized=True, mom=mom, stats=stats, precond=precond), info
+        moved = descend(theta, P, self.lr, self.weight_decay)
+        if moved is None:
+            return theta, state, nonfinite_step(opened, self.lr, skipped)
+        info = close_step(opened, loss=opened.f0, accepted=True, evals=1, step_size=self.lr, step_norm=moved[1],
+                          skipped=skipped)
+        return moved[0], TensorState(k=k, initialized=True, mom=mom, stats=stats, precond=precond), info

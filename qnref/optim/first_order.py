@@ -27,14 +27,15 @@ Defaults and their sources are listed per class and in ``docs/first_order.md``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import backend
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from ._qn_common import LineFunction
-from .linesearch import backtracking_armijo
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+from .drivers import Opened, close_step, line_search, with_extra
+from .fixed_step import finite_move, nonfinite_step, open_fixed_step
 from .registry import register
 
 __all__ = ["SGD", "Momentum", "NAG", "Adam", "RMSprop", "AdaGrad", "AdaDelta", "SVRG", "GDLineSearch"]
@@ -62,38 +63,29 @@ class FirstOrderOptimizer(Optimizer):
         self.lr = check_positive("lr", lr)
         self.batch_size = _check_batch_size(batch_size)
 
-    # -- helpers shared by every method -------------------------------------------------------
-    def _draw(self, problem: Problem):
-        """The step's objective: a minibatch, or the full set (counted as an epoch) for ``None``."""
-        return problem.batch(problem.n_samples if self.batch_size is None else self.batch_size)
-
-    @staticmethod
-    def _finish(theta, state, delta, new_state, base: StepInfo) -> tuple[Any, Any, StepInfo]:
-        """Apply Δθ if finite (one host sync: ‖Δθ‖²); otherwise keep θ and the old state."""
-        sq = float(delta @ delta)
-        if not math.isfinite(sq):
-            base.accepted, base.nonfinite = False, True
-            return theta, state, base
-        base.step_norm = math.sqrt(sq)
-        return theta + delta, new_state, base
-
     def _gradient_point(self, theta, state):
         return theta
 
     def _update(self, theta, g, state) -> tuple[Any, Any]:
         raise NotImplementedError
 
-    def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
-        obj = self._draw(problem)
-        x = self._gradient_point(theta, state)
-        p = obj.at(theta) if x is theta else try_point(obj, x)
-        loss = p.value if p is not None else math.nan
-        info = StepInfo(loss=loss, loss_start=loss, step_size=self.lr, evals=1, batch_size=obj.n_samples)
-        if not math.isfinite(loss):
-            info.accepted, info.nonfinite = False, True
+    def _close(self, opened: Opened, theta, state, delta, new_state, *, evals: int = 1,
+               **extra: Any) -> tuple[Any, Any, StepInfo]:
+        """Apply Δθ if finite (one host sync: ‖Δθ‖²); otherwise keep θ and the old state."""
+        moved = finite_move(theta, delta)
+        if moved is None:
+            info = dataclasses.replace(nonfinite_step(opened, self.lr), evals=evals, extra=dict(extra))
             return theta, state, info
-        delta, new_state = self._update(theta, p.grad, state)
-        return self._finish(theta, state, delta, new_state, info)
+        info = close_step(opened, loss=opened.f0, accepted=True, evals=evals, step_size=self.lr,
+                          step_norm=moved[1], extra=dict(extra))
+        return moved[0], new_state, info
+
+    def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
+        opened = open_fixed_step(problem, self.batch_size, self._gradient_point(theta, state))
+        if opened.stop is not None:
+            return theta, state, dataclasses.replace(opened.stop, step_size=self.lr)
+        delta, new_state = self._update(theta, opened.g, state)
+        return self._close(opened, theta, state, delta, new_state)
 
 
 # -- plain and momentum SGD ------------------------------------------------------------------------
@@ -382,28 +374,17 @@ class SVRG(FirstOrderOptimizer):
         return max(1, math.ceil(2 * problem.n_samples / b))
 
     def step(self, theta, state: SVRGState, problem: Problem) -> tuple[Any, Any, StepInfo]:
-        if state.k % self.period(problem) == 0:
-            p = problem.full().at(theta)
-            loss = p.value
-            info = StepInfo(loss=loss, loss_start=loss, step_size=self.lr, evals=1,
-                            batch_size=problem.n_samples, extra={"snapshot": True})
-            if not math.isfinite(loss):
-                info.accepted, info.nonfinite = False, True
-                return theta, state, info
-            mu = p.grad
+        snapshot = state.k % self.period(problem) == 0
+        opened = open_fixed_step(problem, None if snapshot else self.batch_size, theta)
+        if opened.stop is not None:
+            return theta, state, with_extra(dataclasses.replace(opened.stop, step_size=self.lr), snapshot=snapshot)
+        if snapshot:
+            mu = opened.g
             new = SVRGState(theta.copy(), mu, 1, state.t + 1)
-            return self._finish(theta, state, -self.lr * mu, new, info)
-        obj = self._draw(problem)
-        p = obj.at(theta)
-        loss = p.value
-        info = StepInfo(loss=loss, loss_start=loss, step_size=self.lr, evals=2,
-                        batch_size=obj.n_samples, extra={"snapshot": False})
-        if not math.isfinite(loss):
-            info.accepted, info.nonfinite, info.evals = False, True, 1
-            return theta, state, info
-        v = p.grad - obj.at(state.snapshot).grad + state.mu
+            return self._close(opened, theta, state, -self.lr * mu, new, snapshot=True)
+        v = opened.g - opened.obj.at(state.snapshot).grad + state.mu
         new = SVRGState(state.snapshot, state.mu, state.k + 1, state.t + 1)
-        return self._finish(theta, state, -self.lr * v, new, info)
+        return self._close(opened, theta, state, -self.lr * v, new, evals=2, snapshot=False)
 
 
 # -- gradient descent with a line search -----------------------------------------------------------
@@ -440,25 +421,17 @@ class GDLineSearch(FirstOrderOptimizer):
         return GDLineSearchState()
 
     def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
-        obj = self._draw(problem)
-        p0 = obj.at(theta)
-        f0 = p0.value
-        info = StepInfo(loss=f0, loss_start=f0, evals=1, batch_size=obj.n_samples, accepted=False)
-        g = p0.grad if math.isfinite(f0) else None
-        gg = float(g @ g) if g is not None else math.nan
-        if not math.isfinite(gg):
-            info.nonfinite = True
-            return theta, state, info
-
-        line = LineFunction(obj, theta, -g)
-        ls = backtracking_armijo(line.phi, f0, -gg, alpha0=self.alpha0, c1=self.c1, shrink=self.shrink,
-                                 max_evals=self.max_evals)
-        info.evals += ls.n_evals
-        info.nonfinite = line.nonfinite
-        info.extra = {"ls_evals": ls.n_evals, "ls_message": ls.message}
-        if not ls.success:  # includes g = 0 exactly (φ'(0) = 0 is no descent direction)
-            info.step_size = 0.0
-            return theta, state, info
-        info.accepted, info.loss, info.step_size = True, ls.value, ls.alpha
-        info.step_norm = ls.alpha * math.sqrt(gg)
+        opened = open_fixed_step(problem, self.batch_size, theta)
+        if opened.stop is not None:  # f or ∇f not finite at θ
+            return theta, state, opened.stop
+        g = opened.g
+        gg = float(g @ g)
+        ls = line_search(opened.obj, theta, -g, opened.f0, -gg, rule="armijo", alpha0=self.alpha0, c1=self.c1,
+                         shrink=self.shrink, max_evals=self.max_evals)   # fails at g = 0 (φ'(0) = 0)
+        extra = {"ls_evals": ls.evals, "ls_message": ls.message}
+        if not ls.success:
+            return theta, state, close_step(opened, loss=opened.f0, accepted=False, evals=1 + ls.evals,
+                                            step_size=0.0, nonfinite=ls.nonfinite, extra=extra)
+        info = close_step(opened, loss=ls.value, accepted=True, evals=1 + ls.evals, step_size=ls.alpha,
+                          step_norm=ls.alpha * math.sqrt(gg), nonfinite=ls.nonfinite, extra=extra)
         return theta - ls.alpha * g, GDLineSearchState(state.t + 1), info

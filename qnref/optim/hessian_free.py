@@ -48,6 +48,8 @@ import numpy
 from .. import backend
 from ..curvature.objective import Objective
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .drivers import close_step, with_extra
+from .fixed_step import open_fixed_step
 from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
 from .registry import register
 
@@ -407,13 +409,13 @@ class HessianFree(Optimizer):
             return min(self.curvature_batch, n)
         return max(1, min(n, int(math.ceil(self.curvature_fraction * n))))
 
-    def _curvature_objective(self, problem: Problem, gobj: Objective) -> Objective:
+    def _curvature_objective(self, problem: Problem, gobj: Objective, theta: Any) -> Objective:
         m = self.curvature_size(problem.n_samples)
         if m == gobj.n_samples:
             return gobj
         if m < gobj.n_samples:
             idx = numpy.sort(problem.rng.choice(gobj.n_samples, size=m, replace=False))
-            return gobj.subset(gobj.xp.asarray(idx))
+            return gobj.subset(backend.namespace(theta).asarray(idx))
         return problem.sample(m)
 
     def init(self, theta: Any) -> HFState:
@@ -426,15 +428,12 @@ class HessianFree(Optimizer):
     # -- one step -----------------------------------------------------------------------------
     def step(self, theta: Any, state: HFState, problem: Problem) -> tuple[Any, HFState, StepInfo]:
         lam = float(state.damping)
-        gobj = problem.batch(self.grad_size(problem.n_samples))
-        p0 = try_point(gobj, theta)
-        if p0 is None or not backend.all_finite(p0.grad):
+        opened = open_fixed_step(problem, self.grad_size(problem.n_samples), theta)
+        if opened.stop is not None:
             st = HFState(self._lm(lam, math.nan), state.prev * 0, state.k + 1)
-            loss = math.nan if p0 is None else p0.value
-            return theta, st, StepInfo(loss=loss, loss_start=loss, accepted=False, nonfinite=True, evals=1,
-                                       batch_size=gobj.n_samples, extra={"damping": st.damping})
-        f0, g = p0.value, p0.grad
-        cobj = self._curvature_objective(problem, gobj)
+            return theta, st, with_extra(opened.stop, damping=st.damping)
+        gobj, f0, g = opened.obj, opened.f0, opened.g
+        cobj = self._curvature_objective(problem, gobj, theta)
         pc = cobj.at(theta)
         prod = pc.ggn_vp if self.curvature == "ggn" else pc.hvp
 
@@ -488,8 +487,8 @@ class HessianFree(Optimizer):
             extra["message"] = f"not a descent direction (gᵀp = {slope:.3e})"
             st = HFState(self._lm(lam, -math.inf), state.prev * 0, state.k + 1)
             extra["damping"] = st.damping
-            return theta, st, StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=evals,
-                                       nonfinite=nonfinite, batch_size=gobj.n_samples, extra=extra)
+            return theta, st, close_step(opened, loss=f0, accepted=False, evals=evals, step_size=0.0,
+                                         nonfinite=nonfinite, extra=extra)
 
         def phi(alpha: float) -> float:
             if alpha == 1.0:
@@ -502,9 +501,9 @@ class HessianFree(Optimizer):
         st = HFState(new_lam, new_prev, state.k + 1)
         if not ls.success:
             extra["message"] = ls.message
-            return theta, st, StepInfo(loss=f0, loss_start=f0, accepted=False, step_size=0.0, evals=evals,
-                                       nonfinite=True if nonfinite else False, batch_size=gobj.n_samples, extra=extra)
+            return theta, st, close_step(opened, loss=f0, accepted=False, evals=evals, step_size=0.0,
+                                         nonfinite=nonfinite, extra=extra)
         step = ls.alpha * p
-        return theta + step, st, StepInfo(loss=ls.value, loss_start=f0, accepted=True,
-                                          step_norm=math.sqrt(float(step @ step)), step_size=ls.alpha,
-                                          evals=evals, nonfinite=nonfinite, batch_size=gobj.n_samples, extra=extra)
+        return theta + step, st, close_step(opened, loss=ls.value, accepted=True, evals=evals, step_size=ls.alpha,
+                                            step_norm=math.sqrt(float(step @ step)), nonfinite=nonfinite,
+                                            extra=extra)

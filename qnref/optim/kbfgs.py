@@ -35,13 +35,18 @@ MNIST) are α = 0.1, λ = 0.3 for both versions; pass them explicitly with ``ver
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+from .operators import LBFGSOperator, bfgs_inverse_update
+from .pairs import PairStore
+from .drivers import close_step
+from .fixed_step import nonfinite_step
 from .registry import register
 
 
@@ -52,12 +57,15 @@ class KBFGSState:
     mom: Any = None
     HA: dict = field(default_factory=dict)
     HG: dict = field(default_factory=dict)      # K-BFGS: dense H_G
-    S: dict = field(default_factory=dict)       # K-BFGS(L): d_out × m pairs (columns, oldest first)
-    Y: dict = field(default_factory=dict)
+    pairs: dict = field(default_factory=dict)   # K-BFGS(L): per layer, the (s̃, ỹ) pairs of H_G (PairStore rows)
     sG: dict = field(default_factory=dict)
     yG: dict = field(default_factory=dict)
     A: dict = field(default_factory=dict)       # ch2 only: moving average of A
     lam: dict = field(default_factory=dict)     # per layer (λ_A, λ_G)
+
+    def __post_init__(self) -> None:
+        # a state restored from a checkpoint holds the stores' plain dicts
+        self.pairs = {name: PairStore.coerce(v) for name, v in self.pairs.items()}
 
 
 @register("kbfgs")
@@ -97,8 +105,7 @@ class KBFGS(Optimizer):
         sums: dict = {}
         locs: dict = {}
         count = 0
-        chunks = kc.full_chunks(problem, self.batch_size or problem.n_samples) if self.warm_start else [kc.draw(problem, self.batch_size)]
-        for obj in chunks:
+        for obj in kc.warm_objectives(problem, self.batch_size, self.warm_start):
             taps = obj.at(theta).layer_stats("empirical")
             n = obj.n_samples
             for name, t in taps.items():
@@ -117,8 +124,7 @@ class KBFGS(Optimizer):
             if self.memory is None:
                 state.HG[L.name] = xp.eye(d_out, dtype=theta.dtype) * self._h0(lamG)
             else:
-                state.S[L.name] = xp.zeros((d_out, 0), dtype=theta.dtype)
-                state.Y[L.name] = xp.zeros((d_out, 0), dtype=theta.dtype)
+                state.pairs[L.name] = PairStore.empty(xp.zeros(d_out, dtype=theta.dtype), self.memory, grams=False)
             state.sG[L.name] = xp.zeros(d_out, dtype=theta.dtype)
             state.yG[L.name] = xp.zeros(d_out, dtype=theta.dtype)
         state.initialized = True
@@ -128,50 +134,49 @@ class KBFGS(Optimizer):
         return 1.0 / lamG if self.version == "ch3" else 1.0
 
     def _apply_HG(self, state: KBFGSState, name: str, X: Any) -> Any:
+        """H_G X: the dense BFGS matrix, or (K-BFGS(L)) the compact L-BFGS inverse with H₀ = γ I
+        (Byrd, Nocedal & Schnabel 1994 eq. (3.1); the thesis's "non-loop" form, §2.3) on X's columns."""
         if self.memory is None:
             return state.HG[name] @ X
-        return kc.lbfgs_apply(state.S[name], state.Y[name], self._h0(state.lam[name][1]), X)
+        pairs = state.pairs[name]
+        return LBFGSOperator(pairs.S, pairs.Y, self._h0(state.lam[name][1])).solve_compact(X)
 
     # -- step -----------------------------------------------------------------------------------------------
     def step(self, theta: Any, state: KBFGSState, problem: Problem) -> tuple[Any, KBFGSState, StepInfo]:
-        model = problem.model
-        layers, others = kc.kron_structure(model)
-        state, info, p = kc.open_step(self, state, problem, theta, layers, KBFGSState)
-        if p is None:
-            return theta, state, info
+        layout = problem.layout
+        layers, others = kc.kron_structure(problem.model)
+        state, opened = kc.open_kron_step(self, state, problem, theta, layers, KBFGSState, need_grad=False)
+        if opened.stop is not None:
+            return theta, state, opened.stop
+        p = opened.point
         taps = p.layer_stats("empirical")
-        grad = kc.grad_from_taps(model, layers, others, taps, p)
-        if not kc.usable_gradient(grad, info):
-            return theta, state, info
+        grad = kc.grad_from_taps(layout, layers, others, taps, p)
+        if not backend.all_finite(grad):
+            return theta, state, nonfinite_step(opened, self.lr)
         k = state.k + 1
         mom = self.beta * state.mom + (grad if self.version == "ch3" else (1.0 - self.beta) * grad)
         P = mom / self.damping          # non-Kronecker blocks: momentum with rate α/λ (thesis §3.4.3)
-        pv, mv = model.layout.views(P), model.layout.views(mom)
+        pv, mv = layout.views(P), layout.views(mom)
         for L in layers:
             pv[L.block][...] = self._apply_HG(state, L.name, mv[L.block] @ state.HA[L.name])
-        if self.weight_decay:
-            P += self.weight_decay * theta
-        theta_new = kc.finish(theta, -self.lr * P, info)
-        if theta_new is None:
-            return theta, state, info
-        new = KBFGSState(k=k, initialized=True, mom=mom, HA=dict(state.HA), HG=dict(state.HG), S=dict(state.S),
-                         Y=dict(state.Y), sG=dict(state.sG), yG=dict(state.yG), A=dict(state.A), lam=dict(state.lam))
-        if k % self.curvature_freq == 0:
-            p_new = try_point(p.obj, theta_new)
-            info.evals += 1
-            if p_new is None:
-                info.skipped += 2 * len(layers)
-            else:
-                info.loss = p_new.value
-                taps_new = p_new.layer_stats("empirical")
-                w_old, w_new = model.layout.views(theta), model.layout.views(theta_new)
-                for L in layers:
-                    info.skipped += self._update_layer(new, L, taps[L.name], taps_new[L.name], w_old[L.block], w_new[L.block])
+        moved = kc.descend(theta, P, self.lr, self.weight_decay)
+        if moved is None:
+            return theta, state, nonfinite_step(opened, self.lr)
+        theta_new, step_norm = moved
+        new = dataclasses.replace(state, k=k, mom=mom)   # consumes ``state``: its per-layer dicts change in place
+        p_new, loss, evals, failed = kc.second_pass(opened, theta_new, k % self.curvature_freq == 0)
+        skipped = 2 * len(layers) if failed else 0
+        if p_new is not None:
+            taps_new = p_new.layer_stats("empirical")
+            w_old, w_new = layout.views(theta), layout.views(theta_new)
+            for L in layers:
+                skipped += self._update_layer(new, L, taps[L.name], taps_new[L.name], w_old[L.block], w_new[L.block])
+        info = close_step(opened, loss=loss, accepted=True, evals=evals, step_size=self.lr, step_norm=step_norm,
+                          skipped=skipped)
         return theta_new, new, info
 
     def _update_layer(self, st: KBFGSState, L, t, t_new, w_old, w_new) -> int:
         """Curvature updates of one layer; returns the number of skipped updates."""
-        xp = backend.namespace(w_old)
         name = L.name
         lamA, lamG = st.lam[name]
         skipped = 0
@@ -186,7 +191,7 @@ class KBFGS(Optimizer):
             st.A[name] = A
             yA = A @ sA + lamA * sA
         if kc.all_finite(sA, yA) and float(sA @ yA) > 0:
-            st.HA[name] = kc.bfgs_inverse_update(HA, sA, yA)
+            st.HA[name] = bfgs_inverse_update(HA, sA, yA)
         else:
             skipped += 1
         # H_G by damped BFGS / L-BFGS on averaged pre-activations and their gradients
@@ -201,11 +206,9 @@ class KBFGS(Optimizer):
         if not (kc.all_finite(s_t, y_t) and float(s_t @ y_t) > 0):
             return skipped + 1
         if self.memory is None:
-            st.HG[name] = kc.bfgs_inverse_update(st.HG[name], s_t, y_t)
+            st.HG[name] = bfgs_inverse_update(st.HG[name], s_t, y_t)
         else:
-            S = xp.concatenate([st.S[name], s_t[:, None]], axis=1)[:, -self.memory:]
-            Y = xp.concatenate([st.Y[name], y_t[:, None]], axis=1)[:, -self.memory:]
-            st.S[name], st.Y[name] = S, Y
+            st.pairs[name].append(s_t, y_t)      # the oldest pair goes when the memory is full
         return skipped
 
 

@@ -25,13 +25,16 @@ For the CNN experiments the thesis uses T₁ = 10, T₂ = 100 and batch 128 (§3
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
-from .base import Optimizer, Problem, StepInfo, check_positive, try_point
+from .base import Optimizer, Problem, StepInfo, check_positive
+from .drivers import close_step
+from .fixed_step import nonfinite_step
 from .registry import register
 
 
@@ -86,8 +89,7 @@ class KFAC(Optimizer):
     def _warm(self, state: KFACState, problem: Problem, theta: Any, layers) -> None:
         sums: dict = {}
         count = 0
-        chunks = kc.full_chunks(problem, self.batch_size or problem.n_samples) if self.warm_start else [kc.draw(problem, self.batch_size)]
-        for obj in chunks:
+        for obj in kc.warm_objectives(problem, self.batch_size, self.warm_start):
             fac = self._batch_factors(obj.at(theta))
             n = obj.n_samples
             for name, (A, G) in fac.items():
@@ -115,43 +117,35 @@ class KFAC(Optimizer):
 
     # -- step -------------------------------------------------------------------------------------------------
     def step(self, theta: Any, state: KFACState, problem: Problem) -> tuple[Any, KFACState, StepInfo]:
-        model = problem.model
-        layers, others = kc.kron_structure(model)
-        state, info, p = kc.open_step(self, state, problem, theta, layers, KFACState)
-        if p is None:
-            return theta, state, info
-        grad = p.grad
-        if not kc.usable_gradient(grad, info):
-            return theta, state, info
+        layout = problem.layout
+        layers, _ = kc.kron_structure(problem.model)
+        state, opened = kc.open_kron_step(self, state, problem, theta, layers, KFACState)
+        if opened.stop is not None:
+            return theta, state, opened.stop
         k = state.k + 1
-        mom = self.momentum * state.mom + grad
+        mom = self.momentum * state.mom + opened.g
         P = mom.copy()
-        pv, mv = model.layout.views(P), model.layout.views(mom)
+        pv, mv = layout.views(P), layout.views(mom)
         for L in layers:
             pv[L.block][...] = kron.precondition(mv[L.block], state.HG[L.name], state.HA[L.name])
-        if self.weight_decay:
-            P += self.weight_decay * theta
-        theta_new = kc.finish(theta, -self.lr * P, info)
-        if theta_new is None:
-            return theta, state, info
-        new = KFACState(k=k, initialized=True, mom=mom, A=dict(state.A), G=dict(state.G), HA=dict(state.HA),
-                        HG=dict(state.HG), pi=dict(state.pi))
-        if k % self.stat_freq == 0:
-            p_new = try_point(p.obj, theta_new)
-            info.evals += 1
-            if p_new is not None:
-                info.loss = p_new.value
-                fac = self._batch_factors(p_new)
-                for L in layers:
-                    A, G = fac[L.name]
-                    if kc.all_finite(A, G):
-                        new.A[L.name] = kron.ema(state.A[L.name], A, self.beta)
-                        new.G[L.name] = kron.ema(state.G[L.name], G, self.beta)
-                    else:
-                        info.skipped += 1
-            else:
-                info.skipped += len(layers)
+        moved = kc.descend(theta, P, self.lr, self.weight_decay)
+        if moved is None:
+            return theta, state, nonfinite_step(opened, self.lr)
+        theta_new, step_norm = moved
+        new = dataclasses.replace(state, k=k, mom=mom)   # consumes ``state``: its factor dicts change in place
+        p_new, loss, evals, failed = kc.second_pass(opened, theta_new, k % self.stat_freq == 0)
+        skipped = len(layers) if failed else 0
+        if p_new is not None:
+            fac = self._batch_factors(p_new)
+            for L in layers:
+                A, G = fac[L.name]
+                if kc.all_finite(A, G):
+                    new.A[L.name] = kron.ema(new.A[L.name], A, self.beta)
+                    new.G[L.name] = kron.ema(new.G[L.name], G, self.beta)
+                else:
+                    skipped += 1
         if k % self.inv_freq == 0:
-            info.skipped += self._invert(new, layers)
-        info.extra["pi"] = {name: float(v) for name, v in new.pi.items()}
+            skipped += self._invert(new, layers)
+        info = close_step(opened, loss=loss, accepted=True, evals=evals, step_size=self.lr, step_norm=step_norm,
+                          skipped=skipped, extra={"pi": {name: float(v) for name, v in new.pi.items()}})
         return theta_new, new, info

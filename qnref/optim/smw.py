@@ -65,8 +65,9 @@ reports ``accepted=False, nonfinite=True`` and λ_LM is boosted (ρ = −∞) wh
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy
@@ -75,6 +76,8 @@ from .. import backend
 from ..curvature.objective import Point
 from ..nn.losses import MeanSquaredError, SigmoidCrossEntropy, SoftmaxCrossEntropy
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .drivers import close_step, with_extra
+from .fixed_step import open_fixed_step
 from .registry import register
 
 __all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWState", "SMWDirection", "smw_direction", "update_lambda_lm", "FORMS"]
@@ -196,7 +199,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     """The LM direction p = −(B + λI)⁻¹ g by SMW (eqs. 5.6/5.7), on the curvature batch ``curv``.
 
     ``curv`` is the objective on S₂ evaluated at θ (a :class:`Point`); ``g`` any vector of the
-    parameter layout (the gradient on S₁). B = (1/N₂) Jᵀ H J + l2·I with l2 = ``curv.obj.l2``
+    parameter layout (the gradient on S₁). B = (1/N₂) Jᵀ H J + l2·I with l2 = ``curv.l2``
     (GN: output Jacobians and output Hessians; NG: per-example gradients and H = I). See the
     module docstring for the three forms. Passes on S₂: the Gram matrix (GN: C backward passes
     with the Kronecker trick; NG: one), one R-forward (J g) and one backward (Jᵀ ·).
@@ -209,7 +212,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
         raise ValueError(f"λ must be finite and > 0, got {lam}")
     xp = curv.xp
     N = curv.N
-    mu = float(lam) + curv.obj.l2
+    mu = float(lam) + curv.l2
     z, y, loss = curv.z, curv.obj.y, curv.obj.loss
     jg = curv.jvp(g)                                   # J_out g, output shape (N, …)
 
@@ -217,7 +220,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
         if not backend.all_finite(p):
             return SMWDirection(p, math.nan, math.nan, mu, d_size, form, finite=False)
         gp = float(g @ p)
-        pBp = float(pBp_data) + curv.obj.l2 * float(p @ p)
+        pBp = float(pBp_data) + curv.l2 * float(p @ p)
         return SMWDirection(p, gp, pBp, mu, d_size, form, finite=math.isfinite(gp) and math.isfinite(pBp))
 
     def fail(d_size):
@@ -362,70 +365,67 @@ class SMWOptimizer(Optimizer):
     def init(self, theta: Any) -> SMWState:
         return SMWState(lambda_lm=self.lambda_lm)
 
-    def _batches(self, problem: Problem):
-        """(S₁ objective, S₂ objective) per Alg. 23 line 3 (or the semi-stochastic variant)."""
+    def _curvature_objective(self, problem: Problem, obj1: Any, theta: Any) -> Any:
+        """S₂ ⊆ S₁ uniformly without replacement (Alg. 23 line 3), or problem.sample(N₂) in the
+        semi-stochastic variant."""
         if self.full_gradient:
-            return problem.full(), problem.sample(self.curvature_batch)
-        obj1 = problem.batch(self.batch_size)
+            return problem.sample(self.curvature_batch)
         n1 = obj1.n_samples
         if self.curvature_batch >= n1:
-            return obj1, obj1
+            return obj1
         idx = numpy.sort(problem.rng.choice(n1, size=self.curvature_batch, replace=False))
-        return obj1, obj1.subset(problem.xp.asarray(idx))
+        return obj1.subset(backend.namespace(theta).asarray(idx))
 
     def step(self, theta: Any, state: SMWState, problem: Problem) -> tuple[Any, SMWState, StepInfo]:
         """One iteration of Alg. 23 (see the class and module docstrings)."""
-        obj1, obj2 = self._batches(problem)
+        opened = open_fixed_step(problem, None if self.full_gradient else self.batch_size, theta)
+        obj2 = self._curvature_objective(problem, opened.obj, theta)
         lam = state.lambda_lm + self.tau
-        info = StepInfo(batch_size=obj1.n_samples, step_size=self.lr, radius=None,
-                        extra={"lambda": lam, "curvature_batch": obj2.n_samples, "form": self.form})
-        pt1 = obj1.at(theta)
-        f0 = pt1.value
-        info.loss_start = info.loss = f0
-        info.evals = 1
-        g = pt1.grad
-        if not math.isfinite(f0) or not backend.all_finite(g):
-            info.accepted, info.nonfinite = False, True
+        extra = {"lambda": lam, "curvature_batch": obj2.n_samples, "form": self.form}
+        if opened.stop is not None:
+            info = with_extra(dataclasses.replace(opened.stop, step_size=self.lr), **extra)
             return theta, SMWState(state.lambda_lm, state.t + 1, state.rejected + 1), info
-        pt2 = pt1 if obj2 is obj1 else obj2.at(theta)
-        info.evals += obj2 is not obj1
+        pt2 = opened.point if obj2 is opened.obj else obj2.at(theta)
         # overflow in the direction, the trial forward pass or θ + αp is detected explicitly below
         # (finiteness checks) and turned into a rejected step, so NumPy's warnings are silenced here
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._finish(theta, state, obj1, pt2, f0, g, lam, info)
+            return self._finish(theta, state, opened, pt2, lam, extra)
 
-    def _finish(self, theta, state, obj1, pt2, f0, g, lam, info):
+    def _finish(self, theta, state, opened, pt2, lam, extra):
+        f0, g = opened.f0, opened.g
+        evals = 1 + (pt2 is not opened.point)
         d = smw_direction(pt2, g, lam, curvature=self.curvature, form=self.form)
-        info.extra["d_size"] = d.d_size
-        if not d.finite:
-            info.accepted, info.nonfinite = False, True
-            lam_lm = update_lambda_lm(state.lambda_lm, -math.inf, eps=self.eps, boost=self.boost, drop=self.drop)
-            info.extra.update(rho=-math.inf, lambda_lm=lam_lm)
+        extra["d_size"] = d.d_size
+
+        def rejected(lam_lm, evals, nonfinite):
+            info = close_step(opened, loss=f0, accepted=False, evals=evals, step_size=self.lr, nonfinite=nonfinite,
+                              extra=extra)
             return theta, SMWState(lam_lm, state.t + 1, state.rejected + 1), info
+
+        if not d.finite:
+            lam_lm = update_lambda_lm(state.lambda_lm, -math.inf, eps=self.eps, boost=self.boost, drop=self.drop)
+            extra.update(rho=-math.inf, lambda_lm=lam_lm)
+            return rejected(lam_lm, evals, True)
         t = 1.0 if self.rho_at == "direction" else self.lr
         pred = d.model_decrease_at(t)
         trial = theta + t * d.p
-        pt = try_point(obj1, trial) if backend.all_finite(trial) else None
-        info.evals += 1
+        pt = try_point(opened.obj, trial) if backend.all_finite(trial) else None
+        evals += 1
         if pt is None:
             rho, f_trial = -math.inf, math.nan
-            info.nonfinite = True
         else:
             f_trial = pt.value
             rho = (f0 - f_trial) / pred if pred > 0 else math.nan
         lam_lm = update_lambda_lm(state.lambda_lm, rho, eps=self.eps, boost=self.boost, drop=self.drop)
-        info.extra.update(rho=rho, lambda_lm=lam_lm, model_decrease=pred, loss_trial=f_trial)
+        extra.update(rho=rho, lambda_lm=lam_lm, model_decrease=pred, loss_trial=f_trial)
         new = theta + self.lr * d.p
-        accept = not info.nonfinite and backend.all_finite(new)
-        if accept and self.eta is not None and not (rho >= self.eta):
-            accept = False
-        if not accept:
-            info.accepted = False
-            info.nonfinite = info.nonfinite or not backend.all_finite(new)
-            return theta, SMWState(lam_lm, state.t + 1, state.rejected + 1), info
-        info.accepted = True
-        info.step_norm = self.lr * math.sqrt(float(d.p @ d.p))
-        info.loss = f_trial if t == self.lr else math.nan    # f at θ + αp known only if evaluated
+        if pt is None or not backend.all_finite(new):
+            return rejected(lam_lm, evals, True)
+        if self.eta is not None and not (rho >= self.eta):
+            return rejected(lam_lm, evals, False)
+        info = close_step(opened, loss=f_trial if t == self.lr else math.nan,    # f at θ + αp known only if evaluated
+                          accepted=True, evals=evals, step_size=self.lr,
+                          step_norm=self.lr * math.sqrt(float(d.p @ d.p)), extra=extra)
         return new, SMWState(lam_lm, state.t + 1, state.rejected), info
 
 

@@ -53,7 +53,7 @@ def test_taps_g_is_per_example_gradient_and_grad_from_taps():
     taps = p.layer_stats("empirical")
     layers, others = kc.kron_structure(m)
     assert others == []
-    np.testing.assert_allclose(kc.grad_from_taps(m, layers, others, taps, p), p.grad, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(kc.grad_from_taps(m.layout, layers, others, taps, p), p.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_conv_factors_patch_formulas():
@@ -76,7 +76,7 @@ def test_conv_factors_patch_formulas():
     # the gradient of the block is the sum over locations of g āᵀ, averaged over examples
     p = Objective(m, "softmax_ce", X, y).at(th)
     layers, others = kc.kron_structure(m)
-    np.testing.assert_allclose(kc.grad_from_taps(m, layers, others, taps, p), p.grad, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(kc.grad_from_taps(m.layout, layers, others, taps, p), p.grad, rtol=1e-11, atol=1e-13)
     assert [L_.w_shape for L_ in layers] == [(3, 2, 9), (2, 3, 4), (3, 8)]
 
 

@@ -11,6 +11,7 @@ from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.nn.reshape import Flatten
 from qnref.optim import _kron_common as kc
+from qnref.optim import kbfgs as kbfgs_module
 from qnref.optim.base import Problem
 from qnref.optim.kbfgs import KBFGS, KBFGSL
 from qnref.optim.kfac import KFAC
@@ -45,14 +46,14 @@ def test_damping_gives_positive_curvature_and_secant(seed):
         st, yt = kc.double_damping(s, y, H @ y, mu1, mu2)                # thesis Algorithm 3
         assert st @ y >= mu1 * (y @ H @ y) - 1e-12
         assert st @ yt >= mu2 * (st @ st) - 1e-12 and st @ yt > 0
-        Hn = kc.bfgs_inverse_update(H, st, yt)
+        Hn = kbfgs_module.bfgs_inverse_update(H, st, yt)
         np.testing.assert_allclose(Hn @ yt, st, rtol=1e-10)              # secant equation H⁺ỹ = s̃
         assert np.linalg.eigvalsh(Hn).min() > 0
     for mu2 in (0.3, 5.0):                                               # D_P D_LM allows μ₂ > 1
         st, yt = kc.dp_dlm(s, y, H @ y, mu1, mu2)                        # thesis Algorithm 8
         np.testing.assert_allclose(yt, y + mu2 * st)
         assert st @ yt >= mu2 * (st @ st) - 1e-12
-        Hn = kc.bfgs_inverse_update(H, st, yt)
+        Hn = kbfgs_module.bfgs_inverse_update(H, st, yt)
         np.testing.assert_allclose(Hn @ yt, st, rtol=1e-10)
 
 
@@ -74,7 +75,7 @@ def test_hessian_action_bfgs_is_sherman_morrison():
     Ap = A + c * np.outer(a, a)
     s = H @ a
     y = Ap @ s
-    Hn = kc.bfgs_inverse_update(H, s, y)
+    Hn = kbfgs_module.bfgs_inverse_update(H, s, y)
     np.testing.assert_allclose(Hn, np.linalg.inv(Ap), rtol=1e-10)
     sm = H - np.outer(H @ a, H @ a) / (1 / c + a @ H @ a)
     np.testing.assert_allclose(Hn, sm, rtol=1e-10)
@@ -91,19 +92,58 @@ def test_hessian_action_pairs_from_taps_match_formula():
     assert kc.sqrt_split(0.3, 4) == pytest.approx((2 * math.sqrt(0.3), math.sqrt(0.3) / 2))
 
 
-def test_lbfgs_compact_equals_bfgs_recursion():
-    r = np.random.default_rng(7)
-    d, m, gamma = 7, 4, 0.5
-    H = gamma * np.eye(d)
-    S, Y = np.zeros((d, 0)), np.zeros((d, 0))
-    for _ in range(m):
-        s = r.standard_normal(d)
-        y = spd(r, d) @ s
-        H = kc.bfgs_inverse_update(H, s, y)
-        S, Y = np.column_stack([S, s]), np.column_stack([Y, y])
-    X = r.standard_normal((d, 3))
-    np.testing.assert_allclose(kc.lbfgs_apply(S, Y, gamma, X), H @ X, rtol=1e-10)
-    np.testing.assert_allclose(kc.lbfgs_apply(S[:, :0], Y[:, :0], gamma, X), gamma * X)
+def nw_617(H, s, y):
+    """Nocedal & Wright (6.17), written out: H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ, ρ = 1/yᵀs."""
+    rho = 1.0 / (y @ s)
+    V = np.eye(len(s)) - rho * np.outer(y, s)
+    return V.T @ H @ V + rho * np.outer(s, s)
+
+
+def test_kbfgs_inverse_update_is_nocedal_wright_6_17():
+    """The one inverse BFGS update K-BFGS uses (for H_A and H_G) is N&W (6.17), argument order
+    (H, s, y): swapping s and y gives a different matrix, so a swapped call would fail here."""
+    r = np.random.default_rng(11)
+    d = 6
+    H = spd(r, d)
+    s = r.standard_normal(d)
+    y = spd(r, d) @ s
+    Hn = kbfgs_module.bfgs_inverse_update(H, s, y)
+    np.testing.assert_allclose(Hn, nw_617(H, s, y), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(Hn @ y, s, rtol=1e-12)                            # secant H⁺y = s
+    assert np.abs(kbfgs_module.bfgs_inverse_update(H, y, s) - nw_617(H, s, y)).max() > 1e-3
+
+
+def test_kbfgs_l_hg_product_is_dense_inverse_bfgs_recursion_from_identity_over_lambda_g():
+    """K-BFGS(L)'s H_G X (the one compact L-BFGS inverse, pairs stored as rows, oldest first)
+    equals the dense recursion H₀ = I/λ_G (thesis Alg. 9 line 3), H ← (6.17)(H, s̃ᵢ, ỹᵢ) oldest
+    first, on pairs produced by real steps; and it equals full K-BFGS's dense H_G on the same run
+    while the memory is not full (the two optimizers then take the same steps)."""
+    m, th0, prob = small_problem(2)
+    opt_l = KBFGSL(lr=0.05, damping=0.3, batch_size=10, memory=50)
+    opt_d = KBFGS(lr=0.05, damping=0.3, batch_size=10)
+    th_l, st_l = th0, opt_l.init(th0)
+    for _ in range(5):
+        th_l, st_l, _ = opt_l.step(th_l, st_l, prob)
+    m, th0, prob = small_problem(2)
+    th_d, st_d = th0, opt_d.init(th0)
+    for _ in range(5):
+        th_d, st_d, _ = opt_d.step(th_d, st_d, prob)
+    np.testing.assert_allclose(th_l, th_d, rtol=1e-10, atol=1e-12)
+    r = np.random.default_rng(0)
+    for name in st_l.pairs:
+        S, Y = st_l.pairs[name].S, st_l.pairs[name].Y
+        assert S.shape[0] == 5 and S.shape == Y.shape                             # (pairs, d_out) rows
+        lamG = st_l.lam[name][1]
+        H = np.eye(S.shape[1]) / lamG
+        for s, y in zip(S, Y):
+            H = nw_617(H, s, y)
+        X = r.standard_normal((S.shape[1], 4))
+        np.testing.assert_allclose(opt_l._apply_HG(st_l, name, X), H @ X, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(st_d.HG[name], H, rtol=1e-9, atol=1e-12)
+        Hswap = np.eye(S.shape[1]) / lamG
+        for s, y in zip(S, Y):
+            Hswap = nw_617(Hswap, y, s)
+        assert np.abs(opt_l._apply_HG(st_l, name, X) - Hswap @ X).max() > 1e-6
 
 
 # -- problems ---------------------------------------------------------------------------------------------------

@@ -287,12 +287,21 @@ def test_smw_gn_beats_sgd_on_digits_autoencoder():
 
 def test_smw_gn_beats_hf_and_sgd_per_epoch_on_digits_autoencoder():
     """Thesis ch. 5 claim at small scale: digits autoencoder 64-32-8-32-64 (tanh, sigmoid_ce on
-    pixels/16, all 1797 images), 2 epochs, seeds 0 and 1. SMW-GN (N₁ = 60, N₂ = 10, α = 0.5, other
-    defaults from the thesis) vs HF (defaults: 20 % gradient sample, curvature batch 100) and SGD
-    (batch 64, lr 0.3). Measured full training loss after epochs 1, 2:
-    seed 0: SMW-GN 21.85, 20.45; HF 24.41, 20.53; SGD 26.35, 25.19;
-    seed 1: SMW-GN 21.40, 19.85; HF 23.55, 20.05; SGD 27.32, 26.32.
-    (At epoch 3 on seed 1 HF is ahead, 18.85 vs 19.32: the claim is not asserted beyond 2 epochs.)"""
+    pixels/16, all 1797 images), seeds 0–3. SMW-GN (N₁ = 60, N₂ = 10, α = 0.5, other defaults
+    from the thesis) vs HF (defaults: 20 % gradient sample, curvature batch 100) and SGD (batch 64,
+    lr 0.3). Measured full training loss after epochs 1, 2 (OpenBLAS 0.3.31, Haswell kernels):
+    seed 0: SMW-GN 21.85, 20.45; HF 24.41, 20.37; SGD 26.35, 25.19;
+    seed 1: SMW-GN 21.40, 19.85; HF 23.55, 20.05; SGD 27.32, 26.32;
+    seed 2: SMW-GN 21.81, 20.06; HF 23.28, 20.02; SGD 27.60, 27.36;
+    seed 3: SMW-GN 22.91, 20.73; HF 25.23, 20.28; SGD 27.50, 26.06.
+    Asserted: SMW-GN < HF < SGD after epoch 1 (margin ≥ 1.4 between SMW-GN and HF on every seed),
+    and both second-order methods < SGD after epoch 2. Not asserted: SMW-GN < HF after epoch 2. The
+    two are level there (HF ahead on seeds 0, 2, 3 above), and HF's epoch-2 loss depends on
+    rounding: the same code gives 20.53 on seed 0 with OpenBLAS's AVX-512 kernels
+    (OPENBLAS_CORETYPE=SkylakeX) against 20.37 with its Haswell kernels (HF's discrete choices —
+    CG stop, iterate backtracking, line search — amplify last-bit differences; SMW-GN and SGD
+    agree to 1e-14 across the two). An earlier version asserted epoch 2 on seeds 0 and 1, true only
+    with the AVX-512 kernels."""
     from sklearn.datasets import load_digits
 
     from qnref.nn.activations import Tanh
@@ -304,8 +313,8 @@ def test_smw_gn_beats_hf_and_sgd_per_epoch_on_digits_autoencoder():
     X = load_digits().data / 16.0
     data = Data(X, X, None, None, "sigmoid_ce", "digits-ae")
     m = Sequential([Dense(32), Tanh(), Dense(8), Tanh(), Dense(32), Tanh(), Dense(64)], input_shape=(64,))
-    for seed in (0, 1):
+    for seed in (0, 1, 2, 3):
         curves = {name: [h["train_loss"] for h in train(m, make_optimizer(name, **kw), data, epochs=2, seed=seed).history[1:]]
                   for name, kw in [("smw-gn", {"curvature_batch": 10, "lr": 0.5}), ("hf", {}), ("sgd", {"batch_size": 64, "lr": 0.3})]}
-        for e in range(2):
-            assert curves["smw-gn"][e] < curves["hf"][e] < curves["sgd"][e], (seed, e, curves)
+        assert curves["smw-gn"][0] + 1.0 < curves["hf"][0] < curves["sgd"][0], (seed, curves)
+        assert max(curves["smw-gn"][1], curves["hf"][1]) < curves["sgd"][1], (seed, curves)
