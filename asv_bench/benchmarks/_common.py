@@ -1,9 +1,25 @@
-"""Shared set-up for the benchmarks: thread pinning, models and data on the CPU (or GPU)."""
+"""Shared set-up for the benchmarks: thread pinning, timing policies, models and data on the CPU
+(or GPU).
+
+Thread counts are pinned per benchmark process, before NumPy, numba or torch load: this module is
+imported by ``benchmarks/__init__.py``, which asv imports before any benchmark module. Inside an
+asv run (asv sets ``ASV=true``) the thread variables are *overwritten* with ``THREADS`` (2, or
+``QNREF_BENCH_THREADS``), so a shell's ``OPENBLAS_NUM_THREADS`` cannot leak into the record;
+imported by the tests, only the three BLAS/OpenMP variables are defaulted (the test process keeps
+its own setting).
+``track_blas_threads`` records the count a benchmark process really ran with.
+"""
 import os
 
-# pin BLAS threads once per benchmark process (never switched inside a process)
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(var, "2")
+THREADS = int(os.environ.get("QNREF_BENCH_THREADS", "2"))
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "QNREF_NUM_THREADS")
+IN_ASV = os.environ.get("ASV") == "true"
+
+for _var in THREAD_VARS if IN_ASV else THREAD_VARS[:3]:
+    if IN_ASV:
+        os.environ[_var] = str(THREADS)
+    else:
+        os.environ.setdefault(_var, str(THREADS))
 
 import time
 
@@ -14,6 +30,52 @@ from qnref.curvature.objective import Objective
 from qnref.nn.activations import Sigmoid, Tanh
 from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
+
+# -- timing policies (asv attributes; docs/benchmarks.md "Statistics") -------------------------
+# asv_runner re-runs setup() before every timed call of a benchmark that has one, so each call
+# sees freshly set-up state and ``number`` is 1 (one call per sample). Every ``time_`` benchmark
+# inherits one of these two policies; its setup() also makes one untimed warm-up call per process
+# (:func:`warm_once`: numba compilation, allocator, caches), so that even a ``--quick`` sample is warm.
+
+
+class FastTiming:
+    """Calls of ≲ 20 ms: 1 s of warm-up calls, then 10–40 samples per round (stop after 10 s once
+    10 are taken), 2 rounds (interleaved with the other benchmarks) → 20–80 samples."""
+
+    warmup_time = 1.0
+    number = 1
+    repeat = (10, 40, 10.0)
+    min_run_count = 10
+    rounds = 2
+
+
+class SlowTiming:
+    """Calls of ≳ 50 ms: the warm-up is the :func:`warm_once` call in setup (no timed warm-up
+    loop), then 5–10 samples per round (stop after 30 s once 5 are taken), 2 rounds → 10–20 samples."""
+
+    warmup_time = 0.0
+    number = 1
+    repeat = (5, 10, 30.0)
+    min_run_count = 5
+    rounds = 2
+
+
+_warmed = set()
+
+
+def warm_once(key, fn):
+    """Call ``fn`` once per process for ``key`` (the untimed warm-up of a ``time_`` benchmark)."""
+    if key not in _warmed:
+        sync(fn())
+        _warmed.add(key)
+
+
+def blas_threads():
+    """Threads of each loaded BLAS/OpenMP library in this process (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+
+    return {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+
 
 AUTOENCODER_SIZES = (1000, 500, 250, 30, 250, 500, 1000)
 
@@ -47,7 +109,10 @@ def sync(x):
 
 
 def best_time(fn, repeat=5):
-    """Best wall time of ``repeat`` calls (for ratios measured side by side in one process)."""
+    """Best wall time of ``repeat`` calls after one untimed warm-up call (for ratios measured side
+    by side in one process: the ``track_`` ratio benchmarks' own statistics, the same with or
+    without ``--quick``)."""
+    sync(fn())
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
