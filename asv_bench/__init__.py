@@ -1,0 +1,1 @@
+"""asv benchmarks of qnref (benchmarks/) and the claims checker (claims.py); see docs/benchmarks.md."""
