@@ -165,8 +165,8 @@ def kind_of(a: Any) -> str:
         return "dtype"
     if isinstance(a, slice):
         return "slice"
-    if isinstance(a, GeneratorProxy):
-        return "generator"
+    if isinstance(a, ObjectProxy):
+        return "object"
     if callable(a):
         return "callable"
     return type(a).__name__
@@ -183,8 +183,8 @@ def unwrap(x: Any) -> Any:
         return [unwrap(v) for v in x]
     if type(x) is dict:
         return {k: unwrap(v) for k, v in x.items()}
-    if isinstance(x, GeneratorProxy):
-        return x._gen
+    if isinstance(x, ObjectProxy):
+        return x._obj
     return x
 
 
@@ -380,20 +380,56 @@ class Function:
         return val
 
 
-class GeneratorProxy:
-    """``cupy.random.Generator``: recorded methods of a NumPy generator."""
+class ObjectProxy:
+    """A CuPy object emulated by its NumPy/SciPy twin (``cupy.random.Generator``,
+    ``cupyx.scipy.sparse.linalg.LinearOperator``, …): attributes and method calls recorded under
+    ``path``, arrays unwrapped on the way in and wrapped on the way out."""
 
-    def __init__(self, gen: numpy.random.Generator):
-        self._gen = gen
+    def __init__(self, obj: Any, path: str):
+        self._obj, self._path = obj, path
 
     def __getattr__(self, name: str):
-        val = getattr(self._gen, name)
-        path = f"cupy.random.Generator.{name}"
+        val = getattr(self._obj, name)
+        path = f"{self._path}.{name}"
         if callable(val):
             return Function(val, path)
         if REC is not None:
             REC.note("attr", path)
-        return val
+        return wrap(val)
+
+    def __matmul__(self, other):
+        return Function(self._obj.__matmul__, f"{self._path}.__matmul__")(other)
+
+
+class GeneratorProxy(ObjectProxy):
+    """``cupy.random.Generator``: recorded methods of a NumPy generator."""
+
+    def __init__(self, gen: numpy.random.Generator):
+        super().__init__(gen, "cupy.random.Generator")
+        self._gen = gen
+
+
+def _device_callback(fn: Any) -> Any:
+    """A user callback handed to an emulated CuPy object: it receives and returns device arrays."""
+    def cb(*args, **kwargs):
+        return unwrap(fn(*wrap(args), **wrap(kwargs) if kwargs else {}))
+
+    return cb
+
+
+class ClassProxy:
+    """A CuPy class emulated by a NumPy/SciPy class: instances are :class:`ObjectProxy` objects and
+    callables passed to the constructor (``matvec=``) see device arrays."""
+
+    def __init__(self, cls: type, path: str):
+        self._cls, self._path = cls, path
+
+    def __call__(self, *args, **kwargs):
+        if REC is not None:
+            REC.note("call", self._path, args, kwargs)
+        args = tuple(_device_callback(a) if callable(a) and not isinstance(a, type) else unwrap(a) for a in args)
+        kwargs = {k: _device_callback(v) if callable(v) and not isinstance(v, type) else unwrap(v) for k, v in kwargs.items()}
+        return ObjectProxy(self._cls(*args, **kwargs), self._path)
 
 
 class _FakeCuda:
@@ -411,6 +447,8 @@ class Namespace(types.ModuleType):
     def __init__(self, target: Any, path: str, extra: dict | None = None):
         super().__init__(path)
         self._target, self._path, self._extra, self._subs = target, path, dict(extra or {}), {}
+        # classes of cupyx.scipy.* stand-ins (SciPy classes) take and return device arrays
+        self._emulate_classes = path.startswith("cupyx")
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
@@ -426,6 +464,8 @@ class Namespace(types.ModuleType):
             if name not in self._subs:
                 self._subs[name] = Namespace(val, full)
             return self._subs[name]
+        if isinstance(val, type) and self._emulate_classes:
+            return ClassProxy(val, full)
         if isinstance(val, type) or not callable(val):
             if REC is not None:
                 REC.note("attr", full)
@@ -562,23 +602,37 @@ def to_host(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- workloads
-def small_mlp_problem(device: bool, n: int = 300, seed: int = 1234):
-    """The reference-trajectory MLP (4 → 6 → 5 → 3, tanh) on ``n`` examples; arrays on the recording
-    device when ``device`` (call inside :func:`recording_backend`)."""
+def small_problem(key: str, device: bool, n: int = 300, seed: int = 1234):
+    """(θ₀, :class:`~qnref.optim.base.Problem`) of a reference-trajectory setting on ``n`` examples:
+    ``"mlp"`` (4 → 6 → 5 → 3, tanh) or ``"cnn-bn"`` (the 8×8 LeNet with BatchNorm, width 0.5);
+    arrays on the recording device when ``device`` (call inside :func:`recording_backend`)."""
     from qnref import backend  # noqa: PLC0415
     from qnref.nn.activations import Tanh  # noqa: PLC0415
     from qnref.nn.dense import Dense  # noqa: PLC0415
     from qnref.nn.model import Sequential  # noqa: PLC0415
+    from qnref.nn.zoo import build_model  # noqa: PLC0415
     from qnref.optim.base import Problem  # noqa: PLC0415
 
     r = numpy.random.default_rng(seed)
-    model = Sequential([Dense(6), Tanh(), Dense(5), Tanh(), Dense(3)], input_shape=(4,))
-    X = r.standard_normal((n, 4))
-    y = (X[:, 0] + X[:, 1] * X[:, 2] > 0).astype(numpy.int64) + (X[:, 3] > 0.8)
+    if key == "mlp":
+        model = Sequential([Dense(6), Tanh(), Dense(5), Tanh(), Dense(3)], input_shape=(4,))
+        X = r.standard_normal((n, 4))
+        y = (X[:, 0] + X[:, 1] * X[:, 2] > 0).astype(numpy.int64) + (X[:, 3] > 0.8)
+    elif key == "cnn-bn":
+        model = build_model("lenet-digits", batchnorm=True, width=0.5, n_outputs=3)
+        X = r.standard_normal((n, 1, 8, 8))
+        y = (X[:, 0, :4].sum(axis=(1, 2)) > X[:, 0, 4:].sum(axis=(1, 2))).astype(numpy.int64) + (X[:, 0, 0, 0] > 1.0)
+    else:
+        raise ValueError(f"model key must be 'mlp' or 'cnn-bn', got {key!r}")
     theta = model.init(seed=7)
     if device:
         X, y, theta = (backend.to_device(a, "gpu") for a in (X, y, theta))
     return theta, Problem(model, "softmax_ce", X, y, 1e-3, seed=11)
+
+
+def small_mlp_problem(device: bool, n: int = 300, seed: int = 1234):
+    """:func:`small_problem` of the MLP."""
+    return small_problem("mlp", device, n, seed)
 
 
 @dataclass
@@ -591,30 +645,43 @@ class OptimizerRun:
     thetas: list[numpy.ndarray] = field(default_factory=list)
     cpu_thetas: list[numpy.ndarray] = field(default_factory=list)
     error: str | None = None
+    cpu_error: str | None = None  # refused on NumPy too (not a device problem)
 
 
-def run_optimizer(name: str, n_steps: int = 5) -> OptimizerRun:
-    """``n_steps`` of ``make_optimizer(name)`` on the MLP: on the recording device (syncs counted
-    per step in phases ``step0``…) and on NumPy (θ to compare)."""
+def run_optimizer(name: str, n_steps: int = 5, model: str = "mlp", n: int = 300) -> OptimizerRun:
+    """``n_steps`` of ``make_optimizer(name)`` on :func:`small_problem` ``model``: on the recording
+    device (syncs counted per step in phases ``step0``…) and on NumPy with the layers' array-API
+    paths (``conv.KERNELS = "xp"``; θ to compare bit for bit). A refusal on
+    NumPy (e.g. SMW on BatchNorm in training mode) is recorded as ``error`` on both sides."""
     from qnref.optim import make_optimizer  # noqa: PLC0415
 
+    from qnref.nn import conv  # noqa: PLC0415
+
     out = OptimizerRun(name)
-    theta, problem = small_mlp_problem(False)
-    opt = make_optimizer(name)
-    state = opt.init(theta)
-    for _ in range(n_steps):
-        theta, state, _ = opt.step(theta, state, problem)
-        out.cpu_thetas.append(numpy.array(theta))
+    saved, conv.KERNELS = conv.KERNELS, "xp"  # NumPy on the layers' array-API paths, as the device runs them
+    try:
+        theta, problem = small_problem(model, False, n)
+        opt = make_optimizer(name)
+        state = opt.init(theta)
+        for _ in range(n_steps):
+            theta, state, _ = opt.step(theta, state, problem)
+            out.cpu_thetas.append(numpy.array(theta))
+    except (ValueError, TypeError) as e:
+        out.error = out.cpu_error = f"{type(e).__name__}: {e}"
+        return out
+    finally:
+        conv.KERNELS = saved
     rec = Recorder()
     try:
         with recording_backend(rec):
-            theta, problem = small_mlp_problem(True)
+            theta, problem = small_problem(model, True, n)
             opt = make_optimizer(name)
             with rec.in_phase("init"):
                 state = opt.init(theta)
             for i in range(n_steps):
                 with rec.in_phase(f"step{i}"):
-                    theta, state, _ = opt.step(theta, state, problem)
+                    theta, state, info = opt.step(theta, state, problem)
+                note_device_values(rec, info.as_dict(), f"{type(opt).__name__} StepInfo", type(opt))
                 out.thetas.append(to_host(theta))
     except Exception as e:  # reported by the tests with the recorder's events so far
         out.error = f"{type(e).__name__}: {e}"
@@ -623,14 +690,25 @@ def run_optimizer(name: str, n_steps: int = 5) -> OptimizerRun:
     return out
 
 
-_RUNS: dict[tuple[str, int], OptimizerRun] = {}
+def note_device_values(rec: Recorder, values: dict, what: str, owner: type) -> None:
+    """Flag device arrays among values that must be host scalars (step infos): on CuPy a 0-d array
+    is no ``float`` (``json.dumps`` fails, every format is a hidden sync)."""
+    import inspect  # noqa: PLC0415
+
+    site = f"qnref{inspect.getsourcefile(owner)[len(QNREF_DIR):]}:{inspect.getsourcelines(owner)[1]}"
+    for k, v in values.items():
+        if isinstance(v, DeviceArray) or (isinstance(v, (list, tuple)) and any(isinstance(x, DeviceArray) for x in v)):
+            rec.events[Event("violation", f"{what}.{k}", site, detail=f"{what} field {k!r} holds a device array, not a host scalar")] += 1
 
 
-def optimizer_runs(n_steps: int = 5) -> dict[str, OptimizerRun]:
+_RUNS: dict[tuple, OptimizerRun] = {}
+
+
+def optimizer_runs(n_steps: int = 5, model: str = "mlp", n: int = 300) -> dict[str, OptimizerRun]:
     """:func:`run_optimizer` for every registered optimizer (cached for the test session)."""
     from qnref.optim import load_all  # noqa: PLC0415
 
     for name in sorted(load_all()):
-        if (name, n_steps) not in _RUNS:
-            _RUNS[(name, n_steps)] = run_optimizer(name, n_steps)
-    return {name: _RUNS[(name, n_steps)] for name in sorted(load_all())}
+        if (name, n_steps, model, n) not in _RUNS:
+            _RUNS[(name, n_steps, model, n)] = run_optimizer(name, n_steps, model, n)
+    return {name: _RUNS[(name, n_steps, model, n)] for name in sorted(load_all())}

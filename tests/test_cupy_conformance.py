@@ -21,11 +21,13 @@ import functools
 import json
 import pathlib
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 import cupy_recording as cr
+from qnref.curvature.operators import as_operator
 
 API_FILE = pathlib.Path(__file__).parent / "cupy_api.json"
 API = json.loads(API_FILE.read_text())
@@ -135,6 +137,8 @@ def _products(make, theta, v):
     out.update(fisher_vp=q.fisher_vp(v), gram=q.gram("grad"), per_example=q.per_example_grads(), hvp_eval=q.hvp(v))
     out["jvp"] = ev.jvp(theta, v)
     out["vjp"] = ev.vjp(theta, out["jvp"])
+    for kind in ("hessian", "ggn", "fisher"):  # cupyx.scipy.sparse.linalg.LinearOperator on the device
+        out[f"operator-{kind}"] = as_operator(q, kind).matvec(v)
     return out
 
 
@@ -167,10 +171,10 @@ def run_data():
     from qnref.optim.base import Problem
 
     r = np.random.default_rng(5)
-    ds = Dataset.from_arrays("toy", r.standard_normal((60, 3)), r.integers(0, 3, 60), n_test=15)
+    ds = Dataset.from_arrays("toy", r.standard_normal((400, 3)), r.integers(0, 3, 400), n_test=100)
     rec = cr.Recorder()
     with cr.recording_backend(rec):
-        d = ds.to("gpu", "float64").validate().standardized().subset(30, 10, seed=1)
+        d = ds.to("gpu", "float64").validate().standardized().subset(200, 50, seed=1)
         d.minmax_scaled()
         d.as_autoencoder()
         back = d.to("cpu")
@@ -179,6 +183,20 @@ def run_data():
         theta = cr.to_device(model.init(seed=0))
         for o in (prob.batch(7), prob.sample(5), prob.full()):
             o.value(theta)
+        # a checkpoint written from the device, read back onto it
+        from qnref import checkpoint
+        from qnref.optim import make_optimizer
+
+        opt = make_optimizer("lbfgs")
+        state = opt.init(theta)
+        theta, state, _ = opt.step(theta, state, prob)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = pathlib.Path(tmp) / "ck.npz"
+            checkpoint.save(path, {"theta": theta, "state": state, "problem": prob.state()}, {"run": "conformance"},
+                            hints={"state": type(state)})
+            payload, _ = checkpoint.load(path, hints={"state": type(state)}, device="gpu")
+        assert type(payload["theta"]) is cr.DeviceArray
+        opt.step(payload["theta"], payload["state"], prob)
     return rec, back
 
 
@@ -200,6 +218,22 @@ def test_engine_products_conform():
     assert rec.total > 1000
 
 
+def test_every_optimizer_conforms_on_a_batchnorm_cnn():
+    """2 steps of every optimizer on the 8×8 BatchNorm LeNet (conv/pool/BN paths, Kronecker factors
+    of conv layers); θ equals NumPy's bit for bit (both run the kernels' array-API twins)."""
+    runs = cr.optimizer_runs(2, "cnn-bn", 300)
+    errors = {n: r.error for n, r in runs.items() if r.error and not r.cpu_error}
+    assert not errors, errors
+    for name, r in runs.items():
+        if r.cpu_error:
+            continue
+        assert len(r.thetas) == len(r.cpu_thetas) == 2
+        for i, (a, b) in enumerate(zip(r.thetas, r.cpu_thetas)):
+            assert np.array_equal(a, b), f"{name} step {i}: the device path differs from NumPy"
+    found = problems(merged(*(r.recorder for r in runs.values() if r.recorder)))
+    assert not found, "\n".join(f"{p}  [{len(s)} sites]" for p, s in found.items())
+
+
 def test_every_optimizer_conforms_and_matches_numpy():
     runs = cr.optimizer_runs()
     errors = {n: r.error for n, r in runs.items() if r.error}
@@ -214,7 +248,7 @@ def test_every_optimizer_conforms_and_matches_numpy():
 
 def test_data_paths_conform():
     rec, back = run_data()
-    assert type(back.X_train) is np.ndarray and back.X_train.shape == (30, 3)
+    assert type(back.X_train) is np.ndarray and back.X_train.shape == (200, 3)
     found = problems(rec)
     assert not found, "\n".join(f"{p}  [{len(s)} sites]" for p, s in found.items())
 
@@ -254,7 +288,8 @@ def test_checker_flags_what_cupy_rejects():
 def report() -> str:
     """Calls recorded, distinct names and problems per workload (the closing note's numbers)."""
     recs = {"engine": run_engine()[0], "optimizers": merged(*(r.recorder for r in cr.optimizer_runs().values())),
-            "data": run_data()[0]}
+            "cnn-bn opt.": merged(*(r.recorder for r in cr.optimizer_runs(2, "cnn-bn", 300).values() if r.recorder)),
+            "data+ckpt": run_data()[0]}
     total = merged(*recs.values())
     lines = []
     for label, r in list(recs.items()) + [("all", total)]:
