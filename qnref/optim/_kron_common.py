@@ -238,10 +238,17 @@ Callback = Callable[..., Any]
 
 # -- tensor-factor preconditioners (Shampoo, TNT) ----------------------------------------------------------
 @dataclass
-class TensorState:
+class KronState:
+    """The start of every Kronecker method's state: steps taken k, whether the statistics have been
+    warm-started (:func:`open_kron_step`), the momentum ĝ."""
+
     k: int = 0
     initialized: bool = False
     mom: Any = None
+
+
+@dataclass
+class TensorState(KronState):
     stats: list = None      # per tensor part: list of k_l contraction estimates Ĝ⁽ⁱ⁾
     precond: list = None    # per tensor part: list of k_l preconditioning matrices
 

@@ -51,10 +51,7 @@ from .registry import register
 
 
 @dataclass
-class KBFGSState:
-    k: int = 0
-    initialized: bool = False
-    mom: Any = None
+class KBFGSState(kc.KronState):
     HA: dict = field(default_factory=dict)
     HG: dict = field(default_factory=dict)      # K-BFGS: dense H_G
     pairs: dict = field(default_factory=dict)   # K-BFGS(L): per layer, the (s̃, ỹ) pairs of H_G (PairStore rows)

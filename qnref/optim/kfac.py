@@ -39,10 +39,7 @@ from .registry import register
 
 
 @dataclass
-class KFACState:
-    k: int = 0
-    initialized: bool = False
-    mom: Any = None
+class KFACState(kc.KronState):
     A: dict = field(default_factory=dict)
     G: dict = field(default_factory=dict)
     HA: dict = field(default_factory=dict)
