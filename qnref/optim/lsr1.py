@@ -138,7 +138,6 @@ class LSR1TrustRegion(_LSR1Base):
 
     def _solve(self, g: Any, B: LSR1Operator | None, delta: float) -> tuple[Any, float, Any, int]:
         """(s, pred, B s or None, Gram fallback 0/1) of the subproblem min gᵀs + ½sᵀBs, ‖s‖ ≤ Δ."""
-        xp = backend.namespace(g)
         if self.solver == "steihaug":
             if B is not None:
                 _ = B.Psi  # form Ψ = Y − γS once (kn): a CG product B·d then costs (2k + 1)n, not 4kn + n
@@ -146,8 +145,7 @@ class LSR1TrustRegion(_LSR1Base):
             s = steihaug_cg(g, bv, delta).p
             return s, -float(g @ s + 0.5 * (s @ bv(s))), None, 0
         if B is None:
-            empty = xp.zeros((g.shape[0], 0), dtype=g.dtype)
-            sol = solve_lsr1_subproblem(g, self.gamma, empty, xp.zeros((0, 0), dtype=g.dtype), delta)
+            sol = solve_lsr1_subproblem(g, self.gamma, None, None, delta)
             return sol.p, sol.pred, None, 0
         if self.gram_cache:
             PtP = B.psi_gram()

@@ -251,13 +251,7 @@ class MBLSR1(Optimizer):
 
     def _tr_step(self, g: Any, B: LSR1Operator | None, delta: float):
         """p* of the L-SR1 trust-region subproblem with the latest pairs (Alg. 4 line 3)."""
-        xp = backend.namespace(g)
-        if B is None:
-            n = int(g.shape[0])
-            Psi, M = xp.zeros((n, 0), dtype=g.dtype), xp.zeros((0, 0), dtype=g.dtype)
-        else:
-            Psi, M = B.Psi, B.M
-        return solve_lsr1_subproblem(g, self.gamma, Psi, M, delta)
+        return solve_lsr1_subproblem(g, self.gamma, *((None, None) if B is None else (B.Psi, B.M)), delta)
 
     def _prune(self, pairs: PairStore) -> None:
         lsr1_prune(pairs, self.gamma)

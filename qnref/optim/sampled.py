@@ -343,8 +343,6 @@ class SampledLSR1(_SampledQN):
             return theta, state, (o.stop if o.point is None else with_extra(o.stop, radius=state.delta))
         p0, f0, g = o.point, o.f0, o.g
         pairs = self._pairs(p0, problem, self.gamma)
-        xp = p0.xp
-        n = int(theta.shape[0])
         gam, S, Y = self.gamma, pairs.S, pairs.Y
         mid = lsr1_middle(S, Y, gam) if pairs.kept else None
         if pairs.kept and mid is None:  # cannot happen after the filter; prune as [RD16] Alg. 1
@@ -352,10 +350,7 @@ class SampledLSR1(_SampledQN):
             lsr1_prune(store, gam)
             S, Y = store.S, store.Y
             mid = lsr1_middle(S, Y, gam) if S.shape[0] else None
-        if mid is None:
-            gam, Psi, M = 1.0, xp.zeros((n, 0), dtype=g.dtype), xp.zeros((0, 0), dtype=g.dtype)
-        else:
-            Psi, M = mid[0].T, mid[1]
+        gam, Psi, M = (1.0, None, None) if mid is None else (gam, mid[0].T, mid[1])
         sol = solve_lsr1_subproblem(g, gam, Psi, M, state.delta)
         trial = try_point(o.obj, theta + sol.p)
         f1 = trial.value if trial is not None else math.nan

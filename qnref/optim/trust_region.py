@@ -354,7 +354,8 @@ def solve_lsr1_subproblem(
 ) -> TrustRegionSolution:
     """Exact minimizer of gᵀp + ½pᵀBp, ‖p‖ ≤ Δ, B = γI + ΨMΨᵀ (OBS method of [BEM17]).
 
-    ``Psi``: ``(n, k)`` (e.g. :attr:`.operators.LSR1Operator.Psi`), ``M``: symmetric ``(k, k)``.
+    ``Psi``: ``(n, k)`` (e.g. :attr:`.operators.LSR1Operator.Psi`), ``M``: symmetric ``(k, k)``;
+    ``Psi = M = None``: no pairs, B = γI.
 
     1. Thin QR Ψ = QR (Householder), then an SVD of the k × k R drops dependent columns:
        Ψ = (QU_r)(Σ_r W_rᵀ), QU_r orthonormal n × r (r = numerical rank, σᵢ > rank_tol·σ₁).
@@ -370,6 +371,9 @@ def solve_lsr1_subproblem(
     Cost O(nk² + k³): one QR, products with Q of length n, one B p for the predicted reduction.
     Scalars and the r-vectors of step 3 are moved to the host (control flow, one sync each).
     """
+    if Psi is None and M is None:
+        xp = backend.namespace(g)
+        Psi, M = xp.zeros((g.shape[0], 0), dtype=g.dtype), xp.zeros((0, 0), dtype=g.dtype)
     xp = backend.namespace(g, Psi, M)
     gamma, delta = float(gamma), float(delta)
     if not delta > 0.0:

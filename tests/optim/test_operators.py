@@ -11,6 +11,7 @@ from qnref.optim.operators import (
     LBFGSOperator,
     LSR1Operator,
     bfgs_inverse_update,
+    lsr1_prune,
     operator_flops,
     sr1_skip,
 )
@@ -317,3 +318,28 @@ def test_dense_inverse_bfgs_operator():
     assert np.array_equal(sym, sym.T)
     with pytest.raises(ValueError, match="square"):
         DenseInverseBFGS(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_lsr1_prune_same_with_kept_and_fresh_grams(inverse):
+    """lsr1_prune drops the same pairs whether the store keeps its Grams or forms them (and ΨᵀΨ
+    from Ψ itself); the dependent oldest pair goes, the rest stay in order."""
+    rng = np.random.default_rng(11)
+    n = 9
+    s, y = rng.standard_normal(n), rng.standard_normal(n)
+    rows = [(s, y), (2 * s, 2 * y)] + [(rng.standard_normal(n), rng.standard_normal(n)) for _ in range(2)]
+    out = []
+    for grams in (True, False):
+        store = PairStore.empty(np.zeros(n), 5, grams=grams)
+        for a, b in rows:
+            store.append(a, b)
+        d = lsr1_prune(store, 1.0, inverse=inverse)
+        out.append((d, store.S.copy()))
+        assert store.has_grams == grams
+    S0, Y0 = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    assert out[0][0] == out[1][0] == lsr1_prune_count(S0, Y0, 1.0, inverse=inverse)
+    assert out[0][0] >= 1  # s₁ ∥ s₀, y₁ ∥ y₀: the first two rows make the middle matrix singular
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    assert lsr1_prune(PairStore.empty(np.zeros(n), 2), 1.0) == 0
+    with pytest.raises(ValueError, match="pruning test needs"):
+        prune_on_grams(np.eye(2), None, np.eye(2), 1.0)

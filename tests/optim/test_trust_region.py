@@ -445,3 +445,14 @@ def test_gram_solver_rank_deficient_and_empty():
     e, e0 = np.zeros((n, 0)), np.zeros((0, 0))
     sol = gram_solve(g, 2.0, e, e0, 100.0)
     assert not sol.boundary and np.allclose(sol.p, -g / 2.0, rtol=1e-14)
+
+
+def test_no_pairs_is_psi_none():
+    """``Psi = M = None`` means B = γI: the same solution as an empty (n, 0) Ψ, bit for bit."""
+    g = np.random.default_rng(4).standard_normal(12)
+    for delta in (0.05, 100.0):
+        a = solve_lsr1_subproblem(g, 0.7, None, None, delta)
+        b = solve_lsr1_subproblem(g, 0.7, np.zeros((12, 0)), np.zeros((0, 0)), delta)
+        np.testing.assert_array_equal(a.p, b.p)
+        assert a.pred == b.pred and a.boundary == (np.linalg.norm(g) / 0.7 > delta)
+        np.testing.assert_allclose(a.p, -g / 0.7 * min(1.0, delta * 0.7 / np.linalg.norm(g)), rtol=1e-14)
