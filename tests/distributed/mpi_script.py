@@ -1,7 +1,7 @@
 """Runs under ``mpiexec -n P python mpi_script.py MODE OUT`` for tests/distributed/test_mpi.py; the
 test imports the same builders to compute the one-process reference.
 
-MODE: products | train | raise | exit | kill
+MODE: products | train | raise | exit | kill | stall | refuse-bn | refuse-batch
 """
 from __future__ import annotations
 
@@ -143,6 +143,10 @@ class FailingOptimizer:
                 import signal
 
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "stall":  # alive, but never reaches the next collective
+                import time
+
+                time.sleep(10**6)
             raise RuntimeError("injected failure on rank 1")
         return self.inner.step(theta, state, problem)
 
@@ -176,10 +180,18 @@ def main(mode: str, out: str) -> None:
             assert part.stopped == "interrupted"
         if comm.is_root:
             np.savez(out, **res)
-    elif mode in ("raise", "exit", "kill"):
+    elif mode in ("raise", "exit", "kill", "stall"):
         name, kw = TRAIN_RUNS[0]
         opt = FailingOptimizer(make_optimizer(name, **kw), mode, comm.rank)
         train(train_model(), opt, train_data(), epochs=50, seed=3)
+    elif mode == "refuse-bn":  # BatchNorm couples the examples of a batch: refused on every rank
+        from qnref.nn.zoo import build_model
+
+        d = train_data()
+        d = Data(d.X_train.reshape(-1, 1, 8, 8), d.y_train, None, None, "softmax_ce", "digits")
+        train(build_model("lenet-digits", batchnorm=True), make_optimizer("adam", batch_size=50), d, epochs=1)
+    elif mode == "refuse-batch":  # a global batch of 1 cannot be split over 2 ranks
+        train(train_model(), make_optimizer("sgd", batch_size=1), train_data(), epochs=1)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

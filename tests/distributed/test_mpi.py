@@ -46,7 +46,7 @@ def _env() -> dict:
     return env
 
 
-def launch(args: list[str], n: int = 2, cwd: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def launch(args: list[str], n: int = 2, cwd: str | None = None, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     try:
         import mpi4py  # noqa: F401
     except ImportError:
@@ -54,7 +54,8 @@ def launch(args: list[str], n: int = 2, cwd: str | None = None) -> tuple[subproc
     cmd = [_mpiexec(), "-n", str(n), sys.executable] + args
     t0 = time.monotonic()
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=cwd or HERE)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env={**_env(), **(env or {})},
+                             cwd=cwd or HERE)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT} s (a rank hangs):\n{exc.stderr}")
     return res, time.monotonic() - t0
@@ -170,6 +171,39 @@ def test_failing_rank_ends_the_job(tmp_path, how):
         assert "error on rank 1 of 2" in res.stderr and "aborting all 2 ranks" in res.stderr
     if how == "kill":
         assert "BAD TERMINATION" in res.stdout + res.stderr or res.returncode in (9, 137, -9)
+
+
+@pytest.mark.mpi
+def test_a_rank_that_sleeps_forever_ends_the_job_within_the_timeout(tmp_path):
+    """Rank 1 sleeps at step 3 (alive, not in MPI); rank 0 waits at its next collective. With
+    QNREF_MPI_TIMEOUT=4 the job ends a few seconds after the timeout, with one line naming rank 1
+    and the collective, exit status 5."""
+    from qnref.distributed.comm import EXIT_TIMEOUT
+
+    t0 = time.monotonic()
+    res_start, _ = launch(["-c", "pass"])  # the launcher's own start-up, to subtract
+    startup = time.monotonic() - t0
+    res, elapsed = launch([os.path.join(HERE, "mpi_script.py"), "stall", str(tmp_path / "x")],
+                          env={"QNREF_MPI_TIMEOUT": "4"})
+    err = res.stderr.strip()
+    assert res.returncode == EXIT_TIMEOUT, (res.returncode, res.stderr)
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert "qnref: MPI collective timeout: rank 1 never arrived" in err and "rank 0 waited" in err
+    assert "allreduce_sum" in err and "limit 4 s" in err
+    assert elapsed - startup < 4 + 15, (elapsed, startup)  # timeout + start-up of qnref + a few seconds
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode,msg", [
+    ("refuse-bn", "the model has batch normalization in training mode"),
+    ("refuse-batch", "a batch of 1 examples cannot be split over 2 ranks"),
+])
+def test_refusals_print_one_line_on_rank_0(tmp_path, mode, msg):
+    res, _ = launch([os.path.join(HERE, "mpi_script.py"), mode, str(tmp_path / "x")])
+    err = res.stderr.strip()
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert err.count("\n") == 0 and msg in err and "Traceback" not in err, err
+    assert err.startswith("qnref train: error: ") and "(rank" not in err  # printed by rank 0
 
 
 # -- the command line -----------------------------------------------------------------------------
