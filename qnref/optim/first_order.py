@@ -81,7 +81,8 @@ class FirstOrderOptimizer(Optimizer):
         return moved[0], new_state, info
 
     def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
-        opened = open_fixed_step(problem, self.batch_size, self._gradient_point(theta, state))
+        # a NaN/Inf gradient gives a non-finite Δθ in every rule, which _close rejects: one check
+        opened = open_fixed_step(problem, self.batch_size, self._gradient_point(theta, state), need_grad=False)
         if opened.stop is not None:
             return theta, state, dataclasses.replace(opened.stop, step_size=self.lr)
         delta, new_state = self._update(theta, opened.g, state)
@@ -375,7 +376,7 @@ class SVRG(FirstOrderOptimizer):
 
     def step(self, theta, state: SVRGState, problem: Problem) -> tuple[Any, Any, StepInfo]:
         snapshot = state.k % self.period(problem) == 0
-        opened = open_fixed_step(problem, None if snapshot else self.batch_size, theta)
+        opened = open_fixed_step(problem, None if snapshot else self.batch_size, theta, need_grad=False)
         if opened.stop is not None:
             return theta, state, with_extra(dataclasses.replace(opened.stop, step_size=self.lr), snapshot=snapshot)
         if snapshot:
@@ -421,11 +422,13 @@ class GDLineSearch(FirstOrderOptimizer):
         return GDLineSearchState()
 
     def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
-        opened = open_fixed_step(problem, self.batch_size, theta)
-        if opened.stop is not None:  # f or ∇f not finite at θ
+        opened = open_fixed_step(problem, self.batch_size, theta, need_grad=False)
+        if opened.stop is not None:  # f not finite at θ
             return theta, state, opened.stop
         g = opened.g
         gg = float(g @ g)
+        if not math.isfinite(gg):    # ∇f not finite at θ
+            return theta, state, close_step(opened, loss=opened.f0, accepted=False, evals=1, nonfinite=True)
         ls = line_search(opened.obj, theta, -g, opened.f0, -gg, rule="armijo", alpha0=self.alpha0, c1=self.c1,
                          shrink=self.shrink, max_evals=self.max_evals)   # fails at g = 0 (φ'(0) = 0)
         extra = {"ls_evals": ls.evals, "ls_message": ls.message}
