@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from .. import backend
-from .operators import bfgs_inverse_update, sr1_skip
+from .operators import sr1_skip
 
-__all__ = ["bfgs_update", "bfgs_inverse_update", "sr1_update", "sr1_inverse_update"]
+__all__ = ["bfgs_update", "sr1_update", "sr1_inverse_update"]
 
 
-# --------------------------------------------------------------------------------------------
 def bfgs_update(B: Any, s: Any, y: Any) -> Any:
     """Dense BFGS update B⁺ = B − Bs sᵀB / sᵀBs + y yᵀ / yᵀs ([NW06] eq. 6.19).
 

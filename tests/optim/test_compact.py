@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qnref.optim.compact import bfgs_inverse_update, bfgs_update, sr1_inverse_update, sr1_update
+from qnref.optim.compact import bfgs_update, sr1_inverse_update, sr1_update
+from qnref.optim.operators import bfgs_inverse_update
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
