@@ -42,14 +42,7 @@ def sr1_update(B: Any, s: Any, y: Any, r: float = 1e-8) -> tuple[Any, bool]:
 
 
 def sr1_inverse_update(H: Any, s: Any, y: Any, r: float = 1e-8) -> tuple[Any, bool]:
-    """Dense inverse SR1 update H⁺ = H + (s − Hy)(s − Hy)ᵀ / (s − Hy)ᵀy ([NW06] eq. 6.25).
-
-    Skip rule |yᵀ(s − Hy)| ≥ r‖y‖‖s − Hy‖ ([RD16] Alg. 2 line 19).  Returns ``(H_new, skipped)``.
-    When both are defined this is the inverse of :func:`sr1_update` (SR1 is self-dual).
-    """
-    xp = backend.namespace(H, s, y)
-    Hy = H @ y
-    if sr1_skip(y, s, Hy, r):
-        return H.copy(), True
-    w = s - Hy
-    return H + xp.outer(w, w) / float(w @ y), False
+    """Dense inverse SR1 update H⁺ = H + (s − Hy)(s − Hy)ᵀ / (s − Hy)ᵀy ([NW06] eq. 6.25), skip rule
+    |yᵀ(s − Hy)| ≥ r‖y‖‖s − Hy‖ ([RD16] Alg. 2 line 19). SR1 is self-dual: this is
+    :func:`sr1_update` with the roles of s and y exchanged. Returns ``(H_new, skipped)``."""
+    return sr1_update(H, y, s, r)
