@@ -603,36 +603,19 @@ def to_host(x: Any) -> Any:
 
 # ---------------------------------------------------------------------- workloads
 def small_problem(key: str, device: bool, n: int = 300, seed: int = 1234):
-    """(θ₀, :class:`~qnref.optim.base.Problem`) of a reference-trajectory setting on ``n`` examples:
-    ``"mlp"`` (4 → 6 → 5 → 3, tanh) or ``"cnn-bn"`` (the 8×8 LeNet with BatchNorm, width 0.5);
-    arrays on the recording device when ``device`` (call inside :func:`recording_backend`)."""
-    from qnref import backend  # noqa: PLC0415
-    from qnref.nn.activations import Tanh  # noqa: PLC0415
-    from qnref.nn.dense import Dense  # noqa: PLC0415
-    from qnref.nn.model import Sequential  # noqa: PLC0415
-    from qnref.nn.zoo import build_model  # noqa: PLC0415
-    from qnref.optim.base import Problem  # noqa: PLC0415
-
-    r = numpy.random.default_rng(seed)
-    if key == "mlp":
-        model = Sequential([Dense(6), Tanh(), Dense(5), Tanh(), Dense(3)], input_shape=(4,))
-        X = r.standard_normal((n, 4))
-        y = (X[:, 0] + X[:, 1] * X[:, 2] > 0).astype(numpy.int64) + (X[:, 3] > 0.8)
-    elif key == "cnn-bn":
-        model = build_model("lenet-digits", batchnorm=True, width=0.5, n_outputs=3)
-        X = r.standard_normal((n, 1, 8, 8))
-        y = (X[:, 0, :4].sum(axis=(1, 2)) > X[:, 0, 4:].sum(axis=(1, 2))).astype(numpy.int64) + (X[:, 0, 0, 0] > 1.0)
-    else:
-        raise ValueError(f"model key must be 'mlp' or 'cnn-bn', got {key!r}")
-    theta = model.init(seed=7)
-    if device:
-        X, y, theta = (backend.to_device(a, "gpu") for a in (X, y, theta))
-    return theta, Problem(model, "softmax_ce", X, y, 1e-3, seed=11)
+    """``tools/gpu_check.reference_problem`` (MLP or BatchNorm CNN); arrays on the recording device
+    when ``device`` (call inside :func:`recording_backend`)."""
+    return gpu_check().reference_problem(key, "gpu" if device else "cpu", n, seed)
 
 
-def small_mlp_problem(device: bool, n: int = 300, seed: int = 1234):
-    """:func:`small_problem` of the MLP."""
-    return small_problem("mlp", device, n, seed)
+def gpu_check() -> types.ModuleType:
+    """``tools/gpu_check.py``, the one definition of the reference problems and product sets."""
+    tools = str(pathlib.Path(__file__).resolve().parents[1] / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import gpu_check as gc  # noqa: PLC0415
+
+    return gc
 
 
 @dataclass
@@ -712,3 +695,22 @@ def optimizer_runs(n_steps: int = 5, model: str = "mlp", n: int = 300) -> dict[s
         if (name, n_steps, model, n) not in _RUNS:
             _RUNS[(name, n_steps, model, n)] = run_optimizer(name, n_steps, model, n)
     return {name: _RUNS[(name, n_steps, model, n)] for name in sorted(load_all())}
+
+
+# ---------------------------------------------------------------------- pytest plugin
+_PLUGIN_CTX: Any = None
+
+
+def pytest_configure(config: Any) -> None:
+    """With ``pytest -p cupy_recording`` the whole session runs on the recording device, so the
+    ``gpu`` tests run (and must pass) on a machine without a GPU: a dry run of their code."""
+    global _PLUGIN_CTX
+    _PLUGIN_CTX = recording_backend()
+    _PLUGIN_CTX.__enter__()
+
+
+def pytest_unconfigure(config: Any) -> None:
+    global _PLUGIN_CTX
+    if _PLUGIN_CTX is not None:
+        _PLUGIN_CTX.__exit__(None, None, None)
+        _PLUGIN_CTX = None

@@ -1,6 +1,7 @@
 """CPU-side CuPy conformance: qnref's CuPy code path, run by NumPy, uses only what CuPy offers.
 
-The engine (every product on an MLP, a BatchNorm CNN with max/avg pooling and a residual net), every
+The engine (every product of ``tools/gpu_check.products`` on its models: MLP, CNN with max/avg
+pooling, BatchNorm CNN, residual net, global average pooling), every
 registered optimizer (5 steps) and the data paths run on the recording device backend of
 :mod:`cupy_recording`; every namespace attribute and call, array method and property, and operator
 is checked against the pinned list of CuPy's public names and signatures (``tests/cupy_api.json``,
@@ -27,7 +28,6 @@ import numpy as np
 import pytest
 
 import cupy_recording as cr
-from qnref.curvature.operators import as_operator
 
 API_FILE = pathlib.Path(__file__).parent / "cupy_api.json"
 API = json.loads(API_FILE.read_text())
@@ -103,62 +103,14 @@ def merged(*recs: cr.Recorder) -> cr.Recorder:
 
 
 # ---------------------------------------------------------------------- workloads
-def _engine_models():
-    from qnref.nn.activations import ReLU, Tanh
-    from qnref.nn.conv import Conv2d
-    from qnref.nn.dense import Dense
-    from qnref.nn.model import Sequential
-    from qnref.nn.norm import BatchNorm
-    from qnref.nn.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
-    from qnref.nn.reshape import Flatten
-    from qnref.nn.zoo import build_model
-
-    r = np.random.default_rng(3)
-    mlp = Sequential([Dense(6), Tanh(), Dense(4)], input_shape=(5,))
-    cnn = Sequential([Conv2d(3, 3, padding=1), BatchNorm(), ReLU(), MaxPool2d(3, stride=2, padding=1),
-                      Conv2d(4, 3, stride=2), Tanh(), AvgPool2d(2, stride=1), Flatten(), Dense(3)], input_shape=(2, 10, 10))
-    res = build_model("resnet20", input_shape=(3, 8, 8), n_outputs=3, width=0.25, depth=8)
-    gap = Sequential([Conv2d(3, 3, padding=1), MaxPool2d(2), GlobalAvgPool(), Dense(3)], input_shape=(1, 6, 6))
-    return {
-        "mlp": (mlp, r.standard_normal((12, 5)), r.integers(0, 4, 12)),
-        "cnn-bn-pool": (cnn, r.standard_normal((6, 2, 10, 10)), r.integers(0, 3, 6)),
-        "resnet": (res, r.standard_normal((4, 3, 8, 8)), r.integers(0, 3, 4)),
-        "gap": (gap, r.standard_normal((5, 1, 6, 6)), r.integers(0, 3, 5)),
-    }
-
-
-def _products(make, theta, v):
-    """Every product: value, grad, Hv, Gv in training mode (BatchNorm batch statistics), and with
-    ``train=False`` also Fv, Jv, Jᵀu, the gradient Gram matrix and per-example gradients."""
-    p = make(True).at(theta)
-    out = {"value": p.value, "grad": p.grad, "hvp": p.hvp(v), "ggn_vp": p.ggn_vp(v)}
-    ev = make(False)
-    q = ev.at(theta)
-    out.update(fisher_vp=q.fisher_vp(v), gram=q.gram("grad"), per_example=q.per_example_grads(), hvp_eval=q.hvp(v))
-    out["jvp"] = ev.jvp(theta, v)
-    out["vjp"] = ev.vjp(theta, out["jvp"])
-    for kind in ("hessian", "ggn", "fisher"):  # cupyx.scipy.sparse.linalg.LinearOperator on the device
-        out[f"operator-{kind}"] = as_operator(q, kind).matvec(v)
-    return out
-
-
 @functools.cache
 def run_engine():
-    """(recorder, {model: (cpu products, device products)})."""
-    from qnref import backend
-    from qnref.curvature.objective import Objective
-
-    results = {}
+    """(recorder, rows): ``tools/gpu_check.check_products`` — every product on its models, NumPy
+    against the recorded device path (relative tolerance 1e-12)."""
     rec = cr.Recorder()
-    for key, (model, X, y) in _engine_models().items():
-        theta = model.init(seed=1)
-        v = np.random.default_rng(2).standard_normal(theta.size)
-        cpu = _products(lambda train: Objective(model, "softmax_ce", X, y, l2=1e-3, train=train), theta, v)
-        with cr.recording_backend(rec):
-            Xd, yd, thd, vd = (backend.to_device(a, "gpu") for a in (X, y, theta, v))
-            dev = _products(lambda train: Objective(model, "softmax_ce", Xd, yd, l2=1e-3, train=train), thd, vd)
-        results[key] = (cpu, cr.to_host(dev))
-    return rec, results
+    with cr.recording_backend(rec):
+        rows = cr.gpu_check().check_products(1e-12)
+    return rec, rows
 
 
 @functools.cache
@@ -209,10 +161,10 @@ def test_pinned_list_names_the_namespaces_qnref_uses():
 
 
 def test_engine_products_conform():
-    rec, results = run_engine()
-    for key, (cpu, dev) in results.items():
-        for name in cpu:
-            np.testing.assert_allclose(np.asarray(dev[name]), np.asarray(cpu[name]), rtol=1e-12, atol=1e-14, err_msg=f"{key} {name}")
+    rec, rows = run_engine()
+    bad = [r for r in rows if not r.ok]
+    assert not bad, cr.gpu_check().format_table(bad)
+    assert len(rows) >= 5 * 12
     found = problems(rec)
     assert not found, "\n".join(f"{p}  [{len(s)} sites]" for p, s in found.items())
     assert rec.total > 1000

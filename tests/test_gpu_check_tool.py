@@ -1,5 +1,6 @@
-"""The CPU-runnable parts of tools/gpu_check.py: argument parsing, the comparison, the table, and a dry
-run of the product and trajectory checks on the recording device backend (no GPU needed)."""
+"""The CPU-runnable parts of tools/gpu_check.py: argument parsing, the comparison, the table, a dry
+run of the product and trajectory checks on the recording device backend (no GPU needed), and a dry
+run of every ``gpu`` test on that backend."""
 import math
 import pathlib
 import subprocess
@@ -61,9 +62,21 @@ def test_dry_run_on_the_recording_device():
     every row passes (the device path computes what NumPy computes)."""
     with cr.recording_backend():
         rows = gc.check_products(1e-10) + gc.check_trajectories(["sgd", "lbfgs", "kfac"], 2, 1e-10)
-    assert len(rows) == 4 * 9 + 3  # 9 products × 4 models + 3 trajectories
+    assert len(rows) == 5 * 12 + 3  # 12 products × 5 models + 3 trajectories
     bad = [r for r in rows if not r.ok]
     assert not bad, gc.format_table(bad)
+
+
+def test_gpu_tests_pass_on_the_recording_device():
+    """Every ``gpu`` test, run with the recording backend as its device (``-p cupy_recording``):
+    the GPU tests' own code is exercised on every machine (torch-CUDA and 2-GPU tests skip)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": f"{root / 'tests'}"}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "cupy_recording", "-p", "no:cacheprovider", "-m", "gpu",
+                        str(root / "tests" / "gpu")], capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    tail = p.stdout[-3000:] + p.stderr[-2000:]
+    assert p.returncode == 0, tail
+    assert " passed" in p.stdout and " failed" not in p.stdout, tail
 
 
 def test_main_without_gpu_says_so():

@@ -51,11 +51,11 @@ class Row:
 # ---------------------------------------------------------------------- CPU-testable parts
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gpu_check", description="GPU vs CPU products, trajectories and timings")
-    ap.add_argument("--steps", type=_positive_int, default=5, help="optimizer steps per trajectory (default 5)")
+    ap.add_argument("--steps", type=_positive(int), default=5, help="optimizer steps per trajectory (default 5)")
     ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                     help="comma-separated registry names, or 'all' (default: one per family)")
-    ap.add_argument("--tol", type=_positive_float, default=1e-10, help="largest relative GPU−CPU difference (default 1e-10)")
-    ap.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats per benchmark (median; default 5)")
+    ap.add_argument("--tol", type=_positive(float), default=1e-10, help="largest relative GPU−CPU difference (default 1e-10)")
+    ap.add_argument("--repeats", type=_positive(int), default=5, help="timed repeats per benchmark (median; default 5)")
     ap.add_argument("--no-bench", action="store_true", help="skip the timings")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
@@ -66,24 +66,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _positive(kind: type):
+    """An argparse type: a positive finite ``kind`` (int or float), with a clear message otherwise."""
+    noun = "integer" if kind is int else "number"
 
+    def convert(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {s!r}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"expected a positive finite {noun}, got {s!r}")
+        return v
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
-    return v
+    return convert
 
 
 def rel_err(got: Any, want: Any) -> float:
@@ -151,13 +147,15 @@ def median_ms(fn: Callable[[], Any], sync: Callable[[], None], repeats: int) -> 
 
 
 # ---------------------------------------------------------------------- GPU parts
-def _models():
+def _models() -> dict:
+    """The product-check models: name → (model, X, y) (MLP, CNN with max/avg pooling, BatchNorm CNN,
+    residual net, global average pooling)."""
     from qnref.nn.activations import ReLU, Tanh
     from qnref.nn.conv import Conv2d
     from qnref.nn.dense import Dense
     from qnref.nn.model import Sequential
     from qnref.nn.norm import BatchNorm
-    from qnref.nn.pool import AvgPool2d, MaxPool2d
+    from qnref.nn.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
     from qnref.nn.reshape import Flatten
     from qnref.nn.zoo import build_model
 
@@ -170,12 +168,16 @@ def _models():
         "cnn-bn": (Sequential([Conv2d(4, 3, padding=1), BatchNorm(), ReLU(), MaxPool2d(2), Flatten(), Dense(3)], input_shape=(2, 8, 8)),
                    r.standard_normal((8, 2, 8, 8)), r.integers(0, 3, 8)),
         "residual": (build_model("resnet-digits", n_outputs=3), r.standard_normal((8, 1, 8, 8)), r.integers(0, 3, 8)),
+        "global-pool": (Sequential([Conv2d(3, 3, padding=1), MaxPool2d(2), GlobalAvgPool(), Dense(3)], input_shape=(1, 6, 6)),
+                        r.standard_normal((5, 1, 6, 6)), r.integers(0, 3, 5)),
     }
 
 
 def products(make: Callable[[bool], Any], theta: Any, v: Any) -> dict:
     """Every product of an objective; ``make(train)`` builds it (BatchNorm: batch statistics when
     ``train``, running statistics otherwise — the per-example products need ``train=False``)."""
+    from qnref.curvature.operators import as_operator
+
     p = make(True).at(theta)
     out = {"value": p.value, "grad": p.grad, "hvp": p.hvp(v), "ggn_vp": p.ggn_vp(v)}
     ev = make(False)
@@ -183,6 +185,8 @@ def products(make: Callable[[bool], Any], theta: Any, v: Any) -> dict:
     out.update(fisher_vp=q.fisher_vp(v), gram=q.gram("grad"), per_example=q.per_example_grads())
     out["jvp"] = ev.jvp(theta, v)
     out["vjp"] = ev.vjp(theta, out["jvp"])
+    for kind in ("hessian", "ggn", "fisher"):  # LinearOperator views (cupyx.scipy.sparse.linalg on CuPy)
+        out[f"operator-{kind}"] = as_operator(q, kind).matvec(v)
     return out
 
 
@@ -201,22 +205,39 @@ def check_products(tol: float) -> list[Row]:
     return rows
 
 
-def trajectory(name: str, steps: int, device: str) -> list[np.ndarray]:
-    """θ after each of ``steps`` steps of ``make_optimizer(name)`` on the reference MLP on ``device``."""
+def reference_problem(key: str, device: str = "cpu", n: int = 300, seed: int = 1234):
+    """(θ₀, :class:`~qnref.optim.base.Problem`) of a reference-trajectory setting on ``n`` examples
+    on ``device``: ``"mlp"`` (4 → 6 → 5 → 3, tanh) or ``"cnn-bn"`` (the 8×8 LeNet with BatchNorm,
+    width 0.5), as in ``tests/optim/reference_trajectories.py``."""
     from qnref import backend
     from qnref.nn.activations import Tanh
     from qnref.nn.dense import Dense
     from qnref.nn.model import Sequential
-    from qnref.optim import make_optimizer
+    from qnref.nn.zoo import build_model
     from qnref.optim.base import Problem
 
-    r = np.random.default_rng(1234)
-    model = Sequential([Dense(6), Tanh(), Dense(5), Tanh(), Dense(3)], input_shape=(4,))
-    X = r.standard_normal((300, 4))
-    y = (X[:, 0] + X[:, 1] * X[:, 2] > 0).astype(np.int64) + (X[:, 3] > 0.8)
+    r = np.random.default_rng(seed)
+    if key == "mlp":
+        model = Sequential([Dense(6), Tanh(), Dense(5), Tanh(), Dense(3)], input_shape=(4,))
+        X = r.standard_normal((n, 4))
+        y = (X[:, 0] + X[:, 1] * X[:, 2] > 0).astype(np.int64) + (X[:, 3] > 0.8)
+    elif key == "cnn-bn":
+        model = build_model("lenet-digits", batchnorm=True, width=0.5, n_outputs=3)
+        X = r.standard_normal((n, 1, 8, 8))
+        y = (X[:, 0, :4].sum(axis=(1, 2)) > X[:, 0, 4:].sum(axis=(1, 2))).astype(np.int64) + (X[:, 0, 0, 0] > 1.0)
+    else:
+        raise ValueError(f"model key must be 'mlp' or 'cnn-bn', got {key!r}")
     theta = model.init(seed=7)
     X, y, theta = (backend.to_device(a, device) for a in (X, y, theta))
-    problem = Problem(model, "softmax_ce", X, y, 1e-3, seed=11)
+    return theta, Problem(model, "softmax_ce", X, y, 1e-3, seed=11)
+
+
+def trajectory(name: str, steps: int, device: str, model: str = "mlp") -> list[np.ndarray]:
+    """θ after each of ``steps`` steps of ``make_optimizer(name)`` on :func:`reference_problem` on ``device``."""
+    from qnref import backend
+    from qnref.optim import make_optimizer
+
+    theta, problem = reference_problem(model, device)
     opt = make_optimizer(name)
     state = opt.init(theta)
     out = []

@@ -10,7 +10,7 @@ from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 
 pytestmark = pytest.mark.gpu
-MODELS = ("mlp", "cnn", "cnn-bn", "residual")
+MODELS = ("mlp", "cnn", "cnn-bn", "residual", "global-pool")
 
 
 def _pair(dtype="float64"):
@@ -26,7 +26,8 @@ def _pair(dtype="float64"):
 
 @pytest.mark.parametrize("key", MODELS)
 def test_every_product_matches_cpu(key):
-    """value, grad, Hv, Gv (training mode), Fv, Gram, per-example gradients, Jv, Jᵀu: GPU = CPU to 1e-10."""
+    """value, grad, Hv, Gv (training mode), Fv, Gram, per-example gradients, Jv, Jᵀu, LinearOperator
+    matvecs: GPU = CPU to 1e-10, results on the device."""
     model, X, y = gpu_check._models()[key]
     theta = model.init(seed=1)
     v = np.random.default_rng(2).standard_normal(theta.size)
