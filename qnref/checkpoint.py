@@ -331,23 +331,25 @@ def save(path: str | os.PathLike, payload: dict, fingerprints: dict, hints: Mapp
         "tree": {"k": "dict", "v": items},
     }
     raw = json.dumps(manifest, allow_nan=False, sort_keys=True).encode()
-    digest = hashlib.sha256(raw).hexdigest().encode()
+    atomic_write(path, lambda fh: write_archive(fh, raw, w.arrays))
 
-    def write(fh: Any) -> None:
-        with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            zf.comment = b"0" * _DIGEST_LEN
-            _write_npy(zf, MANIFEST, numpy.frombuffer(raw, dtype=numpy.uint8))
-            _write_npy(zf, MANIFEST_SHA, numpy.frombuffer(digest, dtype=numpy.uint8))
-            for n, a in w.arrays.items():
-                _write_npy(zf, n, a)
-        fh.flush()
-        size = fh.tell()
-        fh.seek(0)
-        whole = _sha256_of(fh, size - _DIGEST_LEN)
-        fh.seek(size - _DIGEST_LEN)
-        fh.write(whole.encode())
 
-    atomic_write(path, write)
+def write_archive(fh: Any, manifest: bytes, arrays: Mapping[str, numpy.ndarray]) -> None:
+    """The archive of the module docstring into the seekable binary file ``fh``: the manifest
+    bytes, their SHA-256, the arrays, and the whole-file SHA-256 as the archive comment."""
+    digest = hashlib.sha256(manifest).hexdigest().encode()
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.comment = b"0" * _DIGEST_LEN
+        _write_npy(zf, MANIFEST, numpy.frombuffer(manifest, dtype=numpy.uint8))
+        _write_npy(zf, MANIFEST_SHA, numpy.frombuffer(digest, dtype=numpy.uint8))
+        for n, a in arrays.items():
+            _write_npy(zf, n, a)
+    fh.flush()
+    size = fh.tell()
+    fh.seek(0)
+    whole = _sha256_of(fh, size - _DIGEST_LEN)
+    fh.seek(size - _DIGEST_LEN)
+    fh.write(whole.encode())
 
 
 def _sha256_of(fh: Any, nbytes: int) -> str:

@@ -131,7 +131,7 @@ def _check_hyper_types(name: str, hyper: dict, params: Any) -> dict:
                 out[k] = check.parse_integer(label, v)
             elif isinstance(v, float):
                 check.integer(label, v)
-            elif isinstance(v, bool):
+            elif v is not None:  # bool, lists, … (None may mean 'the full batch': the optimizer decides)
                 raise CLIError(str(check.ValidationError(label, v, f"an integer (hyperparameter of {name})")))
         elif isinstance(default, float):
             if isinstance(v, str):
@@ -153,7 +153,14 @@ def make_optimizer(name: str, hyper: dict) -> Any:
         for k in hyper:
             if k not in params:
                 raise CLIError(suggest(k, [p for p in params if p != "self"], f"hyperparameter of {name}"))
-    return cls(**_check_hyper_types(name, hyper, params))
+    hyper = _check_hyper_types(name, hyper, params)
+    try:
+        return cls(**hyper)
+    except (ValueError, TypeError) as exc:
+        if any(k in str(exc) for k in hyper):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in hyper.items())
+        raise CLIError(f"{name} refused the hyperparameters {given}: {exc}") from None
 
 
 def build_data(dataset: str, *, data_dir: str | None, seed: int, n_train: int | None, n_test: int | None, device: str, dtype: str,

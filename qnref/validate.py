@@ -21,10 +21,12 @@ import re
 import tempfile
 from typing import Any
 
+import numpy
+
 __all__ = ["ValidationError", "PathError", "number", "integer", "boolean", "parse_number", "parse_integer",
            "parse_integers", "describe_range", "output_file", "output_dir", "make_dir"]
 
-_INT_TEXT = re.compile(r"^[+-]?\d+$")
+_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 
 class ValidationError(ValueError):
@@ -69,7 +71,7 @@ def _is_real(value: Any) -> bool:
 
 
 def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    return isinstance(value, (bool, numpy.bool_))
 
 
 def number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -129,7 +131,7 @@ def parse_number(name: str, text: str, lo: float | None = None, hi: float | None
 def parse_integer(name: str, text: str, lo: int | None = None, hi: int | None = None) -> int:
     """:func:`integer` on command-line text (decimal digits with an optional sign only)."""
     s = str(text).strip()
-    if not _INT_TEXT.match(s) or len(s) > 40:
+    if not _INT_TEXT.fullmatch(s) or len(s) > 40:
         raise ValidationError(name, text, describe_range(lo, hi, kind="integer"))
     try:
         return integer(name, int(s), lo, hi)
@@ -159,13 +161,15 @@ class PathError(ValueError):
 
 
 def _nearest_existing(path: str) -> str:
-    p = os.path.abspath(path)
-    while not os.path.lexists(p):
+    """The nearest existing ancestor, walking the path as the OS will (no '..' folding: 'f/..'
+    passes through the file f)."""
+    p = path
+    while p and not os.path.lexists(p):
         parent = os.path.dirname(p)
         if parent == p:
             break
         p = parent
-    return p
+    return p or "."
 
 
 def _probe_writable(option: str, user_path: str, folder: str) -> None:
@@ -179,7 +183,7 @@ def _probe_writable(option: str, user_path: str, folder: str) -> None:
 
 
 def _check_ancestors(option: str, user_path: str, target: str) -> None:
-    base = _nearest_existing(os.path.dirname(os.path.abspath(target)) or ".")
+    base = _nearest_existing(os.path.dirname(target.rstrip(os.sep) or target))
     if not os.path.isdir(base):
         raise PathError(f"{option} {user_path}: {base} is a file, not a folder")
     _probe_writable(option, user_path, base)
@@ -191,7 +195,7 @@ def output_file(option: str, path: str | os.PathLike) -> str:
     user = os.fspath(path)
     if not user or "\0" in user:
         raise PathError(f"{option} must be a file name, got {user!r}")
-    if os.path.isdir(user):
+    if os.path.isdir(user) or os.path.basename(user) in ("", ".", ".."):
         raise PathError(f"{option} {user}: is a folder; give a file name")
     if os.path.lexists(user) and not os.path.isfile(user):
         raise PathError(f"{option} {user}: exists and is not a regular file")
