@@ -51,9 +51,9 @@ from typing import Any, Callable, NamedTuple
 import numpy
 
 from qnref import backend
-from qnref.curvature.derived import PointProducts
+from qnref.curvature.derived import PointProducts, is_empirical
 from qnref.curvature.objective import NonFiniteError, PassCounter, PointMethods
-from qnref.curvature.structure import OpaqueModel, layout_of, no_layer_structure
+from qnref.curvature.structure import OpaqueModel, layout_of, no_layer_structure, positions
 from qnref.optim.base import Problem
 
 from .compare import jax_loss
@@ -88,6 +88,13 @@ def x64_scope(on: bool = True) -> Any:
     if cm is None:  # pragma: no cover - older JAX
         from jax.experimental import enable_x64 as cm
     return cm(True)
+
+
+def has_float64(params: Any) -> bool:
+    """True when a leaf of the pytree ``params`` is float64 (then JAX calls run in :func:`x64_scope`)."""
+    import jax
+
+    return any(numpy.dtype(getattr(a, "dtype", numpy.float64)) == numpy.float64 for a in jax.tree_util.tree_leaves(params))
 
 
 def _scoped(fn: Callable) -> Callable:
@@ -162,8 +169,7 @@ class JaxObjective(PointMethods):
             raise ValueError(f"l2 must be a finite non-negative number, got {l2}")
         self.apply_fn, self.loss, self.params = apply_fn, loss, params
         self.l2 = float(l2)
-        self.float64 = any(numpy.dtype(getattr(a, "dtype", numpy.float64)) == numpy.float64
-                           for a in jax.tree_util.tree_leaves(params))
+        self.float64 = has_float64(params)
         with x64_scope(self.float64):
             flat, self.unravel = ravel_pytree(params)
             self.X, self.y = _to_jax(X), _to_jax(y)
@@ -215,7 +221,7 @@ class JaxObjective(PointMethods):
     def subset(self, idx: Any) -> "JaxObjective":
         import jax.numpy as jnp
 
-        i = jnp.asarray(numpy.asarray(backend.to_numpy(idx), dtype=numpy.int64))
+        i = jnp.asarray(positions(idx, self.n_samples))
         return JaxObjective(self.apply_fn, self.loss, self.params, self.X[i], self.y[i], self.l2, counter=self.counter,
                             _funcs=self._f, _model=self.model)
 
@@ -309,21 +315,15 @@ class JaxPoint(PointProducts):
     def local_loss_hvp(self, u: Any) -> Any:
         return self._out(self.obj._f.loss_hvp(self._z_jax, _to_jax(u), self.obj.y))
 
-    def _targets(self, targets: Any) -> Any:
-        if targets is None or (isinstance(targets, str) and targets == "empirical"):
-            return self.obj.y
-        if isinstance(targets, str):
-            if targets == "sampled":
-                return self.sampled_targets()
-            raise ValueError(f"unknown targets {targets!r}; choose 'empirical', 'sampled' or pass an array of targets")
-        return _to_jax(targets)
+    def _native_targets(self, targets: Any) -> Any:
+        return self.select_targets(targets, self.obj.y, _to_jax)
 
     @_scoped
     def local_output_grads(self, targets: Any) -> Any:
-        empirical = targets is None or (isinstance(targets, str) and targets == "empirical")
+        empirical = is_empirical(targets)
         if empirical and self._e is not None:
             return self._e
-        e = self._out(self.obj._f.out_grads(self._z_jax, self._targets(targets)))
+        e = self._out(self.obj._f.out_grads(self._z_jax, self._native_targets(targets)))
         if empirical:
             self._e = e
         return e
@@ -332,7 +332,7 @@ class JaxPoint(PointProducts):
     def per_example_grads(self, targets: Any = "empirical") -> Any:
         """(N, n) rows ∇ℓᵢ (data term); ``targets`` "empirical" (or ``None``), "sampled" or an array replacing y."""
         self.obj.counter.add("backward", self.N, "per_example_grads")
-        return self._out(self.obj._f.pex(self._t, self.obj.X, self._targets(targets)))
+        return self._out(self.obj._f.pex(self._t, self.obj.X, self._native_targets(targets)))
 
     def layer_stats(self, targets: Any = "empirical") -> dict:
         raise no_layer_structure("layer_stats (the Kronecker layer taps)", "jax")
@@ -441,12 +441,17 @@ def as_gradient_transformation(qnref_optimizer: Any, problem_fn: Any = None) -> 
         return problem_fn() if callable(problem_fn) and not isinstance(problem_fn, Problem) else problem_fn
 
     def init(params: Any) -> QNRefTransformState:
-        flat, _ = ravel_pytree(params)
+        with x64_scope(has_float64(params)):
+            flat, _ = ravel_pytree(params)
         return QNRefTransformState(qnref_optimizer.init(numpy.array(flat)))
 
     def update(updates: Any, state: QNRefTransformState, params: Any = None):
         if params is None:
             raise ValueError("qnref transformations need params: call update(grads, state, params)")
+        with x64_scope(has_float64(params)):
+            return _update(updates, state, params)
+
+    def _update(updates: Any, state: QNRefTransformState, params: Any):
         flat, unravel = ravel_pytree(params)
         theta = numpy.array(flat)
         if pure:

@@ -59,9 +59,9 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from qnref import backend
-from qnref.curvature.derived import PointProducts
+from qnref.curvature.derived import PointProducts, is_empirical
 from qnref.curvature.objective import NonFiniteError, PassCounter, PointMethods
-from qnref.curvature.structure import OpaqueModel, layout_of, no_layer_structure
+from qnref.curvature.structure import OpaqueModel, layout_of, no_layer_structure, positions
 from qnref.optim.base import Problem
 
 from .compare import torch_hvp
@@ -240,7 +240,7 @@ class TorchObjective(PointMethods):
         return TorchPoint(self, theta)
 
     def subset(self, idx: Any) -> "TorchObjective":
-        idx_t = torch.as_tensor(numpy.asarray(backend.to_numpy(idx), dtype=numpy.int64), device=self.X.device)
+        idx_t = torch.as_tensor(positions(idx, self.n_samples), device=self.X.device)
         return TorchObjective(self.module, self.loss, self.X[idx_t], self.y[idx_t], self.l2, counter=self.counter,
                               _params=self._p)
 
@@ -333,24 +333,18 @@ class TorchPoint(PointProducts):
         loss_fn = self.obj.loss_fn
         return lambda zi, yi: loss_fn(zi[None], yi[None])
 
-    def _targets(self, targets: Any) -> torch.Tensor:
-        if targets is None or (isinstance(targets, str) and targets == "empirical"):
-            return self.obj.y
-        if isinstance(targets, str):
-            if targets == "sampled":
-                return self.sampled_targets()
-            raise ValueError(f"unknown targets {targets!r}; choose 'empirical', 'sampled' or pass an array of targets")
-        return _targets_tensor(targets, self.obj.y)
+    def _native_targets(self, targets: Any) -> torch.Tensor:
+        return self.select_targets(targets, self.obj.y, lambda t: _targets_tensor(t, self.obj.y))
 
     def local_loss_hvp(self, u: Any) -> Any:
         li, ut = self._example_loss(), to_torch_tensor(u, self.obj._p.device, self.obj._p.dtype)
         return self._out(vmap(lambda zi, yi, ui: torch_hvp(lambda zz: li(zz, yi), zi, ui))(self._zt, self.obj.y, ut))
 
     def local_output_grads(self, targets: Any) -> Any:
-        empirical = targets is None or (isinstance(targets, str) and targets == "empirical")
+        empirical = is_empirical(targets)
         if empirical and self._e is not None:
             return self._e
-        e = self._out(vmap(grad(self._example_loss()))(self._zt, self._targets(targets)))
+        e = self._out(vmap(grad(self._example_loss()))(self._zt, self._native_targets(targets)))
         if empirical:
             self._e = e
         return e
@@ -363,7 +357,7 @@ class TorchPoint(PointProducts):
         """
         self.check_independent("per_example_grads")
         obj = self.obj
-        yy_all = self._targets(targets)
+        yy_all = self._native_targets(targets)
 
         def li(t, x, yy):
             return obj.loss_fn(functional_call(obj.module, obj._p.split(t), (x[None],)), yy[None])

@@ -32,6 +32,11 @@ class NonFiniteError(ValueError):
     """θ, a direction or the data contain NaN/Inf."""
 
 
+def is_empirical(targets: Any) -> bool:
+    """True for the true targets: ``"empirical"`` (or ``None``, the adapters' older spelling)."""
+    return targets is None or (isinstance(targets, str) and targets == "empirical")
+
+
 class PointProducts:
     """Mixin: every derived product of :class:`~qnref.curvature.protocol.PointProtocol`.
 
@@ -57,6 +62,17 @@ class PointProducts:
 
     def check_independent(self, what: str) -> None:
         """Examples are independent unless a subclass knows otherwise."""
+
+    def select_targets(self, targets: Any, true: Any, convert: Any) -> Any:
+        """The targets meant by ``targets``: ``true`` for "empirical", the point's ỹ
+        (:meth:`sampled_targets`) for "sampled", ``convert(targets)`` for an explicit array."""
+        if is_empirical(targets):
+            return true
+        if isinstance(targets, str):
+            if targets == "sampled":
+                return self.sampled_targets()
+            raise ValueError(f"unknown targets {targets!r}; choose 'empirical', 'sampled' or pass an array of targets")
+        return convert(targets)
 
     # -- attributes ----------------------------------------------------------------------------
     @property

@@ -35,7 +35,7 @@ from typing import Any
 from .. import backend
 from ..nn.losses import Loss, get_loss
 from ..nn.model import Sequential
-from .derived import NonFiniteError, PointProducts
+from .derived import NonFiniteError, PointProducts, is_empirical
 
 __all__ = ["Objective", "Point", "PassCounter", "PointMethods", "NonFiniteError", "gram_matrix"]
 
@@ -72,6 +72,12 @@ class PassCounter:
             "grad_equivalents": self.grad_equivalents,
             "calls": dict(self.calls),
         }
+
+    def restore(self, snap: dict) -> None:
+        """Set the counts from a :meth:`snapshot` (checkpoint resume)."""
+        for k in ("forward", "backward", "rforward", "rbackward"):
+            setattr(self, k, int(snap[k]))
+        self.calls = dict(snap["calls"])
 
 
 class PointMethods:
@@ -313,13 +319,10 @@ class Point(PointProducts):
 
     def _fisher_dz(self, targets: Any) -> Any:
         """∂ℓ/∂z at the true targets ("empirical"), the point's ỹ ("sampled") or given targets."""
-        if isinstance(targets, str):
-            if targets == "empirical":
-                return self.dz
-            if targets == "sampled":
-                return self.obj.loss.dz(self.z, self.sampled_targets())
-            raise ValueError(f"unknown targets {targets!r}; choose 'empirical', 'sampled' or pass an array of targets")
-        return self.obj.loss.dz(self.z, self.obj.loss.check(tuple(self.z.shape), targets))
+        if is_empirical(targets):
+            return self.dz
+        loss = self.obj.loss
+        return loss.dz(self.z, self.select_targets(targets, None, lambda t: loss.check(tuple(self.z.shape), t)))
 
     # -- per-example quantities ---------------------------------------------------------------
     def _check_coupling(self, what: str) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy
+
+from .. import backend
 from ..params import ParamLayout, ParamSpec
 from .protocol import UnsupportedProductError
 
@@ -20,12 +23,26 @@ def layout_of(blocks: "Sequence[tuple[str, tuple[int, ...]]]") -> ParamLayout:
     return ParamLayout([("", ParamSpec(name, tuple(int(d) for d in shape))) for name, shape in blocks])
 
 
+def positions(idx: Any, n: int) -> numpy.ndarray:
+    """Host int64 positions of ``subset(idx)`` among ``n`` examples: a slice, a boolean mask, or
+    integer indices (NumPy, CuPy or a sequence), as NumPy indexing understands them."""
+    if isinstance(idx, slice):
+        return numpy.arange(n, dtype=numpy.int64)[idx]
+    pos = numpy.asarray(backend.to_numpy(idx) if backend.is_cupy_array(idx) else idx)
+    if pos.dtype == bool:
+        if pos.shape != (n,):
+            raise ValueError(f"a boolean subset mask must have shape ({n},), got {pos.shape}")
+        return numpy.flatnonzero(pos)
+    return pos.astype(numpy.int64, copy=False).reshape(-1)
+
+
 def no_layer_structure(product: str, framework: str) -> UnsupportedProductError:
     """The error of a product that needs qnref's per-layer structure on an opaque model."""
+    convert = {"torch": "convert the model to a qnref Sequential (qnref_torch.convert) and use qnref's Problem, or ",
+               "jax": "convert the model to a qnref Sequential (qnref_jax.from_spec) and use qnref's Problem, or "}
     return UnsupportedProductError(
         f"{product} needs qnref's per-layer (Kronecker) structure, which an opaque {framework} model does not "
-        f"expose; convert the model to a qnref Sequential ({'qnref_torch' if framework == 'torch' else 'qnref_jax'}"
-        ".convert) and use qnref's Problem, or use an optimizer that needs only value, grad, hvp, ggn_vp, "
+        f"expose; {convert.get(framework, '')}use an optimizer that needs only value, grad, hvp, ggn_vp, "
         "fisher_vp, per_example_grads or gram")
 
 

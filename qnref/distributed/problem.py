@@ -55,6 +55,7 @@ import numpy
 from .. import backend
 from ..curvature.derived import PointProducts
 from ..curvature.objective import Objective, PassCounter, PointMethods, gram_matrix
+from ..curvature.structure import positions
 from ..optim.base import Problem
 from .comm import Communicator, get_comm
 
@@ -178,8 +179,7 @@ class DistributedObjective(PointMethods):
 
     def subset(self, idx: Any) -> "DistributedObjective":
         """The objective on positions ``idx`` *of this batch* (global positions, as for Objective)."""
-        pos = numpy.asarray(backend.to_numpy(idx) if backend.is_cupy_array(idx) else idx)
-        return DistributedObjective(self.problem, self.idx[pos])
+        return DistributedObjective(self.problem, self.idx[positions(idx, self.n_samples)])
 
 
 class DistributedTap(dict):

@@ -182,10 +182,7 @@ class Problem:
         self._pos = int(st["pos"])
         self.samples_drawn = int(st["samples_drawn"])
         self.epoch_passes = int(st["epoch_passes"])
-        c = st["counter"]
-        for k in ("forward", "backward", "rforward", "rbackward"):
-            setattr(self.counter, k, int(c[k]))
-        self.counter.calls = dict(c["calls"])
+        self.counter.restore(st["counter"])
 
 
 class Optimizer:

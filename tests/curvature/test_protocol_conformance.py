@@ -308,6 +308,12 @@ def test_problem_stream_matches_the_numpy_problem(case):
     assert sub.n_samples == 2
     assert abs(sub.at(case.theta).value - b.subset(np.array([4, 1])).at(ref.theta).value) <= 1e-14
     assert sub.subset(np.array([1])).n_samples == 1
+    mask = np.zeros(N, dtype=bool)
+    mask[[0, 5]] = True
+    for idx in (slice(1, 4), mask):
+        sa, sb = a.full_objective.subset(idx), b.full_objective.subset(idx)
+        assert sa.n_samples == sb.n_samples
+        assert abs(sa.at(case.theta).value - sb.at(ref.theta).value) <= 1e-14 * abs(sb.at(ref.theta).value)
 
 
 def test_problem_state_resumes_the_stream(case):
@@ -329,3 +335,44 @@ def test_jax_float64_is_scoped_not_process_wide():
     assert g.dtype == np.float64
     assert rel(c.to_ref(g), oracle("softmax_ce")["grad"]) <= ORACLE_RTOL
     assert bool(jax.config.jax_enable_x64) == before
+
+
+# -- plain functions: the same protocol, seen as the identity network on one example ------------------------
+def _rosenbrock():
+    from qnref.curvature.function import rosenbrock_problem
+
+    prob = rosenbrock_problem(5)
+    x = np.array([0.3, -0.7, 1.1, 0.4, -0.2])
+    g = prob.full_objective.at(x).grad
+    H = np.stack([dense.central_difference(lambda t: prob.full_objective.at(t).grad, x, i, 1e-3, 4) for i in range(5)],
+                 axis=1)
+    return prob, x, g, H
+
+
+def test_function_problem_satisfies_the_protocols():
+    prob, x, g, H = _rosenbrock()
+    p = prob.full_objective.at(x)
+    assert isinstance(prob, ProblemProtocol) and isinstance(prob.full_objective, ObjectiveProtocol)
+    assert isinstance(p, PointProtocol) and isinstance(prob.model, ModelStructure)
+    assert prob.layout.size == p.layout.size == 5 and p.xp is np and p.N == 1
+    v, u = np.random.default_rng(2).standard_normal(5), np.random.default_rng(3).standard_normal((1, 5))
+    for got, want in [(p.hvp(v), H @ v), (p.ggn_vp(v), H @ v), (p.fisher_vp(v, "exact"), H @ v),
+                      (p.fisher_vp(v), np.outer(g, g) @ v), (p.jvp(v), v[None]), (p.vjp(u), u[0]),
+                      (p.per_example_grads(), g[None]), (p.gram(), np.array([[g @ g]])),
+                      (p.gram("jacobian"), np.eye(5))]:
+        assert rel(got, want) <= ORACLE_RTOL
+    for f in (DIRECTION_PRODUCTS[k] for k in ("hvp", "ggn_vp", "jvp", "fisher_empirical", "fisher_exact")):
+        with pytest.raises(ValueError, match="length"):
+            f(p, np.ones(6))
+        with pytest.raises(NonFiniteError):
+            f(p, np.full(5, np.nan))
+    with pytest.raises(UnsupportedProductError, match="predictive distribution"):
+        p.fisher_vp(v, "sampled")
+    with pytest.raises(UnsupportedProductError, match="layer_stats"):
+        p.layer_stats()
+    with pytest.raises(UnsupportedProductError, match="kron_layers"):
+        list(prob.model.kron_layers)
+    st = prob.state()
+    prob.full(), prob.batch(1)
+    prob.load_state(st)
+    assert prob.epochs == 0 and prob.subset([0]) is prob.full_objective
