@@ -10,6 +10,8 @@ them again), which it copies to ``html/vendor/``.
     python tools/asv_publish_offline.py                 # asv_bench/html, from asv_bench/results
     python tools/asv_publish_offline.py --html-dir DIR  # (used by the tests)
     python -m http.server -d asv_bench/html 8080        # then open http://localhost:8080/
+    python tools/asv_publish_offline.py --screenshot /tmp/dash.png [--page '#bench_engine.ProductPasses.track_passes_grad']
+                                                        # serve on localhost, load in headless Chromium
 
 (The page reads its JSON with XMLHttpRequest, so it needs a local server, as ``asv preview``
 gives; file:// URLs work only with a browser flag such as --allow-file-access-from-files.)
@@ -107,12 +109,47 @@ def localize(html_dir):
     return changed
 
 
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def screenshot(html_dir, png, page="", size="1400,900"):
+    """Serve ``html_dir`` on a free localhost port and save headless Chromium's screenshot of it
+    (nothing else is reachable: the page must load every script from the server)."""
+    import functools
+    import http.server
+    import tempfile
+    import threading
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("chromium not found (apt-get install -y chromium)")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=html_dir)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with tempfile.TemporaryDirectory() as prof:
+            url = f"http://127.0.0.1:{srv.server_address[1]}/index.html{page}"
+            subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={prof}", f"--window-size={size}",
+                            "--virtual-time-budget=10000", f"--screenshot={os.path.abspath(png)}", url],
+                           check=True, capture_output=True, timeout=120)
+    finally:
+        srv.shutdown()
+    return png
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--html-dir", help="asv's html_dir (default: asv_bench/html)")
     ap.add_argument("--config", default=os.path.join(ASV_DIR, "asv.conf.json"), help="asv config")
     ap.add_argument("--no-publish", action="store_true", help="only rewrite an already published html dir")
     ap.add_argument("--update-vendor", action="store_true", help="npm ci in tools/asv_dashboard and copy the files")
+    ap.add_argument("--screenshot", metavar="PNG", help="then load the page in headless Chromium and save a screenshot")
+    ap.add_argument("--page", default="", help="URL fragment of the page to shoot, e.g. '#summarylist'")
     a = ap.parse_args(argv)
     if a.update_vendor:
         update_vendor()
@@ -125,6 +162,8 @@ def main(argv=None):
     changed = localize(html)
     print(f"offline dashboard: {html} ({', '.join(changed) or 'nothing to rewrite'}); "
           f"serve it with: python -m http.server -d {os.path.relpath(html)} 8080")
+    if a.screenshot:
+        print(f"screenshot: {screenshot(html, a.screenshot, a.page)}")
     return 0
 
 
