@@ -440,6 +440,16 @@ class _FakeCuda:
         def getDeviceCount() -> int:  # noqa: N802
             return 1
 
+    class Device:  # noqa: D106 - mirrors cupy.cuda.Device (one device, nothing to wait for)
+        def __init__(self, device_id: int = 0):
+            self.id = device_id
+
+        def synchronize(self) -> None:
+            pass
+
+        def use(self) -> None:
+            pass
+
 
 class Namespace(types.ModuleType):
     """A recorded proxy of a NumPy/SciPy module under a CuPy name."""

@@ -67,6 +67,36 @@ def test_dry_run_on_the_recording_device():
     assert not bad, gc.format_table(bad)
 
 
+def test_bench_dry_run_with_torch_on_the_cpu():
+    """The timing code end to end at small sizes: qnref on the recording device, torch on the CPU."""
+    pytest.importorskip("torch")
+    with cr.recording_backend():
+        rows = gc.bench(1, mlp_batch=8, resnet_batch=2, torch_device="cpu")
+    assert [r.name for r in rows] == ["MLP grad (batch 8)", "MLP Hv", "MLP Gv", "ResNet-20 fwd+bwd (batch 2)"]
+    assert all(r.ms > 0 and r.torch_ms > 0 for r in rows)
+
+
+def test_torch_products_match_qnref_on_the_cpu():
+    """The torch side times the same computations: its grad, Hv and Gv of the benchmark MLP equal
+    qnref's (the same weights, float64, small batch)."""
+    torch = pytest.importorskip("torch")
+    from qnref.curvature.objective import Objective
+    from qnref.nn.zoo import build_model
+
+    r = np.random.default_rng(0)
+    X, y = r.standard_normal((6, 784)), r.integers(0, 10, 6)
+    model = build_model("mlp", input_shape=(784,), n_outputs=10, hidden=(1000, 500), activation="tanh")
+    theta = model.init(seed=0)
+    v = r.standard_normal(theta.size)
+    p = Objective(model, "softmax_ce", X, y).at(theta)
+    net = gc._torch_mlp(torch, "cpu")
+    ps, vs = gc.torch_params(torch, net, theta), gc.torch_params(torch, net, v)
+    np.testing.assert_array_equal(gc.qnref_flat(torch, net, ps), theta)
+    grad, hvp, ggn = gc.torch_products(torch, net, X, y)
+    for got, want in ((grad(ps), p.grad), (hvp(ps, vs), p.hvp(v)), (ggn(ps, vs), p.ggn_vp(v))):
+        assert gc.rel_err(gc.qnref_flat(torch, net, got), want) <= 1e-10
+
+
 def test_gpu_tests_pass_on_the_recording_device():
     """Every ``gpu`` test, run with the recording backend as its device (``-p cupy_recording``):
     the GPU tests' own code is exercised on every machine (torch-CUDA and 2-GPU tests skip)."""

@@ -262,8 +262,9 @@ def check_trajectories(names: Sequence[str], steps: int, tol: float) -> list[Row
     return rows
 
 
-def bench(repeats: int) -> list[Row]:
-    """grad/Hv/Gv of an MLP (784-1000-500-10, batch 1000) and ResNet-20 forward+backward (batch 128), vs torch-CUDA."""
+def bench(repeats: int, mlp_batch: int = 1000, resnet_batch: int = 128, torch_device: str = "cuda") -> list[Row]:
+    """grad/Hv/Gv of an MLP (784-1000-500-10, batch ``mlp_batch``) and ResNet-20 forward+backward
+    (batch ``resnet_batch``) on the GPU, vs torch on ``torch_device`` (float64 both)."""
     import cupy
 
     from qnref import backend
@@ -274,68 +275,107 @@ def bench(repeats: int) -> list[Row]:
     r = np.random.default_rng(0)
     rows = []
     mlp = build_model("mlp", input_shape=(784,), n_outputs=10, hidden=(1000, 500), activation="tanh")
-    X, y = r.standard_normal((1000, 784)), r.integers(0, 10, 1000)
+    X, y = r.standard_normal((mlp_batch, 784)), r.integers(0, 10, mlp_batch)
     theta = mlp.init(seed=0)
     v = r.standard_normal(theta.size)
     obj = Objective(mlp, "softmax_ce", backend.to_device(X, "gpu"), backend.to_device(y, "gpu"))
     tg, vg = backend.to_device(theta, "gpu"), backend.to_device(v, "gpu")
-    torch_t = _torch_mlp_times(X, y, repeats)
-    rows.append(Row("bench", "MLP grad (batch 1000)", ms=median_ms(lambda: obj.at(tg).grad, sync, repeats), torch_ms=torch_t.get("grad")))
+    torch_t = _torch_mlp_times(X, y, repeats, torch_device)
+    rows.append(Row("bench", f"MLP grad (batch {mlp_batch})", ms=median_ms(lambda: obj.at(tg).grad, sync, repeats), torch_ms=torch_t.get("grad")))
     rows.append(Row("bench", "MLP Hv", ms=median_ms(lambda: obj.at(tg).hvp(vg), sync, repeats), torch_ms=torch_t.get("hvp")))
     rows.append(Row("bench", "MLP Gv", ms=median_ms(lambda: obj.at(tg).ggn_vp(vg), sync, repeats), torch_ms=torch_t.get("ggn")))
     res = build_model("resnet20")
-    Xr, yr = r.standard_normal((128, 3, 32, 32)), r.integers(0, 10, 128)
+    Xr, yr = r.standard_normal((resnet_batch, 3, 32, 32)), r.integers(0, 10, resnet_batch)
     th = backend.to_device(res.init(seed=0), "gpu")
     objr = Objective(res, "softmax_ce", backend.to_device(Xr, "gpu"), backend.to_device(yr, "gpu"))
-    rows.append(Row("bench", "ResNet-20 fwd+bwd (batch 128)", ms=median_ms(lambda: objr.at(th).grad, sync, repeats),
-                    torch_ms=_torch_resnet20_ms(Xr, yr, repeats)))
+    rows.append(Row("bench", f"ResNet-20 fwd+bwd (batch {resnet_batch})", ms=median_ms(lambda: objr.at(th).grad, sync, repeats),
+                    torch_ms=_torch_resnet20_ms(Xr, yr, repeats, torch_device)))
     return rows
 
 
-def _torch_cuda():
+def _torch_on(device: str):
+    """torch when it can use ``device`` ("cuda" or "cpu"), else None; and its synchronize."""
     try:
         import torch
     except ImportError:
-        return None
-    return torch if torch.cuda.is_available() else None
+        return None, None
+    if device == "cuda":
+        return (torch, torch.cuda.synchronize) if torch.cuda.is_available() else (None, None)
+    return torch, lambda: None
 
 
-def _torch_mlp_times(X: np.ndarray, y: np.ndarray, repeats: int) -> dict:
-    torch = _torch_cuda()
-    if torch is None:
-        return {}
+def _torch_mlp(torch: Any, device: str) -> Any:
+    """The benchmark MLP in torch: 784-1000-500-10, tanh, float64."""
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(784, 1000), nn.Tanh(), nn.Linear(1000, 500), nn.Tanh(),
+                         nn.Linear(500, 10)).to(torch.device(device), torch.float64)
+
+
+def torch_params(torch: Any, net: Any, flat: np.ndarray) -> dict:
+    """qnref's θ layout (per Dense layer the row-major block W̄ = [W b], out × in+1) → torch's
+    parameter dict of ``net`` (a Sequential of Linear layers and activations)."""
+    out, off = {}, 0
+    for i, m in enumerate(net):
+        if isinstance(m, torch.nn.Linear):
+            o, n_in = m.weight.shape
+            blk = torch.as_tensor(np.asarray(flat[off : off + o * (n_in + 1)]).reshape(o, n_in + 1), device=m.weight.device)
+            out[f"{i}.weight"], out[f"{i}.bias"] = blk[:, :-1].contiguous(), blk[:, -1].contiguous()
+            off += o * (n_in + 1)
+    return out
+
+
+def qnref_flat(torch: Any, net: Any, d: dict) -> np.ndarray:
+    """Inverse of :func:`torch_params`: a torch parameter dict as one vector in qnref's layout."""
+    parts = [torch.cat([d[f"{i}.weight"], d[f"{i}.bias"][:, None]], 1).reshape(-1)
+             for i, m in enumerate(net) if isinstance(m, torch.nn.Linear)]
+    return torch.cat(parts).detach().cpu().numpy()
+
+
+def torch_products(torch: Any, net: Any, X: Any, y: Any) -> tuple[Callable, Callable, Callable]:
+    """grad(ps), hvp(ps, vs) (forward-over-reverse) and ggn(ps, vs) (J v, then H_L of the mean
+    softmax cross-entropy, then Jᵀ) of ``net`` on (X, y): the computations timed against qnref's."""
     from torch.func import functional_call, jvp, vjp
 
-    dev = torch.device("cuda")
-    net = torch.nn.Sequential(torch.nn.Linear(784, 1000), torch.nn.Tanh(), torch.nn.Linear(1000, 500), torch.nn.Tanh(),
-                              torch.nn.Linear(500, 10)).to(dev, torch.float64)
+    dev = next(net.parameters()).device
     Xt, yt = torch.as_tensor(X, device=dev), torch.as_tensor(y, device=dev)
-    params = {k: p.detach() for k, p in net.named_parameters()}
-    vec = {k: torch.randn_like(p) for k, p in params.items()}
-    ce = torch.nn.functional.cross_entropy
+
+    def f(ps):
+        return functional_call(net, ps, (Xt,))
 
     def loss(ps):
-        return ce(functional_call(net, ps, (Xt,)), yt)
+        return torch.nn.functional.cross_entropy(f(ps), yt)
 
-    def grad():
-        return torch.func.grad(loss)(params)
+    def grad(ps):
+        return torch.func.grad(loss)(ps)
 
-    def hvp():
-        return jvp(torch.func.grad(loss), (params,), (vec,))[1]
+    def hvp(ps, vs):
+        return jvp(torch.func.grad(loss), (ps,), (vs,))[1]
 
-    def ggn():
-        z, jv = jvp(lambda ps: functional_call(net, ps, (Xt,)), (params,), (vec,))
+    def ggn(ps, vs):
+        z, jv = jvp(f, (ps,), (vs,))
         p = torch.softmax(z, dim=1)
         hu = (p * jv - p * (p * jv).sum(1, keepdim=True)) / z.shape[0]
-        return vjp(lambda ps: functional_call(net, ps, (Xt,)), params)[1](hu)
+        return vjp(f, ps)[1](hu)[0]
 
-    sync = torch.cuda.synchronize
-    return {"grad": median_ms(grad, sync, repeats), "hvp": median_ms(hvp, sync, repeats), "ggn": median_ms(ggn, sync, repeats)}
+    return grad, hvp, ggn
 
 
-def _torch_resnet20_ms(X: np.ndarray, y: np.ndarray, repeats: int) -> float | None:
-    """[HE] §4.2 ResNet-20 (option-A shortcuts) in torch, float64, forward + backward."""
-    torch = _torch_cuda()
+def _torch_mlp_times(X: np.ndarray, y: np.ndarray, repeats: int, device: str = "cuda") -> dict:
+    """torch's grad / Hv / Gv times in ms for the benchmark MLP on ``device`` ({} without torch there)."""
+    torch, sync = _torch_on(device)
+    if torch is None:
+        return {}
+    net = _torch_mlp(torch, device)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    vec = {k: torch.randn_like(p) for k, p in params.items()}
+    grad, hvp, ggn = torch_products(torch, net, X, y)
+    return {"grad": median_ms(lambda: grad(params), sync, repeats), "hvp": median_ms(lambda: hvp(params, vec), sync, repeats),
+            "ggn": median_ms(lambda: ggn(params, vec), sync, repeats)}
+
+
+def _torch_resnet20_ms(X: np.ndarray, y: np.ndarray, repeats: int, device: str = "cuda") -> float | None:
+    """[HE] §4.2 ResNet-20 (option-A shortcuts) in torch, float64, forward + backward; ms."""
+    torch, sync = _torch_on(device)
     if torch is None:
         return None
     nn = torch.nn
@@ -362,7 +402,7 @@ def _torch_resnet20_ms(X: np.ndarray, y: np.ndarray, repeats: int) -> float | No
             layers.append(Block(cin, cout, stride if i == 0 else 1))
             cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     net = nn.Sequential(*layers).to(dev, torch.float64)
     Xt, yt = torch.as_tensor(X, device=dev), torch.as_tensor(y, device=dev)
 
@@ -370,7 +410,7 @@ def _torch_resnet20_ms(X: np.ndarray, y: np.ndarray, repeats: int) -> float | No
         net.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(net(Xt), yt).backward()
 
-    return median_ms(step, torch.cuda.synchronize, repeats)
+    return median_ms(step, sync, repeats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

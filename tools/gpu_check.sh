@@ -8,13 +8,17 @@
 #      (≤ 1e-10 relative) and grad/Hv/Gv/ResNet-20 timings against torch-CUDA, as one table.
 # Usage: bash tools/gpu_check.sh [tools/gpu_check.py options, e.g. --optimizers all --json out.json]
 # Environment: PYTHON (default python3), GPU_CHECK_NO_INSTALL=1 to install nothing,
-#              GPU_CHECK_TORCH=0 to skip the torch install. Exit status: 0 only when everything passed.
+#              GPU_CHECK_TORCH=0 to skip the torch install, GPU_CHECK_WHEELS=DIR to install offline
+#              from a folder of wheels (pip download cupy-cuda13x fastrlock cuda-pathfinder -d DIR
+#              on a machine with internet). Exit status: 0 only when everything passed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 say() { printf '[gpu_check %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
-pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+PIP_SRC=()
+[ -n "${GPU_CHECK_WHEELS:-}" ] && PIP_SRC=(--no-index --find-links "$GPU_CHECK_WHEELS")
+pipi() { "$PY" -m pip install -q --disable-pip-version-check "${PIP_SRC[@]}" "$@"; }
 
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/[gpu] /'
@@ -39,12 +43,12 @@ if [ "${GPU_CHECK_NO_INSTALL:-0}" != 1 ]; then
     for pkg in "cupy-cuda13x" "cupy-cuda13x[ctk]" "cupy-cuda12x" "cupy-cuda12x[ctk]"; do
       say "installing $pkg"
       "$PY" -m pip uninstall -q -y cupy-cuda13x cupy-cuda12x >/dev/null 2>&1
-      timeout 300 "$PY" -m pip install -q --disable-pip-version-check "$pkg" && cupy_ok && break
+      timeout 300 "$PY" -m pip install -q --disable-pip-version-check "${PIP_SRC[@]}" "$pkg" && cupy_ok && break
     done
   fi
   if [ "${GPU_CHECK_TORCH:-1}" != 0 ] && ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     say "installing torch with CUDA (for the comparison timings; optional)"
-    timeout 240 "$PY" -m pip install -q --disable-pip-version-check torch || say "torch-CUDA not installed: timings without the torch column"
+    timeout 240 "$PY" -m pip install -q --disable-pip-version-check "${PIP_SRC[@]}" torch || say "torch-CUDA not installed: timings without the torch column"
   fi
 fi
 cupy_ok || { say "CuPy cannot use a CUDA device here: stopping (see docs/gpu.md, Installing)"; exit 2; }
