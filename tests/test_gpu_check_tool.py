@@ -114,6 +114,13 @@ def test_main_without_gpu_says_so():
     assert p.returncode == 2 and "no usable CUDA device" in p.stderr
 
 
-def test_shell_script_parses():
+def test_shell_script_parses_and_stops_cleanly_without_a_gpu():
+    from qnref import backend
+
     sh = pathlib.Path(gc.__file__).with_name("gpu_check.sh")
     assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
+    if backend.gpu_available():
+        pytest.skip("a GPU is present: the script would run the whole check")
+    env = {**__import__("os").environ, "GPU_CHECK_NO_INSTALL": "1", "PYTHON": sys.executable}
+    p = subprocess.run(["bash", str(sh)], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "CuPy cannot use a CUDA device here" in p.stdout, p.stdout + p.stderr
