@@ -327,6 +327,13 @@ CLAIMS = [
     value_claim(K, "K-BFGS step / SGD step (autoencoder, batch 256)", OPT + "OptimizerRatios.track_time_ratio_to_sgd", "<=", 3.0, budget=True, optimizer="kbfgs"),
     value_claim(K, "K-BFGS(L) step / SGD step", OPT + "OptimizerRatios.track_time_ratio_to_sgd", "<=", 3.0, budget=True, optimizer="kbfgs-l"),
     value_claim(K, "K-FAC step / SGD step", OPT + "OptimizerRatios.track_time_ratio_to_sgd", "<=", 3.0, budget=True, optimizer="kfac"),
+    value_claim(K, "thesis autoencoder 784-1000-…-784, batch 1000, float64: K-BFGS step / SGD step",
+                FAM + "KroneckerThesisAutoencoder.track_step_over_sgd", "<=", 4.0, budget=True, optimizer="kbfgs"),
+    value_claim(K, "… K-BFGS(L) step / SGD step", FAM + "KroneckerThesisAutoencoder.track_step_over_sgd", "<=", 4.0,
+                budget=True, optimizer="kbfgs-l"),
+    ratio_claim(K, "… K-BFGS cheaper per step than K-FAC at the thesis settings",
+                (FAM + "KroneckerThesisAutoencoder.track_step_over_sgd", dict(optimizer="kbfgs")),
+                (FAM + "KroneckerThesisAutoencoder.track_step_over_sgd", dict(optimizer="kfac")), "<=", 1.0, full=False),
 ] + [
     ratio_claim(K, f"memory comparable to first order: {name}", (FAM + "KroneckerVsMomentum.peakmem_steps", dict(model="autoencoder", optimizer=name)),
                 (OPT + "OptimizerStep.peakmem_step", dict(optimizer="sgd")), "<=", 1.1, full=False)
