@@ -160,6 +160,16 @@ def test_pinned_list_names_the_namespaces_qnref_uses():
     assert NS["cupy"]["names"]["add"]["kind"] == "ufunc" and "at" in NS["cupy"]["names"]["add"]["methods"]
 
 
+def test_pinned_list_is_current_when_cupy_is_installed():
+    """Where CuPy is importable, the committed list equals what ``tools/cupy_names.py`` generates."""
+    pytest.importorskip("cupy")
+    import subprocess
+
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "cupy_names.py"
+    p = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 def test_engine_products_conform():
     rec, rows = run_engine()
     bad = [r for r in rows if not r.ok]
