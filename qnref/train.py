@@ -24,12 +24,15 @@ become :class:`RunInterrupted`, which names the last checkpoint written.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy
 
@@ -294,8 +297,6 @@ def train(
 
 def _check_arguments(o: dict) -> None:
     """The numeric and flag arguments of :func:`train`, by name (ValueError/TypeError)."""
-    if not (isinstance(o["epochs"], (int, float)) and o["epochs"] > 0):  # the historical wording first
-        raise check.ValidationError("epochs", o["epochs"], "positive (a finite number > 0)")
     check.number("epochs", o["epochs"], 0, lo_open=True)
     check.integer("seed", o["seed"], 0)
     check.number("l2", o["l2"], 0)
@@ -393,12 +394,13 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
         return rec
 
     def write_checkpoint() -> None:
-        if checkpoint and root:
-            save_checkpoint(checkpoint, {
-                "theta": theta, "state": state, "problem": problem.state(), "history": history, "step": step,
-                "time": opt_time, "next_eval": float(next_eval), "next_ckpt": float(next_ckpt),
-            }, fp, state_class)
-        last_ckpt.update(step=step, epoch=problem.epochs)
+        with _signals_deferred():  # the file and the record of it change together
+            if checkpoint and root:
+                save_checkpoint(checkpoint, {
+                    "theta": theta, "state": state, "problem": problem.state(), "history": history, "step": step,
+                    "time": opt_time, "next_eval": float(next_eval), "next_ckpt": float(next_ckpt),
+                }, fp, state_class)
+            last_ckpt.update(step=step, epoch=problem.epochs)
 
     if log is not None and root:
         log.restart(history)
@@ -457,6 +459,30 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
         if bar is not None:
             bar.close()
     return TrainResult(theta, state, history, stopped, step)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM arriving inside the block are handled when it ends (main thread only), so an
+    interrupt never separates a written checkpoint from the record of which one it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in old:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if held:
+            handler = old[held[0]]
+            if callable(handler):
+                handler(held[0], None)
+            elif handler in (signal.SIG_DFL, None):
+                os.kill(os.getpid(), held[0])
 
 
 def _diverged(rec: dict, history: list[dict], factor: float | None) -> str | None:

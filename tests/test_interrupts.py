@@ -118,3 +118,39 @@ def test_interrupt_before_training_is_one_line(tmp_path):
     finally:
         cli.build_data = orig
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_signal_during_a_checkpoint_write_is_handled_after_it(tmp_path, monkeypatch):
+    """The interrupt waits until the checkpoint is written and recorded: the line then names the
+    file that is on disk (no race between the write and the record of it)."""
+    import qnref.train as tr
+    from qnref.train import Interrupted, RunInterrupted
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = signal.signal(signal.SIGINT, handler)
+    orig = tr.save_checkpoint
+    calls = {"n": 0}
+
+    def slow_save(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the write
+        return orig(*a, **k)
+
+    monkeypatch.setattr(tr, "save_checkpoint", slow_save)
+    from test_checkpoint import data, model  # noqa: PLC0415 - same tiny problem
+    from qnref.optim import make_optimizer
+
+    p = tmp_path / "c.ckpt"
+    try:
+        with pytest.raises(RunInterrupted) as exc:
+            tr.train(model(), make_optimizer("adam", batch_size=50), data(), epochs=5, checkpoint=str(p),
+                     checkpoint_every=0.5)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    cls = type(make_optimizer("adam", batch_size=50).init(model().init(0)))
+    payload, _ = ck.load(p, {"state": cls})
+    assert exc.value.checkpoint == str(p) and payload["step"] == exc.value.checkpoint_step > 0
+    assert calls["n"] == 2  # interrupted right after the second write, not during it

@@ -91,8 +91,9 @@ def test_divergence_stops_with_clear_message():
 
 def test_invalid_arguments(tmp_path):
     m, dd = model(), data()
-    with pytest.raises(ValueError, match="epochs must be positive"):
+    with pytest.raises(ValueError, match="epochs must be a finite number > 0, got 0"):
         train(m, make_optimizer("sgd"), dd, epochs=0)
+    assert train(m, make_optimizer("sgd", batch_size=600), dd, epochs=np.int64(1)).stopped == "completed"
     with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
         train(m, make_optimizer("sgd"), dd, resume=True)
     bad = [({"epochs": float("inf")}, "epochs must be a finite number > 0, got inf"),
