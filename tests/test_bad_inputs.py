@@ -60,57 +60,54 @@ def _real(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
+def _expect(category: str, name: str, ok: bool, call: Any, check_result: Any) -> None:
+    """Run ``call``: a ValidationError naming ``name`` when not ``ok``, else ``check_result(got)``."""
+    try:
+        got = call()
+    except validate.ValidationError as exc:
+        one_line_naming(exc, name)
+        assert not ok, exc
+        tally(category, "clear error")
+        return
+    assert ok, got
+    check_result(got)
+    tally(category, "correct result")
+
+
+def _within(v: float, lo: Any, hi: Any, lo_open: bool = False) -> bool:
+    return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+
+
 @cfg(60)
 @given(v=ANY_VALUE, lo=BOUND, hi=BOUND, lo_open=st.booleans(), finite=st.booleans())
 def test_validator_number(v, lo, hi, lo_open, finite):
-    ok = _real(v) and not math.isnan(float(v)) and (not finite or math.isfinite(float(v)))
-    if ok and lo is not None:
-        ok = float(v) > lo if lo_open else float(v) >= lo
-    if ok and hi is not None:
-        ok = float(v) <= hi
-    try:
-        got = validate.number("the_arg", v, lo, hi, lo_open=lo_open, finite=finite)
-    except validate.ValidationError as exc:
-        one_line_naming(exc, "the_arg")
-        assert not ok, (v, exc)
-        tally("validator", "clear error")
-        return
-    assert ok and got == float(v) and type(got) is float
-    tally("validator", "correct result")
+    ok = _real(v) and not math.isnan(float(v)) and (not finite or math.isfinite(float(v))) and \
+        _within(float(v), lo, hi, lo_open)
+
+    def result(got):
+        assert got == float(v) and type(got) is float
+
+    _expect("validator", "the_arg", ok, lambda: validate.number("the_arg", v, lo, hi, lo_open=lo_open, finite=finite), result)
 
 
 @cfg(40)
 @given(v=ANY_VALUE, lo=BOUND, hi=BOUND)
 def test_validator_integer(v, lo, hi):
-    ok = _real(v) and math.isfinite(float(v)) and float(v) == int(v) if _real(v) and not (
-        isinstance(v, (float, np.floating)) and not math.isfinite(float(v))) else False
-    if ok and lo is not None:
-        ok = int(v) >= lo
-    if ok and hi is not None:
-        ok = int(v) <= hi
-    try:
-        got = validate.integer("n_things", v, lo, hi)
-    except validate.ValidationError as exc:
-        one_line_naming(exc, "n_things")
-        assert not ok, (v, exc)
-        tally("validator", "clear error")
-        return
-    assert ok and got == int(v) and type(got) is int
-    tally("validator", "correct result")
+    ok = _real(v) and math.isfinite(float(v)) and float(v) == int(v) and _within(int(v), lo, hi)
+
+    def result(got):
+        assert got == int(v) and type(got) is int
+
+    _expect("validator", "n_things", ok, lambda: validate.integer("n_things", v, lo, hi), result)
 
 
 @cfg(10)
 @given(v=ANY_VALUE)
 def test_validator_boolean(v):
-    try:
-        got = validate.boolean("flag", v)
-    except validate.ValidationError as exc:
-        one_line_naming(exc, "flag")
-        assert not isinstance(v, (bool, np.bool_))
-        tally("validator", "clear error")
-        return
-    assert isinstance(v, (bool, np.bool_)) and got is bool(v)
-    tally("validator", "correct result")
+    def result(got):
+        assert got is bool(v)
+
+    _expect("validator", "flag", isinstance(v, (bool, np.bool_)), lambda: validate.boolean("flag", v), result)
 
 
 # -- CLI numbers (parse time) ------------------------------------------------------------------------
