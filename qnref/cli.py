@@ -544,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.command in ("train", "compare"):
         if getattr(a, "mpi_timeout", None) is not None:
             os.environ["QNREF_MPI_TIMEOUT"] = repr(a.mpi_timeout)
-        if threading_main():
+        if _in_main_thread():
             previous = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
             _install_signal_handlers()
     try:
@@ -565,13 +565,11 @@ def _run(a: argparse.Namespace, handlers: dict) -> int:
         return _fail(None, f"qnref: error: {exc}", EXIT_USAGE)
     try:
         return handlers[a.command](a)
-    except Interrupted as exc:  # outside a training run (loading data, building the model)
-        print(f"qnref: interrupted by {_signal_name(exc.signum)} before training started; nothing was written",
-              file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("qnref: interrupted by SIGINT; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # outside a training run (loading data, building the model, …)
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        rerun = f"; rerun with: {_command_line(a, resume=False)}" if hasattr(a, "_argv") else ""
+        print(f"qnref: interrupted by {_signal_name(signum)} outside a training run{rerun}", file=sys.stderr)
+        return 128 + signum
     except CheckpointError as exc:
         return _fail(comm, f"qnref: error: {exc}", EXIT_CHECKPOINT)
     except (CLIError, ValueError, TypeError, FileNotFoundError, ImportError, backend.BackendError) as exc:
@@ -590,7 +588,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split("\n"))
 
 
-def threading_main() -> bool:
+def _in_main_thread() -> bool:
     """Signal handlers can only be installed from the main thread."""
     import threading  # noqa: PLC0415
 
