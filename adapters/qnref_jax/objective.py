@@ -240,16 +240,8 @@ class JaxPoint(PointProducts):
         obj.counter.add("forward", obj.n_samples, "forward")
 
     @property
-    def N(self) -> int:
-        return self.obj.n_samples
-
-    @property
     def xp(self) -> Any:
         return backend.namespace(self.theta)
-
-    @property
-    def layout(self) -> Any:
-        return self.obj.layout
 
     def _out(self, a):
         return _from_jax(a, self.theta)

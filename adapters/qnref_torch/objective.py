@@ -270,16 +270,8 @@ class TorchPoint(PointProducts):
         self._sampled = None
 
     @property
-    def N(self) -> int:
-        return self.obj.n_samples
-
-    @property
     def xp(self) -> Any:
         return self.obj.xp
-
-    @property
-    def layout(self) -> Any:
-        return self.obj.layout
 
     @property
     def value(self) -> float:

@@ -76,6 +76,15 @@ class PointProducts:
 
     # -- attributes ----------------------------------------------------------------------------
     @property
+    def N(self) -> int:
+        """Examples in the whole batch (the mean's denominator)."""
+        return self.obj.n_samples
+
+    @property
+    def layout(self) -> Any:
+        """The :class:`~qnref.params.ParamLayout` of θ (the objective's)."""
+        return self.obj.layout
+    @property
     def l2(self) -> float:
         """λ of the term (λ/2)‖θ‖²."""
         return self.obj.l2
@@ -107,6 +116,17 @@ class PointProducts:
             raise ValueError(f"{what} must have the output shape {shape}, got {tuple(getattr(u, 'shape', ()))}")
         if not backend.all_finite(u):
             raise NonFiniteError(f"{what} contains NaN or Inf")
+
+    def close_hvp(self, grad: Any, hv: Any, v: Any) -> Any:
+        """Finish an R-op that also produced the data gradient: cache ``grad`` + λθ as ``grad``
+        (unless already known, or ``grad`` is None) and return ``hv`` + λv (in place)."""
+        if grad is not None and self._grad is None:
+            if self.l2:
+                grad += self.l2 * self.theta
+            self._grad = grad
+        if self.l2:
+            hv += self.l2 * v
+        return hv
 
     # -- Jacobian products ---------------------------------------------------------------------
     def jvp(self, v: Any) -> Any:

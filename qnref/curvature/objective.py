@@ -227,14 +227,6 @@ class Point(PointProducts):
 
     # -- values ---------------------------------------------------------------------------
     @property
-    def N(self) -> int:
-        return self.obj.n_samples
-
-    @property
-    def layout(self) -> Any:
-        return self.obj.model.layout
-
-    @property
     def value(self) -> float:
         """f(θ) as a Python float (non-finite values are returned, not raised)."""
         v = self._losses.mean()
@@ -303,13 +295,7 @@ class Point(PointProducts):
     def hvp(self, v: Any) -> Any:
         """Exact ∇²f(θ) v by Pearlmutter's R-op (forward R-pass, then R-op of the backward pass)."""
         grad, hv = self.rop(v, self.N)
-        if self._grad is None:
-            if self.obj.l2:
-                grad += self.obj.l2 * self.theta
-            self._grad = grad
-        if self.obj.l2:
-            hv += self.obj.l2 * v
-        return hv
+        return self.close_hvp(grad, hv, v)
 
     def sampled_targets(self) -> Any:
         """Targets ỹ ~ p(y | z) drawn once per point (so the sampled Fisher is a fixed matrix)."""

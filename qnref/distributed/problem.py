@@ -54,7 +54,7 @@ import numpy
 
 from .. import backend
 from ..curvature.derived import PointProducts
-from ..curvature.objective import Objective, PassCounter, PointMethods, gram_matrix
+from ..curvature.objective import Objective, PassCounter, Point, PointMethods, gram_matrix
 from ..curvature.structure import positions
 from ..optim.base import Problem
 from .comm import Communicator, get_comm
@@ -254,14 +254,6 @@ class DistributedPoint(PointProducts):
         self._sampled = None
 
     @property
-    def N(self) -> int:
-        return self.obj.n_samples
-
-    @property
-    def layout(self) -> Any:
-        return self.obj.model.layout
-
-    @property
     def comm(self) -> Communicator:
         return self.obj.comm
 
@@ -310,24 +302,24 @@ class DistributedPoint(PointProducts):
             self._value = float(v)
         return self._value
 
+    def _gathered(self, name: str) -> Any:
+        """The shard point's row array ``name`` gathered over ranks once (cached in ``_<name>``)."""
+        if getattr(self, "_" + name) is None:
+            setattr(self, "_" + name, self.gather_rows(getattr(self.local, name)))
+        return getattr(self, "_" + name)
+
     @property
     def losses(self) -> Any:
-        if self._losses is None:
-            self._losses = self.gather_rows(self.local.losses)
-        return self._losses
+        return self._gathered("losses")
 
     @property
     def z(self) -> Any:
         """Network outputs of the global batch (gathered)."""
-        if self._z is None:
-            self._z = self.gather_rows(self.local.z)
-        return self._z
+        return self._gathered("z")
 
     @property
     def dz(self) -> Any:
-        if self._dz is None:
-            self._dz = self.gather_rows(self.local.dz)
-        return self._dz
+        return self._gathered("dz")
 
     @property
     @_synced
@@ -348,21 +340,12 @@ class DistributedPoint(PointProducts):
         if self._grad is None:
             nn = g_loc.shape[0]
             both = self.reduce_sum(self.xp.concatenate([g_loc, hv_loc]))
-            grad, hv = both[:nn].copy(), both[nn:].copy()
-            if self.obj.l2:
-                grad += self.obj.l2 * self.theta
-            self._grad = grad
-        else:
-            hv = self.reduce_sum(hv_loc)
-        if self.obj.l2:
-            hv += self.obj.l2 * v
-        return hv
+            return self.close_hvp(both[:nn].copy(), both[nn:].copy(), v)
+        return self.close_hvp(None, self.reduce_sum(hv_loc), v)
 
-    def sampled_targets(self) -> Any:
-        """ỹ ~ p(y | z) for the global batch, drawn once per point from the shared device RNG."""
-        if self._sampled is None:
-            self._sampled = self.obj.loss.sample(self.z, self.obj.rng)
-        return self._sampled
+    #: ỹ ~ p(y | z) for the global batch (gathered z), drawn once per point from the shared device
+    #: RNG — the same draw as :meth:`Point.sampled_targets` on the whole batch.
+    sampled_targets = Point.sampled_targets
 
     def _prepare(self, kind: Any) -> None:
         """Give the shard point its slice of the globally drawn targets (before any local use)."""
