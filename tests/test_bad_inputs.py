@@ -4,7 +4,7 @@ correct result checked against an independent oracle; never in any other excepti
 
 Categories (cases per run in brackets; ≥ 300 in all, derandomized so CI runs are reproducible):
 validator [110], CLI numbers [90], CLI --opt [40], checkpoint corruption [70], readers [130],
-build_model [60], output paths [40], loss targets and dtypes [50]. Set QNREF_BAD_INPUT_STATS=<file> to write the
+build_model [100], output paths [40], loss targets and dtypes [50]. Set QNREF_BAD_INPUT_STATS=<file> to write the
 per-category outcome counts (the table of issue 19's closing note).
 """
 from __future__ import annotations
@@ -440,6 +440,34 @@ def test_build_model_arguments(args):
     d_in = int(np.prod(shape)) if shape else 40
     sizes = [d_in] + [max(1, int(round(int(h) * width))) for h in hidden] + [10 if n_out is None else int(n_out)]
     assert m.n_params == sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    tally("build_model", "correct result")
+
+
+MODEL_KW = {"width": st.one_of(st.floats(0.1, 2), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=2), st.booleans()),
+            "n_outputs": st.one_of(st.integers(-1, 12), st.floats(allow_nan=True), st.text(max_size=2)),
+            "batchnorm": st.one_of(st.booleans(), st.integers(0, 1), st.text(max_size=3)),
+            "activation": st.one_of(st.sampled_from(["relu", "tanh", "sigmoid", "nope"]), st.integers(), st.none()),
+            "depth": st.one_of(st.sampled_from([8, 14, 20]), st.integers(-2, 30), st.text(max_size=2), st.floats(allow_nan=True)),
+            "shortcut": st.one_of(st.sampled_from(["pad", "projection", "x"]), st.integers())}
+
+
+@cfg(40)
+@given(name=st.sampled_from(sorted(__import__("qnref.nn.zoo", fromlist=["MODELS"]).MODELS)),
+       kw=st.sampled_from(sorted(MODEL_KW)), data=st.data())
+def test_every_model_builder_names_its_bad_argument(name, kw, data):
+    """Any registered model with one generated keyword: a model, or an error naming the keyword
+    (or, for a keyword the builder does not take, the unexpected keyword)."""
+    from qnref.nn.model import Sequential
+    from qnref.nn.zoo import build_model
+
+    value = data.draw(MODEL_KW[kw])
+    try:
+        m = build_model(name, **{kw: value})
+    except (ValueError, TypeError) as exc:
+        one_line_naming(exc, kw, "unexpected keyword")
+        tally("build_model", "clear error")
+        return
+    assert isinstance(m, Sequential) and m.n_params > 0
     tally("build_model", "correct result")
 
 

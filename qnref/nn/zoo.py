@@ -237,6 +237,7 @@ def resnet_cifar(input_shape: Shape = (3, 32, 32), n_outputs: int = 10, width: f
     ResNet-20: 270,410 parameters on CIFAR-10 (He et al.: 0.27M), ResNet-32: 465,290 (0.46M).
     """
     _unknown(kw, "resnet_cifar")
+    depth = check.integer("depth", depth, 8)
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110), got {depth}")
     n = (depth - 2) // 6
@@ -412,6 +413,9 @@ def build_model(name: str, input_shape: Sequence[int] | None = None, n_outputs: 
         n_outputs = check.integer("n_outputs", n_outputs, 1, 10**8)
     check.number("width", width, 0, 1e6, lo_open=True)
     _flags(**{k: v for k, v in kw.items() if k in ("batchnorm", "residual")})
+    for k in ("activation", "shortcut", "size"):
+        if k in kw and not isinstance(kw[k], str):
+            raise check.ValidationError(k, kw[k], "a name (str)")
     return info.builder(shape, n_outputs, width, **kw)
 
 
