@@ -233,7 +233,10 @@ class _Reader:
             return a[()]
         if k == "array":
             a = self.ref(node, where)
-            return a if node.get("host", True) is True else backend.to_device(a, self.device)
+            host = node.get("host")
+            if not isinstance(host, bool):
+                raise self.bad(where, f"array entry has a malformed 'host' flag {host!r}")
+            return a if host else backend.to_device(a, self.device)
         if k in ("list", "tuple") and isinstance(v, list):
             out = [self.decode(x, _item_hint(hint, k, i), f"{where}.{i}") for i, x in enumerate(v)]
             return out if k == "list" else tuple(out)
