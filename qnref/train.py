@@ -433,7 +433,7 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
                 history[-1]["diverged"] = msg
                 raise DivergenceError(msg, history)
             if bar is not None:
-                bar.update(problem.epochs - bar.n)
+                bar.update(min(problem.epochs, epochs) - bar.n)  # the last batch may overshoot
             if problem.epochs >= next_eval - 1e-12 or problem.epochs >= epochs - 1e-12:
                 rec = record(last_info)
                 next_eval = (math.floor(problem.epochs / eval_every + 1e-9) + 1) * eval_every
