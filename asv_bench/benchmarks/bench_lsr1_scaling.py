@@ -26,7 +26,16 @@ from threadpoolctl import threadpool_limits
 from qnref.optim.operators import LBFGSOperator, LSR1Operator, lsr1_prune, operator_flops
 from qnref.optim.pairs import PairStore
 from qnref.optim.costs import algebra_flops
-from qnref.optim.lsr1 import LSR1TrustRegion, _rcond_psd
+from qnref.optim.lsr1 import LSR1TrustRegion
+
+try:  # private helper of the step; the optim rewrite moves it
+    from qnref.optim.lsr1 import _rcond_psd
+except ImportError:
+    def _rcond_psd(G):
+        """λ_min/λ_max of a symmetric PSD Gram matrix (as qnref.optim.lsr1 had it)."""
+        ev = np.linalg.eigvalsh(G)
+        top = float(ev.max()) if ev.size else 0.0
+        return max(float(ev.min()), 0.0) / top if top > 0.0 and np.isfinite(top) else 0.0
 from qnref.optim.trust_region import solve_lsr1_subproblem, solve_lsr1_subproblem_gram
 
 from ._common import FastTiming
