@@ -112,12 +112,15 @@ def test_quick_subset_of_family_benchmarks_runs():
 
 # -- the documented asv commands, on a temporary copy of the configuration -----------------------
 def _asv(args, cwd, timeout=300, ok=(0,)):
+    """asv with HOME in the temporary folder, so `asv machine` leaves ~/.asv-machine.json alone."""
     import shutil
     import subprocess
 
     asv = shutil.which("asv")
     assert asv is not None, "asv is a test dependency (pip install -e '.[test]')"
-    r = subprocess.run([asv] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, HOME=str(cwd))
+    env.setdefault("PIP_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pip"))  # keep pip's cache
+    r = subprocess.run([asv] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode in ok, " ".join(args) + "\n" + r.stdout + r.stderr
     return r.stdout
 
