@@ -487,8 +487,17 @@ def source_line(machine, chash, ename, paths, m):
 
     date = max((r.date or 0) for r in m.results) / 1000
     when = datetime.datetime.fromtimestamp(date, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    full = quick = 0
+    for r in m.results[:1]:
+        for key in r.get_all_result_keys():
+            if ".time_" not in key:
+                continue
+            for s in r.get_result_stats(key, r.get_result_params(key)):
+                if s is not None:
+                    full, quick = (full + 1, quick) if samples_of(s) >= MIN_SAMPLES else (full, quick + 1)
     return (f"From `python -m asv_bench.claims`: machine `{machine}`, commit `{chash[:8]}`, environment "
-            f"`{ename}`, results of {when} (`{os.path.relpath(paths[0], ROOT)}`).")
+            f"`{ename}`, results of {when} (`{os.path.relpath(paths[0], ROOT)}`); time results with "
+            f"full statistics: {full}, one-sample (`--quick`): {quick}.")
 
 
 MARK = re.compile(r"(<!-- claims:(\w+) -->\n)(.*?)(<!-- /claims -->)", re.S)
