@@ -8,9 +8,9 @@
   channels"); every other block is a tensor of its own shape;
 * the damping of K-BFGS's pairs: Powell / double damping (thesis Algorithm 3), D_P D_LM
   (Algorithm 8); the BFGS algebra itself (inverse update, L-BFGS product) is the shared one of
-  :mod:`qnref.optim.compact`;
+  :mod:`qnref.optim.operators`;
 * the Kronecker step opening (warm start of the statistics over the whole training set, then
-  :func:`qnref.optim.fixed_step.open_fixed_step`) and the finite check of Δθ.
+  :func:`qnref.optim.drivers.open_step` with ``tol=None``) and the finite check of Δθ.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from typing import Any, Callable, ClassVar
 from .. import backend
 from ..curvature.objective import Point
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .drivers import Opened, close_step
-from .fixed_step import finite_move, nonfinite_step, open_fixed_step, step_objective
+from .drivers import Opened, close_step, finite_move, nonfinite_step, open_step, step_objective
 
 
 # -- model structure ----------------------------------------------------------------------------------
@@ -150,11 +149,16 @@ def check_common(lr, momentum, beta, batch_size, weight_decay) -> tuple:
 def open_kron_step(opt: Any, state: Any, problem: Problem, theta: Any, structure: Any, state_cls: type, *,
                    need_grad: bool = True) -> tuple[Any, Opened]:
     """Start of a Kronecker step: the statistics warm start on the first step (``opt._warm`` on a
-    fresh ``state_cls``), then :func:`~.fixed_step.open_fixed_step` on the step's batch."""
+    fresh ``state_cls``), then :func:`~.drivers.open_step` (``tol=None``) on the step's batch."""
     if not state.initialized:
         state = state_cls(k=state.k, mom=state.mom)
         opt._warm(state, problem, theta, structure)
-    return state, open_fixed_step(problem, kron_batch(problem, opt.batch_size), theta, need_grad=need_grad)
+    return state, open_step(problem, kron_batch(problem, opt.batch_size), theta, tol=None, need_grad=need_grad)
+
+
+def kron_precondition_flops(layers: list) -> float:
+    """H_G ∇W̄ H_A per dense block (o × a): o²a + oa² multiplications."""
+    return sum(o * o * a + o * a * a for o, a in layers)
 
 
 def kron_batch(problem: Problem, batch_size: int | None) -> int | None:
@@ -276,6 +280,27 @@ class TensorFactorOptimizer(Optimizer):
 
     def init(self, theta: Any) -> TensorState:
         return TensorState(mom=backend.namespace(theta).zeros_like(theta))
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """Tensor variables: W (o, d_in) and b (o,) per layer, the other blocks. Momentum (n); every
+        T₁ steps the contractions Ĝ⁽ⁱ⁾ = mat_i(X) mat_i(X)ᵀ (dᵢ²Πⱼ≠ᵢdⱼ per mode) and their EMA
+        (2dᵢ²); every T₂ steps the per-mode matrices (:meth:`_root_flops`); the mode products
+        ĝ ×₁ U₁ ⋯ ×ₖ Uₖ (as the contractions); the step (2n, + n with weight decay)."""
+        parts = [q for w in shapes.w_shapes for q in (tuple(w), (w[0],))] + [(s,) for s in shapes.others]
+        modes = sum(d * math.prod(shp) for shp in parts for d in shp)
+        t = {"momentum": shapes.n, "statistics": modes / self.stat_freq,
+             "statistics_ema": sum(2 * d * d for shp in parts for d in shp) / self.stat_freq,
+             **self._extra_flops(shapes, batch_size),
+             self._root_term: sum(self._root_flops(d, len(shp), assume) for shp in parts for d in shp) / self.inv_freq}
+        return {**t, "precondition": modes, "step": 2 * shapes.n + (shapes.n if self.weight_decay else 0)}
+
+    _root_term: ClassVar[str] = "roots"
+
+    def _root_flops(self, d: int, order: int, assume: Any) -> float:
+        raise NotImplementedError
+
+    def _extra_flops(self, shapes: Any, batch_size: int) -> dict:
+        return {}
 
     # hooks
     def _stat_grad(self, p: Point) -> Any:

@@ -23,6 +23,7 @@ from ..curvature.objective import NonFiniteError, Objective, PassCounter
 from ..curvature.protocol import ObjectiveProtocol, PointProtocol
 from ..nn.losses import Loss, get_loss
 from ..nn.model import Sequential
+from .costs import CostAssumptions, ModelShapes
 
 
 @dataclass
@@ -195,9 +196,17 @@ class Optimizer:
     name: ClassVar[str] = "optimizer"
     family: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    #: the leading terms of :meth:`algebra_flops` in words (n parameters, m memory, t line-search trials, …)
+    cost_formula: ClassVar[str] = ""
 
     def init(self, theta: Any) -> Any:
         raise NotImplementedError
+
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
+        """The cost model of one step's own algebra: multiplications by term, amortized terms
+        divided by their period (counting convention: :mod:`qnref.optim.costs`, which rounds
+        and sums them)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no algebra cost model")
 
     def step(self, theta: Any, state: Any, problem: Problem) -> tuple[Any, Any, StepInfo]:
         raise NotImplementedError
@@ -239,18 +248,21 @@ def check_int(name: str, value: int, minimum: int = 1) -> int:
     return int(value)
 
 
-def try_point(obj: "ObjectiveProtocol", theta: Any) -> "PointProtocol | None":
-    """The objective at θ, or ``None`` when θ or the loss/gradient there are not finite.
-
-    Optimizers use this for trial points: a non-finite trial is rejected, never accepted.
-    """
+def evaluate(obj: "ObjectiveProtocol", theta: Any) -> "tuple[PointProtocol | None, float]":
+    """(point, f) at θ with ``Point.value`` read once (one host sync), or ``(None, nan)`` when θ or
+    the loss there are not finite. Optimizers use this for trial points: a non-finite trial is
+    rejected, never accepted."""
     try:
         p = obj.at(theta)
     except NonFiniteError:
-        return None
-    if not math.isfinite(p.value):
-        return None
-    return p
+        return None, math.nan
+    f = p.value
+    return (p, f) if math.isfinite(f) else (None, math.nan)
+
+
+def try_point(obj: "ObjectiveProtocol", theta: Any) -> "PointProtocol | None":
+    """The point of :func:`evaluate` (``None`` when θ or the loss there are not finite)."""
+    return evaluate(obj, theta)[0]
 
 
 # -- state (de)serialisation for checkpoints -------------------------------------------------------

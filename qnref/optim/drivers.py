@@ -26,11 +26,11 @@ from typing import Any, NamedTuple, Protocol
 
 from .. import backend
 from ..curvature.objective import Objective, Point
-from .base import Problem, StepInfo, try_point
+from .base import Problem, StepInfo, evaluate, try_point
 from .linesearch import backtracking_armijo, strong_wolfe
 from .trust_region import reduction_ratio
 
-__all__ = ["Opened", "open_step", "finite_point", "stay", "close_step", "with_extra", "LineFunction",
+__all__ = ["Opened", "open_step", "step_objective", "finite_move", "nonfinite_step", "finite_point", "stay", "close_step", "with_extra", "LineFunction",
            "LineOutcome", "line_search", "RadiusRuleLike", "TrustRegionDecision", "trust_region_update", "average_ratio"]
 
 
@@ -39,18 +39,16 @@ class Opened(NamedTuple):
     """The start of a step.
 
     obj:   the step's objective (minibatch, or the full set).
-    point: the point at θ (``None`` when f or ∇f is not finite there).
+    point: the point at θ (``None`` when f, or ∇f when it was asked for, is not finite there).
     stop:  the StepInfo of a step that does not move (non-finite start, or ‖∇f‖ ≤ tol), else None.
            The caller returns ``theta, state, opened.stop`` then.
+    f0:    f at θ, read once from the point (one host sync; NaN when not finite).
     """
 
     obj: Objective
     point: Point | None
     stop: StepInfo | None
-
-    @property
-    def f0(self) -> float:
-        return self.point.value
+    f0: float = math.nan
 
     @property
     def g(self) -> Any:
@@ -76,27 +74,50 @@ def stay(obj: Objective, loss: float = math.nan, *, evals: int = 1, **extra: Any
                     batch_size=obj.n_samples, extra=dict(extra))
 
 
-def open_step(problem: Problem, batch_size: int | None, theta: Any, *, tol: float = 0.0) -> Opened:
-    """Draw the step's batch (``problem.full()`` when ``batch_size`` is None) and evaluate θ.
+def step_objective(problem: Problem, batch_size: int | None) -> Objective:
+    """The step's objective: ``problem.batch(batch_size)``, or the whole set (``problem.full()``,
+    counted as an epoch) when ``batch_size`` is None."""
+    return problem.full() if batch_size is None else problem.batch(batch_size)
 
-    ``stop`` is set when θ must not move: f or ∇f not finite at θ (``nonfinite=True``), or
-    ‖∇f‖ ≤ ``tol`` (``extra["converged"] = True``; tol = 0 stops only at ∇f = 0; a negative tol,
-    e.g. −∞ for methods without a convergence test, never stops and costs no ‖∇f‖).
+
+def open_step(problem: Problem, batch_size: int | None, theta: Any, *, tol: float | None = 0.0,
+              need_grad: bool = True) -> Opened:
+    """Draw the step's batch (:func:`step_objective`) and evaluate θ.
+
+    ``stop`` is set when θ must not move: f (or, with ``need_grad``, ∇f) not finite at θ
+    (``nonfinite=True``), or ‖∇f‖ ≤ ``tol`` (``extra["converged"] = True``; tol = 0 stops only at
+    ∇f = 0). ``tol=None`` has no convergence stop and costs no ‖∇f‖ (the methods without a
+    convergence test: first-order, Kronecker, HF, SMW — momentum moves at ∇f = 0 too).
+    ``need_grad=False`` leaves ∇f unchecked (first-order rules check their finite Δθ instead,
+    :func:`finite_move`; K-BFGS forms ∇f from the layer taps).
     """
-    obj = problem.full() if batch_size is None else problem.batch(batch_size)
-    p = finite_point(obj, theta)
-    if p is None:
+    obj = step_objective(problem, batch_size)
+    p, f0 = evaluate(obj, theta)
+    if p is None or (need_grad and not backend.all_finite(p.grad)):
         return Opened(obj, None, stay(obj))
-    if tol >= 0.0 and math.sqrt(float(p.grad @ p.grad)) <= tol:
-        return Opened(obj, p, stay(obj, p.value, converged=True))
-    return Opened(obj, p, None)
+    if tol is not None and math.sqrt(float(p.grad @ p.grad)) <= tol:
+        return Opened(obj, p, stay(obj, f0, converged=True), f0)
+    return Opened(obj, p, None, f0)
+
+
+def finite_move(theta: Any, delta: Any) -> tuple[Any, float] | None:
+    """(θ + Δθ, ‖Δθ‖) when Δθ is finite, else ``None`` (θ must not move). One host sync."""
+    sq = float(delta @ delta)
+    if not math.isfinite(sq):
+        return None
+    return theta + delta, math.sqrt(sq)
+
+
+def nonfinite_step(opened: Opened, lr: float, skipped: int = 0) -> StepInfo:
+    """StepInfo of an opened step that does not move because ∇f or Δθ is not finite."""
+    return close_step(opened, loss=opened.f0, accepted=False, evals=1, step_size=lr, nonfinite=True, skipped=skipped)
 
 
 def close_step(opened: Opened, *, loss: float, accepted: bool, evals: int, **fields: Any) -> StepInfo:
     """The StepInfo of an opened step: ``loss_start`` and ``batch_size`` come from ``opened``;
     ``fields`` are the other :class:`~.base.StepInfo` fields (step_norm, radius, step_size,
     skipped, nonfinite, extra)."""
-    return StepInfo(loss=loss, loss_start=opened.point.value, accepted=accepted, evals=evals,
+    return StepInfo(loss=loss, loss_start=opened.f0, accepted=accepted, evals=evals,
                     batch_size=opened.obj.n_samples, **fields)
 
 
@@ -107,35 +128,38 @@ def with_extra(info: StepInfo, **extra: Any) -> StepInfo:
 
 # -- the line-search driver ---------------------------------------------------------------------------
 class LineFunction:
-    """φ(α) = f(θ + α d) on one batch, caching the trial points by α."""
+    """φ(α) = f(θ + α d) on one batch, caching the trial points and their values by α."""
 
     def __init__(self, obj: Objective, theta: Any, d: Any):
         self.obj, self.theta, self.d = obj, theta, d
-        self.points: dict[float, Point | None] = {}
+        self.trials: dict[float, tuple[Point | None, float]] = {}
+
+    def _trial(self, alpha: float) -> tuple[Point | None, float]:
+        if alpha not in self.trials:
+            self.trials[alpha] = evaluate(self.obj, self.theta + alpha * self.d)
+        return self.trials[alpha]
 
     def point(self, alpha: float) -> Point | None:
-        if alpha not in self.points:
-            self.points[alpha] = try_point(self.obj, self.theta + alpha * self.d)
-        return self.points[alpha]
+        return self._trial(alpha)[0]
 
     def phi(self, alpha: float) -> float:
-        p = self.point(alpha)
-        return math.inf if p is None else p.value
+        p, f = self._trial(alpha)
+        return math.inf if p is None else f
 
     def phi_dphi(self, alpha: float) -> tuple[float, float]:
-        p = self.point(alpha)
+        p, f = self._trial(alpha)
         if p is None:
             return math.inf, math.nan
-        return p.value, float(p.grad @ self.d)
+        return f, float(p.grad @ self.d)
 
     @property
     def evals(self) -> int:
-        return len(self.points)
+        return len(self.trials)
 
     @property
     def nonfinite(self) -> bool:
         """Whether some trial point had a NaN/Inf loss (it was rejected by the search)."""
-        return any(p is None for p in self.points.values())
+        return any(p is None for p, _ in self.trials.values())
 
 
 class LineOutcome(NamedTuple):
@@ -173,8 +197,8 @@ def line_search(obj: Objective, theta: Any, d: Any, f0: float, slope: float, *, 
         raise ValueError(f"rule must be 'armijo' or 'wolfe', got {rule!r}")
     if not ls.success:
         return LineOutcome(False, 0.0, None, f0, ls.n_evals, line.nonfinite, ls.message)
-    p = line.point(ls.alpha)
-    return LineOutcome(True, ls.alpha, p, p.value, ls.n_evals, line.nonfinite, ls.message)
+    p, f = line._trial(ls.alpha)
+    return LineOutcome(True, ls.alpha, p, f, ls.n_evals, line.nonfinite, ls.message)
 
 
 # -- the trust-region driver --------------------------------------------------------------------------

@@ -34,8 +34,7 @@ from typing import Any, ClassVar
 
 from .. import backend
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
-from .drivers import Opened, close_step, line_search, with_extra
-from .fixed_step import finite_move, nonfinite_step, open_fixed_step
+from .drivers import Opened, close_step, finite_move, line_search, nonfinite_step, open_step, with_extra
 from .registry import register
 
 __all__ = ["SGD", "Momentum", "NAG", "Adam", "RMSprop", "AdaGrad", "AdaDelta", "SVRG", "GDLineSearch"]
@@ -82,7 +81,7 @@ class FirstOrderOptimizer(Optimizer):
 
     def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
         # a NaN/Inf gradient gives a non-finite Δθ in every rule, which _close rejects: one check
-        opened = open_fixed_step(problem, self.batch_size, self._gradient_point(theta, state), need_grad=False)
+        opened = open_step(problem, self.batch_size, self._gradient_point(theta, state), tol=None, need_grad=False)
         if opened.stop is not None:
             return theta, state, dataclasses.replace(opened.stop, step_size=self.lr)
         delta, new_state = self._update(theta, opened.g, state)
@@ -113,6 +112,12 @@ class SGD(FirstOrderOptimizer):
 
     def _update(self, theta, g, state):
         return -self.lr * g, SGDState(state.t + 1)
+
+    cost_formula: ClassVar[str] = "2n"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """−ηg (n), ‖Δθ‖² (n)."""
+        return {"update": shapes.n, "step_norm": shapes.n}
 
 
 @dataclass
@@ -149,6 +154,13 @@ class Momentum(FirstOrderOptimizer):
         v = self.momentum * state.velocity - self.lr * g
         return v, MomentumState(v, state.t + 1)
 
+    cost_formula: ClassVar[str] = "3n"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """μv − ηg (2n), ‖v‖² (n), NAG's look-ahead point θ + μv (n)."""
+        n = shapes.n
+        return {"velocity": 2 * n, "step_norm": n, **({"lookahead_point": n} if self._lookahead else {})}
+
 
 @register("nag")
 class NAG(Momentum):
@@ -163,6 +175,7 @@ class NAG(Momentum):
     """
 
     paper: ClassVar[str] = "Nesterov 1983; Sutskever et al. 2013 (ICML) eq. 3-4"
+    cost_formula: ClassVar[str] = "4n"
     _lookahead: ClassVar[bool] = True
 
 
@@ -218,6 +231,15 @@ class DiagonalAdaptive(FirstOrderOptimizer):
             den = den / (1.0 - a**t)
         return -self.lr * num / (xp.sqrt(den) + self.eps), MomentState(m, v, t)
 
+    def algebra_flops(self, shapes, batch_size, assume):
+        """m (2n with β₁ > 0), v (3n), bias corrections (n each), η·num/(√v + ε) (2n), ‖Δθ‖² (n)."""
+        n, b1 = shapes.n, self._beta1
+        t = {"first_moment": 2 * n} if b1 else {}
+        t["second_moment"] = 3 * n
+        if self._bias_correction:
+            t["bias_correction"] = (2 if b1 else 1) * n
+        return {**t, "scaled_step": 2 * n, "step_norm": n}
+
 
 @register("adam")
 class Adam(DiagonalAdaptive):
@@ -228,6 +250,7 @@ class Adam(DiagonalAdaptive):
     """
 
     paper: ClassVar[str] = "Kingma & Ba 2015 (ICLR), Algorithm 1"
+    cost_formula: ClassVar[str] = "10n"
     _bias_correction: ClassVar[bool] = True
 
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
@@ -255,6 +278,7 @@ class RMSprop(DiagonalAdaptive):
     """
 
     paper: ClassVar[str] = "Tieleman & Hinton 2012 (lecture 6.5); Ren thesis §2.8.2"
+    cost_formula: ClassVar[str] = "6n (8n with β₁ > 0)"
 
     def __init__(self, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-8, beta1: float = 0.0,
                  batch_size: int | None = 128):
@@ -278,6 +302,7 @@ class AdaGrad(DiagonalAdaptive):
     """
 
     paper: ClassVar[str] = "Duchi, Hazan & Singer 2011 (JMLR)"
+    cost_formula: ClassVar[str] = "6n"
 
     def __init__(self, lr: float = 0.01, eps: float = 1e-10, batch_size: int | None = 128):
         super().__init__(lr, eps, batch_size)
@@ -328,6 +353,13 @@ class AdaDelta(FirstOrderOptimizer):
         u = r * state.u + (1.0 - r) * (d * d)
         return self.lr * d, AdaDeltaState(v, u, state.t + 1)
 
+    cost_formula: ClassVar[str] = "10n"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """v, u (3n each), the ratio step (2n), η· (n), ‖Δθ‖² (n)."""
+        n = shapes.n
+        return {"accumulators": 6 * n, "ratio_step": 2 * n, "lr_scale": n, "step_norm": n}
+
 
 # -- variance reduction ----------------------------------------------------------------------------
 @dataclass
@@ -358,6 +390,8 @@ class SVRG(FirstOrderOptimizer):
     """
 
     paper: ClassVar[str] = "Johnson & Zhang 2013 (NeurIPS), option I"
+    cost_formula: ClassVar[str] = "2n"
+    algebra_flops = SGD.algebra_flops  # −η(∇f_B(θ) − ∇f_B(θ̃) + μ̃) (n), ‖Δθ‖² (n)
 
     def __init__(self, lr: float = 0.01, inner_steps: int | None = None, batch_size: int | None = 128):
         super().__init__(lr, batch_size)
@@ -376,7 +410,7 @@ class SVRG(FirstOrderOptimizer):
 
     def step(self, theta, state: SVRGState, problem: Problem) -> tuple[Any, Any, StepInfo]:
         snapshot = state.k % self.period(problem) == 0
-        opened = open_fixed_step(problem, None if snapshot else self.batch_size, theta, need_grad=False)
+        opened = open_step(problem, None if snapshot else self.batch_size, theta, tol=None, need_grad=False)
         if opened.stop is not None:
             return theta, state, with_extra(dataclasses.replace(opened.stop, step_size=self.lr), snapshot=snapshot)
         if snapshot:
@@ -421,8 +455,15 @@ class GDLineSearch(FirstOrderOptimizer):
     def init(self, theta) -> GDLineSearchState:
         return GDLineSearchState()
 
+    cost_formula: ClassVar[str] = "(2 + t)n"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """gᵀg (n), θ + αp per trial (tn), θ − αg (n)."""
+        n = shapes.n
+        return {"grad_norm": n, "line_search": assume.trials * n, "update": n}
+
     def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
-        opened = open_fixed_step(problem, self.batch_size, theta, need_grad=False)
+        opened = open_step(problem, self.batch_size, theta, tol=None, need_grad=False)
         if opened.stop is not None:  # f not finite at θ
             return theta, state, opened.stop
         g = opened.g

@@ -48,8 +48,7 @@ import numpy
 from .. import backend
 from ..curvature.objective import Objective
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .drivers import close_step, with_extra
-from .fixed_step import open_fixed_step
+from .drivers import close_step, open_step, with_extra
 from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
 from .registry import register
 
@@ -421,6 +420,18 @@ class HessianFree(Optimizer):
     def init(self, theta: Any) -> HFState:
         return HFState(damping=self.damping, prev=theta * 0)
 
+    cost_formula: ClassVar[str] = "6n·I_CG + 9n"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """CG set-up (6n) and I_CG iterations of 6n vector work (the products Av are passes), the
+        step (3n); Martens' preconditioner r/M once per iteration and at the start (building M:
+        a pass, excluded)."""
+        n, I = shapes.n, assume.cg_iters
+        t = {"cg_setup": 6 * n, "cg_iterations": 6 * n * I, "step": 3 * n}
+        if self.preconditioner == "martens":
+            t["cg_preconditioner"] = n * (I + 1)
+        return t
+
     def _lm(self, lam: float, rho: float) -> float:
         return update_damping(lam, rho, drop=self.drop, boost=self.boost, rho_low=self.rho_low,
                               rho_high=self.rho_high, lam_min=self.damping_min, lam_max=self.damping_max)
@@ -428,7 +439,7 @@ class HessianFree(Optimizer):
     # -- one step -----------------------------------------------------------------------------
     def step(self, theta: Any, state: HFState, problem: Problem) -> tuple[Any, HFState, StepInfo]:
         lam = float(state.damping)
-        opened = open_fixed_step(problem, self.grad_size(problem.n_samples), theta)
+        opened = open_step(problem, self.grad_size(problem.n_samples), theta, tol=None)
         if opened.stop is not None:
             st = HFState(self._lm(lam, math.nan), state.prev * 0, state.k + 1)
             return theta, st, with_extra(opened.stop, damping=st.damping)

@@ -42,12 +42,26 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
+from .costs import flops_inv
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
 from .operators import LBFGSOperator, bfgs_inverse_update
 from .pairs import PairStore
-from .drivers import close_step
-from .fixed_step import nonfinite_step
+from .drivers import close_step, nonfinite_step
 from .registry import register
+
+
+def _lbfgs_apply_flops(o: int, p: int, c: int) -> float:
+    """The L-BFGS product with H_G on an o × c block with p pairs (H₀ = γI)."""
+    if p == 0:
+        return o * c
+    return (2 * p * p * o + flops_inv(p) + p * p + 2 * p ** 3 + o * p
+            + 2 * p * o * c + 4 * p * p * c + 2 * p * o * c + o * c)
+
+
+def _bfgs_inverse_update_flops(d: int) -> float:
+    """The dense inverse BFGS update as counted for K-BFGS: H y (d²), six d² elementwise products,
+    two dots."""
+    return 7 * d * d + 2 * d
 
 
 @dataclass
@@ -95,6 +109,28 @@ class KBFGS(Optimizer):
 
     def init(self, theta: Any) -> KBFGSState:
         return KBFGSState(mom=backend.namespace(theta).zeros_like(theta))
+
+    cost_formula: ClassVar[str] = "Σ o a(o + a) + Σ[(N+1)oa + 2Na + 8a² + 8o² + 2oa + …]/T + 4n"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """∇W̄ = gᵀā/N from the taps, momentum, the scale and the step; the preconditioning
+        H_G ∇W̄ H_A (K-BFGS(L): H_G by L-BFGS with p pairs); every T steps per layer the H_A update
+        (â, H_A â, the ã-action or the moving average, λ_A s_A, s_Aᵀy_A, the BFGS update) and the
+        H_G update (h̄ at both points, ḡ means, the EMAs of s_G and y_G, H_G y, damping, update)."""
+        n, lay, N, T = shapes.n, shapes.layers, batch_size, self.curvature_freq
+        limited = self.memory is not None
+        p = assume.pairs_or(self.memory or 0)
+        t = {"grad_from_taps": sum((N + 1) * o * a for o, a in lay) if not shapes.others else 0,
+             "momentum": n if self.version == "ch3" else 2 * n, "scale": n, "step": 2 * n,
+             "precondition": (sum(o * a * a + _lbfgs_apply_flops(o, p, a) for o, a in lay) if limited
+                              else kc.kron_precondition_flops(lay))}
+        upd_a = upd_g = 0.0
+        for o, a in lay:
+            ya = 2 * N * a + a if self.version == "ch3" else N * a * a + 4 * a * a
+            upd_a += 3 * a + a * a + ya + _bfgs_inverse_update_flops(a)
+            upd_g += 2 * a + 2 * o * a + 10 * o + (_lbfgs_apply_flops(o, p, 1) if limited
+                                                   else o * o + _bfgs_inverse_update_flops(o))
+        return {**t, "HA_update": upd_a / T, "HG_update": upd_g / T}
 
     # -- initialisation ----------------------------------------------------------------------------------
     def _warm(self, state: KBFGSState, problem: Problem, theta: Any, layers) -> None:
@@ -212,5 +248,7 @@ class KBFGS(Optimizer):
 @register("kbfgs-l")
 class KBFGSL(KBFGS):
     """K-BFGS(L): L-BFGS with ``memory`` p pairs (default 100, thesis §2.8.2) for H_G."""
+
+    cost_formula: ClassVar[str] = "Σ[o a² + 4p o a + 4p² a] + L-BFGS setup O(p²o + p³) per product + …"
 
     _limited: ClassVar[bool] = True

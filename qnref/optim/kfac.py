@@ -32,9 +32,9 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
+from .costs import flops_inv
 from .base import Optimizer, Problem, StepInfo, check_positive
-from .drivers import close_step
-from .fixed_step import nonfinite_step
+from .drivers import close_step, nonfinite_step
 from .registry import register
 
 
@@ -77,6 +77,19 @@ class KFAC(Optimizer):
     def init(self, theta: Any) -> KFACState:
         xp = backend.namespace(theta)
         return KFACState(mom=xp.zeros_like(theta))
+
+    cost_formula: ClassVar[str] = "Σ o a(o + a) + Σ (N+3)(a² + o²)/T₁ + Σ (a³ + o³ + 3a² + 3o²)/T₂ + 4n"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """Per dense block (o × a): the preconditioning H_G ∇W̄ H_A, factor statistics
+        ((N + 1)(a² + o²)) and their EMA every T₁ steps, the damped inverses (d³ + 3d²) every T₂;
+        momentum (n) and the step (2n, + n with weight decay)."""
+        n, lay, N = shapes.n, shapes.layers, batch_size
+        return {"momentum": n, "precondition": kc.kron_precondition_flops(lay),
+                "step": 2 * n + (n if self.weight_decay else 0),
+                "factor_statistics": sum((N + 1) * (a * a + o * o) for o, a in lay) / self.stat_freq,
+                "factor_ema": sum(2 * (a * a + o * o) for o, a in lay) / self.stat_freq,
+                "inverses": sum(flops_inv(d) + 3 * d * d for o, a in lay for d in (o, a)) / self.inv_freq}
 
     # -- statistics ----------------------------------------------------------------------------------------
     def _batch_factors(self, p) -> dict:

@@ -57,6 +57,17 @@ class LBFGS(Optimizer):
     def init(self, theta: Any) -> LBFGSState:
         return LBFGSState(PairStore.empty(theta, self.memory, grams=False))
 
+    cost_formula = "(5m + 8 + 2t)n + m"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """‖∇f‖ (n), the two-loop d = −H∇f, ∇fᵀd (n), 2 per trial (θ + αd and the Wolfe slope),
+        the pair s, y and its sᵀy test (3n). With forgetting: the mean memory over a cycle (approx.)."""
+        n, k = shapes.n, assume.pairs_or(self.memory)
+        if self.forget_every is not None and assume.pairs is None:
+            k = min(k, max(0, (self.forget_every - 1) // 2))
+        return {"grad_norm": n, **LBFGSOperator.solve_terms(n, k), "slope": n, "line_search": 2 * assume.trials * n,
+                "pair": 3 * n}
+
     def step(self, theta: Any, state: LBFGSState, problem: Problem) -> tuple[Any, LBFGSState, StepInfo]:
         o = open_step(problem, self.batch_size, theta, tol=self.tol)
         if o.stop is not None:

@@ -20,18 +20,11 @@ from typing import Any
 from .. import backend
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
 from .drivers import close_step, finite_point, line_search, open_step, trust_region_update
-from .operators import LSR1Operator, lsr1_prune, sr1_skip
+from .operators import LSR1Operator, lsr1_prune, lsr1_prune_flops, sr1_skip
 from .pairs import PairStore
 from .registry import register
-from .trust_region import RadiusRule, solve_lsr1_subproblem, solve_lsr1_subproblem_gram, steihaug_cg
-
-
-def _rcond_psd(G: Any) -> float:
-    """λ_min/λ_max of a symmetric PSD Gram matrix (negative rounding counts as 0)."""
-    xp = backend.namespace(G)
-    ev = backend.to_numpy(xp.linalg.eigvalsh(G))
-    top = float(ev.max()) if ev.size else 0.0
-    return max(float(ev.min()), 0.0) / top if top > 0.0 and math.isfinite(top) else 0.0
+from .trust_region import (RadiusRule, lsr1_subproblem_flops, lsr1_subproblem_gram_flops, solve_compact_subproblem,
+                           steihaug_cg)
 
 
 @dataclass
@@ -136,6 +129,41 @@ class LSR1TrustRegion(_LSR1Base):
     def _grams(self) -> bool:  # type: ignore[override]
         return self.gram_cache
 
+    cost_formula = ("(14m + 10)n + O(m³) (default gram_cache=True; (14k + 14)n while k < m pairs); "
+                    "gram_cache=False: (7m² + 9m + 12)n + O(m³)")
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """Generic step (no Gram fallback, no hard case, Ψ of full rank, the newest memory kept).
+
+        ``gram_cache=True``: M from the kept Grams (O(k³)), the Gram solver
+        (:func:`~.trust_region.lsr1_subproblem_gram_flops`; its Bp serves the SR1 test), ‖s‖ (n),
+        the SR1 test (3n), the Gram border S s, Y s, S y, Y y (4k'n with k' = k, or m − 1 when the
+        memory is full and the oldest pair is dropped first) and sᵀy, sᵀs, yᵀy (3n), the pruning
+        test on the Grams, ‖g‖ (n): (14k + 14)n + O(k³) while k < m, (14m + 10)n + O(m³) with the
+        memory full. ``gram_cache=False``: Grams re-formed, Ψ formed and a thin QR of it
+        (:func:`~.trust_region.lsr1_subproblem_flops`), B s, pruning from the pairs.
+        ``solver="steihaug"``: about 10 CG iterations of B·d (approximate) and B s by one more."""
+        n, m = shapes.n, self.memory
+        k = assume.pairs_or(m)
+        k1 = min(k + 1, m)
+        t = {"grad_norm": n, "compact_form": LSR1Operator.build_flops(n, k, grams=self.gram_cache)}
+        if self.solver == "steihaug":
+            if self.gram_cache and k:
+                t["form_psi"] = k * n
+            t.update({"tr_subproblem": 10 * (LSR1Operator.matvec_flops(n, k) + 6 * n),
+                      "Bs": LSR1Operator.matvec_flops(n, k)})
+        elif not self.gram_cache:
+            t.update({"tr_subproblem": lsr1_subproblem_flops(n, k), "Bs": LSR1Operator.matvec_flops(n, k)})
+        elif k:
+            t.update(lsr1_subproblem_gram_flops(n, k))
+        else:  # no pairs: g_⊥ = g, B = γI, B s = γs
+            t.update({"tr_subproblem": 6 * n, "Bs": n})
+        t.update({"step_norm": n, "sr1_test": 3 * n,
+                  "prune": lsr1_prune_flops(n, k1, grams=self.gram_cache)})
+        if self.gram_cache:
+            t["gram_update"] = 4 * (k if k < m else m - 1) * n + 3 * n
+        return t
+
     def _solve(self, g: Any, B: LSR1Operator | None, delta: float) -> tuple[Any, float, Any, int]:
         """(s, pred, B s or None, Gram fallback 0/1) of the subproblem min gᵀs + ½sᵀBs, ‖s‖ ≤ Δ."""
         if self.solver == "steihaug":
@@ -144,21 +172,10 @@ class LSR1TrustRegion(_LSR1Base):
             bv = B.matvec if B is not None else (lambda v: self.gamma * v)
             s = steihaug_cg(g, bv, delta).p
             return s, -float(g @ s + 0.5 * (s @ bv(s))), None, 0
-        if B is None:
-            sol = solve_lsr1_subproblem(g, self.gamma, None, None, delta)
-            return sol.p, sol.pred, None, 0
-        if self.gram_cache:
-            PtP = B.psi_gram()
-            if _rcond_psd(PtP) >= self.gram_rcond:
-                sol = solve_lsr1_subproblem_gram(g, self.gamma, B.psi_t, B.psi, PtP, B.M, delta)
-                return sol.p, sol.pred, sol.Bp, 0
-            # ΨᵀΨ squares κ(Ψ): with κ(Ψ)² > 1/gram_rcond the Gram route would lose more than
-            # ε/gram_rcond of relative accuracy, so this step takes the QR route (O(m²n)).
-            fallback = 1
-        else:
-            fallback = 0
-        sol = solve_lsr1_subproblem(g, self.gamma, B.Psi, B.M, delta)
-        return sol.p, sol.pred, None, fallback
+        sol, fallback = solve_compact_subproblem(g, self.gamma, B, delta, gram=self.gram_cache,
+                                                 gram_rcond=self.gram_rcond)
+        # the Gram route's Bp serves the SR1 test; the QR route's B s is recomputed from B
+        return sol.p, sol.pred, (sol.Bp if self.gram_cache and B is not None and not fallback else None), int(fallback)
 
     def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
         o = open_step(problem, self.batch_size, theta, tol=self.tol)
@@ -214,6 +231,20 @@ class LSR1LineSearch(_LSR1Base):
         self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
         self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
         self.max_evals = check_int("max_evals", max_evals)
+
+    cost_formula = "(5m² + 5m + 11 + t)n + O(m³)"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """‖g‖, the compact form from the pairs, the inverse middle N⁻¹, H g, gᵀd, θ + λd per trial,
+        y, H y, the SR1 test (3n), pruning on the inverse form, ‖s‖."""
+        n = shapes.n
+        k = assume.pairs_or(self.memory)
+        t = {"grad_norm": n, "compact_form": LSR1Operator.build_flops(n, k)}
+        if k:
+            t["inverse_middle"] = LSR1Operator.inverse_setup_flops(n, k)
+        return {**t, "Hg": LSR1Operator.solve_flops(n, k), "slope": n, "line_search": assume.trials * n, "pair": n,
+                "Hy": LSR1Operator.solve_flops(n, k), "sr1_test": 3 * n,
+                "prune": lsr1_prune_flops(n, min(k + 1, self.memory), inverse=True), "step_norm": n}
 
     def step(self, theta: Any, state: LSR1State, problem: Problem) -> tuple[Any, LSR1State, StepInfo]:
         o = open_step(problem, self.batch_size, theta, tol=self.tol)

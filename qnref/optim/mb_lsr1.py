@@ -44,11 +44,12 @@ from .. import backend
 from ..curvature.objective import Point
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
 from .drivers import average_ratio, finite_point, line_search, trust_region_update
-from .operators import LSR1Operator, lsr1_prune, sr1_skip
+from .operators import LSR1Operator, lsr1_prune, lsr1_prune_flops, sr1_skip
 from .pairs import PairStore
 from .registry import register
 from .sampled import OPTIONS, sample_curvature_pairs
-from .trust_region import AveragedRadiusRule, solve_lsr1_subproblem
+from .trust_region import (AveragedRadiusRule, lsr1_subproblem_flops, lsr1_subproblem_gram_flops,
+                           solve_compact_subproblem)
 
 __all__ = ["MBLSR1State", "MBLSR1", "LSSR1TR", "clip_to_radius", "hybrid_direction", "restart_test",
            "get_radius", "batch_rule", "progress_sample_size"]
@@ -169,10 +170,13 @@ class MBLSR1(Optimizer):
     SR1 skip r = 10⁻⁸ ([NW06] 6.26), warm start: option II, r = 0.01, ε = 10⁻³ ([SQN] code).
 
     Pairs live in the state's :class:`~.pairs.PairStore`, updated in place (no copies per step).
-    ``gram_cache=True`` keeps SᵀY, SᵀS, YᵀY bordered incrementally (O(mn) per stored pair), so M⁻¹
-    and the pruning test cost O(m³) instead of O(m²n); the subproblem is still solved by the QR
-    route. Off by default: the bordered Grams differ from fresh products by a few ulps, which moves
-    a 20-step run by ≈ 5·10⁻¹² relative (more than the reference trajectories' 10⁻¹²).
+    ``gram_cache=True`` is L-SR1-TR's O(mn) route end to end: SᵀY, SᵀS, YᵀY bordered incrementally
+    (O(mn) per stored pair), M⁻¹ and the pruning test from them (O(m³)), and the subproblem solved
+    from ΨᵀΨ and Ψ products (:func:`~.trust_region.solve_compact_subproblem`; the QR route when
+    λ_min/λ_max(ΨᵀΨ) < ``gram_rcond``, ``extra["gram_fallback"]``). Off by default: the bordered
+    Grams differ from fresh products by a few ulps, which moves a 20-step run by ≈ 5·10⁻¹²
+    relative (more than the reference trajectories' 10⁻¹²); measured per-step times of both
+    routes: docs/mb_lsr1.md.
     """
 
     family: ClassVar[str] = "trust-region"
@@ -186,9 +190,11 @@ class MBLSR1(Optimizer):
                  sr1_r: float = 1e-8, progress_factor: float = 1.1, progress_cap: int = 5000,
                  radius_low: float = 0.1, radius_high: float = 0.5, radius_increase: float = 2.0,
                  delta_min: float = 1e-12, rho_floor: float = -1.0, warm_option: str = "II",
-                 warm_radius: float = 0.01, warm_eps: float = 1e-3, gram_cache: bool = False):
+                 warm_radius: float = 0.01, warm_eps: float = 1e-3, gram_cache: bool = False,
+                 gram_rcond: float = 1e-6):
         self.memory = check_int("memory", memory)
         self.gram_cache = bool(gram_cache)
+        self.gram_rcond = check_range("gram_rcond", gram_rcond, 0.0, 1.0, hi_open=True)
         self.batch_size = check_int("batch_size", batch_size)
         self.delta0 = check_positive("delta0", delta0)
         rm = int(restart_memory)
@@ -240,6 +246,32 @@ class MBLSR1(Optimizer):
         return MBLSR1State(memory=PairStore.empty(theta, self.memory, grams=self.gram_cache), v=xp.zeros_like(theta),
                            s=xp.zeros_like(theta), delta=self.delta0, zeta=self.zeta, n_b=self.batch_size)
 
+    cost_formula: ClassVar[str] = ("(7m² + 9m + 23 + t)n + O(m³); gram_cache=True: (18m + 22 + t)n + O(m³) "
+                                   "with the memory full")
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """One generic iteration (no restart, no hybrid clipping beyond the norms, no Gram fallback):
+        ‖ĝ‖, the compact form, the subproblem, the hybrid direction (8n) and its checks (2n), θ + αp
+        per trial, s and θ + s (2n), B s, the SR1 test (3n), pruning. QR route (``gram_cache=False``):
+        Grams and Ψ re-formed, the QR solver (the store reuses the step's B). Gram route: M from the kept
+        Grams, the Gram solver, B s by Ψ products (Ψ not formed), the Gram border (4k'n + 3n,
+        k' = k, or m − 1 with the memory full) and the pruning test on the Grams."""
+        n, m = shapes.n, self.memory
+        k = assume.pairs_or(m)
+        k1 = min(k + 1, m)
+        t = {"grad_norm": n, "compact_form": LSR1Operator.build_flops(n, k, grams=self.gram_cache)}
+        if self.gram_cache:
+            t.update(lsr1_subproblem_gram_flops(n, k))
+        else:
+            t["tr_subproblem"] = lsr1_subproblem_flops(n, k)
+        # B s: Ψ formed by the QR route; from the Grams two Ψ products (2kn + k each), M· and γs
+        Bs = 2 * LSR1Operator.psi_flops(n, k) + k * k + n if self.gram_cache else LSR1Operator.matvec_flops(n, k)
+        t.update({"hybrid_direction": 8 * n, "direction_checks": 2 * n, "line_search": assume.trials * n,
+                  "step": 2 * n, "Bs": Bs, "sr1_test": 3 * n, "prune": lsr1_prune_flops(n, k1, grams=self.gram_cache)})
+        if self.gram_cache:
+            t["gram_update"] = 4 * (k if k < m else m - 1) * n + 3 * n
+        return t
+
     @property
     def rule(self) -> AveragedRadiusRule:
         return AveragedRadiusRule(low=self.radius_low, high=self.radius_high, increase=self.radius_increase,
@@ -250,8 +282,8 @@ class MBLSR1(Optimizer):
         return LSR1Operator.from_store(pairs, self.gamma) if pairs.count else None
 
     def _tr_step(self, g: Any, B: LSR1Operator | None, delta: float):
-        """p* of the L-SR1 trust-region subproblem with the latest pairs (Alg. 4 line 3)."""
-        return solve_lsr1_subproblem(g, self.gamma, *((None, None) if B is None else (B.Psi, B.M)), delta)
+        """(p*, Gram fallback) of the L-SR1 trust-region subproblem with the latest pairs (Alg. 4 line 3)."""
+        return solve_compact_subproblem(g, self.gamma, B, delta, gram=self.gram_cache, gram_rcond=self.gram_rcond)
 
     def _prune(self, pairs: PairStore) -> None:
         lsr1_prune(pairs, self.gamma)
@@ -297,13 +329,14 @@ class MBLSR1(Optimizer):
 
     # -- one iteration ------------------------------------------------------------------------
     def _get_step(self, g: Any, g_norm: float, pairs: PairStore, state: MBLSR1State):
-        """getStep (Alg. 4 lines 3–16) up to the line search: (p*, p, v, gᵀp, B, restarts, fallback)."""
+        """getStep (Alg. 4 lines 3–16) up to the line search: (p*, p, v, gᵀp, B, restarts, fallback,
+        Gram fallback)."""
         delta = state.delta
         restarts = 0
         fallback = False
         while True:
             B = self._compact(pairs)
-            sol = self._tr_step(g, B, delta)
+            sol, gram_fallback = self._tr_step(g, B, delta)
             p, v = hybrid_direction(sol.p, g, state.v, state.s, delta, eta=self.eta, mu=self.mu,
                                     alpha_s=self.alpha_s)
             gp = float(p @ g)
@@ -320,7 +353,7 @@ class MBLSR1(Optimizer):
                 p = g * (-min(1.0, delta / g_norm))
                 gp, fallback = float(p @ g), True
             break
-        return sol, p, v, gp, B, restarts, fallback
+        return sol, p, v, gp, B, restarts, fallback, gram_fallback
 
     def _progress(self, state: MBLSR1State, problem: Problem, theta_new: Any, n_b: int, R_sum: float):
         """getBatch (Alg. 6): (f̂_K, ζ, n_b next, R_sum, doubled, f̂ checked, progress, evals)."""
@@ -353,7 +386,7 @@ class MBLSR1(Optimizer):
         delta = state.delta
 
         # ---- getStep (Alg. 4) ----
-        sol, p, v, gp, B, restarts, fallback = self._get_step(g, g_norm, pairs, state)
+        sol, p, v, gp, B, restarts, fallback, gram_fallback = self._get_step(g, g_norm, pairs, state)
         ls = line_search(obj, theta, p, f0, gp, rule="armijo", alpha0=1.0, c1=self.c1, shrink=self.shrink,
                          max_evals=self.max_evals)
         evals = 1 + ls.evals
@@ -412,7 +445,8 @@ class MBLSR1(Optimizer):
                                "pairs": pairs.count, "restarts": restarts, "sy_action": action,
                                "fallback_gradient": fallback, "progress_check": progress,
                                "progress_value": f_check, "batch_doubled": doubled, "n_b_next": n_next,
-                               "converged": converged, "ls_message": ls.message})
+                               "converged": converged, "ls_message": ls.message,
+                               **({"gram_fallback": int(gram_fallback)} if self.gram_cache else {})})
         return theta_new, new_state, info
 
 
@@ -424,15 +458,17 @@ class LSSR1TR(MBLSR1):
     γ₂ = 0 Theorem 4.1 needs γ₁ > 0; the value is our choice)."""
 
     paper: ClassVar[str] = "Griffin et al. MB-LSR1 §3 (special case); Erway et al. 2019"
+    cost_formula: ClassVar[str] = "as mb-lsr1"
     _full_progress: ClassVar[bool] = True
 
     def __init__(self, memory: int = 16, batch_size: int = 128, delta0: float = 1e-4, K: int = 10,
                  gamma1: float = 1e-3, mu: float = 0.9, xi: float = 1e-8, eps: float = 1e-5, c1: float = 1e-4,
                  shrink: float = 0.5, max_evals: int = 30, gamma: float = 1.0, sr1_r: float = 1e-8,
                  radius_low: float = 0.1, radius_high: float = 0.5, radius_increase: float = 2.0,
-                 delta_min: float = 1e-12, rho_floor: float = -1.0, gram_cache: bool = False):
+                 delta_min: float = 1e-12, rho_floor: float = -1.0, gram_cache: bool = False,
+                 gram_rcond: float = 1e-6):
         super().__init__(memory=memory, batch_size=batch_size, delta0=delta0, restart_memory=-1, K=K,
                          gamma1=gamma1, gamma2=0.0, zeta=0.0, mu=mu, alpha_s=1.0, eta=0.0, xi=xi, eps=eps,
                          c1=c1, shrink=shrink, max_evals=max_evals, gamma=gamma, sr1_r=sr1_r,
                          radius_low=radius_low, radius_high=radius_high, radius_increase=radius_increase,
-                         delta_min=delta_min, rho_floor=rho_floor, gram_cache=gram_cache)
+                         delta_min=delta_min, rho_floor=rho_floor, gram_cache=gram_cache, gram_rcond=gram_rcond)

@@ -40,13 +40,14 @@ import math
 from typing import Any
 
 from .. import backend
+from .costs import flops_eigvalsh, flops_solve
 
 #: Reciprocal-condition threshold below which a small middle matrix counts as singular.
 SINGULAR_RTOL = 1e-10
 
 __all__ = ["SINGULAR_RTOL", "sym_rcond", "LBFGSOperator", "LSR1Operator", "lsr1_middle_inverse",
            "lsr1_inverse_middle", "psi_gram", "lsr1_prune_count", "lsr1_prune", "bfgs_inverse_update", "DenseInverseBFGS",
-           "sr1_skip", "operator_flops"]
+           "sr1_skip", "operator_flops", "lsr1_prune_flops"]
 
 
 def _check_pairs(S: Any, Y: Any) -> tuple[Any, int, int]:
@@ -174,6 +175,17 @@ class LBFGSOperator:
     def compact_flops(n: int, k: int) -> int:
         """[S v; Y v] (2kn), the 2k × 2k middle (4k²), S w₁ + Y w₂ (2kn), γv (n)."""
         return (4 * k + 1) * n + 4 * k * k
+
+    @staticmethod
+    def solve_terms(n: int, k: int, gamma_given: bool = False) -> dict[str, float]:
+        """Cost terms of :meth:`solve` from stored pairs: the two loops, ρᵢ = 1/Σ sᵢ⊙yᵢ (kn + k)
+        and, unless γ is given, γ = sᵀy/yᵀy of the newest pair (2n); none without pairs."""
+        if k == 0:
+            return {}
+        t = {"two_loop": LBFGSOperator.two_loop_flops(n, k), "two_loop_rho": k * n + k}
+        if not gamma_given:
+            t["two_loop_gamma"] = 2 * n
+        return t
 
     @property
     def flops_solve(self) -> int:
@@ -352,6 +364,32 @@ class LSR1Operator:
         """:meth:`from_pairs`: Ψ (kn), SᵀY and SᵀS (2k²n), the k × k solve (k³)."""
         return k * n + 2 * k * k * n + k ** 3
 
+    @staticmethod
+    def build_flops(n: int, k: int, grams: bool = False) -> float:
+        """:meth:`from_store` and M: without kept Grams :meth:`form_flops` + γSᵀS and the
+        symmetrisation (2k²) + rcond (eigvalsh) + the solve's LU (k³/3); from kept Grams only the
+        k × k work: rcond of M⁻¹, M = solve(M⁻¹, I), γSS and the symmetrisation (2k²)."""
+        if k == 0:
+            return 0
+        if grams:
+            return flops_eigvalsh(k) + flops_solve(k, k) + 2 * k * k
+        return LSR1Operator.form_flops(n, k) + 2 * k * k + flops_eigvalsh(k) + k ** 3 / 3
+
+    @staticmethod
+    def psi_flops(n: int, k: int) -> int:
+        """One Ψᵀv = Yv − γ(Sv) or Ψc = Yᵀc − Sᵀ(γc) with Ψ not formed: 2kn + k."""
+        return 2 * k * n + k
+
+    @staticmethod
+    def inverse_setup_flops(n: int, k: int) -> float:
+        """:meth:`solve`'s first call: YᵀY (k²n), /γ (k²), rcond, solve(N, I), symmetrisation (k²)."""
+        return k * k * n + k * k + flops_eigvalsh(k) + flops_solve(k, k) + k * k
+
+    @staticmethod
+    def solve_flops(n: int, k: int) -> int:
+        """H v = v/γ + Ψ N⁻¹ Ψᵀv / γ² with N⁻¹ cached and Ψ formed: (2k + 2)n + k² (n without pairs)."""
+        return (2 * k + 2) * n + k * k if k else n
+
     @property
     def flops_matvec(self) -> int:
         return self.matvec_flops(self.n, self.k, self._Psi_rows is not None)
@@ -393,6 +431,20 @@ def lsr1_prune_count(SY: Any, SS: Any, YY: Any, gamma: float, *, rtol: float = S
         if sym_rcond(lsr1_middle_inverse(SYd, SSd, gamma)) > rtol:
             return d
     return k
+
+
+def lsr1_prune_flops(n: int, k: int, *, inverse: bool = False, grams: bool = False) -> float:
+    """Multiplications of :func:`lsr1_prune` on k pairs when the newest memory is accepted at d = 0:
+    with kept Grams (direct form) ΨᵀΨ and M⁻¹ from the Grams (4k²) and two rcond; without, the
+    inverse test SᵀY, YᵀY (2k²n), /γ, rcond, the direct test Ψ (kn), ΨΨᵀ (k²n), SᵀY, SᵀS (2k²n),
+    γSᵀS (k²) and two rcond."""
+    if k == 0:
+        return 0
+    if grams:
+        return 2 * flops_eigvalsh(k) + 4 * k * k
+    if inverse:
+        return 2 * k * k * n + k * k + flops_eigvalsh(k)
+    return k * n + 3 * k * k * n + k * k + 2 * flops_eigvalsh(k)
 
 
 def lsr1_prune(store: Any, gamma: float, *, inverse: bool = False, rtol: float = SINGULAR_RTOL) -> int:

@@ -40,7 +40,7 @@ from .drivers import close_step, line_search, open_step, trust_region_update, wi
 from .operators import SINGULAR_RTOL, LBFGSOperator, LSR1Operator, lsr1_prune, sr1_skip
 from .pairs import PairStore
 from .registry import register
-from .trust_region import RadiusRule, solve_lsr1_subproblem
+from .trust_region import RadiusRule, lsr1_subproblem_flops, solve_lsr1_subproblem
 
 __all__ = [
     "SampledPairs",
@@ -261,6 +261,18 @@ class SampledLBFGS(_SampledQN):
     def init(self, theta: Any) -> SampledState:
         return SampledState()
 
+    cost_formula: ClassVar[str] = "(8m + 7 + t)n + m"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """‖g‖ (n), m sampled directions (mn), the pair filter (2mn, 3mn with the cosine test), γ of
+        the newest kept pair (2n), the two-loop, gᵀp (n), θ + αp per trial (tn), the step (2n)."""
+        n, m = shapes.n, self.memory
+        k = assume.pairs_or(m)
+        t = {"grad_norm": n, "sample_directions": m * n, "pair_filter": (3 if self.lbfgs_test == "cosine" else 2) * m * n}
+        if k:
+            t.update({"gamma": 2 * n, **LBFGSOperator.solve_terms(n, k, gamma_given=True)})
+        return {**t, "slope": n, "line_search": assume.trials * n, "step": 2 * n}
+
     def step(self, theta: Any, state: SampledState, problem: Problem) -> tuple[Any, SampledState, StepInfo]:
         o = open_step(problem, self.batch_size, theta, tol=self.tol)
         if o.stop is not None:
@@ -336,6 +348,18 @@ class SampledLSR1(_SampledQN):
 
     def init(self, theta: Any) -> SampledState:
         return SampledState(0, self.delta0)
+
+    cost_formula: ClassVar[str] = "(2m³/3 + O(m²))n + O(m⁴): compact form re-formed per kept pair"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """‖g‖, m sampled directions, the pair filter (:func:`lsr1_pair_filter`: candidate j tests
+        B s with the j pairs kept so far, then re-forms the compact matrix with j + 1 pairs; all
+        candidates kept), the compact form and the exact (QR-route) subproblem."""
+        n, m = shapes.n, self.memory
+        k = assume.pairs_or(m)
+        filt = sum(n + (2 * j * n + j * j if j else 0) + 3 * n + LSR1Operator.build_flops(n, j + 1) for j in range(k))
+        return {"grad_norm": n, "sample_directions": m * n, "pair_filter": filt,
+                "compact_form": LSR1Operator.build_flops(n, k), "tr_subproblem": lsr1_subproblem_flops(n, k)}
 
     def step(self, theta: Any, state: SampledState, problem: Problem) -> tuple[Any, SampledState, StepInfo]:
         o = open_step(problem, self.batch_size, theta, tol=self.tol)

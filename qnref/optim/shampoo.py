@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from ..curvature import kron
 from ._kron_common import TensorFactorOptimizer
+from .costs import flops_eigh
 from .registry import register
 
 
@@ -48,6 +49,16 @@ class Shampoo(TensorFactorOptimizer):
 
     def _stat_grad(self, p) -> Any:
         return p.grad
+
+    cost_formula: ClassVar[str] = "Σ_parts Σᵢ dᵢ²Πⱼ≠ᵢdⱼ (×2: statistics/T₁ + preconditioning) + I_root Σ (2k+1)dᵢ³/T₂ + 4n"
+
+    def _root_flops(self, d: int, order: int, assume: Any) -> float:
+        """eigh route: eigh + the d³ product + 2d²; coupled Newton: 6d² + I((2k + 1)d³ + 2d²) with
+        I = ``assume.root_iters`` or the cap ``newton_iters`` (an upper bound)."""
+        if self.root == "eigh":
+            return flops_eigh(d) + d ** 3 + 2 * d * d
+        its = assume.root_iters if assume.root_iters is not None else self.newton_iters
+        return 6 * d * d + its * ((2 * order + 1) * d ** 3 + 2 * d * d)
 
     def _factor_matrices(self, stats: list, shape: tuple) -> list | None:
         k = len(shape)

@@ -17,7 +17,7 @@ Notation (all on the curvature minibatch S₂ of N₂ examples, J stacked over e
 
 The three SMW forms (``form=``), all exact, none forms an n × n matrix
 ---------------------------------------------------------------------
-``"5.6"`` (default; symmetric, uses the factor H_{L,i} = Sᵢ Sᵢᵀ from ``loss.sqrt_hessian``).
+``"5.6"`` (default; symmetric, uses the factor H_{L,i} = Sᵢ Sᵢᵀ from the point's ``loss_sqrt_hessian()``).
     With J̃ = diag(Sᵢᵀ) J, B_d = (1/N₂) J̃ᵀ J̃ and SMW gives
         G⁻¹ = (1/μ)(I − (1/N₂) J̃ᵀ D⁻¹ J̃),   D = μI + (1/N₂) J̃ J̃ᵀ = μI + (1/N₂) Sᵀ (J Jᵀ) S.
     This is eq. 5.6 multiplied through by the factor (D₅.₆ = μH⁻¹ + JJᵀ/N₂ ⇒ Sᵀ D₅.₆ S = D) and
@@ -74,10 +74,9 @@ import numpy
 
 from .. import backend
 from ..curvature.objective import Point
-from ..nn.losses import MeanSquaredError, SigmoidCrossEntropy, SoftmaxCrossEntropy
+from .costs import flops_solve
 from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .drivers import close_step, with_extra
-from .fixed_step import open_fixed_step
+from .drivers import close_step, open_step, with_extra
 from .registry import register
 
 __all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWState", "SMWDirection", "smw_direction", "update_lambda_lm", "FORMS"]
@@ -85,7 +84,6 @@ __all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWState", "SMWDirection", "smw_di
 FORMS = ("5.6", "5.7", "5.6-inv")
 CURVATURES = ("gn", "ng")
 #: losses whose output Hessian H_L is diagonal: SMW-GN scales rows/columns instead of block GEMMs
-DIAGONAL_HESSIAN_LOSSES = (MeanSquaredError, SigmoidCrossEntropy)
 
 
 # -- the λ_LM rule of §5.2.3 -------------------------------------------------------------------------
@@ -185,12 +183,6 @@ class _BlockDiag:
         return out.reshape(N * C, N * C)
 
 
-def _sqrt_diag(xp, loss, z, y):
-    """√diag(H_L) for the losses with diagonal output Hessians (mse: 1; sigmoid_ce: √(p(1 − p)))."""
-    h = loss.hvp(z, y, xp.ones_like(z))
-    return xp.sqrt(h)
-
-
 def _bcast(w, ndim):
     return w.reshape((-1,) + (1,) * (ndim - 1))
 
@@ -213,7 +205,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     xp = curv.xp
     N = curv.N
     mu = float(lam) + curv.l2
-    z, y, loss = curv.z, curv.obj.y, curv.obj.loss
+    z = curv.z
     jg = curv.jvp(g)                                   # J_out g, output shape (N, …)
 
     def finish(p, pBp_data, d_size):
@@ -247,9 +239,8 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     C = z.shape[1]
     NC = N * C
     K = curv.gram("jacobian")                                       # [Jᵢ Jⱼᵀ], N C × N C, row i·C + c
-    diag = isinstance(loss, DIAGONAL_HESSIAN_LOSSES)
     if form == "5.6":
-        S = _BlockDiag(xp, N, C, _sqrt_diag(xp, loss, z, y) if diag else loss.sqrt_hessian(z, y))
+        S = _BlockDiag(xp, N, C, curv.loss_sqrt_hessian())   # (N, C) √diag for mse/sigmoid_ce
         u = S.T.apply(jg).reshape(NC)                               # J̃ g = Sᵢᵀ (J g)ᵢ
         D = S.T.left(S.right(K)) / N                                # Sᵀ (J Jᵀ) S / N₂
         D = 0.5 * (D + D.T)
@@ -259,7 +250,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
             return fail(NC)
         p = -(g - curv.vjp(S.apply(w.reshape(N, C)) / N)) / mu      # J̃ᵀ w = J_outᵀ (Sᵢ wᵢ)
         return finish(p, (w @ w) / N, NC)
-    H = _BlockDiag(xp, N, C, loss.hvp(z, y, xp.ones_like(z)) if diag else loss.hessian(z, y))
+    H = _BlockDiag(xp, N, C, curv.loss_hessian())
     u = jg.reshape(NC)
     if form == "5.7":
         D = H.right(K) / N                                          # J Jᵀ H / N₂ (not symmetric)
@@ -271,7 +262,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
         p = -(g - curv.vjp(Hd / N)) / mu
         return finish(p, (d @ Hd.reshape(NC)) / N, NC)
     # "5.6-inv": eq. 5.6 literally, D = μ H⁻¹ + J Jᵀ / N₂
-    if isinstance(loss, SoftmaxCrossEntropy):
+    if not H.is_diag and float(xp.abs(H.m.sum(axis=2)).max()) <= 1e-12 * float(xp.abs(H.m).max()):  # H_L 1 = 0
         raise ValueError("form '5.6-inv' needs invertible output Hessians; softmax_ce has H_L 1 = 0 "
                          "(singular): use form '5.6' (factored, default) or '5.7'")
     Hinv = H.inv()
@@ -365,6 +356,25 @@ class SMWOptimizer(Optimizer):
     def init(self, theta: Any) -> SMWState:
         return SMWState(lambda_lm=self.lambda_lm)
 
+    def algebra_flops(self, shapes, batch_size, assume):
+        """With N₂ = min(curvature_batch, batch_size) and C outputs: NG — Jacobian dots (N₂C), the
+        scaled Gram (2N₂²), its solve, the weights, Jᵀw (n), the model (2n + N₂); GN — the output
+        Hessian, the right-hand side, the scaled N₂C × N₂C Gram, its solve, the weights, Jᵀw, the
+        model (eq. 5.7 / 5.6-inv approximate: the same leading terms); the trial and step (3n)."""
+        n, C = shapes.n, shapes.out
+        N2 = min(self.curvature_batch, self.batch_size)
+        NC = N2 * C
+        if self.curvature == "ng":
+            t = {"jacobian_dot": NC, "gram_scale": 2 * N2 * N2, "solve": flops_solve(N2, 1), "weights": N2 + NC,
+                 "direction": n, "model": 2 * n + N2}
+        elif self.form == "5.6":
+            t = {"output_hessian": 3 * NC, "rhs": NC, "scaled_gram": 4 * NC * NC, "solve": flops_solve(NC, 1),
+                 "weights": 2 * NC, "direction": n, "model": 2 * n + NC}
+        else:
+            t = {"output_hessian": 2 * NC, "scaled_gram": 3 * NC * NC, "solve": flops_solve(NC, 1),
+                 "weights": 3 * NC, "direction": n, "model": 2 * n + 2 * NC}
+        return {**t, "trial_and_step": 3 * n}
+
     def _curvature_objective(self, problem: Problem, obj1: Any, theta: Any) -> Any:
         """S₂ ⊆ S₁ uniformly without replacement (Alg. 23 line 3), or problem.sample(N₂) in the
         semi-stochastic variant."""
@@ -378,7 +388,7 @@ class SMWOptimizer(Optimizer):
 
     def step(self, theta: Any, state: SMWState, problem: Problem) -> tuple[Any, SMWState, StepInfo]:
         """One iteration of Alg. 23 (see the class and module docstrings)."""
-        opened = open_fixed_step(problem, None if self.full_gradient else self.batch_size, theta)
+        opened = open_step(problem, None if self.full_gradient else self.batch_size, theta, tol=None)
         obj2 = self._curvature_objective(problem, opened.obj, theta)
         lam = state.lambda_lm + self.tau
         extra = {"lambda": lam, "curvature_batch": obj2.n_samples, "form": self.form}
@@ -435,6 +445,7 @@ class SMWGN(SMWOptimizer):
 
     curvature = "gn"
     forms = FORMS
+    cost_formula: ClassVar[str] = "4(N₂C)² + (N₂C)³/3 + 6n + O(N₂C)"
 
 
 @register("smw-ng")
@@ -443,3 +454,4 @@ class SMWNG(SMWOptimizer):
 
     curvature = "ng"
     forms = ("5.6",)
+    cost_formula: ClassVar[str] = "2N₂² + N₂³/3 + 6n + O(N₂C)"

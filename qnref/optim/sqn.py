@@ -125,6 +125,17 @@ class SQN(Optimizer):
         return SQNState(memory=PairStore.empty(theta, self.memory, grams=False),
                         wbar_sum=theta * 0, wbar_prev=theta * 0)
 
+    cost_formula: ClassVar[str] = "(5m + 6 + t + 4/L)n + m"
+
+    def algebra_flops(self, shapes, batch_size, assume):
+        """The two-loop, gᵀd (n), θ + αd per trial (tn, Armijo rule), the update (2n), the window
+        means and the pair (4n every L steps)."""
+        n = shapes.n
+        t = {**LBFGSOperator.solve_terms(n, assume.pairs_or(self.memory)), "slope": n}
+        if self.step_rule == "armijo":
+            t["line_search"] = assume.trials * n
+        return {**t, "update": 2 * n, "window": 4 * n / self.L}
+
     # -- curvature pairs ----------------------------------------------------------------------
     def _end_window(self, state: SQNState, problem: Problem, extra: dict) -> None:
         """Alg. 1 lines 13–19: average the window; from the second window on, form (s_t, y_t)."""

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature import kron
 from ._kron_common import TensorFactorOptimizer, sampled_mean_grad
+from .costs import flops_inv
 from .registry import register
 
 
@@ -64,6 +65,17 @@ class TNT(TensorFactorOptimizer):
 
     def _stat_grad(self, p) -> Any:
         return sampled_mean_grad(p) if self.fisher == "sampled" else p.grad
+
+    cost_formula: ClassVar[str] = "Σ_parts Σᵢ dᵢ²Πⱼ≠ᵢdⱼ (×2) + Σ (dᵢ³ + 4dᵢ²)/T₂ + NC/T₁ + 4n"
+    _root_term: ClassVar[str] = "inverses"
+
+    def _root_flops(self, d: int, order: int, assume: Any) -> float:
+        """The damped inverse (d³) and the factor's scaling (4d²)."""
+        return flops_inv(d) + 4 * d * d
+
+    def _extra_flops(self, shapes: Any, batch_size: int) -> dict:
+        """The sampled-gradient scaling dz/N every T₁ steps (sampled Fisher)."""
+        return {"sampled_grad_scale": batch_size * shapes.out / self.stat_freq} if self.fisher == "sampled" else {}
 
     def _factor_matrices(self, stats: list, shape: tuple) -> list | None:
         xp = backend.namespace(stats[0])

@@ -29,8 +29,12 @@ from typing import Any, Callable
 import numpy
 
 from .. import backend
+from .costs import flops_eigh, flops_eigvalsh, flops_qr, flops_svd
 
 __all__ = [
+    "solve_compact_subproblem",
+    "lsr1_subproblem_flops",
+    "lsr1_subproblem_gram_flops",
     "RadiusRule",
     "AveragedRadiusRule",
     "update_radius",
@@ -490,6 +494,58 @@ def solve_lsr1_subproblem_gram(
         par=lambda c: psi(T @ c), par_t=lambda v: T.T @ psi_t(v), complement_z=complement_z,
         Bv=lambda v: gamma * v + (psi(M @ psi_t(v)) if k > 0 else 0),
         hard_tol=hard_tol, eig_tol=eig_tol, newton_tol=newton_tol, maxiter=maxiter)
+
+
+def _rcond_psd(G: Any) -> float:
+    """λ_min/λ_max of a symmetric PSD Gram matrix (negative rounding counts as 0)."""
+    xp = backend.namespace(G)
+    ev = backend.to_numpy(xp.linalg.eigvalsh(G))
+    top = float(ev.max()) if ev.size else 0.0
+    return max(float(ev.min()), 0.0) / top if top > 0.0 and math.isfinite(top) else 0.0
+
+
+def solve_compact_subproblem(g: Any, gamma: float, B: Any, delta: float, *, gram: bool,
+                             gram_rcond: float = 1e-6) -> tuple[TrustRegionSolution, bool]:
+    """The exact L-SR1 trust-region step for B = γI + ΨMΨᵀ (an :class:`~.operators.LSR1Operator`;
+    ``None``: B = γI) by one of two routes; returns (solution, Gram fallback taken).
+
+    ``gram=True``: from ΨᵀΨ and Ψ products only (:func:`solve_lsr1_subproblem_gram`, O(kn) + O(k³)
+    with the store's kept Grams) when λ_min/λ_max(ΨᵀΨ) ≥ ``gram_rcond``; below it ΨᵀΨ has squared
+    κ(Ψ) past ε/gram_rcond of accuracy and the step takes the QR route (fallback = True).
+    ``gram=False``: the QR route (:func:`solve_lsr1_subproblem`, thin QR of the formed Ψ, O(k²n)).
+    """
+    if B is None:
+        return solve_lsr1_subproblem(g, gamma, None, None, delta), False
+    if gram:
+        PtP = B.psi_gram()
+        if _rcond_psd(PtP) >= gram_rcond:
+            return solve_lsr1_subproblem_gram(g, gamma, B.psi_t, B.psi, PtP, B.M, delta), False
+    return solve_lsr1_subproblem(g, gamma, B.Psi, B.M, delta), gram
+
+
+def lsr1_subproblem_flops(n: int, k: int) -> float:
+    """Multiplications of :func:`solve_lsr1_subproblem`, generic case (rank k, no hard case), read
+    from the code: QR of Ψ, SVD of R, R_r, M symmetrised, R_r M R_rᵀ (2k³), eigh, P_k = U V (k³),
+    g_∥ (nk + k²), g_⊥ (k² + nk), ‖g_⊥‖ (n), p = Q P_k c (k² + nk) + (c/a) g_⊥ (n),
+    Bp = γp + ΨMΨᵀp (n + 2nk + k²), pred (2n), ‖p‖ (n): 2k²n + (5k + 6)n + O(k³); 6n without pairs."""
+    if k == 0:  # g_⊥ = g: ‖g‖, p = (c/a) g, Bp = γp, pred, ‖p‖
+        return 6 * n
+    return (flops_qr(n, k) + flops_svd(k) + 2 * k * k + 2 * k ** 3 + flops_eigh(k) + k ** 3
+            + 5 * n * k + 4 * k * k + 6 * n)
+
+
+def lsr1_subproblem_gram_flops(n: int, k: int) -> dict[str, float]:
+    """Multiplications of :func:`solve_lsr1_subproblem_gram` (generic case, Ψ of full rank) and of
+    the ΨᵀΨ rcond test that selects it: ``gram_rcond`` — ΨᵀΨ from the Grams (3k²) and its
+    eigvalsh; ``tr_subproblem`` — five Ψ products (Ψᵀg, Ψ for g_⊥, Ψ for p, Ψᵀp and Ψ(MΨᵀp) of
+    Bp; 2kn + k each, :meth:`.operators.LSR1Operator.psi_flops`), ‖g_⊥‖, (c/a)g_⊥, γp, pred (2n),
+    ‖p‖, T·, Tᵀ· (3k²) and M· (k²); ``tr_subproblem_small`` — eigh of ΨᵀΨ and of R_rMR_rᵀ
+    (2 × 3k³), R_rMR_rᵀ (2k³), T = W_rΣ_r⁻¹V (k³ + k²), the symmetrisations and R_r (3k²).
+    Total 10kn + 6n + O(k³); 6n without pairs (the QR solver's empty case)."""
+    if k == 0:
+        return {"tr_subproblem": 6 * n}
+    return {"gram_rcond": 3 * k * k + flops_eigvalsh(k), "tr_subproblem": 5 * (2 * k * n + k) + 6 * n + 4 * k * k,
+            "tr_subproblem_small": 2 * flops_eigh(k) + 3 * k ** 3 + 4 * k * k}
 
 
 def solve_dense_subproblem(

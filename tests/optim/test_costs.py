@@ -16,7 +16,12 @@ from qnref.nn.model import Sequential
 from qnref.optim import load_all, make_optimizer
 from qnref.optim.operators import LBFGSOperator, LSR1Operator
 from qnref.optim.pairs import PairStore
-from qnref.optim.costs import FORMULAS, algebra_flops
+from qnref.optim.base import Optimizer
+from qnref.optim.costs import algebra_flops
+from qnref.optim.registry import OPTIMIZERS
+
+#: rounding slack of a summed formula: each term is rounded separately (at most ½ each)
+ROUNDING = 24
 
 
 # -- a counting array -------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def test_quasi_newton_counts_match_the_code(name, kw):
             continue  # a pair was pruned: the formula assumes the newest memory is kept
         t = max(info.evals - 1, 1)
         expected = algebra_flops(opt, _vector_layout(40), trials=t, pairs=pairs)["per_step"]
-        assert counted == pytest.approx(expected, abs=len(FORMULAS) + 1), (name, pairs, counted, expected)
+        assert counted == pytest.approx(expected, abs=ROUNDING), (name, pairs, counted, expected)
         checked += 1
     assert checked >= 3
 
@@ -208,7 +213,10 @@ def _autoencoder():
 
 def test_every_registered_optimizer_has_a_formula():
     names = sorted(load_all())
-    assert set(names) <= set(FORMULAS), set(names) - set(FORMULAS)
+    for name in names:  # each class declares its own cost model and its formula in words
+        cls = OPTIMIZERS[name]
+        assert cls.algebra_flops is not Optimizer.algebra_flops, name
+        assert cls.cost_formula, name
     model = _autoencoder()
     for name in names:
         res = algebra_flops(name, model, batch_size=256)
@@ -287,7 +295,7 @@ def test_lsr1_cached_step_counts_match_formula(m):
     for n, counts in ((n1, c1), (n2, c2)):
         for k, counted in counts.items():
             expected = algebra_flops(opt, _vector_layout(n), pairs=k)["per_step"]
-            assert counted == pytest.approx(expected, abs=len(FORMULAS) + 1), (n, k, counted, expected)
+            assert counted == pytest.approx(expected, abs=ROUNDING), (n, k, counted, expected)
     for k in set(c1) & set(c2):
         coef = (c2[k] - c1[k]) / (n2 - n1)
         assert coef == pytest.approx(14 * k + 14 if k < m else 14 * m + 10, abs=1e-9), (k, coef)

@@ -260,3 +260,36 @@ def test_digits_mb_lsr1_vs_lssr1(record_property, capsys):
     # L-SSR1-TR reaches a lower loss than MB-LSR1 with these defaults — see docs/mb_lsr1.md.)
     for name, v in res.items():
         assert all(f < 0.5 * f0 for f, f0 in zip(v, starts)), name
+
+
+def test_gram_route_matches_the_qr_route_per_step():
+    """gram_cache=True (kept Grams, subproblem from ΨᵀΨ and Ψ products) against the QR route:
+    from the same state (the QR run's, Grams rebuilt from its pairs), one step of each agrees to
+    ≤ 1e-10 relative on a well-conditioned problem (l2 = 0.1, the full set each step)."""
+    import copy
+
+    from qnref.optim.base import Problem
+
+    X, y = _digits(200)
+    model = _mlp()
+    prob_qr = Problem(model, "softmax_ce", X, y, l2=0.1, seed=0)
+    th = model.init(0)
+    qr, gram = MBLSR1(memory=5, batch_size=200, delta0=0.1), MBLSR1(memory=5, batch_size=200, delta0=0.1,
+                                                                    gram_cache=True)
+    st = qr.init(th)
+    checked = 0
+    for _ in range(15):
+        st_g = copy.deepcopy(st)
+        st_g.memory.ensure_grams()
+        pg = Problem(model, "softmax_ce", X, y, l2=0.1, seed=0)
+        pg.load_state(prob_qr.state())
+        th_g, st_g, info_g = gram.step(th, st_g, pg)
+        th_new, st, info = qr.step(th, st, prob_qr)
+        assert info_g.extra["gram_fallback"] == 0
+        assert info_g.extra["sy_action"] == info.extra["sy_action"]
+        s, s_g = th_new - th, th_g - th
+        assert np.linalg.norm(s_g - s) <= 1e-10 * np.linalg.norm(s), np.linalg.norm(s_g - s) / np.linalg.norm(s)
+        th = th_new
+        assert abs(info_g.radius - info.radius) <= 1e-10 * info.radius
+        checked += st.memory.count > 1
+    assert checked >= 5

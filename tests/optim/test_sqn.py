@@ -140,7 +140,7 @@ def test_nonfinite_safeguards(monkeypatch):
 
     def patch(fn):  # SQN evaluates points itself and through the shared line function
         monkeypatch.setattr(sqnmod, "try_point", fn)
-        monkeypatch.setattr(drivers, "try_point", fn)
+        monkeypatch.setattr(drivers, "evaluate", lambda obj, theta: (lambda p: (p, math.nan if p is None else p.value))(fn(obj, theta)))
 
     patch(lambda obj, theta: None if np.linalg.norm(theta - th0) > 1e-3 else real(obj, theta))
     opt = SQN(L=2, batch_size=10, curvature_batch=20)
