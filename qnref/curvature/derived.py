@@ -11,6 +11,9 @@ product                from the primitives                                      
                        reduce(local_vjp(c ⊙ e / N)) — no per-example gradients formed
 ``output_grads(t)``    gather(local_output_grads(t))
 ``dz``                 output_grads("empirical")
+``loss_sqrt_hessian()``  gather(local_loss_sqrt_hessian()); default primitive: H_{L,i} from C        SMW-GN (Ren ch. 5)
+                       ``local_loss_hvp`` calls on unit vectors, Sᵢ = V √max(Λ, 0) (eigh)
+``loss_hessian()``     gather(local_loss_hessian()); default primitive: the same C calls
 ``gram(kind)``         [gᵢᵀgⱼ] = P Pᵀ from per_example_grads; [Jᵢ Jⱼᵀ] from NC Jacobian rows  Ren thesis ch. 5
                        Jᵀ e_{(i,c)} (vjp of unit outputs); the NumPy point overrides with the
                        Kronecker trick of Alg. 17–22 (dense nets)
@@ -175,6 +178,44 @@ class PointProducts:
         n_rows = e.shape[0]
         c = (e * jv).reshape(n_rows, -1).sum(axis=1)
         return self.reduce_sum(self.local_vjp(e * (c / self.N).reshape((-1,) + (1,) * (e.ndim - 1)), "fisher_vp"))
+
+    # -- output-space loss Hessians (SMW-GN) ------------------------------------------------------
+    def _own_output_shape(self) -> tuple[int, ...]:
+        return tuple(self.local_rows(self.z).shape)
+
+    def local_loss_hessian(self) -> Any:
+        """Default primitive: H_{L,i} (n_own, C, C) from C ``local_loss_hvp`` calls on unit vectors
+        (symmetrised); point types with a closed form override it (and may return the diagonal)."""
+        xp = self.xp
+        shape = self._own_output_shape()
+        if len(shape) != 2:
+            raise ValueError(f"the output-space loss Hessian needs 2-D outputs (N, C), got {shape}")
+        n, C = shape
+        cols = []
+        for c in range(C):
+            u = xp.zeros(shape, dtype=self.theta.dtype)
+            u[:, c] = 1.0
+            cols.append(self.local_loss_hvp(u))
+        H = xp.stack(cols, axis=2)                       # H[i, :, c] = H_i e_c
+        return 0.5 * (H + H.transpose(0, 2, 1))
+
+    def local_loss_sqrt_hessian(self) -> Any:
+        """Default primitive: Sᵢ = Vᵢ √max(Λᵢ, 0) from the eigendecomposition of
+        :meth:`local_loss_hessian` (or the elementwise root of a diagonal one); Sᵢ Sᵢᵀ = H_{L,i}."""
+        xp = self.xp
+        H = self.local_loss_hessian()
+        if H.ndim == 2:
+            return xp.sqrt(xp.maximum(H, 0))
+        lam, V = xp.linalg.eigh(H)
+        return V * xp.sqrt(xp.maximum(lam, 0))[:, None, :]
+
+    def loss_sqrt_hessian(self) -> Any:
+        """Sᵢ with H_{L,i} = Sᵢ Sᵢᵀ for the whole batch ((N, C, C), or (N, C) for a diagonal H_L)."""
+        return self.gather_rows(self.local_loss_sqrt_hessian())
+
+    def loss_hessian(self) -> Any:
+        """H_{L,i} for the whole batch ((N, C, C), or its diagonal (N, C) for a diagonal H_L)."""
+        return self.gather_rows(self.local_loss_hessian())
 
     # -- per-example quantities ----------------------------------------------------------------
     def output_grads(self, targets: Any = "empirical") -> Any:

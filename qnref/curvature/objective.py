@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import backend
-from ..nn.losses import Loss, get_loss
+from ..nn.losses import Loss, MeanSquaredError, SigmoidCrossEntropy, get_loss
 from ..nn.model import Sequential
 from .derived import NonFiniteError, PointProducts, is_empirical
 
@@ -276,6 +276,23 @@ class Point(PointProducts):
 
     def local_output_grads(self, targets: Any) -> Any:
         return self._fisher_dz(targets)
+
+    def _diagonal_hessian(self) -> bool:
+        return isinstance(self.obj.loss, (MeanSquaredError, SigmoidCrossEntropy))
+
+    def local_loss_sqrt_hessian(self) -> Any:
+        """√diag(H_L) for mse/sigmoid_ce ((N, C), from ``loss.hvp`` with ones), else ``loss.sqrt_hessian``."""
+        loss, z, y = self.obj.loss, self.z, self.obj.y
+        if self._diagonal_hessian():
+            return self.xp.sqrt(loss.hvp(z, y, self.xp.ones_like(z)))
+        return loss.sqrt_hessian(z, y)
+
+    def local_loss_hessian(self) -> Any:
+        """diag(H_L) for mse/sigmoid_ce ((N, C)), else ``loss.hessian`` ((N, C, C))."""
+        loss, z, y = self.obj.loss, self.z, self.obj.y
+        if self._diagonal_hessian():
+            return loss.hvp(z, y, self.xp.ones_like(z))
+        return loss.hessian(z, y)
 
     def check_independent(self, what: str) -> None:
         self._check_coupling(what)

@@ -107,6 +107,15 @@ class PointPrimitives(Protocol):
         """H_{L,i} uᵢ per own row (the output-space Hessian of ℓᵢ, no 1/N)."""
     def local_output_grads(self, targets: Any) -> Any:
         """eᵢ = ∂ℓ(zᵢ, tᵢ)/∂zᵢ per own row; ``targets`` is "empirical", "sampled" or an array of targets."""
+    def local_loss_sqrt_hessian(self) -> Any:
+        """Factors Sᵢ with H_{L,i} = Sᵢ Sᵢᵀ per own row (outputs (N, C)): (n_own, C, C), or
+        (n_own, C) holding √diag(H_{L,i}) when the loss's output Hessian is diagonal (mse,
+        sigmoid_ce). Any factor with Sᵢ Sᵢᵀ = H_{L,i} is valid (SMW-GN's direction does not depend
+        on the choice); :class:`~qnref.curvature.derived.PointProducts` derives one from
+        ``local_loss_hvp`` (symmetric eigen-square-root) for point types without a closed form."""
+    def local_loss_hessian(self) -> Any:
+        """H_{L,i} per own row: (n_own, C, C), or its diagonal (n_own, C) for diagonal-Hessian losses
+        (the same shape rule as :meth:`local_loss_sqrt_hessian`)."""
     def sampled_targets(self) -> Any:
         """ỹ ~ p(y | z) of the whole batch, drawn once per point."""
     def per_example_grads(self, targets: Any = "empirical") -> Any:
@@ -143,6 +152,10 @@ class PointProtocol(PointPrimitives, Protocol):
         """F v, kind in :data:`FISHER_KINDS` (no λ)."""
     def output_grads(self, targets: Any = "empirical") -> Any:
         """eᵢ = ∂ℓ(zᵢ, tᵢ)/∂zᵢ of the whole batch."""
+    def loss_sqrt_hessian(self) -> Any:
+        """:meth:`~PointPrimitives.local_loss_sqrt_hessian` of the whole batch (rows gathered)."""
+    def loss_hessian(self) -> Any:
+        """:meth:`~PointPrimitives.local_loss_hessian` of the whole batch (rows gathered)."""
     def gram(self, kind: str = "grad") -> Any:
         """N × N [gᵢᵀgⱼ] (``"grad"``) or NC × NC [Jᵢ Jⱼᵀ] (``"jacobian"``, row i·C + c)."""
 
