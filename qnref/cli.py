@@ -45,7 +45,8 @@ from . import validate as check
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_MPI_TIMEOUT = 0, 1, 2, 3, 4, 5
 #: report files that a --checkpoint path must not collide with
-REPORT_FILES = ("runs.jsonl", "summary.md", "loss_vs_epochs.png", "loss_vs_time.png", "loss_vs_passes.png", "comparison.png")
+REPORT_FILES = ("runs.jsonl", "runs.csv", "summary.md", "config.toml", "loss_vs_epochs.png", "loss_vs_time.png",
+                "loss_vs_passes.png", "comparison.png", "lr_vs_epochs.png", "tensorboard")
 
 
 class CLIError(Exception):
@@ -81,6 +82,35 @@ _COUNT = _arg("integer", lo=1)
 _SEED = _arg("integer", lo=0, hi=2**32 - 1)
 _SEEDS = _arg("integers", lo=0, hi=2**32 - 1)
 _FACTOR = _arg("number", lo=1, lo_open=True)
+_FRACTION = _arg("number", lo=0, hi=1, hi_open=True)
+_STEPS = _arg("integer", lo=0)
+
+
+def _schedule_arg(text: str) -> str:
+    """--lr-schedule: parsed here (errors at parse time, naming the option), kept as its text."""
+    from .schedules import parse
+
+    try:
+        return parse(text, "").spec()
+    except check.ValidationError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+
+
+def _target_arg(text: str) -> str:
+    from .train import Target
+
+    try:
+        return Target.parse(text, "").spec()
+    except check.ValidationError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+
+
+def _metric_arg(text: str) -> str:
+    from .train import METRICS
+
+    if text not in METRICS:
+        raise argparse.ArgumentTypeError(str(check.ValidationError("", text, f"one of {', '.join(METRICS)}")).strip())
+    return text
 
 
 # -- building blocks ------------------------------------------------------------------------------
@@ -199,14 +229,44 @@ def _divergence(p: argparse.ArgumentParser) -> None:
                    help="a diverged run still exits 0 (it is marked in the report either way)")
 
 
+def _training(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    """Options shared by train and compare: schedules, validation, early stopping, budgets, target, logs."""
+    which = " (every run without its own schedule=)" if compare else ""
+    p.add_argument("--lr-schedule", type=_schedule_arg, default=None, metavar="SPEC",
+                   help=f"step-size schedule{which}: {SCHEDULE_HELP_TEXT}")
+    p.add_argument("--val-fraction", type=_FRACTION, default=None, metavar="F",
+                   help="hold out this fraction of the training rows as a validation split (seeded, stratified; in [0, 1))")
+    p.add_argument("--early-stopping", type=_metric_arg, default=None, metavar="METRIC",
+                   help="stop when METRIC (e.g. val_loss, val_acc, train_loss) has not improved for --patience evaluations")
+    p.add_argument("--patience", type=_COUNT, default=None, help="evaluations without improvement before an early stop (≥ 1; default 5)")
+    p.add_argument("--min-delta", type=_NONNEG, default=None, help="smallest change that counts as an improvement (≥ 0; default 0)")
+    p.add_argument("--max-steps", type=_STEPS, default=None, help="stop after this many optimizer steps (≥ 0)")
+    p.add_argument("--max-time", type=_POSITIVE, default=None, metavar="SECONDS", help="wall-clock budget of a run (> 0)")
+    p.add_argument("--max-cpu-time", type=_POSITIVE, default=None, metavar="SECONDS",
+                   help="process CPU-time budget of a run (time.process_time, evaluations included; > 0)")
+    p.add_argument("--target", type=_target_arg, default=None, metavar="METRIC<=X",
+                   help="record steps/epochs/passes/time to reach e.g. test_acc>=0.9 or val_loss<=0.2 (a summary column)")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="bar: a progress bar; lines: one line per evaluation; auto (default): bar on a terminal, else lines")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="write TensorBoard event files in the report (default: when the tensorboard package is installed)")
+    p.add_argument("--write-config", default=None, metavar="FILE.toml", help="write the run's config to FILE and exit without running")
+
+
+SCHEDULE_HELP_TEXT = ("constant | step:EVERY:GAMMA | multistep:M1,M2,…:GAMMA | exp:GAMMA | cosine:TOTAL[:MIN] | "
+                      "warmup:LENGTH | thesis[:SCALE], joined with '*'; '@step' counts steps (e.g. multistep:60,120,160:0.1)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="qnref", description="Reference engine for second-order and quasi-Newton optimization of neural networks.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     tr = sub.add_parser("train", help="train one model with one optimizer", description="Train a model from the zoo on a data set with one optimizer.")
-    tr.add_argument("--model", required=True, help="model name (see `qnref list models`)")
-    tr.add_argument("--optimizer", required=True, help="optimizer name (see `qnref list optimizers`)")
-    tr.add_argument("--dataset", required=True, help="data set name (see `qnref list datasets`)")
+    tr.add_argument("--config", default=None, metavar="FILE.toml",
+                    help="replay the run a config.toml describes (options given here override its entries)")
+    tr.add_argument("--model", default=None, help="model name (see `qnref list models`); required without --config")
+    tr.add_argument("--optimizer", default=None, help="optimizer name (see `qnref list optimizers`); required without --config")
+    tr.add_argument("--dataset", default=None, help="data set name (see `qnref list datasets`); required without --config")
     tr.add_argument("--epochs", type=_POSITIVE, default=5.0, help="data passes drawn by the optimizer (finite, > 0; default 5)")
     tr.add_argument("--batch-size", type=_COUNT, default=None, help="minibatch size, passed to the optimizer as batch_size")
     tr.add_argument("--lr", type=_POSITIVE, default=None, help="learning rate, passed to the optimizer as lr")
@@ -219,15 +279,24 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint", default=None, help="checkpoint file (.npz + manifest, written atomically every --checkpoint-every epochs)")
     tr.add_argument("--checkpoint-every", type=_POSITIVE, default=1.0, help="epochs between checkpoints (> 0; default 1)")
     tr.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists (verified; bit-identical on CPU)")
+    tr.add_argument("--best-checkpoint", default=None, metavar="FILE",
+                    help="keep a checkpoint of the best θ by the --early-stopping metric (val_loss with a split, else train_loss)")
+    _training(tr)
+    tr.add_argument("--lr-schedule-param", default=None, metavar="NAME",
+                    help="the hyperparameter --lr-schedule scales (default lr, else alpha0)")
+    tr.add_argument("--stop-at-target", action="store_true", help="end the run when --target is reached")
     _divergence(tr)
     _common(tr)
 
     cp = sub.add_parser("compare", help="compare optimizers over seeds from the same start",
                         description="Run several optimizers over several seeds (same θ₀ per seed) and write a report folder.")
     cp.add_argument("--preset", default=None, help="a named experiment (see `qnref list presets`)")
+    cp.add_argument("--config", default=None, metavar="FILE.toml", help="a compare config (a preset as TOML; every report holds one)")
     cp.add_argument("--model", default=None, help="model (without --preset)")
     cp.add_argument("--dataset", default=None, help="data set (without --preset)")
-    cp.add_argument("--optimizers", default=None, help="comma-separated optimizer names (without --preset)")
+    cp.add_argument("--optimizers", default=None,
+                    help="comma-separated optimizers, each with optional settings: "
+                         "\"kfac(lr=0.01,damping=0.3),adam(lr=1e-3),sgd(lr=0.1,schedule='step:2:0.5')\" (without --preset)")
     cp.add_argument("--epochs", type=_POSITIVE, default=None, help="override the preset's epochs (finite, > 0)")
     cp.add_argument("--seeds", type=_SEEDS, default=None, help="comma-separated seeds ≥ 0 (override the preset's)")
     cp.add_argument("--batch-size", type=_COUNT, default=None, help="batch size for --optimizers runs")
@@ -235,6 +304,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default=None, help="report folder (default reports/<preset or 'compare'>)")
     cp.add_argument("--diverge-factor", type=_FACTOR, default=None, metavar="X",
                     help="a training loss above X × the starting loss marks a run diverged (default 1000)")
+    _training(cp, compare=True)
     _common(cp)
 
     ls = sub.add_parser("list", help="list models, optimizers, data sets or presets")
@@ -259,6 +329,17 @@ def _check_paths(a: argparse.Namespace) -> None:
     out, ck = getattr(a, "out", None), getattr(a, "checkpoint", None)
     if out:
         check.output_dir("--out", out)
+    best = getattr(a, "best_checkpoint", None)
+    if best:
+        check.output_file("--best-checkpoint", best)
+        if ck and os.path.abspath(best) == os.path.abspath(ck):
+            raise check.PathError(f"--best-checkpoint {best} and --checkpoint {ck} are the same file")
+        if out and os.path.dirname(os.path.abspath(best)) == os.path.abspath(out) and os.path.basename(best) in REPORT_FILES:
+            raise check.PathError(f"--best-checkpoint {best} would be overwritten by the report's {os.path.basename(best)}")
+    if getattr(a, "write_config", None):
+        check.output_file("--write-config", a.write_config)
+    if getattr(a, "config", None) and not os.path.isfile(a.config):
+        raise check.PathError(f"--config {a.config}: {'is a folder' if os.path.isdir(a.config) else 'no such file'}")
     if ck:
         check.output_file("--checkpoint", ck)
         if out:
@@ -312,37 +393,126 @@ def _install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+#: bounds of the numeric entries of a train config (checked by name before anything is loaded)
+_CONFIG_BOUNDS: dict[str, dict] = {
+    "epochs": dict(lo=0, lo_open=True), "l2": dict(lo=0), "eval_every": dict(lo=0, lo_open=True),
+    "val_fraction": dict(lo=0, hi=1, hi_open=True), "min_delta": dict(lo=0), "max_time": dict(lo=0, lo_open=True),
+    "max_cpu_time": dict(lo=0, lo_open=True), "diverge_factor": dict(lo=1, lo_open=True),
+    "checkpoint_every": dict(lo=0, lo_open=True),
+}
+_CONFIG_INTS: dict[str, dict] = {"seed": dict(lo=0, hi=2**32 - 1), "patience": dict(lo=1), "max_steps": dict(lo=0),
+                                 "n_train": dict(lo=1), "n_test": dict(lo=1)}
+_CONFIG_CHOICES = {"device": ("cpu", "gpu"), "dtype": ("float32", "float64")}
+
+
+def _train_settings(a: argparse.Namespace) -> dict:
+    """The settings of a train run: the command line, or ``--config`` with the options given on
+    the command line overriding its entries (checked by name either way)."""
+    from .config import TRAIN_KEYS, check_train_config, load
+
+    explicit = getattr(a, "_explicit", set())
+    cli_hyper = _parse_kv(a.opt, {"batch_size": ("--batch-size", a.batch_size), "lr": ("--lr", a.lr)})
+    values = {k: getattr(a, k) for k in TRAIN_KEYS if k not in ("format", "command", "hyperparameters") and hasattr(a, k)}
+    values["hyperparameters"] = cli_hyper
+    if a.config:
+        source = f"--config {a.config}"
+        cfg = check_train_config(load(a.config), source)
+        for k, v in cfg.items():
+            if k in ("format", "command"):
+                continue
+            if k == "hyperparameters":
+                values[k] = {**v, **cli_hyper}
+            elif k not in explicit:
+                values[k] = v
+        for k, bounds in _CONFIG_BOUNDS.items():
+            if k in cfg and k not in explicit:
+                check.number(f"{source}: {k}", cfg[k], **bounds)
+        for k, bounds in _CONFIG_INTS.items():
+            if k in cfg and k not in explicit:
+                check.integer(f"{source}: {k}", cfg[k], **bounds)
+        for k, choices in _CONFIG_CHOICES.items():
+            if k in cfg and cfg[k] not in choices and k not in explicit:
+                raise check.ValidationError(f"{source}: {k}", cfg[k], " or ".join(choices))
+        for k, parse in (("lr_schedule", _schedule_arg), ("target", _target_arg), ("early_stopping", _metric_arg)):
+            if k in cfg and k not in explicit:
+                try:
+                    values[k] = parse(cfg[k])
+                except argparse.ArgumentTypeError as exc:
+                    raise CLIError(f"{source}: {k}: {exc}") from None
+    missing = [f"--{k}" for k in ("model", "optimizer", "dataset") if not values.get(k)]
+    if missing:
+        raise CLIError(f"train needs {', '.join(missing)} (or --config FILE.toml)")
+    return values
+
+
+def _progress_mode(a: argparse.Namespace, quiet: bool, default_auto: str) -> str:
+    if quiet:
+        return "none"
+    if a.progress != "auto":
+        return a.progress
+    if default_auto == "tty":
+        return "bar" if sys.stderr.isatty() else "lines"
+    return default_auto
+
+
+def _early(metric: str | None, patience: int | None, min_delta: float | None) -> Any:
+    from .train import EarlyStopping
+
+    if metric is None:
+        if patience is not None or min_delta is not None:
+            raise CLIError("--patience and --min-delta need --early-stopping METRIC")
+        return None
+    return EarlyStopping(metric, 5 if patience is None else patience, 0.0 if min_delta is None else min_delta)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    from .config import dumps, train_config
     from .distributed import get_comm
     from .report import RunLog, write_report
     from .train import DIVERGE_FACTOR, DivergenceError, RunInterrupted, train
 
     _check_paths(a)
-    comm = get_comm(a.device)  # first: NCCL picks this rank's GPU before any array exists
+    S = _train_settings(a)
+    toml = dumps(train_config(S), "qnref train config: replay with `qnref train --config FILE` (add --out/--checkpoint)")
+    if a.write_config:
+        check.output_file("--write-config", a.write_config)
+        _write_text(a.write_config, toml)
+        if not a.quiet:
+            print(f"config written to {a.write_config}")
+        return EXIT_OK
+    comm = get_comm(S["device"])  # first: NCCL picks this rank's GPU before any array exists
     quiet = a.quiet or not comm.is_root
 
-    hyper = _parse_kv(a.opt, {"batch_size": ("--batch-size", a.batch_size), "lr": ("--lr", a.lr)})
-    opt = make_optimizer(a.optimizer, hyper)
-    ds, data = build_data(a.dataset, data_dir=a.data_dir, seed=a.seed, n_train=a.n_train, n_test=a.n_test, device=a.device, dtype=a.dtype)
-    model = build_model(a.model, ds)
-    _check_batch(hyper.get("batch_size"), data)
-    title = f"{a.model} on {a.dataset}: {a.optimizer}"
+    hyper = dict(S["hyperparameters"])
+    opt = make_optimizer(S["optimizer"], hyper)
+    early = _early(S.get("early_stopping"), S.get("patience"), S.get("min_delta"))
+    ds, data = build_data(S["dataset"], data_dir=S.get("data_dir"), seed=S["seed"], n_train=S.get("n_train"),
+                          n_test=S.get("n_test"), device=S["device"], dtype=S["dtype"])
+    model = build_model(S["model"], ds)
+    _check_batch(hyper.get("batch_size"), data, S.get("val_fraction"))
+    title = f"{S['model']} on {S['dataset']}: {S['optimizer']}"
+    label = S["optimizer"]
     log = None
     if a.out and comm.is_root:
         check.make_dir("--out", a.out)
-        log = RunLog(os.path.join(a.out, "runs.jsonl"), a.optimizer, a.seed)
-    factor = DIVERGE_FACTOR if a.diverge_factor is None else a.diverge_factor
+        log = RunLog(os.path.join(a.out, "runs.jsonl"), label, S["seed"])
+    factor = DIVERGE_FACTOR if S.get("diverge_factor") is None else S["diverge_factor"]
 
     def report(history: list[dict]) -> str | None:
         if a.out and comm.is_root:
-            write_report(a.out, [{"run": a.optimizer, "seed": a.seed, **r} for r in history], title)
+            write_report(a.out, [{"run": label, "seed": S["seed"], **r} for r in history], title,
+                         tensorboard=a.tensorboard, config=toml)
             return a.out
         return None
 
     try:
-        res = train(model, opt, data, epochs=a.epochs, seed=a.seed, l2=a.l2, init_scheme=a.init, eval_every=a.eval_every,
-                    checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not quiet,
-                    diverge_factor=factor, log=log, comm=comm)
+        res = train(model, opt, data, epochs=S["epochs"], seed=S["seed"], l2=S["l2"], init_scheme=S["init"],
+                    eval_every=S["eval_every"], checkpoint=a.checkpoint, checkpoint_every=S["checkpoint_every"],
+                    resume=a.resume, progress=_progress_mode(a, quiet, "tty"), diverge_factor=factor, log=log, comm=comm,
+                    schedule=S.get("lr_schedule"), schedule_param=S.get("lr_schedule_param"),
+                    val_fraction=S.get("val_fraction") or 0.0, early_stopping=early, best_checkpoint=a.best_checkpoint,
+                    max_steps=S.get("max_steps"), max_wall_time=S.get("max_time"), max_cpu_time=S.get("max_cpu_time"),
+                    target=S.get("target"), stop_at_target=bool(S.get("stop_at_target")))
     except RunInterrupted as exc:
         print(_interrupted_line(a, exc, report(exc.history)), file=sys.stderr, flush=True)
         return 128 + exc.signum
@@ -359,47 +529,165 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not quiet:
         f = res.final
         extra = f", test acc {f['test_acc']:.4f}" if "test_acc" in f else ""
+        extra += f", val loss {f['val_loss']:.6g}" if "val_loss" in f else ""
         ranks = f" on {comm.size} ranks" if comm.size > 1 else ""
-        print(f"{a.optimizer}: {res.steps} steps, {f['epoch']:.2f} epochs, train loss {f['train_loss']:.6g}{extra}, {f['time']:.2f} s{ranks}")
+        why = f" (stopped: {res.stopped})" if res.stopped != "completed" else ""
+        hit = f"; {f['target']} reached at epoch {f['target_epoch']:.2f} ({f['target_time']:.2f} s)" if "target_epoch" in f else ""
+        print(f"{label}: {res.steps} steps, {f['epoch']:.2f} epochs, train loss {f['train_loss']:.6g}{extra}, "
+              f"{f['time']:.2f} s{ranks}{why}{hit}")
         if a.out:
             print(f"report written to {a.out}")
     return EXIT_OK
 
 
-def _check_batch(bs: Any, data: Any) -> None:
+def _write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_batch(bs: Any, data: Any, val_fraction: float | None = None) -> None:
     n = int(data.X_train.shape[0])
+    if val_fraction:
+        n -= int(round(val_fraction * n))
     if bs is not None and (bs < 1 or bs > n):
         raise CLIError(f"batch size {bs} is impossible for {n} training examples (use 1..{n})")
 
 
-def cmd_compare(a: argparse.Namespace) -> int:
-    from .distributed import get_comm
-    from .presets import PRESETS, Preset, Run
-    from .optim.registry import suggest
-    from .report import RunLog, write_report
-    from .train import DIVERGE_FACTOR, RunInterrupted, TrainingError, train
+def _split_top(text: str, option: str) -> list[str]:
+    """``text`` split at commas outside parentheses and quotes (unbalanced ones refused)."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise CLIError(f"{option} {text!r}: unbalanced ')'")
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    if depth or quote:
+        raise CLIError(f"{option} {text!r}: unclosed {'quote' if quote else '('}")
+    parts.append("".join(cur).strip())
+    return parts
 
+
+def parse_optimizers(text: str, batch_size: int | None = None, option: str = "--optimizers") -> list:
+    """``"kfac(lr=0.01,damping=0.3),adam(lr=1e-3)"`` → :class:`qnref.presets.Run` list, labelled with each
+    item's own text; ``schedule=`` inside the parentheses is the run's step-size schedule (quote it when
+    it holds commas: ``sgd(lr=0.1,schedule='multistep:2,4:0.1')``); ``batch_size`` applies to runs that
+    set none."""
+    from .presets import Run
+
+    runs, seen = [], set()
+    for item in _split_top(text, option):
+        if not item:
+            raise CLIError(f"{option} must be comma-separated optimizers such as adam or kfac(lr=0.01), got {text!r}")
+        if "(" in item:
+            if not item.endswith(")"):
+                raise CLIError(f"{option} {item!r}: expected NAME(KEY=VALUE,...)")
+            name, inner = item[:-1].split("(", 1)
+            name = name.strip()
+            pairs = [p for p in _split_top(inner, option) if p] if inner.strip() else []
+            hyper = _parse_kv(pairs)
+        else:
+            name, hyper = item, {}
+        if not name:
+            raise CLIError(f"{option} {item!r}: no optimizer name")
+        schedule = hyper.pop("schedule", None)
+        if schedule is not None:
+            try:
+                schedule = _schedule_arg(str(schedule))
+            except argparse.ArgumentTypeError as exc:
+                raise CLIError(f"{option} {item}: schedule {exc}") from None
+        if batch_size is not None and "batch_size" not in hyper:
+            hyper["batch_size"] = batch_size
+        label = item.replace(" ", "")
+        if label in seen:
+            raise CLIError(f"{option} lists {label} twice")
+        seen.add(label)
+        runs.append(Run(label, name, hyper, schedule))
+    return runs
+
+
+def _compare_preset(a: argparse.Namespace) -> Any:
+    """The experiment of a compare command: --preset, --config, or --model/--dataset/--optimizers,
+    with the command line's overrides applied."""
+    import dataclasses
+
+    from .config import load, preset_from_dict
+    from .presets import PRESETS, Preset
+    from .optim.registry import suggest
+
+    given = sum(x is not None for x in (a.preset, a.config, a.optimizers))
+    if given > 1:
+        raise CLIError("give one of --preset, --config and --optimizers")
     if a.preset:
         if a.preset not in PRESETS:
             raise CLIError(suggest(a.preset, list(PRESETS), "preset"))
         pre = PRESETS[a.preset]
+    elif a.config:
+        pre = preset_from_dict(load(a.config), f"--config {a.config}")
     else:
         if not (a.model and a.dataset and a.optimizers):
-            raise CLIError("compare needs --preset, or --model, --dataset and --optimizers")
-        bs = {"batch_size": a.batch_size} if a.batch_size else {}
-        names = [o.strip() for o in a.optimizers.split(",")]
-        if any(not o for o in names):
-            raise CLIError(f"--optimizers must be comma-separated optimizer names, got {a.optimizers!r}")
-        pre = Preset("compare", "ad hoc comparison", "", a.dataset, a.model, tuple(Run(o, o, dict(bs)) for o in names))
-    epochs = a.epochs if a.epochs is not None else pre.epochs
-    seeds = a.seeds if a.seeds else pre.seeds
-    l2 = a.l2 if a.l2 is not None else pre.l2
+            raise CLIError("compare needs --preset, --config, or --model, --dataset and --optimizers")
+        pre = Preset("compare", "ad hoc comparison", "", a.dataset, a.model, tuple(parse_optimizers(a.optimizers, a.batch_size)))
+    over = {"epochs": a.epochs, "seeds": a.seeds, "l2": a.l2, "schedule": a.lr_schedule, "val_fraction": a.val_fraction,
+            "early_stopping": a.early_stopping, "patience": a.patience, "target": a.target, "max_cpu_time": a.max_cpu_time,
+            "max_time": a.max_time}
+    return dataclasses.replace(pre, **{k: v for k, v in over.items() if v is not None})
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .config import dumps, preset_to_dict
+    from .distributed import get_comm
+    from .report import RunLog, write_report
+    from .train import DIVERGE_FACTOR, EarlyStopping, RunInterrupted, TrainingError, train
+
+    if a.min_delta is not None and a.early_stopping is None:
+        raise CLIError("--min-delta needs --early-stopping METRIC")
+    pre = _compare_preset(a)
+    if a.patience is not None and pre.early_stopping is None:
+        raise CLIError("--patience needs --early-stopping METRIC")
+    toml = dumps(preset_to_dict(pre), f"qnref compare config ({pre.name}): rerun with `qnref compare --config FILE`")
+    if a.write_config:
+        check.output_file("--write-config", a.write_config)
+        _write_text(a.write_config, toml)
+        if not a.quiet:
+            print(f"config written to {a.write_config}")
+        return EXIT_OK
+    epochs, seeds, l2 = pre.epochs, pre.seeds, pre.l2
     out = a.out or os.path.join("reports", pre.name)
     check.output_dir("--out", out)
     factor = DIVERGE_FACTOR if a.diverge_factor is None else a.diverge_factor
     comm = get_comm(a.device)
     quiet = a.quiet or not comm.is_root
+    early = EarlyStopping(pre.early_stopping, pre.patience, a.min_delta or 0.0) if pre.early_stopping else None
     opts = [(r, make_optimizer(r.optimizer, dict(r.hyperparameters))) for r in pre.runs]  # fail fast on names
+    from .schedules import Scheduled, parse
+
+    for r, opt in opts:  # schedules: text and step-size hyperparameter checked before any run
+        spec = r.schedule if r.schedule is not None else pre.schedule
+        if spec is not None:
+            try:
+                Scheduled(opt, parse(spec, f"schedule of {r.label}"))
+            except check.ValidationError as exc:
+                raise CLIError(f"{r.label}: {exc}") from None
+    progress = _progress_mode(a, quiet, "none")
     title = f"{pre.name}: {pre.model} on {pre.dataset}" + (f" ({pre.paper})" if pre.paper else "")
     rows: list[dict] = []
     made = False
@@ -410,14 +698,18 @@ def cmd_compare(a: argparse.Namespace) -> int:
             model = build_model(pre.model, ds, **pre.model_kwargs)
             theta0 = model.init(seed, scheme=pre.init, std=pre.init_std, device=a.device, dtype=a.dtype)
             for run, opt in opts:
-                _check_batch(run.hyperparameters.get("batch_size"), data)
+                _check_batch(run.hyperparameters.get("batch_size"), data, pre.val_fraction)
                 if comm.is_root and not made:
                     check.make_dir("--out", out)
                     made = True
                 log = RunLog(os.path.join(out, "runs.jsonl"), run.label, seed) if comm.is_root else None
                 try:
                     history = train(model, opt, data, epochs=epochs, seed=seed, l2=l2, theta0=theta0,
-                                    eval_every=pre.eval_every, diverge_factor=factor, log=log, comm=comm).history
+                                    eval_every=pre.eval_every, diverge_factor=factor, log=log, comm=comm,
+                                    schedule=run.schedule if run.schedule is not None else pre.schedule,
+                                    val_fraction=pre.val_fraction, early_stopping=early, target=pre.target,
+                                    max_cpu_time=pre.max_cpu_time, max_wall_time=pre.max_time, max_steps=a.max_steps,
+                                    progress=progress).history
                 except RunInterrupted as exc:
                     rows += [{"run": run.label, "seed": seed, **r} for r in exc.history]
                     raise
@@ -430,20 +722,32 @@ def cmd_compare(a: argparse.Namespace) -> int:
                 if not quiet and "diverged" not in history[-1]:
                     f = history[-1]
                     acc = f" acc {f['test_acc']:.4f}" if "test_acc" in f else ""
-                    print(f"seed {seed}  {run.label:<12} train loss {f['train_loss']:.5g}{acc}  {f['time']:.2f} s", flush=True)
+                    hit = f"  {f['target']} at epoch {f['target_epoch']:.2f}" if "target_epoch" in f else ""
+                    why = f"  (stopped: {f['stopped']})" if "stopped" in f else ""
+                    print(f"seed {seed}  {run.label:<12} train loss {f['train_loss']:.5g}{acc}  {f['time']:.2f} s{hit}{why}", flush=True)
     except RunInterrupted as exc:
         written = None
         if comm.is_root and rows:
-            write_report(out, rows, title, extra_md=f"{pre.description}\n(interrupted)\n")
+            write_report(out, rows, title, extra_md=f"{pre.description}\n(interrupted)\n", tensorboard=a.tensorboard, config=toml)
             written = out
         print(_interrupted_line(a, exc, written), file=sys.stderr, flush=True)
         return 128 + exc.signum
     if not comm.is_root:
         return EXIT_OK
-    files = write_report(out, rows, title, extra_md=f"{pre.description}\n")
+    files = write_report(out, rows, title, extra_md=f"{pre.description}\n\n{_legend(pre)}", tensorboard=a.tensorboard, config=toml)
     if not quiet:
         print(f"report written to {out}: {', '.join(os.path.basename(f) for f in files)}")
     return EXIT_OK
+
+
+def _legend(pre: Any) -> str:
+    """The runs' settings under the summary table (what each legend label means)."""
+    lines = ["| run | optimizer | hyperparameters | schedule |", "|---|---|---|---|"]
+    for r in pre.runs:
+        hp = ", ".join(f"{k}={v!r}" for k, v in r.hyperparameters.items()) or "defaults"
+        spec = r.schedule if r.schedule is not None else pre.schedule
+        lines.append(f"| {r.label} | {r.optimizer} | {hp} | {spec or '–'} |")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -535,6 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     a._argv = argv
+    a._explicit = _explicit(ap, a.command, argv)
     if a.command is None:
         ap.print_help()
         return EXIT_USAGE
@@ -582,6 +887,19 @@ def _run(a: argparse.Namespace, handlers: dict) -> int:
         import traceback
 
         return _fail(comm, f"{traceback.format_exc()}qnref: error: {type(exc).__name__}: {exc}", EXIT_FAILED)
+
+
+def _explicit(ap: argparse.ArgumentParser, command: str | None, argv: Sequence[str]) -> set[str]:
+    """Destinations of the options given on the command line (they override --config entries)."""
+    sub = next((act.choices.get(command) for act in ap._actions if isinstance(act, argparse._SubParsersAction)), None)
+    if sub is None:
+        return set()
+    given = set()
+    for act in sub._actions:
+        for opt in act.option_strings:
+            if any(t == opt or t.startswith(opt + "=") for t in argv):
+                given.add(act.dest)
+    return given
 
 
 def _one_line(exc: BaseException) -> str:

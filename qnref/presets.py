@@ -1,8 +1,13 @@
 """Named experiment presets for ``qnref compare --preset NAME``: each paper's experiment at small scale.
 
 A preset fixes the data set, model, loss, epochs, seeds and the list of runs (label, optimizer,
-hyperparameters). Every run of one seed starts from the same θ₀. Sizes are reduced so that each
-preset finishes on a 2-core CPU in minutes; ``quickstart`` in well under two minutes.
+hyperparameters, and optionally a step-size schedule, :mod:`qnref.schedules`). Every run of one
+seed starts from the same θ₀. Sizes are reduced so that each preset finishes on a 2-core CPU in
+minutes; ``quickstart`` in well under two minutes.
+
+Presets are configs: :func:`qnref.config.preset_to_dict` writes one as the TOML that
+``qnref compare --config FILE`` reads (``qnref compare --preset NAME --write-config FILE``), and
+every comparison report holds the ``config.toml`` that reruns it.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ class Run:
     label: str
     optimizer: str
     hyperparameters: dict = field(default_factory=dict)
+    schedule: str | None = None  # a qnref.schedules text; None: the preset's schedule
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,13 @@ class Preset:
     init: str = "glorot"
     init_std: float = 0.01  # for init="gaussian"
     autoencoder: bool = False  # train to reconstruct the (flattened) inputs
+    schedule: str | None = None  # default step-size schedule of the runs (qnref.schedules text)
+    val_fraction: float = 0.0  # validation split of the training rows
+    early_stopping: str | None = None  # metric watched for early stopping (e.g. "val_loss")
+    patience: int = 5  # evaluations without improvement before an early stop
+    target: str | None = None  # e.g. "test_acc>=0.9": time/epochs/passes to reach it in the summary
+    max_cpu_time: float | None = None  # process CPU-time budget per run [s]
+    max_time: float | None = None  # wall-clock budget per run [s]
 
 
 PRESETS: dict[str, Preset] = {}
@@ -155,9 +168,10 @@ _add(Preset(
 
 _add(Preset(
     name="ren-ch4-cnn-digits",
-    description="[REN] ch. 4 CNN comparison at small scale: TNT, Shampoo, KFAC vs SGD-momentum and Adam on a LeNet for digits",
+    description="[REN] ch. 4 CNN comparison at small scale: TNT, Shampoo, KFAC vs SGD-momentum and Adam on a LeNet for digits; "
+                "the thesis's ×0.1 decay every 60 (first-order) / 50 (second-order) epochs scaled to 6 / 5 epochs",
     paper="Ren thesis, §4.7, Fig. 4.2",
-    dataset="digits", model="lenet-digits", epochs=10, seeds=(0,),
+    dataset="digits", model="lenet-digits", epochs=10, seeds=(0,), schedule="thesis:0.1",
     runs=(
         Run("TNT", "tnt", {"batch_size": 100, "lr": 1e-3, "damping": 0.1, "inv_freq": 1}),
         Run("Shampoo", "shampoo", {"batch_size": 100, "lr": 0.01, "inv_freq": 1}),

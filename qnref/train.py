@@ -25,9 +25,11 @@ become :class:`RunInterrupted`, which names the last checkpoint written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -37,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy
 
 from . import backend, checkpoint as ckpt
+from . import schedules as sched
 from . import validate as check
 from .checkpoint import CheckpointError
 from .nn.losses import get_loss
@@ -112,11 +115,138 @@ class Data:
     y_test: Any = None
     loss: str = "softmax_ce"
     name: str = "data"
+    X_val: Any = None
+    y_val: Any = None
 
     @classmethod
     def from_dataset(cls, ds: Any, device: backend.Device = "cpu", dtype: Any = "float64") -> "Data":
         d = ds.to(device, dtype)
         return cls(d.X_train, d.y_train, d.X_test, d.y_test, d.loss, d.name)
+
+    def split_validation(self, fraction: float, seed: int = 0) -> "Data":
+        """Hold out ``fraction`` of the training rows as a validation split (:func:`validation_split`:
+        seeded, stratified for classification); the remaining training rows keep their order."""
+        if self.X_val is not None:
+            raise ValueError("val_fraction: the data already hold a validation split")
+        tr, va = validation_split(self.y_train, fraction, seed, self.loss)
+        take = lambda a, i: a[backend.to_device(i, backend.device_of(a))]  # noqa: E731
+        return dataclasses.replace(self, X_train=take(self.X_train, tr), y_train=take(self.y_train, tr),
+                                   X_val=take(self.X_train, va), y_val=take(self.y_train, va))
+
+
+def validation_split(y: Any, fraction: float, seed: int = 0, loss: str = "softmax_ce") -> tuple[Any, Any]:
+    """Row indices ``(train, val)`` (sorted, host int64) holding out ``fraction`` of the rows.
+
+    Deterministic in ``seed``. For classification targets (integer labels with softmax_ce, or one
+    binary column) every class gives round(fraction × its size) rows (largest remainders, so the
+    total is round(fraction × n)); other targets are split uniformly at random. Both parts are
+    non-empty."""
+    fraction = check.number("val_fraction", fraction, 0, 1, lo_open=True, hi_open=True)
+    check.integer("seed", seed, 0)
+    yh = backend.to_numpy(y)
+    n = int(yh.shape[0])
+    n_val = int(round(fraction * n))
+    if n_val < 1 or n_val > n - 1:
+        raise check.ValidationError("val_fraction", fraction, f"a fraction leaving ≥ 1 row on each side of {n} training rows")
+    rng = numpy.random.default_rng([int(seed), 0x5EED, 23])
+    if yh.ndim == 1 and yh.dtype.kind in "iu" or (yh.ndim == 2 and yh.shape[1] == 1 and numpy.all((yh == 0) | (yh == 1))):
+        labels = yh.reshape(n)
+        classes = numpy.unique(labels)
+        groups = [numpy.flatnonzero(labels == c) for c in classes]
+        exact = numpy.array([fraction * len(g) for g in groups])
+        counts = numpy.floor(exact).astype(int)
+        order = numpy.argsort(-(exact - counts), kind="stable")
+        counts[order[: n_val - int(counts.sum())]] += 1
+        val = numpy.concatenate([rng.permutation(g)[:k] for g, k in zip(groups, counts)])
+    else:
+        val = rng.permutation(n)[:n_val]
+    mask = numpy.zeros(n, bool)
+    mask[val] = True
+    return numpy.flatnonzero(~mask), numpy.flatnonzero(mask)
+
+
+#: metrics a record can hold (for early stopping, targets and the best checkpoint)
+METRICS = tuple(f"{split}_{m}" for split in ("train", "val", "test") for m in ("loss", "acc", "errors"))
+
+
+def _mode(metric: str, mode: str | None, option: str) -> str:
+    if mode is None:
+        return "max" if metric.endswith("_acc") else "min"
+    if mode not in ("min", "max"):
+        raise check.ValidationError(f"{option} mode", mode, "'min' or 'max'")
+    return mode
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when ``metric`` (one of :data:`METRICS`, e.g. ``val_loss``) has not improved by more than
+    ``min_delta`` for ``patience`` evaluations; ``mode`` min/max (default: max for ``*_acc``).
+
+    Stateless: the best evaluation and the count since it are read from the history, so resumed
+    runs stop exactly where the uninterrupted run does."""
+
+    metric: str = "val_loss"
+    patience: int = 5
+    min_delta: float = 0.0
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise check.ValidationError("early_stopping metric", self.metric, f"one of {', '.join(METRICS)}")
+        object.__setattr__(self, "patience", check.integer("early_stopping patience", self.patience, 1))
+        object.__setattr__(self, "min_delta", check.number("early_stopping min_delta", self.min_delta, 0))
+        object.__setattr__(self, "mode", _mode(self.metric, self.mode, "early_stopping"))
+
+    def best(self, history: list[dict]) -> int | None:
+        """Index of the best record so far (the first of equals; improvements must beat min_delta)."""
+        best_i, best_v = None, None
+        for i, r in enumerate(history):
+            v = r.get(self.metric)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            if best_v is None or (v < best_v - self.min_delta if self.mode == "min" else v > best_v + self.min_delta):
+                best_i, best_v = i, v
+        return best_i
+
+    def should_stop(self, history: list[dict]) -> bool:
+        b = self.best(history)
+        return b is not None and len(history) - 1 - b >= self.patience
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target value of a metric (``Target.parse("test_acc>=0.95")``); the first record reaching it
+    gives the run's ``target_*`` fields (step, epoch, passes, time, wall and CPU time)."""
+
+    metric: str
+    value: float
+    mode: str = "min"  # min: reached when metric ≤ value; max: when ≥ value
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise check.ValidationError("target metric", self.metric, f"one of {', '.join(METRICS)}")
+        object.__setattr__(self, "value", check.number("target value", self.value))
+        object.__setattr__(self, "mode", _mode(self.metric, self.mode, "target"))
+
+    @classmethod
+    def parse(cls, text: "str | Target", option: str = "--target") -> "Target":
+        if isinstance(text, Target):
+            return text
+        m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=)\s*(\S+)\s*", str(text))
+        if not m:
+            raise check.ValidationError(option, text, f"METRIC<=VALUE or METRIC>=VALUE with METRIC one of {', '.join(METRICS)}")
+        if m.group(1) not in METRICS:
+            raise check.ValidationError(f"{option} metric", m.group(1), f"one of {', '.join(METRICS)}")
+        return cls(m.group(1), check.parse_number(f"{option} value", m.group(3)), "min" if m.group(2) == "<=" else "max")
+
+    def spec(self) -> str:
+        return f"{self.metric}{'<=' if self.mode == 'min' else '>='}{self.value!r}"
+
+    def reached(self, rec: dict) -> bool:
+        v = rec.get(self.metric)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return v <= self.value if self.mode == "min" else v >= self.value
 
 
 def evaluate(model: Sequential, loss: Any, X: Any, y: Any, theta: Any, chunk: int = 2048, comm: Any = None) -> dict:
@@ -252,23 +382,61 @@ def train(
     checkpoint_every: float = 1.0,
     resume: bool = False,
     stop_after_steps: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     max_nonfinite: int = 20,
     diverge_factor: float | None = DIVERGE_FACTOR,
     log: Any = None,
     comm: Any = None,
+    schedule: "sched.Schedule | str | None" = None,
+    schedule_param: str | None = None,
+    val_fraction: float = 0.0,
+    early_stopping: EarlyStopping | None = None,
+    best_checkpoint: str | None = None,
+    max_wall_time: float | None = None,
+    max_cpu_time: float | None = None,
+    target: "Target | str | None" = None,
+    stop_at_target: bool = False,
 ) -> TrainResult:
     """Train ``model`` with ``optimizer`` on ``data`` for ``epochs`` data passes.
 
     ``eval_every`` and ``checkpoint_every`` are in epochs. ``stop_after_steps`` ends the run early
-    (with a checkpoint when one is configured) — used to test resumption. A callback returning True
-    stops the run. Training stops with :class:`TrainingError` when ``max_nonfinite`` consecutive
-    steps were rejected as non-finite, and with :class:`DivergenceError` when the training loss
-    becomes non-finite or exceeds ``diverge_factor`` × the starting loss (``None``: no limit).
-    ``log`` (e.g. :class:`qnref.report.RunLog`) gets ``restart(history)`` once the history is known
-    (empty, or the resumed one) and ``append(record)`` for every new record, so a report survives
-    a crash. ``KeyboardInterrupt`` (Ctrl-C, or :class:`Interrupted` from a signal handler) ends the
-    run with :class:`RunInterrupted`, naming the last checkpoint written or loaded.
+    (with a checkpoint when one is configured) — used to test resumption. ``callbacks`` are called
+    with every evaluation record (a dict, see the module docstring) after it is logged; one
+    returning True stops the run (``stopped="callback"``). Training stops with
+    :class:`TrainingError` when ``max_nonfinite`` consecutive steps were rejected as non-finite,
+    and with :class:`DivergenceError` when the training loss becomes non-finite or exceeds
+    ``diverge_factor`` × the starting loss (``None``: no limit). ``log`` (e.g.
+    :class:`qnref.report.RunLog`) gets ``restart(history)`` once the history is known (empty, or
+    the resumed one) and ``append(record)`` for every new record, so a report survives a crash.
+    ``KeyboardInterrupt`` (Ctrl-C, or :class:`Interrupted` from a signal handler) ends the run with
+    :class:`RunInterrupted`, naming the last checkpoint written or loaded.
+
+    Schedules (:mod:`qnref.schedules`): ``schedule`` (an object or its text, e.g.
+    ``"multistep:60,120:0.1"``) multiplies the optimizer's step size (``lr``/``alpha0``, or the
+    hyperparameter ``schedule_param``) by its factor at each step's position (epoch, step); the
+    step is taken by a new optimizer with that hyperparameter changed. Records carry
+    ``lr_factor`` and ``lr`` (the scheduled value, whatever its name).
+
+    Validation: ``val_fraction`` holds out that share of the training rows
+    (:func:`validation_split`, seeded by ``seed``, stratified for classification); records then
+    carry ``val_loss``/``val_acc``/``val_errors`` besides ``train_*`` and ``test_*``.
+    ``early_stopping`` (:class:`EarlyStopping`) stops the run when its metric stopped improving
+    (``stopped="early_stopping"``); ``best_checkpoint`` keeps a checkpoint of the best θ by the
+    early-stopping metric (``val_loss`` if there is a validation split, else ``train_loss``, when
+    no early stopping is given), rewritten whenever it improves (same format as ``checkpoint``).
+
+    Budgets: besides ``epochs`` and ``max_steps``, ``max_wall_time`` and ``max_cpu_time`` (seconds
+    of wall-clock and of process CPU time, :func:`time.process_time`, since the run started,
+    evaluations included; resumed runs continue the counts) stop the run after the step that
+    reaches them (``stopped="wall_time"`` / ``"cpu_time"``). ``target`` (:class:`Target` or
+    ``"test_loss<=0.3"``) records the first evaluation that reaches it as ``target_step``,
+    ``target_epoch``, ``target_passes``, ``target_time``, ``target_wall_time`` and
+    ``target_cpu_time`` on every later record; ``stop_at_target`` then ends the run
+    (``stopped="target"``). Records carry ``wall_time`` and ``cpu_time``; the last one carries
+    ``stopped`` when the run ended for any reason but completing its epochs.
+
+    ``progress``: False, True/``"bar"`` (a tqdm bar in epochs, ending at 100 %) or ``"lines"``
+    (one line on stderr per evaluation).
 
     Every numeric argument is checked first (:mod:`qnref.validate`), the checkpoint path too
     (:func:`qnref.validate.output_file`), before any work.
@@ -283,8 +451,13 @@ def train(
     opts = dict(epochs=epochs, seed=seed, l2=l2, theta0=theta0, init_scheme=init_scheme, max_steps=max_steps,
                 eval_every=eval_every, callbacks=callbacks, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                 resume=resume, stop_after_steps=stop_after_steps, progress=progress, max_nonfinite=max_nonfinite,
-                diverge_factor=diverge_factor, log=log)
+                diverge_factor=diverge_factor, log=log, schedule=schedule, schedule_param=schedule_param,
+                val_fraction=val_fraction, early_stopping=early_stopping, best_checkpoint=best_checkpoint,
+                max_wall_time=max_wall_time, max_cpu_time=max_cpu_time, target=target, stop_at_target=stop_at_target)
     _check_arguments(opts)
+    if opts["val_fraction"]:
+        data = data.split_validation(opts["val_fraction"], seed)
+    _check_metrics(opts, data)
     if comm is None:
         from .distributed import get_comm  # noqa: PLC0415
 
@@ -309,17 +482,70 @@ def _check_arguments(o: dict) -> None:
     if o["diverge_factor"] is not None:
         check.number("diverge_factor", o["diverge_factor"], 1, lo_open=True)
     check.boolean("resume", o["resume"])
+    check.boolean("stop_at_target", o["stop_at_target"])
     if o["resume"] and o["checkpoint"] is None:
         raise ValueError("resume=True needs a checkpoint path")
     if o["checkpoint"] is not None:
         check.output_file("checkpoint", o["checkpoint"])
+    if o["best_checkpoint"] is not None:
+        check.output_file("best_checkpoint", o["best_checkpoint"])
+        if o["checkpoint"] is not None and os.path.abspath(o["checkpoint"]) == os.path.abspath(o["best_checkpoint"]):
+            raise check.PathError(f"best_checkpoint {o['best_checkpoint']} and checkpoint are the same file")
+    for key in ("max_wall_time", "max_cpu_time"):
+        if o[key] is not None:
+            o[key] = check.number(key, o[key], 0, lo_open=True)
+    vf = o["val_fraction"]
+    o["val_fraction"] = 0.0 if vf is None else check.number("val_fraction", vf, 0, 1, hi_open=True)
+    if o["progress"] not in (True, False, "bar", "lines", "none"):
+        raise check.ValidationError("progress", o["progress"], "True, False, 'bar', 'lines' or 'none'")
+    if o["early_stopping"] is not None and not isinstance(o["early_stopping"], EarlyStopping):
+        raise check.ValidationError("early_stopping", o["early_stopping"], "an EarlyStopping or None")
+    if o["target"] is not None:
+        o["target"] = Target.parse(o["target"], "target")
+    if o["stop_at_target"] and o["target"] is None:
+        raise ValueError("stop_at_target=True needs a target")
+    if o["schedule"] is not None:
+        o["schedule"] = sched.parse(o["schedule"], "schedule")
+    elif o["schedule_param"] is not None:
+        raise ValueError("schedule_param needs a schedule")
+
+
+def _check_metrics(o: dict, data: Data) -> None:
+    """Metrics named by early stopping and the target exist for these data."""
+    have = {"train_loss"}
+    classify = _classifies(data)
+    for split, X in (("train", data.X_train), ("val", data.X_val), ("test", data.X_test)):
+        if X is not None:
+            have |= {f"{split}_loss"} | ({f"{split}_acc", f"{split}_errors"} if classify else set())
+    for label, obj in (("early_stopping metric", o["early_stopping"]), ("target metric", o["target"])):
+        if obj is not None and obj.metric not in have:
+            why = "no validation split (set val_fraction)" if obj.metric.startswith("val_") else \
+                "no test split" if obj.metric.startswith("test_") and data.X_test is None else "a regression loss"
+            raise check.ValidationError(label, obj.metric, f"one of {', '.join(sorted(have))} ({why})")
+
+
+def _classifies(data: Data) -> bool:
+    loss = get_loss(data.loss)
+    y = data.y_train
+    return (loss.name == "softmax_ce" and y.ndim == 1) or (
+        loss.name == "sigmoid_ce" and y.ndim == 2 and y.shape[1] == 1 and _binary(y))
 
 
 def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max_steps, eval_every, callbacks, checkpoint,
-           checkpoint_every, resume, stop_after_steps, progress, max_nonfinite, diverge_factor, log, comm) -> TrainResult:
+           checkpoint_every, resume, stop_after_steps, progress, max_nonfinite, diverge_factor, log, comm, schedule,
+           schedule_param, val_fraction, early_stopping, best_checkpoint, max_wall_time, max_cpu_time, target,
+           stop_at_target) -> TrainResult:
     """The loop of :func:`train`; ``comm`` is None for one process."""
     xp = backend.namespace(data.X_train)
     fp = fingerprints(model, optimizer, data, l2, seed)
+    scheduled = sched.Scheduled(optimizer, schedule, schedule_param) if schedule is not None else None
+    if scheduled is not None:
+        fp["run"]["schedule"] = f"{scheduled.param}: {scheduled.schedule.spec()}"
+    if val_fraction:
+        fp["run"]["val_fraction"] = float(val_fraction)
+    monitor = early_stopping
+    if monitor is None and best_checkpoint is not None:
+        monitor = EarlyStopping("val_loss" if data.X_val is not None else "train_loss", patience=1)
     root = comm is None or comm.is_root
     eval_fn = evaluate
     bn_layers = batchnorm_layers(model)
@@ -330,7 +556,7 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
 
         problem = distributed.DistributedProblem(model, data.loss, data.X_train, data.y_train, l2, seed=seed, comm=comm)
         eval_fn = lambda *a: evaluate(*a, comm=comm)  # noqa: E731
-        progress = progress and root
+        progress = progress if root else False
     device = backend.device_of(data.X_train)
     if theta0 is None:
         theta = model.init(seed, scheme=init_scheme, device=device, dtype=data.X_train.dtype)
@@ -349,6 +575,7 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
     state_class = type(state)
     history: list[dict] = []
     step, opt_time, next_eval, next_ckpt = 0, 0.0, 0.0, checkpoint_every
+    clock = {"wall": 0.0, "cpu": 0.0}  # totals of earlier (resumed-from) segments
     last_ckpt: dict = {"step": None, "epoch": None}
     if resume:
         if comm is None:
@@ -367,50 +594,113 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
             state = ck["state"]
             history, step, opt_time = ck["history"], ck["step"], ck["time"]
             next_eval, next_ckpt = ck["next_eval"], ck["next_ckpt"]
+            saved = ck.get("clock")
+            if isinstance(saved, dict):
+                clock = {k: float(saved.get(k, 0.0)) for k in ("wall", "cpu")}
             last_ckpt = {"step": step, "epoch": problem.epochs}
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+
+    def clocks() -> tuple[float, float]:
+        return clock["wall"] + time.perf_counter() - wall0, clock["cpu"] + time.process_time() - cpu0
+
+    reached: dict = next(({k: v for k, v in r.items() if k.startswith("target_")} for r in history
+                          if "target_step" in r), {}) if target is not None else {}
+    factor_now: list[float] = [1.0]
+
+    def metrics(prefix: str, X: Any, y: Any, rec: dict) -> dict:
+        out = eval_fn(model, data.loss, X, y, theta)
+        rec[f"{prefix}_loss"] = out["loss"]
+        if "acc" in out:
+            rec[f"{prefix}_acc"], rec[f"{prefix}_errors"] = out["acc"], out["errors"]
+        return out
 
     def record(info: dict | None) -> dict:
+        wall, cpu = clocks()
         rec = {"step": step, "epoch": problem.epochs, "passes": problem.counter.grad_equivalents / problem.n_samples,
-               "time": opt_time}
+               "time": opt_time, "wall_time": wall, "cpu_time": cpu}
         if bn_layers:  # eval mode needs running statistics of the current θ (not tracked during steps)
             estimate_batchnorm_stats(model, theta, data.X_train, batch_size=BN_STATS_BATCH)
-        tr = eval_fn(model, data.loss, data.X_train, data.y_train, theta)
-        rec["train_loss"] = tr["loss"] + (0.5 * l2 * float(theta @ theta) if l2 else 0.0)
+        metrics("train", data.X_train, data.y_train, rec)
+        if l2:
+            rec["train_loss"] += 0.5 * l2 * float(theta @ theta)
+        if data.X_val is not None:
+            metrics("val", data.X_val, data.y_val, rec)
         if data.X_test is not None:
-            te = eval_fn(model, data.loss, data.X_test, data.y_test, theta)
-            rec["test_loss"] = te["loss"]
-            if "acc" in te:
-                rec["test_acc"], rec["test_errors"] = te["acc"], te["errors"]
+            metrics("test", data.X_test, data.y_test, rec)
+        if scheduled is not None:
+            rec["lr_factor"] = factor_now[0]
+            rec["lr"] = scheduled.base_value * factor_now[0]
         if info:
-            rec.update({k: v for k, v in info.items() if isinstance(v, (int, float, bool, str)) or v is None})
+            rec.update({k: v for k, v in info.items() if (isinstance(v, (int, float, bool, str)) or v is None)
+                        and k not in rec})
+        if target is not None:
+            rec["target"] = target.spec()
+            if not reached and target.reached(rec):
+                reached.update(target_step=rec["step"], target_epoch=rec["epoch"], target_passes=rec["passes"],
+                               target_time=rec["time"], target_wall_time=rec["wall_time"],
+                               target_cpu_time=rec["cpu_time"])
+            rec.update(reached)
         reason = _diverged(rec, history, diverge_factor)
         if reason:
             rec["diverged"] = reason
         history.append(rec)
-        if log is not None and root:
-            log.append(rec)
         if reason:
+            if log is not None and root:
+                log.append(rec)
             raise DivergenceError(reason, history)
         return rec
+
+    def payload() -> dict:
+        wall, cpu = clocks()
+        return {"theta": theta, "state": state, "problem": problem.state(), "history": history, "step": step,
+                "time": opt_time, "next_eval": float(next_eval), "next_ckpt": float(next_ckpt),
+                "clock": {"wall": wall, "cpu": cpu}}
 
     def write_checkpoint() -> None:
         with _signals_deferred():  # the file and the record of it change together
             if checkpoint and root:
-                save_checkpoint(checkpoint, {
-                    "theta": theta, "state": state, "problem": problem.state(), "history": history, "step": step,
-                    "time": opt_time, "next_eval": float(next_eval), "next_ckpt": float(next_ckpt),
-                }, fp, state_class)
+                save_checkpoint(checkpoint, payload(), fp, state_class)
             last_ckpt.update(step=step, epoch=problem.epochs)
+
+    def after_record(rec: dict) -> str | None:
+        """Log, best checkpoint, early stopping, target; the reason to stop (None: go on)."""
+        why = None
+        if early_stopping is not None and early_stopping.should_stop(history):
+            why = "early_stopping"
+        elif stop_at_target and "target_step" in rec:
+            why = "target"
+        if why:
+            rec["stopped"] = why
+        if log is not None and root:
+            log.append(rec)
+        if best_checkpoint is not None and root and monitor.best(history) == len(history) - 1:
+            with _signals_deferred():
+                save_checkpoint(best_checkpoint, {**payload(), "best": {"metric": monitor.metric, "index": len(history) - 1,
+                                                                        "value": float(rec[monitor.metric])}},
+                                fp, state_class)
+        return why
+
+    def log_only(rec: dict, why: str | None = None) -> None:
+        if why:
+            rec["stopped"] = why
+        if log is not None and root:
+            log.append(rec)
 
     if log is not None and root:
         log.restart(history)
     stopped, nonfinite_run, last_info = "completed", 0, None
     bar = None
+    lines = progress == "lines"
     try:
         if not history:
-            record(None)
+            if scheduled is not None:
+                factor_now[0] = scheduled.factor(0.0, 0)
+            rec = record(None)
             next_eval = eval_every
-        bar = _progress(progress, epochs, problem.epochs)
+            after_record(rec)
+            if lines:
+                _print_line(rec, epochs)
+        bar = _progress(progress in (True, "bar"), epochs, problem.epochs)
         while problem.epochs < epochs - 1e-12:
             if max_steps is not None and step >= max_steps:
                 stopped = "max_steps"
@@ -419,8 +709,11 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
                 write_checkpoint()
                 stopped = "interrupted"
                 break
+            opt = optimizer
+            if scheduled is not None:
+                opt, factor_now[0] = scheduled.at(problem.epochs, step)
             t0 = time.perf_counter()
-            new_theta, state, info = optimizer.step(theta, state, problem)
+            new_theta, state, info = opt.step(theta, state, problem)
             opt_time += time.perf_counter() - t0
             if not backend.all_finite(new_theta):
                 raise TrainingError(f"{type(optimizer).__name__} returned a non-finite θ at step {step} (this is a bug in the optimizer)", history)
@@ -431,9 +724,22 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
                 msg = (f"{nonfinite_run} consecutive steps hit non-finite losses or gradients; "
                        "lower the learning rate / initial radius or check the data")
                 history[-1]["diverged"] = msg
+                log_only(history[-1])
                 raise DivergenceError(msg, history)
             if bar is not None:
                 bar.update(min(problem.epochs, epochs) - bar.n)  # the last batch may overshoot
+            budget = None
+            if max_wall_time is not None or max_cpu_time is not None:
+                wall, cpu = clocks()
+                if max_cpu_time is not None and cpu >= max_cpu_time:
+                    budget = "cpu_time"
+                elif max_wall_time is not None and wall >= max_wall_time:
+                    budget = "wall_time"
+            if budget is not None:
+                rec = record(last_info)
+                log_only(rec, budget)
+                stopped = budget
+                break
             if problem.epochs >= next_eval - 1e-12 or problem.epochs >= epochs - 1e-12:
                 rec = record(last_info)
                 next_eval = (math.floor(problem.epochs / eval_every + 1e-9) + 1) * eval_every
@@ -441,16 +747,26 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
                     bar.set_postfix(loss=f"{rec['train_loss']:.4g}")
                 if comm is not None:  # θ must be bit-identical on every rank; callbacks decide on rank 0
                     _check_same_theta(comm, theta, step)
-                if _stop(comm, callbacks, rec):
-                    stopped = "callback"
+                why = after_record(rec)
+                if lines:
+                    _print_line(rec, epochs)
+                if why is None and _stop(comm, callbacks, rec):
+                    why = rec["stopped"] = "callback"
+                if why is not None:
+                    stopped = why
                     break
             if checkpoint and problem.epochs >= next_ckpt - 1e-12:
                 next_ckpt = (math.floor(problem.epochs / checkpoint_every + 1e-9) + 1) * checkpoint_every
                 write_checkpoint()
         if stopped == "completed" and history[-1]["step"] != step:
-            record(last_info)
-        if stopped == "completed":
+            rec = record(last_info)
+            after_record(rec)
+            if lines:
+                _print_line(rec, epochs)
+        if stopped in ("completed", "cpu_time", "wall_time", "early_stopping", "target"):
             write_checkpoint()
+        if bar is not None and stopped == "completed":
+            bar.update(epochs - bar.n)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else 2
         raise RunInterrupted(signum, history, checkpoint if last_ckpt["step"] is not None else None,
@@ -459,6 +775,20 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
         if bar is not None:
             bar.close()
     return TrainResult(theta, state, history, stopped, step)
+
+
+def _print_line(rec: dict, epochs: float) -> None:
+    """One progress line per evaluation (``progress="lines"``)."""
+    import sys  # noqa: PLC0415
+
+    parts = [f"epoch {rec['epoch']:.2f}/{epochs:g}", f"step {rec['step']}", f"train_loss {rec['train_loss']:.5g}"]
+    for k in ("val_loss", "val_acc", "test_loss", "test_acc", "lr"):
+        if k in rec:
+            parts.append(f"{k} {rec[k]:.4g}")
+    parts.append(f"{rec['time']:.2f} s")
+    if "stopped" in rec:
+        parts.append(f"stopped: {rec['stopped']}")
+    print("  ".join(parts), file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,9 @@ def test_compare_quickstart_writes_report(tmp_path):
     r = run_cli("compare", "--preset", "quickstart", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     files = sorted(os.listdir(out))
-    assert files == ["comparison.png", "loss_vs_epochs.png", "loss_vs_passes.png", "loss_vs_time.png", "runs.jsonl", "summary.md"]
+    want = ["comparison.png", "config.toml", "loss_vs_epochs.png", "loss_vs_passes.png", "loss_vs_time.png", "runs.csv",
+            "runs.jsonl", "summary.md"]
+    assert [f for f in files if f != "tensorboard"] == want
     rows = [json.loads(line) for line in open(out / "runs.jsonl")]
     runs = {(r["run"], r["seed"]) for r in rows}
     assert len(runs) == 12  # 6 optimizers × 2 seeds
