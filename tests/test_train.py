@@ -176,3 +176,136 @@ def test_batchnorm_models_are_evaluated_with_current_statistics(tmp_path):
                  epochs=2, seed=0, checkpoint=ck, resume=True)
     np.testing.assert_array_equal(rest.theta, res.theta)
     assert [h["train_loss"] for h in rest.history] == [h["train_loss"] for h in res.history]
+
+
+# -- schedules, validation split, early stopping, budgets, targets (issue 23) ----------------------
+from qnref.train import EarlyStopping, Target, validation_split  # noqa: E402
+
+
+def test_schedule_scales_the_step_size_in_the_records():
+    m, dd = model(), data()
+    res = train(m, make_optimizer("sgd", lr=0.4, batch_size=60), dd, epochs=5, seed=0, schedule="multistep:2,4:0.1")
+    got = {round(r["epoch"]): r["lr"] for r in res.history[1:]}
+    # a record carries the factor of the last step before it (the step that started before epoch 2 used 0.4)
+    assert got == pytest.approx({1: 0.4, 2: 0.4, 3: 0.04, 4: 0.04, 5: 0.004})
+    plain = train(m, make_optimizer("sgd", lr=0.4, batch_size=60), dd, epochs=5, seed=0)
+    two = train(m, make_optimizer("sgd", lr=0.4, batch_size=60), dd, epochs=2, seed=0, schedule="multistep:2,4:0.1")
+    np.testing.assert_array_equal(two.theta, train(m, make_optimizer("sgd", lr=0.4, batch_size=60), dd, epochs=2, seed=0).theta)
+    assert not np.array_equal(res.theta, plain.theta)
+
+
+def test_schedule_on_an_optimizer_without_a_step_size_is_refused():
+    with pytest.raises(ValueError, match="lsr1-tr has none a schedule can scale"):
+        train(model(), make_optimizer("lsr1-tr", batch_size=100), data(), epochs=1, schedule="step:1:0.5")
+
+
+def test_resume_with_a_schedule_is_bit_identical(tmp_path):
+    m, dd = model(), data()
+    kw = dict(epochs=4, seed=2, schedule="warmup:1*cosine:4", val_fraction=0.25)
+    full = train(m, make_optimizer("adam", lr=0.02, batch_size=50), dd, **kw)
+    ck = str(tmp_path / "s.ckpt")
+    train(m, make_optimizer("adam", lr=0.02, batch_size=50), dd, checkpoint=ck, stop_after_steps=13, **kw)
+    with pytest.raises(CheckpointError, match="run.schedule"):
+        train(m, make_optimizer("adam", lr=0.02, batch_size=50), dd, checkpoint=ck, resume=True,
+              **{**kw, "schedule": "cosine:4"})
+    rest = train(m, make_optimizer("adam", lr=0.02, batch_size=50), dd, checkpoint=ck, resume=True, **kw)
+    np.testing.assert_array_equal(rest.theta, full.theta)
+    assert [h["val_loss"] for h in rest.history] == [h["val_loss"] for h in full.history]
+
+
+def test_validation_split_is_seeded_stratified_and_disjoint():
+    y = np.repeat(np.arange(4), [50, 30, 15, 5])
+    tr, va = validation_split(y, 0.2, seed=3)
+    tr2, va2 = validation_split(y, 0.2, seed=3)
+    _, va3 = validation_split(y, 0.2, seed=4)
+    np.testing.assert_array_equal(va, va2)
+    np.testing.assert_array_equal(tr, tr2)
+    assert not np.array_equal(va, va3)
+    assert len(va) == 20 and len(tr) == 80 and not set(tr) & set(va) and sorted(np.r_[tr, va]) == list(range(100))
+    assert np.bincount(y[va]).tolist() == [10, 6, 3, 1]  # each class in proportion
+    # regression targets: uniform split of the requested size
+    tr, va = validation_split(np.linspace(0, 1, 30)[:, None] * np.ones((1, 2)), 0.1, seed=0, loss="mse")
+    assert len(va) == 3
+    for bad in (0.0, 1.0, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="val_fraction"):
+            validation_split(y, bad)
+
+
+def test_val_metrics_are_recorded_on_the_held_out_rows():
+    m, dd = model(), data()
+    res = train(m, make_optimizer("adam", lr=0.01, batch_size=50), dd, epochs=1, seed=0, val_fraction=0.25)
+    split = dd.split_validation(0.25, 0)
+    assert split.X_train.shape[0] == 450 and split.X_val.shape[0] == 150
+    ev = evaluate(m, "softmax_ce", split.X_val, split.y_val, res.theta)
+    f = res.final
+    assert f["val_loss"] == ev["loss"] and f["val_errors"] == ev["errors"] and f["val_acc"] == ev["acc"]
+    assert {"train_acc", "train_errors", "test_acc", "test_errors"} <= set(f)
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_checkpoint(tmp_path):
+    m, dd = model(), data()
+    best = str(tmp_path / "best.ckpt")
+    es = EarlyStopping("val_loss", patience=2, min_delta=0.05)
+    res = train(m, make_optimizer("adam", lr=0.05, batch_size=50), dd, epochs=30, seed=0, val_fraction=0.2,
+                early_stopping=es, best_checkpoint=best, eval_every=0.5)
+    assert res.stopped == "early_stopping" and res.final["stopped"] == "early_stopping"
+    assert res.final["epoch"] < 30
+    vals = [h["val_loss"] for h in res.history]
+    b = es.best(res.history)
+    assert len(vals) - 1 - b == 2  # stopped exactly `patience` evaluations after the best
+    assert all(v > vals[b] - 0.05 for v in vals[b + 1:])
+    payload, _ = load_checkpoint(best, type(make_optimizer("adam").init(m.init(0))))
+    assert payload["best"]["index"] == b and payload["best"]["value"] == vals[b]
+    assert payload["history"][-1]["val_loss"] == vals[b]
+    got = evaluate(m, "softmax_ce", dd.split_validation(0.2, 0).X_val, dd.split_validation(0.2, 0).y_val, payload["theta"])
+    assert got["loss"] == vals[b]
+
+
+def test_early_stopping_metric_must_exist():
+    with pytest.raises(ValueError, match="no validation split"):
+        train(model(), make_optimizer("sgd"), data(), epochs=1, early_stopping=EarlyStopping("val_loss"))
+    with pytest.raises(ValueError, match="early_stopping metric must be one of"):
+        EarlyStopping("val_los")
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping("train_loss", patience=0)
+
+
+def test_cpu_time_budget_stops_within_two_percent():
+    import time
+
+    m, dd = model(), data()
+    budget = 1.5
+    t0 = time.process_time()
+    res = train(m, make_optimizer("adam", lr=0.01, batch_size=20), dd, epochs=10_000, seed=0, max_cpu_time=budget)
+    spent = time.process_time() - t0
+    assert res.stopped == "cpu_time" and res.final["stopped"] == "cpu_time"
+    assert budget <= res.final["cpu_time"] <= 1.02 * budget, res.final["cpu_time"]
+    assert spent <= 1.02 * budget + 0.5  # the final evaluation is all that runs after the budget
+
+
+def test_wall_and_step_budgets():
+    m, dd = model(), data()
+    res = train(m, make_optimizer("adam", lr=0.01, batch_size=20), dd, epochs=10_000, seed=0, max_wall_time=0.5)
+    assert res.stopped == "wall_time" and 0.5 <= res.final["wall_time"] <= 0.6
+    res = train(m, make_optimizer("adam", lr=0.01, batch_size=20), dd, epochs=10, seed=0, max_steps=7)
+    assert res.stopped == "max_steps" and res.steps == 7
+    for kw in ({"max_cpu_time": 0}, {"max_wall_time": -1.0}, {"max_cpu_time": float("inf")}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            train(m, make_optimizer("sgd"), dd, **kw)
+
+
+def test_target_records_when_it_was_first_reached():
+    m, dd = model(), data()
+    res = train(m, make_optimizer("adam", lr=0.02, batch_size=50), dd, epochs=4, seed=0, eval_every=0.5,
+                target="test_acc>=0.8")
+    first = next(i for i, h in enumerate(res.history) if h["test_acc"] >= 0.8)
+    hit = res.history[first]
+    for h in res.history[first:]:
+        assert (h["target_epoch"], h["target_step"], h["target_time"], h["target_passes"]) == \
+            (hit["epoch"], hit["step"], hit["time"], hit["passes"])
+    assert all("target_epoch" not in h for h in res.history[:first])
+    stop = train(m, make_optimizer("adam", lr=0.02, batch_size=50), dd, epochs=4, seed=0, eval_every=0.5,
+                 target=Target("test_acc", 0.8, "max"), stop_at_target=True)
+    assert stop.stopped == "target" and len(stop.history) == first + 1
+    with pytest.raises(ValueError, match="target"):
+        Target.parse("test_acc=0.8")
