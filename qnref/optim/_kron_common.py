@@ -20,7 +20,8 @@ from typing import Any, Callable, ClassVar
 
 from .. import backend
 from ..curvature.objective import Point
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, evaluate
+from .costs import CostAssumptions, ModelShapes
 from .drivers import Opened, close_step, finite_move, nonfinite_step, open_step, step_objective
 
 
@@ -181,8 +182,8 @@ def second_pass(opened: Opened, theta_new: Any, due: bool) -> tuple[Point | None
     known, evaluations of the step, whether the pass was due but θ⁺ is not finite there)."""
     if not due:
         return None, opened.f0, 1, False
-    p_new = try_point(opened.obj, theta_new)
-    return p_new, opened.f0 if p_new is None else p_new.value, 2, p_new is None
+    p_new, f_new = evaluate(opened.obj, theta_new)
+    return p_new, opened.f0 if p_new is None else f_new, 2, p_new is None
 
 
 def warm_objectives(problem: Problem, batch_size: int | None, whole_set: bool) -> list:
@@ -281,7 +282,7 @@ class TensorFactorOptimizer(Optimizer):
     def init(self, theta: Any) -> TensorState:
         return TensorState(mom=backend.namespace(theta).zeros_like(theta))
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """Tensor variables: W (o, d_in) and b (o,) per layer, the other blocks. Momentum (n); every
         T₁ steps the contractions Ĝ⁽ⁱ⁾ = mat_i(X) mat_i(X)ᵀ (dᵢ²Πⱼ≠ᵢdⱼ per mode) and their EMA
         (2dᵢ²); every T₂ steps the per-mode matrices (:meth:`_root_flops`); the mode products

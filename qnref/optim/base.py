@@ -242,6 +242,53 @@ def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool 
     return v
 
 
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    """``value`` when it is one of ``choices``, else a ValueError naming the argument, the choices and
+    the value."""
+    if value not in choices:
+        opts = [repr(c) for c in choices]
+        raise ValueError(f"{name} must be {' or '.join(opts) if len(opts) < 3 else ', '.join(opts[:-1]) + ' or ' + opts[-1]}, "
+                         f"got {value!r}")
+    return value
+
+
+def check_above(name: str, value: float, bound: float) -> float:
+    """Reject values that are not finite and > ``bound`` (radius growth factors, boosts)."""
+    v = float(value)
+    if not (math.isfinite(v) and v > bound):
+        raise ValueError(f"{name} must be finite and > {bound}, got {value}")
+    return v
+
+
+def checked(name: str, value: Any, rule: Any) -> Any:
+    """``value`` checked by a declarative ``rule`` (the validated value, as the check_* helpers
+    return it): ``"> 0"`` / ``"≥ 0"`` (:func:`check_positive`), ``"finite"``, ``"int"`` /
+    ``"int ≥ 0"`` / ``"int ≥ -1"`` (:func:`check_int`), ``"> 1"`` (:func:`check_above`), an interval
+    such as ``"(0, 1)"``, ``"[0, 1)"``, ``"[1, inf]"`` (:func:`check_range`; ``inf`` ends allow any
+    finite value), or a tuple of choices (:func:`check_choice`)."""
+    if isinstance(rule, tuple):
+        return check_choice(name, value, rule)
+    if rule in ("> 0", "≥ 0"):
+        return check_positive(name, value, allow_zero=rule == "≥ 0")
+    if rule.startswith("int"):
+        return check_int(name, value, int(rule[5:]) if len(rule) > 3 else 1)
+    if rule.startswith(">"):
+        return check_above(name, value, float(rule[1:]))
+    if rule == "finite":
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return float(value)
+    lo, hi = (float(x) for x in rule[1:-1].split(","))
+    return check_range(name, value, lo, hi, lo_open=rule[0] == "(", hi_open=rule[-1] == ")")
+
+
+def set_checked(obj: Any, **specs: tuple[Any, Any]) -> None:
+    """Check and set hyperparameters declaratively, in the order given:
+    ``set_checked(self, c1=(c1, "(0, 1)"), max_evals=(max_evals, "int"))`` (rules: :func:`checked`)."""
+    for name, (value, rule) in specs.items():
+        setattr(obj, name, checked(name, value, rule))
+
+
 def check_int(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 from .. import backend
 from ..curvature.objective import Objective, Point
 from .base import Problem, StepInfo, evaluate, try_point
 from .linesearch import backtracking_armijo, strong_wolfe
-from .trust_region import reduction_ratio
+from .trust_region import AveragedRadiusRule, RadiusRule, reduction_ratio
 
 __all__ = ["Opened", "open_step", "step_objective", "finite_move", "nonfinite_step", "finite_point", "stay", "close_step", "with_extra", "LineFunction",
-           "LineOutcome", "line_search", "RadiusRuleLike", "TrustRegionDecision", "trust_region_update", "average_ratio"]
+           "LineOutcome", "line_search", "TrustRegionDecision", "trust_region_update"]
 
 
 # -- opening and closing a step -----------------------------------------------------------------------
@@ -202,14 +202,6 @@ def line_search(obj: Objective, theta: Any, d: Any, f0: float, slope: float, *, 
 
 
 # -- the trust-region driver --------------------------------------------------------------------------
-class RadiusRuleLike(Protocol):
-    """What :func:`trust_region_update` needs of a rule (:class:`~.trust_region.RadiusRule`)."""
-
-    def accept(self, rho: float) -> bool: ...
-
-    def update(self, delta: float, rho: float, step_norm: float) -> float: ...
-
-
 class TrustRegionDecision(NamedTuple):
     """ρ = ared/pred (after the floor), whether the trial is accepted, the new radius, and the
     running average ρ̂ and weight T of [MB] Alg. 5 (NaN / 0 without ``average``)."""
@@ -221,7 +213,7 @@ class TrustRegionDecision(NamedTuple):
     T: float = 0.0
 
 
-def trust_region_update(rule: RadiusRuleLike, delta: float, ared: float, pred: float, step_norm: float, *,
+def trust_region_update(rule: RadiusRule | AveragedRadiusRule, delta: float, ared: float, pred: float, step_norm: float, *,
                         rho_floor: float = -math.inf,
                         average: tuple[float, float, float] | None = None) -> TrustRegionDecision:
     """One trust-region decision: ρ = ared/pred (a non-finite trial passes ared = −∞ → ρ = −∞),
@@ -234,12 +226,8 @@ def trust_region_update(rule: RadiusRuleLike, delta: float, ared: float, pred: f
     accepted = rule.accept(rho)
     if average is None:
         return TrustRegionDecision(rho, accepted, rule.update(delta, rho, step_norm))
-    rho_hat, T = average_ratio(rho, *average)
-    return TrustRegionDecision(rho, accepted, rule.update(delta, rho_hat, step_norm), rho_hat, T)
-
-
-def average_ratio(rho: float, zeta: float, rho_hat: float, T: float) -> tuple[float, float]:
-    """([MB] Alg. 5 lines 1–2) ρ̂ ← (ζTρ̂ + ρ)/(ζT + 1), T ← ζT + 1; returns (ρ̂, T)."""
+    zeta, rho_hat, T = average
     num = zeta * T * rho_hat + rho
     T = zeta * T + 1.0
-    return num / T, T
+    rho_hat = num / T
+    return TrustRegionDecision(rho, accepted, rule.update(delta, rho_hat, step_norm), rho_hat, T)

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import backend
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, set_checked
+from .costs import CostAssumptions, ModelShapes
 from .drivers import Opened, close_step, finite_move, line_search, nonfinite_step, open_step, with_extra
 from .registry import register
 
@@ -115,7 +116,7 @@ class SGD(FirstOrderOptimizer):
 
     cost_formula: ClassVar[str] = "2n"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """−ηg (n), ‖Δθ‖² (n)."""
         return {"update": shapes.n, "step_norm": shapes.n}
 
@@ -156,7 +157,7 @@ class Momentum(FirstOrderOptimizer):
 
     cost_formula: ClassVar[str] = "3n"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """μv − ηg (2n), ‖v‖² (n), NAG's look-ahead point θ + μv (n)."""
         n = shapes.n
         return {"velocity": 2 * n, "step_norm": n, **({"lookahead_point": n} if self._lookahead else {})}
@@ -197,8 +198,8 @@ class DiagonalAdaptive(FirstOrderOptimizer):
         m̂, v̂ = m / (1 − β₁ᵗ), v / (1 − β₂ᵗ)          (bias correction, Adam only)
         θ ← θ − η m̂ / (√v̂ + ε)
 
-    Subclasses store ``beta1`` (if they have a first moment) and define ``_decay`` = (a, b) and
-    ``_bias_correction``.
+    Subclasses store ``beta1`` (if they have a first moment) and name the EMA rate of v in
+    ``_decay_rate`` (a = rate, b = 1 − rate; empty: AdaGrad's sum) and set ``_bias_correction``.
     """
 
     _bias_correction: ClassVar[bool] = False
@@ -211,9 +212,14 @@ class DiagonalAdaptive(FirstOrderOptimizer):
     def _beta1(self) -> float:
         return getattr(self, "beta1", 0.0)
 
+    _decay_rate: ClassVar[str] = ""
+
     @property
     def _decay(self) -> tuple[float, float]:
-        raise NotImplementedError
+        if not self._decay_rate:
+            return 1.0, 1.0
+        rate = getattr(self, self._decay_rate)
+        return rate, 1.0 - rate
 
     def init(self, theta) -> MomentState:
         xp = backend.namespace(theta)
@@ -231,7 +237,7 @@ class DiagonalAdaptive(FirstOrderOptimizer):
             den = den / (1.0 - a**t)
         return -self.lr * num / (xp.sqrt(den) + self.eps), MomentState(m, v, t)
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """m (2n with β₁ > 0), v (3n), bias corrections (n each), η·num/(√v + ε) (2n), ‖Δθ‖² (n)."""
         n, b1 = shapes.n, self._beta1
         t = {"first_moment": 2 * n} if b1 else {}
@@ -252,16 +258,13 @@ class Adam(DiagonalAdaptive):
     paper: ClassVar[str] = "Kingma & Ba 2015 (ICLR), Algorithm 1"
     cost_formula: ClassVar[str] = "10n"
     _bias_correction: ClassVar[bool] = True
+    _decay_rate: ClassVar[str] = "beta2"
 
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  batch_size: int | None = 128):
         super().__init__(lr, eps, batch_size)
         self.beta1 = _check_unit("beta1", beta1)
         self.beta2 = _check_unit("beta2", beta2)
-
-    @property
-    def _decay(self) -> tuple[float, float]:
-        return self.beta2, 1.0 - self.beta2
 
 
 @register("rmsprop")
@@ -279,16 +282,13 @@ class RMSprop(DiagonalAdaptive):
 
     paper: ClassVar[str] = "Tieleman & Hinton 2012 (lecture 6.5); Ren thesis §2.8.2"
     cost_formula: ClassVar[str] = "6n (8n with β₁ > 0)"
+    _decay_rate: ClassVar[str] = "rho"
 
     def __init__(self, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-8, beta1: float = 0.0,
                  batch_size: int | None = 128):
         super().__init__(lr, eps, batch_size)
         self.rho = _check_unit("rho", rho)
         self.beta1 = _check_unit("beta1", beta1)
-
-    @property
-    def _decay(self) -> tuple[float, float]:
-        return self.rho, 1.0 - self.rho
 
 
 @register("adagrad")
@@ -306,10 +306,6 @@ class AdaGrad(DiagonalAdaptive):
 
     def __init__(self, lr: float = 0.01, eps: float = 1e-10, batch_size: int | None = 128):
         super().__init__(lr, eps, batch_size)
-
-    @property
-    def _decay(self) -> tuple[float, float]:
-        return 1.0, 1.0
 
 
 @dataclass
@@ -355,7 +351,7 @@ class AdaDelta(FirstOrderOptimizer):
 
     cost_formula: ClassVar[str] = "10n"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """v, u (3n each), the ratio step (2n), η· (n), ‖Δθ‖² (n)."""
         n = shapes.n
         return {"accumulators": 6 * n, "ratio_step": 2 * n, "lr_scale": n, "step_norm": n}
@@ -447,17 +443,15 @@ class GDLineSearch(FirstOrderOptimizer):
     def __init__(self, alpha0: float = 1.0, c1: float = 0.1, shrink: float = 0.5, max_evals: int = 30,
                  batch_size: int | None = 128):
         self.batch_size = _check_batch_size(batch_size)
-        self.alpha0 = check_positive("alpha0", alpha0)
-        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.max_evals = check_int("max_evals", max_evals, 1)
+        set_checked(self, alpha0=(alpha0, "> 0"), c1=(c1, "(0, 1)"), shrink=(shrink, "(0, 1)"),
+                    max_evals=(max_evals, "int"))
 
     def init(self, theta) -> GDLineSearchState:
         return GDLineSearchState()
 
     cost_formula: ClassVar[str] = "(2 + t)n"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """gᵀg (n), θ + αp per trial (tn), θ − αg (n)."""
         n = shapes.n
         return {"grad_norm": n, "line_search": assume.trials * n, "update": n}

@@ -47,7 +47,8 @@ import numpy
 
 from .. import backend
 from ..curvature.objective import Objective
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, set_checked, try_point
+from .costs import CostAssumptions, ModelShapes
 from .drivers import close_step, open_step, with_extra
 from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
 from .registry import register
@@ -353,9 +354,7 @@ class HessianFree(Optimizer):
         preconditioner: str | None = None,
         precond_exponent: float = 0.75,
     ):
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
-        self.curvature = curvature
+        self.curvature = check_choice("curvature", curvature, ("ggn", "hessian"))
         self.damping = check_positive("damping", damping)
         if grad_batch is not None and grad_fraction is not None:
             raise ValueError("give grad_batch or grad_fraction, not both (grad_fraction=None for a fixed size)")
@@ -378,23 +377,15 @@ class HessianFree(Optimizer):
         self.progress_eps = None if progress_eps is None else check_positive("progress_eps", progress_eps)
         self.warm_start_decay = check_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
         self.store_ratio = check_range("store_ratio", store_ratio, 1.0, math.inf, lo_open=True, hi_open=True)
-        if backtrack not in ("martens", "best", "none"):
-            raise ValueError(f"backtrack must be 'martens', 'best' or 'none', got {backtrack!r}")
-        self.backtrack = backtrack
-        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.max_ls_evals = check_int("max_ls_evals", max_ls_evals)
-        self.drop = check_range("drop", drop, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.boost = check_range("boost", boost, 1.0, math.inf, lo_open=True, hi_open=True)
-        self.rho_low = check_range("rho_low", rho_low, 0.0, 1.0, hi_open=True)
+        self.backtrack = check_choice("backtrack", backtrack, ("martens", "best", "none"))
+        set_checked(self, c1=(c1, "(0, 1)"), shrink=(shrink, "(0, 1)"), max_ls_evals=(max_ls_evals, "int"),
+                    drop=(drop, "(0, 1)"), boost=(boost, "(1, inf)"), rho_low=(rho_low, "[0, 1)"))
         self.rho_high = check_range("rho_high", rho_high, self.rho_low, 1.0, lo_open=True, hi_open=True)
         self.damping_min = check_positive("damping_min", damping_min)
         self.damping_max = check_positive("damping_max", damping_max)
         if not self.damping_min <= self.damping <= self.damping_max:
             raise ValueError(f"need damping_min ≤ damping ≤ damping_max, got {damping_min}, {damping}, {damping_max}")
-        if preconditioner not in (None, "martens"):
-            raise ValueError(f"preconditioner must be None or 'martens', got {preconditioner!r}")
-        self.preconditioner = preconditioner
+        self.preconditioner = check_choice("preconditioner", preconditioner, (None, "martens"))
         self.precond_exponent = check_range("precond_exponent", precond_exponent, 0.0, 1.0)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -422,7 +413,7 @@ class HessianFree(Optimizer):
 
     cost_formula: ClassVar[str] = "6n·I_CG + 9n"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """CG set-up (6n) and I_CG iterations of 6n vector work (the products Av are passes), the
         step (3n); Martens' preconditioner r/M once per iteration and at the start (building M:
         a pass, excluded)."""

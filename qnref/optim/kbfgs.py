@@ -42,8 +42,8 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
-from .costs import flops_inv
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+from .costs import CostAssumptions, ModelShapes, flops_inv
+from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range
 from .operators import LBFGSOperator, bfgs_inverse_update
 from .pairs import PairStore
 from .drivers import close_step, nonfinite_step
@@ -94,8 +94,7 @@ class KBFGS(Optimizer):
         self.damping = check_positive("damping", damping)
         self.mu1 = check_range("mu1", mu1, 0.0, 1.0, lo_open=True, hi_open=True)
         self.curvature_freq = kc.validate_freq("curvature_freq", curvature_freq)
-        if version not in ("ch3", "ch2"):
-            raise ValueError(f"version must be 'ch3' (thesis Algorithm 9) or 'ch2' (Algorithm 4), got {version!r}")
+        check_choice("version", version, ("ch3", "ch2"))
         if version == "ch2" and damping > 1:
             raise ValueError(f"version='ch2' uses double damping with μ₂ = √λ ∈ (0, 1] (thesis §2.3.1); got damping={damping}")
         self.version = version
@@ -112,7 +111,7 @@ class KBFGS(Optimizer):
 
     cost_formula: ClassVar[str] = "Σ o a(o + a) + Σ[(N+1)oa + 2Na + 8a² + 8o² + 2oa + …]/T + 4n"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """∇W̄ = gᵀā/N from the taps, momentum, the scale and the step; the preconditioning
         H_G ∇W̄ H_A (K-BFGS(L): H_G by L-BFGS with p pairs); every T steps per layer the H_A update
         (â, H_A â, the ã-action or the moving average, λ_A s_A, s_Aᵀy_A, the BFGS update) and the

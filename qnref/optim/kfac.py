@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
-from .costs import flops_inv
-from .base import Optimizer, Problem, StepInfo, check_positive
+from .costs import CostAssumptions, ModelShapes, flops_inv
+from .base import Optimizer, Problem, StepInfo, check_choice, check_positive
 from .drivers import close_step, nonfinite_step
 from .registry import register
 
@@ -68,9 +68,7 @@ class KFAC(Optimizer):
         self.damping = check_positive("damping", damping)
         self.stat_freq = kc.validate_freq("stat_freq", stat_freq)
         self.inv_freq = kc.validate_freq("inv_freq", inv_freq)
-        if fisher not in ("sampled", "empirical"):
-            raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
-        self.fisher = fisher
+        self.fisher = check_choice("fisher", fisher, ("sampled", "empirical"))
         self.use_pi = bool(use_pi)
         self.warm_start = bool(warm_start)
 
@@ -80,7 +78,7 @@ class KFAC(Optimizer):
 
     cost_formula: ClassVar[str] = "Σ o a(o + a) + Σ (N+3)(a² + o²)/T₁ + Σ (a³ + o³ + 3a² + 3o²)/T₂ + 4n"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """Per dense block (o × a): the preconditioning H_G ∇W̄ H_A, factor statistics
         ((N + 1)(a² + o²)) and their EMA every T₁ steps, the damped inverses (d³ + 3d²) every T₂;
         momentum (n) and the step (2n, + n with weight decay)."""

@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+from .base import Optimizer, Problem, StepInfo, check_int, check_range, set_checked
+from .costs import CostAssumptions, ModelShapes
 from .drivers import close_step, line_search, open_step
 from .operators import LBFGSOperator
 from .pairs import PairStore
@@ -50,16 +51,14 @@ class LBFGS(Optimizer):
         self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
         self.c2 = check_range("c2", c2, c1, 1.0, lo_open=True, hi_open=True)
         self.forget_every = None if forget_every is None else check_int("forget_every", forget_every)
-        self.curvature_eps = check_positive("curvature_eps", curvature_eps, allow_zero=True)
-        self.max_evals = check_int("max_evals", max_evals)
-        self.tol = check_positive("tol", tol, allow_zero=True)
+        set_checked(self, curvature_eps=(curvature_eps, "≥ 0"), max_evals=(max_evals, "int"), tol=(tol, "≥ 0"))
 
     def init(self, theta: Any) -> LBFGSState:
         return LBFGSState(PairStore.empty(theta, self.memory, grams=False))
 
     cost_formula = "(5m + 8 + 2t)n + m"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """‖∇f‖ (n), the two-loop d = −H∇f, ∇fᵀd (n), 2 per trial (θ + αd and the Wolfe slope),
         the pair s, y and its sᵀy test (3n). With forgetting: the mean memory over a cycle (approx.)."""
         n, k = shapes.n, assume.pairs_or(self.memory)

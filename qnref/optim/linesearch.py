@@ -50,15 +50,8 @@ def _finite(*xs: float) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
-def backtracking_armijo(
-    phi: Callable[[float], float],
-    phi0: float,
-    dphi0: float,
-    alpha0: float = 1.0,
-    c1: float = 1e-4,
-    shrink: float = 0.5,
-    max_evals: int = 30,
-) -> LineSearchResult:
+def backtracking_armijo(phi: Callable[[float], float], phi0: float, dphi0: float, alpha0: float = 1.0,
+                        c1: float = 1e-4, shrink: float = 0.5, max_evals: int = 30) -> LineSearchResult:
     """Backtracking line search for the Armijo condition ([NW06] Alg. 3.1).
 
     Tries α = α₀, shrink·α₀, shrink²·α₀, … and accepts the first α with a finite φ(α) and
@@ -111,17 +104,9 @@ def _quadmin(a: float, fa: float, fpa: float, b: float, fb: float) -> float | No
     return x if math.isfinite(x) else None
 
 
-def strong_wolfe(
-    phi_dphi: Callable[[float], tuple[float, float]],
-    phi0: float,
-    dphi0: float,
-    alpha0: float = 1.0,
-    c1: float = 1e-4,
-    c2: float = 0.9,
-    alpha_max: float = 1e10,
-    max_evals: int = 30,
-    expand: float = 2.0,
-) -> LineSearchResult:
+def strong_wolfe(phi_dphi: Callable[[float], tuple[float, float]], phi0: float, dphi0: float, alpha0: float = 1.0,
+                 c1: float = 1e-4, c2: float = 0.9, alpha_max: float = 1e10, max_evals: int = 30,
+                 expand: float = 2.0) -> LineSearchResult:
     """Strong Wolfe line search: bracketing ([NW06] Alg. 3.5) and zoom (Alg. 3.6).
 
     ``phi_dphi(α)`` returns (φ(α), φ'(α)).  Accepts α with φ(α) ≤ φ₀ + c₁αφ'(0) and

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import backend
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range
+from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, set_checked
+from .costs import CostAssumptions, ModelShapes
 from .drivers import close_step, finite_point, line_search, open_step, trust_region_update
 from .operators import LSR1Operator, lsr1_prune, lsr1_prune_flops, sr1_skip
 from .pairs import PairStore
@@ -110,20 +111,13 @@ class LSR1TrustRegion(_LSR1Base):
         super().__init__(memory, gamma, r, batch_size, tol)
         self.gram_cache = bool(gram_cache)
         self.gram_rcond = check_range("gram_rcond", gram_rcond, 0.0, 1.0, hi_open=True)
-        check_range("eta", eta, 0.0, 1.0, hi_open=True)
-        check_range("l", l, 0.0, 1.0, lo_open=True, hi_open=True)
-        check_range("u", u, l, 1.0, lo_open=True, hi_open=True)
         check_range("rho_fraction", rho_fraction, 0.0, 1.0, lo_open=True)
-        if not increase > 1:
-            raise ValueError(f"increase must be > 1, got {increase}")
-        check_range("decrease", decrease, 0.0, 1.0, lo_open=True, hi_open=True)
+        self._rule = RadiusRule(eta=eta, u=u, l=l, boundary_fraction=rho_fraction, increase=increase, decrease=decrease)
         if delta0 is not None:
             check_positive("delta0", delta0)
-        if solver not in ("exact", "steihaug"):
-            raise ValueError(f"solver must be 'exact' or 'steihaug', got {solver!r}")
         self.eta, self.u, self.rho_fraction, self.l = eta, u, rho_fraction, l
-        self.increase, self.decrease, self.delta0, self.solver = increase, decrease, delta0, solver
-        self._rule = RadiusRule(eta=eta, u=u, l=l, boundary_fraction=rho_fraction, increase=increase, decrease=decrease)
+        self.increase, self.decrease, self.delta0 = increase, decrease, delta0
+        self.solver = check_choice("solver", solver, ("exact", "steihaug"))
 
     @property
     def _grams(self) -> bool:  # type: ignore[override]
@@ -132,7 +126,7 @@ class LSR1TrustRegion(_LSR1Base):
     cost_formula = ("(14m + 10)n + O(m³) (default gram_cache=True; (14k + 14)n while k < m pairs); "
                     "gram_cache=False: (7m² + 9m + 12)n + O(m³)")
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """Generic step (no Gram fallback, no hard case, Ψ of full rank, the newest memory kept).
 
         ``gram_cache=True``: M from the kept Grams (O(k³)), the Gram solver
@@ -228,13 +222,11 @@ class LSR1LineSearch(_LSR1Base):
     def __init__(self, memory: int = 5, gamma: float = 1.0, r: float = 1e-8, batch_size: int | None = 128,
                  c1: float = 1e-4, shrink: float = 0.5, max_evals: int = 30, tol: float = 0.0):
         super().__init__(memory, gamma, r, batch_size, tol)
-        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.max_evals = check_int("max_evals", max_evals)
+        set_checked(self, c1=(c1, "(0, 1)"), shrink=(shrink, "(0, 1)"), max_evals=(max_evals, "int"))
 
     cost_formula = "(5m² + 5m + 11 + t)n + O(m³)"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """‖g‖, the compact form from the pairs, the inverse middle N⁻¹, H g, gᵀd, θ + λd per trial,
         y, H y, the SR1 test (3n), pruning on the inverse form, ‖s‖."""
         n = shapes.n

@@ -16,7 +16,8 @@ One iteration k (Algorithm 1) = the functions below, in this order::
                         y = ∇f̂(w + s) − ĝ   (same batch)
     ExitCheck (Alg. 2)  ‖ĝ‖ ≤ ε → full gradient at wₖ₊₁; stop if ‖∇f‖ ≤ ε               :func:`exit_check`
     getRadius (Alg. 5)  ρ̂ = (ζTρ̂ + ρ)/(ζT + 1), T ← ζT + 1;
-                        ρ̂ < 0.1 → δ = min(δ, ‖s‖);  ρ̂ ≥ 0.5 and ‖s‖ ≥ δ → δ = 2δ           :func:`get_radius`
+                        ρ̂ < 0.1 → δ = min(δ, ‖s‖);  ρ̂ ≥ 0.5 and ‖s‖ ≥ δ → δ = 2δ
+                                         :func:`~.drivers.trust_region_update`, :class:`~.trust_region.AveragedRadiusRule`
     updateSY  (Alg. 3)  ρ < τ and m̂ ≥ 0: m̂ = 0 → S = Y = [];  m̂ > 0 → m̂ sampled pairs [SQN];
                         else append (s, y) (SR1 skip rule) and drop the oldest              :func:`update_sy`
     getBatch  (Alg. 6)  every K iterations: f̂ on a fresh sample of min(1.1 n_b, 5000);
@@ -36,14 +37,16 @@ steepest-descent step −min(1, δ/‖ĝ‖)ĝ; ‖s‖ ≥ δ is tested with a 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import backend
 from ..curvature.objective import Point
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
-from .drivers import average_ratio, finite_point, line_search, trust_region_update
+from .base import Optimizer, Problem, StepInfo, check_int, check_range, evaluate, set_checked, try_point
+from .costs import CostAssumptions, ModelShapes
+from .drivers import line_search, open_step, trust_region_update
 from .operators import LSR1Operator, lsr1_prune, lsr1_prune_flops, sr1_skip
 from .pairs import PairStore
 from .registry import register
@@ -52,7 +55,7 @@ from .trust_region import (AveragedRadiusRule, lsr1_subproblem_flops, lsr1_subpr
                            solve_compact_subproblem)
 
 __all__ = ["MBLSR1State", "MBLSR1", "LSSR1TR", "clip_to_radius", "hybrid_direction", "restart_test",
-           "get_radius", "batch_rule", "progress_sample_size"]
+           "batch_rule", "progress_sample_size"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,20 +88,6 @@ def restart_test(gp: float, p_norm: float, g_norm: float, xi: float) -> bool:
     a = abs(gp)
     ratio = a / p_norm if p_norm > 0.0 else 0.0
     return min(a, ratio) < xi * g_norm
-
-
-def get_radius(delta: float, s_norm: float, rho: float, zeta: float, rho_hat: float, T: float, *,
-               low: float = 0.1, high: float = 0.5, increase: float = 2.0, delta_min: float = 0.0,
-               rtol: float = 1e-12) -> tuple[float, float, float]:
-    """Algorithm 5 (non-monotone averaged ratio). Returns (δ, ρ̂, T).
-
-    ρ̂ = (ζTρ̂ + ρ)/(ζT + 1), T = ζT + 1 (:func:`~.drivers.average_ratio`);  ρ̂ < low → δ = min(δ, ‖s‖);
-    ρ̂ ≥ high and ‖s‖ ≥ δ(1 − rtol) → δ = increase·δ;  finally δ ≥ ``delta_min``
-    (:class:`~.trust_region.AveragedRadiusRule`).
-    """
-    rho_hat, T = average_ratio(rho, zeta, rho_hat, T)
-    rule = AveragedRadiusRule(low=low, high=high, increase=increase, delta_min=delta_min, rtol=rtol)
-    return rule.update(delta, rho_hat, s_norm), rho_hat, T
 
 
 def progress_sample_size(n_b: int, N: int, *, factor: float = 1.1, cap: int = 5000, full: bool = False) -> int:
@@ -194,51 +183,23 @@ class MBLSR1(Optimizer):
                  gram_rcond: float = 1e-6):
         self.memory = check_int("memory", memory)
         self.gram_cache = bool(gram_cache)
-        self.gram_rcond = check_range("gram_rcond", gram_rcond, 0.0, 1.0, hi_open=True)
-        self.batch_size = check_int("batch_size", batch_size)
-        self.delta0 = check_positive("delta0", delta0)
+        set_checked(self, gram_rcond=(gram_rcond, "[0, 1)"), batch_size=(batch_size, "int"), delta0=(delta0, "> 0"))
         rm = int(restart_memory)
         if rm != restart_memory or not (rm == -1 or 0 <= rm <= self.memory):
             raise ValueError(f"restart_memory (m̂) must be -1 (off), 0 (restart) or 1…memory (warm start), got {restart_memory!r}")
         self.restart_memory = rm
-        self.tau = float(tau)
-        if not math.isfinite(self.tau):
-            raise ValueError(f"tau must be finite, got {tau}")
-        self.K = check_int("K", K)
-        self.gamma1 = check_range("gamma1", gamma1, 0.0, 1.0)
-        self.gamma2 = check_range("gamma2", gamma2, 0.0, 1.0)
-        self.zeta = check_range("zeta", zeta, 0.0, 1.0)
-        self.mu = check_range("mu", mu, 0.0, 1.0, hi_open=True)
-        self.alpha_s = check_range("alpha_s", alpha_s, 0.0, 1.0)
-        self.eta = check_range("eta", eta, 0.0, 1.0)
-        self.xi = check_positive("xi", xi, allow_zero=True)
-        self.eps = check_positive("eps", eps, allow_zero=True)
-        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.max_evals = check_int("max_evals", max_evals)
-        self.gamma = check_positive("gamma", gamma)
-        self.sr1_r = check_range("sr1_r", sr1_r, 0.0, 1.0, lo_open=True, hi_open=True)
-        if not (progress_factor >= 1.0 and math.isfinite(progress_factor)):
-            raise ValueError(f"progress_factor must be finite and >= 1, got {progress_factor}")
-        self.progress_factor = float(progress_factor)
-        self.progress_cap = check_int("progress_cap", progress_cap)
-        self.radius_low = check_range("radius_low", radius_low, -math.inf, math.inf)
+        set_checked(self, tau=(tau, "finite"), K=(K, "int"), gamma1=(gamma1, "[0, 1]"), gamma2=(gamma2, "[0, 1]"),
+                    zeta=(zeta, "[0, 1]"), mu=(mu, "[0, 1)"), alpha_s=(alpha_s, "[0, 1]"), eta=(eta, "[0, 1]"),
+                    xi=(xi, "≥ 0"), eps=(eps, "≥ 0"), c1=(c1, "(0, 1)"), shrink=(shrink, "(0, 1)"),
+                    max_evals=(max_evals, "int"), gamma=(gamma, "> 0"), sr1_r=(sr1_r, "(0, 1)"),
+                    progress_factor=(progress_factor, "[1, inf]"), progress_cap=(progress_cap, "int"),
+                    radius_low=(radius_low, "finite"))
         self.radius_high = check_range("radius_high", radius_high, self.radius_low, math.inf)
-        if not (radius_increase > 1.0 and math.isfinite(radius_increase)):
-            raise ValueError(f"radius_increase must be finite and > 1, got {radius_increase}")
-        self.radius_increase = float(radius_increase)
-        self.delta_min = check_positive("delta_min", delta_min)
+        set_checked(self, radius_increase=(radius_increase, "> 1"), delta_min=(delta_min, "> 0"))
         if self.delta_min > self.delta0:
             raise ValueError(f"delta_min={delta_min} exceeds delta0={delta0}")
-        rf = float(rho_floor)
-        if not math.isfinite(rf):
-            raise ValueError(f"rho_floor must be finite (ρ̂ averages it), got {rho_floor}")
-        self.rho_floor = rf
-        if warm_option not in OPTIONS:
-            raise ValueError(f"warm_option must be 'I' or 'II', got {warm_option!r}")
-        self.warm_option = warm_option
-        self.warm_radius = check_positive("warm_radius", warm_radius)
-        self.warm_eps = check_positive("warm_eps", warm_eps, allow_zero=True)
+        set_checked(self, rho_floor=(rho_floor, "finite"), warm_option=(warm_option, OPTIONS),
+                    warm_radius=(warm_radius, "> 0"), warm_eps=(warm_eps, "≥ 0"))
 
     # -- state ------------------------------------------------------------------------------
     def init(self, theta: Any) -> MBLSR1State:
@@ -249,7 +210,7 @@ class MBLSR1(Optimizer):
     cost_formula: ClassVar[str] = ("(7m² + 9m + 23 + t)n + O(m³); gram_cache=True: (18m + 22 + t)n + O(m³) "
                                    "with the memory full")
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """One generic iteration (no restart, no hybrid clipping beyond the norms, no Gram fallback):
         ‖ĝ‖, the compact form, the subproblem, the hybrid direction (8n) and its checks (2n), θ + αp
         per trial, s and θ + s (2n), B s, the SR1 test (3n), pruning. QR route (``gram_cache=False``):
@@ -363,8 +324,7 @@ class MBLSR1(Optimizer):
         N = problem.n_samples
         size = progress_sample_size(n_b, N, factor=self.progress_factor, cap=self.progress_cap,
                                     full=self._full_progress)
-        ph = try_point(problem.sample(size), theta_new)
-        f_check = ph.value if ph is not None else math.nan
+        f_check = evaluate(problem.sample(size), theta_new)[1]
         n_next, zeta, doubled = batch_rule(n_b, N, f_check, f_K, R_sum, self.gamma1, self.gamma2, zeta)
         f_K = f_check if math.isfinite(f_check) else math.inf
         return f_K, zeta, n_next, 0.0, doubled, f_check, True, 1
@@ -375,12 +335,10 @@ class MBLSR1(Optimizer):
         if state.converged:
             return theta, state, StepInfo(accepted=False, batch_size=0, radius=state.delta,
                                           extra={"converged": True})
-        obj = problem.batch(n_b)
-        p0 = finite_point(obj, theta)
-        if p0 is None:
-            return theta, state, StepInfo(accepted=False, nonfinite=True, evals=1, batch_size=n_b,
-                                          radius=state.delta)
-        g, f0 = p0.grad, p0.value
+        o = open_step(problem, n_b, theta, tol=None)
+        if o.stop is not None:
+            return theta, state, dataclasses.replace(o.stop, radius=state.delta)
+        obj, p0, g, f0 = o.obj, o.point, o.g, o.f0
         g_norm = math.sqrt(float(g @ g))
         pairs = state.memory
         delta = state.delta
@@ -406,9 +364,8 @@ class MBLSR1(Optimizer):
         if ls.success and ls.alpha == 1.0 and not fallback and bool((p == sol.p).all()):
             f_star = f_new
         else:
-            q_star = try_point(obj, theta + sol.p)
+            f_star = evaluate(obj, theta + sol.p)[1]
             evals += 1
-            f_star = q_star.value if q_star is not None else math.nan
         R = f_star - f0
 
         # ---- ExitCheck (Alg. 2) ----

@@ -35,7 +35,8 @@ from typing import Any, ClassVar
 
 from .. import backend
 from ..curvature.objective import Point
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, evaluate, set_checked, try_point
+from .costs import CostAssumptions, ModelShapes
 from .drivers import close_step, line_search, open_step, trust_region_update, with_extra
 from .operators import SINGULAR_RTOL, LBFGSOperator, LSR1Operator, lsr1_prune, sr1_skip
 from .pairs import PairStore
@@ -187,8 +188,7 @@ def sample_curvature_pairs(point: Point, rng: Any, m: int, radius: float, *, opt
                            kind: str = "lsr1", eps: float = 1e-3, gamma: float = 0.0,
                            lbfgs_test: str = "ss") -> SampledPairs:
     """[SQN] Algorithm 1 plus the filter of ``kind`` ("lbfgs": eq. (1); "lsr1": eq. (2))."""
-    if kind not in ("lbfgs", "lsr1"):
-        raise ValueError(f"kind must be 'lbfgs' or 'lsr1', got {kind!r}")
+    check_choice("kind", kind, ("lbfgs", "lsr1"))
     S = sample_directions(rng, point.theta, m, radius)
     Y, ok, evals = curvature_products(point, S, option)
     if kind == "lbfgs":
@@ -220,9 +220,7 @@ class _SampledQN(Optimizer):
     def __init__(self, memory: int, radius: float, option: str, eps: float, batch_size: int | None, tol: float):
         self.memory = check_int("memory", memory)
         self.radius = check_positive("radius", radius)
-        if option not in OPTIONS:
-            raise ValueError(f"option must be 'I' (gradient differences) or 'II' (Hessian products), got {option!r}")
-        self.option = option
+        self.option = check_choice("option", option, OPTIONS)
         self.eps = check_positive("eps", eps, allow_zero=True)
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
         self.tol = check_positive("tol", tol, allow_zero=True)
@@ -250,20 +248,16 @@ class SampledLBFGS(_SampledQN):
                  lbfgs_test: str = "ss", alpha0: float = 2.0, c1: float = 1e-4, shrink: float = 0.5,
                  max_evals: int = 40, batch_size: int | None = None, tol: float = 0.0):
         super().__init__(memory, radius, option, eps, batch_size, tol)
-        if lbfgs_test not in ("ss", "cosine"):
-            raise ValueError(f"lbfgs_test must be 'ss' or 'cosine', got {lbfgs_test!r}")
-        self.lbfgs_test = lbfgs_test
-        self.alpha0 = check_positive("alpha0", alpha0)
-        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.max_evals = check_int("max_evals", max_evals)
+        self.lbfgs_test = check_choice("lbfgs_test", lbfgs_test, ("ss", "cosine"))
+        set_checked(self, alpha0=(alpha0, "> 0"), c1=(c1, "(0, 1)"), shrink=(shrink, "(0, 1)"),
+                    max_evals=(max_evals, "int"))
 
     def init(self, theta: Any) -> SampledState:
         return SampledState()
 
     cost_formula: ClassVar[str] = "(8m + 7 + t)n + m"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """‖g‖ (n), m sampled directions (mn), the pair filter (2mn, 3mn with the cosine test), γ of
         the newest kept pair (2n), the two-loop, gᵀp (n), θ + αp per trial (tn), the step (2n)."""
         n, m = shapes.n, self.memory
@@ -325,20 +319,12 @@ class SampledLSR1(_SampledQN):
         super().__init__(memory, radius, option, eps, batch_size, tol)
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
         self.delta0 = check_positive("delta0", delta0)
-        self.eta = check_range("eta", eta, 0.0, 1.0, hi_open=True)
-        self.l = check_range("l", l, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.u = check_range("u", u, l, 1.0, lo_open=True, hi_open=True)
-        if not (increase > 1 and math.isfinite(increase)):
-            raise ValueError(f"increase must be finite and > 1, got {increase}")
-        self.increase = float(increase)
-        self.decrease = check_range("decrease", decrease, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.boundary_fraction = check_range("boundary_fraction", boundary_fraction, 0.0, 1.0)
-        if not delta_max > 0:
-            raise ValueError(f"delta_max must be > 0, got {delta_max}")
-        self.delta_max = float(delta_max)
+        self.eta, self.l, self.u, self.increase, self.decrease = (float(v) for v in (eta, l, u, increase, decrease))
+        self.boundary_fraction, self.delta_max = float(boundary_fraction), float(delta_max)
         self.delta_min = check_positive("delta_min", delta_min)
         if self.delta_min > self.delta0:
             raise ValueError(f"delta_min={delta_min} exceeds delta0={delta0}")
+        _ = self.rule  # the radius rule's checks (RadiusRule.__post_init__)
 
     @property
     def rule(self) -> RadiusRule:
@@ -351,7 +337,7 @@ class SampledLSR1(_SampledQN):
 
     cost_formula: ClassVar[str] = "(2m³/3 + O(m²))n + O(m⁴): compact form re-formed per kept pair"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """‖g‖, m sampled directions, the pair filter (:func:`lsr1_pair_filter`: candidate j tests
         B s with the j pairs kept so far, then re-forms the compact matrix with j + 1 pairs; all
         candidates kept), the compact form and the exact (QR-route) subproblem."""
@@ -376,8 +362,7 @@ class SampledLSR1(_SampledQN):
             mid = lsr1_middle(S, Y, gam) if S.shape[0] else None
         gam, Psi, M = (1.0, None, None) if mid is None else (gam, mid[0].T, mid[1])
         sol = solve_lsr1_subproblem(g, gam, Psi, M, state.delta)
-        trial = try_point(o.obj, theta + sol.p)
-        f1 = trial.value if trial is not None else math.nan
+        trial, f1 = evaluate(o.obj, theta + sol.p)
         dec = trust_region_update(self.rule, state.delta, f0 - f1, sol.pred, sol.step_norm)
         info = close_step(o, loss=f1 if dec.accepted else f0, accepted=dec.accepted,
                           step_norm=sol.step_norm if dec.accepted else 0.0, radius=dec.delta,

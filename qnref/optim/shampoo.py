@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from ..curvature import kron
 from ._kron_common import TensorFactorOptimizer
 from .costs import flops_eigh
+from .base import check_choice, set_checked
 from .registry import register
 
 
@@ -37,15 +38,8 @@ class Shampoo(TensorFactorOptimizer):
                  stat_freq: int = 1, inv_freq: int = 20, batch_size: int | None = 1000, weight_decay: float = 0.0,
                  warm_start: bool = True, root: str = "newton", newton_iters: int = 100, newton_tol: float = 1e-6):
         self._setup(lr, damping, momentum, beta, stat_freq, inv_freq, batch_size, weight_decay, warm_start)
-        if root not in ("newton", "eigh"):
-            raise ValueError(f"root must be 'newton' (coupled Newton) or 'eigh', got {root!r}")
-        self.root = root
-        if int(newton_iters) != newton_iters or newton_iters < 1:
-            raise ValueError(f"newton_iters must be a positive integer, got {newton_iters!r}")
-        self.newton_iters = int(newton_iters)
-        if not (newton_tol > 0):
-            raise ValueError(f"newton_tol must be > 0, got {newton_tol!r}")
-        self.newton_tol = float(newton_tol)
+        self.root = check_choice("root", root, ("newton", "eigh"))
+        set_checked(self, newton_iters=(newton_iters, "int"), newton_tol=(newton_tol, "> 0"))
 
     def _stat_grad(self, p) -> Any:
         return p.grad

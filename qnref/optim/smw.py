@@ -74,8 +74,8 @@ import numpy
 
 from .. import backend
 from ..curvature.objective import Point
-from .costs import flops_solve
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .costs import CostAssumptions, ModelShapes, flops_solve
+from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, set_checked, try_point
 from .drivers import close_step, open_step, with_extra
 from .registry import register
 
@@ -83,7 +83,6 @@ __all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWState", "SMWDirection", "smw_di
 
 FORMS = ("5.6", "5.7", "5.6-inv")
 CURVATURES = ("gn", "ng")
-#: losses whose output Hessian H_L is diagonal: SMW-GN scales rows/columns instead of block GEMMs
 
 
 # -- the λ_LM rule of §5.2.3 -------------------------------------------------------------------------
@@ -196,10 +195,8 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     module docstring for the three forms. Passes on S₂: the Gram matrix (GN: C backward passes
     with the Kronecker trick; NG: one), one R-forward (J g) and one backward (Jᵀ ·).
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    check_choice("curvature", curvature, CURVATURES)
+    check_choice("form", form, FORMS)
     if not (lam > 0) or not math.isfinite(lam):
         raise ValueError(f"λ must be finite and > 0, got {lam}")
     xp = curv.xp
@@ -334,11 +331,7 @@ class SMWOptimizer(Optimizer):
         if not self.full_gradient and self.curvature_batch > self.batch_size:
             raise ValueError(f"curvature_batch (N₂ = {curvature_batch}) must not exceed batch_size "
                              f"(N₁ = {batch_size}): S₂ ⊆ S₁ (Alg. 23)")
-        self.lambda_lm = check_positive("lambda_lm", lambda_lm)
-        self.tau = check_positive("tau", tau, allow_zero=True)
-        self.boost = check_positive("boost", boost)
-        if self.boost <= 1:
-            raise ValueError(f"boost must be > 1, got {boost}")
+        set_checked(self, lambda_lm=(lambda_lm, "> 0"), tau=(tau, "≥ 0"), boost=(boost, "> 1"))
         self.drop = check_range("drop", drop, 0.0, 1.0, lo_open=True, hi_open=True)
         self.eps = check_range("eps", eps, 0.0, 0.5, lo_open=True, hi_open=True)
         if form not in self.forms:
@@ -349,14 +342,12 @@ class SMWOptimizer(Optimizer):
             self.eta = 0.5 * self.eps if self.full_gradient else None
         else:
             self.eta = check_range("eta", eta, 0.0, self.eps, hi_open=True)
-        if rho_at not in ("direction", "update"):
-            raise ValueError(f"rho_at must be 'direction' or 'update', got {rho_at!r}")
-        self.rho_at = rho_at
+        self.rho_at = check_choice("rho_at", rho_at, ("direction", "update"))
 
     def init(self, theta: Any) -> SMWState:
         return SMWState(lambda_lm=self.lambda_lm)
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """With N₂ = min(curvature_batch, batch_size) and C outputs: NG — Jacobian dots (N₂C), the
         scaled Gram (2N₂²), its solve, the weights, Jᵀw (n), the model (2n + N₂); GN — the output
         Hessian, the right-hand side, the scaled N₂C × N₂C Gram, its solve, the weights, Jᵀw, the

@@ -34,7 +34,8 @@ from typing import Any, ClassVar
 import numpy
 
 from .. import backend
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, try_point
+from .base import Optimizer, Problem, StepInfo, check_choice, check_int, set_checked, try_point
+from .costs import CostAssumptions, ModelShapes
 from .drivers import line_search
 from .linesearch import CNN_COMPARISON_C1
 from .operators import LBFGSOperator
@@ -105,21 +106,11 @@ class SQN(Optimizer):
         curvature_eps: float = 1e-10,
     ):
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
-        self.L = check_int("L", L)
-        self.memory = check_int("memory", memory)
-        self.curvature_batch = check_int("curvature_batch", curvature_batch)
-        if curvature not in ("hessian", "ggn"):
-            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
-        self.curvature = curvature
-        if step_rule not in ("armijo", "decay"):
-            raise ValueError(f"step_rule must be 'armijo' or 'decay', got {step_rule!r}")
-        self.step_rule = step_rule
-        self.alpha0 = check_positive("alpha0", alpha0)
-        self.c1 = check_range("c1", c1, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.shrink = check_range("shrink", shrink, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.max_ls_evals = check_int("max_ls_evals", max_ls_evals)
-        self.beta = check_positive("beta", beta)
-        self.curvature_eps = check_positive("curvature_eps", curvature_eps, allow_zero=True)
+        set_checked(self, L=(L, "int"), memory=(memory, "int"), curvature_batch=(curvature_batch, "int"))
+        self.curvature = check_choice("curvature", curvature, ("hessian", "ggn"))
+        self.step_rule = check_choice("step_rule", step_rule, ("armijo", "decay"))
+        set_checked(self, alpha0=(alpha0, "> 0"), c1=(c1, "(0, 1)"), shrink=(shrink, "(0, 1)"),
+                    max_ls_evals=(max_ls_evals, "int"), beta=(beta, "> 0"), curvature_eps=(curvature_eps, "≥ 0"))
 
     def init(self, theta: Any) -> SQNState:
         return SQNState(memory=PairStore.empty(theta, self.memory, grams=False),
@@ -127,7 +118,7 @@ class SQN(Optimizer):
 
     cost_formula: ClassVar[str] = "(5m + 6 + t + 4/L)n + m"
 
-    def algebra_flops(self, shapes, batch_size, assume):
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """The two-loop, gᵀd (n), θ + αd per trial (tn, Armijo rule), the update (2n), the window
         means and the pair (4n every L steps)."""
         n = shapes.n

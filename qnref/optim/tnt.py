@@ -32,6 +32,7 @@ from .. import backend
 from ..curvature import kron
 from ._kron_common import TensorFactorOptimizer, sampled_mean_grad
 from .costs import flops_inv
+from .base import check_choice
 from .registry import register
 
 
@@ -59,9 +60,7 @@ class TNT(TensorFactorOptimizer):
                  stat_freq: int = 1, inv_freq: int = 20, batch_size: int | None = 1000, weight_decay: float = 0.0,
                  warm_start: bool = True, fisher: str = "sampled"):
         self._setup(lr, damping, momentum, beta, stat_freq, inv_freq, batch_size, weight_decay, warm_start)
-        if fisher not in ("sampled", "empirical"):
-            raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
-        self.fisher = fisher
+        self.fisher = check_choice("fisher", fisher, ("sampled", "empirical"))
 
     def _stat_grad(self, p) -> Any:
         return sampled_mean_grad(p) if self.fisher == "sampled" else p.grad

@@ -13,8 +13,8 @@ characterized by ([NW06] Thm 4.1, Moré–Sorensen 1983)::
   matrix instead of a QR of Ψ) and Ψᵀv / Ψc products only: O(kn) + O(k³).
 * :func:`solve_dense_subproblem` — the same from a full eigendecomposition of a dense B (oracle).
 * :func:`steihaug_cg` — Steihaug–Toint truncated CG ([NW06] Alg. 7.2).
-* :func:`update_radius`, :func:`accept_step`, :class:`RadiusRule` — the rules of [RD16]
-  Algorithm 1 (lines 13–25).
+* :class:`RadiusRule` — the accept test and radius rule of [RD16] Algorithm 1 (lines 13–25);
+  :class:`AveragedRadiusRule` — MB-LSR1's ([MB] Alg. 5).
 
 [NW06] Nocedal & Wright, *Numerical Optimization*, 2nd ed., ch. 4 and §7.1.
 [RD16] Ramamurthy & Duffy, "L-SR1: a second order optimization method for deep learning", appendix,
@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy
 
 from .. import backend
+from .base import check_above, check_positive, check_range
 from .costs import flops_eigh, flops_eigvalsh, flops_qr, flops_svd
 
 __all__ = [
@@ -37,8 +38,6 @@ __all__ = [
     "lsr1_subproblem_gram_flops",
     "RadiusRule",
     "AveragedRadiusRule",
-    "update_radius",
-    "accept_step",
     "reduction_ratio",
     "TrustRegionSolution",
     "SteihaugResult",
@@ -56,7 +55,7 @@ def reduction_ratio(ared: float, pred: float) -> float:
     """ρ = ared / pred; −∞ when the step is unusable (pred ≤ 0 or a non-finite reduction).
 
     A NaN/Inf f(x + s) or a model that predicts no decrease must count as a bad step: −∞ both
-    rejects the step (:func:`accept_step`) and shrinks the radius (:func:`update_radius`).
+    rejects the step and shrinks the radius (:class:`RadiusRule`).
     """
     ared, pred = float(ared), float(pred)
     if not (math.isfinite(ared) and math.isfinite(pred)) or pred <= 0.0:
@@ -64,56 +63,24 @@ def reduction_ratio(ared: float, pred: float) -> float:
     return ared / pred
 
 
-def accept_step(rho: float, eta: float = 1e-4) -> bool:
-    """Accept the trial step iff ρ = ared/pred > η ([RD16] Alg. 1 line 13, η ∈ (0, 10⁻³)).
-
-    False for a NaN ratio.
-    """
-    return float(rho) > eta
-
-
-def update_radius(
-    delta: float,
-    rho: float,
-    step_norm: float,
-    *,
-    u: float = 0.75,
-    l: float = 0.1,  # noqa: E741 - the paper's name
-    boundary_fraction: float = 0.8,
-    increase: float = 2.0,
-    decrease: float = 0.5,
-    delta_max: float = math.inf,
-) -> float:
-    """Next trust-region radius by [RD16] Algorithm 1, lines 18–25::
-
-        Δₖ₊₁ ← Δₖ
-        if ρₖ > u:                        (u = 0.75)
-            if ‖sₖ‖ > boundary_fraction·Δₖ:   (the paper's ρ = 0.8)
-                Δₖ₊₁ ← increase·Δₖ         (2)
-        else if ρₖ < l:                   (l = 0.1)
-            Δₖ₊₁ ← decrease·Δₖ             (0.5)
-
-    All comparisons are strict, as in the paper.  ``rho`` is ared/pred (use
-    :func:`reduction_ratio`); a NaN ratio is treated as ρ < l (shrink).  ``delta_max`` (not in the
-    paper, default ∞) caps the radius.  Radius growth depends on the step norm, not on whether the
-    step was accepted: acceptance is the separate test :func:`accept_step` (ρ > η).
-    """
-    delta, rho, step_norm = float(delta), float(rho), float(step_norm)
-    new = delta
-    if rho > u:
-        if step_norm > boundary_fraction * delta:
-            new = increase * delta
-    elif rho < l or math.isnan(rho):
-        new = decrease * delta
-    return min(new, float(delta_max))
-
-
 @dataclass(frozen=True)
 class RadiusRule:
-    """The trust-region hyperparameters of [RD16] Algorithm 1 in one object.
+    """The trust-region rules of [RD16] Algorithm 1 in one object.
 
-    ``eta`` is the acceptance threshold (line 13, the paper asks η ∈ (0, 10⁻³)); the rest are the
-    radius parameters of :func:`update_radius`.  The paper's initial radius is Δ₀ = ‖∇f(x₀)‖₂.
+    :meth:`accept`: ρ = ared/pred > ``eta`` (line 13, the paper asks η ∈ (0, 10⁻³); False for a NaN
+    ratio). :meth:`update` (lines 18–25; all comparisons strict, as in the paper)::
+
+        Δₖ₊₁ ← Δₖ
+        if ρₖ > u:                              (u = 0.75)
+            if ‖sₖ‖ > boundary_fraction·Δₖ:     (the paper's ρ = 0.8)
+                Δₖ₊₁ ← increase·Δₖ               (2)
+        else if ρₖ < l:                         (l = 0.1)
+            Δₖ₊₁ ← decrease·Δₖ                   (0.5)
+
+    ``rho`` is ared/pred (:func:`reduction_ratio`); a NaN ratio shrinks. Not in the paper:
+    ``delta_max`` (default ∞) caps the radius, ``delta_min`` (0; S-LSR1 keeps 10⁻¹²) bounds it
+    below. Radius growth depends on the step norm, not on acceptance. The paper's initial radius
+    is Δ₀ = ‖∇f(x₀)‖₂.
     """
 
     eta: float = 1e-4
@@ -125,14 +92,30 @@ class RadiusRule:
     delta_max: float = math.inf
     delta_min: float = 0.0
 
+    def __post_init__(self) -> None:
+        """The hyperparameter checks of every method that uses the rule (values as given)."""
+        check_range("eta", self.eta, 0.0, 1.0, hi_open=True)
+        check_range("l", self.l, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_range("u", self.u, self.l, 1.0, lo_open=True, hi_open=True)
+        check_range("boundary_fraction", self.boundary_fraction, 0.0, 1.0)
+        check_above("increase", self.increase, 1.0)
+        check_range("decrease", self.decrease, 0.0, 1.0, lo_open=True, hi_open=True)
+        if not self.delta_max > 0:
+            raise ValueError(f"delta_max must be > 0, got {self.delta_max}")
+        check_positive("delta_min", self.delta_min, allow_zero=True)
+
     def accept(self, rho: float) -> bool:
-        return accept_step(rho, self.eta)
+        return float(rho) > self.eta
 
     def update(self, delta: float, rho: float, step_norm: float) -> float:
-        """:func:`update_radius`, then Δ ≥ ``delta_min`` (0 in [RD16]; S-LSR1 keeps 10⁻¹²)."""
-        return max(update_radius(delta, rho, step_norm, u=self.u, l=self.l,
-                                 boundary_fraction=self.boundary_fraction, increase=self.increase,
-                                 decrease=self.decrease, delta_max=self.delta_max), self.delta_min)
+        delta, rho, step_norm = float(delta), float(rho), float(step_norm)
+        new = delta
+        if rho > self.u:
+            if step_norm > self.boundary_fraction * delta:
+                new = self.increase * delta
+        elif rho < self.l or math.isnan(rho):
+            new = self.decrease * delta
+        return max(min(new, float(self.delta_max)), self.delta_min)
 
 
 @dataclass(frozen=True)
@@ -273,6 +256,13 @@ def _secular_solve(lam: numpy.ndarray, a: numpy.ndarray, delta: float, *, hard_t
     return _Secular(sigma, coef, 0.0, -1, False, True, it)
 
 
+def _radius(delta: float) -> float:
+    delta = float(delta)
+    if not delta > 0.0:
+        raise ValueError(f"trust-region radius must be > 0, got {delta}")
+    return delta
+
+
 def _finish(xp: Any, g: Any, p: Any, Bp: Any, sec: _Secular, lam_min: float, delta: float,
             rank: int) -> TrustRegionSolution:
     pred = -float(g @ p + 0.5 * (p @ Bp))
@@ -343,19 +333,9 @@ def _solve_in_range_basis(xp: Any, g: Any, gamma: float, delta: float, r: int, l
     return sol
 
 
-def solve_lsr1_subproblem(
-    g: Any,
-    gamma: float,
-    Psi: Any,
-    M: Any,
-    delta: float,
-    *,
-    rank_tol: float = 1e-12,
-    hard_tol: float = 1e-12,
-    eig_tol: float = 1e-12,
-    newton_tol: float = 1e-14,
-    maxiter: int = 100,
-) -> TrustRegionSolution:
+def solve_lsr1_subproblem(g: Any, gamma: float, Psi: Any, M: Any, delta: float, *, rank_tol: float = 1e-12,
+                          hard_tol: float = 1e-12, eig_tol: float = 1e-12, newton_tol: float = 1e-14,
+                          maxiter: int = 100) -> TrustRegionSolution:
     """Exact minimizer of gᵀp + ½pᵀBp, ‖p‖ ≤ Δ, B = γI + ΨMΨᵀ (OBS method of [BEM17]).
 
     ``Psi``: ``(n, k)`` (e.g. :attr:`.operators.LSR1Operator.Psi`), ``M``: symmetric ``(k, k)``;
@@ -379,10 +359,7 @@ def solve_lsr1_subproblem(
         xp = backend.namespace(g)
         Psi, M = xp.zeros((g.shape[0], 0), dtype=g.dtype), xp.zeros((0, 0), dtype=g.dtype)
     xp = backend.namespace(g, Psi, M)
-    gamma, delta = float(gamma), float(delta)
-    if not delta > 0.0:
-        raise ValueError(f"trust-region radius must be > 0, got {delta}")
-    n = int(g.shape[0])
+    gamma, delta, n = float(gamma), _radius(delta), int(g.shape[0])
     k = int(Psi.shape[1]) if Psi.ndim == 2 else 0
     if Psi.ndim != 2 or Psi.shape[0] != n or M.shape != (k, k):
         raise ValueError(f"need Psi (n, k) and M (k, k); got {Psi.shape}, {M.shape}, n={n}")
@@ -414,21 +391,10 @@ def solve_lsr1_subproblem(
         hard_tol=hard_tol, eig_tol=eig_tol, newton_tol=newton_tol, maxiter=maxiter)
 
 
-def solve_lsr1_subproblem_gram(
-    g: Any,
-    gamma: float,
-    psi_t: Callable[[Any], Any],
-    psi: Callable[[Any], Any],
-    PtP: Any,
-    M: Any,
-    delta: float,
-    *,
-    rank_tol: float = 1e-7,
-    hard_tol: float = 1e-12,
-    eig_tol: float = 1e-12,
-    newton_tol: float = 1e-14,
-    maxiter: int = 100,
-) -> TrustRegionSolution:
+def solve_lsr1_subproblem_gram(g: Any, gamma: float, psi_t: Callable[[Any], Any], psi: Callable[[Any], Any], PtP: Any,
+                               M: Any, delta: float, *, rank_tol: float = 1e-7, hard_tol: float = 1e-12,
+                               eig_tol: float = 1e-12, newton_tol: float = 1e-14,
+                               maxiter: int = 100) -> TrustRegionSolution:
     """:func:`solve_lsr1_subproblem` from the Gram matrix ΨᵀΨ and Ψ products only.
 
     ``psi_t(v)`` returns Ψᵀv (k,), ``psi(c)`` returns Ψc (n,) — e.g. Yv − γSv and Yᵀc − γSᵀc
@@ -454,10 +420,7 @@ def solve_lsr1_subproblem_gram(
     well-conditioned memories of L-SR1, worse as Ψ approaches rank deficiency).
     """
     xp = backend.namespace(g, PtP, M)
-    gamma, delta = float(gamma), float(delta)
-    if not delta > 0.0:
-        raise ValueError(f"trust-region radius must be > 0, got {delta}")
-    n = int(g.shape[0])
+    gamma, delta, n = float(gamma), _radius(delta), int(g.shape[0])
     k = int(PtP.shape[0]) if PtP.ndim == 2 else -1
     if PtP.ndim != 2 or PtP.shape != (k, k) or M.shape != (k, k):
         raise ValueError(f"need PtP and M (k, k); got {PtP.shape}, {M.shape}")
@@ -548,25 +511,14 @@ def lsr1_subproblem_gram_flops(n: int, k: int) -> dict[str, float]:
             "tr_subproblem_small": 2 * flops_eigh(k) + 3 * k ** 3 + 4 * k * k}
 
 
-def solve_dense_subproblem(
-    g: Any,
-    B: Any,
-    delta: float,
-    *,
-    hard_tol: float = 1e-12,
-    eig_tol: float = 1e-12,
-    newton_tol: float = 1e-14,
-    maxiter: int = 100,
-) -> TrustRegionSolution:
+def solve_dense_subproblem(g: Any, B: Any, delta: float, *, hard_tol: float = 1e-12, eig_tol: float = 1e-12,
+                           newton_tol: float = 1e-14, maxiter: int = 100) -> TrustRegionSolution:
     """Exact trust-region step for a dense symmetric B by a full eigendecomposition (oracle).
 
     B = VΛVᵀ, aᵢ = vᵢᵀg, Newton on 1/‖p(σ)‖ − 1/Δ as in :func:`solve_lsr1_subproblem`, with the
     hard case p = −Σ_{λᵢ>λ_min} aᵢ/(λᵢ − λ_min) vᵢ + τ v₁ ([NW06] §4.3).  O(n³); small n only.
     """
-    xp = backend.namespace(g, B)
-    delta = float(delta)
-    if not delta > 0.0:
-        raise ValueError(f"trust-region radius must be > 0, got {delta}")
+    xp, delta = backend.namespace(g, B), _radius(delta)
     lam_d, V = xp.linalg.eigh(0.5 * (B + B.T))
     lam = backend.to_numpy(lam_d)
     a = backend.to_numpy(V.T @ g)
@@ -624,11 +576,7 @@ def steihaug_cg(
     direction of non-positive curvature dᵀBd ≤ 0 appears (then p moves along d to ‖p‖ = Δ), or
     when ‖g + Bp‖ ≤ tol·‖g‖.  ``Bv(v)`` returns B v; ``maxiter`` defaults to 2n.
     """
-    xp = backend.namespace(g)
-    delta = float(delta)
-    if not delta > 0.0:
-        raise ValueError(f"trust-region radius must be > 0, got {delta}")
-    n = int(g.shape[0])
+    xp, delta, n = backend.namespace(g), _radius(delta), int(g.shape[0])
     maxiter = 2 * n if maxiter is None else int(maxiter)
     p = xp.zeros_like(g)
     r = g.copy()  # residual r = g + Bp

@@ -10,12 +10,21 @@ from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.optim.base import Problem, state_from_host, state_to_host
 from qnref.optim.pairs import PairStore
-from qnref.optim.mb_lsr1 import (LSSR1TR, MBLSR1, MBLSR1State, batch_rule, clip_to_radius, get_radius,
+from qnref.optim.mb_lsr1 import (LSSR1TR, MBLSR1, MBLSR1State, batch_rule, clip_to_radius,
                                  hybrid_direction, progress_sample_size, restart_test)
+from qnref.optim.drivers import trust_region_update
 from qnref.optim.registry import make_optimizer
+from qnref.optim.trust_region import AveragedRadiusRule
 
 
 # -- getRadius (Alg. 5) ----------------------------------------------------------------------------
+def get_radius(delta, s_norm, rho, zeta, rho_hat, T, delta_min=0.0):
+    """Alg. 5 through the shared driver (ared = ρ, pred = 1): (δ, ρ̂, T)."""
+    dec = trust_region_update(AveragedRadiusRule(delta_min=delta_min), delta, rho, 1.0, s_norm,
+                              average=(zeta, rho_hat, T))
+    return dec.delta, dec.rho_hat, dec.T
+
+
 def test_get_radius_sequence_zeta_one():
     d, rh, T = 1.0, 0.0, 0.0
     d, rh, T = get_radius(d, 1.0, 1.0, 1.0, rh, T)       # ρ̂ = 1, ‖s‖ = δ → double

@@ -10,12 +10,10 @@ from qnref.optim.operators import LBFGSOperator, LSR1Operator
 from qnref.optim.pairs import PairStore
 from qnref.optim.trust_region import (
     RadiusRule,
-    accept_step,
     reduction_ratio,
     solve_dense_subproblem,
     solve_lsr1_subproblem,
     steihaug_cg,
-    update_radius,
 )
 
 TOL = 1e-8
@@ -344,31 +342,31 @@ def test_radius_rule_hand_sequence():
     ]
     delta = 1.0
     for rho, sn, expected in steps:
-        delta = update_radius(delta, rho, sn)
+        delta = RadiusRule().update(delta, rho, sn)
         assert delta == expected
     rule = RadiusRule()
     assert rule.update(1.0, 0.9, 1.0) == 2.0 and rule.update(1.0, 0.0, 1.0) == 0.5
 
 
 def test_radius_rule_configurable():
-    assert update_radius(1.0, 0.95, 0.5, boundary_fraction=0.4) == 2.0
-    assert update_radius(1.0, 0.95, 0.5) == 1.0
-    assert update_radius(1.0, 0.95, 1.0, increase=3.0, delta_max=2.5) == 2.5
-    assert update_radius(1.0, 0.2, 1.0, l=0.25, decrease=0.25) == 0.25
-    assert update_radius(1.0, 0.6, 1.0, u=0.5) == 2.0
+    assert RadiusRule(boundary_fraction=0.4).update(1.0, 0.95, 0.5) == 2.0
+    assert RadiusRule().update(1.0, 0.95, 0.5) == 1.0
+    assert RadiusRule(increase=3.0, delta_max=2.5).update(1.0, 0.95, 1.0) == 2.5
+    assert RadiusRule(l=0.25, decrease=0.25).update(1.0, 0.2, 1.0) == 0.25
+    assert RadiusRule(u=0.5).update(1.0, 0.6, 1.0) == 2.0
     rule = RadiusRule(eta=0.01, increase=4.0)
     assert rule.update(1.0, 0.9, 1.0) == 4.0
     assert rule.accept(0.02) and not rule.accept(0.01)
 
 
 def test_accept_step_and_ratio():
-    assert accept_step(1e-3, 1e-4) and not accept_step(1e-4, 1e-4)  # strict ρ > η (line 13)
-    assert not accept_step(math.nan) and not accept_step(-1.0)
+    assert RadiusRule(eta=1e-4).accept(1e-3) and not RadiusRule(eta=1e-4).accept(1e-4)  # strict ρ > η (line 13)
+    assert not RadiusRule().accept(math.nan) and not RadiusRule().accept(-1.0)
     assert reduction_ratio(0.5, 1.0) == 0.5
     assert reduction_ratio(1.0, 0.0) == -math.inf
     assert reduction_ratio(math.nan, 1.0) == -math.inf
     assert reduction_ratio(-math.inf, 1.0) == -math.inf
-    assert not accept_step(reduction_ratio(1.0, -1.0))
+    assert not RadiusRule().accept(reduction_ratio(1.0, -1.0))
 
 
 # ------------------------------------------------------------------------- CuPy (GPU)
