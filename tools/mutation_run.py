@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Mutation run over the Kronecker and SMW optimizers (qnref issue 20).
+
+Copies the working tree's qnref/, tests/ and pyproject.toml to a temporary directory, and for each single
+injected bug below: restores the pristine file, applies the one textual replacement (it must match
+exactly once, else the mutant is reported "n/a"), and runs the narrow test selection there, fast
+tests first and stopping at the first failure:
+
+    1. tests/optim/test_replays.py
+    2. tests/optim/test_kron.py tests/optim/test_kron_methods.py tests/optim/test_smw.py
+
+A mutant is *killed* when a selection fails (or times out), *survived* when both pass. The
+repository this script lives in is never modified. Usage::
+
+    OPENBLAS_NUM_THREADS=1 python tools/mutation_run.py [--only SUBSTRING] [--json out.json] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = [
+    ["tests/optim/test_replays.py"],
+    ["tests/optim/test_kron.py", "tests/optim/test_kron_methods.py", "tests/optim/test_smw.py"],
+]
+O = "qnref/optim/"
+K = "qnref/curvature/kron.py"
+
+#: (id, file, old, new, what) — each a single injected bug
+MUTANTS = [
+    # -- the six named in issue 20 ----------------------------------------------------------------------
+    ("kbfgs-no-1/lambda-others", O + "kbfgs.py", "P = mom / self.damping", "P = mom.copy()",
+     "non-Kronecker blocks without the 1/λ scaling"),
+    ("kbfgs-yA-no-lambdaA", O + "kbfgs.py", "yA = kron.apply_A(t, sA) + lamA * sA", "yA = kron.apply_A(t, sA)",
+     "y_A without the λ_A s_A term (ch3)"),
+    ("kbfgs-sG-beta-swap", O + "kbfgs.py", "sG = self.beta * st.sG[name] + (1.0 - self.beta) * dh",
+     "sG = (1.0 - self.beta) * st.sG[name] + self.beta * dh", "β and 1−β swapped in the s_G average"),
+    ("kbfgs-HG0-lambda", O + "kbfgs.py", 'return 1.0 / lamG if self.version == "ch3" else 1.0',
+     'return lamG if self.version == "ch3" else 1.0', "H_G initialised as λ_G I instead of I/λ_G"),
+    ("kfac-A-ema-swap", O + "kfac.py", "new.A[L.name] = kron.ema(new.A[L.name], A, self.beta)",
+     "new.A[L.name] = kron.ema(A, new.A[L.name], self.beta)", "KFAC A moving average with arguments swapped"),
+    ("powell-mu1", O + "_kron_common.py", "th = (1.0 - mu1) * yHy / (yHy - sy)", "th = mu1 * yHy / (yHy - sy)",
+     "Powell damping with μ₁ in place of 1−μ₁"),
+    # -- kbfgs.py --------------------------------------------------------------------------------------
+    ("kbfgs-yG-beta-swap", O + "kbfgs.py", "yG = self.beta * st.yG[name] + (1.0 - self.beta) * dg",
+     "yG = (1.0 - self.beta) * st.yG[name] + self.beta * dg", "β and 1−β swapped in the y_G average"),
+    ("kbfgs-ch3-momentum-1-beta", O + "kbfgs.py",
+     '(grad if self.version == "ch3" else (1.0 - self.beta) * grad)', "((1.0 - self.beta) * grad)",
+     "ch3 momentum with the ch2 (1−β) factor"),
+    ("kbfgs-ch2-A-ema-swap", O + "kbfgs.py", 'A = kron.ema(st.A[name], (a.T @ a) / t["a"].shape[0], self.beta)',
+     'A = kron.ema((a.T @ a) / t["a"].shape[0], st.A[name], self.beta)', "ch2 A moving average swapped"),
+    ("kbfgs-sG-old-weights", O + "kbfgs.py", "dh = kron.mean_h(t_new, w_new) - kron.mean_h(t, w_old)",
+     "dh = kron.mean_h(t_new, w_old) - kron.mean_h(t, w_old)", "h̄⁺ computed with the old weights"),
+    ("kbfgs-damping-swap", O + "kbfgs.py", "damp = kc.dp_dlm if self.version == \"ch3\" else kc.double_damping",
+     "damp = kc.double_damping if self.version == \"ch3\" else kc.dp_dlm", "DD and D_P D_LM swapped between versions"),
+    ("kbfgs-no-location-split", O + "kbfgs.py", "lamA, lamG = kc.sqrt_split(self.damping, locs[L.name])",
+     "lamA, lamG = kc.sqrt_split(self.damping, 1)", "conv damping split without |T|"),
+    ("kbfgsl-undamped-s", O + "kbfgs.py", "st.pairs[name].append(s_t, y_t)", "st.pairs[name].append(sG, y_t)",
+     "K-BFGS(L) stores the undamped s_G"),
+    ("kbfgs-curvature-every-step", O + "kbfgs.py", "kc.second_pass(opened, theta_new, k % self.curvature_freq == 0)",
+     "kc.second_pass(opened, theta_new, True)", "curvature update every step (T ignored)"),
+    ("kbfgs-HA-skip-sign", O + "kbfgs.py", "if kc.all_finite(sA, yA) and float(sA @ yA) > 0:",
+     "if kc.all_finite(sA, yA) and float(sA @ yA) < 0:", "H_A update never applied"),
+    ("kbfgsl-H0-identity", O + "kbfgs.py", "LBFGSOperator(pairs.S, pairs.Y, self._h0(state.lam[name][1]))",
+     "LBFGSOperator(pairs.S, pairs.Y, 1.0)", "K-BFGS(L) ch3 with H₀ = I instead of I/λ_G"),
+    ("kbfgs-ch2-yA-no-lambdaA", O + "kbfgs.py", "yA = A @ sA + lamA * sA", "yA = A @ sA",
+     "ch2 y_A = A s_A without λ_A"),
+    # -- _kron_common.py -------------------------------------------------------------------------------
+    ("dd-mu2", O + "_kron_common.py", "th2 = (1.0 - mu2) * ss / (ss - sy)", "th2 = mu2 * ss / (ss - sy)",
+     "DD second damping with μ₂ in place of 1−μ₂"),
+    ("dpdlm-y-plus-mu2-s", O + "_kron_common.py", "return st, y + mu2 * st", "return st, y + mu2 * s",
+     "D_P D_LM adds μ₂ s instead of μ₂ s̃"),
+    ("sqrt-split-swap", O + "_kron_common.py", "return math.sqrt(L) * r, r / math.sqrt(L)",
+     "return r / math.sqrt(L), math.sqrt(L) * r", "λ_A and λ_G swapped for conv layers"),
+    ("descend-wd-sign", O + "_kron_common.py", "P += weight_decay * theta", "P -= weight_decay * theta",
+     "weight decay with the wrong sign"),
+    ("tensor-ema-swap", O + "_kron_common.py", "kron.ema(o, n, self.beta)", "kron.ema(n, o, self.beta)",
+     "Shampoo/TNT statistics moving average swapped"),
+    ("tensor-warm-no-average", O + "_kron_common.py", "state.stats = [[x / len(objs) for x in a] for a in total]",
+     "state.stats = [[x for x in a] for a in total]", "warm-start statistics summed, not averaged"),
+    ("tensor-inv-at-stat-freq", O + "_kron_common.py", "        if k % self.inv_freq == 0:\n            precond, bad",
+     "        if k % self.stat_freq == 0:\n            precond, bad", "Shampoo/TNT roots at T₁ instead of T₂"),
+    ("tensor-momentum-1-mu", O + "_kron_common.py", "mom = self.momentum * state.mom + p.grad",
+     "mom = self.momentum * state.mom + (1.0 - self.momentum) * p.grad", "Shampoo/TNT momentum with (1−μ)"),
+    ("conv-tensor-2way", O + "_kron_common.py", "w_shape = (d_out, cin, (b.shape[1] - 1) // cin)",
+     "w_shape = (d_out, b.shape[1] - 1)", "conv weights as a 2-way tensor"),
+    ("tnt-sampled-is-empirical", O + "_kron_common.py", 'return p.vjp(p.output_grads("sampled") / p.N)',
+     'return p.vjp(p.output_grads("empirical") / p.N)', "TNT's sampled gradient uses the labels"),
+    ("tensor-part-bias-from-W", O + "_kron_common.py", "        return v[:, -1]\n    return v.reshape",
+     "        return v[:, 0]\n    return v.reshape", "bias part read from the first column"),
+    # -- kfac.py ---------------------------------------------------------------------------------------
+    ("kfac-G-ema-swap", O + "kfac.py", "new.G[L.name] = kron.ema(new.G[L.name], G, self.beta)",
+     "new.G[L.name] = kron.ema(G, new.G[L.name], self.beta)", "KFAC G moving average swapped"),
+    ("kfac-inv-at-stat-freq", O + "kfac.py", "if k % self.inv_freq == 0:", "if k % self.stat_freq == 0:",
+     "KFAC inverses at T₁ instead of T₂"),
+    ("kfac-warm-unweighted", O + "kfac.py", "sums[name] = (sums[name][0] + n * A, sums[name][1] + n * G)",
+     "sums[name] = (sums[name][0] + A, sums[name][1] + G)", "warm-start factors not weighted by chunk size"),
+    ("kfac-others-scaled", O + "kfac.py", "P = mom.copy()", "P = mom / self.damping",
+     "KFAC BatchNorm blocks scaled by 1/λ"),
+    ("kfac-stats-at-old-theta", O + "kfac.py", "kc.second_pass(opened, theta_new, k % self.stat_freq == 0)",
+     "kc.second_pass(opened, theta, k % self.stat_freq == 0)", "statistics at θ instead of θ⁺"),
+    ("kfac-momentum-1-mu", O + "kfac.py", "mom = self.momentum * state.mom + opened.g",
+     "mom = self.momentum * state.mom + (1.0 - self.momentum) * opened.g", "KFAC momentum with (1−μ)"),
+    # -- kron.py ---------------------------------------------------------------------------------------
+    ("kron-conv-G-sum", K, "return (a2.T @ a2) / n, (g2.T @ g2) / (n * L)", "return (a2.T @ a2) / n, (g2.T @ g2) / n",
+     "conv G summed over locations"),
+    ("kron-conv-A-mean", K, "return (a2.T @ a2) / n, (g2.T @ g2) / (n * L)",
+     "return (a2.T @ a2) / (n * L), (g2.T @ g2) / (n * L)", "conv A averaged over locations"),
+    ("kron-pi-inverted", K, "return math.sqrt(ta / tg)", "return math.sqrt(tg / ta)", "π inverted"),
+    ("kron-HG-damping-pi", K, "HG = spd_inverse(G + (r / pi) * xp.eye", "HG = spd_inverse(G + (r * pi) * xp.eye",
+     "G damped with π√λ instead of √λ/π"),
+    ("kron-mean-a-sum-locations", K, "return a.mean(axis=0) if a.ndim == 2 else a.mean(axis=(0, 1))",
+     "return a.mean(axis=0) if a.ndim == 2 else a.sum(axis=1).mean(axis=0)", "â summed over locations"),
+    ("kron-mean-g-first-location", K, "return g.mean(axis=0) if g.ndim == 2 else g.mean(axis=(0, 1))",
+     "return g.mean(axis=0) if g.ndim == 2 else g[:, 0].mean(axis=0)", "ḡ of a conv layer from one location"),
+    ("kron-apply-A-per-location", K, "return a2.T @ (a2 @ s) / n", "return a2.T @ (a2 @ s) / a2.shape[0]",
+     "Ã s averaged over locations"),
+    ("kron-newton-scaling", K, "z = (1.0 + p) / (2.0 * nrm)", "z = 1.0 / nrm",
+     "coupled Newton with another start scaling (same root to the tolerance)"),
+    ("kron-mode-product-transpose", K, "Y = xp.tensordot(U, X, axes=([1], [i]))",
+     "Y = xp.tensordot(U, X, axes=([0], [i]))", "mode product with Uᵀ"),
+    ("kron-contraction-wrong-mode", K, "Xi = xp.moveaxis(X, i, 0).reshape(X.shape[i], -1)",
+     "Xi = xp.moveaxis(X, i, -1).reshape(X.shape[i], -1)", "mode-i unfolding from a wrong memory order"),
+    # -- shampoo.py, tnt.py --------------------------------------------------------------------------
+    ("shampoo-root-k", O + "shampoo.py", "kron.inv_root_newton(S, 2 * k, self.damping",
+     "kron.inv_root_newton(S, k, self.damping", "Shampoo root −1/k instead of −1/(2k)"),
+    ("shampoo-eigh-no-eps", O + "shampoo.py", "kron.inv_root_eigh(S, 2 * k, self.damping)",
+     "kron.inv_root_eigh(S, 2 * k, 0.0 * self.damping + 1e-12)", "eigh roots without ε"),
+    ("tnt-c0-power", O + "tnt.py", "denom = (c0 ** (k - 1)) * others", "denom = (c0 ** k) * others",
+     "(4.10) with c₀ᵏ instead of c₀^{k−1}"),
+    ("tnt-c0-root", O + "tnt.py", "c0 = (max(tr, 0.0) / total) ** (1.0 / k)", "c0 = (max(tr, 0.0) / total) ** 0.5",
+     "c₀ with the square root for every order"),
+    ("tnt-damping-squared", O + "tnt.py", "U + self.damping * xp.eye(U.shape[0], dtype=U.dtype)",
+     "U + self.damping ** 2 * xp.eye(U.shape[0], dtype=U.dtype)", "TNT damped with ε²"),
+    # -- smw.py ------------------------------------------------------------------------------------------
+    ("smw-boost-is-drop", O + "smw.py", "    if rho < eps:\n        return lambda_lm * boost",
+     "    if rho < eps:\n        return lambda_lm * drop", "λ_LM decreased when ρ < ε"),
+    ("smw-drop-threshold", O + "smw.py", "if rho > 1.0 - eps:", "if rho > eps:", "drop when ρ > ε instead of 1−ε"),
+    ("smw-no-tau", O + "smw.py", "lam = state.lambda_lm + self.tau", "lam = state.lambda_lm", "λ without τ"),
+    ("smw-ng-gram-unscaled", O + "smw.py", "        D = K / N\n        D = 0.5 * (D + D.T)",
+     "        D = K\n        D = 0.5 * (D + D.T)", "NG: D without 1/N₂"),
+    ("smw-gn-backward-unscaled", O + "smw.py", "p = -(g - curv.vjp(S.apply(w.reshape(N, C)) / N)) / mu",
+     "p = -(g - curv.vjp(S.apply(w.reshape(N, C)))) / mu", "GN: Jᵀ(Sw) without 1/N₂"),
+    ("smw-gn-D-unscaled", O + "smw.py", "D = S.T.left(S.right(K)) / N", "D = S.T.left(S.right(K))",
+     "GN (5.6): D without 1/N₂"),
+    ("smw-model-decrease", O + "smw.py", "return -self.g_dot_p - 0.5 * self.pBp", "return -self.g_dot_p - self.pBp",
+     "m(0) − m(p) without the ½"),
+    ("smw-rho-at-update", O + "smw.py", 't = 1.0 if self.rho_at == "direction" else self.lr', "t = self.lr",
+     "ρ at θ + αp by default"),
+    ("smw-full-step", O + "smw.py", "new = theta + self.lr * d.p", "new = theta + d.p", "θ ← θ + p (α ignored)"),
+]
+
+
+def copy_tree(dst: Path) -> None:
+    """The package, the tests and the project file of the working tree (what the selection needs)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_cache")
+    dst.mkdir(parents=True)
+    for name in ("qnref", "tests"):
+        shutil.copytree(ROOT / name, dst / name, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", dst / "pyproject.toml")
+
+
+def run_stage(tree: Path, files: list, timeout: float) -> tuple[bool, str, float]:
+    env = dict(os.environ, PYTHONPATH=str(tree), OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"),
+               PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *files]
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timeout after {timeout:.0f} s", time.time() - t0
+    if r.returncode == 0:
+        return True, "", time.time() - t0
+    failed = re.findall(r"^FAILED (\S+)", r.stdout, re.M) or re.findall(r"^ERROR (\S+)", r.stdout, re.M)
+    return False, failed[0] if failed else (r.stdout.strip().splitlines() or ["rc %d" % r.returncode])[-1], time.time() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", help="run only the mutants whose id contains one of these (comma-separated)")
+    ap.add_argument("--json", help="write the table as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary tree")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--without-replays", action="store_true",
+                    help="run only the existing tests (stage 2), to see what the replays add")
+    args = ap.parse_args(argv)
+    only = [w for w in (args.only or "").split(",") if w]
+    stages = STAGES[1:] if args.without_replays else STAGES
+    mutants = [m for m in MUTANTS if not only or any(w in m[0] for w in only)]
+    tmp = Path(tempfile.mkdtemp(prefix="qnref-mutants-"))
+    tree = tmp / "tree"
+    copy_tree(tree)
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    where = subprocess.run([sys.executable, "-c", "import qnref; print(qnref.__file__)"], cwd=tree, env=env,
+                           capture_output=True, text=True).stdout.strip()
+    if not where.startswith(str(tree)):
+        print(f"the copy's qnref is not the one imported ({where}); refusing to run", file=sys.stderr)
+        return 2
+    print(f"tree copy: {tree}")
+    ok, why, dt = run_stage(tree, [f for s in stages for f in s], args.timeout)
+    if not ok:
+        print(f"the unmutated selection fails ({why}); fix that first", file=sys.stderr)
+        return 2
+    print(f"unmutated selection passes ({dt:.1f} s)")
+    rows = []
+    for mid, rel, old, new, what in mutants:
+        path = tree / rel
+        pristine = (ROOT / rel).read_text()
+        n = pristine.count(old)
+        if n != 1:
+            rows.append({"id": mid, "file": rel, "what": what, "status": "n/a", "by": f"pattern found {n} times"})
+            print(f"{mid:32s} n/a ({n} matches)")
+            continue
+        path.write_text(pristine.replace(old, new))
+        try:
+            status, by, total = "survived", "", 0.0
+            for files in stages:
+                ok, why, dt = run_stage(tree, files, args.timeout)
+                total += dt
+                if not ok:
+                    status, by = "killed", why
+                    break
+        finally:
+            path.write_text(pristine)
+        rows.append({"id": mid, "file": rel, "what": what, "status": status, "by": by, "seconds": round(total, 1)})
+        print(f"{mid:32s} {status:8s} {by}  ({total:.1f} s)", flush=True)
+    applicable = [r for r in rows if r["status"] != "n/a"]
+    killed = sum(r["status"] == "killed" for r in applicable)
+    print(f"\n{killed}/{len(applicable)} killed ({100.0 * killed / max(1, len(applicable)):.1f} %); "
+          f"{len(rows) - len(applicable)} not applicable")
+    for r in applicable:
+        if r["status"] == "survived":
+            print(f"  survived: {r['id']} ({r['file']}): {r['what']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"killed": killed, "applicable": len(applicable), "rows": rows}, indent=1))
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
