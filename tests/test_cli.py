@@ -1,4 +1,5 @@
 """End-to-end tests of the `qnref` command (in-process and as a console script)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from qnref.cli import main
+from qnref.cli import main, make_optimizer
 
 
 def run_cli(*args):
@@ -256,3 +257,147 @@ def test_divergence_exit_code_and_allow_option(tmp_path, capsys):
     assert "1 of 1 |" in (tmp_path / "rep" / "summary.md").read_text()
     assert main(args + ["--allow-divergence"]) == 0
     assert main(args + ["--diverge-factor", "1e300", "--allow-divergence"]) == 0
+
+
+# -- schedules, validation, early stopping, budgets, targets, logs and configs (issue 23) ----------
+SHOW = ["train", "--model", "mlp", "--optimizer", "sgd", "--dataset", "digits", "--lr", "0.5", "--batch-size", "64",
+        "--epochs", "30", "--lr-schedule", "multistep:3,6:0.1", "--val-fraction", "0.2", "--early-stopping", "val_loss",
+        "--patience", "2", "--min-delta", "1e-3", "--target", "val_acc>=0.9", "--quiet"]
+CLOCKS = ("time", "wall_time", "cpu_time", "target_time", "target_wall_time", "target_cpu_time")
+
+
+def _rows(folder):
+    return [json.loads(line) for line in open(folder / "runs.jsonl")]
+
+
+def _no_clocks(rows):
+    return [{k: v for k, v in r.items() if k not in CLOCKS} for r in rows]
+
+
+def test_schedule_validation_early_stop_report_and_bit_identical_replay(tmp_path):
+    from qnref.checkpoint import load as ck_load
+    from qnref.train import load_checkpoint
+
+    out, ck, best = tmp_path / "rep", tmp_path / "run.ckpt", tmp_path / "best.ckpt"
+    assert main(SHOW + ["--out", str(out), "--checkpoint", str(ck), "--best-checkpoint", str(best)]) == 0
+    rows = _rows(out)
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] == 0.5 and min(lrs) == pytest.approx(0.005) and sorted(set(lrs), reverse=True) == \
+        pytest.approx([0.5, 0.05, 0.005])  # the two decays
+    assert rows[-1]["stopped"] == "early_stopping" and rows[-1]["epoch"] < 30
+    assert all("val_loss" in r and "val_errors" in r for r in rows)
+    files = set(os.listdir(out))
+    assert {"runs.csv", "config.toml", "lr_vs_epochs.png", "loss_vs_epochs.png", "summary.md"} <= files
+    import csv
+
+    table = list(csv.DictReader(open(out / "runs.csv")))
+    assert [float(t["lr"]) for t in table] == lrs and table[-1]["stopped"] == "early_stopping"
+    assert float(table[-1]["train_loss"]) == rows[-1]["train_loss"]  # repr: every bit
+    summary = (out / "summary.md").read_text()
+    assert "val loss" in summary and "to val_acc>=0.9: epochs" in summary and "early_stopping" in summary
+    if importlib.util.find_spec("tensorboard"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard" / "sgd-seed0"))
+        acc.Reload()
+        assert [e.value for e in acc.Scalars("lr")] == pytest.approx(lrs)
+        assert len(acc.Scalars("val_loss")) == len(rows)
+    # replay: the config alone gives the same run, bit for bit
+    out2, ck2 = tmp_path / "rep2", tmp_path / "run2.ckpt"
+    assert main(["train", "--config", str(out / "config.toml"), "--out", str(out2), "--checkpoint", str(ck2), "--quiet"]) == 0
+    assert _no_clocks(_rows(out2)) == _no_clocks(rows)
+    state = type(make_optimizer("sgd", {}).init(np.zeros(1)))
+    a, _ = load_checkpoint(str(ck), state)
+    b, _ = load_checkpoint(str(ck2), state)
+    np.testing.assert_array_equal(a["theta"], b["theta"])
+    assert (out2 / "config.toml").read_text() == (out / "config.toml").read_text()
+    # the best checkpoint holds θ of the best val_loss (improvements count when they beat --min-delta)
+    from qnref.train import EarlyStopping
+
+    payload, _ = ck_load(str(best), {"state": state})
+    i = EarlyStopping("val_loss", 2, 1e-3).best(rows)
+    assert payload["best"]["index"] == i and payload["best"]["value"] == rows[i]["val_loss"]
+    assert len(rows) - 1 - i == 2
+
+
+def test_config_entries_are_overridden_by_given_options_and_checked(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    assert main(SHOW + ["--write-config", str(cfg)]) == 0
+    assert not (tmp_path / "rep").exists()
+    out = tmp_path / "short"
+    assert main(["train", "--config", str(cfg), "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    assert _rows(out)[-1]["epoch"] == pytest.approx(2, abs=0.1)
+    assert "epochs = 2.0" in (out / "config.toml").read_text()
+    capsys.readouterr()
+    text = cfg.read_text()
+    for bad, msg in [(text.replace("epochs = 30.0", "epochs = -1.0"), "epochs must be a finite number > 0, got -1.0"),
+                     (text.replace('lr_schedule = "multistep:3,6:0.1"', 'lr_schedule = "multistep:6,3"'), "lr_schedule"),
+                     ("bogus = 1\n" + text, "unknown key 'bogus'"),
+                     (text.replace('optimizer = "sgd"', 'optimizer = "sgdd"'), "unknown optimizer 'sgdd'")]:
+        cfg.write_text(bad)
+        code = main(["train", "--config", str(cfg), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and msg in err, err
+    code = main(["train", "--config", str(tmp_path / "nope.toml"), "--quiet"])
+    assert code == 2 and "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--lr-schedule", "multistep:60,120:x"], "argument --lr-schedule: 'multistep:60,120:x': multistep's gamma must be"),
+    (["--lr-schedule", "cosin:10"], "argument --lr-schedule:"),
+    (["--val-fraction", "1"], "argument --val-fraction: must be a finite number in [0, 1), got '1'"),
+    (["--early-stopping", "val_los"], "argument --early-stopping: must be one of train_loss"),
+    (["--target", "test_acc=0.9"], "argument --target:"),
+    (["--max-cpu-time", "0"], "argument --max-cpu-time: must be a finite number > 0"),
+    (["--patience", "0"], "argument --patience: must be an integer ≥ 1"),
+])
+def test_new_options_are_checked_at_parse_time(capsys, extra, msg):
+    code = main(TRAIN + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and msg in err, err
+
+
+def test_schedule_needs_a_step_size_and_early_stopping_a_split(capsys):
+    assert main(["train", "--model", "mlp", "--optimizer", "lsr1-tr", "--dataset", "digits", "--quiet",
+                 "--lr-schedule", "step:1"]) == 2
+    assert "lsr1-tr has none a schedule can scale" in capsys.readouterr().err
+    assert main(TRAIN + ["--early-stopping", "val_loss"]) == 2
+    assert "no validation split" in capsys.readouterr().err
+
+
+def test_compare_per_optimizer_settings_and_time_to_target(tmp_path):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", "mlp", "--dataset", "digits", "--optimizers",
+                 "sgd(lr=0.3,schedule='multistep:2:0.1'),adam(lr=0.01),adam(lr=0.001)", "--batch-size", "64",
+                 "--epochs", "3", "--target", "test_acc>=0.85", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = _rows(out)
+    assert {r["run"] for r in rows} == {"sgd(lr=0.3,schedule='multistep:2:0.1')", "adam(lr=0.01)", "adam(lr=0.001)"}
+    assert sorted({r["lr"] for r in rows if r["run"].startswith("sgd")}) == pytest.approx([0.03, 0.3])
+    summary = (out / "summary.md").read_text()
+    assert "to test_acc>=0.85: epochs" in summary and "| adam(lr=0.01) | adam | lr=0.01, batch_size=64 | – |" in summary
+    fast = next(r for r in rows if r["run"] == "adam(lr=0.01)" and "target_epoch" in r)
+    line = next(t for t in summary.splitlines() if t.startswith("| adam(lr=0.01) | 1 |"))
+    assert f"| {fast['target_epoch']:.2f} |" in line and "| 1 of 1 |" in line
+    # the report's config reruns the comparison
+    out2 = tmp_path / "cmp2"
+    assert main(["compare", "--config", str(out / "config.toml"), "--out", str(out2), "--quiet"]) == 0
+    assert _no_clocks(_rows(out2)) == _no_clocks(rows)
+
+
+@pytest.mark.parametrize("spec,msg", [("kfac(lr=0.01", "unclosed ("), ("adam,adam", "lists adam twice"),
+                                      ("kfac(lrr=0.1)", "unknown hyperparameter of kfac 'lrr'"),
+                                      ("adam(lr)", "--opt expects KEY=VALUE"), ("sgd(schedule='x:1')", "schedule")])
+def test_compare_optimizer_specs_are_checked(capsys, spec, msg):
+    code = main(["compare", "--model", "mlp", "--dataset", "digits", "--optimizers", spec, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and msg in err, err
+
+
+def test_presets_write_their_config(tmp_path):
+    from qnref.config import load, preset_from_dict
+    from qnref.presets import PRESETS
+
+    f = tmp_path / "qs.toml"
+    assert main(["compare", "--preset", "quickstart", "--write-config", str(f), "--quiet"]) == 0
+    assert preset_from_dict(load(f)) == PRESETS["quickstart"]
