@@ -157,6 +157,21 @@ def test_kbfgs_pair_of_a_layer_feeding_batchnorm_is_noise(kind):
     assert np.abs(st.HG[first] * lamG - np.eye(6)).max() < 1e-11
 
 
+@pytest.mark.parametrize("memory", [None, 3])
+def test_kbfgs_ch2_every_step_replay(memory):
+    """Alg. 4 as written (curvature every step, T = 1) on the BatchNorm MLP, 4 steps."""
+    m, th, prob = problem("mlp")
+    m, _, twin = problem("mlp")
+    name = "kbfgs" if memory is None else "kbfgs-l"
+    opt = OPTIMIZERS[name](**dict(KB, curvature_freq=1, batch_size=8, version="ch2"),
+                           **({} if memory is None else {"memory": memory}))
+    rp = rd.KBFGSReplay(twin, m, th, lr=KB["lr"], damping=KB["damping"], beta=KB["beta"], mu1=KB["mu1"], T=1,
+                        batch=8, version="ch2", memory=memory, weight_decay=KB["weight_decay"])
+    st, _ = run_pair(opt, rp, th, prob, kbfgs_state, f"{name}-ch2-T1/mlp")
+    if memory is not None:
+        assert all(st.pairs[n].count == 3 for n in rp.kron)
+
+
 # -- KFAC -------------------------------------------------------------------------------------------------------
 KF = dict(lr=0.05, damping=0.3, momentum=0.9, beta=0.9, weight_decay=0.01)
 
@@ -199,8 +214,9 @@ def test_kfac_ch2_documented_convention_replay(kind):
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_kfac_ch2_alg7_literal_replay(kind):
-    """Thesis Alg. 7 literally: ĝ ← βĝ + (1−β)∇f, statistics every step, π = 1, inverses when k ≤ T or
-    k ≡ 0 (mod T). FINDING (issue 20, "Deviating"): kfac.py has no such mode — ``use_pi=False`` keeps
+    """Thesis Alg. 7 literally: statistics every step (l. 8-9), π = 1 (l. 11), inverses when k ≤ T or
+    k ≡ 0 (mod T) (l. 10, L823); ĝ ← βĝ + (1−β)∇f — Alg. 7 uses ĝ without defining it, the (1−β) is
+    ch. 2's convention (Alg. 4 l. 8, L576) and the reading of issue 20. FINDING (issue 20, "Deviating"): kfac.py has no such mode — ``use_pi=False`` keeps
     Alg. 12's momentum (kfac.py ``mom = self.momentum * state.mom + opened.g``) and inverts only at
     k ≡ 0 (mod T₂) (kfac.py ``if k % self.inv_freq == 0``), thesis L810-824 (Alg. 7 lines 9-11).
     Runs against ``version="ch2"`` when KFAC grows that option."""
