@@ -75,18 +75,8 @@ class Problem:
     subclass it and replace only the objectives (``_full`` and :meth:`subset`).
     """
 
-    def __init__(
-        self,
-        model: Sequential,
-        loss: "str | Loss",
-        X: Any,
-        y: Any,
-        l2: float = 0.0,
-        *,
-        seed: int = 0,
-        counter: PassCounter | None = None,
-        train: bool = True,
-    ):
+    def __init__(self, model: Sequential, loss: "str | Loss", X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
+                 counter: PassCounter | None = None, train: bool = True):
         self.model = model
         self.loss = get_loss(loss)
         self.xp = backend.namespace(X, y)

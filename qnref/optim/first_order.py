@@ -263,8 +263,7 @@ class Adam(DiagonalAdaptive):
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  batch_size: int | None = 128):
         super().__init__(lr, eps, batch_size)
-        self.beta1 = _check_unit("beta1", beta1)
-        self.beta2 = _check_unit("beta2", beta2)
+        set_checked(self, beta1=(beta1, "[0, 1)"), beta2=(beta2, "[0, 1)"))
 
 
 @register("rmsprop")
@@ -287,8 +286,7 @@ class RMSprop(DiagonalAdaptive):
     def __init__(self, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-8, beta1: float = 0.0,
                  batch_size: int | None = 128):
         super().__init__(lr, eps, batch_size)
-        self.rho = _check_unit("rho", rho)
-        self.beta1 = _check_unit("beta1", beta1)
+        set_checked(self, rho=(rho, "[0, 1)"), beta1=(beta1, "[0, 1)"))
 
 
 @register("adagrad")

@@ -50,6 +50,15 @@ def _finite(*xs: float) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
+def _bad_start(phi0: float, dphi0: float, dphi_out: float | None) -> LineSearchResult | None:
+    """The failed result of a search that cannot start (φ(0) or φ'(0) not finite, or φ'(0) ≥ 0)."""
+    if not _finite(phi0, dphi0):
+        return LineSearchResult(0.0, phi0, dphi_out, 0, False, "phi(0) or phi'(0) is not finite")
+    if dphi0 >= 0.0:
+        return LineSearchResult(0.0, phi0, dphi_out, 0, False, f"not a descent direction (phi'(0) = {dphi0:.3e} >= 0)")
+    return None
+
+
 def backtracking_armijo(phi: Callable[[float], float], phi0: float, dphi0: float, alpha0: float = 1.0,
                         c1: float = 1e-4, shrink: float = 0.5, max_evals: int = 30) -> LineSearchResult:
     """Backtracking line search for the Armijo condition ([NW06] Alg. 3.1).
@@ -61,11 +70,9 @@ def backtracking_armijo(phi: Callable[[float], float], phi0: float, dphi0: float
     phi0, dphi0 = float(phi0), float(dphi0)
     if not (0.0 < c1 < 1.0 and 0.0 < shrink < 1.0 and alpha0 > 0.0):
         raise ValueError("need 0 < c1 < 1, 0 < shrink < 1 and alpha0 > 0")
-    if not _finite(phi0, dphi0):
-        return LineSearchResult(0.0, phi0, None, 0, False, "phi(0) or phi'(0) is not finite")
-    if dphi0 >= 0.0:
-        return LineSearchResult(0.0, phi0, None, 0, False,
-                                f"not a descent direction (phi'(0) = {dphi0:.3e} >= 0)")
+    bad = _bad_start(phi0, dphi0, None)
+    if bad is not None:
+        return bad
     alpha = float(alpha0)
     for n in range(1, max_evals + 1):
         val = float(phi(alpha))
@@ -122,11 +129,9 @@ def strong_wolfe(phi_dphi: Callable[[float], tuple[float, float]], phi0: float, 
         raise ValueError(f"need 0 < c1 < c2 < 1, got c1={c1}, c2={c2}")
     if not (alpha0 > 0.0 and alpha_max > 0.0 and expand > 1.0):
         raise ValueError("need alpha0 > 0, alpha_max > 0 and expand > 1")
-    if not _finite(phi0, dphi0):
-        return LineSearchResult(0.0, phi0, dphi0, 0, False, "phi(0) or phi'(0) is not finite")
-    if dphi0 >= 0.0:
-        return LineSearchResult(0.0, phi0, dphi0, 0, False,
-                                f"not a descent direction (phi'(0) = {dphi0:.3e} >= 0)")
+    bad = _bad_start(phi0, dphi0, dphi0)
+    if bad is not None:
+        return bad
     evals = 0
 
     def armijo(a: float, f: float) -> bool:
