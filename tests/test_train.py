@@ -309,3 +309,21 @@ def test_target_records_when_it_was_first_reached():
     assert stop.stopped == "target" and len(stop.history) == first + 1
     with pytest.raises(ValueError, match="target"):
         Target.parse("test_acc=0.8")
+
+
+def test_progress_bar_ends_at_100_percent_and_lines_mode_prints_one_line_per_evaluation(capsys):
+    import warnings
+
+    m, dd = model(), data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a TqdmWarning (n > total) would fail the run
+        train(m, make_optimizer("adam", lr=0.01, batch_size=70), dd, epochs=2.5, seed=0, progress=True)
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in final and "2.50/2.50" in final and "-" not in final.split("<")[-1].split(",")[0], final
+    res = train(m, make_optimizer("adam", lr=0.01, batch_size=70), dd, epochs=2, seed=0, eval_every=0.5,
+                progress="lines", val_fraction=0.1)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == len(res.history) and lines[-1].startswith("epoch 2.") and "val_loss" in lines[-1]
+    with pytest.raises(ValueError, match="progress"):
+        train(m, make_optimizer("sgd"), dd, progress="fancy")
