@@ -400,13 +400,16 @@ class Scheduled:
 
     def factor(self, epoch: float, step: int) -> float:
         f = float(self.schedule(epoch, step))
-        if not math.isfinite(f) or f <= 0:
+        if not math.isfinite(f) or f < 0:
             raise check.ValidationError(f"schedule {self.schedule.spec()!r} factor at epoch {epoch:g}, step {step}", f,
-                                        "a finite number > 0")
+                                        "a finite number ≥ 0")
         return f
 
     def at(self, epoch: float, step: int) -> tuple[Any, float]:
         f = self.factor(epoch, step)
+        if f == 0:
+            raise check.ValidationError(f"schedule {self.schedule.spec()!r} factor at epoch {epoch:g}, step {step}", f,
+                                        "> 0 for a step (a cosine ending at 0 before the run does? give it a min factor)")
         if f == 1.0:
             return self.base, f
         opt = self._cache.get(f)

@@ -415,7 +415,8 @@ def train(
     ``"multistep:60,120:0.1"``) multiplies the optimizer's step size (``lr``/``alpha0``, or the
     hyperparameter ``schedule_param``) by its factor at each step's position (epoch, step); the
     step is taken by a new optimizer with that hyperparameter changed. Records carry
-    ``lr_factor`` and ``lr`` (the scheduled value, whatever its name).
+    ``lr_factor`` and ``lr``: the factor and scheduled value (whatever the hyperparameter's name)
+    in effect from the record's position on.
 
     Validation: ``val_fraction`` holds out that share of the training rows
     (:func:`validation_split`, seeded by ``seed``, stratified for classification); records then
@@ -605,7 +606,6 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
 
     reached: dict = next(({k: v for k, v in r.items() if k.startswith("target_")} for r in history
                           if "target_step" in r), {}) if target is not None else {}
-    factor_now: list[float] = [1.0]
 
     def metrics(prefix: str, X: Any, y: Any, rec: dict) -> dict:
         out = eval_fn(model, data.loss, X, y, theta)
@@ -627,9 +627,10 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
             metrics("val", data.X_val, data.y_val, rec)
         if data.X_test is not None:
             metrics("test", data.X_test, data.y_test, rec)
-        if scheduled is not None:
-            rec["lr_factor"] = factor_now[0]
-            rec["lr"] = scheduled.base_value * factor_now[0]
+        if scheduled is not None:  # the step size in effect from this point on
+            f = scheduled.factor(problem.epochs, step)
+            rec["lr_factor"] = f
+            rec["lr"] = scheduled.base_value * f
         if info:
             rec.update({k: v for k, v in info.items() if (isinstance(v, (int, float, bool, str)) or v is None)
                         and k not in rec})
@@ -693,8 +694,6 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
     lines = progress == "lines"
     try:
         if not history:
-            if scheduled is not None:
-                factor_now[0] = scheduled.factor(0.0, 0)
             rec = record(None)
             next_eval = eval_every
             after_record(rec)
@@ -711,7 +710,7 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
                 break
             opt = optimizer
             if scheduled is not None:
-                opt, factor_now[0] = scheduled.at(problem.epochs, step)
+                opt, _ = scheduled.at(problem.epochs, step)
             t0 = time.perf_counter()
             new_theta, state, info = opt.step(theta, state, problem)
             opt_time += time.perf_counter() - t0

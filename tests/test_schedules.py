@@ -117,3 +117,17 @@ def test_as_lambda_drives_torch_lambdalr():
         opt.step()
         sch.step()
     assert lrs == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.005])
+
+
+def test_a_zero_factor_is_refused_for_a_step():
+    sch = S.Scheduled(make_optimizer("sgd", lr=0.1), S.Cosine(2))
+    assert sch.factor(2.0, 5) == 0.0  # a record at the end may show it
+    with pytest.raises(ValidationError, match="give it a min factor"):
+        sch.at(2.5, 6)
+
+
+def test_as_lambda_as_an_optax_schedule():
+    optax = pytest.importorskip("optax")
+    f = S.as_lambda(S.MultiStep((1,), 0.1), steps_per_epoch=2)
+    tx = optax.sgd(learning_rate=lambda count: 0.5 * f(count))
+    assert callable(tx.update)

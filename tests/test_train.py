@@ -186,8 +186,8 @@ def test_schedule_scales_the_step_size_in_the_records():
     m, dd = model(), data()
     res = train(m, make_optimizer("sgd", lr=0.4, batch_size=60), dd, epochs=5, seed=0, schedule="multistep:2,4:0.1")
     got = {round(r["epoch"]): r["lr"] for r in res.history[1:]}
-    # a record carries the factor of the last step before it (the step that started before epoch 2 used 0.4)
-    assert got == pytest.approx({1: 0.4, 2: 0.4, 3: 0.04, 4: 0.04, 5: 0.004})
+    # a record carries the step size in effect from its position on
+    assert got == pytest.approx({1: 0.4, 2: 0.04, 3: 0.04, 4: 0.004, 5: 0.004})
     plain = train(m, make_optimizer("sgd", lr=0.4, batch_size=60), dd, epochs=5, seed=0)
     two = train(m, make_optimizer("sgd", lr=0.4, batch_size=60), dd, epochs=2, seed=0, schedule="multistep:2,4:0.1")
     np.testing.assert_array_equal(two.theta, train(m, make_optimizer("sgd", lr=0.4, batch_size=60), dd, epochs=2, seed=0).theta)
