@@ -24,10 +24,11 @@ The texts' rule (Ren's thesis, CNN experiments): ×0.1 every 60 epochs for first
 every 50 epochs for second-order ones — :class:`Thesis` (``parse("thesis")``; ``thesis:0.1`` scales
 the periods to 6 / 5 epochs for small-scale runs).
 
-Wrappers: ``torch.optim.lr_scheduler.LambdaLR(opt, as_lambda(s, steps_per_epoch))`` and
-``optax.scale_by_schedule(as_lambda(s, steps_per_epoch))`` (or ``base_lr * as_lambda(...)(count)``
-in an ``optax.inject_hyperparameters`` setup) take the same objects: :func:`as_lambda` turns a
-schedule into a function of the step count returning the factor.
+Wrappers: ``torch.optim.lr_scheduler.LambdaLR(opt, as_lambda(s, steps_per_epoch))`` takes the
+same objects — :func:`as_lambda` turns a schedule into a (host Python) function of the step count
+returning the factor. An optax schedule is traced under ``jax.jit``, so it cannot call Python
+code on the count: tabulate the factors with :func:`as_array` and index the table
+(``lambda c: lr * table[jnp.minimum(c, len(table) - 1)]``).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from typing import Any, Callable, Sequence
 from . import validate as check
 
 __all__ = ["Schedule", "Constant", "Step", "MultiStep", "Exponential", "Cosine", "LinearWarmup", "Product", "Thesis",
-           "parse", "step_size_name", "with_hyperparameter", "as_lambda", "SCHEDULE_HELP"]
+           "parse", "step_size_name", "with_hyperparameter", "as_lambda", "as_array", "SCHEDULE_HELP"]
 
 SCHEDULE_HELP = ("constant | step:EVERY:GAMMA | multistep:M1,M2,...:GAMMA | exp:GAMMA | cosine:TOTAL[:MIN] | "
                  "warmup:LENGTH | thesis[:SCALE]; join with '*' (warmup:5*cosine:100); append '@step' to count in "
@@ -423,7 +424,7 @@ class Scheduled:
 def as_lambda(schedule: Schedule, steps_per_epoch: float | None = None) -> Callable[[int], float]:
     """The schedule as a function of the step count returning the factor — the form of
     ``torch.optim.lr_scheduler.LambdaLR(lr_lambda=…)`` (called once per ``scheduler.step()``) and of
-    an optax schedule. Epoch-based schedules need ``steps_per_epoch`` (epoch = count / steps_per_epoch)."""
+    a host-side schedule. Epoch-based schedules need ``steps_per_epoch`` (epoch = count / steps_per_epoch)."""
     if schedule.unit != "step" and not isinstance(schedule, Constant) and steps_per_epoch is None:
         if not (isinstance(schedule, Product) and all(p.unit == "step" or isinstance(p, Constant) for p in schedule.parts)):
             raise check.ValidationError("steps_per_epoch", None, "a number > 0 for a schedule counted in epochs")
@@ -434,3 +435,11 @@ def as_lambda(schedule: Schedule, steps_per_epoch: float | None = None) -> Calla
         return schedule(c / spe if spe else 0.0, c)
 
     return factor
+
+
+def as_array(schedule: Schedule, n_steps: int, steps_per_epoch: float | None = None) -> list[float]:
+    """The factors of steps 0 … n_steps − 1 (:func:`as_lambda` tabulated): a table a jitted
+    schedule (optax) can index with its traced step count."""
+    n = check.integer("n_steps", n_steps, 1)
+    f = as_lambda(schedule, steps_per_epoch)
+    return [f(c) for c in range(n)]

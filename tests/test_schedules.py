@@ -126,8 +126,18 @@ def test_a_zero_factor_is_refused_for_a_step():
         sch.at(2.5, 6)
 
 
-def test_as_lambda_as_an_optax_schedule():
+def test_as_array_tabulates_the_factors():
+    assert S.as_array(S.MultiStep((1, 2), 0.5), 6, steps_per_epoch=2) == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    with pytest.raises(ValidationError, match="n_steps"):
+        S.as_array(S.Constant(), 0)
+
+
+def test_as_array_drives_a_jitted_optax_schedule():
     optax = pytest.importorskip("optax")
-    f = S.as_lambda(S.MultiStep((1,), 0.1), steps_per_epoch=2)
-    tx = optax.sgd(learning_rate=lambda count: 0.5 * f(count))
-    assert callable(tx.update)
+    import jax
+    import jax.numpy as jnp
+
+    table = jnp.asarray(S.as_array(S.MultiStep((1,), 0.1), 8, steps_per_epoch=2))
+    lr = jax.jit(lambda c: 0.5 * table[jnp.minimum(c, table.shape[0] - 1)])
+    assert float(lr(0)) == pytest.approx(0.5) and float(lr(3)) == pytest.approx(0.05)
+    assert callable(optax.sgd(learning_rate=lr).update)
