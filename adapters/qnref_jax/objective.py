@@ -53,7 +53,7 @@ import numpy
 from qnref import backend
 from qnref.curvature.derived import PointProducts, is_empirical
 from qnref.curvature.objective import NonFiniteError, PassCounter, PointMethods
-from qnref.curvature.structure import OpaqueModel, layout_of, no_layer_structure, positions
+from qnref.curvature.structure import ConvertedModel, OpaqueModel, layout_of, no_layer_structure, positions
 from qnref.optim.base import Problem
 
 from .compare import jax_loss
@@ -161,7 +161,8 @@ class JaxObjective(PointMethods):
     """f(θ) on a fixed batch over a pure JAX model; see the module docstring."""
 
     def __init__(self, apply_fn: Callable, loss: Any, params: Any, X: Any, y: Any, l2: float = 0.0, *,
-                 counter: PassCounter | None = None, _funcs: _Funcs | None = None, _model: OpaqueModel | None = None):
+                 counter: PassCounter | None = None, rng: Any = None, _funcs: _Funcs | None = None,
+                 _model: Any = None):
         import jax
         from jax.flatten_util import ravel_pytree
 
@@ -187,6 +188,21 @@ class JaxObjective(PointMethods):
             blocks = [(jax.tree_util.keystr(path) or "theta", numpy.shape(leaf)) for path, leaf in leaves]
             _model = OpaqueModel(apply_fn, layout_of(blocks), "jax")
         self.model = _model
+        #: generator of the engine twin's sampled targets (a spec problem's device_rng)
+        self.rng = rng if rng is not None else backend.default_rng(0)
+        self._twin = None
+
+    def engine_objective(self) -> Any:
+        """For a spec model (:meth:`JaxProblem.from_spec`): qnref's own objective on the converted model
+        and this batch (the Kronecker taps and sampled targets come from it)."""
+        if not isinstance(self.model, ConvertedModel):
+            raise no_layer_structure("the qnref engine twin (layer taps)", "jax")
+        if self._twin is None:
+            if not isinstance(self.loss, str):
+                raise ValueError(f"a spec problem's layer taps need a qnref loss name, got {self.loss!r}")
+            name = {"ce": "softmax_ce", "bce": "sigmoid_ce"}.get(self.loss, self.loss)
+            self._twin = self.model.twin(name, numpy.asarray(self.X), numpy.asarray(self.y), self.l2, self.rng)
+        return self._twin
 
     xp = numpy  # θ and results are NumPy arrays (CuPy θ are accepted and answered in CuPy)
 
@@ -223,7 +239,7 @@ class JaxObjective(PointMethods):
 
         i = jnp.asarray(positions(idx, self.n_samples))
         return JaxObjective(self.apply_fn, self.loss, self.params, self.X[i], self.y[i], self.l2, counter=self.counter,
-                            _funcs=self._f, _model=self.model)
+                            rng=self.rng, _funcs=self._f, _model=self.model)
 
 
 class JaxPoint(PointProducts):
@@ -237,7 +253,19 @@ class JaxPoint(PointProducts):
         self._grad = None
         self._z = self._zj = self._e = None
         self._sampled = None
+        self._twin = None
         obj.counter.add("forward", obj.n_samples, "forward")
+
+    def check_independent(self, what: str) -> None:
+        if self.obj.model.couples_examples:
+            raise ValueError(f"{what} needs independent examples, but the model has batch normalization in training "
+                             "mode (examples interact); build the problem with train=False")
+
+    def engine_point(self) -> Any:
+        """Spec models: qnref's own point at this θ on the converted model (cached)."""
+        if self._twin is None:
+            self._twin = self.obj.engine_objective().at(self.theta)
+        return self._twin
 
     @property
     def xp(self) -> Any:
@@ -327,7 +355,11 @@ class JaxPoint(PointProducts):
         return self._out(self.obj._f.pex(self._t, self.obj.X, self._native_targets(targets)))
 
     def layer_stats(self, targets: Any = "empirical") -> dict:
-        raise no_layer_structure("layer_stats (the Kronecker layer taps)", "jax")
+        """Spec models: the engine twin's taps (keyed by qnref layer name); an ``apply_fn`` raises."""
+        if not isinstance(self.obj.model, ConvertedModel):
+            raise no_layer_structure("layer_stats (the Kronecker layer taps)", "jax")
+        return self.engine_point().layer_stats(targets if isinstance(targets, str) or targets is None
+                                               else numpy.asarray(targets))
 
     @_scoped
     def sampled_targets(self, key: Any = None) -> Any:
@@ -339,6 +371,9 @@ class JaxPoint(PointProducts):
         qnref's ``Point.sampled_targets()`` (different generators): pass those as ``targets=`` to
         reproduce qnref's sampled Fisher.
         """
+        if self._sampled is None and key is None and isinstance(self.obj.model, ConvertedModel):
+            # spec models: the engine twin's draws (the problem's device_rng), as qnref's engine draws them
+            self._sampled = _to_jax(self.engine_point().sampled_targets())
         if self._sampled is None:
             import jax
 
@@ -373,8 +408,9 @@ class JaxProblem(Problem):
     """
 
     def __init__(self, apply_fn: Callable, loss: Any, params: Any, X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
-                 counter: PassCounter | None = None):
-        self._full = JaxObjective(apply_fn, loss, params, X, y, l2, counter=counter)
+                 counter: PassCounter | None = None, _model: Any = None):
+        rng = backend.default_rng(seed + 1)
+        self._full = JaxObjective(apply_fn, loss, params, X, y, l2, counter=counter, rng=rng, _model=_model)
         self.apply_fn = apply_fn
         self.model = self._full.model
         self.loss = loss
@@ -382,16 +418,55 @@ class JaxProblem(Problem):
         self.xp = numpy
         self.l2 = float(l2)
         self.train = True
-        self._start_stream(seed, backend.default_rng(seed + 1))
+        self.spec_structure: Any = None
+        self._start_stream(seed, rng)
+
+    @classmethod
+    def from_spec(cls, spec: Any, loss: Any, X: Any, y: Any, l2: float = 0.0, *, seed: int = 0, train: bool = True,
+                  counter: PassCounter | None = None) -> "JaxProblem":
+        """A problem over a spec model (:mod:`qnref_jax.convert`) with θ in the converted qnref model's
+        layout: JAX computes every product of ``apply(structure, theta_to_params(θ), X, train=train)``,
+        the Kronecker layer taps and sampled targets come from qnref's engine twin on the converted
+        model (:class:`~qnref.curvature.structure.ConvertedModel`), so every registered optimizer runs
+        and follows qnref's engine trajectory. ``get_theta(params)`` / ``unravel(θ)`` map the spec's
+        params pytree (``split(spec)[1]``) to and from θ."""
+        from .convert import apply, from_spec, split, theta_to_params  # noqa: PLC0415
+
+        qmodel, theta0 = from_spec(spec, tuple(numpy.shape(X)[1:]))
+        structure, _ = split(spec)
+
+        def apply_fn(theta, Xb):
+            return apply(structure, theta_to_params(qmodel, structure, theta), Xb, train=train)
+
+        model = ConvertedModel(qmodel, lambda: train and qmodel.couples_examples, native=structure)
+        prob = cls(apply_fn, loss, theta0, X, y, l2, seed=seed, counter=counter, _model=model)
+        prob.train = train
+        prob.spec_structure = structure
+        return prob
+
+    @property
+    def converted(self) -> bool:
+        """True for a spec problem (θ in qnref's layout, Kronecker layers available)."""
+        return self.spec_structure is not None
 
     def subset(self, idx: Any) -> JaxObjective:
         return self._full.subset(idx)
 
     def get_theta(self, params: Any = None) -> numpy.ndarray:
+        """Flat θ of a params pytree (the problem's initial params when ``None``)."""
+        if self.converted and params is not None:
+            from .convert import params_to_theta  # noqa: PLC0415
+
+            return params_to_theta(self.model.qmodel, self.spec_structure, params).astype(self._full.param_dtype)
         return self._full.ravel(self._full.params if params is None else params)
 
     def unravel(self, theta: Any) -> Any:
+        """The params pytree of θ (a spec problem: the spec's params list)."""
         with x64_scope(self._full.float64):
+            if self.converted:
+                from .convert import theta_to_params  # noqa: PLC0415
+
+                return theta_to_params(self.model.qmodel, self.spec_structure, _to_jax(theta))
             return self._full.unravel(_to_jax(theta))
 
 

@@ -61,7 +61,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from qnref import backend
 from qnref.curvature.derived import PointProducts, is_empirical
 from qnref.curvature.objective import NonFiniteError, PassCounter, PointMethods
-from qnref.curvature.structure import OpaqueModel, layout_of, no_layer_structure, positions
+from qnref.curvature.structure import ConvertedModel, OpaqueModel, layout_of, no_layer_structure, positions
 from qnref.optim.base import Problem
 
 from .compare import torch_hvp
@@ -128,11 +128,23 @@ def _resolve(loss: Any) -> Callable:
     raise TypeError(f"loss must be a qnref loss name, a torch loss module or a callable, got {type(loss).__name__}")
 
 
-class _Params:
-    """Shared parameter bookkeeping of one torch model (names, shapes, offsets)."""
+LAYOUTS = ("torch", "qnref")
 
-    def __init__(self, module: nn.Module):
+
+class _Params:
+    """Shared parameter bookkeeping of one torch model (names, shapes, offsets).
+
+    ``layout="torch"``: θ = the trainable parameters in ``named_parameters()`` order, row-major;
+    ``layout="qnref"``: θ in the converted qnref model's layout (W̄ = [W b] blocks), through
+    :func:`qnref_torch.convert.theta_to_torch_params`; ``conversion`` is then set.
+    """
+
+    def __init__(self, module: nn.Module, layout: str = "torch", input_shape: Any = None):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.module = module
+        self.layout_kind = layout
+        self.conversion = None
         named = flat_params(module)
         if not named:
             raise ValueError("the module has no trainable parameters")
@@ -150,7 +162,20 @@ class _Params:
         if self.dtype not in _NP_OF_TORCH:
             raise TypeError(f"parameters are {self.dtype}; qnref works in float32 or float64")
         self.xp = backend.xp_for_device("gpu") if self.device.type == "cuda" else numpy
-        self.structure = OpaqueModel(module, layout_of(list(zip(self.names, self.shapes))), "torch")
+        if layout == "torch":
+            self.structure: Any = OpaqueModel(module, layout_of(list(zip(self.names, self.shapes))), "torch")
+            return
+        from .convert import convert  # noqa: PLC0415  (convert imports nothing from here; kept local for clarity)
+
+        if input_shape is None:
+            raise ValueError("layout='qnref' needs the input shape (taken from X by TorchProblem/TorchObjective)")
+        frozen = [n for n, q in module.named_parameters() if not q.requires_grad]
+        if frozen:
+            raise ValueError(f"layout='qnref' optimizes every parameter of the converted model, but {frozen} are "
+                             "frozen (requires_grad=False); use layout='torch' (θ = the trainable parameters only)")
+        self.conversion = convert(module, tuple(int(d) for d in input_shape), dtype=_NP_OF_TORCH[self.dtype])
+        self.n = self.conversion.model.n_params
+        self.structure = ConvertedModel(self.conversion.model, lambda: self.couples_examples, module)
 
     @property
     def couples_examples(self) -> bool:
@@ -158,6 +183,10 @@ class _Params:
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.module.modules())
 
     def split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.conversion is not None:
+            from .convert import theta_to_torch_params  # noqa: PLC0415
+
+            return theta_to_torch_params(self.conversion, theta)
         out, off = {}, 0
         for name, shape, size in zip(self.names, self.shapes, self.sizes):
             out[name] = theta[off:off + size].view(shape)
@@ -165,32 +194,61 @@ class _Params:
         return out
 
     def get(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+        if self.conversion is None:
+            return torch.cat([p.detach().reshape(-1) for p in self.params])
+        theta = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        views = self.split(theta)          # views of θ's blocks, one per torch parameter
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params):
+                views[name].copy_(p.detach())
+        return theta
 
     def set(self, theta: torch.Tensor) -> None:
+        parts = self.split(theta)
         with torch.no_grad():
-            for p, t in zip(self.params, self.split(theta).values()):
-                p.copy_(t)
+            for name, p in zip(self.names, self.params):
+                p.copy_(parts[name])
 
 
 class TorchObjective(PointMethods):
     """f(θ) = loss(module(X), y) + (λ/2)‖θ‖² on a fixed batch; see the module docstring."""
 
     def __init__(self, module: nn.Module, loss: Any, X: Any, y: Any, l2: float = 0.0, *,
-                 counter: PassCounter | None = None, _params: _Params | None = None):
+                 counter: PassCounter | None = None, layout: str = "torch", rng: Any = None,
+                 _params: _Params | None = None):
         if not (l2 >= 0) or l2 != l2:
             raise ValueError(f"l2 must be a finite non-negative number, got {l2}")
         self.module = module
         self.loss = loss
         self.loss_fn = _resolve(loss)
         self.l2 = float(l2)
-        self._p = _params if _params is not None else _Params(module)
+        shape = tuple(X.shape[1:])
+        self._p = _params if _params is not None else _Params(module, layout, shape)
         dev = self._p.device
         self.X = X.to(dev) if isinstance(X, torch.Tensor) else to_torch_tensor(X, dev)
         self.y = y.to(dev) if isinstance(y, torch.Tensor) else to_torch_tensor(y, dev)
         if self.X.shape[0] != self.y.shape[0]:
             raise ValueError(f"X has {self.X.shape[0]} examples but y has {self.y.shape[0]}")
         self.counter = counter if counter is not None else PassCounter()
+        #: generator of the qnref engine twin's sampled targets (layout="qnref"; the problem's device_rng)
+        self.rng = rng if rng is not None else backend.default_rng(0, self.xp)
+        self._twin = None
+
+    def engine_objective(self) -> Any:
+        """layout="qnref": qnref's own :class:`~qnref.curvature.objective.Objective` on the converted
+        model and this batch (layer taps and sampled targets come from it; its passes are not counted)."""
+        if self._p.conversion is None:
+            raise no_layer_structure("the qnref engine twin (layer taps)", "torch")
+        if self._twin is None:
+            name = _loss_name(self.loss)
+            if not isinstance(self.loss, str) and resolve_loss(self.loss)[2](2, 3) != 1.0:
+                raise ValueError(f"layout='qnref' needs a loss with qnref's scaling: a qnref name or a torch loss "
+                                 f"module that equals it (CrossEntropyLoss()); got {self.loss!r}")
+            X, y = self.X, self.y
+            Xn = backend.from_dlpack(X) if X.device.type == "cuda" else X.detach().numpy()
+            yn = backend.from_dlpack(y) if y.device.type == "cuda" else y.detach().numpy()
+            self._twin = self._p.structure.twin(name, Xn, yn, self.l2, self.rng)
+        return self._twin
 
     # -- what optimizers read -----------------------------------------------------------------------
     @property
@@ -216,10 +274,17 @@ class TorchObjective(PointMethods):
         return self._p.structure.layout
 
     @property
-    def model(self) -> OpaqueModel:
-        """The :class:`~qnref.curvature.protocol.ModelStructure` (layout only; no Kronecker layers)."""
-        self._p.structure.couples_examples = self._p.couples_examples
+    def model(self) -> Any:
+        """The :class:`~qnref.curvature.protocol.ModelStructure`: an :class:`OpaqueModel` (layout only,
+        no Kronecker layers) for layout="torch", a :class:`~qnref.curvature.structure.ConvertedModel` for layout="qnref"."""
+        if self._p.conversion is None:
+            self._p.structure.couples_examples = self._p.couples_examples
         return self._p.structure
+
+    @property
+    def conversion(self) -> Any:
+        """The :class:`~qnref_torch.convert.Conversion` of layout="qnref" (``None`` for layout="torch")."""
+        return self._p.conversion
 
     def net(self, theta: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
         with _stateless_bn(self.module):
@@ -242,7 +307,7 @@ class TorchObjective(PointMethods):
     def subset(self, idx: Any) -> "TorchObjective":
         idx_t = torch.as_tensor(positions(idx, self.n_samples), device=self.X.device)
         return TorchObjective(self.module, self.loss, self.X[idx_t], self.y[idx_t], self.l2, counter=self.counter,
-                              _params=self._p)
+                              rng=self.rng, _params=self._p)
 
 
 class TorchPoint(PointProducts):
@@ -268,6 +333,7 @@ class TorchPoint(PointProducts):
         self._z = None
         self._e = None
         self._sampled = None
+        self._twin = None
 
     @property
     def xp(self) -> Any:
@@ -358,8 +424,23 @@ class TorchPoint(PointProducts):
         with _stateless_bn(obj.module):
             return self._out(vmap(grad(li), in_dims=(None, 0, 0))(self._t, obj.X, yy_all))
 
+    def engine_point(self) -> Any:
+        """layout="qnref": qnref's own point at this θ on the converted model (cached); see
+        :meth:`TorchObjective.engine_objective`."""
+        if self._twin is None:
+            self._twin = self.obj.engine_objective().at(self.theta)
+        return self._twin
+
     def layer_stats(self, targets: Any = "empirical") -> dict:
-        raise no_layer_structure("layer_stats (the Kronecker layer taps)", "torch")
+        """Per Kronecker layer taps: from qnref's engine point on the converted model (layout="qnref"),
+        keyed by qnref layer name (``obj.conversion.layer_paths`` maps them to torch module paths);
+        layout="torch" raises :class:`~qnref.curvature.protocol.UnsupportedProductError`."""
+        if self.obj.conversion is None:
+            raise no_layer_structure("layer_stats (the Kronecker layer taps)", "torch")
+        pt = self.engine_point()
+        if is_empirical(targets) or isinstance(targets, str):
+            return pt.layer_stats(targets)
+        return pt.layer_stats(backend.to_numpy(targets.detach().cpu()) if isinstance(targets, torch.Tensor) else targets)
 
     def sampled_targets(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Targets ỹ ~ p(y | z) from the model's predictive distribution, drawn once per point.
@@ -372,6 +453,10 @@ class TorchPoint(PointProducts):
         *not* the draws of qnref's ``Point.sampled_targets()`` (different generators): to reproduce
         qnref's sampled Fisher, pass ``targets=qnref_point.sampled_targets()``.
         """
+        if self._sampled is None and self.obj.conversion is not None and generator is None:
+            # layout="qnref": the engine twin's draws (the problem's device_rng), so that sampled
+            # Fisher products and the layer taps of kind "sampled" see the same ỹ as qnref's engine
+            self._sampled = _targets_tensor(self.engine_point().sampled_targets(), self.obj.y)
         if self._sampled is None:
             name = _loss_name(self.obj.loss)
             z = self._zt
@@ -424,25 +509,45 @@ def _targets_tensor(targets: Any, like: torch.Tensor) -> torch.Tensor:
 class TorchProblem(Problem):
     """:class:`qnref.optim.base.Problem` over a torch model: the same batch stream (same seed → the same
     minibatches as qnref's Problem on the same data), handing out :class:`TorchObjective` instances.
-    ``model`` is the :class:`~qnref.curvature.structure.OpaqueModel` (layout, no Kronecker layers);
     the ``nn.Module`` is ``module``.
+
+    ``layout="torch"`` (default; any ``nn.Module``): θ = the trainable parameters in
+    ``named_parameters()`` order; ``model`` is an :class:`~qnref.curvature.structure.OpaqueModel`
+    (layout, no Kronecker layers), so Kronecker methods raise.
+    ``layout="qnref"`` (a module of supported layers, all parameters trainable): the module is
+    converted (:func:`qnref_torch.convert`) and θ is in the qnref model's layout (W̄ = [W b]);
+    every product is still computed by torch.func, the Kronecker layer taps and sampled targets
+    come from qnref's engine point on the converted model (same generator as qnref's Problem
+    with this seed), and ``model`` is a :class:`~qnref.curvature.structure.ConvertedModel`. Every registered optimizer runs,
+    with the trajectory of qnref's own engine on the converted model (tests/adapters/test_matrix.py).
     """
 
     def __init__(self, module: nn.Module, loss: Any, X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
-                 counter: PassCounter | None = None):
+                 counter: PassCounter | None = None, layout: str = "torch"):
         self.module = module
         self.loss = loss
-        self._params = _Params(module)
-        self._full = TorchObjective(module, loss, X, y, l2, counter=counter, _params=self._params)
-        self.X, self.y = self._full.X, self._full.y
+        self._params = _Params(module, layout, tuple(X.shape[1:]))
         self.xp = self._params.xp
+        rng = backend.default_rng(seed + 1, self.xp)
+        self._full = TorchObjective(module, loss, X, y, l2, counter=counter, rng=rng, _params=self._params)
+        self.X, self.y = self._full.X, self._full.y
         self.l2 = float(l2)
         self.train = module.training
-        self._start_stream(seed, backend.default_rng(seed + 1, self.xp))
+        self._start_stream(seed, rng)
 
     @property
-    def model(self) -> OpaqueModel:
+    def model(self) -> Any:
         return self._full.model
+
+    @property
+    def conversion(self) -> Any:
+        """The :class:`~qnref_torch.convert.Conversion` (layout="qnref"), else ``None``."""
+        return self._params.conversion
+
+    @property
+    def layout_kind(self) -> str:
+        """"torch" or "qnref" (θ's order; see the class docstring)."""
+        return self._params.layout_kind
 
     @property
     def params(self) -> list[nn.Parameter]:

@@ -3,23 +3,25 @@
 qnref optimizers are functional (``theta, state, info = opt.step(theta, state, problem)``) and
 *draw* what they need from a problem: line searches and trust-region ratio tests re-evaluate f at
 trial points, Hessian-free and trust-region methods ask for ``hvp``/``ggn_vp``, sampled methods
-draw their own batches. The wrapper therefore runs in one of two modes.
+draw their own batches, Kronecker methods read per-layer taps. The wrapper runs in one of two modes.
 
-Problem mode (recommended; every qnref method works)::
+Problem mode (every registered method)::
 
-    problem = TorchProblem(model, "softmax_ce", X, y, l2=1e-4, seed=0)
-    opt = QNRefOptimizer(model.parameters(), qnref_opt, problem=problem)
+    problem = TorchProblem(model, "softmax_ce", X, y, l2=1e-4, seed=0, layout="qnref")
+    opt = QNRefOptimizer(model.parameters(), "kfac", problem=problem, lr=0.03)
     for it in range(100):
         loss = opt.step()            # one qnref step; the problem draws its batches
 
-The parameters passed must be the model's trainable parameters in ``named_parameters()`` order
-(checked). A closure, if one is passed to ``step``, is evaluated once before the step (under
-``torch.enable_grad``) only so that ``step`` returns its loss like other torch optimizers; what it
-leaves in ``.grad`` is not used.
+``layout="qnref"`` (a module of supported layers, see :mod:`qnref_torch.convert`) gives every
+method, Kronecker ones included, and the trajectory of qnref's own engine on the converted model;
+``layout="torch"`` (any ``nn.Module``) gives the methods that need no layer structure
+(:data:`NEEDS`). The parameters passed must be the problem module's parameters (checked). A
+closure passed to ``step`` is evaluated once before the step only so that ``step`` returns its
+loss like other torch optimizers; what it leaves in ``.grad`` is not used.
 
 Closure mode (like ``torch.optim.LBFGS``; value and gradient only)::
 
-    opt = QNRefOptimizer(model.parameters(), qnref_opt)     # no problem
+    opt = QNRefOptimizer(model.parameters(), "lsr1-ls")     # no problem
     def closure():
         opt.zero_grad()
         loss = loss_fn(model(X), y)
@@ -28,21 +30,30 @@ Closure mode (like ``torch.optim.LBFGS``; value and gradient only)::
     loss = opt.step(closure)
 
 Every evaluation the qnref optimizer asks for (at θ, at each line-search / trust-region trial
-point) writes that θ into the parameters, calls the closure, and reads the returned loss and the
-parameters' ``.grad`` (missing gradients count as zero). ``problem.batch(size)``, ``sample`` and
-``full`` all return this one closure objective, whatever size is asked for: the closure decides
-the data, and it must evaluate the *same* function every time it is called within one step
-(fixed batch, no dropout). ``hvp``/``ggn_vp`` raise ``NotImplementedError`` in this mode — use
-problem mode for Hessian-free / Newton-CG / GGN methods. ``n_samples`` (default 1) is what the
-optimizer sees as the batch and data set size and what the pass counter adds per closure call.
+point) writes that θ into the parameters, calls the closure (under ``torch.enable_grad``), and
+reads the returned loss and the parameters' ``.grad`` (missing gradients count as zero).
+``problem.batch(size)``, ``sample`` and ``full`` all return this one closure objective: the
+closure decides the data and must evaluate the *same* function every time it is called within
+one step (fixed batch, no dropout). Methods that need more than f and ∇f (:data:`NEEDS`
+"curvature" or "layers") are refused at construction with the mode to use.
 
-After a step the parameters hold the returned θ (one copy, θ_new → parameters); ``.grad`` holds
-whatever the last closure call left (possibly at a rejected trial point). ``last_info`` is the
-step's :class:`~qnref.optim.base.StepInfo`. ``state_dict()`` stores the qnref state as host arrays
-(:func:`qnref.optim.base.state_to_host`).
+torch.optim conventions
+    ``param_groups`` hold ``lr`` and the method's other scalar hyperparameters
+    (``opt.param_groups[0]["lr"]``, ``["damping"]``, …); schedulers (``StepLR``, ``OneCycleLR``, …)
+    change them and the next ``step`` uses them (the qnref optimizer is rebuilt through its
+    validating constructor when a value changes). For methods without a learning rate (line
+    searches, trust regions, Hessian-free) ``lr`` scales the step the method returns (default 1:
+    the method's own step; the method's state still records its unscaled step). Several param
+    groups are concatenated into one θ when their hyperparameters agree; qnref optimizes one θ
+    with one hyperparameter set, so groups with different values are refused (ValueError naming
+    the group and the value). Parameters with ``requires_grad=False`` are excluded from θ and
+    never written. ``state_dict()`` holds only tensors and plain Python values (``torch.save`` /
+    ``torch.load(weights_only=True)`` round-trip it) and resumes bit-identically, the problem's
+    batch stream and generators included; ``zero_grad`` is torch's.
 
-Only one parameter group is supported (qnref optimizes one flat θ); θ is float64 or float32 as the
-parameters are, on their device (NumPy for CPU tensors, CuPy for CUDA ones, zero-copy).
+After a step the parameters hold the returned θ; ``.grad`` holds whatever the last closure call
+left (possibly at a rejected trial point). ``last_info`` is the step's
+:class:`~qnref.optim.base.StepInfo`.
 """
 from __future__ import annotations
 
@@ -52,17 +63,20 @@ from typing import Any, Callable, Iterable
 import numpy
 import torch
 
-from qnref import backend
+from qnref import backend, checkpoint
 from qnref.curvature.objective import NonFiniteError, PassCounter
-from qnref.optim.base import state_from_host, state_to_host
+from qnref.curvature.protocol import OPTIMIZER_NEEDS, optimizer_needs
+from qnref.optim.registry import make_optimizer
 
 from .objective import TorchProblem, from_torch_tensor, to_torch_tensor
 
-__all__ = ["QNRefOptimizer", "ClosureProblem"]
+__all__ = ["QNRefOptimizer", "ClosureProblem", "NEEDS", "requirement"]
 
-
-def _flat(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
+#: What each registered method asks of a problem (:data:`qnref.curvature.protocol.OPTIMIZER_NEEDS`):
+#: "grad" (closure mode works), "curvature" (a TorchProblem of either layout), "layers"
+#: (TorchProblem(..., layout="qnref")).
+NEEDS = OPTIMIZER_NEEDS
+requirement = optimizer_needs
 
 
 def _write(params: list[torch.Tensor], theta_t: torch.Tensor) -> None:
@@ -124,10 +138,10 @@ class ClosureProblem:
     """The problem of closure mode: every draw returns the closure's objective."""
 
     def __init__(self, params: list[torch.Tensor], closure: Callable, n_samples: int = 1, *, seed: int = 0,
-                 counter: PassCounter | None = None):
+                 counter: PassCounter | None = None, rng: numpy.random.Generator | None = None):
         self.counter = counter if counter is not None else PassCounter()
         self._obj = _ClosureObjective(params, closure, int(n_samples), self.counter)
-        self.rng = numpy.random.default_rng(seed)
+        self.rng = rng if rng is not None else numpy.random.default_rng(seed)
         self.device_rng = self.rng
         self.l2 = 0.0
         self.samples_drawn = 0
@@ -150,40 +164,124 @@ class ClosureProblem:
     def full(self) -> _ClosureObjective:
         return self._obj
 
+    @property
+    def full_objective(self) -> _ClosureObjective:
+        return self._obj
+
     def subset(self, idx: Any) -> _ClosureObjective:
         return self._obj
 
 
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
 class QNRefOptimizer(torch.optim.Optimizer):
-    """Run the qnref optimizer instance ``optimizer`` on torch parameters (see the module docstring)."""
+    """Run a qnref optimizer on torch parameters (see the module docstring).
+
+    ``optimizer``: a qnref optimizer instance, or a registry name built with ``**hyperparameters``
+    (``QNRefOptimizer(params, "kfac", problem=p, lr=0.03)``). ``problem``: a :class:`TorchProblem`
+    (problem mode) or ``None`` (closure mode). ``n_samples``: what closure mode reports as the batch
+    and data set size; ``seed``: closure mode's generator (problem mode uses the problem's).
+    """
 
     def __init__(self, params: Iterable, optimizer: Any, problem: TorchProblem | None = None, *, n_samples: int = 1,
-                 seed: int = 0):
-        super().__init__(params, defaults={})
-        if len(self.param_groups) != 1:
-            raise ValueError("QNRefOptimizer supports a single parameter group (qnref optimizes one flat θ)")
-        if not hasattr(optimizer, "init") or not hasattr(optimizer, "step"):
-            raise TypeError(f"optimizer must follow qnref's protocol (init, step), got {type(optimizer).__name__}")
+                 seed: int = 0, **hyperparameters: Any):
+        if isinstance(optimizer, str):
+            optimizer = make_optimizer(optimizer, **hyperparameters)
+        elif hyperparameters:
+            raise TypeError(f"hyperparameters {sorted(hyperparameters)} are for a registry name; set them on the "
+                            f"{type(optimizer).__name__} instance instead")
+        if not hasattr(optimizer, "init") or not hasattr(optimizer, "step") or not hasattr(optimizer, "hyperparameters"):
+            raise TypeError(f"optimizer must be a qnref optimizer (init, step, hyperparameters) or a registry name, "
+                            f"got {type(optimizer).__name__}")
+        hp = {k: v for k, v in optimizer.hyperparameters().items() if _scalar(v)}
+        self._native_lr = "lr" in hp
+        defaults = dict(hp) if self._native_lr else {"lr": 1.0, **hp}
+        super().__init__(params, defaults=defaults)
         self.qn = optimizer
+        self.need = requirement(optimizer)
         self.problem = problem
         self.n_samples = int(n_samples)
         self.seed = seed
         self.qn_state: Any = None
         self.last_info: Any = None
         self._closure_counter = PassCounter()
-        params_ = self.param_groups[0]["params"]
-        if problem is not None:
+        self._closure_rng = numpy.random.default_rng(seed)
+        name = getattr(optimizer, "name", type(optimizer).__name__)
+        if problem is None:
+            if self.need != "grad":
+                what = {"curvature": "Hessian/GGN/Fisher products or Gram matrices",
+                        "layers": "per-layer Kronecker taps"}[self.need]
+                raise ValueError(f"optimizer {name!r} needs {what}, which closure mode (f and ∇f only) cannot give: "
+                                 "use problem mode, QNRefOptimizer(params, opt, problem=TorchProblem(module, loss, X, y"
+                                 + (", layout='qnref'))" if self.need == "layers" else "))"))
+        else:
+            if self.need == "layers" and getattr(problem, "conversion", None) is None:
+                raise ValueError(f"optimizer {name!r} needs per-layer Kronecker taps, which a TorchProblem with "
+                                 "layout='torch' (an opaque nn.Module) cannot give: use TorchProblem(module, loss, X, y, "
+                                 "layout='qnref') (a module of supported layers, see qnref_torch.convert)")
+            mine = self._params()
             theirs = problem.params
-            if len(theirs) != len(params_) or any(a is not b for a, b in zip(params_, theirs)):
+            if len(theirs) != len(mine) or any(a is not b for a, b in zip(mine, theirs)):
                 raise ValueError("the parameters given to QNRefOptimizer must be the problem module's trainable "
-                                 "parameters in named_parameters() order")
+                                 "parameters (all of them, in named_parameters() order)")
+        self._sync_hyperparameters()
+
+    # -- parameter groups and hyperparameters -----------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        """θ's parameters: every group's parameters with ``requires_grad``, group by group."""
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "problem", None) is not None:
+            raise ValueError("problem mode optimizes the problem module's parameters; add_param_group is refused "
+                             "(build the TorchProblem on the module whose parameters you want to optimize)")
+        super().add_param_group(param_group)
+        if len(self.param_groups) > 1 and hasattr(self, "qn"):
+            self._sync_hyperparameters()
+
+    def _group_hyperparameters(self) -> dict:
+        keys = [k for k in self.defaults]
+        first = {k: self.param_groups[0][k] for k in keys}
+        for i, g in enumerate(self.param_groups[1:], start=1):
+            for k in keys:
+                if g[k] != first[k]:
+                    raise ValueError(f"param group {i} sets {k}={g[k]!r} but group 0 has {k}={first[k]!r}: qnref "
+                                     "optimizes one θ with one hyperparameter set, so every group must agree "
+                                     "(use one group, or one QNRefOptimizer per group)")
+        return first
+
+    def _sync_hyperparameters(self) -> None:
+        """Rebuild the qnref optimizer through its validating constructor when a group value changed."""
+        hp = self._group_hyperparameters()
+        self._lr_scale = 1.0 if self._native_lr else float(hp.pop("lr"))
+        if not (math.isfinite(self._lr_scale) and self._lr_scale > 0):
+            raise ValueError(f"lr must be finite and > 0, got {self._lr_scale}")
+        current = self.qn.hyperparameters()
+        if any(current.get(k) != v for k, v in hp.items()):
+            self.qn = type(self.qn)(**{**current, **hp})
 
     @property
     def counter(self) -> PassCounter:
         return self.problem.counter if self.problem is not None else self._closure_counter
 
+    # -- stepping ---------------------------------------------------------------------------------
+    def _theta(self, params: list[torch.Tensor]) -> Any:
+        if self.problem is not None:
+            return self.problem.get_theta()
+        return from_torch_tensor(torch.cat([p.detach().reshape(-1) for p in params]))
+
+    def _set_theta(self, params: list[torch.Tensor], theta: Any) -> None:
+        if self.problem is not None:
+            self.problem.set_theta(theta)
+        else:
+            _write(params, to_torch_tensor(theta, params[0].device, params[0].dtype))
+
+    @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Any:  # type: ignore[override]
-        params = self.param_groups[0]["params"]
+        self._sync_hyperparameters()
+        params = self._params()
         loss = None
         if self.problem is not None:
             if closure is not None:
@@ -194,28 +292,67 @@ class QNRefOptimizer(torch.optim.Optimizer):
             if closure is None:
                 raise ValueError("QNRefOptimizer without a problem needs a closure that re-evaluates the loss "
                                  "(and calls backward), as torch.optim.LBFGS does")
-            problem = ClosureProblem(params, closure, self.n_samples, seed=self.seed, counter=self._closure_counter)
-        theta_t = _flat(params)
-        theta = from_torch_tensor(theta_t)  # theta_t is a fresh tensor (cat), so θ shares memory with nothing else
+            problem = ClosureProblem(params, closure, self.n_samples, counter=self._closure_counter,
+                                     rng=self._closure_rng)
+        theta = self._theta(params)   # a fresh array: θ shares memory with nothing else
         if self.qn_state is None:
             self.qn_state = self.qn.init(theta)
         new_theta, self.qn_state, info = self.qn.step(theta, self.qn_state, problem)
-        _write(params, to_torch_tensor(new_theta, params[0].device, params[0].dtype))
+        if self._lr_scale != 1.0:
+            new_theta = theta + self._lr_scale * (new_theta - theta)
+        self._set_theta(params, new_theta)
         self.last_info = info
         if loss is None:
             loss = torch.tensor(info.loss_start if math.isfinite(info.loss_start) else info.loss, dtype=params[0].dtype)
         return loss
 
+    # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:  # type: ignore[override]
-        return {"qnref_state": None if self.qn_state is None else state_to_host(self.qn_state),
-                "qnref_state_class": None if self.qn_state is None else type(self.qn_state),
-                "last_loss": None if self.last_info is None else self.last_info.loss}
+        """Tensors and plain Python values only (``torch.load(weights_only=True)`` reads it back)."""
+        out: dict = {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+                     "optimizer": getattr(self.qn, "name", type(self.qn).__name__), "qnref_state": None,
+                     "problem_state": None}
+        if self.qn_state is not None:
+            out["qnref_state"] = _encode(self.qn_state, type(self.qn_state))
+        pstate = self.problem.state() if self.problem is not None else {
+            "rng": backend.rng_state(self._closure_rng), "counter": self._closure_counter.snapshot()}
+        out["problem_state"] = _encode(pstate, Any)
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
-        cls = state_dict.get("qnref_state_class")
-        data = state_dict.get("qnref_state")
-        if data is None:
+        name = getattr(self.qn, "name", type(self.qn).__name__)
+        if state_dict.get("optimizer") != name:
+            raise ValueError(f"state_dict is of optimizer {state_dict.get('optimizer')!r}, this one runs {name!r}")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
+        for g, saved in zip(self.param_groups, groups):
+            g.update(saved)
+        self._sync_hyperparameters()
+        params = self._params()
+        dev = "gpu" if params[0].device.type == "cuda" else "cpu"
+        if state_dict.get("qnref_state") is None:
             self.qn_state = None
-            return
-        dev = "gpu" if self.param_groups[0]["params"][0].device.type == "cuda" else "cpu"
-        self.qn_state = state_from_host(cls, data, dev)
+        else:
+            cls = type(self.qn.init(self._theta(params)))
+            self.qn_state = _decode(state_dict["qnref_state"], cls, dev)
+        ps = state_dict.get("problem_state")
+        if ps is not None:
+            st = _decode(ps, Any, "cpu")
+            if self.problem is not None:
+                self.problem.load_state(st)
+            else:
+                backend.set_rng_state(self._closure_rng, st["rng"])
+                self._closure_counter.restore(st["counter"])
+
+
+def _encode(tree: Any, hint: Any) -> dict:
+    """qnref's checkpoint encoding (a JSON-able manifest node + named NumPy arrays) with the arrays as
+    CPU tensors: only plain values and tensors, the same schema checks as qnref's checkpoints."""
+    node, arrays = checkpoint.encode(tree, hint)
+    return {"node": node, "arrays": {k: torch.from_numpy(numpy.ascontiguousarray(a).copy()) for k, a in arrays.items()}}
+
+
+def _decode(enc: dict, hint: Any, device: Any) -> Any:
+    arrays = {k: t.numpy() for k, t in enc["arrays"].items()}
+    return checkpoint.decode(enc["node"], arrays, hint, path="<state_dict>", device=device)

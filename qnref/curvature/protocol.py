@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-__all__ = ["UnsupportedProductError", "ModelStructure", "PointPrimitives", "PointProtocol", "ObjectiveProtocol",
+__all__ = ["UnsupportedProductError", "OPTIMIZER_NEEDS", "optimizer_needs", "ModelStructure", "PointPrimitives", "PointProtocol", "ObjectiveProtocol",
            "ProblemProtocol", "FISHER_KINDS", "GRAM_KINDS", "TARGETS"]
 
 #: ``kind`` of :meth:`PointProtocol.fisher_vp`.
@@ -50,6 +50,32 @@ TARGETS = ("empirical", "sampled")
 
 class UnsupportedProductError(NotImplementedError):
     """A point/problem type cannot offer this product; the message names it and the alternative."""
+
+
+#: What each registered optimizer asks of a problem (the adapters refuse a mode that cannot give it):
+#: "grad" — f and ∇f at the points it chooses (a closure / ``value_fn`` suffices);
+#: "curvature" — Hessian/GGN/Fisher products or Gram matrices (any point type);
+#: "layers" — Kronecker layer taps (qnref's layer structure: an engine model or a converted one).
+OPTIMIZER_NEEDS: dict[str, str] = {
+    "sgd": "grad", "momentum": "grad", "nag": "grad", "adam": "grad", "rmsprop": "grad", "adagrad": "grad",
+    "adadelta": "grad", "svrg": "grad", "gd-ls": "grad", "lbfgs": "grad", "lsr1-tr": "grad", "lsr1-ls": "grad",
+    "mb-lsr1": "grad", "lssr1-tr": "grad",
+    "s-lbfgs": "curvature", "s-lsr1": "curvature",  # option "I" (gradient differences): "grad"
+    "sqn": "curvature", "hf": "curvature", "smw-gn": "curvature", "smw-ng": "curvature",
+    "kfac": "layers", "kbfgs": "layers", "kbfgs-l": "layers", "shampoo": "layers", "tnt": "layers",
+}
+
+
+def optimizer_needs(optimizer: Any) -> str:
+    """"grad", "curvature" or "layers" for a qnref optimizer instance (:data:`OPTIMIZER_NEEDS`)."""
+    name = getattr(optimizer, "name", type(optimizer).__name__)
+    if name not in OPTIMIZER_NEEDS:
+        raise ValueError(f"no requirement is declared for optimizer {name!r}; add it to "
+                         "qnref.curvature.protocol.OPTIMIZER_NEEDS")
+    need = OPTIMIZER_NEEDS[name]
+    if name in ("s-lbfgs", "s-lsr1") and getattr(optimizer, "option", "II") == "I":
+        need = "grad"
+    return need
 
 
 @runtime_checkable

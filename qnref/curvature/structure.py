@@ -87,3 +87,42 @@ class OpaqueModel:
 
     def __repr__(self) -> str:
         return f"OpaqueModel({self.framework}, n={self.layout.size})"
+
+
+class ConvertedModel:
+    """Model structure of a framework model converted to a qnref :class:`~qnref.nn.model.Sequential`
+    (``qnref_torch.convert``, ``qnref_jax.from_spec``): θ in the qnref model's layout (W̄ = [W b]),
+    its Kronecker layers, and ``couples_examples`` asked of the framework model (``couples``, a
+    zero-argument callable: torch BatchNorm modules switch between train and eval).
+
+    The framework point computes every product itself; the Kronecker layer taps and the sampled
+    targets come from the *engine twin* (:meth:`twin`): qnref's own objective on the converted
+    model and the same batch, drawing from the problem's generator, so a run matches qnref's
+    engine on the converted model draw for draw.
+    """
+
+    def __init__(self, qmodel: Any, couples: Any, native: Any = None):
+        self.qmodel = qmodel
+        self.layout = qmodel.layout
+        self._couples = couples
+        self.native = native
+
+    @property
+    def kron_layers(self) -> Any:
+        return self.qmodel.kron_layers
+
+    @property
+    def couples_examples(self) -> bool:
+        return bool(self._couples())
+
+    def twin(self, loss: str, X: Any, y: Any, l2: float, rng: Any) -> Any:
+        """qnref's :class:`~qnref.curvature.objective.Objective` on the converted model and this batch
+        (host or CuPy arrays ``X``, ``y``); its passes go to a private counter (the framework point
+        already counts the forward pass; the taps' backward is not added)."""
+        from .objective import Objective, PassCounter  # noqa: PLC0415  (objective imports this module's users)
+
+        return Objective(self.qmodel, loss, X, y, l2, train=self.couples_examples, counter=PassCounter(), rng=rng,
+                         validate=False)
+
+    def __repr__(self) -> str:
+        return f"ConvertedModel(n={self.layout.size}, kron_layers={len(self.qmodel.kron_layers)})"
