@@ -472,6 +472,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .train import DIVERGE_FACTOR, DivergenceError, RunInterrupted, train
 
     _check_paths(a)
+    _tensorboard_check(a)
     S = _train_settings(a)
     toml = dumps(train_config(S), "qnref train config: replay with `qnref train --config FILE` (add --out/--checkpoint)")
     if a.write_config:
@@ -538,6 +539,14 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.out:
             print(f"report written to {a.out}")
     return EXIT_OK
+
+
+def _tensorboard_check(a: argparse.Namespace) -> None:
+    from .report import tensorboard_available
+
+    if a.tensorboard and not tensorboard_available():
+        raise CLIError("--tensorboard needs the tensorboard package (pip install 'qnref[tensorboard]'); "
+                       "without it the report has runs.jsonl and runs.csv")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -647,8 +656,8 @@ def _compare_preset(a: argparse.Namespace) -> Any:
             raise CLIError("compare needs --preset, --config, or --model, --dataset and --optimizers")
         pre = Preset("compare", "ad hoc comparison", "", a.dataset, a.model, tuple(parse_optimizers(a.optimizers, a.batch_size)))
     over = {"epochs": a.epochs, "seeds": a.seeds, "l2": a.l2, "schedule": a.lr_schedule, "val_fraction": a.val_fraction,
-            "early_stopping": a.early_stopping, "patience": a.patience, "target": a.target, "max_cpu_time": a.max_cpu_time,
-            "max_time": a.max_time}
+            "early_stopping": a.early_stopping, "patience": a.patience, "min_delta": a.min_delta, "target": a.target,
+            "max_cpu_time": a.max_cpu_time, "max_time": a.max_time, "max_steps": a.max_steps}
     return dataclasses.replace(pre, **{k: v for k, v in over.items() if v is not None})
 
 
@@ -658,11 +667,11 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .report import RunLog, write_report
     from .train import DIVERGE_FACTOR, EarlyStopping, RunInterrupted, TrainingError, train
 
-    if a.min_delta is not None and a.early_stopping is None:
-        raise CLIError("--min-delta needs --early-stopping METRIC")
+    _tensorboard_check(a)
     pre = _compare_preset(a)
-    if a.patience is not None and pre.early_stopping is None:
-        raise CLIError("--patience needs --early-stopping METRIC")
+    for opt, v in (("--patience", a.patience), ("--min-delta", a.min_delta)):
+        if v is not None and pre.early_stopping is None:
+            raise CLIError(f"{opt} needs --early-stopping METRIC")
     toml = dumps(preset_to_dict(pre), f"qnref compare config ({pre.name}): rerun with `qnref compare --config FILE`")
     if a.write_config:
         check.output_file("--write-config", a.write_config)
@@ -676,7 +685,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     factor = DIVERGE_FACTOR if a.diverge_factor is None else a.diverge_factor
     comm = get_comm(a.device)
     quiet = a.quiet or not comm.is_root
-    early = EarlyStopping(pre.early_stopping, pre.patience, a.min_delta or 0.0) if pre.early_stopping else None
+    early = EarlyStopping(pre.early_stopping, pre.patience, pre.min_delta) if pre.early_stopping else None
     opts = [(r, make_optimizer(r.optimizer, dict(r.hyperparameters))) for r in pre.runs]  # fail fast on names
     from .schedules import Scheduled, parse
 
@@ -708,7 +717,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
                                     eval_every=pre.eval_every, diverge_factor=factor, log=log, comm=comm,
                                     schedule=run.schedule if run.schedule is not None else pre.schedule,
                                     val_fraction=pre.val_fraction, early_stopping=early, target=pre.target,
-                                    max_cpu_time=pre.max_cpu_time, max_wall_time=pre.max_time, max_steps=a.max_steps,
+                                    max_cpu_time=pre.max_cpu_time, max_wall_time=pre.max_time, max_steps=pre.max_steps,
                                     progress=progress).history
                 except RunInterrupted as exc:
                     rows += [{"run": run.label, "seed": seed, **r} for r in exc.history]

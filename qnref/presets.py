@@ -43,6 +43,8 @@ class Preset:
     val_fraction: float = 0.0  # validation split of the training rows
     early_stopping: str | None = None  # metric watched for early stopping (e.g. "val_loss")
     patience: int = 5  # evaluations without improvement before an early stop
+    min_delta: float = 0.0  # smallest change of the early-stopping metric that counts as an improvement
+    max_steps: int | None = None  # optimizer-step budget per run
     target: str | None = None  # e.g. "test_acc>=0.9": time/epochs/passes to reach it in the summary
     max_cpu_time: float | None = None  # process CPU-time budget per run [s]
     max_time: float | None = None  # wall-clock budget per run [s]

@@ -663,12 +663,12 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
                 save_checkpoint(checkpoint, payload(), fp, state_class)
             last_ckpt.update(step=step, epoch=problem.epochs)
 
-    def after_record(rec: dict) -> str | None:
+    def after_record(rec: dict, forced: str | None = None) -> str | None:
         """Log, best checkpoint, early stopping, target; the reason to stop (None: go on)."""
-        why = None
-        if early_stopping is not None and early_stopping.should_stop(history):
+        why = forced
+        if why is None and early_stopping is not None and early_stopping.should_stop(history):
             why = "early_stopping"
-        elif stop_at_target and "target_step" in rec:
+        elif why is None and stop_at_target and "target_step" in rec:
             why = "target"
         if why:
             rec["stopped"] = why
@@ -734,9 +734,13 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
                     budget = "cpu_time"
                 elif max_wall_time is not None and wall >= max_wall_time:
                     budget = "wall_time"
+                if comm is not None:  # clocks differ between ranks: rank 0 decides for all
+                    budget = comm.bcast(budget)
             if budget is not None:
                 rec = record(last_info)
-                log_only(rec, budget)
+                after_record(rec, budget)
+                if lines:
+                    _print_line(rec, epochs)
                 stopped = budget
                 break
             if problem.epochs >= next_eval - 1e-12 or problem.epochs >= epochs - 1e-12:
