@@ -1,7 +1,11 @@
 """The ``qnref`` command: train, compare, list, check.
 
     qnref train --model mlp --optimizer lsr1-tr --dataset digits-flat --epochs 5
+    qnref train --model mlp --optimizer sgd --dataset digits --lr-schedule multistep:3,6:0.1 \
+        --val-fraction 0.2 --early-stopping val_loss --out rep
+    qnref train --config rep/config.toml --out rep2          # the same run, bit for bit (CPU)
     qnref compare --preset quickstart --out reports/quickstart
+    qnref compare --model mlp --dataset digits --optimizers "kfac(lr=0.01,damping=0.3),adam(lr=1e-3)"
     qnref list [models|optimizers|datasets|presets]
     qnref check [--device gpu]
     qnref convert-checkpoint --trust OLD.ckpt NEW.ckpt
@@ -246,8 +250,9 @@ def _training(p: argparse.ArgumentParser, compare: bool = False) -> None:
                    help="process CPU-time budget of a run (time.process_time, evaluations included; > 0)")
     p.add_argument("--target", type=_target_arg, default=None, metavar="METRIC<=X",
                    help="record steps/epochs/passes/time to reach e.g. test_acc>=0.9 or val_loss<=0.2 (a summary column)")
+    auto = "one line per run" if compare else "bar on a terminal, else lines"
     p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
-                   help="bar: a progress bar; lines: one line per evaluation; auto (default): bar on a terminal, else lines")
+                   help=f"bar: a progress bar per run; lines: one line per evaluation; auto (default): {auto}")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="write TensorBoard event files in the report (default: when the tensorboard package is installed)")
     p.add_argument("--write-config", default=None, metavar="FILE.toml", help="write the run's config to FILE and exit without running")
