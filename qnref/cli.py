@@ -1,7 +1,7 @@
 """The ``qnref`` command: train, compare, list, check.
 
     qnref train --model mlp --optimizer lsr1-tr --dataset digits-flat --epochs 5
-    qnref train --model mlp --optimizer sgd --dataset digits --lr-schedule multistep:3,6:0.1 \
+    qnref train --model mlp --optimizer sgd --dataset digits --lr-schedule multistep:3,6:0.1
         --val-fraction 0.2 --early-stopping val_loss --out rep
     qnref train --config rep/config.toml --out rep2          # the same run, bit for bit (CPU)
     qnref compare --preset quickstart --out reports/quickstart
