@@ -10,6 +10,13 @@ the last step's info (radius, step size, skipped updates, …). Models with batc
 are evaluated in eval mode with running statistics re-estimated from the training set at the
 current θ (:func:`~qnref.nn.norm.estimate_batchnorm_stats`, batches of ``BN_STATS_BATCH``).
 
+Also (docs/training.md): step-size schedules (:mod:`qnref.schedules`; records carry ``lr`` and
+``lr_factor``), a seeded stratified validation split (``val_*`` metrics; ``train_acc`` and
+``train_errors`` for classification too), early stopping on a named metric with the best checkpoint
+kept (:class:`EarlyStopping`), budgets in steps, wall-clock and process CPU time (records carry
+``wall_time`` and ``cpu_time``), a target whose first hit is recorded (:class:`Target`, the
+``target_*`` fields) and ``stopped`` on the last record of a run that ended early.
+
 Checkpoints (:mod:`qnref.checkpoint`: an ``.npz`` of arrays + a JSON manifest with SHA-256 hashes,
 never a pickle) hold θ, the optimizer state, the Problem's stream position and RNG states, the
 history and fingerprints of the model, optimizer, data and run; they are written atomically.
