@@ -16,7 +16,7 @@ def make(name, n, c, r):
         return SoftmaxCrossEntropy(), z, r.integers(0, c, n)
     if name == "softmax_ce_soft":
         y = r.random((n, c))
-        return SoftmaxCrossEntropy(), z, y / y.sum(1, keepdims=True) * 1.3  # mass s = 1.3
+        return SoftmaxCrossEntropy(), z, y / y.sum(1, keepdims=True)  # probability rows (other masses are refused)
     if name == "mse":
         return MeanSquaredError(), z, r.standard_normal((n, c))
     return SigmoidCrossEntropy(), z, r.random((n, c))
