@@ -56,3 +56,13 @@ def test_train_config_checks(tmp_path):
         C.load(bad)
     with pytest.raises(C.ConfigError, match="cannot read"):
         C.load(tmp_path / "missing.toml")
+
+
+def test_the_documented_train_config_is_valid():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S).group(1)
+    cfg = C.check_train_config(C.loads(block), "docs/training.md")
+    assert cfg["lr_schedule"] == "multistep:3,6:0.1" and cfg["hyperparameters"]["lr"] == 0.5
