@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from .. import backend
 from ..curvature.objective import Objective, Point
-from .base import Problem, StepInfo, evaluate, try_point
+from .base import Problem, StepInfo, evaluate
 from .linesearch import backtracking_armijo, strong_wolfe
 from .trust_region import AveragedRadiusRule, RadiusRule, reduction_ratio
 
@@ -59,12 +59,10 @@ class Opened(NamedTuple):
         return self.obj.n_samples
 
 
-def finite_point(obj: Objective, theta: Any) -> Point | None:
-    """The point at θ when f and ∇f are finite there, else ``None``."""
-    p = try_point(obj, theta)
-    if p is None or not backend.all_finite(p.grad):
-        return None
-    return p
+def finite_point(obj: Objective, theta: Any) -> tuple[Point | None, float]:
+    """(point, f) at θ when f and ∇f are finite there (f read once), else ``(None, nan)``."""
+    p, f = evaluate(obj, theta)
+    return (p, f) if p is not None and backend.all_finite(p.grad) else (None, math.nan)
 
 
 def stay(obj: Objective, loss: float = math.nan, *, evals: int = 1, **extra: Any) -> StepInfo:
@@ -92,8 +90,8 @@ def open_step(problem: Problem, batch_size: int | None, theta: Any, *, tol: floa
     :func:`finite_move`; K-BFGS forms ∇f from the layer taps).
     """
     obj = step_objective(problem, batch_size)
-    p, f0 = evaluate(obj, theta)
-    if p is None or (need_grad and not backend.all_finite(p.grad)):
+    p, f0 = (finite_point if need_grad else evaluate)(obj, theta)
+    if p is None:
         return Opened(obj, None, stay(obj))
     if tol is not None and math.sqrt(float(p.grad @ p.grad)) <= tol:
         return Opened(obj, p, stay(obj, f0, converged=True), f0)

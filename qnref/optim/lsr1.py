@@ -187,20 +187,20 @@ class LSR1TrustRegion(_LSR1Base):
         B = LSR1Operator.from_store(pairs, self.gamma) if pairs.count else None
         s, pred, Bs, fallback = self._solve(g, B, delta)
         snorm = math.sqrt(float(s @ s))
-        p1 = finite_point(o.obj, theta + s)
+        p1, f1 = finite_point(o.obj, theta + s)
         skipped = 0
         if p1 is not None:  # pairs are stored whether or not the step is accepted (Alg. 1 line 12)
             y = p1.grad - g
             if Bs is None:
                 Bs = B.matvec(s) if B is not None else self.gamma * s
             skipped = self._store(pairs, s, y, sr1_skip(s, y, Bs, self.r), inverse=False)
-        ared = -math.inf if p1 is None else f0 - p1.value
+        ared = -math.inf if p1 is None else f0 - f1
         dec = trust_region_update(self._rule, delta, ared, pred, snorm)
         extra = {"rho": dec.rho, "pred": pred, "ared": ared, "delta_used": delta, "trial_norm": snorm,
                  "pairs": pairs.count}
         if self.gram_cache:
             extra["gram_fallback"] = fallback
-        info = close_step(o, loss=p1.value if dec.accepted else f0, accepted=dec.accepted, evals=2,
+        info = close_step(o, loss=f1 if dec.accepted else f0, accepted=dec.accepted, evals=2,
                           step_norm=snorm if dec.accepted else 0.0, radius=dec.delta, skipped=skipped,
                           nonfinite=p1 is None, extra=extra)
         new_state = dataclasses.replace(state, delta=dec.delta, k=state.k + 1)
@@ -269,7 +269,7 @@ class LSR1LineSearch(_LSR1Base):
             skipped = self._store(pairs, s, y, sr1_skip(y, s, Hy, self.r), inverse=True)
         else:
             nonfinite, skipped = True, 1
-        info = close_step(o, loss=p1.value, accepted=True, evals=1 + ls.evals, step_norm=math.sqrt(float(s @ s)),
+        info = close_step(o, loss=ls.value, accepted=True, evals=1 + ls.evals, step_norm=math.sqrt(float(s @ s)),
                           step_size=ls.alpha, skipped=skipped, nonfinite=nonfinite,
                           extra={"fallback": fallback, "pairs": pairs.count})
         return theta + s, dataclasses.replace(state, step_length=ls.alpha, k=state.k + 1), info
