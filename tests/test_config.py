@@ -66,3 +66,18 @@ def test_the_documented_train_config_is_valid():
     block = re.search(r"```toml\n(.*?)```", text, re.S).group(1)
     cfg = C.check_train_config(C.loads(block), "docs/training.md")
     assert cfg["lr_schedule"] == "multistep:3,6:0.1" and cfg["hyperparameters"]["lr"] == 0.5
+
+
+def test_preset_schedules_parse_and_apply():
+    from qnref.optim import make_optimizer
+    from qnref.schedules import Scheduled, parse
+
+    seen = 0
+    for p in PRESETS.values():
+        for r in p.runs:
+            spec = r.schedule if r.schedule is not None else p.schedule
+            if spec is not None:
+                s = Scheduled(make_optimizer(r.optimizer, **r.hyperparameters), parse(spec))
+                assert s.param == "lr" and s.at(p.epochs - 0.5, 0)[1] < 1.0
+                seen += 1
+    assert seen >= 5  # ren-ch4-cnn-digits: the thesis rule on all five runs
