@@ -177,25 +177,51 @@ def compare(
     *,
     input_shape: Sequence[int] | None = None,
     l2: float = 0.0,
+    theta: Any = None,
 ) -> dict[str, float]:
     """Max relative difference qnref vs torch.func of each quantity in ``what`` (plus value, outputs).
 
     ``loss`` is a qnref loss name or a torch loss module (see :mod:`qnref_torch.losses` for the
     scale mapping). ``X``, ``y`` are NumPy arrays or torch tensors (made float64 / int64 on the
-    CPU). The module's ``training`` flag selects qnref's ``train`` mode (BatchNorm statistics).
+    CPU). The module's ``training`` flag selects qnref's objective: train mode → batch statistics
+    (``Objective(train=True)``), eval mode → the running statistics (``train=False``); per-example
+    quantities (fisher, per_example_grads) of a training-mode BatchNorm module are
+    refused with that advice. ``theta``: ``None`` (default) compares at the module's weights moved
+    by 0.1·N(0, 1) (seeded by ``seed``), so zero-initialised biases are tested too; ``"module"`` at
+    the module's own weights; or a flat θ in qnref's layout. Any ``nn.Module`` of supported layers
+    converts (``torch.fx``, :mod:`qnref_torch.fx`).
     """
     what = tuple(what)
     bad = [w for w in what if w not in ALL_WHAT]
     if bad:
         raise ValueError(f"unknown quantities {bad}; choose from {ALL_WHAT}")
     name, loss_fn, cfun, mod, Xt, yt, conv = _prepare(module, loss, X, y, input_shape)
-    model, theta = conv.model, conv.theta
+    model = conv.model
+    if theta is None:   # the module's weights moved by 0.1·N(0, 1): biases (0 at torch's init) get tested too
+        theta = conv.theta + 0.1 * numpy.random.default_rng(seed + 7919).standard_normal(conv.theta.shape)
+    elif isinstance(theta, str) and theta == "module":
+        theta = conv.theta
+    else:
+        theta = numpy.array(theta, dtype=numpy.float64)
+        if theta.shape != conv.theta.shape:
+            raise ValueError(f"theta must have the converted model's {conv.theta.shape[0]} entries (qnref layout), "
+                             f"got shape {theta.shape}")
     N = Xt.shape[0]
-    obj = Objective(model, name, Xt.numpy(), yt.numpy(), l2, train=mod.training)
+    train = mod.training   # BatchNorm: batch statistics in train mode, running statistics in eval mode
+    per_example = {"fisher", "per_example_grads"} & set(what)
+    if train and model.couples_examples and per_example:
+        raise ValueError(f"{sorted(per_example)} need independent examples, but the module has BatchNorm in training "
+                         "mode (batch statistics couple the examples): call module.eval() for them, or leave them "
+                         "out of what= (grad, jvp, vjp, hvp, ggn and kfac_factors work in both modes)")
+    obj = Objective(model, name, Xt.numpy(), yt.numpy(), l2, train=train)
     pt = obj.at(theta)
     C = outputs_per_example(tuple(pt.z.shape))
     c = cfun(N, C)
     th = torch.from_numpy(theta.copy())
+    with torch.no_grad():   # the deep copy holds θ too (the hooks of kfac_factors run the module itself)
+        named = dict(mod.named_parameters())
+        for k, t in theta_to_torch_params(conv, th).items():
+            named[k].copy_(t)
 
     def net(t):
         return functional_call(mod, theta_to_torch_params(conv, t), (Xt,))

@@ -270,15 +270,34 @@ def _convert_list(mods: list[tuple[str, nn.Module]], plan: list, classes: dict) 
     return layers
 
 
+_LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Softplus, nn.Flatten, nn.MaxPool2d,
+               nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _plain(module: nn.Module) -> bool:
+    """An nn.Sequential (nested) of the table's layers, ResidualBlock and PadShortcut: converted by position."""
+    if type(module) in (nn.Sequential, ResidualBlock):
+        kids = [module.body] + ([module.shortcut] if module.shortcut is not None else []) + (
+            [module.activation] if module.activation is not None else []) if type(module) is ResidualBlock else list(module)
+        return all(_plain(k) for k in kids)
+    return type(module) in _LEAF_TYPES or type(module) is PadShortcut
+
+
 def convert(module: nn.Module, input_shape: Sequence[int], *, dtype: Any = "float64") -> Conversion:
-    """Convert ``module`` (an ``nn.Sequential`` or a single supported layer); see the module docs."""
+    """Convert ``module`` (an ``nn.Sequential`` of the table's layers, or any ``nn.Module`` whose
+    ``forward`` composes them: traced with ``torch.fx``, see :mod:`qnref_torch.fx`); see the module docs."""
     dt = backend.check_dtype(dtype)
     classes = {"Conv2d": _optional("conv", "Conv2d"), "MaxPool2d": _optional("pool", "MaxPool2d"),
                "AvgPool2d": _optional("pool", "AvgPool2d"), "GlobalAvgPool": _optional("pool", "GlobalAvgPool"),
                "BatchNorm": _optional("norm", "BatchNorm")}
     mods = _flatten_modules(module)  # path "" for a single (non-Sequential) module: its parameters are "weight", …
     plan: list[tuple[Any, str, nn.Module, list[tuple[str, str]]]] = []  # (qnref layer, path, module, [(param, kind)])
-    layers = _convert_list(mods, plan, classes)
+    if _plain(module):
+        layers = _convert_list(mods, plan, classes)
+    else:  # any other nn.Module: trace its forward with torch.fx (qnref_torch.fx)
+        from .fx import fx_layers  # noqa: PLC0415
+
+        layers = fx_layers(module, plan, classes)
     if not layers:
         raise ValueError("the torch module contains no layers")
     model = Sequential(layers, input_shape)
