@@ -156,7 +156,9 @@ def validation_split(y: Any, fraction: float, seed: int = 0, loss: str = "softma
     if n_val < 1 or n_val > n - 1:
         raise check.ValidationError("val_fraction", fraction, f"a fraction leaving ≥ 1 row on each side of {n} training rows")
     rng = numpy.random.default_rng([int(seed), 0x5EED, 23])
-    if yh.ndim == 1 and yh.dtype.kind in "iu" or (yh.ndim == 2 and yh.shape[1] == 1 and numpy.all((yh == 0) | (yh == 1))):
+    lname = getattr(loss, "name", loss)
+    if (lname == "softmax_ce" and yh.ndim == 1 and yh.dtype.kind in "iu") or (
+            lname == "sigmoid_ce" and yh.ndim == 2 and yh.shape[1] == 1 and bool(numpy.all((yh == 0) | (yh == 1)))):
         labels = yh.reshape(n)
         classes = numpy.unique(labels)
         groups = [numpy.flatnonzero(labels == c) for c in classes]
