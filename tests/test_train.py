@@ -223,6 +223,9 @@ def test_validation_split_is_seeded_stratified_and_disjoint():
     assert not np.array_equal(va, va3)
     assert len(va) == 20 and len(tr) == 80 and not set(tr) & set(va) and sorted(np.r_[tr, va]) == list(range(100))
     assert np.bincount(y[va]).tolist() == [10, 6, 3, 1]  # each class in proportion
+    yb = (np.arange(40) < 10).astype(float)[:, None]          # one binary column (sigmoid_ce): stratified too
+    _, vb = validation_split(yb, 0.5, seed=0, loss="sigmoid_ce")
+    assert int(yb[vb].sum()) == 5
     # regression targets: uniform split of the requested size
     tr, va = validation_split(np.linspace(0, 1, 30)[:, None] * np.ones((1, 2)), 0.1, seed=0, loss="mse")
     assert len(va) == 3
