@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import backend
+from ..validate import number as _number
 from ..nn.losses import Loss, MeanSquaredError, SigmoidCrossEntropy, get_loss
 from ..nn.model import Sequential
 from .derived import NonFiniteError, PointProducts, is_empirical
@@ -158,10 +159,10 @@ class Objective(PointMethods):
     ):
         self.model = model
         self.loss = get_loss(loss)
-        if not (l2 >= 0) or l2 != l2:
-            raise ValueError(f"l2 must be a finite non-negative number, got {l2}")
-        self.l2 = float(l2)
+        self.l2 = _number("l2", l2, lo=0)
         self.xp = backend.namespace(X, y)
+        if getattr(X, "ndim", 0) < 1 or X.shape[0] == 0:
+            raise ValueError(f"the batch is empty (X has shape {getattr(X, 'shape', None)}); an objective needs at least one example")
         if validate:
             model.check_input(X)
             backend.check_dtype(X.dtype)
@@ -224,15 +225,19 @@ class Point(PointProducts):
         self._grad = None
         self._dz = None
         self._sampled = None
+        self._value: float | None = None
 
     # -- values ---------------------------------------------------------------------------
     @property
     def value(self) -> float:
-        """f(θ) as a Python float (non-finite values are returned, not raised)."""
-        v = self._losses.mean()
-        if self.obj.l2:
-            v = v + 0.5 * self.obj.l2 * (self.theta @ self.theta)
-        return float(v)
+        """f(θ) as a Python float (non-finite values are returned, not raised); computed (one host
+        sync) on the first read and cached, since a point does not change."""
+        if self._value is None:
+            v = self._losses.mean()
+            if self.obj.l2:
+                v = v + 0.5 * self.obj.l2 * (self.theta @ self.theta)
+            self._value = float(v)
+        return self._value
 
     @property
     def losses(self) -> Any:
