@@ -1,6 +1,7 @@
 """JAX ⇄ qnref: a small layer-dict model spec, oracle comparisons with jax.grad/jvp/vjp, an Objective
 over pure JAX functions (ravel_pytree), and an optax-style wrapper of qnref optimizers.
-See docs/adapters.md. ``jax_enable_x64`` is switched on by :func:`compare` and :class:`JaxObjective`."""
+See docs/adapters.md. float64 runs in a scoped ``jax.enable_x64(True)`` (:func:`x64_scope`); the process-wide
+flag is never switched (:func:`enable_x64` is there for callers who want that themselves)."""
 from .compare import ALL_WHAT, DEFAULT_WHAT, assert_agree, compare, jax_loss, rel_diff
 from .convert import (UnsupportedLayerError, apply, enable_x64, from_spec, layer_keys, merge, params_to_theta, split,
                       theta_to_params, to_spec)

@@ -19,7 +19,7 @@ involved — and returns max |q − j| / max |j| per quantity:
 =================  ==========================================================================
 
 Losses are qnref names with qnref's conventions (batch mean; mse = ½‖z − y‖² summed over outputs;
-sigmoid_ce summed over outputs). ``jax_enable_x64`` is switched on first (process-wide): JAX
+sigmoid_ce summed over outputs). It runs inside ``jax.enable_x64(True)`` (scoped, never process-wide): JAX
 would silently compute in float32 otherwise.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy
 from qnref.curvature.objective import Objective
 from qnref.nn.dense import Dense
 
-from .convert import apply, enable_x64, from_spec, layer_keys, split, theta_to_params
+from .convert import apply, from_spec, layer_keys, split, theta_to_params
 
 __all__ = ["compare", "assert_agree", "rel_diff", "jax_loss", "DEFAULT_WHAT", "ALL_WHAT"]
 
@@ -76,7 +76,13 @@ def compare(spec: Sequence[dict], loss: str, X: Any, y: Any, what: Iterable[str]
     statistics when False). Per-example quantities (fisher, per_example_grads) need independent
     examples and raise for a spec with BatchNorm in training mode.
     """
-    enable_x64()
+    from .objective import x64_scope  # noqa: PLC0415
+
+    with x64_scope():   # scoped float64 (the process-wide jax_enable_x64 flag is left alone)
+        return _compare(spec, loss, X, y, what, seed, input_shape=input_shape, l2=l2, train=train)
+
+
+def _compare(spec, loss, X, y, what, seed, *, input_shape, l2, train):
     import jax
     import jax.numpy as jnp
     from jax import lax

@@ -57,7 +57,7 @@ class UnsupportedLayerError(TypeError):
 def enable_x64() -> None:
     """``jax.config.update("jax_enable_x64", True)`` — JAX computes in float32 otherwise.
 
-    Called by :func:`qnref_jax.compare.compare` and by :class:`qnref_jax.objective.JaxObjective`.
+    qnref never calls it (compare, JaxObjective and the transformation use the scoped x64_scope).
     It is a process-wide switch (arrays created before it stay float32).
     """
     import jax

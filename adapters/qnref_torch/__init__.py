@@ -8,14 +8,14 @@
 * :class:`QNRefOptimizer` — a qnref optimizer as a ``torch.optim.Optimizer``.
 """
 from .compare import ALL_WHAT, DEFAULT_WHAT, assert_agree, compare, drop_running_stats, rel_diff, torch_hvp
-from .convert import (Conversion, PadShortcut, ResidualBlock, UnsupportedLayerError, convert, from_torch,
-                      theta_to_torch_params, to_torch, torch_to_theta)
+from .convert import (Conversion, PadShortcut, ResidualBlock, UnsupportedLayerError, convert, from_torch, running_stats,
+                      set_running_stats, theta_to_torch_params, to_torch, torch_to_theta)
 from .losses import qnref_loss_torch, resolve_loss
-from .objective import (TorchObjective, TorchPoint, TorchProblem, flat_params, from_torch_tensor,
+from .objective import (LoaderProblem, TorchObjective, TorchPoint, TorchProblem, flat_params, from_torch_tensor,
                         to_torch_tensor)
 from .optimizer import NEEDS, ClosureProblem, QNRefOptimizer, requirement
 
-__all__ = ["from_torch", "to_torch", "convert", "ResidualBlock", "PadShortcut", "Conversion", "UnsupportedLayerError", "theta_to_torch_params",
+__all__ = ["from_torch", "to_torch", "convert", "running_stats", "set_running_stats", "ResidualBlock", "PadShortcut", "Conversion", "UnsupportedLayerError", "theta_to_torch_params",
            "torch_to_theta", "compare", "assert_agree", "rel_diff", "torch_hvp", "drop_running_stats", "DEFAULT_WHAT",
            "ALL_WHAT", "qnref_loss_torch", "resolve_loss", "TorchObjective", "TorchPoint", "TorchProblem", "flat_params",
-           "from_torch_tensor", "to_torch_tensor", "QNRefOptimizer", "ClosureProblem", "NEEDS", "requirement"]
+           "from_torch_tensor", "to_torch_tensor", "QNRefOptimizer", "ClosureProblem", "LoaderProblem", "NEEDS", "requirement"]

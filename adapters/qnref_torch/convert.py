@@ -51,7 +51,7 @@ from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.nn.reshape import Flatten
 
-__all__ = ["UnsupportedLayerError", "ResidualBlock", "PadShortcut", "Conversion", "convert", "from_torch", "to_torch", "theta_to_torch_params",
+__all__ = ["running_stats", "set_running_stats", "UnsupportedLayerError", "ResidualBlock", "PadShortcut", "Conversion", "convert", "from_torch", "to_torch", "theta_to_torch_params",
            "torch_to_theta"]
 
 
@@ -456,3 +456,60 @@ def _to_torch_list(layers: Sequence[Any], views: dict, dt: torch.dtype, where: s
                                         f"{where}{pos} (name {layer.name!r}) to torch: no torch counterpart implemented")
         mods.append(m)
     return mods
+
+
+def running_stats(source: "nn.Module | Conversion") -> dict[str, dict[str, Any]]:
+    """BatchNorm running statistics by torch module path, first layer to last:
+    ``{path: {"running_mean", "running_var", "num_batches_tracked"}}`` (NumPy float64 copies).
+
+    ``source``: a torch module (its BatchNorm buffers) or a :class:`Conversion` (the statistics held
+    by the converted qnref model's BatchNorm layers, e.g. after qnref's own ``update_batchnorm_stats``)."""
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(source, Conversion):
+        for name, path in source.layer_paths.items():
+            mod = source.torch_layers.get(name)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                layer = _layer_by_name(source.model, name)
+                out[path] = {"running_mean": backend.to_numpy(layer.running_mean).astype(numpy.float64),
+                             "running_var": backend.to_numpy(layer.running_var).astype(numpy.float64),
+                             "num_batches_tracked": int(getattr(layer, "num_batches_tracked", 0))}
+        return out
+    for path, m in source.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            out[path] = {"running_mean": _np(m.running_mean, numpy.float64), "running_var": _np(m.running_var, numpy.float64),
+                         "num_batches_tracked": int(m.num_batches_tracked)}
+    return out
+
+
+def set_running_stats(target: "nn.Module | Conversion", stats: dict[str, dict[str, Any]]) -> None:
+    """Write ``stats`` (as :func:`running_stats` returns them, keyed by torch module path) into a torch
+    module's BatchNorm buffers or a :class:`Conversion`'s qnref BatchNorm layers. Unknown paths raise."""
+    if isinstance(target, Conversion):
+        by_path = {path: name for name, path in target.layer_paths.items()
+                   if isinstance(target.torch_layers.get(name), nn.modules.batchnorm._BatchNorm)}
+        for path, st in stats.items():
+            if path not in by_path:
+                raise KeyError(f"no BatchNorm layer at torch path {path!r} (known: {sorted(by_path)})")
+            layer = _layer_by_name(target.model, by_path[path])
+            layer.running_mean = numpy.array(st["running_mean"], dtype=numpy.float64)
+            layer.running_var = numpy.array(st["running_var"], dtype=numpy.float64)
+            layer.num_batches_tracked = int(st.get("num_batches_tracked", 0))
+        return
+    mods = dict(target.named_modules())
+    for path, st in stats.items():
+        m = mods.get(path)
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise KeyError(f"no BatchNorm module at path {path!r}")
+        with torch.no_grad():
+            m.running_mean.copy_(torch.as_tensor(numpy.asarray(st["running_mean"]), dtype=m.running_mean.dtype))
+            m.running_var.copy_(torch.as_tensor(numpy.asarray(st["running_var"]), dtype=m.running_var.dtype))
+            m.num_batches_tracked.fill_(int(st.get("num_batches_tracked", 0)))
+
+
+def _layer_by_name(model: Sequential, name: str) -> Any:
+    from qnref.nn.base import walk  # noqa: PLC0415
+
+    for layer in walk(model.layers):
+        if layer.name == name:
+            return layer
+    raise KeyError(f"no qnref layer named {name!r}")

@@ -67,7 +67,7 @@ from qnref.optim.base import Problem
 from .compare import torch_hvp
 from .losses import QNREF_LOSSES, qnref_loss_torch, resolve_loss
 
-__all__ = ["TorchObjective", "TorchPoint", "TorchProblem", "to_torch_tensor", "from_torch_tensor", "flat_params"]
+__all__ = ["TorchObjective", "TorchPoint", "TorchProblem", "LoaderProblem", "to_torch_tensor", "from_torch_tensor", "flat_params"]
 
 _NP_OF_TORCH = {torch.float32: numpy.float32, torch.float64: numpy.float64}
 
@@ -431,16 +431,26 @@ class TorchPoint(PointProducts):
             self._twin = self.obj.engine_objective().at(self.theta)
         return self._twin
 
-    def layer_stats(self, targets: Any = "empirical") -> dict:
-        """Per Kronecker layer taps: from qnref's engine point on the converted model (layout="qnref"),
-        keyed by qnref layer name (``obj.conversion.layer_paths`` maps them to torch module paths);
-        layout="torch" raises :class:`~qnref.curvature.protocol.UnsupportedProductError`."""
+    def layer_stats(self, targets: Any = "empirical", *, keys: str = "qnref") -> dict:
+        """Per Kronecker layer taps: from qnref's engine point on the converted model (layout="qnref");
+        layout="torch" raises :class:`~qnref.curvature.protocol.UnsupportedProductError`.
+
+        ``keys="qnref"`` (what optimizers read): qnref layer names ("0.conv2d", "5.dense").
+        ``keys="torch"``: the torch module paths ("stem", "block.conv1", "head"), first layer to
+        last (``obj.conversion.layer_paths`` is the map)."""
+        if keys not in ("qnref", "torch"):
+            raise ValueError(f"keys must be 'qnref' or 'torch', got {keys!r}")
         if self.obj.conversion is None:
             raise no_layer_structure("layer_stats (the Kronecker layer taps)", "torch")
         pt = self.engine_point()
         if is_empirical(targets) or isinstance(targets, str):
-            return pt.layer_stats(targets)
-        return pt.layer_stats(backend.to_numpy(targets.detach().cpu()) if isinstance(targets, torch.Tensor) else targets)
+            taps = pt.layer_stats(targets)
+        else:
+            taps = pt.layer_stats(backend.to_numpy(targets.detach().cpu()) if isinstance(targets, torch.Tensor) else targets)
+        if keys == "qnref":
+            return taps
+        paths = self.obj.conversion.layer_paths
+        return {paths[name]: taps[name] for name in paths if name in taps}
 
     def sampled_targets(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Targets ỹ ~ p(y | z) from the model's predictive distribution, drawn once per point.
@@ -533,6 +543,8 @@ class TorchProblem(Problem):
         self.X, self.y = self._full.X, self._full.y
         self.l2 = float(l2)
         self.train = module.training
+        #: the objectives :meth:`batch` handed out (QNRefOptimizer clears it before each step)
+        self.drawn_batches: list = []
         self._start_stream(seed, rng)
 
     @property
@@ -543,6 +555,26 @@ class TorchProblem(Problem):
     def conversion(self) -> Any:
         """The :class:`~qnref_torch.convert.Conversion` (layout="qnref"), else ``None``."""
         return self._params.conversion
+
+    def batch(self, size: int) -> "TorchObjective":
+        """:meth:`Problem.batch`, remembering the objective (the step's minibatch, for BatchNorm's running statistics)."""
+        obj = super().batch(size)
+        self.drawn_batches.append(obj)
+        return obj
+
+    def update_running_stats(self, batch: "TorchObjective | None" = None) -> bool:
+        """One training-mode forward of the module at its current parameters on ``batch`` (default:
+        the first minibatch drawn since :attr:`drawn_batches` was cleared), with the BatchNorm buffers
+        live: running mean/var move by torch's momentum rule exactly as in a plain torch training
+        loop (forward at θ_k on the step's batch, then the update). Returns whether it ran (a module
+        without training-mode BatchNorm, or no batch drawn: nothing to do)."""
+        if batch is None:
+            batch = self.drawn_batches[0] if self.drawn_batches else None
+        if batch is None or not self._params.couples_examples:
+            return False
+        with torch.no_grad():
+            self.module(batch.X)
+        return True
 
     @property
     def layout_kind(self) -> str:
@@ -567,3 +599,95 @@ class TorchProblem(Problem):
     def set_theta(self, theta: Any) -> None:
         """Copy θ into the module's parameters."""
         self._params.set(to_torch_tensor(theta, self._params.device, self._params.dtype))
+
+
+class LoaderProblem(TorchProblem):
+    """A :class:`TorchProblem` fed by a ``DataLoader`` (or any re-iterable of ``(X, y)`` batches).
+
+    * ``batch(size)`` — the loader's next batch (the loader decides its size and order; ``size`` is
+      not used); at the end of the loader a new pass starts (``epoch_passes`` + 1). This is the
+      minibatch of first-order, quasi-Newton, Kronecker and SMW steps and HF's gradient batch.
+    * ``sample(size)``, ``subset(idx)``, ``full()`` — the declared in-memory ``extra = (X, y)``
+      subset (curvature batches of HF/SQN, progress checks of MB-LSR1, SMW's semi-stochastic S₂,
+      SVRG's snapshot gradient, S-LBFGS/S-LSR1 with ``batch_size=None``): ``sample`` draws without
+      replacement from it, ``full()`` is all of it (its examples count as drawn).
+      Pass a representative subset; ``full()`` is *not* the whole data set.
+    * ``n_samples`` is the size of the ``extra`` subset (what ``sample``/``subset``/``full`` index, e.g.
+      KFAC's warm-start chunks); ``epochs`` counts examples drawn over ``len(loader.dataset)`` (or the
+      ``n_samples=`` given, :attr:`dataset_size`).
+
+    Everything else (layouts, products, BatchNorm running statistics) is :class:`TorchProblem`'s.
+    ``state()`` covers the generators and counters but not the loader's position (a resumed run
+    restarts the loader; use a seeded sampler to reproduce its order).
+    """
+
+    def __init__(self, module: nn.Module, loss: Any, loader: Any, extra: tuple, l2: float = 0.0, *, seed: int = 0,
+                 counter: PassCounter | None = None, layout: str = "torch", n_samples: int | None = None):
+        if not (isinstance(extra, (tuple, list)) and len(extra) == 2):
+            raise TypeError("extra must be an (X, y) pair of in-memory tensors: the subset that sample(), subset() and "
+                            "full() draw from")
+        if n_samples is None:
+            try:
+                n_samples = len(loader.dataset)
+            except (AttributeError, TypeError):
+                raise ValueError("n_samples is needed when the loader has no sized .dataset") from None
+        self.loader = loader
+        self._n = int(n_samples)
+        self._it = None
+        super().__init__(module, loss, extra[0], extra[1], l2, seed=seed, counter=counter, layout=layout)
+
+    @property
+    def n_samples(self) -> int:
+        """Examples of the in-memory ``extra`` subset (what ``sample``/``subset``/``full`` index)."""
+        return int(self._full.n_samples) if hasattr(self, "_full") else self._n
+
+    @property
+    def dataset_size(self) -> int:
+        """``len(loader.dataset)`` (or the ``n_samples=`` given): the denominator of :attr:`epochs`."""
+        return self._n
+
+    @property
+    def epochs(self) -> float:
+        return self.samples_drawn / self._n
+
+    def _next(self) -> tuple:
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch_passes += 1
+            self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise ValueError("the loader yields no batches") from None
+
+    def _check_size(self, size: int, what: str = "batch size") -> int:
+        """The loader decides the minibatch: any requested size is accepted (and not used)."""
+        return int(size)
+
+    def batch(self, size: int) -> TorchObjective:
+        item = self._next()
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"the loader must yield (X, y) pairs, got {type(item).__name__}")
+        X, y = item
+        obj = TorchObjective(self.module, self.loss, X, y, self.l2, counter=self.counter, rng=self.device_rng,
+                             _params=self._params)
+        self.samples_drawn += obj.n_samples
+        self.drawn_batches.append(obj)
+        return obj
+
+    def sample(self, size: int) -> TorchObjective:
+        m = self._full.n_samples
+        size = min(int(size), m)
+        if size < 1:
+            raise ValueError(f"sample size must be a positive integer, got {size!r}")
+        if size == m:
+            return self._full
+        return self.subset(numpy.sort(self.rng.choice(m, size=size, replace=False)))
+
+    def full(self) -> TorchObjective:
+        """The declared ``extra`` subset (counts its examples as drawn)."""
+        self.samples_drawn += self._full.n_samples
+        return self._full

@@ -51,6 +51,13 @@ torch.optim conventions
     ``torch.load(weights_only=True)`` round-trip it) and resumes bit-identically, the problem's
     batch stream and generators included; ``zero_grad`` is torch's.
 
+BatchNorm running statistics (problem mode): after each step the module runs one training-mode
+forward at θ_k on the step's first minibatch with its buffers live, so running mean/var follow
+torch's momentum rule exactly as a plain torch loop (forward, backward, update) would; methods
+that draw no minibatch (``full()`` only) leave them. ``opt.update_running_stats = False`` turns it
+off. In closure mode the closure's own forward passes update them (once per evaluation: line
+searches evaluate several times).
+
 After a step the parameters hold the returned θ; ``.grad`` holds whatever the last closure call
 left (possibly at a rejected trial point). ``last_info`` is the step's
 :class:`~qnref.optim.base.StepInfo`.
@@ -154,6 +161,10 @@ class ClosureProblem:
     def epochs(self) -> float:
         return self.samples_drawn / self.n_samples
 
+    def _check_size(self, size: int, what: str = "batch size") -> int:
+        """Any size is accepted: the closure decides the data (qnref's drivers ask every problem)."""
+        return int(size)
+
     def batch(self, size: int | None = None) -> _ClosureObjective:
         self.samples_drawn += self.n_samples
         return self._obj
@@ -202,6 +213,9 @@ class QNRefOptimizer(torch.optim.Optimizer):
         self.qn = optimizer
         self.need = requirement(optimizer)
         self.problem = problem
+        #: problem mode: after each step, BatchNorm running statistics move as in a torch training loop
+        #: (one training-mode forward at θ_k on the step's first minibatch; TorchProblem.update_running_stats)
+        self.update_running_stats = True
         self.n_samples = int(n_samples)
         self.seed = seed
         self.qn_state: Any = None
@@ -297,7 +311,11 @@ class QNRefOptimizer(torch.optim.Optimizer):
         theta = self._theta(params)   # a fresh array: θ shares memory with nothing else
         if self.qn_state is None:
             self.qn_state = self.qn.init(theta)
+        if self.problem is not None:
+            self.problem.drawn_batches.clear()
         new_theta, self.qn_state, info = self.qn.step(theta, self.qn_state, problem)
+        if self.problem is not None and self.update_running_stats:
+            self.problem.update_running_stats()   # the parameters still hold θ_k: torch's own order
         if self._lr_scale != 1.0:
             new_theta = theta + self._lr_scale * (new_theta - theta)
         self._set_theta(params, new_theta)

@@ -114,3 +114,33 @@ def test_compare_default_theta_moves_biases_and_train_mode_per_example_refusal()
     bn = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match="module.eval"):
         qt.compare(bn, "softmax_ce", X, y, what=("fisher",))
+
+
+def test_layer_stats_by_torch_path_and_running_stats_getter_setter():
+    torch.manual_seed(0)
+    net = Net().double()
+    X, y = _data((1, 6, 6))
+    with torch.no_grad():
+        net(torch.from_numpy(X))
+    net.eval()
+    prob = qt.TorchProblem(net, "softmax_ce", torch.from_numpy(X), torch.from_numpy(y), layout="qnref")
+    pt = prob.full_objective.at(prob.get_theta())
+    by_path = pt.layer_stats(keys="torch")
+    assert list(by_path) == ["stem", "block.conv1", "block.conv2", "head"]      # first to last
+    by_name = pt.layer_stats()
+    conv = prob.conversion
+    for name, path in conv.layer_paths.items():
+        if name in by_name:
+            np.testing.assert_array_equal(by_path[path]["a"], by_name[name]["a"])
+    st = qt.running_stats(net)
+    assert list(st) == ["block.bn"] and st["block.bn"]["num_batches_tracked"] == 1
+    conv2 = qt.convert(net, (1, 6, 6))
+    np.testing.assert_array_equal(qt.running_stats(conv2)["block.bn"]["running_mean"], st["block.bn"]["running_mean"])
+    new = {"block.bn": {"running_mean": np.full(3, 0.5), "running_var": np.full(3, 2.0), "num_batches_tracked": 7}}
+    qt.set_running_stats(net, new)
+    qt.set_running_stats(conv2, new)
+    assert int(net.block.bn.num_batches_tracked) == 7
+    np.testing.assert_array_equal(qt.running_stats(conv2)["block.bn"]["running_var"], np.full(3, 2.0))
+    qt.assert_agree(net, "softmax_ce", X, y, what=("grad", "hvp"), rtol=1e-12)   # eval mode uses the new statistics
+    with pytest.raises(KeyError, match="no BatchNorm"):
+        qt.set_running_stats(net, {"stem": new["block.bn"]})

@@ -166,3 +166,29 @@ def test_state_dict_weights_only_roundtrip_resumes_bit_identically(name):
         opt2.step()
         np.testing.assert_array_equal(prob2.get_theta(), prob.get_theta())
     assert prob2.counter.snapshot() == prob.counter.snapshot()
+
+
+def test_batchnorm_running_stats_follow_a_plain_torch_loop():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, momentum=0.3), nn.Tanh(), nn.Linear(5, 3)).double()
+    ref = copy.deepcopy(net)
+    rng = np.random.default_rng(0)
+    X = torch.from_numpy(rng.standard_normal((24, 4)))
+    y = torch.from_numpy(rng.integers(0, 3, 24))
+    prob = qt.TorchProblem(net, "softmax_ce", X, y, L2, seed=0)
+    opt = qt.QNRefOptimizer(net.parameters(), "sgd", problem=prob, lr=0.1, batch_size=8)
+    perm = np.random.default_rng(0).permutation(24)          # qnref's stream for seed 0
+    for k in range(3):
+        opt.step()
+        idx = torch.from_numpy(perm[8 * k:8 * k + 8])
+        ref.zero_grad()
+        loss = nn.functional.cross_entropy(ref(X[idx]), y[idx]) + 0.5 * L2 * sum((p * p).sum() for p in ref.parameters())
+        loss.backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.1 * p.grad
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(net[1].running_mean, ref[1].running_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=1e-12, atol=1e-14)
+    assert int(net[1].num_batches_tracked) == int(ref[1].num_batches_tracked) == 3
