@@ -18,7 +18,13 @@ from qnref.optim.first_order import NAG, SGD, Adam  # noqa: E402
 from qnref.optim.lbfgs import LBFGS  # noqa: E402
 
 RTOL = 1e-10
-qj.enable_x64()
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    """float64 for every test, scoped (the process-wide jax_enable_x64 flag is never switched)."""
+    with qj.x64_scope():
+        yield
 
 
 def _targets(loss, n, c, rng):

@@ -117,3 +117,13 @@ def test_x64_is_scoped():
     upd, state = tx.update(jax.tree_util.tree_map(np.zeros_like, params), state, params)
     assert np.asarray(jax.tree_util.tree_leaves(upd)[0]).dtype == np.float64
     assert bool(jax.config.jax_enable_x64) == before   # the process-wide flag is left alone
+
+
+def test_compare_and_objective_leave_the_x64_flag_alone():
+    before = bool(jax.config.jax_enable_x64)
+    spec, structure, params, X, y, loss_fn = _setup()
+    res = qj.compare(spec, "softmax_ce", X, y, what=("grad", "hvp"))
+    assert res["grad"] <= 1e-12 and res["hvp"] <= 1e-12          # float64 inside the scope
+    prob = qj.JaxProblem.from_spec(spec, "softmax_ce", X, y)
+    assert prob.full_objective.at(prob.get_theta()).grad.dtype == np.float64
+    assert bool(jax.config.jax_enable_x64) == before
