@@ -188,6 +188,36 @@ class _Secular:
     iters: int
 
 
+#: |entries| inside this range square and cube without overflow or underflow in float64
+_SAFE_LO, _SAFE_HI = 1e-100, 1e100
+
+
+def _norm(v: numpy.ndarray) -> float:
+    """‖v‖₂ of a host vector, scale-safe: the plain ``numpy.linalg.norm`` (bit-identical) when the
+    entries are of moderate size, else computed on v/max|vᵢ| and scaled back (no overflow to inf
+    for finite entries up to 1e308, no underflow to 0)."""
+    if v.size == 0:
+        return 0.0
+    m = float(numpy.max(numpy.abs(v)))
+    if m == 0.0 or not math.isfinite(m) or _SAFE_LO <= m <= _SAFE_HI:
+        return float(numpy.linalg.norm(v))
+    return m * float(numpy.linalg.norm(v / m))
+
+
+def _secular_slope(q: numpy.ndarray, d: numpy.ndarray, pn: float) -> float:
+    """φ'(σ) = Σ qᵢ²/dᵢ / ‖q‖³ of the secular equation, qᵢ = aᵢ/dᵢ: as written when ‖q‖ is of
+    moderate size (bit-identical to the recorded trajectories), else as Σ (qᵢ/‖q‖)²/dᵢ / ‖q‖, which
+    neither overflows (no Python-float ``** 3``) nor underflows for finite inputs."""
+    if _SAFE_LO <= pn <= _SAFE_HI:
+        num = float(numpy.sum(q * q / d))
+        if math.isfinite(num):
+            return num / pn ** 3
+    if not (pn > 0.0 and math.isfinite(pn)):
+        return math.nan
+    u = q / pn
+    return float(numpy.sum(u * u / d)) / pn
+
+
 def _secular_solve(lam: numpy.ndarray, a: numpy.ndarray, delta: float, *, hard_tol: float,
                    eig_tol: float, newton_tol: float, maxiter: int) -> _Secular:
     """Solve the subproblem in eigen-coordinates (host NumPy arrays of length ≤ m + 1 or n).
@@ -199,13 +229,13 @@ def _secular_solve(lam: numpy.ndarray, a: numpy.ndarray, delta: float, *, hard_t
     a = a.copy()
     scale = max(float(numpy.abs(lam).max()), 1e-300)
     lam_min = float(lam.min())
-    gnorm = float(numpy.linalg.norm(a))
+    gnorm = _norm(a)
     tol_l = eig_tol * scale
     zero = numpy.zeros_like(a)
 
     def pnorm(sigma: float) -> float:
         nz = a != 0.0
-        return float(numpy.linalg.norm(a[nz] / (lam[nz] + sigma)))
+        return _norm(a[nz] / (lam[nz] + sigma))
 
     if lam_min > tol_l:  # B positive definite: try the Newton step
         sigma0 = 0.0
@@ -214,7 +244,7 @@ def _secular_solve(lam: numpy.ndarray, a: numpy.ndarray, delta: float, *, hard_t
     else:
         sigma_low = max(0.0, -lam_min)
         group = lam <= lam_min + tol_l  # the eigenspace of λ_min (within tolerance)
-        a_min = float(numpy.linalg.norm(a[group]))
+        a_min = _norm(a[group])
         if a_min <= hard_tol * gnorm:
             a[group] = 0.0  # g ⟂ eigenspace: the pole at −λ_min is absent
             pn = pnorm(sigma_low)
@@ -238,11 +268,11 @@ def _secular_solve(lam: numpy.ndarray, a: numpy.ndarray, delta: float, *, hard_t
         nz = a != 0.0
         d = lam[nz] + sigma
         q = a[nz] / d
-        pn = float(numpy.linalg.norm(q))
+        pn = _norm(q)
         if abs(pn - delta) <= newton_tol * delta:
             break
         phi = 1.0 / pn - 1.0 / delta
-        dphi = float(numpy.sum(q * q / d)) / pn ** 3
+        dphi = _secular_slope(q, d, pn)
         new = sigma - phi / dphi
         floor = max(0.0, -lam_min)  # B + σI ⪰ 0 and σ ≥ 0
         if new <= floor or not math.isfinite(new):
