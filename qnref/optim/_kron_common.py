@@ -14,13 +14,15 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from .. import backend
 from ..curvature.objective import Point
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, evaluate
+from .base import Optimizer, Problem, StepInfo, check_bool, check_int, check_positive, check_range, draw_size, evaluate
 from .costs import CostAssumptions, ModelShapes
 from .drivers import Opened, close_step, finite_move, nonfinite_step, open_step, step_objective
 
@@ -151,10 +153,15 @@ def open_kron_step(opt: Any, state: Any, problem: Problem, theta: Any, structure
                    need_grad: bool = True) -> tuple[Any, Opened]:
     """Start of a Kronecker step: the statistics warm start on the first step (``opt._warm`` on a
     fresh ``state_cls``), then :func:`~.drivers.open_step` (``tol=None``) on the step's batch."""
+    bad = 0
     if not state.initialized:
         state = state_cls(k=state.k, mom=state.mom)
-        opt._warm(state, problem, theta, structure)
-    return state, open_step(problem, kron_batch(problem, opt.batch_size), theta, tol=None, need_grad=need_grad)
+        bad = opt._warm(state, problem, theta, structure) or 0
+    opened = open_step(problem, kron_batch(problem, opt.batch_size, opt), theta, tol=None, need_grad=need_grad)
+    if bad:  # the warm start refused non-finite statistics: the step info says so
+        opened = opened._replace(warm_skipped=bad, stop=None if opened.stop is None else
+                                 dataclasses.replace(opened.stop, skipped=opened.stop.skipped + bad))
+    return state, opened
 
 
 def kron_precondition_flops(layers: list) -> float:
@@ -162,8 +169,11 @@ def kron_precondition_flops(layers: list) -> float:
     return sum(o * o * a + o * a * a for o, a in layers)
 
 
-def kron_batch(problem: Problem, batch_size: int | None) -> int | None:
-    """The Kronecker methods' batch: at most the whole training set (thesis full-batch runs)."""
+def kron_batch(problem: Problem, batch_size: int | None, opt: Any = None) -> int | None:
+    """The Kronecker methods' batch: the paper default capped at the whole training set (thesis
+    full-batch runs); a chosen ``batch_size`` above the set is refused (:func:`~.base.draw_size`)."""
+    if opt is not None:
+        return draw_size(opt, problem, batch_size)
     return None if batch_size is None else min(batch_size, problem.n_samples)
 
 
@@ -277,7 +287,7 @@ class TensorFactorOptimizer(Optimizer):
         self.damping = check_positive("damping", damping)
         self.stat_freq = validate_freq("stat_freq", stat_freq)
         self.inv_freq = validate_freq("inv_freq", inv_freq)
-        self.warm_start = bool(warm_start)
+        self.warm_start = check_bool("warm_start", warm_start)
 
     def init(self, theta: Any) -> TensorState:
         return TensorState(mom=backend.namespace(theta).zeros_like(theta))
@@ -327,7 +337,7 @@ class TensorFactorOptimizer(Optimizer):
             out.append(mats)
         return out, bad
 
-    def _warm(self, state: TensorState, problem: Problem, theta: Any, parts) -> None:
+    def _warm(self, state: TensorState, problem: Problem, theta: Any, parts) -> int:
         objs = warm_objectives(problem, self.batch_size, self.warm_start)
         if len(objs) > 1 and objs[-1].n_samples < objs[0].n_samples:
             objs = objs[:-1]
@@ -336,8 +346,9 @@ class TensorFactorOptimizer(Optimizer):
             c = self._contractions(problem.layout, parts, self._stat_grad(obj.at(theta)))
             total = c if total is None else [[x + y for x, y in zip(a, b)] for a, b in zip(total, c)]
         state.stats = [[x / len(objs) for x in a] for a in total]
-        state.precond, _ = self._recompute(state.stats, parts, None)
+        state.precond, bad = self._recompute(state.stats, parts, None)
         state.initialized = True
+        return bad
 
     def step(self, theta: Any, state: TensorState, problem: Problem) -> tuple[Any, TensorState, StepInfo]:
         from ..curvature import kron  # noqa: PLC0415

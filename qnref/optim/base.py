@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy
 
-from .. import backend
+from .. import backend, validate
 from ..curvature.objective import NonFiniteError, Objective, PassCounter
 from ..curvature.protocol import ObjectiveProtocol, PointProtocol
 from ..nn.losses import Loss, get_loss
@@ -77,6 +77,7 @@ class Problem:
 
     def __init__(self, model: Sequential, loss: "str | Loss", X: Any, y: Any, l2: float = 0.0, *, seed: int = 0,
                  counter: PassCounter | None = None, train: bool = True):
+        seed = validate.integer("seed", seed, lo=0)
         self.model = model
         self.loss = get_loss(loss)
         self.xp = backend.namespace(X, y)
@@ -112,12 +113,10 @@ class Problem:
         """Data passes consumed by :meth:`batch` (the papers' 'epochs')."""
         return self.samples_drawn / self.n_samples
 
-    def _check_size(self, size: int) -> int:
-        if int(size) != size or size < 1:
-            raise ValueError(f"batch size must be a positive integer, got {size!r}")
-        if size > self.n_samples:
-            raise ValueError(f"batch size {size} exceeds the {self.n_samples} training examples")
-        return int(size)
+    def _check_size(self, size: int, what: str = "batch size") -> int:
+        """The one check of every batch an optimizer draws (``batch_size``, curvature and gradient
+        batches): an integer in [1, n_samples], refused by name before any work."""
+        return check_size(self.n_samples, size, what)
 
     def subset(self, idx: Any) -> Objective:
         idx_dev = self.xp.asarray(numpy.asarray(idx, dtype=numpy.int64))
@@ -125,7 +124,7 @@ class Problem:
                          counter=self.counter, rng=self.device_rng, validate=False)
 
     def batch(self, size: int) -> Objective:
-        size = self._check_size(size)
+        size = self._check_size(size, "batch_size")
         if size == self.n_samples:
             return self.full()
         idx = []
@@ -143,7 +142,7 @@ class Problem:
         return self.subset(numpy.concatenate(idx))
 
     def sample(self, size: int) -> Objective:
-        size = self._check_size(size)
+        size = self._check_size(size, "sample size")
         if size == self.n_samples:
             return self._full
         return self.subset(numpy.sort(self.rng.choice(self.n_samples, size=size, replace=False)))
@@ -209,27 +208,22 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
 
-# -- validation helpers -------------------------------------------------------------------------
+# -- validation helpers (all delegate to the one shared validator, :mod:`qnref.validate`) --------
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    """Reject non-finite, negative (or zero) hyperparameters with a clear message."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, numpy.floating, numpy.integer)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = "≥ 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value}")
-    return v
+    """A finite number > 0 (≥ 0 with ``allow_zero``): bools, strings, NaN, ±inf, negatives refused
+    with a :class:`~qnref.validate.ValidationError` naming the hyperparameter."""
+    return validate.number(name, value, lo=0.0, lo_open=not allow_zero)
 
 
 def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
-    """Reject values outside [lo, hi] (or the open variants)."""
-    v = float(value)
-    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{rb}, got {value}")
-    return v
+    """A finite number in [lo, hi] (or the open variants); infinite ends only bound by finiteness."""
+    return validate.number(name, value, None if math.isinf(lo) else lo, None if math.isinf(hi) else hi,
+                           lo_open=lo_open, hi_open=hi_open)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """True or False only (``numpy.bool_`` too): 1, 'yes', None refused by name."""
+    return validate.boolean(name, value)
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> Any:
@@ -244,16 +238,13 @@ def check_choice(name: str, value: Any, choices: tuple) -> Any:
 
 def check_above(name: str, value: float, bound: float) -> float:
     """Reject values that are not finite and > ``bound`` (radius growth factors, boosts)."""
-    v = float(value)
-    if not (math.isfinite(v) and v > bound):
-        raise ValueError(f"{name} must be finite and > {bound}, got {value}")
-    return v
+    return validate.number(name, value, lo=bound, lo_open=True)
 
 
 def checked(name: str, value: Any, rule: Any) -> Any:
     """``value`` checked by a declarative ``rule`` (the validated value, as the check_* helpers
     return it): ``"> 0"`` / ``"≥ 0"`` (:func:`check_positive`), ``"finite"``, ``"int"`` /
-    ``"int ≥ 0"`` / ``"int ≥ -1"`` (:func:`check_int`), ``"> 1"`` (:func:`check_above`), an interval
+    ``"int ≥ 0"`` / ``"int ≥ -1"`` (:func:`check_int`), ``"bool"`` (:func:`check_bool`), ``"> 1"`` (:func:`check_above`), an interval
     such as ``"(0, 1)"``, ``"[0, 1)"``, ``"[1, inf]"`` (:func:`check_range`; ``inf`` ends allow any
     finite value), or a tuple of choices (:func:`check_choice`)."""
     if isinstance(rule, tuple):
@@ -265,9 +256,9 @@ def checked(name: str, value: Any, rule: Any) -> Any:
     if rule.startswith(">"):
         return check_above(name, value, float(rule[1:]))
     if rule == "finite":
-        if not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be finite, got {value}")
-        return float(value)
+        return validate.number(name, value)
+    if rule == "bool":
+        return check_bool(name, value)
     lo, hi = (float(x) for x in rule[1:-1].split(","))
     return check_range(name, value, lo, hi, lo_open=rule[0] == "(", hi_open=rule[-1] == ")")
 
@@ -280,9 +271,40 @@ def set_checked(obj: Any, **specs: tuple[Any, Any]) -> None:
 
 
 def check_int(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return int(value)
+    """An integer ≥ ``minimum`` (5.0 counts), checked before any conversion: NaN, 2.5, True, '5'
+    are refused by name."""
+    return validate.integer(name, value, lo=minimum)
+
+
+def check_size(n: int, size: int, what: str = "batch size") -> int:
+    """``size`` as an int in [1, n] (a batch drawn from ``n`` examples), else an error naming ``what``."""
+    size = validate.integer(what, size, lo=1)
+    if size > n:
+        raise ValueError(f"{what} {size} exceeds the {n} training examples of the problem; "
+                         f"use at most {n} (or None for the full set where the optimizer allows it)")
+    return size
+
+
+def draw_size(opt: Any, problem: "Problem", size: int | None, what: str = "batch_size") -> int | None:
+    """The size of a batch an optimizer draws from its hyperparameter ``what`` (None stays None):
+    the paper default is capped at the problem's examples (the thesis' full-batch runs on sets
+    smaller than the default), a value the user chose above them is refused by name
+    (:meth:`Problem._check_size`) at the first step."""
+    return None if size is None else capped_size(opt, problem.n_samples, size, what)
+
+
+def capped_size(opt: Any, n: int, size: int, what: str) -> int:
+    """:func:`draw_size` for a set of ``n`` examples."""
+    if size > n and size != _paper_default(type(opt), what):
+        check_size(n, size, what)
+    return min(size, n)
+
+
+def _paper_default(cls: type, what: str) -> Any:
+    import inspect
+
+    param = inspect.signature(cls.__init__).parameters.get(what)
+    return None if param is None else param.default
 
 
 def evaluate(obj: "ObjectiveProtocol", theta: Any) -> "tuple[PointProtocol | None, float]":

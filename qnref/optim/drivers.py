@@ -43,12 +43,15 @@ class Opened(NamedTuple):
     stop:  the StepInfo of a step that does not move (non-finite start, or ‖∇f‖ ≤ tol), else None.
            The caller returns ``theta, state, opened.stop`` then.
     f0:    f at θ, read once from the point (one host sync; NaN when not finite).
+    warm_skipped: curvature blocks a statistics warm start of this step refused as non-finite
+           (Kronecker methods); :func:`close_step` adds them to ``skipped``.
     """
 
     obj: Objective
     point: Point | None
     stop: StepInfo | None
     f0: float = math.nan
+    warm_skipped: int = 0
 
     @property
     def g(self) -> Any:
@@ -115,6 +118,8 @@ def close_step(opened: Opened, *, loss: float, accepted: bool, evals: int, **fie
     """The StepInfo of an opened step: ``loss_start`` and ``batch_size`` come from ``opened``;
     ``fields`` are the other :class:`~.base.StepInfo` fields (step_norm, radius, step_size,
     skipped, nonfinite, extra)."""
+    if opened.warm_skipped:
+        fields["skipped"] = fields.get("skipped", 0) + opened.warm_skipped
     return StepInfo(loss=loss, loss_start=opened.f0, accepted=accepted, evals=evals,
                     batch_size=opened.obj.n_samples, **fields)
 
@@ -131,6 +136,7 @@ class LineFunction:
     def __init__(self, obj: Objective, theta: Any, d: Any):
         self.obj, self.theta, self.d = obj, theta, d
         self.trials: dict[float, tuple[Point | None, float]] = {}
+        self.bad_slopes = 0  # trials with a finite loss but a NaN/Inf gradient (slope)
 
     def _trial(self, alpha: float) -> tuple[Point | None, float]:
         if alpha not in self.trials:
@@ -148,7 +154,10 @@ class LineFunction:
         p, f = self._trial(alpha)
         if p is None:
             return math.inf, math.nan
-        return f, float(p.grad @ self.d)
+        slope = float(p.grad @ self.d)
+        if not math.isfinite(slope):
+            self.bad_slopes += 1
+        return f, slope
 
     @property
     def evals(self) -> int:
@@ -156,8 +165,19 @@ class LineFunction:
 
     @property
     def nonfinite(self) -> bool:
-        """Whether some trial point had a NaN/Inf loss (it was rejected by the search)."""
-        return any(p is None for p, _ in self.trials.values())
+        """Whether some trial point had a NaN/Inf loss or gradient (it was rejected by the search)."""
+        return self.bad_slopes > 0 or any(p is None for p, _ in self.trials.values())
+
+    def describe(self, message: str) -> str:
+        """The search's message, prefixed with the non-finite trials it met (so a stalled search
+        says why, not only "max_evals reached")."""
+        bad_f = sum(p is None for p, _ in self.trials.values())
+        notes = []
+        if bad_f:
+            notes.append(f"{bad_f} of {self.evals} trials had a non-finite loss")
+        if self.bad_slopes:
+            notes.append(f"{self.bad_slopes} of {self.evals} trials had a non-finite gradient")
+        return f"{'; '.join(notes)}: {message}" if notes else message
 
 
 class LineOutcome(NamedTuple):
@@ -194,7 +214,7 @@ def line_search(obj: Objective, theta: Any, d: Any, f0: float, slope: float, *, 
     else:
         raise ValueError(f"rule must be 'armijo' or 'wolfe', got {rule!r}")
     if not ls.success:
-        return LineOutcome(False, 0.0, None, f0, ls.n_evals, line.nonfinite, ls.message)
+        return LineOutcome(False, 0.0, None, f0, ls.n_evals, line.nonfinite, line.describe(ls.message))
     p, f = line._trial(ls.alpha)
     return LineOutcome(True, ls.alpha, p, f, ls.n_evals, line.nonfinite, ls.message)
 

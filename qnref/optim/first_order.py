@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import backend
-from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, set_checked
+from .base import Optimizer, Problem, StepInfo, check_int, check_positive, check_range, draw_size, set_checked
 from .costs import CostAssumptions, ModelShapes
 from .drivers import Opened, close_step, finite_move, line_search, nonfinite_step, open_step, with_extra
 from .registry import register
@@ -399,6 +399,7 @@ class SVRG(FirstOrderOptimizer):
         """m, the number of steps between snapshots."""
         if self.inner_steps is not None:
             return self.inner_steps
+        draw_size(self, problem, self.batch_size)  # a chosen batch above the set is refused here (snapshots only)
         b = problem.n_samples if self.batch_size is None else self.batch_size
         return max(1, math.ceil(2 * problem.n_samples / b))
 

@@ -47,7 +47,7 @@ import numpy
 
 from .. import backend
 from ..curvature.objective import Objective
-from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, set_checked, try_point
+from .base import Optimizer, Problem, StepInfo, capped_size, check_choice, check_int, check_positive, check_range, set_checked, try_point
 from .costs import CostAssumptions, ModelShapes
 from .drivers import close_step, open_step, with_extra
 from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
@@ -188,6 +188,9 @@ def cg_solve(
     while i < max_iters:
         if tol is not None and i >= min_iters and res[-1] <= tol * bnorm:
             reason = "tol"
+            break
+        if not math.isfinite(rz):  # a non-finite preconditioner: no product along a NaN direction
+            reason = "nonfinite"
             break
         ad = Av(d)
         n_products += 1
@@ -391,12 +394,12 @@ class HessianFree(Optimizer):
     # -- helpers --------------------------------------------------------------------------------
     def grad_size(self, n: int) -> int:
         if self.grad_batch is not None:
-            return min(self.grad_batch, n)
+            return capped_size(self, n, self.grad_batch, "grad_batch")
         return max(1, min(n, int(math.ceil(self.grad_fraction * n))))
 
     def curvature_size(self, n: int) -> int:
         if self.curvature_batch is not None:
-            return min(self.curvature_batch, n)
+            return capped_size(self, n, self.curvature_batch, "curvature_batch")
         return max(1, min(n, int(math.ceil(self.curvature_fraction * n))))
 
     def _curvature_objective(self, problem: Problem, gobj: Objective, theta: Any) -> Objective:
@@ -446,11 +449,28 @@ class HessianFree(Optimizer):
         if self.preconditioner == "martens":
             precond = martens_preconditioner(gobj, theta, lam, self.precond_exponent)
         x0 = self.warm_start_decay * state.prev if self.warm_start_decay > 0 else None
-        cg = cg_solve(Av, -g, x0, max_iters=self.max_cg_iters, min_iters=self.min_cg_iters, tol=self.cg_tol,
-                      progress_eps=self.progress_eps, precond=precond, store_ratio=self.store_ratio)
+        if precond is not None and not backend.all_finite(precond):
+            precond = math.nan  # per-example gradients were not finite: rejected below, no CG
+        cg = None if precond is math.nan else cg_solve(
+            Av, -g, x0, max_iters=self.max_cg_iters, min_iters=self.min_cg_iters, tol=self.cg_tol,
+            progress_eps=self.progress_eps, precond=precond, store_ratio=self.store_ratio)
+        if cg is None:
+            st = HFState(self._lm(lam, -math.inf), state.prev * 0, state.k + 1)
+            return theta, st, close_step(opened, loss=f0, accepted=False, evals=1, step_size=0.0, nonfinite=True,
+                                         skipped=1, extra={"message": "non-finite preconditioner (per-example "
+                                                           "gradients): step rejected", "damping_used": lam,
+                                                           "damping": st.damping})
         extra: dict = dict(cg.stats)
         extra["damping_used"] = lam
         extra["curvature_batch"] = cobj.n_samples
+        if cg.reason == "nonfinite":
+            # a NaN/Inf curvature product (Gv/Hv, or the preconditioner) inside CG: the step would be
+            # built from it, so it is rejected (θ stays, the warm start is dropped, λ is boosted)
+            extra["message"] = f"non-finite curvature product in CG at iteration {cg.iters}: step rejected"
+            st = HFState(self._lm(lam, -math.inf), state.prev * 0, state.k + 1)
+            extra["damping"] = st.damping
+            return theta, st, close_step(opened, loss=f0, accepted=False, evals=1, step_size=0.0, nonfinite=True,
+                                         skipped=1, extra=extra)
 
         iterates = cg.iterates
         if cg.iters == 0 and not bool(cg.x.any()):

@@ -43,7 +43,7 @@ from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
 from .costs import CostAssumptions, ModelShapes, flops_inv
-from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range
+from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_int, check_positive, check_range
 from .operators import LBFGSOperator, bfgs_inverse_update
 from .pairs import PairStore
 from .drivers import close_step, nonfinite_step
@@ -98,7 +98,7 @@ class KBFGS(Optimizer):
         if version == "ch2" and damping > 1:
             raise ValueError(f"version='ch2' uses double damping with μ₂ = √λ ∈ (0, 1] (thesis §2.3.1); got damping={damping}")
         self.version = version
-        self.warm_start = bool(warm_start)
+        self.warm_start = check_bool("warm_start", warm_start)
         if self._limited:
             self.memory = check_int("memory", 100 if memory is None else memory, 1)
         elif memory is not None:

@@ -26,6 +26,7 @@ For the CNN experiments the thesis uses T₁ = 10, T₂ = 100 and batch 128 (§3
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,7 +34,7 @@ from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
 from .costs import CostAssumptions, ModelShapes, flops_inv
-from .base import Optimizer, Problem, StepInfo, check_choice, check_positive
+from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_positive
 from .drivers import close_step, nonfinite_step
 from .registry import register
 
@@ -69,8 +70,8 @@ class KFAC(Optimizer):
         self.stat_freq = kc.validate_freq("stat_freq", stat_freq)
         self.inv_freq = kc.validate_freq("inv_freq", inv_freq)
         self.fisher = check_choice("fisher", fisher, ("sampled", "empirical"))
-        self.use_pi = bool(use_pi)
-        self.warm_start = bool(warm_start)
+        self.use_pi = check_bool("use_pi", use_pi)
+        self.warm_start = check_bool("warm_start", warm_start)
 
     def init(self, theta: Any) -> KFACState:
         xp = backend.namespace(theta)
@@ -94,7 +95,7 @@ class KFAC(Optimizer):
         taps = p.layer_stats(self.fisher)
         return {name: kron.factors(t) for name, t in taps.items()}
 
-    def _warm(self, state: KFACState, problem: Problem, theta: Any, layers) -> None:
+    def _warm(self, state: KFACState, problem: Problem, theta: Any, layers) -> int:
         sums: dict = {}
         count = 0
         for obj in kc.warm_objectives(problem, self.batch_size, self.warm_start):
@@ -109,8 +110,9 @@ class KFAC(Optimizer):
         for L in layers:
             A, G = sums[L.name]
             state.A[L.name], state.G[L.name] = A / count, G / count
-        self._invert(state, layers)
+        bad = self._invert(state, layers)
         state.initialized = True
+        return bad
 
     def _invert(self, state: KFACState, layers) -> int:
         bad = 0
@@ -121,6 +123,11 @@ class KFAC(Optimizer):
                 state.HA[L.name], state.HG[L.name], state.pi[L.name] = HA, HG, pi
             else:
                 bad += 1
+                if L.name not in state.HA:  # no inverse yet (warm start): (λI)^-1 split over both factors
+                    xp, r = backend.namespace(A), 1.0 / math.sqrt(self.damping)
+                    state.HA[L.name] = r * xp.eye(A.shape[0], dtype=A.dtype)
+                    state.HG[L.name] = r * xp.eye(G.shape[0], dtype=G.dtype)
+                    state.pi[L.name] = 1.0
         return bad
 
     # -- step -------------------------------------------------------------------------------------------------

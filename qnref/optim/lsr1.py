@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import backend
-from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, set_checked
+from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_int, check_positive, check_range, set_checked
 from .costs import CostAssumptions, ModelShapes
 from .drivers import close_step, finite_point, line_search, open_step, trust_region_update
 from .operators import LSR1Operator, lsr1_prune, lsr1_prune_flops, sr1_skip
@@ -51,10 +51,7 @@ class _LSR1Base(Optimizer):
 
     def __init__(self, memory: int, gamma: float, r: float, batch_size: int | None, tol: float):
         self.memory = check_int("memory", memory)
-        g = float(gamma)
-        if g == 0 or not math.isfinite(g):
-            raise ValueError(f"gamma (B₀ = γI) must be finite and nonzero, got {gamma}")
-        self.gamma = g
+        self.gamma = check_positive("gamma (B₀ = γI, positive definite)", gamma)
         self.r = check_range("r", r, 0.0, 1.0, lo_open=True, hi_open=True)
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
         self.tol = check_positive("tol", tol, allow_zero=True)
@@ -109,7 +106,7 @@ class LSR1TrustRegion(_LSR1Base):
                  solver: str = "exact", tol: float = 0.0, gram_cache: bool = True,
                  gram_rcond: float = 1e-6):
         super().__init__(memory, gamma, r, batch_size, tol)
-        self.gram_cache = bool(gram_cache)
+        self.gram_cache = check_bool("gram_cache", gram_cache)
         self.gram_rcond = check_range("gram_rcond", gram_rcond, 0.0, 1.0, hi_open=True)
         check_range("rho_fraction", rho_fraction, 0.0, 1.0, lo_open=True)
         self._rule = RadiusRule(eta=eta, u=u, l=l, boundary_fraction=rho_fraction, increase=increase, decrease=decrease)

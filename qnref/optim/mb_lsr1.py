@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 from .. import backend
 from ..curvature.objective import Point
-from .base import Optimizer, Problem, StepInfo, check_int, check_range, evaluate, set_checked, try_point
+from .base import Optimizer, Problem, StepInfo, capped_size, check_bool, check_int, check_range, evaluate, set_checked, try_point
 from .costs import CostAssumptions, ModelShapes
 from .drivers import line_search, open_step, trust_region_update
 from .operators import LSR1Operator, lsr1_prune, lsr1_prune_flops, sr1_skip
@@ -182,10 +182,10 @@ class MBLSR1(Optimizer):
                  warm_radius: float = 0.01, warm_eps: float = 1e-3, gram_cache: bool = False,
                  gram_rcond: float = 1e-6):
         self.memory = check_int("memory", memory)
-        self.gram_cache = bool(gram_cache)
+        self.gram_cache = check_bool("gram_cache", gram_cache)
         set_checked(self, gram_rcond=(gram_rcond, "[0, 1)"), batch_size=(batch_size, "int"), delta0=(delta0, "> 0"))
-        rm = int(restart_memory)
-        if rm != restart_memory or not (rm == -1 or 0 <= rm <= self.memory):
+        rm = check_int("restart_memory", restart_memory, -1)
+        if not (rm == -1 or 0 <= rm <= self.memory):
             raise ValueError(f"restart_memory (m̂) must be -1 (off), 0 (restart) or 1…memory (warm start), got {restart_memory!r}")
         self.restart_memory = rm
         set_checked(self, tau=(tau, "finite"), K=(K, "int"), gamma1=(gamma1, "[0, 1]"), gamma2=(gamma2, "[0, 1]"),
@@ -194,7 +194,7 @@ class MBLSR1(Optimizer):
                     max_evals=(max_evals, "int"), gamma=(gamma, "> 0"), sr1_r=(sr1_r, "(0, 1)"),
                     progress_factor=(progress_factor, "[1, inf]"), progress_cap=(progress_cap, "int"),
                     radius_low=(radius_low, "finite"))
-        self.radius_high = check_range("radius_high", radius_high, self.radius_low, math.inf)
+        self.radius_high = check_range("radius_high (≥ radius_low)", radius_high, self.radius_low, math.inf)
         set_checked(self, radius_increase=(radius_increase, "> 1"), delta_min=(delta_min, "> 0"))
         if self.delta_min > self.delta0:
             raise ValueError(f"delta_min={delta_min} exceeds delta0={delta0}")
@@ -331,7 +331,7 @@ class MBLSR1(Optimizer):
 
     def step(self, theta: Any, state: MBLSR1State, problem: Problem) -> tuple[Any, MBLSR1State, StepInfo]:
         N = problem.n_samples
-        n_b = min(state.n_b, N)
+        n_b = capped_size(self, N, state.n_b, "batch_size")
         if state.converged:
             return theta, state, StepInfo(accepted=False, batch_size=0, radius=state.delta,
                                           extra={"converged": True})

@@ -72,8 +72,12 @@ class PairStore:
         xp = backend.namespace(like)
         n = int(like.shape[0])
         z = xp.zeros((0, 0), dtype=like.dtype) if grams else None
-        return cls(xp.zeros((capacity, n), dtype=like.dtype), xp.zeros((capacity, n), dtype=like.dtype), 0,
-                   z, None if z is None else z.copy(), None if z is None else z.copy())
+        try:
+            S, Y = xp.zeros((capacity, n), dtype=like.dtype), xp.zeros((capacity, n), dtype=like.dtype)
+        except (MemoryError, ValueError, OverflowError):  # numpy's and CuPy's refusals of huge shapes
+            raise ValueError(f"memory (pair capacity) {capacity} is too large: two {capacity} × {n} arrays of "
+                             f"{like.dtype} cannot be allocated; choose a smaller memory") from None
+        return cls(S, Y, 0, z, None if z is None else z.copy(), None if z is None else z.copy())
 
     @classmethod
     def from_rows(cls, S: Any, Y: Any, *, capacity: int | None = None, grams: bool = True) -> "PairStore":

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .. import backend
+from .. import backend, validate
 from ..curvature.objective import Point
 from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, evaluate, set_checked, try_point
 from .costs import CostAssumptions, ModelShapes
@@ -69,7 +69,11 @@ def sample_directions(rng: Any, theta: Any, m: int, radius: float) -> Any:
     :meth:`Problem.state`); [SQN-code] ``Stemp = radius*np.random.randn(num_weights, mmr)``.
     """
     n = int(theta.shape[0])
-    Z = rng.standard_normal((int(m), n), dtype=theta.dtype)
+    try:
+        Z = rng.standard_normal((int(m), n), dtype=theta.dtype)
+    except (MemoryError, ValueError, OverflowError):  # refusals of huge shapes
+        raise ValueError(f"memory {m} is too large: {m} × {n} sampled directions cannot be allocated; "
+                         "choose a smaller memory") from None
     xp = backend.namespace(theta)
     return xp.asarray(Z) * float(radius)
 
@@ -319,8 +323,12 @@ class SampledLSR1(_SampledQN):
         super().__init__(memory, radius, option, eps, batch_size, tol)
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
         self.delta0 = check_positive("delta0", delta0)
-        self.eta, self.l, self.u, self.increase, self.decrease = (float(v) for v in (eta, l, u, increase, decrease))
-        self.boundary_fraction, self.delta_max = float(boundary_fraction), float(delta_max)
+        # numbers here (NaN refused by name), ranges in RadiusRule below
+        self.eta, self.l, self.u, self.increase, self.decrease = (
+            validate.number(k, v, finite=False) for k, v in
+            (("eta", eta), ("l", l), ("u", u), ("increase", increase), ("decrease", decrease)))
+        self.boundary_fraction = validate.number("boundary_fraction", boundary_fraction, finite=False)
+        self.delta_max = validate.number("delta_max", delta_max, finite=False)
         self.delta_min = check_positive("delta_min", delta_min)
         if self.delta_min > self.delta0:
             raise ValueError(f"delta_min={delta_min} exceeds delta0={delta0}")

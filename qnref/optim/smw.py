@@ -75,7 +75,7 @@ import numpy
 from .. import backend
 from ..curvature.objective import Point
 from .costs import CostAssumptions, ModelShapes, flops_solve
-from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, set_checked, try_point
+from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_int, check_positive, check_range, set_checked, try_point
 from .drivers import close_step, open_step, with_extra
 from .registry import register
 
@@ -324,7 +324,7 @@ class SMWOptimizer(Optimizer):
         eta: float | None = None,
         rho_at: str = "direction",
     ):
-        self.full_gradient = bool(full_gradient)
+        self.full_gradient = check_bool("full_gradient", full_gradient)
         self.lr = (1.0 if self.full_gradient else 0.1) if lr is None else check_positive("lr", lr)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.curvature_batch = check_int("curvature_batch", curvature_batch, 1)

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy
 
 from .. import backend
-from .base import Optimizer, Problem, StepInfo, check_choice, check_int, set_checked, try_point
+from .base import Optimizer, Problem, StepInfo, check_choice, draw_size, check_int, set_checked, try_point
 from .costs import CostAssumptions, ModelShapes
 from .drivers import line_search
 from .linesearch import CNN_COMPARISON_C1
@@ -136,7 +136,7 @@ class SQN(Optimizer):
             ss = float(s @ s)
             y = None
             if ss > 0.0 and math.isfinite(ss) and backend.all_finite(wbar):
-                cobj = problem.sample(min(self.curvature_batch, problem.n_samples))
+                cobj = problem.sample(draw_size(self, problem, self.curvature_batch, "curvature_batch"))
                 pt = try_point(cobj, wbar)
                 if pt is not None:
                     y = pt.hvp(s) if self.curvature == "hessian" else pt.ggn_vp(s)
@@ -172,7 +172,7 @@ class SQN(Optimizer):
         return theta, {"evals": 1, "loss": p0.value, "step_size": 0.0, "accepted": False, "nonfinite": True}, {}
 
     def step(self, theta: Any, state: SQNState, problem: Problem) -> tuple[Any, SQNState, StepInfo]:
-        obj = problem.full() if self.batch_size is None else problem.batch(min(self.batch_size, problem.n_samples))
+        obj = problem.full() if self.batch_size is None else problem.batch(draw_size(self, problem, self.batch_size))
         mem = state.memory
         k = state.k + 1
         state.k = k

@@ -170,7 +170,7 @@ def test_nonfinite_trial_is_rejected_and_radius_shrinks():
 
 @pytest.mark.parametrize("cls,kw,msg", [
     (LSR1TrustRegion, {"memory": 0}, "memory"), (LSR1TrustRegion, {"gamma": 0.0}, "gamma"),
-    (LSR1TrustRegion, {"r": 1.5}, "r must lie"), (LSR1TrustRegion, {"decrease": 1.0}, "decrease"),
+    (LSR1TrustRegion, {"r": 1.5}, "r must be"), (LSR1TrustRegion, {"decrease": 1.0}, "decrease"),
     (LSR1TrustRegion, {"increase": 0.9}, "increase"), (LSR1TrustRegion, {"solver": "dogleg"}, "solver"),
     (LSR1TrustRegion, {"batch_size": 0}, "batch_size"), (LSR1LineSearch, {"c1": 0.0}, "c1"),
     (LBFGS, {"c2": 1e-5}, "c2"), (LBFGS, {"forget_every": 0}, "forget_every"),
