@@ -9,7 +9,7 @@ from qnref.curvature.objective import NonFiniteError, Objective, Point
 from qnref.nn.activations import Tanh
 from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
-from qnref.optim import make_optimizer
+from qnref.optim import load_all, make_optimizer
 from qnref.optim.base import Problem
 from qnref.optim.trust_region import _norm, _secular_slope, solve_dense_subproblem
 from qnref.validate import ValidationError
@@ -87,6 +87,24 @@ def test_huge_rows_do_not_overflow_the_tr_solver(name, where):
         th, st, info = opt.step(th, st, prob)  # no OverflowError
         assert np.all(np.isfinite(th))
         assert math.isfinite(info.loss) or info.nonfinite or not info.accepted
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("scale", [1e150, 1e300])
+@pytest.mark.parametrize("name", sorted(load_all()))
+def test_every_optimizer_survives_huge_rows(name, scale):
+    """Finite but huge targets (×1e150: f ≈ 1e298; ×1e300: f overflows to inf) for every method."""
+    r = np.random.default_rng(0)
+    model = _mlp()
+    X, Y = r.standard_normal((300, 4)), r.standard_normal((300, 3))
+    Y[:3] *= scale
+    prob = Problem(model, "mse", X, Y, 0.0, seed=0)
+    opt = make_optimizer(name)
+    th = model.init(0)
+    st = opt.init(th)
+    for _ in range(4):
+        th, st, info = opt.step(th, st, prob)
+        assert np.all(np.isfinite(th))
 
 
 @pytest.mark.parametrize("scale", [1e-200, 1e-120, 1e120, 1e200, 1e300])
