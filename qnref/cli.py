@@ -829,8 +829,8 @@ def cmd_check(a: argparse.Namespace) -> int:
     rel = lambda a_, b_: float(numpy.abs(a_ - b_).max() / numpy.abs(b_).max())  # noqa: E731
     checks = {
         "gradient vs finite differences": rel(p.grad, dense.gradient_fd(obj, theta)),
-        "Hv vs finite-difference Hessian": rel(p.hvp(v), dense.hessian(obj, theta) @ v),
-        "Gv vs explicit JᵀH_LJ": rel(p.ggn_vp(v), dense.ggn(obj, theta) @ v),
+        "Hv vs finite-difference Hessian": rel(p.hvp(v), dense.hessian(obj, theta, method="fd") @ v),
+        "Gv vs explicit JᵀH_LJ": rel(p.ggn_vp(v), dense.ggn(obj, theta, method="fd") @ v),
         "Fv vs explicit per-example grads": rel(p.fisher_vp(v), dense.fisher(obj, theta) @ v),
     }
     if a.device == "gpu":
