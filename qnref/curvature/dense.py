@@ -1,14 +1,20 @@
 """Explicit n × n curvature matrices for small models: the oracles the tests trust.
 
-Two independent routes are offered for each matrix:
+Two independent routes are offered for the Hessian and the GGN:
 
-- *finite differences* (``method="fd"``): central differences of the gradient (Hessian) or of the
+- *exact* (``method="exact"``, the default; ``"products"`` is the same route under its old name):
+  n exact matrix-vector products with the unit vectors (``H eᵢ`` through :meth:`Objective.hvp`,
+  ``G eᵢ`` through :meth:`Objective.ggn_vp`), exact to rounding (float64: ~1e-15 relative); the
+  oracle to compare a framework's dense Hessian/GGN with;
+- *finite differences* (``method="fd"``, explicit): central differences of the gradient (Hessian) or of the
   network outputs (Jacobian), with the output-space Hessian of the loss written out explicitly
   (:meth:`~qnref.nn.losses.Loss.hessian`). They share no code with the R-op products. ``order=2``
   is the 3-point stencil (error O(ε²)); ``order=4`` the 5-point stencil (error O(ε⁴), use
-  ε ≈ 1e-3 for ~1e-11 relative accuracy in float64).
-- *products* (``method="products"``): n matrix-vector products with the unit vectors, for larger
-  models where finite differences are too slow or too noisy.
+  ε ≈ 1e-3 for ~1e-11 relative accuracy in float64). Use them to test the R-op products
+  themselves (``H v`` against ``hessian(..., method="fd") @ v``); the default ~1e-10 error is too
+  large for an oracle of other exact products.
+
+``fisher`` keeps ``method="fd"`` as its default (``"products"`` for the exact route).
 
 All conventions match :class:`~qnref.curvature.objective.Objective`: mean over the batch, the L2
 term in H and G but not in F.
@@ -65,12 +71,21 @@ def gradient_fd(obj: Objective, theta: Any, eps: float = 1e-6, order: int = 2) -
     return g
 
 
-def hessian(obj: Objective, theta: Any, method: str = "fd", eps: float = 1e-5, order: int = 2) -> Any:
-    """The n × n Hessian of f: central differences of the analytic gradient, or n exact H eᵢ."""
-    if method == "products":
+_METHODS = ("exact", "fd", "products")
+
+
+def _check_method(method: Any) -> str:
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError(f"method must be 'exact' (n exact products with unit vectors, the default), 'fd' (finite "
+                         f"differences) or 'products' (= 'exact'), got {method!r}")
+    return "exact" if method == "products" else method
+
+
+def hessian(obj: Objective, theta: Any, method: str = "exact", eps: float = 1e-5, order: int = 2) -> Any:
+    """The n × n Hessian of f: n exact products H eᵢ (``method="exact"``, default) or central
+    differences of the analytic gradient (``method="fd"``; ``eps``/``order`` apply to it only)."""
+    if _check_method(method) == "exact":
         return _unit_columns(obj, theta, lambda v: obj.hvp(theta, v))
-    if method != "fd":
-        raise ValueError(f"method must be 'fd' or 'products', got {method!r}")
     xp = backend.namespace(theta)
     n = theta.shape[0]
     H = xp.empty((n, n), dtype=theta.dtype)
@@ -85,9 +100,10 @@ def output_hessians(obj: Objective, theta: Any) -> Any:
     return obj.loss.hessian(z, obj.y)
 
 
-def ggn(obj: Objective, theta: Any, method: str = "fd", eps: float = 1e-6, order: int = 2) -> Any:
-    """G = (1/N) Σᵢ Jᵢᵀ H_{L,i} Jᵢ + λI with explicit Jacobians (``fd``) or n products."""
-    if method == "products":
+def ggn(obj: Objective, theta: Any, method: str = "exact", eps: float = 1e-6, order: int = 2) -> Any:
+    """G = (1/N) Σᵢ Jᵢᵀ H_{L,i} Jᵢ + λI: n exact products G eᵢ (``method="exact"``, default) or explicit
+    finite-difference Jacobians with the loss's explicit output Hessians (``method="fd"``)."""
+    if _check_method(method) == "exact":
         return _unit_columns(obj, theta, lambda v: obj.ggn_vp(theta, v))
     xp = backend.namespace(theta)
     J = jacobian_fd(obj, theta, eps, order)
