@@ -12,6 +12,8 @@ compared in gradient-equivalent passes whatever they draw.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -300,9 +302,8 @@ def capped_size(opt: Any, n: int, size: int, what: str) -> int:
     return min(size, n)
 
 
+@functools.lru_cache(maxsize=None)
 def _paper_default(cls: type, what: str) -> Any:
-    import inspect
-
     param = inspect.signature(cls.__init__).parameters.get(what)
     return None if param is None else param.default
 
