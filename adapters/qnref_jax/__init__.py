@@ -6,9 +6,11 @@ from .compare import ALL_WHAT, DEFAULT_WHAT, assert_agree, compare, jax_loss, re
 from .convert import (UnsupportedLayerError, apply, enable_x64, from_spec, layer_keys, merge, params_to_theta, split,
                       theta_to_params, to_spec)
 from .objective import GradientTransformation, JaxObjective, JaxPoint, JaxProblem, as_gradient_transformation, x64_scope
-from .transform import GradientTransformationExtraArgs, QNRefState, requirement, transformation
+from .transform import (GradientTransformationExtraArgs, QNRefState, requirement, state_from_arrays, state_to_arrays,
+                        transformation)
 
 __all__ = ["from_spec", "to_spec", "split", "merge", "apply", "params_to_theta", "theta_to_params", "enable_x64",
            "UnsupportedLayerError", "layer_keys", "compare", "assert_agree", "rel_diff", "jax_loss", "DEFAULT_WHAT", "ALL_WHAT",
            "JaxObjective", "JaxPoint", "JaxProblem", "as_gradient_transformation", "GradientTransformation",
-           "transformation", "QNRefState", "GradientTransformationExtraArgs", "requirement", "x64_scope"]
+           "transformation", "QNRefState", "GradientTransformationExtraArgs", "requirement", "x64_scope",
+           "state_to_arrays", "state_from_arrays"]

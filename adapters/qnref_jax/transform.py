@@ -23,20 +23,35 @@
   use the incoming gradient.
 
 ``learning_rate``: a number or a schedule ``count -> lr`` (optax schedules are such callables); the
-step number is the state's ``count``. It sets the method's ``lr`` hyperparameter, or, for methods
+step number is the state's ``count``, the schedule evaluated in the params' precision (float64
+params: inside the x64 scope). It sets the method's ``lr`` hyperparameter, or, for methods
 without one, scales the step the method returns (as :class:`qnref_torch.QNRefOptimizer` does).
 
 State: :class:`QNRefState`, a NamedTuple of arrays (``count``: int32 scalar; ``manifest``: the
 qnref state's schema as UTF-8 bytes in a uint8 array; ``arrays``: a dict of the state's arrays by
 name), built with qnref's checkpoint encoding, so ``jax.tree_util``, orbax and flax serialization
-handle it and a restored state resumes bit-identically.
+handle it and a restored state resumes bit-identically. The keys of ``arrays`` may change between
+steps (KFAC's factors appear at its first step): restore without a target (orbax/flax raw restore)
+or with :func:`state_to_arrays` / :func:`state_from_arrays` (a flat dict for ``numpy.savez``); a
+target from ``tx.init(params)`` fits only while the structure is unchanged (L-BFGS, L-SR1, Adam
+preallocate theirs). With ``problem=``, the problem's batch stream is not in the state (save
+``problem.state()`` alongside and ``problem.load_state`` it).
 
 float64: when a leaf of ``params`` is float64, the JAX calls run inside ``jax.enable_x64(True)``
 (scoped; the process-wide flag is left alone). ``update`` runs host-side NumPy code: calling it
 inside ``jax.jit`` / ``lax.scan`` raises a ``TypeError`` saying so (no ``pure_callback`` path).
 
-This module does not import optax (optax is not a dependency): the returned NamedTuple has optax's
-``GradientTransformationExtraArgs`` fields (``init``, ``update``) and works with ``optax.apply_updates``.
+optax (the ``jax`` extra installs it): when optax is importable, :func:`transformation` returns a
+genuine ``optax.GradientTransformationExtraArgs``, so it goes into ``optax.chain`` and
+``optax.apply_updates``; without optax it returns this module's NamedTuple of the same two fields.
+
+``optax.chain``: a pure first-order method transforms the incoming ``updates`` (e.g.
+``optax.chain(optax.clip_by_global_norm(1.0), qnref_jax.transformation("adam"))`` clips the
+gradient first). A method that re-evaluates f and ∇f (line search, trust region, quasi-Newton,
+problem= methods) takes its gradient at ``params`` from ``grad=`` / ``value_fn`` itself, so a
+transformation *before* it cannot act on its step: when ``grad=`` is given and the incoming
+``updates`` differ from it, ``update`` raises a ``ValueError`` saying so. Transformations *after*
+it (``optax.chain(tx, optax.scale(0.5))``) act on its step as usual.
 """
 from __future__ import annotations
 
@@ -54,14 +69,33 @@ from qnref.optim.registry import make_optimizer
 
 from .objective import _pure_first_order, has_float64, x64_scope
 
-__all__ = ["QNRefState", "GradientTransformationExtraArgs", "transformation", "requirement"]
+__all__ = ["QNRefState", "GradientTransformationExtraArgs", "transformation", "requirement", "state_to_arrays",
+           "state_from_arrays"]
+
+
+try:  # optax >= 0.2 (the jax extra); the NamedTuple below stands in without it
+    from optax import GradientTransformationExtraArgs as _OptaxGTX
+except ImportError:  # pragma: no cover - optax is in the jax extra
+    _OptaxGTX = None
 
 
 class GradientTransformationExtraArgs(NamedTuple):
-    """optax's ``GradientTransformationExtraArgs`` shape: ``init(params)``, ``update(updates, state, params, **extra)``."""
+    """optax's ``GradientTransformationExtraArgs`` shape: ``init(params)``, ``update(updates, state, params, **extra)``.
+
+    Used only when optax is not importable; otherwise :func:`transformation` returns optax's own class."""
 
     init: Callable
     update: Callable
+
+
+def _same_tree(a: Any, b: Any) -> bool:
+    import jax
+
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    if ta != tb:
+        return False
+    return all(x is y or numpy.array_equal(numpy.asarray(x), numpy.asarray(y)) for x, y in zip(la, lb))
 
 
 class QNRefState(NamedTuple):
@@ -70,6 +104,29 @@ class QNRefState(NamedTuple):
     count: Any
     manifest: Any
     arrays: dict
+
+
+def state_to_arrays(state: QNRefState) -> dict:
+    """A flat ``{name: numpy array}`` of the state (``numpy.savez(f, **d)``, any array store).
+
+    The keys of ``state.arrays`` can change between steps (KFAC's factors appear at its first step,
+    a growing memory adds arrays), so restoring into the structure of ``tx.init(params)`` works only
+    while the structure is unchanged; :func:`state_from_arrays` needs no target."""
+    out = {"count": numpy.asarray(state.count), "manifest": numpy.asarray(state.manifest)}
+    out.update({"arrays/" + k: numpy.asarray(v) for k, v in state.arrays.items()})
+    return out
+
+
+def state_from_arrays(data: Any) -> QNRefState:
+    """The :class:`QNRefState` of a :func:`state_to_arrays` dict (or a ``numpy.load`` of its ``savez``)."""
+    import jax.numpy as jnp
+
+    keys = list(data.keys())
+    missing = {"count", "manifest"} - set(keys)
+    if missing:
+        raise ValueError(f"not a qnref_jax state: {sorted(missing)} missing")
+    arrays = {k[len("arrays/"):]: numpy.array(data[k]) for k in keys if k.startswith("arrays/")}
+    return QNRefState(jnp.asarray(numpy.asarray(data["count"]), jnp.int32), numpy.array(data["manifest"]), arrays)
 
 
 requirement = optimizer_needs  # "grad", "curvature" or "layers" (qnref.curvature.protocol.OPTIMIZER_NEEDS)
@@ -239,10 +296,16 @@ def transformation(optimizer: Any, *, problem: Any = None, learning_rate: Any = 
             opt, scale = _opt_at(count)
             theta = _theta(params)
             inner = _decode(state.manifest, state.arrays, type(opt.init(theta)))
+            if not pure and grad is not None and not _same_tree(updates, grad):
+                raise ValueError(f"optimizer {name!r} evaluates f and ∇f at params itself (value_fn / problem=), so the "
+                                 "incoming updates, which differ from grad=, cannot act on its step: a transformation "
+                                 "before it in optax.chain is not meaningful. Chain transformations after it "
+                                 "(optax.chain(tx, optax.scale(...))) or use a first-order method (sgd, adam, ...) "
+                                 "after the gradient transformation")
             if problem is not None:
                 new_theta, inner, _ = opt.step(theta, inner, problem)
             elif pure:
-                g = numpy.array(ravel_pytree(updates if grad is None else grad)[0])
+                g = numpy.array(ravel_pytree(updates)[0])      # the incoming updates (after any chained transform)
                 delta, inner = opt._update(theta, g, inner)
                 new_theta = theta + delta
             else:
@@ -265,4 +328,6 @@ def transformation(optimizer: Any, *, problem: Any = None, learning_rate: Any = 
             out = _unravel(params, jnp.asarray(delta.astype(theta.dtype)))
             return out, QNRefState(jnp.asarray(count + 1, jnp.int32), manifest, arrays)
 
+    if _OptaxGTX is not None:
+        return _OptaxGTX(init, update)
     return GradientTransformationExtraArgs(init, update)
