@@ -485,8 +485,12 @@ def table(rows, section=None):
 def source_line(machine, chash, ename, paths, m):
     import datetime
 
-    date = max((r.date or 0) for r in m.results) / 1000
-    when = datetime.datetime.fromtimestamp(date, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    def utc(ms):
+        return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    starts = [t for r in m.results[:1] for t in r.started_at.values() if t]
+    ran = f"run {utc(min(starts))} – {utc(max(starts))}" if starts else "run time unknown"
+    when = f"commit of {utc(max((r.date or 0) for r in m.results))}, {ran}"
     full = quick = 0
     for r in m.results[:1]:
         for key in r.get_all_result_keys():
@@ -496,7 +500,7 @@ def source_line(machine, chash, ename, paths, m):
                 if s is not None:
                     full, quick = (full + 1, quick) if samples_of(s) >= MIN_SAMPLES else (full, quick + 1)
     return (f"From `python -m asv_bench.claims`: machine `{machine}`, commit `{chash[:8]}`, environment "
-            f"`{ename}`, results of {when} (`{os.path.relpath(paths[0], ROOT)}`); time results with "
+            f"`{ename}`, {when} (`{os.path.relpath(paths[0], ROOT)}`); time results with "
             f"full statistics: {full}, one-sample (`--quick`): {quick}.")
 
 
