@@ -617,8 +617,17 @@ class LoaderProblem(TorchProblem):
       ``n_samples=`` given, :attr:`dataset_size`).
 
     Everything else (layouts, products, BatchNorm running statistics) is :class:`TorchProblem`'s.
-    ``state()`` covers the generators and counters but not the loader's position (a resumed run
-    restarts the loader; use a seeded sampler to reproduce its order).
+
+    ``state()`` (so ``QNRefOptimizer.state_dict()``) holds the generators of the in-memory subset's
+    sampler and the sampled targets, the counters, ``epoch_passes``, the number of batches consumed
+    in the current pass of the loader and, at the start of that pass, the state of every
+    ``torch.Generator`` the loader shuffles with (``loader.generator``, ``loader.sampler.generator``,
+    ``loader.batch_sampler.sampler.generator``). ``load_state`` sets those generators back to the
+    pass start, starts a new pass and skips the consumed batches (they are loaded again, not used),
+    so the same loader resumes bit-identically. A loader that shuffles with torch's global RNG
+    (``shuffle=True`` without ``generator=``) cannot be restored that way: pass
+    ``generator=torch.Generator().manual_seed(s)`` to the ``DataLoader``. Augmentation randomness
+    inside the dataset or worker processes is the user's.
     """
 
     def __init__(self, module: nn.Module, loss: Any, loader: Any, extra: tuple, l2: float = 0.0, *, seed: int = 0,
@@ -634,6 +643,8 @@ class LoaderProblem(TorchProblem):
         self.loader = loader
         self._n = int(n_samples)
         self._it = None
+        self._pass_pos = 0          # batches consumed in the current pass of the loader
+        self._pass_gens = None      # the loader's generator states at the start of the current pass
         super().__init__(module, loss, extra[0], extra[1], l2, seed=seed, counter=counter, layout=layout)
 
     @property
@@ -650,18 +661,63 @@ class LoaderProblem(TorchProblem):
     def epochs(self) -> float:
         return self.samples_drawn / self._n
 
+    def _loader_generators(self) -> list:
+        """The ``torch.Generator`` objects the loader draws its order from (identity-deduplicated)."""
+        out: list = []
+        cands = [getattr(self.loader, "generator", None), getattr(getattr(self.loader, "sampler", None), "generator", None)]
+        bs = getattr(self.loader, "batch_sampler", None)
+        cands.append(getattr(getattr(bs, "sampler", None), "generator", None))
+        for g in cands:
+            if isinstance(g, torch.Generator) and all(g is not h for h in out):
+                out.append(g)
+        return out
+
+    def _start_pass(self) -> None:
+        self._pass_gens = [g.get_state().numpy().copy() for g in self._loader_generators()]
+        self._pass_pos = 0
+        self._it = iter(self.loader)
+
     def _next(self) -> tuple:
         if self._it is None:
-            self._it = iter(self.loader)
+            self._start_pass()
         try:
-            return next(self._it)
+            item = next(self._it)
         except StopIteration:
             self.epoch_passes += 1
-            self._it = iter(self.loader)
+            self._start_pass()
             try:
-                return next(self._it)
+                item = next(self._it)
             except StopIteration:
                 raise ValueError("the loader yields no batches") from None
+        self._pass_pos += 1
+        return item
+
+    def state(self) -> dict:
+        st = super().state()
+        st["loader"] = {"started": self._it is not None, "pos": int(self._pass_pos),
+                        "generators": None if self._pass_gens is None else list(self._pass_gens)}
+        return st
+
+    def load_state(self, st: dict) -> None:
+        super().load_state(st)
+        ld = st.get("loader")
+        self._it, self._pass_pos, self._pass_gens = None, 0, None
+        if not ld or not ld.get("started"):
+            return
+        gens, saved = self._loader_generators(), ld.get("generators") or []
+        if len(gens) != len(saved):
+            raise ValueError(f"the state was saved with a loader drawing from {len(saved)} torch.Generator(s), this "
+                             f"loader draws from {len(gens)}: resume with the same kind of DataLoader")
+        for g, s_ in zip(gens, saved):
+            g.set_state(torch.from_numpy(numpy.asarray(s_, dtype=numpy.uint8).copy()))
+        self._start_pass()
+        for k in range(int(ld["pos"])):      # replay the consumed batches of this pass
+            try:
+                next(self._it)
+            except StopIteration:
+                raise ValueError(f"the loader has fewer than {ld['pos']} batches per pass: not the loader the state "
+                                 "was saved with") from None
+            self._pass_pos += 1
 
     def _check_size(self, size: int, what: str = "batch size") -> int:
         """The loader decides the minibatch: any requested size is accepted (and not used)."""
