@@ -474,7 +474,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .config import dumps, train_config
     from .distributed import get_comm
     from .report import RunLog, write_report
-    from .train import DIVERGE_FACTOR, DivergenceError, RunInterrupted, train
+    from .train import DIVERGE_FACTOR, DivergenceError, RunInterrupted, _signals_deferred, train
 
     _check_paths(a)
     _tensorboard_check(a)
@@ -531,7 +531,15 @@ def cmd_train(a: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"qnref: error: run diverged: {exc}{rep} (exit {EXIT_DIVERGED}; --allow-divergence accepts it)", file=sys.stderr)
         return EXIT_DIVERGED
-    report(res.history)
+    try:
+        with _signals_deferred():  # a finished run's report is written whole; the interrupt comes after
+            report(res.history)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        done = RunInterrupted(signum, res.history, a.checkpoint, res.steps if a.checkpoint else None,
+                              res.final["epoch"] if a.checkpoint else None)
+        print(_interrupted_line(a, done, a.out if a.out and comm.is_root else None), file=sys.stderr, flush=True)
+        return 128 + signum
     if not quiet:
         f = res.final
         extra = f", test acc {f['test_acc']:.4f}" if "test_acc" in f else ""

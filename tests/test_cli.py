@@ -177,7 +177,7 @@ def test_numeric_options_are_checked_at_parse_time(capsys, extra, option, value)
     (["--opt", "batch_size=abc"], "--opt batch_size must be an integer, got 'abc'"),
     (["--opt", "lr=nan"], "--opt lr must be a finite number, got 'nan'"),
     (["--opt", "warm_start=yes"], "--opt warm_start must be True or False (hyperparameter of kfac), got 'yes'"),
-    (["--opt", "lr=1e400"], "lr must be finite"),
+    (["--opt", "lr=1e400"], "lr must be a finite number"),
     (["--batch-size", "10", "--opt", "batch_size=20"], "both set batch_size"),
 ])
 def test_opt_values_are_checked_by_name(capsys, opts, msg):
