@@ -747,7 +747,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
                     hit = f"  {f['target']} at epoch {f['target_epoch']:.2f}" if "target_epoch" in f else ""
                     why = f"  (stopped: {f['stopped']})" if "stopped" in f else ""
                     print(f"seed {seed}  {run.label:<12} train loss {f['train_loss']:.5g}{acc}  {f['time']:.2f} s{hit}{why}", flush=True)
-    except RunInterrupted as exc:
+    except KeyboardInterrupt as exc:  # in a run (RunInterrupted) or between runs (loading the next seed's data)
+        exc.signum = getattr(exc, "signum", signal.SIGINT)
         written = None
         if comm.is_root and rows:
             write_report(out, rows, title, extra_md=f"{pre.description}\n(interrupted)\n", tensorboard=a.tensorboard, config=toml)

@@ -696,12 +696,12 @@ def _train(model, optimizer, data, *, epochs, seed, l2, theta0, init_scheme, max
         if log is not None and root:
             log.append(rec)
 
-    if log is not None and root:
-        log.restart(history)
     stopped, nonfinite_run, last_info = "completed", 0, None
     bar = None
     lines = progress == "lines"
     try:
+        if log is not None and root:
+            log.restart(history)
         if not history:
             rec = record(None)
             next_eval = eval_every
