@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-optax = pytest.importorskip("optax")
+import optax  # in the jax extra: installed wherever the adapter tests run (no silent skip)
 
 import qnref_jax as qj  # noqa: E402
 from qnref.optim.base import Problem  # noqa: E402
