@@ -44,9 +44,13 @@ torch.optim conventions
     validating constructor when a value changes). For methods without a learning rate (line
     searches, trust regions, Hessian-free) ``lr`` scales the step the method returns (default 1:
     the method's own step; the method's state still records its unscaled step). Several param
-    groups are concatenated into one θ when their hyperparameters agree; qnref optimizes one θ
-    with one hyperparameter set, so groups with different values are refused (ValueError naming
-    the group and the value). Parameters with ``requires_grad=False`` are excluded from θ and
+    groups: for the elementwise first-order methods (:data:`PER_GROUP`: sgd, momentum, nag, adam,
+    rmsprop, adagrad, adadelta) each group has its own hyperparameters, as in torch.optim: one
+    qnref optimizer and one state per group over that group's slice of θ, each applying its rule
+    to the slice of the one gradient the step takes (one batch per step, so ``batch_size`` must
+    agree). Other methods couple parameters (quasi-Newton, Kronecker, HF, SMW, line searches),
+    so their groups are concatenated into one θ and must agree (ValueError naming the method and
+    the groups that differ). Parameters with ``requires_grad=False`` are excluded from θ and
     never written. ``state_dict()`` holds only tensors and plain Python values (``torch.save`` /
     ``torch.load(weights_only=True)`` round-trip it) and resumes bit-identically, the problem's
     batch stream and generators included; ``zero_grad`` is torch's.
@@ -64,6 +68,7 @@ left (possibly at a rejected trial point). ``last_info`` is the step's
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Iterable
 
@@ -73,11 +78,19 @@ import torch
 from qnref import backend, checkpoint
 from qnref.curvature.objective import NonFiniteError, PassCounter
 from qnref.curvature.protocol import OPTIMIZER_NEEDS, optimizer_needs
+from qnref.optim.drivers import close_step, finite_move, open_step
+from qnref.optim.first_order import SGD, AdaDelta, DiagonalAdaptive, Momentum
 from qnref.optim.registry import make_optimizer
 
 from .objective import TorchProblem, from_torch_tensor, to_torch_tensor
 
-__all__ = ["QNRefOptimizer", "ClosureProblem", "NEEDS", "requirement"]
+__all__ = ["QNRefOptimizer", "ClosureProblem", "NEEDS", "requirement", "PER_GROUP"]
+
+#: The methods whose update of each parameter depends only on that parameter's own gradient and
+#: state (elementwise rules): several param groups may set different hyperparameters for them.
+#: NAG is a Momentum, Adam/RMSprop/AdaGrad are DiagonalAdaptive.
+PER_GROUP = (SGD, Momentum, DiagonalAdaptive, AdaDelta)
+PER_GROUP_NAMES = ("sgd", "momentum", "nag", "adam", "rmsprop", "adagrad", "adadelta")
 
 #: What each registered method asks of a problem (:data:`qnref.curvature.protocol.OPTIMIZER_NEEDS`):
 #: "grad" (closure mode works), "curvature" (a TorchProblem of either layout), "layers"
@@ -218,7 +231,8 @@ class QNRefOptimizer(torch.optim.Optimizer):
         self.update_running_stats = True
         self.n_samples = int(n_samples)
         self.seed = seed
-        self.qn_state: Any = None
+        self.qn_state: Any = None       # one state, or (several groups, PER_GROUP) a list: one per group
+        self._group_qn: list = []       # PER_GROUP with several groups: group i's qnref optimizer
         self.last_info: Any = None
         self._closure_counter = PassCounter()
         self._closure_rng = numpy.random.default_rng(seed)
@@ -254,20 +268,56 @@ class QNRefOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if len(self.param_groups) > 1 and hasattr(self, "qn"):
             self._sync_hyperparameters()
+            if self._per_group() and self.qn_state is not None:
+                # the old groups keep their state (one group's state is group 0's); the new one starts fresh
+                states = self.qn_state if isinstance(self.qn_state, list) else [self.qn_state]
+                self.qn_state = states + [None] * (len(self.param_groups) - len(states))
+
+    def _per_group(self) -> bool:
+        """Several groups of an elementwise method: one qnref optimizer and one state per group."""
+        return len(self.param_groups) > 1 and isinstance(self.qn, PER_GROUP)
+
+    def _name(self) -> str:
+        return getattr(self.qn, "name", type(self.qn).__name__)
 
     def _group_hyperparameters(self) -> dict:
         keys = [k for k in self.defaults]
         first = {k: self.param_groups[0][k] for k in keys}
-        for i, g in enumerate(self.param_groups[1:], start=1):
-            for k in keys:
-                if g[k] != first[k]:
-                    raise ValueError(f"param group {i} sets {k}={g[k]!r} but group 0 has {k}={first[k]!r}: qnref "
-                                     "optimizes one θ with one hyperparameter set, so every group must agree "
-                                     "(use one group, or one QNRefOptimizer per group)")
+        diffs = [(i, k, g[k]) for i, g in enumerate(self.param_groups[1:], start=1) for k in keys if g[k] != first[k]]
+        if diffs:
+            i, k, v = diffs[0]
+            groups = sorted({d[0] for d in diffs})
+            raise ValueError(f"param group {i} sets {k}={v!r} but group 0 has {k}={first[k]!r}: optimizer "
+                             f"{self._name()!r} couples parameters across groups (one θ, one hyperparameter set), so "
+                             f"every group must agree (groups {groups} differ from group 0 in "
+                             f"{sorted({d[1] for d in diffs})}); per-group hyperparameters are for the elementwise "
+                             f"methods {', '.join(PER_GROUP_NAMES)} (or use one QNRefOptimizer per group)")
         return first
 
     def _sync_hyperparameters(self) -> None:
-        """Rebuild the qnref optimizer through its validating constructor when a group value changed."""
+        """Rebuild the qnref optimizer(s) through the validating constructor when a group value changed."""
+        if self._per_group():
+            keys = list(self.defaults)
+            sizes = {g.get("batch_size") for g in self.param_groups}
+            if len(sizes) > 1:
+                raise ValueError(f"param groups set batch_size {[g.get('batch_size') for g in self.param_groups]}: "
+                                 f"a step of {self._name()!r} draws one batch for all groups, so batch_size must agree")
+            base = self.qn.hyperparameters()
+            qns = []
+            for i, g in enumerate(self.param_groups):
+                hp = {k: g[k] for k in keys}
+                old = self._group_qn[i] if i < len(self._group_qn) else (self.qn if i == 0 else None)
+                if old is not None and all(old.hyperparameters().get(k) == v for k, v in hp.items()):
+                    qns.append(old)
+                    continue
+                try:
+                    qns.append(type(self.qn)(**{**base, **hp}))
+                except (ValueError, TypeError) as e:
+                    raise (TypeError if isinstance(e, TypeError) else ValueError)(f"param group {i}: {e}") from e
+            self._group_qn = qns
+            self.qn = qns[0]
+            self._lr_scale = 1.0          # every PER_GROUP method has its own lr
+            return
         hp = self._group_hyperparameters()
         self._lr_scale = 1.0 if self._native_lr else float(hp.pop("lr"))
         if not (math.isfinite(self._lr_scale) and self._lr_scale > 0):
@@ -275,6 +325,50 @@ class QNRefOptimizer(torch.optim.Optimizer):
         current = self.qn.hyperparameters()
         if any(current.get(k) != v for k, v in hp.items()):
             self.qn = type(self.qn)(**{**current, **hp})
+
+    def _slices(self) -> list[tuple[int, int]]:
+        """Each group's [start, stop) in θ (its trainable parameters, in order)."""
+        out, off = [], 0
+        for g in self.param_groups:
+            n = sum(p.numel() for p in g["params"] if p.requires_grad)
+            out.append((off, off + n))
+            off += n
+        return out
+
+    def _step_groups(self, theta: Any, problem: Any) -> tuple[Any, list, Any]:
+        """One step of several groups of an elementwise method: one batch and one gradient (at the
+        concatenated gradient points: NAG's look-ahead θ + μ_i v_i per group), then group i's rule on
+        its slice. A group whose step is not finite keeps its θ slice and state (as its own
+        optimizer would); the others move."""
+        xp = backend.namespace(theta)
+        qns, sl = self._group_qn, self._slices()
+        states = list(self.qn_state) if isinstance(self.qn_state, list) else [self.qn_state]
+        states += [None] * (len(qns) - len(states))
+        states = [q.init(theta[a:b]) if s is None else s for q, (a, b), s in zip(qns, sl, states)]
+        if isinstance(self.qn, Momentum) and self.qn._lookahead:
+            point = xp.concatenate([q._gradient_point(theta[a:b], s) for q, (a, b), s in zip(qns, sl, states)])
+        else:
+            point = theta
+        opened = open_step(problem, qns[0].batch_size, point, tol=None, need_grad=False)
+        if opened.stop is not None:
+            return theta, states, dataclasses.replace(opened.stop, step_size=qns[0].lr)
+        g = opened.g
+        parts, new_states, sq, rejected = [], [], 0.0, []
+        for i, (q, (a, b), s) in enumerate(zip(qns, sl, states)):
+            delta, ns = q._update(theta[a:b], g[a:b], s)
+            moved = finite_move(theta[a:b], delta)
+            if moved is None:
+                parts.append(theta[a:b])
+                new_states.append(s)
+                rejected.append(i)
+            else:
+                parts.append(moved[0])
+                new_states.append(ns)
+                sq += moved[1] ** 2
+        info = close_step(opened, loss=opened.f0, accepted=len(rejected) < len(qns), evals=1, step_size=qns[0].lr,
+                          step_norm=math.sqrt(sq), nonfinite=bool(rejected),
+                          extra={"group_lr": [q.lr for q in qns], "rejected_groups": rejected})
+        return xp.concatenate(parts), new_states, info
 
     @property
     def counter(self) -> PassCounter:
@@ -309,11 +403,14 @@ class QNRefOptimizer(torch.optim.Optimizer):
             problem = ClosureProblem(params, closure, self.n_samples, counter=self._closure_counter,
                                      rng=self._closure_rng)
         theta = self._theta(params)   # a fresh array: θ shares memory with nothing else
-        if self.qn_state is None:
-            self.qn_state = self.qn.init(theta)
         if self.problem is not None:
             self.problem.drawn_batches.clear()
-        new_theta, self.qn_state, info = self.qn.step(theta, self.qn_state, problem)
+        if self._per_group():
+            new_theta, self.qn_state, info = self._step_groups(theta, problem)
+        else:
+            if self.qn_state is None:
+                self.qn_state = self.qn.init(theta)
+            new_theta, self.qn_state, info = self.qn.step(theta, self.qn_state, problem)
         if self.problem is not None and self.update_running_stats:
             self.problem.update_running_stats()   # the parameters still hold θ_k: torch's own order
         if self._lr_scale != 1.0:
@@ -330,7 +427,9 @@ class QNRefOptimizer(torch.optim.Optimizer):
         out: dict = {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
                      "optimizer": getattr(self.qn, "name", type(self.qn).__name__), "qnref_state": None,
                      "problem_state": None}
-        if self.qn_state is not None:
+        if isinstance(self.qn_state, list):     # several groups of a PER_GROUP method: one state each
+            out["qnref_state"] = {"groups": [None if st is None else _encode(st, type(st)) for st in self.qn_state]}
+        elif self.qn_state is not None:
             out["qnref_state"] = _encode(self.qn_state, type(self.qn_state))
         pstate = self.problem.state() if self.problem is not None else {
             "rng": backend.rng_state(self._closure_rng), "counter": self._closure_counter.snapshot()}
@@ -351,7 +450,18 @@ class QNRefOptimizer(torch.optim.Optimizer):
         dev = "gpu" if params[0].device.type == "cuda" else "cpu"
         if state_dict.get("qnref_state") is None:
             self.qn_state = None
+        elif "groups" in state_dict["qnref_state"]:
+            theta = self._theta(params)
+            encs = state_dict["qnref_state"]["groups"]
+            if not self._per_group() or len(encs) != len(self._group_qn):
+                raise ValueError(f"state_dict holds {len(encs)} per-group states; this optimizer runs "
+                                 f"{len(self.param_groups)} groups of {name!r}")
+            self.qn_state = [None if enc is None else _decode(enc, type(q.init(theta[a:b])), dev)
+                             for enc, q, (a, b) in zip(encs, self._group_qn, self._slices())]
         else:
+            if self._per_group():
+                raise ValueError(f"state_dict holds one state of {name!r}; this optimizer runs "
+                                 f"{len(self.param_groups)} groups, one state each")
             cls = type(self.qn.init(self._theta(params)))
             self.qn_state = _decode(state_dict["qnref_state"], cls, dev)
         ps = state_dict.get("problem_state")
