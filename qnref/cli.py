@@ -480,11 +480,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     _tensorboard_check(a)
     S = _train_settings(a)
     toml = dumps(train_config(S), "qnref train config: replay with `qnref train --config FILE` (add --out/--checkpoint)")
-    if a.write_config:
-        check.output_file("--write-config", a.write_config)
-        _write_text(a.write_config, toml)
-        if not a.quiet:
-            print(f"config written to {a.write_config}")
+    if _write_config_only(a, toml):
         return EXIT_OK
     comm = get_comm(S["device"])  # first: NCCL picks this rank's GPU before any array exists
     quiet = a.quiet or not comm.is_root
@@ -560,6 +556,17 @@ def _tensorboard_check(a: argparse.Namespace) -> None:
     if a.tensorboard and not tensorboard_available():
         raise CLIError("--tensorboard needs the tensorboard package (pip install 'qnref[tensorboard]'); "
                        "without it the report has runs.jsonl and runs.csv")
+
+
+def _write_config_only(a: argparse.Namespace, toml: str) -> bool:
+    """``--write-config FILE``: write the run's TOML config without running (True when written)."""
+    if not a.write_config:
+        return False
+    check.output_file("--write-config", a.write_config)
+    _write_text(a.write_config, toml)
+    if not a.quiet:
+        print(f"config written to {a.write_config}")
+    return True
 
 
 def _write_text(path: str, text: str) -> None:
@@ -686,11 +693,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         if v is not None and pre.early_stopping is None:
             raise CLIError(f"{opt} needs --early-stopping METRIC")
     toml = dumps(preset_to_dict(pre), f"qnref compare config ({pre.name}): rerun with `qnref compare --config FILE`")
-    if a.write_config:
-        check.output_file("--write-config", a.write_config)
-        _write_text(a.write_config, toml)
-        if not a.quiet:
-            print(f"config written to {a.write_config}")
+    if _write_config_only(a, toml):
         return EXIT_OK
     epochs, seeds, l2 = pre.epochs, pre.seeds, pre.l2
     out = a.out or os.path.join("reports", pre.name)
