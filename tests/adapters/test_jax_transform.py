@@ -8,17 +8,8 @@ import numpy as np
 import pytest
 
 import qnref_jax as qj
-from qnref.optim.base import Problem
 from qnref.optim.registry import make_optimizer
-
-
-class _Full(Problem):
-    def batch(self, size):
-        self.samples_drawn += self.n_samples
-        return self._full
-
-    def sample(self, size):
-        return self._full
+from adapter_fixtures import FullBatchProblem
 
 
 def _spec(rng):
@@ -57,7 +48,7 @@ def test_lbfgs_value_fn_convention_matches_engine():
     tx = qj.transformation("lbfgs", batch_size=20)
     out, state = _run(tx, params, loss_fn, 5)
     opt = make_optimizer("lbfgs", batch_size=20)
-    prob = _Full(model, "softmax_ce", X, y, seed=0)
+    prob = FullBatchProblem(model, "softmax_ce", X, y, seed=0)
     th, st = theta0.copy(), opt.init(theta0.copy())
     for _ in range(5):
         th, st, _ = opt.step(th, st, prob)

@@ -12,7 +12,6 @@ the comparison maps the engine's θ to torch's parameters.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ import qnref_torch as qt
 from qnref.optim import load_all
 from qnref.optim.base import Problem
 from qnref.optim.registry import OPTIMIZERS, make_optimizer
+from adapter_fixtures import FullBatchProblem, small_batches
 
 load_all()
 NAMES = sorted(OPTIMIZERS)
@@ -34,14 +34,7 @@ RESULTS: dict[tuple[str, str, str], str] = {}
 
 def hyper(name: str) -> dict:
     """Small batches for the 24-example problems (the paper defaults assume thousands of examples)."""
-    fields = OPTIMIZERS[name]().hyperparameters()
-    hp = {}
-    if "batch_size" in fields:
-        hp["batch_size"] = 12
-    if "curvature_batch" in fields:
-        hp["curvature_batch"] = 6
-    if name == "svrg":
-        hp["inner_steps"] = 2
+    hp = small_batches(name)
     if name == "hf":
         # CG would otherwise converge to machine precision on these tiny problems, and Martens'
         # backtracking over CG iterates (keep going back while f decreases) then compares f values
@@ -71,20 +64,6 @@ def make_model(kind: str) -> tuple[nn.Module, np.ndarray, np.ndarray]:
                 p.uniform_(-0.5, 0.5)
     y = rng.integers(0, 3, 24)
     return net, X, y
-
-
-class FullBatchProblem(Problem):
-    """The engine under closure mode's semantics: every draw is the whole (fixed) batch."""
-
-    def batch(self, size):
-        self.samples_drawn += self.n_samples
-        return self._full
-
-    def sample(self, size):
-        return self._full
-
-    def subset(self, idx):
-        return self._full
 
 
 def engine_run(name: str, model, theta0, X, y, *, full_batch: bool) -> list[np.ndarray]:

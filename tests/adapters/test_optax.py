@@ -20,23 +20,10 @@ import optax  # in the jax extra: installed wherever the adapter tests run (no s
 import qnref_jax as qj  # noqa: E402
 from qnref.optim.base import Problem  # noqa: E402
 from qnref.optim.registry import make_optimizer  # noqa: E402
+from adapter_fixtures import FullBatchProblem  # noqa: E402
 
 L2 = 1e-3
 N = 24
-
-
-class _Full(Problem):
-    """The engine with value_fn's semantics: every draw is the whole batch."""
-
-    def batch(self, size):
-        self.samples_drawn += self.n_samples
-        return self._full
-
-    def sample(self, size):
-        return self._full
-
-    def subset(self, idx):
-        return self._full
 
 
 def _setup():
@@ -70,7 +57,7 @@ def _optax_loop(opt, params, f, steps, state=None):
 
 def _engine(name, model, theta0, X, y, steps, full, **hp):
     opt = make_optimizer(name, **hp)
-    prob = (_Full if full else Problem)(model, "softmax_ce", X, y, L2, seed=0)
+    prob = (FullBatchProblem if full else Problem)(model, "softmax_ce", X, y, L2, seed=0)
     th, st, out = theta0.copy(), opt.init(theta0.copy()), []
     for _ in range(steps):
         th, st, _ = opt.step(th, st, prob)

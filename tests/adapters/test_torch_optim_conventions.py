@@ -14,6 +14,7 @@ from torch import nn
 import qnref_torch as qt
 from qnref.optim import load_all
 from qnref.optim.registry import OPTIMIZERS
+from adapter_fixtures import small_batches
 
 load_all()
 L2 = 1e-2
@@ -28,21 +29,9 @@ def _setup(seed=0):
     return net, X, y
 
 
-def _hyper(name):
-    fields = OPTIMIZERS[name]().hyperparameters()
-    hp = {}
-    if "batch_size" in fields:
-        hp["batch_size"] = 12
-    if "curvature_batch" in fields:
-        hp["curvature_batch"] = 6
-    if name == "svrg":
-        hp["inner_steps"] = 2
-    return hp
-
-
 def _make(name, net, X, y, **extra):
     prob = qt.TorchProblem(net, "softmax_ce", X, y, L2, seed=0, layout="qnref")
-    return qt.QNRefOptimizer(net.parameters(), name, problem=prob, **{**_hyper(name), **extra}), prob
+    return qt.QNRefOptimizer(net.parameters(), name, problem=prob, **{**small_batches(name), **extra}), prob
 
 
 def _deltas(name, schedule, steps=3, **extra):
@@ -91,14 +80,14 @@ def test_native_lr_change_equals_rebuilt_engine_optimizer():
     opt, prob = _make("adam", net, X, y)
     conv = prob.conversion
     eng = Problem(conv.model, "softmax_ce", X.numpy(), y.numpy(), L2, seed=0)
-    a = make_optimizer("adam", **_hyper("adam"))
+    a = make_optimizer("adam", **small_batches("adam"))
     th = prob.get_theta()
     st = a.init(th)
     opt.step()
     th, st, _ = a.step(th, st, eng)
     opt.param_groups[0]["lr"] = 0.01
     opt.step()
-    b = make_optimizer("adam", **{**_hyper("adam"), "lr": 0.01})
+    b = make_optimizer("adam", **{**small_batches("adam"), "lr": 0.01})
     th, st, _ = b.step(th, st, eng)
     np.testing.assert_allclose(prob.get_theta(), th, rtol=1e-13, atol=1e-15)
 
