@@ -83,11 +83,26 @@ def run(name: str, model_key: str, n_steps: int = N_STEPS) -> tuple[np.ndarray, 
     return np.stack(thetas), infos
 
 
-def record() -> None:
+def record(only: list[str] | None = None) -> None:
+    """Record every registered optimizer, or (``only``) add/replace just the named ones and keep the rest.
+
+    ``python tests/optim/reference_trajectories.py --add NAME …`` records a new optimizer without
+    touching the recorded trajectories of the others (which must stay those of commit 725f262).
+    """
     from qnref.optim import load_all
 
     arrays, infos = {}, {}
-    for name in sorted(load_all()):
+    names = sorted(load_all())
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise SystemExit(f"--add: not registered: {unknown}")
+        with np.load(HERE / "reference_trajectories.npz", allow_pickle=False) as old:
+            arrays = {k: old[k] for k in old.files if k.split("|")[0] not in only}
+        infos = {k: v for k, v in json.loads((HERE / "reference_infos.json").read_text()).items()
+                 if k.split("|")[0] not in only}
+        names = sorted(only)
+    for name in names:
         for mk in MODELS:
             try:
                 th, inf = run(name, mk)
@@ -123,4 +138,12 @@ def max_rel(a: Any, b: Any) -> float:
 
 
 if __name__ == "__main__":
-    record()
+    import sys
+
+    args = sys.argv[1:]
+    if args and args[0] == "--add":
+        record(args[1:])
+    elif args:
+        raise SystemExit("usage: reference_trajectories.py [--add NAME ...]")
+    else:
+        record()
