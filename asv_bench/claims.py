@@ -355,21 +355,15 @@ SECTIONS = {E: "Engine (issue 2)", C: "CNNs (issue 3)", L: "L-SR1 and L-BFGS (is
 
 
 # -- record tables (no target: every optimizer's measured costs) ---------------------------------
-ALGEBRA_FORMULAS = {
-    "adadelta": "10n", "adagrad": "6n", "adam": "10n", "gd-ls": "(2 + t)n", "hf": "6n·I_CG + 9n",
-    "kbfgs": "Σ o a(o + a) + Σ[(N+1)oa + 2Na + 8a² + 8o² + 2oa + …]/T + 4n",
-    "kbfgs-l": "Σ[o a² + 4p o a + 4p² a] + L-BFGS setup O(p²o + p³) per product + …",
-    "kfac": "Σ o a(o + a) + Σ (N+3)(a² + o²)/T₁ + Σ (a³ + o³ + 3a² + 3o²)/T₂ + 4n",
-    "lbfgs": "(5m + 8 + 2t)n + m", "lsr1-ls": "(5m² + 5m + 11 + t)n + O(m³)",
-    "lsr1-tr": "(14m + 10)n + O(m³) (default gram_cache=True; gram_cache=False: (7m² + 9m + 12)n + O(m³))",
-    "lssr1-tr": "as mb-lsr1", "mb-lsr1": "(9m² + 10m + 23 + t)n + O(m³)", "momentum": "3n", "nag": "4n",
-    "rmsprop": "6n (8n with β₁ > 0)", "s-lbfgs": "(8m + 7 + t)n + m",
-    "s-lsr1": "(2m³/3 + O(m²))n + O(m⁴): compact form re-formed per kept pair", "sgd": "2n",
-    "shampoo": "Σ_parts Σᵢ dᵢ²Πⱼ≠ᵢdⱼ (×2: statistics/T₁ + preconditioning) + I_root Σ (2k+1)dᵢ³/T₂ + 4n",
-    "smw-gn": "4(N₂C)² + (N₂C)³/3 + 6n + O(N₂C)", "smw-ng": "2N₂² + N₂³/3 + 6n + O(N₂C)",
-    "sqn": "(5m + 6 + t + 4/L)n + m", "svrg": "2n",
-    "tnt": "Σ_parts Σᵢ dᵢ²Πⱼ≠ᵢdⱼ (×2) + Σ (dᵢ³ + 4dᵢ²)/T₂ + NC/T₁ + 4n",
-}
+def algebra_formula(name: str) -> str:
+    """The optimizer's own ``cost_formula`` (one source: the class that counts its flops); '?' if unknown."""
+    try:
+        from qnref.optim import load_all
+
+        cls = load_all().get(name)
+    except Exception:  # the results may name an optimizer this tree no longer has
+        cls = None
+    return getattr(cls, "cost_formula", None) or "?"
 
 
 def _per_optimizer(m, key):
@@ -407,7 +401,7 @@ def algebra_table(m):
     names = sorted(set(per) | set(pern) - {None})
     lines = ["| optimizer | formula (multiplications per step) | per step | per n |", "|---|---|---|---|"]
     for n in names:
-        lines.append(f"| `{n}` | {ALGEBRA_FORMULAS.get(n, '?')} | {_cell(per.get(n), 'int')} | "
+        lines.append(f"| `{n}` | {algebra_formula(n)} | {_cell(per.get(n), 'int')} | "
                      f"{'—' if pern.get(n) is None else f'{pern[n][0]:.1f}'} |")
     return "\n".join(lines) if names else "(no results for bench_algebra)"
 
