@@ -2,8 +2,9 @@
 
 Ren & Goldfarb, "Efficient subsampled Gauss-Newton and natural gradient methods for training
 neural networks" (arXiv:1906.02353), = chapter 5 of Y. Ren's thesis (§5.2–5.5, Algorithms 17–23,
-eqs. 5.4–5.7). Registered as ``"smw-gn"`` (:class:`SMWGN`) and ``"smw-ng"`` (:class:`SMWNG`); both
-are the same class :class:`SMWOptimizer` with a different curvature matrix.
+eqs. 5.4–5.7). Registered as ``"smw-gn"`` (:class:`SMWGN`), ``"smw-ng"`` (:class:`SMWNG`) and
+``"smw-ng-bd"`` (:class:`SMWNGBD`, the block-diagonal SMW-NG of §5.8, L2816); all are the class
+:class:`SMWOptimizer` with a different curvature matrix.
 
 Notation (all on the curvature minibatch S₂ of N₂ examples, J stacked over examples)
 -------------------------------------------------------------------------------------
@@ -34,6 +35,20 @@ The three SMW forms (``form=``), all exact, none forms an n × n matrix
         saturation). Raises for softmax_ce, whose H_L is always singular (H 1 = 0).
 
 For NG, H = I and the three forms coincide, so SMW-NG accepts ``form="5.6"`` only.
+
+SMW-NG-BD (thesis §5.8, L2816: "a block diagonal version of SMW-NG, namely, SMW-NG-BD, where in each
+block, the matrix is inverted by SMW, in order to mimic the block diagonal approximation used by KFAC")
+----------------------------------------------------------------------------------------------------
+B_d = diag(B₁, …, B_L), one block per layer l (its parameter blocks together: W̄ = [W b] of a dense or
+conv layer), Bₗ = (1/N₂) Jₗᵀ Jₗ with Jₗ = (∇_{θₗ}ℓ₁ᵀ; …) the layer's per-example gradient rows. Each
+block of G = B_d + μI is inverted by SMW (the NG case of eq. 5.6, H = I) on its own:
+    Dₗ = μI + (1/N₂) Jₗ Jₗᵀ (N₂ × N₂),  uₗ = Jₗ gₗ,  wₗ = Dₗ⁻¹ uₗ,  pₗ = −(1/μ)(gₗ − (1/N₂) Jₗᵀ wₗ),
+and Jₗ pₗ = −wₗ, so pᵀ B_d p = Σₗ ‖wₗ‖²/N₂. For nets whose parametrised layers are all dense,
+everything comes from one backward pass of layer taps (āᵢ, γᵢ = ∂ℓᵢ/∂hᵢ; ∇_{W̄}ℓᵢ = γᵢ āᵢᵀ):
+Jₗ Jₗᵀ = (Ā Āᵀ) ⊙ (Γ Γᵀ) (the Kronecker trick of Alg. 22, one layer's term), (Jₗ gₗ)ᵢ = γᵢᵀ Gₗ āᵢ,
+Jₗᵀ w = Γᵀ diag(w) Ā: no R-forward and no extra backward pass. Otherwise (conv, other blocks) the
+explicit per-example gradient rows (``Point.per_example_grads``, N₂ × n) are split by layer.
+Same λ_LM rule, S₁/S₂ sampling and Alg. 23 step as SMW-NG; λ and μ are shared by all blocks.
 
 J Jᵀ comes from :meth:`Point.gram` ("jacobian" for GN, "grad" for NG): the Kronecker trick of
 §5.3.3 / §5.4.6–5.4.7 (Alg. 22) when every parametrised layer is dense, otherwise an explicit
@@ -74,15 +89,18 @@ import numpy
 
 from .. import backend
 from ..curvature.objective import Point
+from ..curvature.protocol import UnsupportedProductError
 from .costs import CostAssumptions, ModelShapes, flops_solve
 from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_int, check_positive, check_range, set_checked, try_point
 from .drivers import close_step, open_step, with_extra
 from .registry import register
 
-__all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWState", "SMWDirection", "smw_direction", "update_lambda_lm", "FORMS"]
+__all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWNGBD", "SMWState", "SMWDirection", "smw_direction",
+           "smw_bd_direction", "layer_groups", "update_lambda_lm", "FORMS"]
 
 FORMS = ("5.6", "5.7", "5.6-inv")
-CURVATURES = ("gn", "ng")
+CURVATURES = ("gn", "ng", "ng-bd")
+BD_ROUTES = ("auto", "taps", "rows")
 
 
 # -- the λ_LM rule of §5.2.3 -------------------------------------------------------------------------
@@ -107,7 +125,8 @@ class SMWDirection:
     """p = −(B + λI)⁻¹ g and the pieces of the quadratic model m(p) = f + gᵀp + ½ pᵀBp.
 
     ``pBp`` includes the L2 part (l2·‖p‖²); ``model_decrease`` = m(0) − m(p) = −gᵀp − ½ pᵀBp.
-    ``finite`` is False when the D solve or p produced NaN/Inf (or D was singular).
+    ``finite`` is False when the D solve or p produced NaN/Inf (or D was singular). ``blocks``:
+    the number of D systems solved (SMW-NG-BD: one per layer, each ``d_size`` × ``d_size``).
     """
 
     p: Any
@@ -117,6 +136,7 @@ class SMWDirection:
     d_size: int
     form: str
     finite: bool = True
+    blocks: int = 1
 
     @property
     def model_decrease(self) -> float:
@@ -186,6 +206,20 @@ def _bcast(w, ndim):
     return w.reshape((-1,) + (1,) * (ndim - 1))
 
 
+def _check_lambda(lam: float) -> None:
+    if not (lam > 0) or not math.isfinite(lam):
+        raise ValueError(f"λ must be finite and > 0, got {lam}")
+
+
+def _finished(curv: Any, g: Any, p: Any, pBp_data: Any, mu: float, d_size: int, form: str, blocks: int = 1) -> SMWDirection:
+    """The :class:`SMWDirection` of p: gᵀp and pᵀBp = pᵀB_d p + l2‖p‖² (not finite → ``finite=False``)."""
+    if not backend.all_finite(p):
+        return SMWDirection(p, math.nan, math.nan, mu, d_size, form, finite=False, blocks=blocks)
+    gp = float(g @ p)
+    pBp = float(pBp_data) + curv.l2 * float(p @ p)
+    return SMWDirection(p, gp, pBp, mu, d_size, form, finite=math.isfinite(gp) and math.isfinite(pBp), blocks=blocks)
+
+
 def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", form: str = "5.6") -> SMWDirection:
     """The LM direction p = −(B + λI)⁻¹ g by SMW (eqs. 5.6/5.7), on the curvature batch ``curv``.
 
@@ -197,8 +231,11 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     """
     check_choice("curvature", curvature, CURVATURES)
     check_choice("form", form, FORMS)
-    if not (lam > 0) or not math.isfinite(lam):
-        raise ValueError(f"λ must be finite and > 0, got {lam}")
+    _check_lambda(lam)
+    if curvature in ("ng", "ng-bd") and form != "5.6":
+        raise ValueError("SMW-NG has H = I, so eqs. 5.6 and 5.7 coincide: use form='5.6'")
+    if curvature == "ng-bd":
+        return smw_bd_direction(curv, g, lam)
     xp = curv.xp
     N = curv.N
     mu = float(lam) + curv.l2
@@ -206,18 +243,12 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     jg = curv.jvp(g)                                   # J_out g, output shape (N, …)
 
     def finish(p, pBp_data, d_size):
-        if not backend.all_finite(p):
-            return SMWDirection(p, math.nan, math.nan, mu, d_size, form, finite=False)
-        gp = float(g @ p)
-        pBp = float(pBp_data) + curv.l2 * float(p @ p)
-        return SMWDirection(p, gp, pBp, mu, d_size, form, finite=math.isfinite(gp) and math.isfinite(pBp))
+        return _finished(curv, g, p, pBp_data, mu, d_size, form)
 
     def fail(d_size):
         return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, d_size, form, finite=False)
 
     if curvature == "ng":
-        if form != "5.6":
-            raise ValueError("SMW-NG has H = I, so eqs. 5.6 and 5.7 coincide: use form='5.6'")
         e = curv.dz                                                 # ∂ℓᵢ/∂zᵢ: ∇ℓᵢ = J_iᵀ eᵢ
         u = (e * jg).reshape(N, -1).sum(axis=1)                     # (J g)ᵢ = ∇ℓᵢᵀ g = eᵢᵀ (J_out g)ᵢ
         K = curv.gram("grad")                                       # [∇ℓᵢᵀ ∇ℓⱼ], N₂ × N₂
@@ -272,6 +303,96 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
         return fail(NC)
     p = -(g - curv.vjp(d.reshape(N, C) / N)) / mu
     return finish(p, (d @ Hinv.apply(d.reshape(N, C)).reshape(NC)) / N, NC)
+
+
+# -- SMW-NG-BD: one SMW solve per layer block (thesis §5.8, L2816) --------------------------------------
+def layer_groups(layout: Any) -> list[list[int]]:
+    """Indices of θ's parameter blocks grouped by layer, in θ order: the blocks of SMW-NG-BD.
+
+    A layer's blocks share the name before the last "." (``"3.conv2d.W"``; ``"2.batchnorm.gamma"``
+    and ``"2.batchnorm.beta"`` form one group), so a dense or conv layer is its W̄ = [W b].
+    """
+    groups: dict[str, list[int]] = {}
+    for k, b in enumerate(layout.blocks):
+        groups.setdefault(str(b.name).rsplit(".", 1)[0], []).append(k)
+    return list(groups.values())
+
+
+def _dense_taps_route(curv: Any) -> list | None:
+    """The Kronecker layers when every parametrised layer is dense and every block is one of
+    theirs (one W̄ per layer, taps give everything), else None (explicit per-example rows)."""
+    from ._kron_common import kron_structure  # noqa: PLC0415
+
+    try:
+        layers, others = kron_structure(curv.obj.model)
+    except (UnsupportedProductError, AttributeError, KeyError, ValueError):
+        return None
+    return layers if layers and not others and all(L.kind == "dense" for L in layers) else None
+
+
+def _bd_solve(xp: Any, K: Any, u: Any, mu: float, N: int) -> Any:
+    """wₗ = Dₗ⁻¹ uₗ with Dₗ = μI + Kₗ/N₂ (symmetrised), or None when singular / not finite."""
+    D = K / N
+    D = 0.5 * (D + D.T)
+    D[xp.arange(N), xp.arange(N)] += mu
+    return _solve(xp, D, u)
+
+
+def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> SMWDirection:
+    """SMW-NG-BD's direction p = −(B_BD + λI)⁻¹ g (thesis §5.8, L2816; module docstring).
+
+    B_BD = diag_l((1/N₂) Jₗᵀ Jₗ) + l2·I: the empirical Fisher of the curvature batch ``curv`` with
+    its off-diagonal layer blocks dropped (:func:`layer_groups`), each block inverted by SMW.
+    ``route``: "taps" (dense nets: per-layer Gram (ĀĀᵀ) ⊙ (ΓΓᵀ), Jₗgₗ and Jₗᵀwₗ from one backward
+    pass of layer taps), "rows" (explicit per-example gradient rows split by layer; any model with
+    independent examples) or "auto" (taps when possible). Refused (``ValueError``) when examples are
+    coupled (BatchNorm in training mode), as SMW-NG is.
+    """
+    check_choice("route", route, BD_ROUTES)
+    _check_lambda(lam)
+    curv.check_independent("SMW-NG-BD (per-example gradients)")
+    xp = curv.xp
+    N = curv.N
+    mu = float(lam) + curv.l2
+    layout = curv.layout
+    gv = layout.views(g)
+    p = xp.empty_like(g)
+    pv = layout.views(p)
+    ww = 0.0
+    layers = _dense_taps_route(curv) if route != "rows" else None
+    if route == "taps" and layers is None:
+        raise ValueError("route 'taps' needs a net whose parametrised layers are all dense; use route='rows'")
+    taps = None
+    if layers is not None:
+        try:
+            taps = curv.layer_stats("empirical")                      # one backward pass on S₂
+        except UnsupportedProductError:                               # a point without layer taps
+            if route == "taps":
+                raise
+    if taps is not None:
+        for L in layers:
+            a, gam = taps[L.name]["a"], taps[L.name]["g"]             # āᵢ (N, d_in+1), γᵢ = ∂ℓᵢ/∂hᵢ (N, d_out)
+            K = (a @ a.T) * (gam @ gam.T)                             # [∇ℓᵢ,ₗᵀ ∇ℓⱼ,ₗ] (Alg. 22, one layer)
+            u = ((gam @ gv[L.block]) * a).sum(axis=1)                 # (Jₗ gₗ)ᵢ = γᵢᵀ Gₗ āᵢ
+            w = _bd_solve(xp, K, u, mu, N)
+            if w is None:
+                return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, N, "5.6", finite=False,
+                                    blocks=len(layers))
+            pv[L.block][...] = -(gv[L.block] - (gam * (w / N)[:, None]).T @ a) / mu   # Jₗᵀw = Γᵀ diag(w) Ā
+            ww += float(w @ w)
+        return _finished(curv, g, p, ww / N, mu, N, "5.6", blocks=len(layers))
+    P = curv.per_example_grads()                                      # (N, n) rows ∇ℓᵢ
+    groups = layer_groups(layout)
+    for grp in groups:
+        idx = xp.concatenate([xp.arange(layout.blocks[k].offset, layout.blocks[k].stop) for k in grp])
+        Pl = P[:, idx]
+        w = _bd_solve(xp, Pl @ Pl.T, Pl @ g[idx], mu, N)
+        if w is None:
+            return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, N, "5.6", finite=False,
+                                blocks=len(groups))
+        p[idx] = -(g[idx] - Pl.T @ (w / N)) / mu
+        ww += float(w @ w)
+    return _finished(curv, g, p, ww / N, mu, N, "5.6", blocks=len(groups))
 
 
 # -- the optimizer -----------------------------------------------------------------------------------
@@ -335,7 +456,7 @@ class SMWOptimizer(Optimizer):
         self.drop = check_range("drop", drop, 0.0, 1.0, lo_open=True, hi_open=True)
         self.eps = check_range("eps", eps, 0.0, 0.5, lo_open=True, hi_open=True)
         if form not in self.forms:
-            hint = " (H = I for NG, so eqs. 5.6 and 5.7 coincide)" if self.curvature == "ng" else ""
+            hint = " (H = I for NG, so eqs. 5.6 and 5.7 coincide)" if self.curvature != "gn" else ""
             raise ValueError(f"form must be one of {self.forms}{hint}, got {form!r}")
         self.form = form
         if eta is None:
@@ -355,6 +476,8 @@ class SMWOptimizer(Optimizer):
         n, C = shapes.n, shapes.out
         N2 = min(self.curvature_batch, self.batch_size)
         NC = N2 * C
+        if self.curvature == "ng-bd":
+            return {**self._bd_flops(shapes, N2), "trial_and_step": 3 * n}
         if self.curvature == "ng":
             t = {"jacobian_dot": NC, "gram_scale": 2 * N2 * N2, "solve": flops_solve(N2, 1), "weights": N2 + NC,
                  "direction": n, "model": 2 * n + N2}
@@ -365,6 +488,27 @@ class SMWOptimizer(Optimizer):
             t = {"output_hessian": 2 * NC, "scaled_gram": 3 * NC * NC, "solve": flops_solve(NC, 1),
                  "weights": 3 * NC, "direction": n, "model": 2 * n + 2 * NC}
         return {**t, "trial_and_step": 3 * n}
+
+    def _bd_flops(self, shapes: ModelShapes, N2: int) -> dict[str, float]:
+        """SMW-NG-BD. Dense nets (taps route; layers o × a, nₗ = o·a), per layer: the Gram's scaling
+        (2N₂²), the right-hand side γᵢᵀGₗāᵢ (N₂nₗ + N₂a), the solve, the weights (N₂ + N₂o),
+        Jₗᵀw = Γᵀdiag(w)Ā (N₂nₗ); then the 1/μ (n) and the model (2n + LN₂). Other nets (rows route,
+        blocks of sizes nₗ): Pₗgₗ (N₂nₗ), the scaling, the solve, w/N₂ (N₂), Pₗᵀw (N₂nₗ), 1/μ (n).
+        The per-layer Gram matrices themselves ((ĀĀᵀ) ⊙ (ΓΓᵀ) or PₗPₗᵀ) are counted with the
+        passes, as SMW-NG's Gram is (module :mod:`.costs`)."""
+        dense = not shapes.others and all(len(w) == 2 for w in shapes.w_shapes)
+        if dense:
+            L = list(shapes.layers)
+            rhs = sum(N2 * o * a + N2 * a for o, a in L)
+            weights = sum(N2 + N2 * o for o, a in L)
+            sizes = [o * a for o, a in L]
+        else:
+            sizes = [o * a for o, a in shapes.layers] + list(shapes.others)
+            rhs = sum(N2 * m for m in sizes)
+            weights = N2 * len(sizes)
+        return {"gram_scale": 2 * N2 * N2 * len(sizes), "rhs": rhs, "solve": sum(flops_solve(N2, 1) for _ in sizes),
+                "weights": weights, "direction": sum(N2 * m for m in sizes) + shapes.n,
+                "model": 2 * shapes.n + N2 * len(sizes)}
 
     def _curvature_objective(self, problem: Problem, obj1: Any, theta: Any) -> Any:
         """S₂ ⊆ S₁ uniformly without replacement (Alg. 23 line 3), or problem.sample(N₂) in the
@@ -397,6 +541,8 @@ class SMWOptimizer(Optimizer):
         evals = 1 + (pt2 is not opened.point)
         d = smw_direction(pt2, g, lam, curvature=self.curvature, form=self.form)
         extra["d_size"] = d.d_size
+        if self.curvature == "ng-bd":
+            extra["blocks"] = d.blocks
 
         def rejected(lam_lm, evals, nonfinite):
             info = close_step(opened, loss=f0, accepted=False, evals=evals, step_size=self.lr, nonfinite=nonfinite,
@@ -446,3 +592,14 @@ class SMWNG(SMWOptimizer):
     curvature = "ng"
     forms = ("5.6",)
     cost_formula: ClassVar[str] = "2N₂² + N₂³/3 + 6n + O(N₂C)"
+
+
+@register("smw-ng-bd")
+class SMWNGBD(SMWOptimizer):
+    """Block-diagonal SMW-NG (thesis §5.8, L2816): the empirical Fisher of S₂ restricted to its
+    per-layer diagonal blocks, each block inverted by SMW (N₂ × N₂ systems, one per layer);
+    otherwise Alg. 23 with the λ_LM rule of §5.2.3 and the §5.8 defaults, as SMW-NG."""
+
+    curvature = "ng-bd"
+    forms = ("5.6",)
+    cost_formula: ClassVar[str] = "Σₗ (2N₂² + N₂³/3 + 2N₂nₗ) + 6n + O(L N₂ d)"

@@ -22,17 +22,38 @@ separately (§4.3.4 (ii)), conv weights as 3-way tensors (§4.7.2), BatchNorm γ
 
 Defaults (MLP autoencoders, batch 1000): α = 1e-4, ε = 0.1 (Table 4.3, MNIST), μ = β = 0.9
 (line 1), T₁ = 1, T₂ = 20 (§4.7.1). CNN experiments: T₁ = 10, T₂ = 100, batch 128 (§4.7.1).
+
+Idealized TNT (thesis Algorithm 14, §4.4; registered ``"tnt-ideal"``, :class:`TNTIdeal`) replaces
+the estimates by the **true** expectations at θ_t: with G = DW the sampling-based gradient of one
+example x (targets y ~ p(y|x, θ)),
+
+    E[G⁽ⁱ⁾] = (1/|X|) Σ_{x∈X} E_{y~p(y|x)}[mat_i(G_{x,y}) mat_i(G_{x,y})ᵀ]        (line 4)
+
+over the population X (``population="data"``: the training set, the thesis's Q_x; ``"batch"``:
+the step's minibatch), exactly: for the losses here E_y[∂ℓ/∂z ∂ℓ/∂zᵀ] = H_L = S Sᵀ (softmax_ce:
+categorical, sigmoid_ce: Bernoulli, mse: N(z, I); Martens 2020 §9.2) and mat_i is linear, so
+E_y[…] = Σ_c mat_i(Jₓᵀ sₓ,c) mat_i(Jₓᵀ sₓ,c)ᵀ with sₓ,c the columns of Sₓ (one per-example backward
+pass per column c; :func:`fisher_contractions`). Then Ũᵢ by (4.10), p_t = ∇L̄_t ×₁ (Ũ₁ + εI)⁻¹ ⋯
+×ₖ (Ũₖ + εI)⁻¹ with ∇L̄_t the minibatch gradient (line 3, 5) and θ ← θ − α_t p_t (line 6),
+α_t = α t^(−β) (Theorem 5's form; β = ``decay``). No momentum, no moving averages, no warm start,
+no weight decay. G here is one example's gradient, so E[G⁽ⁱ⁾] is m times the expectation of
+Algorithm 15's Ḡ⁽ⁱ⁾ (a batch mean of m zero-mean gradients): ε and α are not interchangeable
+between the two.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import backend
 from ..curvature import kron
-from ._kron_common import TensorFactorOptimizer, sampled_mean_grad
-from .costs import flops_inv
-from .base import check_choice
+from ..curvature.protocol import UnsupportedProductError
+from ._kron_common import (TensorFactorOptimizer, TensorPart, descend, full_chunks, read_part, sampled_mean_grad,
+                           tensor_parts, write_part)
+from .costs import CostAssumptions, ModelShapes, flops_inv
+from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, draw_size
+from .drivers import close_step, nonfinite_step, open_step
 from .registry import register
 
 
@@ -77,5 +98,170 @@ class TNT(TensorFactorOptimizer):
         return {"sampled_grad_scale": batch_size * shapes.out / self.stat_freq} if self.fisher == "sampled" else {}
 
     def _factor_matrices(self, stats: list, shape: tuple) -> list | None:
-        xp = backend.namespace(stats[0])
-        return [kron.spd_inverse(U + self.damping * xp.eye(U.shape[0], dtype=U.dtype)) for U in tnt_factors(stats, shape)]
+        return damped_inverse_factors(stats, shape, self.damping)
+
+
+def damped_inverse_factors(stats: list, shape: tuple, damping: float) -> list:
+    """(Ũᵢ + εI)⁻¹ for i = 1…k, Ũᵢ from the contractions by (4.10) (Alg. 15 lines 15-16, Alg. 14 line 5)."""
+    xp = backend.namespace(stats[0])
+    return [kron.spd_inverse(U + damping * xp.eye(U.shape[0], dtype=U.dtype)) for U in tnt_factors(stats, shape)]
+
+
+# -- idealized TNT (thesis Algorithm 14) ---------------------------------------------------------------
+#: per-example gradient rows held at once when the population is processed in chunks (≈ 32 MB float64)
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _engine_point(point: Any) -> Any:
+    """The qnref point whose model runs the per-example backward passes: the point itself, or the
+    engine twin of a torch/JAX point on a converted model (``engine_point``, layout "qnref")."""
+    if hasattr(point, "caches") and hasattr(getattr(point.obj, "model", None), "per_example_grads"):
+        return point
+    twin = getattr(point, "engine_point", None)
+    if twin is None:
+        raise UnsupportedProductError("tnt-ideal needs per-example backward passes with output weights (qnref's "
+                                      "engine model, or a converted torch/JAX model with layout='qnref')")
+    return twin()
+
+
+def _part_rows(bviews: list, part: TensorPart) -> Any:
+    """The per-example tensors (N, *part.shape) of a tensor part from batched block views."""
+    v = bviews[part.block]
+    n = v.shape[0]
+    if part.part == "W":
+        return v[:, :, :-1].reshape((n,) + part.shape)
+    if part.part == "b":
+        return v[:, :, -1]
+    return v.reshape((n,) + part.shape)
+
+
+def fisher_contractions(point: Any, parts: list[TensorPart]) -> list[list[Any]]:
+    """Σ_x E_{y~p(y|x)}[mat_i(G) mat_i(G)ᵀ] over the point's examples, per tensor part and mode.
+
+    G = DW of one example (its sampling-based gradient). Exactly, with H_{L,x} = Sₓ Sₓᵀ
+    (:meth:`loss_sqrt_hessian`; = E_y[∂ℓ/∂z ∂ℓ/∂zᵀ] for softmax_ce, sigmoid_ce, mse):
+    Σ_x Σ_c mat_i(Jₓᵀ sₓ,c) mat_i(Jₓᵀ sₓ,c)ᵀ, one per-example backward pass per column c (C passes,
+    counted). A sum, not a mean. Examples must be independent (no BatchNorm in training mode).
+    """
+    point.check_independent("tnt-ideal (exact per-example Fisher statistics)")
+    eng = _engine_point(point)
+    xp, z = eng.xp, eng.z
+    if z.ndim != 2:
+        raise ValueError(f"tnt-ideal needs 2-D outputs (N, C), got shape {tuple(z.shape)}")
+    S = eng.loss_sqrt_hessian()                     # (N, C, C) with H = S Sᵀ, or the diagonal's root (N, C)
+    n, C = z.shape
+    model, layout = eng.obj.model, eng.layout
+    total = None
+    for c in range(C):
+        if S.ndim == 3:
+            U = xp.ascontiguousarray(S[:, :, c])
+        else:                                       # diagonal H_L: Sₓ e_c = √h_{x,c} e_c
+            U = xp.zeros_like(z)
+            U[:, c] = S[:, c]
+        eng.counter.add("backward", n, "fisher_contractions")
+        rows = model.per_example_grads(eng.theta, eng.caches, U)      # (N, n) rows Jₓᵀ sₓ,c
+        bviews = layout.batched_views(rows)
+        # Σ_x mat_i(Xₓ) mat_i(Xₓ)ᵀ = mat_{i+1}(X) mat_{i+1}(X)ᵀ for X stacking the examples first
+        new = [[kron.contraction(_part_rows(bviews, q), i + 1) for i in range(len(q.shape))] for q in parts]
+        total = new if total is None else [[a + b for a, b in zip(ta, tb)] for ta, tb in zip(total, new)]
+    return total
+
+
+@dataclass
+class TNTIdealState:
+    """Steps taken (the t of α_t = α t^(−β))."""
+
+    k: int = 0
+
+
+@register("tnt-ideal")
+class TNTIdeal(Optimizer):
+    """Idealized TNT (thesis Algorithm 14): true expectations E[G⁽ⁱ⁾] at every θ_t (module docstring).
+
+    Parameters
+    ----------
+    lr:          α (α_t = α t^(−β)). The thesis gives no value for Algorithm 14 (analysis only);
+                 0.1 = Table 4.3's α = 1e-4 for TNT times its batch size 1000, the factor by which
+                 the per-example statistics here exceed Algorithm 15's batch-mean ones.
+    damping:     ε of (Ũᵢ + εI)⁻¹ (0.1, the symbol's Table 4.3 value).
+    batch_size:  m of the gradient minibatch (1000, as TNT; capped at the training set).
+    population:  "data" (the whole training set, the thesis's x ~ Q_x) or "batch" (the step's batch).
+    decay:       β of α_t = α t^(−β), 0 ≤ β < 1 (0: constant; Theorem 5 takes β ∈ (0.5, 1)).
+    """
+
+    family: ClassVar[str] = "kronecker"
+    paper: ClassVar[str] = "Ren & Goldfarb 2021; Ren thesis Alg. 14, (4.10), Theorem 5"
+    cost_formula: ClassVar[str] = "Σ_parts Σᵢ (C·N_pop·dᵢ²Πⱼ≠ᵢdⱼ + dᵢ³ + 4dᵢ²) + Σ dᵢΠdⱼ + 2n (+ C per-example passes over N_pop)"
+
+    def __init__(self, lr: float = 0.1, damping: float = 0.1, batch_size: int | None = 1000, population: str = "data",
+                 decay: float = 0.0):
+        self.lr = check_positive("lr", lr)
+        self.damping = check_positive("damping", damping)
+        self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
+        self.population = check_choice("population", population, ("data", "batch"))
+        self.decay = check_range("decay", decay, 0.0, 1.0, hi_open=True)
+
+    def init(self, theta: Any) -> TNTIdealState:
+        return TNTIdealState()
+
+    def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
+        """Per step, C outputs, N_pop = ``batch_size`` for population "batch" (for "data" the
+        training set's size replaces it): the exact contractions Σ_x Σ_c mat_i(Gₓ,c)mat_i(Gₓ,c)ᵀ
+        (C·N_pop·dᵢ²Πⱼ≠ᵢdⱼ per mode) and their 1/N_pop, the damped inverses (dᵢ³ + 4dᵢ², as TNT's),
+        the mode products (dᵢΠdⱼ per mode), the step (2n). The C per-example backward passes are
+        objective passes (not counted here)."""
+        parts = [q for w in shapes.w_shapes for q in (tuple(w), (w[0],))] + [(s,) for s in shapes.others]
+        modes = sum(d * math.prod(shp) for shp in parts for d in shp)
+        C = shapes.out
+        return {"statistics": C * batch_size * modes, "statistics_mean": sum(d * d for shp in parts for d in shp),
+                "inverses": sum(flops_inv(d) + 4 * d * d for shp in parts for d in shp),
+                "precondition": modes, "step": 2 * shapes.n}
+
+    def _population(self, problem: Problem, obj: Any, theta: Any) -> list:
+        """The points of the population at θ: the step's batch, or the training set in chunks of at
+        most :data:`CHUNK_ELEMENTS` per-example gradient entries (``problem.full_objective``'s
+        examples; not counted as an epoch: the expectation is the algorithm's oracle)."""
+        if self.population == "batch":
+            return [obj]
+        n = problem.layout.size
+        size = max(1, min(problem.n_samples, CHUNK_ELEMENTS // max(n, 1)))
+        if size >= problem.n_samples:
+            return [problem.full_objective]
+        return list(full_chunks(problem, size))
+
+    def step(self, theta: Any, state: TNTIdealState, problem: Problem) -> tuple[Any, TNTIdealState, StepInfo]:
+        """One iteration of Algorithm 14 (lines 2–6)."""
+        k = state.k + 1
+        lr = self.lr * k ** (-self.decay) if self.decay else self.lr
+        opened = open_step(problem, draw_size(self, problem, self.batch_size), theta, tol=None)
+        if opened.stop is not None:
+            return theta, TNTIdealState(k), opened.stop
+        parts = tensor_parts(problem.model)
+        total, n_pop, evals = None, 0, 1
+        for obj in self._population(problem, opened.obj, theta):
+            pt = opened.point if obj is opened.obj else obj.at(theta)
+            evals += pt is not opened.point
+            c = fisher_contractions(pt, parts)
+            n_pop += obj.n_samples
+            total = c if total is None else [[a + b for a, b in zip(ta, tb)] for ta, tb in zip(total, c)]
+        stats = [[S / n_pop for S in a] for a in total]                       # E over x ~ Q_x (line 4)
+        try:
+            mats = [damped_inverse_factors(st, q.shape, self.damping) for st, q in zip(stats, parts)]
+        except Exception:  # numpy.linalg.LinAlgError (singular Ũᵢ + εI, e.g. ε below rounding); CuPy gives NaN
+            mats = None
+        if mats is None or not all(backend.all_finite(m) for ms in mats for m in ms):
+            return theta, TNTIdealState(k), nonfinite_step(opened, lr, skipped=1)
+        layout = problem.layout
+        P = backend.namespace(theta).zeros_like(theta)
+        gv, pv = layout.views(opened.g), layout.views(P)
+        for q, ms in zip(parts, mats):
+            X = read_part(gv, q)
+            for i, V in enumerate(ms):
+                X = kron.mode_product(X, V, i)
+            write_part(pv, q, X)                                                 # p_t (line 5)
+        moved = descend(theta, P, lr, 0.0)                                       # θ − α_t p_t (line 6)
+        if moved is None:
+            return theta, TNTIdealState(k), nonfinite_step(opened, lr)
+        info = close_step(opened, loss=opened.f0, accepted=True, evals=evals, step_size=lr, step_norm=moved[1],
+                          extra={"population": n_pop})
+        return moved[0], TNTIdealState(k), info
