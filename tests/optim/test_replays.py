@@ -14,8 +14,6 @@ their MLP problem uses BatchNorm in evaluation mode (``train=False``): γ/β are
 """
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 
@@ -196,10 +194,6 @@ def test_kfac_ch3_replay(kind, fisher):
     run_pair(opt, rp, th, prob, kfac_state, f"kfac-ch3-{fisher}/{kind}")
 
 
-def _kfac_has_alg7() -> bool:
-    return "version" in inspect.signature(OPTIMIZERS["kfac"]).parameters
-
-
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_kfac_ch2_documented_convention_replay(kind):
     """docs/kfac.md: "Algorithm 7 in ch. 2 is the same with π = 1" → ``use_pi=False``: Alg. 12 with
@@ -216,12 +210,9 @@ def test_kfac_ch2_documented_convention_replay(kind):
 def test_kfac_ch2_alg7_literal_replay(kind):
     """Thesis Alg. 7 literally: statistics every step (l. 8-9), π = 1 (l. 11), inverses when k ≤ T or
     k ≡ 0 (mod T) (l. 10, L823); ĝ ← βĝ + (1−β)∇f — Alg. 7 uses ĝ without defining it, the (1−β) is
-    ch. 2's convention (Alg. 4 l. 8, L576) and the reading of issue 20. FINDING (issue 20, "Deviating"): kfac.py has no such mode — ``use_pi=False`` keeps
-    Alg. 12's momentum (kfac.py ``mom = self.momentum * state.mom + opened.g``) and inverts only at
-    k ≡ 0 (mod T₂) (kfac.py ``if k % self.inv_freq == 0``), thesis L810-824 (Alg. 7 lines 9-11).
-    Runs against ``version="ch2"`` when KFAC grows that option."""
-    if not _kfac_has_alg7():
-        pytest.xfail("kfac.py has no Alg. 7 mode (momentum (1−β), re-inversion for k ≤ T): see docstring")
+    ch. 2's convention (Alg. 4 l. 8, L576) and the reading of issue 20. ``use_pi=False`` keeps Alg. 12's
+    momentum and inverts only at k ≡ 0 (mod T₂) (the next test); ``version="ch2"`` is Alg. 7, thesis
+    L810-824 (lines 9-11); tests/optim/test_kfac_ch2.py replays it with T₁ > 1 and the empirical Fisher too."""
     m, th, prob = problem(kind)
     m, _, twin = problem(kind)   # the replay's twin: same data, seeds and model
     opt = OPTIMIZERS["kfac"](stat_freq=1, inv_freq=3, batch_size=8, version="ch2", **KF)
