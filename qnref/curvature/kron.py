@@ -34,7 +34,19 @@ Conversions to other conventions:
   multiplies the (mean-loss) output gradients by N·L, which gives A/L² and L²·G: a different split
   with the *same* Kronecker product A ⊗ G (only the damping split π changes, see below);
 * the thesis writes vec column-major and the block as A ⊗ G; our θ is row-major (below), where the
-  same block is G ⊗ A.
+  same block is G ⊗ A;
+* BackPACK (Dangel, Kunstner & Hennig 2020; ``KFAC``/``KFLR`` extensions, ``HBPConvNd``) sums the
+  backpropagated gradients of a conv layer over the L locations *before* the outer product:
+  G_BackPACK = (1/N) Σᵢ (Σₜ gᵢₜ)(Σₜ gᵢₜ)ᵀ (its "|T|·Γ", the Fisher/GGN block of the bias), with
+  A_BackPACK = (1/N) Σᵢ Σₜ xᵢₜxᵢₜᵀ over the K weight inputs (no homogeneous 1; the bias is a
+  separate block with the single factor G_BackPACK). That G is *not* a rescaling of ours (the
+  cross-location terms gᵢₜgᵢₛᵀ, t ≠ s, enter it): :func:`backpack_conv_factors` computes both from
+  our taps. Dense layers agree with ours up to the bias split (A_BackPACK = A[:-1, :-1]).
+
+Type-2 taps (``layer_stats("exact")``, Botev et al. 2017) carry ``"targets": "exact"`` and a class
+axis in g after the examples ((N, C, d_out) dense, (N, C, L, C_out) conv): G sums the C outer
+products of each example, G = (1/N) Σᵢ Σ_c g_{ic}g_{ic}ᵀ = Eᵢ E_ỹ[gᵢgᵢᵀ] (dense; conv also averages
+over locations as above). :func:`factors` handles both kinds of taps.
 
 Layout: Kronecker order and the preconditioned gradient
 --------------------------------------------------------
@@ -69,7 +81,7 @@ from .. import backend
 __all__ = [
     "dense_factors", "conv_factors", "factors", "ema", "pi_split", "damped_inverses", "precondition",
     "kron_block", "sym", "spd_inverse", "inv_root_eigh", "inv_root_newton", "mean_a", "mean_g",
-    "apply_A", "contraction", "mode_product",
+    "apply_A", "contraction", "mode_product", "backpack_conv_factors",
 ]
 
 
@@ -95,16 +107,53 @@ def factors(tap: dict) -> tuple[Any, Any]:
     """(A, G) for a tap of either kind (see the module docstring for the reductions).
 
     A tap that carries its own ``reduced_factors()`` (the data-parallel taps of
-    :mod:`qnref.distributed`, whose factors are allreduced over ranks) is asked for them instead."""
+    :mod:`qnref.distributed`, whose factors are allreduced over ranks) is asked for them instead.
+    Type-2 taps (``"targets": "exact"``) sum G over their class axis (:func:`exact_g`; a data-parallel
+    type-2 tap gathers its rows for that, its ``reduced_factors`` knows one set of targets only)."""
+    kind = tap.get("kind")
+    if is_exact(tap) and kind in ("dense", "conv"):
+        a = tap["a"]
+        a2 = a.reshape(-1, a.shape[-1])
+        return (a2.T @ a2) / a.shape[0], exact_g(tap)
     reduced = getattr(tap, "reduced_factors", None)
     if reduced is not None:
         return reduced()
-    kind = tap.get("kind")
     if kind == "dense":
         return dense_factors(tap["a"], tap["g"])
     if kind == "conv":
         return conv_factors(tap["a"], tap["g"])
     raise ValueError(f"no Kronecker factors for a tap of kind {kind!r}")
+
+
+def is_exact(tap: dict) -> bool:
+    """True for the type-2 taps of ``layer_stats("exact")`` (g with a class axis)."""
+    return tap.get("targets") == "exact"
+
+
+def exact_g(tap: dict) -> Any:
+    """G = (1/(N L)) Σᵢ Σ_c Σₜ g_{ict}g_{ict}ᵀ of a type-2 tap (L = 1 for dense layers): the exact
+    expectation over ỹ of the sampled G (Botev et al. 2017)."""
+    g = tap["g"]
+    n, L = g.shape[0], (g.shape[2] if g.ndim == 4 else 1)
+    g2 = g.reshape(-1, g.shape[-1])
+    return (g2.T @ g2) / (n * L)
+
+
+def backpack_conv_factors(tap: dict) -> tuple[Any, Any]:
+    """(A_BackPACK, G_BackPACK) of a conv tap in BackPACK's convention (module docstring):
+    A = (1/N) Σᵢ Σₜ xᵢₜxᵢₜᵀ over the K weight inputs (our A without the homogeneous row/column),
+    G = (1/N) Σᵢ Σ_c (Σₜ g_{ict})(Σₜ g_{ict})ᵀ — gradients summed over the locations before the outer
+    product (c: the class axis of type-2 taps, or the one draw of empirical/sampled taps). BackPACK's
+    weight block is G ⊗ A (its weights (C_out, C_in·kh·kw) row-major, channel-major patches like
+    ours) and its bias block is G alone."""
+    if tap.get("kind") != "conv":
+        raise ValueError(f"backpack_conv_factors needs a conv tap, got kind {tap.get('kind')!r}")
+    a, g = tap["a"], tap["g"]
+    n = a.shape[0]
+    x = a[..., :-1].reshape(-1, a.shape[-1] - 1)
+    gs = g.sum(axis=-2)                              # Σₜ: (N, C_out) or (N, C, C_out)
+    gs = gs.reshape(-1, gs.shape[-1])
+    return (x.T @ x) / n, (gs.T @ gs) / n
 
 
 def locations(tap: dict) -> int:
@@ -120,6 +169,8 @@ def mean_a(tap: dict) -> Any:
 
 def mean_g(tap: dict) -> Any:
     """Eᵢ[(1/L) Σₜ gᵢₜ] (thesis (3.13)); Eᵢ[gᵢ] for dense layers."""
+    if is_exact(tap):
+        raise ValueError("mean_g needs the taps of one set of targets, not the type-2 taps of layer_stats('exact')")
     g = tap["g"]
     return g.mean(axis=0) if g.ndim == 2 else g.mean(axis=(0, 1))
 

@@ -349,13 +349,49 @@ class Point(PointProducts):
     def layer_stats(self, targets: Any = "empirical") -> dict:
         """Per Kronecker layer: {"a": āₗ₋₁, "g": gₗ, "kind": …} with gₗ = ∂ℓᵢ/∂hₗ per example.
 
-        ``targets`` is "empirical" (true labels) or "sampled" (ỹ from the model, for the true
-        Fisher of KFAC). The mean-loss gradient of W̄ₗ is (1/N) Σᵢ gₗ,ᵢ āₗ₋₁,ᵢᵀ (dense); conv
-        layers return patch matrices, see docs/engine.md.
+        ``targets`` is "empirical" (true labels), "sampled" (ỹ from the model, for the true
+        Fisher of KFAC), an array of targets, or "exact" (alias "type2"): the *type-2* statistics
+        of the exact expectation over ỹ ~ p(y|x) (Botev, Ritter & Barber 2017, KFLR). The
+        mean-loss gradient of W̄ₗ is (1/N) Σᵢ gₗ,ᵢ āₗ₋₁,ᵢᵀ (dense); conv layers return patch
+        matrices, see docs/engine.md.
+
+        "exact": with the output-space loss Hessian factored as H_{L,i} = Sᵢ Sᵢᵀ (closed form of the
+        loss: softmax √pᵢ columns, diagonal for mse / sigmoid_ce), and E_ỹ[∂ℓ/∂z ∂ℓ/∂zᵀ] = H_{L,i}
+        for these losses at the model's predictive distribution (Martens 2020 §9.2),
+        E_ỹ[gᵢgᵢᵀ] = Σ_c (Jᵢᵀ Sᵢ e_c)(Jᵢᵀ Sᵢ e_c)ᵀ. One backward pass per output c (C passes,
+        counted) with the columns Sᵢ e_c gives the taps ``{"kind", "a", "g", "targets": "exact"}``
+        where ``g`` has a class axis after the examples: (N, C, d_out) dense, (N, C, L, C_out)
+        conv; :func:`qnref.curvature.kron.factors` sums over it. Needs independent examples
+        (BatchNorm in training mode couples them: the cross terms of different examples' ỹ do not
+        vanish in a product of per-class backward passes), refused otherwise.
         """
+        if isinstance(targets, str) and targets in ("exact", "type2"):
+            return self._exact_layer_stats()
         taps: dict = {}
         self._backward(self._fisher_dz(targets), "layer_stats", taps=taps, want_params=False)
         return taps
+
+    def _exact_layer_stats(self) -> dict:
+        """The type-2 taps of :meth:`layer_stats` ("exact"): one backward per column of Sᵢ."""
+        self._check_coupling("layer_stats(targets='exact')")
+        xp, z = self.xp, self.z
+        S = self.local_loss_sqrt_hessian()          # (N, C, C) with H = S Sᵀ, or the diagonal's root
+        diagonal = self._diagonal_hessian()         # mse / sigmoid_ce: S has z's shape
+        n = z.shape[0]
+        C = int(S.reshape(n, -1).shape[1]) if diagonal else int(S.shape[1])
+        per_class = []
+        for c in range(C):
+            if not diagonal:
+                u = xp.ascontiguousarray(S[:, :, c])
+            else:                                   # diagonal H_L: Sᵢ e_c = √h_{i,c} e_c
+                u = xp.zeros_like(z)
+                u.reshape(n, -1)[:, c] = S.reshape(n, -1)[:, c]
+            taps: dict = {}
+            self._backward(u, "layer_stats", taps=taps, want_params=False)
+            per_class.append(taps)
+        return {name: {"kind": t["kind"], "a": t["a"],
+                       "g": xp.stack([pc[name]["g"] for pc in per_class], axis=1), "targets": "exact"}
+                for name, t in per_class[0].items()}
 
     def gram(self, kind: str = "grad") -> Any:
         """Gram matrices of thesis ch. 5 (see :meth:`PointProducts.gram`).
