@@ -3,8 +3,9 @@
 Every loader returns a validated :class:`~qnref.data.dataset.Dataset` with host NumPy arrays
 (float64 inputs for the small sets, float32 for MNIST / Fashion-MNIST / CIFAR-10 to halve host
 memory; :meth:`Dataset.to` casts). Nothing is downloaded: small sets ship with a package or are
-generated; MNIST, Fashion-MNIST and CIFAR-10 are read from files in ``data_dir`` (argument, or the
-``QNREF_DATA_DIR`` environment variable). See docs/data.md.
+generated; MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100 (binary version), FACES, CURVES and webspam are read
+from their published files in ``data_dir`` (argument, or the ``QNREF_DATA_DIR`` environment variable).
+See docs/data.md.
 
 ``n_train`` / ``n_test`` ask for that many examples of each split: synthetic sets
 (``imbalanced``) generate exactly that many; the others keep the standard split and take a
@@ -27,8 +28,11 @@ from typing import Any, Callable
 import numpy as np
 
 from .cifar import load_cifar10_arrays
+from .cifar100 import load_cifar100_arrays
 from .dataset import Dataset, as_generator, train_test_split
 from .idx import load_mnist_arrays
+from .libsvm import WEBSPAM_FEATURES, find_webspam, read_libsvm, webspam_test_size
+from .matsets import load_curves_arrays, load_faces_arrays
 
 DATA_DIR_ENV = "QNREF_DATA_DIR"
 CACHE_ENV = "QNREF_CACHE"
@@ -76,7 +80,7 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 # --------------------------------------------------------------------------------------------
 # digits (scikit-learn)
 # --------------------------------------------------------------------------------------------
-def _load_digits(*, seed: int = 0, flat: bool = False, test_size: int = 360) -> Dataset:
+def _load_digits(*, seed: int = 0, flat: bool = False, test_size: int = 360, standardize: bool = False) -> Dataset:
     """scikit-learn's 8×8 digits (UCI optdigits test set), 1797 images, pixels 0…16 → [0, 1]."""
     from sklearn.datasets import load_digits  # noqa: PLC0415 - keep sklearn off the import path
 
@@ -95,7 +99,8 @@ def _load_digits(*, seed: int = 0, flat: bool = False, test_size: int = 360) -> 
             "scaling": "pixel value / 16 → [0, 1]",
         },
     )
-    return ds.flatten() if flat else ds
+    ds = ds.flatten() if flat else ds
+    return _standardize(ds) if standardize else ds
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +344,8 @@ def _load_imbalanced(
 # --------------------------------------------------------------------------------------------
 # file-based image sets
 # --------------------------------------------------------------------------------------------
-def _image_dataset(name: str, a: dict[str, np.ndarray], flat: bool, info: dict) -> Dataset:
+def _image_dataset(name: str, a: dict[str, np.ndarray], flat: bool, info: dict, *, n_classes: int = 10,
+                   standardize: bool = False) -> Dataset:
     def prep(x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float32) / np.float32(255.0)
         return x if x.ndim == 4 else x[:, None]  # (N, H, W) → (N, 1, H, W)
@@ -351,19 +357,29 @@ def _image_dataset(name: str, a: dict[str, np.ndarray], flat: bool, info: dict) 
         prep(a["X_test"]),
         a["y_test"],
         input_shape=prep(a["X_test"][:1]).shape[1:],
-        n_classes=10,
+        n_classes=n_classes,
         task="classification",
         loss="softmax_ce",
         info=info,
     )
-    return ds.flatten() if flat else ds
+    ds = ds.flatten() if flat else ds
+    return _standardize(ds) if standardize else ds
 
 
-def _load_mnist(*, seed: int = 0, data_dir: Any = None, flat: bool = False) -> Dataset:
+def _standardize(ds: Dataset) -> Dataset:
+    """Zero mean, unit variance per input entry, statistics of the training split ([REN] §5.8: "The data sets
+    were scaled to have zero means and unit variances"); float32 inputs stay float32."""
+    out = ds.standardized(per="feature")
+    out.info["scaling"] = str(out.info.get("scaling", "")) + " then standardized per feature (train statistics)"
+    return out
+
+
+def _load_mnist(*, seed: int = 0, data_dir: Any = None, flat: bool = False, standardize: bool = False) -> Dataset:
     d = resolve_data_dir(data_dir, "mnist")
     return _image_dataset(
         "mnist", load_mnist_arrays(d, "mnist"), flat,
         {"source": f"IDX files in {d} (LeCun et al.)", "split": "official 60000/10000", "scaling": "/255"},
+        standardize=standardize,
     )
 
 
@@ -375,13 +391,72 @@ def _load_fashion_mnist(*, seed: int = 0, data_dir: Any = None, flat: bool = Fal
     )
 
 
-def _load_cifar10(*, seed: int = 0, data_dir: Any = None, flat: bool = False) -> Dataset:
+def _load_cifar10(*, seed: int = 0, data_dir: Any = None, flat: bool = False, standardize: bool = False) -> Dataset:
     d = resolve_data_dir(data_dir, "cifar10")
     return _image_dataset(
         "cifar10", load_cifar10_arrays(d), flat,
         {"source": f"CIFAR-10 python batches in {d} (Krizhevsky, 2009)", "split": "official 50000/10000",
          "scaling": "/255"},
+        standardize=standardize,
     )
+
+
+def _load_cifar100(*, seed: int = 0, data_dir: Any = None, flat: bool = False, labels: str = "fine",
+                   standardize: bool = False) -> Dataset:
+    """CIFAR-100 binary version: 100 fine classes (``labels="fine"``, the thesis's CIFAR-100) or 20 coarse ones."""
+    if labels not in ("fine", "coarse"):
+        raise ValueError(f"cifar100 labels must be 'fine' (100 classes) or 'coarse' (20 superclasses), got {labels!r}")
+    d = resolve_data_dir(data_dir, "cifar100")
+    a = load_cifar100_arrays(d)
+    arrays = {"X_train": a["X_train"], "y_train": a[f"y_train_{labels}"], "X_test": a["X_test"],
+              "y_test": a[f"y_test_{labels}"]}
+    return _image_dataset(
+        "cifar100", arrays, flat,
+        {"source": f"CIFAR-100 binary version in {d} (Krizhevsky, 2009)", "split": "official 50000/10000",
+         "labels": labels, "scaling": "/255"},
+        n_classes=100 if labels == "fine" else 20, standardize=standardize,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the autoencoder sets of Hinton & Salakhutdinov (MAT-files) and webspam (LIBSVM text)
+# --------------------------------------------------------------------------------------------
+def _autoencoder_dataset(name: str, a: dict[str, np.ndarray], loss: str, info: dict) -> Dataset:
+    return Dataset(name, a["X_train"], a["X_train"], a["X_test"], a["X_test"], input_shape=a["X_train"].shape[1:],
+                   n_classes=None, task="autoencoder", loss=loss, info=info)
+
+
+def _load_curves(*, seed: int = 0, data_dir: Any = None) -> Dataset:
+    d = resolve_data_dir(data_dir, "curves")
+    return _autoencoder_dataset(
+        "curves", load_curves_arrays(d), "sigmoid_ce",
+        {"source": f"digs3pts_1.mat in {d} (Hinton & Salakhutdinov 2006; Martens' copy)",
+         "split": "the file's bdata / bdatatest (20000/10000)", "scaling": "as stored, [0, 1]"},
+    )
+
+
+def _load_faces(*, seed: int = 0, data_dir: Any = None) -> Dataset:
+    d = resolve_data_dir(data_dir, "faces")
+    return _autoencoder_dataset(
+        "faces", load_faces_arrays(d), "mse",
+        {"source": f"newfaces_rot_single.mat in {d} (Hinton & Salakhutdinov 2006; Martens' copy)",
+         "split": "first N·25/40 columns train (103500), the rest test (62100; thesis Table 2.3)",
+         "scaling": "as stored (real-valued, squared error)"},
+    )
+
+
+def _load_webspam(*, seed: int = 0, data_dir: Any = None, standardize: bool = False) -> Dataset:
+    d = resolve_data_dir(data_dir, "webspam")
+    path = find_webspam(d)
+    X, labels = read_libsvm(path, WEBSPAM_FEATURES)
+    y = (labels > 0).astype(np.float64)[:, None]  # +1 → 1 (spam), −1 → 0: targets of one sigmoid output
+    Xtr, ytr, Xte, yte = train_test_split(X, y, n_test=webspam_test_size(len(X)), seed=seed, stratify=True)
+    ds = Dataset("webspam", Xtr, ytr, Xte, yte, input_shape=(WEBSPAM_FEATURES,), n_classes=2, task="binary",
+                 loss="sigmoid_ce",
+                 info={"source": f"{path} (LIBSVM data page: webspam unigram, Webb et al. 2006)",
+                       "split": f"seeded stratified: {len(Xtr)} train / {len(Xte)} test (thesis §5.8: N = 300000)",
+                       "labels": "+1 → 1, −1 → 0", "scaling": "as stored (normalised unigram counts)"})
+    return _standardize(ds) if standardize else ds
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,6 +472,8 @@ ALIASES: dict[str, str] = {
     "fmnist": "fashion-mnist",
     "cifar-10": "cifar10",
     "cifar_10": "cifar10",
+    "cifar-100": "cifar100",
+    "cifar_100": "cifar100",
     "sin-toy": "toy2class",
 }
 
@@ -428,6 +505,14 @@ register_dataset("fashion-mnist", _load_fashion_mnist,
                  "Fashion-MNIST from IDX files in data_dir, 60000/10000, (1,28,28) in [0,1] or flat=True")
 register_dataset("cifar10", _load_cifar10,
                  "CIFAR-10 python batches in data_dir, 50000/10000, (3,32,32) in [0,1] or flat=True → (3072,)")
+register_dataset("cifar100", _load_cifar100,
+                 "CIFAR-100 binary version (train.bin/test.bin) in data_dir, 50000/10000, 100 fine (or 20 coarse) classes")
+register_dataset("curves", _load_curves,
+                 "CURVES autoencoder set, digs3pts_1.mat in data_dir, 20000/10000 images 28×28 → (784,) in [0,1]")
+register_dataset("faces", _load_faces,
+                 "FACES autoencoder set, newfaces_rot_single.mat in data_dir, 103500/62100 faces 25×25 → (625,), real")
+register_dataset("webspam", _load_webspam,
+                 "webspam unigram (LIBSVM text) in data_dir, 254 features, ±1 → binary targets (N,1); 300000 train")
 
 
 def canonical_name(name: str) -> str:
@@ -455,8 +540,8 @@ def load_dataset(
 ) -> Dataset:
     """Load the data set ``name`` (see :data:`DATASETS`) as a validated host :class:`Dataset`.
 
-    ``data_dir``: folder with the files of mnist / fashion-mnist / cifar10 (default
-    ``$QNREF_DATA_DIR``); ignored by the other sets. ``seed``: splits, subsets, synthetic draws.
+    ``data_dir``: folder with the files of mnist / fashion-mnist / cifar10 / cifar100 / curves / faces /
+    webspam (default ``$QNREF_DATA_DIR``); ignored by the other sets. ``seed``: splits, subsets, synthetic draws.
     ``n_train`` / ``n_test``: sizes of the splits (generated, or a seeded stratified subset of the
     standard split). Other keywords are the data set's options (e.g. ``flat=True``); unknown ones
     raise TypeError listing what the data set accepts.
