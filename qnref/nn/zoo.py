@@ -305,6 +305,51 @@ def allcnnc(input_shape: Shape = (3, 32, 32), n_outputs: int = 10, width: float 
     return Sequential(layers, input_shape, name="allcnnc")
 
 
+def netdnn(input_shape: Shape = (1, 28, 28), n_outputs: int = 10, width: float = 1.0, *, activation: str = "relu", **kw) -> Sequential:
+    """[MB] Table 1 "NetDNN": the MNIST network of the MB-LSR1 comparison, d = 59.9k, conv+FC, 4 layers.
+
+    The text gives only those three facts (Table 1; §5.2 trains it on MNIST). The layout here is *our
+    reconstruction* with exactly that count, a LeNet-style pair of conv layers and a pair of FC layers:
+    conv 5×5 32 (valid) + act → max-pool 2 → conv 5×5 32 (valid) + act → max-pool 2 → FC 64 + act → FC 10.
+    On MNIST: 832 + 25,632 + 32,832 + 650 = 59,946 parameters (59.9k). ReLU by default (the text names no
+    activation; its other network, ResNet20, uses ReLU).
+    """
+    _unknown(kw, "netdnn")
+    act = lambda: make_activation(activation)  # noqa: E731
+    c, h = _w(32, width), _w(64, width)
+    layers: list[Layer] = [Conv2d(c, 5), act(), MaxPool2d(2), Conv2d(c, 5), act(), MaxPool2d(2),
+                           Flatten(), Dense(h), act(), Dense(n_outputs)]
+    return Sequential(layers, input_shape, name="netdnn")
+
+
+def resnet18(input_shape: Shape = (3, 32, 32), n_outputs: int = 10, width: float = 1.0, *, stem: str = "cifar", activation: str = "relu", **kw) -> Sequential:
+    """[SOC] §3.2 "18-layer Deep Residual Network (DRN) (He et al., 2016)": ResNet-18 of He et al. Table 1.
+
+    Four stages of two basic blocks (3×3 convs, BN, ``activation``) with 64, 128, 256, 512 channels (× ``width``),
+    stride 2 at the first block of stages 2–4 with projection shortcuts (option B, 1×1 conv + BN, as in He et
+    al.'s ImageNet ResNets), global average pool, one FC: 1 + 16 + 1 = 18 weight layers. ``stem="cifar"``
+    (default) is the usual 32×32 adaptation — conv 3×3 64 stride 1 + BN + act, no max-pool — the one that reaches
+    the ≈93 % CIFAR-10 accuracy the text reports for its DRN with augmentation and momentum (§3.2);
+    ``stem="imagenet"`` is He et al.'s conv 7×7 64 stride 2 + BN + act + max-pool 3×3 stride 2. ReLU is the text's
+    "regular DRN" (Fig. 9). 11,178,762 parameters for CIFAR-10 with the cifar stem: the common bias-free
+    implementation's 11,173,962 plus the 4,800 conv biases qnref always carries (module docstring).
+    """
+    _unknown(kw, "resnet18")
+    if stem not in ("cifar", "imagenet"):
+        raise ValueError(f"resnet18 stem must be 'cifar' (3×3 conv, no pool) or 'imagenet' (7×7/2 conv + 3×3/2 pool), got {stem!r}")
+    chans = [_w(c, width) for c in (64, 128, 256, 512)]
+    if stem == "cifar":
+        layers: list[Layer] = [Conv2d(chans[0], 3, padding=1), BatchNorm(), make_activation(activation)]
+    else:
+        layers = [Conv2d(chans[0], 7, stride=2, padding=3), BatchNorm(), make_activation(activation), MaxPool2d(3, 2, 1)]
+    for stage, c in enumerate(chans):
+        for b in range(2):
+            stride = 2 if (stage > 0 and b == 0) else 1
+            layers.append(basic_block(c, stride, shortcut="projection", activation=activation))
+    layers += [GlobalAvgPool(), Dense(n_outputs)]
+    return Sequential(layers, input_shape, name="resnet18" + ("" if stem == "cifar" else "-imagenet-stem"))
+
+
 # -- reduced variants (digits 1×8×8, MNIST-1D 40 features) ------------------------------------------------
 def lenet_digits(input_shape: Shape = (1, 8, 8), n_outputs: int = 10, width: float = 1.0, *, batchnorm: bool = False, activation: str = "relu", **kw) -> Sequential:
     """Reduced LeNet for 8×8 digits: conv 3×3 8 (pad 1) + act → [BN] → max-pool 2 → conv 3×3 16
@@ -379,6 +424,8 @@ MODELS: dict[str, ModelInfo] = {
     "vgg16": ModelInfo(_partial(vgg16), "[REN] VGG16 with BN after every conv and one FC layer", (3, 32, 32), "softmax_ce"),
     "3c3d": ModelInfo(_partial(c3d3), "[DOBS] 3c3d CIFAR-10 net: 3 conv + 3 dense layers", (3, 32, 32), "softmax_ce"),
     "allcnnc": ModelInfo(_partial(allcnnc), "[ACNN] All-CNN-C (no dropout), configurable width", (3, 32, 32), "softmax_ce"),
+    "netdnn": ModelInfo(_partial(netdnn), "[MB] Table 1 NetDNN for MNIST, 59.9k: conv 5×5 32, conv 5×5 32, FC 64, FC 10 (layout reconstructed)", (1, 28, 28), "softmax_ce"),
+    "resnet18": ModelInfo(_partial(resnet18), "[SOC] DRN-18: He et al. ResNet-18 for 32×32 (3×3 stem, projection shortcuts)", (3, 32, 32), "softmax_ce"),
     "lenet-digits": ModelInfo(_partial(lenet_digits), "reduced LeNet for 8×8 digits (batchnorm=True adds BN)", (1, 8, 8), "softmax_ce"),
     "resnet-digits": ModelInfo(_partial(resnet_digits), "reduced ResNet (2 basic blocks, BN) for 8×8 digits", (1, 8, 8), "softmax_ce"),
     "cnn-mnist1d": ModelInfo(_partial(cnn_mnist1d), "reduced 1×5-kernel CNN for MNIST-1D reshaped to (1, 1, 40)", (1, 1, 40), "softmax_ce"),
