@@ -238,6 +238,27 @@ def dp_dlm(s: Any, y: Any, Hy: Any, mu1: float, mu2: float) -> tuple[Any, Any]:
     return st, y + mu2 * st
 
 
+def dpi_dlm(s: Any, y: Any, mu1: float, mu2: float) -> tuple[Any, Any]:
+    """D_P(I) D_LM (thesis Algorithm 11, §3.6): D_P D_LM with H = μ₂⁻¹ I in Powell's step (the
+    initial L-BFGS matrix of K-BFGS(L)), so no product with H_G is needed: s̃ᵀy ≥ (μ₁/μ₂) yᵀy,
+    ỹ = y + μ₂ s̃; Lemma 4: s̃ᵀs̃ / s̃ᵀỹ ≤ 1/μ₂, ỹᵀỹ / s̃ᵀỹ ≤ μ₂(1 + 2μ₁)/μ₁."""
+    return dp_dlm(s, y, y / mu2, mu1, mu2)
+
+
+def dd_skip_passes(st: Any, yt: Any, Hyt: Any, mu1: float) -> bool:
+    """The test of the "DD-skip" (thesis Algorithm 5 line 17): the damped pair (s̃, ỹ) updates H
+    only when s̃ᵀỹ ≥ μ₁ ỹᵀ H ỹ (``Hyt`` = H ỹ with the H before the update), the bound of
+    Lemma 2's proof (2.8).
+
+    Powell's step (Alg. 3 l. 2-3) makes s̃ᵀy = μ₁ yᵀHy exactly, so whenever DD's second step leaves
+    ỹ = y the test is an equality, which l. 17 keeps (≥): the comparison allows a relative margin of
+    √ε of the dtype so that rounding does not decide those pairs."""
+    import numpy  # dtype constants only (CuPy dtypes are NumPy's)
+
+    bound = mu1 * float(yt @ Hyt)
+    return float(st @ yt) >= bound - math.sqrt(float(numpy.finfo(st.dtype).eps)) * abs(bound)
+
+
 def validate_freq(name: str, value: int) -> int:
     return check_int(name, value, 1)
 

@@ -28,6 +28,38 @@ Damping split (§3.3.2, §3.4.3): λ_A = √L √λ, λ_G = √λ / √L (dense:
 Pairs with s̃ᵀỹ ≤ 0 or non-finite entries are skipped (counted in ``StepInfo.skipped``); the thesis
 always updates (§2.3: after damping s̃ᵀỹ > 0 holds by construction unless s̃ = 0).
 
+The version is a preset of three independent pieces, each of which can be set on its own
+(``None``: the version's choice), plus four options that both versions leave off:
+
+================  =========================================  ======================  =======================
+hyperparameter    choices                                    ``ch3`` (Alg. 9)        ``ch2`` (Alg. 4)
+================  =========================================  ======================  =======================
+damping_scheme    "dpdlm" (Alg. 8), "dd" (Alg. 3),           "dpdlm"                 "dd"
+                  "dpidlm" (D_P(I) D_LM, Alg. 11)
+hessian_action    the estimate of A: "minibatch" Ã of the    "minibatch"             "moving-average"
+                  batch ((3.14)-(3.15)) or "moving-average"
+                  A ← βA + (1−β)Ã (§2.4)
+gradient          ĝ: "momentum" βĝ + ∇f (Alg. 9 l. 8),       "momentum"              "moving-average"
+                  "moving-average" βĝ + (1−β)∇f (Alg. 4
+                  l. 8), "minibatch" ∇f (Alg. 5 l. 8, 10 l. 6)
+exact_inverse     H_A = (A + λ_A I)⁻¹ of that estimate of A  False                   False
+                  every T steps instead of the BFGS update
+                  (Alg. 5 l. 21-23; Alg. 10 l. 12)
+skip              skip the H_G update when s̃ᵀỹ < μ₁ỹᵀH_Gỹ   False                   False
+                  (Alg. 5 l. 17, the "DD-skip")
+lr_power          α_k = α k^(−lr_power), lr_power ∈ (0.5, 1)  None (α constant)       None
+                  (Theorems 2 and 4)
+double_grad       ∇f ← ½(∇f_M + ∇f⁺ of the previous step's    False                   False
+                  curvature pass at this θ) (§2.8.3)
+================  =========================================  ======================  =======================
+
+The version alone fixes H_G⁽⁰⁾ (λ_G⁻¹ I for ch3, I for ch2). :data:`VARIANTS` names the settings of
+the thesis's other algorithms: Table 3.8's ablation rows, the convergence variants Alg. 5 (§2.7) and
+Alg. 10 (§3.6) and §2.8.3's double-grad (docs/kbfgs.md).
+
+Non-curvature steps (k ≢ 0 mod T) take the objective's plain gradient (one backward pass); the
+layer taps (ā, g) are built only on curvature steps, where the H_A/H_G updates need them (issue 21).
+
 Defaults (MLP autoencoders, batch 1000, thesis §3.7.1): α = 0.03, λ = 0.3 (Table 3.5, MNIST,
 both K-BFGS and K-BFGS(L)), β = 0.9, μ₁ = 0.2 (Algorithm 9 line 1), T = 1 (§3.7.1; CNNs: T = 20,
 §3.7.1), L-BFGS memory p = 100 (§2.8.2, §3.4.3). Chapter-2 defaults from Table 2.6 (batch 100,
@@ -48,6 +80,30 @@ from .operators import LBFGSOperator, bfgs_inverse_update
 from .pairs import PairStore
 from .drivers import close_step, nonfinite_step
 from .registry import register
+
+#: the pieces each ``version`` presets (module docstring table)
+PRESETS: dict[str, dict[str, str]] = {
+    "ch3": {"damping_scheme": "dpdlm", "hessian_action": "minibatch", "gradient": "momentum"},
+    "ch2": {"damping_scheme": "dd", "hessian_action": "moving-average", "gradient": "moving-average"},
+}
+DAMPING_SCHEMES = ("dpdlm", "dd", "dpidlm")
+HESSIAN_ACTIONS = ("minibatch", "moving-average")
+GRADIENTS = ("momentum", "moving-average", "minibatch")
+
+#: The thesis's other K-BFGS algorithms as settings of ``kbfgs`` / ``kbfgs-l`` (docs/kbfgs.md):
+#: ``make_optimizer("kbfgs-l", **VARIANTS["alg5"])``. Table 3.8 rows: "K-BFGS" = ``version="ch3"``,
+#: "K-BFGS-20" = ``version="ch2"``, "#1 off" / "#2 off" below. Alg. 5 and Alg. 10 are K-BFGS(L)
+#: algorithms (their proofs bound the L-BFGS matrix); with ``kbfgs`` they give the BFGS analogue.
+#: ``lr_power`` 0.9: Theorems 2/4 ask for α_k ∝ k^(−β), β ∈ (0.5, 1), and give no value; Alg. 5 l. 1
+#: sets β = 0.9 with the same letter, which we take as the default exponent.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "table3.8-#1-off": {"version": "ch3", "damping_scheme": "dd"},
+    "table3.8-#2-off": {"version": "ch3", "hessian_action": "moving-average"},
+    "alg5": {"version": "ch2", "exact_inverse": True, "gradient": "minibatch", "skip": True, "lr_power": 0.9},
+    "alg10": {"version": "ch3", "damping_scheme": "dpidlm", "exact_inverse": True, "gradient": "minibatch",
+              "lr_power": 0.9},
+    "double-grad": {"version": "ch2", "double_grad": True},
+}
 
 
 def _lbfgs_apply_flops(o: int, p: int, c: int) -> float:
@@ -71,8 +127,9 @@ class KBFGSState(kc.KronState):
     pairs: dict = field(default_factory=dict)   # K-BFGS(L): per layer, the (s̃, ỹ) pairs of H_G (PairStore rows)
     sG: dict = field(default_factory=dict)
     yG: dict = field(default_factory=dict)
-    A: dict = field(default_factory=dict)       # ch2 only: moving average of A
+    A: dict = field(default_factory=dict)       # hessian_action="moving-average" only: moving average of A
     lam: dict = field(default_factory=dict)     # per layer (λ_A, λ_G)
+    grad_plus: Any = None                       # double_grad: ∇f at θ on the previous step's batch (its θ⁺ pass)
 
     def __post_init__(self) -> None:
         # a state restored from a checkpoint holds the stores' plain dicts
@@ -84,20 +141,35 @@ class KBFGS(Optimizer):
     """K-BFGS (BFGS for H_G); see the module docstring. ``memory=None`` means full BFGS."""
 
     family: ClassVar[str] = "kronecker"
-    paper: ClassVar[str] = "Ren thesis ch. 2-3 (Alg. 3, 4, 8, 9; Tables 2.6, 3.5)"
+    paper: ClassVar[str] = "Ren thesis ch. 2-3 (Alg. 3, 4, 5, 8, 9, 10, 11; Tables 2.6, 3.5, 3.8; §2.8.3)"
     _limited: ClassVar[bool] = False
 
     def __init__(self, lr: float = 0.03, damping: float = 0.3, beta: float = 0.9, mu1: float = 0.2,
                  curvature_freq: int = 1, batch_size: int | None = 1000, version: str = "ch3",
-                 weight_decay: float = 0.0, warm_start: bool = True, memory: int | None = None):
+                 weight_decay: float = 0.0, warm_start: bool = True, memory: int | None = None,
+                 damping_scheme: str | None = None, hessian_action: str | None = None, gradient: str | None = None,
+                 exact_inverse: bool = False, skip: bool = False, lr_power: float | None = None,
+                 double_grad: bool = False):
         self.lr, _, self.beta, self.batch_size, self.weight_decay = kc.check_common(lr, 0.0, beta, batch_size, weight_decay)
         self.damping = check_positive("damping", damping)
         self.mu1 = check_range("mu1", mu1, 0.0, 1.0, lo_open=True, hi_open=True)
         self.curvature_freq = kc.validate_freq("curvature_freq", curvature_freq)
-        check_choice("version", version, ("ch3", "ch2"))
-        if version == "ch2" and damping > 1:
-            raise ValueError(f"version='ch2' uses double damping with μ₂ = √λ ∈ (0, 1] (thesis §2.3.1); got damping={damping}")
+        check_choice("version", version, tuple(PRESETS))
         self.version = version
+        preset = PRESETS[version]
+        self.damping_scheme = check_choice("damping_scheme", preset["damping_scheme"] if damping_scheme is None
+                                           else damping_scheme, DAMPING_SCHEMES)
+        self.hessian_action = check_choice("hessian_action", preset["hessian_action"] if hessian_action is None
+                                           else hessian_action, HESSIAN_ACTIONS)
+        self.gradient = check_choice("gradient", preset["gradient"] if gradient is None else gradient, GRADIENTS)
+        if self.damping_scheme == "dd" and damping > 1:
+            raise ValueError(f"double damping (damping_scheme='dd', version='ch2') uses μ₂ = √λ ∈ (0, 1] "
+                             f"(thesis §2.3.1); got damping={damping}")
+        self.exact_inverse = check_bool("exact_inverse", exact_inverse)
+        self.skip = check_bool("skip", skip)
+        self.lr_power = None if lr_power is None else check_range("lr_power", lr_power, 0.5, 1.0, lo_open=True,
+                                                                  hi_open=True)
+        self.double_grad = check_bool("double_grad", double_grad)
         self.warm_start = check_bool("warm_start", warm_start)
         if self._limited:
             self.memory = check_int("memory", 100 if memory is None else memory, 1)
@@ -109,27 +181,79 @@ class KBFGS(Optimizer):
     def init(self, theta: Any) -> KBFGSState:
         return KBFGSState(mom=backend.namespace(theta).zeros_like(theta))
 
+    def step_size(self, k: int) -> float:
+        """α_k: α, or α k^(−lr_power) (thesis Theorems 2 and 4: α_k = κ/(L κ̄²) k^(−β), β ∈ (0.5, 1))."""
+        return self.lr if self.lr_power is None else self.lr * float(k) ** (-self.lr_power)
+
     cost_formula: ClassVar[str] = "Σ o a(o + a) + Σ[(N+1)oa + 2Na + 8a² + 8o² + 2oa + …]/T + 4n"
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
-        """∇W̄ = gᵀā/N from the taps, momentum, the scale and the step; the preconditioning
+        """∇W̄ = gᵀā/N from the taps (curvature steps only; other steps take the objective's
+        gradient), the gradient estimate, the scale and the step; the preconditioning
         H_G ∇W̄ H_A (K-BFGS(L): H_G by L-BFGS with p pairs); every T steps per layer the H_A update
-        (â, H_A â, the ã-action or the moving average, λ_A s_A, s_Aᵀy_A, the BFGS update) and the
-        H_G update (h̄ at both points, ḡ means, the EMAs of s_G and y_G, H_G y, damping, update)."""
+        (â, H_A â, the ã-action or the moving average, λ_A s_A, s_Aᵀy_A, the BFGS update; or the
+        estimate of A and its damped inverse) and the H_G update (h̄ at both points, ḡ means, the
+        EMAs of s_G and y_G, H_G y, damping, the skip test, update). Conv layers: N stands for
+        N·|T| in the A terms (the shapes carry no locations)."""
         n, lay, N, T = shapes.n, shapes.layers, batch_size, self.curvature_freq
         limited = self.memory is not None
         p = assume.pairs_or(self.memory or 0)
-        t = {"grad_from_taps": sum((N + 1) * o * a for o, a in lay) if not shapes.others else 0,
-             "momentum": n if self.version == "ch3" else 2 * n, "scale": n, "step": 2 * n,
+        t = {"grad_from_taps": sum((N + 1) * o * a for o, a in lay) / T if not shapes.others else 0,
+             "momentum": {"momentum": n, "moving-average": 2 * n, "minibatch": 0}[self.gradient],
+             "scale": n, "step": 2 * n,
              "precondition": (sum(o * a * a + _lbfgs_apply_flops(o, p, a) for o, a in lay) if limited
                               else kc.kron_precondition_flops(lay))}
+        if self.double_grad:
+            t["double_grad"] = n
         upd_a = upd_g = 0.0
         for o, a in lay:
-            ya = 2 * N * a + a if self.version == "ch3" else N * a * a + 4 * a * a
-            upd_a += 3 * a + a * a + ya + _bfgs_inverse_update_flops(a)
-            upd_g += 2 * a + 2 * o * a + 10 * o + (_lbfgs_apply_flops(o, p, 1) if limited
-                                                   else o * o + _bfgs_inverse_update_flops(o))
+            est = N * a * a + a * a + (2 * a * a if self.hessian_action == "moving-average" else 0)
+            if self.exact_inverse:
+                upd_a += est + a * a + flops_inv(a) + 2 * a * a     # + λ_A I, sym, inverse, sym
+            else:
+                ya = 2 * N * a + a if self.hessian_action == "minibatch" else est + a * a
+                upd_a += 3 * a + a * a + ya + _bfgs_inverse_update_flops(a)
+            hg = _lbfgs_apply_flops(o, p, 1) if limited else o * o
+            upd_g += 2 * a + 2 * o * a + 10 * o + (o if self.damping_scheme == "dpidlm" else hg)
+            upd_g += o if self.damping_scheme == "dd" else 0
+            upd_g += hg + 2 * o if self.skip else 0
+            upd_g += 0 if limited else _bfgs_inverse_update_flops(o)
         return {**t, "HA_update": upd_a / T, "HG_update": upd_g / T}
+
+    def algebra_floor(self, model: Any, batch_size: int | None = None) -> dict[str, float]:
+        """The least a K-BFGS step must do beyond an SGD step, as a multiple of a gradient (issue 21).
+
+        Per Kronecker layer with output size o, input size a (= d_in + 1; conv: C_in·kh·kw + 1) and
+        |T| output locations (1 for dense layers), a gradient's GEMMs cost G = Σ 3N|T|oa
+        multiplications (forward h = W̄ā, ∂W̄ and ∂ā, N|T|oa each). On top of it a step must do
+
+        - ``extra_passes`` = 1/T: a second forward/backward over the batch at θ⁺ every T steps, whose
+          GEMMs are ``second_pass`` = (2/3)·G/T (forward and ∂ā; the taps replace ∂W̄);
+        - ``precondition`` = Σ (o²a + oa²) (BFGS) or Σ (oa² + 4p·oa) (L-BFGS, p pairs), every step;
+        - ``curvature`` = Σ [2N|T|a + 7a² + 2oa + (8o² or 4p·o)] / T: the Hessian action on s_A, the
+          BFGS update of H_A, h̄ at both points, the H_G product and its update.
+
+        ``ratio`` = 1 + (second_pass + precondition + curvature) / G, the floor of the measured
+        K-BFGS step / SGD step (element-wise work, the taps' patch matrices, BatchNorm and the
+        curvature step's first-pass taps, which replace the gradient's ∂W̄ GEMM, not counted).
+        """
+        N = int(batch_size if batch_size is not None else (self.batch_size or 1000))
+        layers, _ = kc.kron_structure(model)
+        by_name = {layer.name: layer for layer in model.kron_layers}
+        T = self.curvature_freq
+        p = self.memory or 0
+        grad = pre = curv = 0.0
+        for L in layers:
+            o, a = L.shape
+            out = tuple(getattr(by_name[L.name], "out_shape", ()))
+            locs = int(out[1] * out[2]) if L.kind == "conv" and len(out) == 3 else 1
+            grad += 3 * N * locs * o * a
+            pre += o * a * a + (4 * p * o * a if self.memory is not None else o * o * a)
+            curv += 2 * N * locs * a + 7 * a * a + 2 * o * a + (4 * p * o if self.memory is not None else 8 * o * o)
+        second = 2.0 * grad / (3 * T)
+        extra = second + pre + curv / T
+        return {"gradient": grad, "extra_passes": 1.0 / T, "second_pass": second, "precondition": pre,
+                "curvature": curv / T, "ratio": 1.0 + extra / grad if grad else 1.0}
 
     # -- initialisation ----------------------------------------------------------------------------------
     def _warm(self, state: KBFGSState, problem: Problem, theta: Any, layers) -> None:
@@ -150,7 +274,7 @@ class KBFGS(Optimizer):
             lamA, lamG = kc.sqrt_split(self.damping, locs[L.name])
             state.lam[L.name] = (lamA, lamG)
             state.HA[L.name] = kron.spd_inverse(A + lamA * xp.eye(A.shape[0], dtype=A.dtype))
-            if self.version == "ch2":
+            if self.hessian_action == "moving-average":
                 state.A[L.name] = A
             d_out = L.shape[0]
             if self.memory is None:
@@ -181,61 +305,93 @@ class KBFGS(Optimizer):
         if opened.stop is not None:
             return theta, state, opened.stop
         p = opened.point
-        taps = p.layer_stats("empirical")
-        grad = kc.grad_from_taps(layout, layers, others, taps, p)
-        if not backend.all_finite(grad):
-            return theta, state, nonfinite_step(opened, self.lr)
         k = state.k + 1
-        mom = self.beta * state.mom + (grad if self.version == "ch3" else (1.0 - self.beta) * grad)
+        due = k % self.curvature_freq == 0
+        # the layer taps only where the curvature update needs them (issue 21); otherwise the plain gradient
+        taps = p.layer_stats("empirical") if due else None
+        grad = kc.grad_from_taps(layout, layers, others, taps, p) if due else p.grad
+        if self.double_grad and state.grad_plus is not None:
+            grad = 0.5 * (grad + state.grad_plus)      # a gradient on both batches at this θ (§2.8.3)
+        if not backend.all_finite(grad):
+            return theta, state, nonfinite_step(opened, self.step_size(k))
+        if self.gradient == "minibatch":
+            mom = grad                                   # Alg. 5 l. 8, Alg. 10 l. 6
+        else:
+            mom = self.beta * state.mom + (grad if self.gradient == "momentum" else (1.0 - self.beta) * grad)
+        lr = self.step_size(k)
         P = mom / self.damping          # non-Kronecker blocks: momentum with rate α/λ (thesis §3.4.3)
         pv, mv = layout.views(P), layout.views(mom)
         for L in layers:
             pv[L.block][...] = self._apply_HG(state, L.name, mv[L.block] @ state.HA[L.name])
-        moved = kc.descend(theta, P, self.lr, self.weight_decay)
+        moved = kc.descend(theta, P, lr, self.weight_decay)
         if moved is None:
-            return theta, state, nonfinite_step(opened, self.lr)
+            return theta, state, nonfinite_step(opened, lr)
         theta_new, step_norm = moved
-        new = dataclasses.replace(state, k=k, mom=mom)   # consumes ``state``: its per-layer dicts change in place
+        # consumes ``state``: its per-layer dicts change in place
+        new = dataclasses.replace(state, k=k, mom=mom, grad_plus=None)
         p_new, loss, evals, failed = kc.second_pass(opened, theta_new, k % self.curvature_freq == 0)
         skipped = 2 * len(layers) if failed else 0
         if p_new is not None:
             taps_new = p_new.layer_stats("empirical")
+            if self.double_grad:
+                g_plus = kc.grad_from_taps(layout, layers, others, taps_new, p_new)
+                new.grad_plus = g_plus if backend.all_finite(g_plus) else None
             w_old, w_new = layout.views(theta), layout.views(theta_new)
             for L in layers:
                 skipped += self._update_layer(new, L, taps[L.name], taps_new[L.name], w_old[L.block], w_new[L.block])
-        info = close_step(opened, loss=loss, accepted=True, evals=evals, step_size=self.lr, step_norm=step_norm,
+        info = close_step(opened, loss=loss, accepted=True, evals=evals, step_size=lr, step_norm=step_norm,
                           skipped=skipped)
         return theta_new, new, info
+
+    def _update_HA(self, st: KBFGSState, name: str, t: dict, lamA: float) -> int:
+        """H_A from the tap ``t`` at θ; returns 1 when the update is refused (non-finite, sᵀy ≤ 0)."""
+        HA = st.HA[name]
+        if self.hessian_action == "moving-average":
+            a = t["a"].reshape(-1, t["a"].shape[-1])
+            A = kron.ema(st.A[name], (a.T @ a) / t["a"].shape[0], self.beta)
+            st.A[name] = A
+        if self.exact_inverse:
+            # H_A = (A + λ_A I)⁻¹ of the moving average (Alg. 5 l. 21-23) or of the batch's Ã (Alg. 10 l. 12)
+            if self.hessian_action == "minibatch":
+                a = t["a"].reshape(-1, t["a"].shape[-1])
+                A = (a.T @ a) / t["a"].shape[0]
+            xp = backend.namespace(A)
+            H = kron.spd_inverse(A + lamA * xp.eye(A.shape[0], dtype=A.dtype))
+            if not kc.all_finite(H):
+                return 1
+            st.HA[name] = H
+            return 0
+        # Hessian-action BFGS: s_A = H_A â, y_A = (A + λ_A I) s_A
+        sA = HA @ kron.mean_a(t)
+        if self.hessian_action == "minibatch":
+            yA = kron.apply_A(t, sA) + lamA * sA
+        else:
+            yA = A @ sA + lamA * sA
+        if kc.all_finite(sA, yA) and float(sA @ yA) > 0:
+            st.HA[name] = bfgs_inverse_update(HA, sA, yA)
+            return 0
+        return 1
 
     def _update_layer(self, st: KBFGSState, L, t, t_new, w_old, w_new) -> int:
         """Curvature updates of one layer; returns the number of skipped updates."""
         name = L.name
         lamA, lamG = st.lam[name]
-        skipped = 0
-        # H_A by Hessian-action BFGS
-        HA = st.HA[name]
-        sA = HA @ kron.mean_a(t)
-        if self.version == "ch3":
-            yA = kron.apply_A(t, sA) + lamA * sA
-        else:
-            a = t["a"].reshape(-1, t["a"].shape[-1])
-            A = kron.ema(st.A[name], (a.T @ a) / t["a"].shape[0], self.beta)
-            st.A[name] = A
-            yA = A @ sA + lamA * sA
-        if kc.all_finite(sA, yA) and float(sA @ yA) > 0:
-            st.HA[name] = bfgs_inverse_update(HA, sA, yA)
-        else:
-            skipped += 1
+        skipped = self._update_HA(st, name, t, lamA)
         # H_G by damped BFGS / L-BFGS on averaged pre-activations and their gradients
         dh = kron.mean_h(t_new, w_new) - kron.mean_h(t, w_old)
         dg = kron.mean_g(t_new) - kron.mean_g(t)
         sG = self.beta * st.sG[name] + (1.0 - self.beta) * dh
         yG = self.beta * st.yG[name] + (1.0 - self.beta) * dg
         st.sG[name], st.yG[name] = sG, yG
-        Hy = self._apply_HG(st, name, yG)
-        damp = kc.dp_dlm if self.version == "ch3" else kc.double_damping
-        s_t, y_t = damp(sG, yG, Hy, self.mu1, lamG)
+        if self.damping_scheme == "dpidlm":
+            s_t, y_t = kc.dpi_dlm(sG, yG, self.mu1, lamG)
+        else:
+            Hy = self._apply_HG(st, name, yG)
+            damp = kc.dp_dlm if self.damping_scheme == "dpdlm" else kc.double_damping
+            s_t, y_t = damp(sG, yG, Hy, self.mu1, lamG)
         if not (kc.all_finite(s_t, y_t) and float(s_t @ y_t) > 0):
+            return skipped + 1
+        if self.skip and not kc.dd_skip_passes(s_t, y_t, self._apply_HG(st, name, y_t), self.mu1):
             return skipped + 1
         if self.memory is None:
             st.HG[name] = bfgs_inverse_update(st.HG[name], s_t, y_t)
