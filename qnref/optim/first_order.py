@@ -1,5 +1,6 @@
 """First-order baselines: SGD, heavy-ball momentum, Nesterov (NAG), Adam, RMSprop, AdaGrad,
-AdaDelta, SVRG and gradient descent with a backtracking (Armijo) line search.
+AdaDelta, SVRG, the CNN comparison's GD (fixed rate on 20 % of the data) and gradient descent
+with a backtracking (Armijo) line search.
 
 Every method follows the protocol of :mod:`qnref.optim.base`::
 
@@ -21,6 +22,7 @@ Conventions shared by all classes
   the loss at the new point is unknown without another forward pass, which the methods do not
   need. GD-LS reports the accepted value f_B(θ + αp).
 * ``step_size`` is η (the accepted α for GD-LS); ``step_norm`` is ‖θ_new − θ‖.
+* ``batch_size=None`` draws the whole set; GD draws ⌈fraction·N⌉ examples (:func:`fraction_size`).
 * Host syncs per step: the batch loss and ‖Δθ‖² (plus the objective's own finiteness check of θ).
 
 Defaults and their sources are listed per class and in ``docs/first_order.md``.
@@ -38,7 +40,8 @@ from .costs import CostAssumptions, ModelShapes
 from .drivers import Opened, close_step, finite_move, line_search, nonfinite_step, open_step, with_extra
 from .registry import register
 
-__all__ = ["SGD", "Momentum", "NAG", "Adam", "RMSprop", "AdaGrad", "AdaDelta", "SVRG", "GDLineSearch"]
+__all__ = ["SGD", "Momentum", "NAG", "Adam", "RMSprop", "AdaGrad", "AdaDelta", "SVRG", "GD", "GDLineSearch",
+           "fraction_size", "full_gradient", "fixed_step_lr"]
 
 
 def _check_batch_size(batch_size: int | None) -> int | None:
@@ -50,11 +53,50 @@ def _check_unit(name: str, value: float) -> float:
     return check_range(name, value, 0.0, 1.0, hi_open=True)
 
 
+def fraction_size(n: int, fraction: float) -> int:
+    """⌈fraction·n⌉ examples, at least 1 and at most n: the size of a batch given as a fraction of
+    the training set (GD's and Hessian-free's 20 % gradient batch, CNN comparison §3.3, §4.1)."""
+    return max(1, min(n, int(math.ceil(fraction * n))))
+
+
+def fixed_step_lr(opt: Any, lr: float | None) -> None:
+    """Check the ``lr`` of a method with ``step_rule`` ``"fixed"`` or a line search, and set
+    ``opt.lr`` only for the fixed rule: a method whose step comes from a search has no learning
+    rate (adapters then treat their ``lr`` as a scale of the returned step, as for every
+    line-search method), and an ``lr`` given with the search would be silently unused, so it is
+    refused."""
+    if opt.step_rule == "fixed":
+        if lr is None:
+            raise ValueError("step_rule='fixed' needs lr (the fixed step length, [SOC] §4.4 tunes it), got lr=None")
+        opt.lr = check_positive("lr", lr)
+    elif lr is not None:
+        raise ValueError(f"lr={lr!r} is the step of step_rule='fixed'; with step_rule={opt.step_rule!r} the line "
+                         "search chooses the step (give step_rule='fixed' with lr, or no lr)")
+
+
+def full_gradient(problem: Problem, theta: Any, chunk: int | None) -> Any:
+    """∇f(θ) on the whole training set (L2 term included), summed over consecutive chunks of
+    ``chunk`` examples (``None``: one pass over the set) and weighted by their sizes, so it equals
+    the full-batch gradient for models whose examples do not interact. Uses ``problem.subset``:
+    the passes are counted in ``problem.counter`` but not as epochs (a warm start, not training
+    data, as the Kronecker methods' statistics warm start)."""
+    from ._kron_common import full_chunks
+
+    n = problem.n_samples
+    total = None
+    for obj in full_chunks(problem, chunk or n):
+        part = obj.at(theta).grad * (obj.n_samples / n)
+        total = part if total is None else total + part
+    return total
+
+
 class FirstOrderOptimizer(Optimizer):
     """Common driver: draw a batch, take one gradient, add the step Δθ that ``_update`` returns.
 
     Subclasses implement ``init`` and ``_update(theta, g, state) -> (delta, new_state)`` (pure:
-    no in-place changes to ``state``), and may override ``_gradient_point`` (where g is taken).
+    no in-place changes to ``state``), and may override ``_gradient_point`` (where g is taken),
+    ``_draw_size`` (the step's batch; ``batch_size`` by default) and ``_prepare`` (a state set-up
+    that needs the problem before the first update: RMSprop's warm start).
     """
 
     family: ClassVar[str] = "first-order"
@@ -65,6 +107,12 @@ class FirstOrderOptimizer(Optimizer):
 
     def _gradient_point(self, theta, state):
         return theta
+
+    def _draw_size(self, problem: Problem) -> int | None:
+        return self.batch_size
+
+    def _prepare(self, theta, state, problem: Problem):
+        return state
 
     def _update(self, theta, g, state) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -82,10 +130,12 @@ class FirstOrderOptimizer(Optimizer):
 
     def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
         # a NaN/Inf gradient gives a non-finite Δθ in every rule, which _close rejects: one check
-        opened = open_step(problem, self.batch_size, self._gradient_point(theta, state), tol=None, need_grad=False)
+        ready = self._prepare(theta, state, problem)
+        opened = open_step(problem, self._draw_size(problem), self._gradient_point(theta, ready), tol=None,
+                           need_grad=False)
         if opened.stop is not None:
             return theta, state, dataclasses.replace(opened.stop, step_size=self.lr)
-        delta, new_state = self._update(theta, opened.g, state)
+        delta, new_state = self._update(theta, opened.g, ready)
         return self._close(opened, theta, state, delta, new_state)
 
 
@@ -235,7 +285,8 @@ class DiagonalAdaptive(FirstOrderOptimizer):
         if self._bias_correction:
             num = num / (1.0 - b1**t) if b1 else num
             den = den / (1.0 - a**t)
-        return -self.lr * num / (xp.sqrt(den) + self.eps), MomentState(m, v, t)
+        # replace, not MomentState(…): a subclass state (RMSprop's warm-start flag) keeps its fields
+        return -self.lr * num / (xp.sqrt(den) + self.eps), dataclasses.replace(state, m=m, v=v, t=t)
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """m (2n with β₁ > 0), v (3n), bias corrections (n each), η·num/(√v + ε) (2n), ‖Δθ‖² (n)."""
@@ -266,6 +317,13 @@ class Adam(DiagonalAdaptive):
         set_checked(self, beta1=(beta1, "[0, 1)"), beta2=(beta2, "[0, 1)"))
 
 
+@dataclass
+class RMSpropState(MomentState):
+    """:class:`MomentState` and whether v was warm-started from the full training set."""
+
+    warm_started: bool = False
+
+
 @register("rmsprop")
 class RMSprop(DiagonalAdaptive):
     """RMSprop (Tieleman & Hinton 2012, Coursera lecture 6.5)::
@@ -277,16 +335,43 @@ class RMSprop(DiagonalAdaptive):
     θ ← θ − η m / (√v + ε): the variant of Ren's thesis §2.8.2 ("the only difference [to Adam]
     is the bias correction", β₁ = β₂ = 0.9). Not PyTorch's ``momentum`` (which accumulates the
     scaled step).
+
+    ``warm_start=True`` (Ren's thesis §2.8, "Initialization of Algorithms", L832-840: "∇f ⊙ ∇f
+    for RMSprop", estimated "using the entire training set before we start updating
+    parameters"): before the first update v₀ = ∇f(θ₀) ⊙ ∇f(θ₀) with ∇f the gradient of the whole
+    training set (:func:`full_gradient`, in chunks of ``batch_size``; L2 term included, like g),
+    then the usual v₁ = ρ v₀ + (1 − ρ) g₁⊙g₁. m stays 0 (the thesis: "∇̂f is always initialized as
+    zero"). Default off (the lecture's v₀ = 0). The warm start needs the training set, so it runs
+    in :meth:`step`; the update rule alone (``_update``, e.g. adapters that feed their own
+    gradient) refuses a state that was not warm-started.
     """
 
-    paper: ClassVar[str] = "Tieleman & Hinton 2012 (lecture 6.5); Ren thesis §2.8.2"
+    paper: ClassVar[str] = "Tieleman & Hinton 2012 (lecture 6.5); Ren thesis §2.8.2, warm start §2.8 L832-840"
     cost_formula: ClassVar[str] = "6n (8n with β₁ > 0)"
     _decay_rate: ClassVar[str] = "rho"
 
     def __init__(self, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-8, beta1: float = 0.0,
-                 batch_size: int | None = 128):
+                 batch_size: int | None = 128, warm_start: bool = False):
         super().__init__(lr, eps, batch_size)
-        set_checked(self, rho=(rho, "[0, 1)"), beta1=(beta1, "[0, 1)"))
+        set_checked(self, rho=(rho, "[0, 1)"), beta1=(beta1, "[0, 1)"), warm_start=(warm_start, "bool"))
+
+    def init(self, theta) -> RMSpropState:
+        base = super().init(theta)
+        return RMSpropState(base.m, base.v)
+
+    def _prepare(self, theta, state, problem: Problem):
+        if not self.warm_start or state.t > 0 or getattr(state, "warm_started", False):
+            return state
+        g0 = full_gradient(problem, theta, draw_size(self, problem, self.batch_size))
+        # a non-finite g0 gives a non-finite step, which the driver rejects (θ and the state stay)
+        return dataclasses.replace(state, v=g0 * g0, warm_started=True)
+
+    def _update(self, theta, g, state):
+        if self.warm_start and state.t == 0 and not getattr(state, "warm_started", False):
+            raise ValueError("rmsprop warm_start=True: the second moment v was not warm-started (∇f⊙∇f on the "
+                             "training set needs the problem); take the step with opt.step(theta, state, problem), "
+                             "or use warm_start=False")
+        return super()._update(theta, g, state)
 
 
 @register("adagrad")
@@ -417,6 +502,36 @@ class SVRG(FirstOrderOptimizer):
         return self._close(opened, theta, state, -self.lr * v, new, evals=2, snapshot=False)
 
 
+# -- the CNN comparison's GD: fixed rate on a fraction of the data --------------------------------
+@register("gd")
+class GD(FirstOrderOptimizer):
+    """Gradient descent of the second-order CNN comparison ([SOC] §3.4 L101, §4.1 L109)::
+
+        θ ← θ − η ∇f_D(θ),   D = the next ⌈fraction·N⌉ examples of the epoch stream
+
+    "In each iteration, GD will use average gradient of 20% of data to be the update direction"
+    (§4.1), with a "well tuned fix learning rate" (§3.4: "SGD and GD will use well tuned fix
+    learning rate and we will apply line search for SHG, SQN and SR1"). It draws its data like
+    Hessian-free's gradient batch D_g (``problem.batch(⌈0.2 N⌉)``, :func:`fraction_size`), so one
+    step is 0.2 epochs, the data SHG reads per update. Defaults: ``fraction=0.2`` (§3.3, §4.1);
+    η = 0.01, the value of :class:`SGD` (the text tunes η and gives no number). The update rule,
+    its state and cost are SGD's (``SGD._update``); only the batch differs.
+    """
+
+    paper: ClassVar[str] = "second-order CNN comparison §3.4 L101, §4.1 L109 (GD on 20% of the data, fixed rate)"
+    cost_formula: ClassVar[str] = "2n"
+    init = SGD.init
+    _update = SGD._update
+    algebra_flops = SGD.algebra_flops  # −η g (n), ‖Δθ‖² (n)
+
+    def __init__(self, lr: float = 0.01, fraction: float = 0.2):
+        self.lr = check_positive("lr", lr)
+        self.fraction = check_range("fraction", fraction, 0.0, 1.0, lo_open=True)
+
+    def _draw_size(self, problem: Problem) -> int:
+        return fraction_size(problem.n_samples, self.fraction)
+
+
 # -- gradient descent with a line search -----------------------------------------------------------
 @dataclass
 class GDLineSearchState:
@@ -429,15 +544,17 @@ class GDLineSearch(FirstOrderOptimizer):
 
         f_B(θ + α p) − f_B(θ) ≤ c₁ α ∇f_B(θ)ᵀp        (c₁ = 0.1)
 
-    both sides on the step's batch — eq. (2) of the CNN comparison paper ("Second-order
-    optimization for neural networks" study, §3.4, citing Nocedal & Wright). The paper states
-    only c₁ = 0.1; α₀ = 1 and s = 1/2 (halving, at most ``max_evals`` trials) are Nocedal &
-    Wright's textbook choices (Alg. 3.1), not the paper's. A failed search (or a non-finite batch
-    loss/gradient) does not move θ. Non-finite trial values are treated as failures of the
-    Armijo test (the step shrinks).
+    both sides on the step's batch: the sufficient-decrease condition, eq. (2) of the second-order
+    CNN comparison ([SOC] §3.4), which that text applies to SHG, SQN and SR1 — *not* to its GD,
+    which runs at a fixed tuned rate (registered as ``"gd"``, :class:`GD`). This class is a
+    line-search GD variant of our own: the natural first-order reference for the line-search
+    second-order methods, with the text's c₁ = 0.1. α₀ = 1 and s = 1/2 (halving, at most
+    ``max_evals`` trials) are Nocedal & Wright's textbook choices (Alg. 3.1). A failed search (or
+    a non-finite batch loss/gradient) does not move θ. Non-finite trial values are treated as
+    failures of the Armijo test (the step shrinks).
     """
 
-    paper: ClassVar[str] = "second-order CNN comparison §3.4 eq. (2); Nocedal & Wright Alg. 3.1"
+    paper: ClassVar[str] = "line-search GD variant with eq. (2) of the second-order CNN comparison (§3.4); Nocedal & Wright Alg. 3.1"
 
     def __init__(self, alpha0: float = 1.0, c1: float = 0.1, shrink: float = 0.5, max_evals: int = 30,
                  batch_size: int | None = 128):

@@ -1,6 +1,8 @@
-"""Hessian-free optimization (Martens 2010) in the "SHG" form of the second-order CNN comparison.
+"""Hessian-free optimization (Martens 2010), ``"hf"``, and the SHG of the second-order CNN
+comparison, ``"shg"`` (:class:`SHG`: the same algorithm with stochastic *Hessian* products).
 
-One step at θ (the comparison paper's SHG: stochastic Hessian, gradient on 20% of the data):
+One step at θ (gradient on 20% of the data; ``hf`` multiplies by the Gauss–Newton matrix,
+``shg`` by the Hessian):
 
 1. Gradient batch D_g = ``problem.batch(⌈grad_fraction·N⌉)`` (advances the epoch stream, so
    ``problem.epochs`` counts exactly the gradient data; 20% by default, comparison paper §3.3,
@@ -25,6 +27,9 @@ One step at θ (the comparison paper's SHG: stochastic Hessian, gradient on 20% 
    (:func:`update_damping`).
 6. Line search: backtracking α = 1, 0.8, 0.8², … (Martens & Sutskever 2012 §8.8) until
    f(θ + αp) − f₀ ≤ 0.1 α gᵀp (comparison paper eq. 2); a failure leaves θ unchanged.
+   ``step_rule="fixed"`` replaces it by θ ← θ + η p with a fixed ``lr`` η (comparison paper
+   §4.4, Fig. 12: "we replace the line search computations with well tuned fixed learning
+   rate"); CG, its backtracking over iterates and the damping rule stay as they are.
 
 Safeguards: every trial point goes through :func:`~qnref.optim.base.try_point` (NaN/Inf
 rejected, θ never becomes non-finite); a non-finite start point leaves θ unchanged and raises λ;
@@ -39,6 +44,7 @@ forward and a per-example backward over D_g.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -50,11 +56,12 @@ from ..curvature.objective import Objective
 from .base import Optimizer, Problem, StepInfo, capped_size, check_choice, check_int, check_positive, check_range, set_checked, try_point
 from .costs import CostAssumptions, ModelShapes
 from .drivers import close_step, open_step, with_extra
+from .first_order import fixed_step_lr, fraction_size
 from .linesearch import CNN_COMPARISON_C1, backtracking_armijo
 from .registry import register
 
 __all__ = ["CGResult", "cg_solve", "backtrack_iterates", "update_damping", "martens_preconditioner",
-           "HessianFree", "HFState"]
+           "HessianFree", "HFState", "SHG"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +318,7 @@ class HFState:
 
 @register("hf")
 class HessianFree(Optimizer):
-    """Hessian-free (truncated Newton with CG on damped Gauss–Newton products), SHG variant.
+    """Hessian-free (truncated Newton with CG on damped Gauss–Newton products), Martens 2010.
 
     Defaults and sources (see the module docstring and docs/hessian_free.md):
     ``grad_fraction=0.2`` (comparison paper §3.3, Fig. 1), ``curvature_batch=100`` (comparison
@@ -322,7 +329,11 @@ class HessianFree(Optimizer):
     ``store_ratio=1.3`` (§4.6), ``c1=0.1`` (comparison paper eq. 2), ``shrink=0.8``
     (Martens & Sutskever 2012), ``preconditioner=None`` (Martens' diagonal with ξ = 0.75 via
     ``"martens"``: it costs per-example gradients, off by default as in the comparison paper,
-    which does not mention one).
+    which does not mention one), ``step_rule="armijo"`` (the line search of step 6;
+    ``"fixed"`` with ``lr``: θ ← θ + lr·p, comparison paper §4.4; ``lr`` is refused otherwise).
+
+    ``hf`` keeps Martens' Gauss–Newton curvature (its reference trajectory is recorded); the
+    comparison paper's SHG, which multiplies by the Hessian, is :class:`SHG` (``"shg"``).
     """
 
     family: ClassVar[str] = "hessian-free"
@@ -356,22 +367,27 @@ class HessianFree(Optimizer):
         damping_max: float = 1e8,
         preconditioner: str | None = None,
         precond_exponent: float = 0.75,
+        step_rule: str = "armijo",
+        lr: float | None = None,
     ):
         self.curvature = check_choice("curvature", curvature, ("ggn", "hessian"))
         self.damping = check_positive("damping", damping)
-        if grad_batch is not None and grad_fraction is not None:
-            raise ValueError("give grad_batch or grad_fraction, not both (grad_fraction=None for a fixed size)")
-        if grad_batch is None and grad_fraction is None:
-            raise ValueError("one of grad_batch or grad_fraction is required")
+        # each value is checked first (a NaN is named as such), then the pair
         self.grad_fraction = None if grad_fraction is None else check_range("grad_fraction", grad_fraction, 0.0, 1.0, lo_open=True)
         self.grad_batch = None if grad_batch is None else check_int("grad_batch", grad_batch)
-        if curvature_batch is not None and curvature_fraction is not None:
-            raise ValueError("give curvature_batch or curvature_fraction, not both")
-        if curvature_batch is None and curvature_fraction is None:
-            raise ValueError("one of curvature_batch or curvature_fraction is required")
+        if grad_batch is not None and grad_fraction is not None:
+            raise ValueError(f"give grad_batch or grad_fraction, not both (got grad_batch={grad_batch!r}, "
+                             f"grad_fraction={grad_fraction!r}; grad_fraction=None for a fixed size)")
+        if grad_batch is None and grad_fraction is None:
+            raise ValueError("one of grad_batch or grad_fraction is required")
         self.curvature_batch = None if curvature_batch is None else check_int("curvature_batch", curvature_batch)
         self.curvature_fraction = (None if curvature_fraction is None
                                    else check_range("curvature_fraction", curvature_fraction, 0.0, 1.0, lo_open=True))
+        if curvature_batch is not None and curvature_fraction is not None:
+            raise ValueError(f"give curvature_batch or curvature_fraction, not both (got curvature_batch="
+                             f"{curvature_batch!r}, curvature_fraction={curvature_fraction!r})")
+        if curvature_batch is None and curvature_fraction is None:
+            raise ValueError("one of curvature_batch or curvature_fraction is required")
         self.max_cg_iters = check_int("max_cg_iters", max_cg_iters)
         self.min_cg_iters = check_int("min_cg_iters", min_cg_iters, 0)
         if self.min_cg_iters > self.max_cg_iters:
@@ -390,17 +406,19 @@ class HessianFree(Optimizer):
             raise ValueError(f"need damping_min ≤ damping ≤ damping_max, got {damping_min}, {damping}, {damping_max}")
         self.preconditioner = check_choice("preconditioner", preconditioner, (None, "martens"))
         self.precond_exponent = check_range("precond_exponent", precond_exponent, 0.0, 1.0)
+        self.step_rule = check_choice("step_rule", step_rule, ("armijo", "fixed"))
+        fixed_step_lr(self, lr)
 
     # -- helpers --------------------------------------------------------------------------------
     def grad_size(self, n: int) -> int:
         if self.grad_batch is not None:
             return capped_size(self, n, self.grad_batch, "grad_batch")
-        return max(1, min(n, int(math.ceil(self.grad_fraction * n))))
+        return fraction_size(n, self.grad_fraction)
 
     def curvature_size(self, n: int) -> int:
         if self.curvature_batch is not None:
             return capped_size(self, n, self.curvature_batch, "curvature_batch")
-        return max(1, min(n, int(math.ceil(self.curvature_fraction * n))))
+        return fraction_size(n, self.curvature_fraction)
 
     def _curvature_objective(self, problem: Problem, gobj: Objective, theta: Any) -> Objective:
         m = self.curvature_size(problem.n_samples)
@@ -518,6 +536,21 @@ class HessianFree(Optimizer):
             pt = try_point(gobj, theta + alpha * p)
             return math.inf if pt is None else pt.value
 
+        if self.step_rule == "fixed":
+            # [SOC] §4.4: a fixed step instead of the line search; f at θ + lr·p is only read (a
+            # NaN/Inf there rejects the step: θ stays, the only safeguard left)
+            st = HFState(new_lam, new_prev, state.k + 1)
+            f_new = phi(self.lr)
+            evals += 0 if self.lr == 1.0 else 1
+            if not math.isfinite(f_new):
+                extra["message"] = f"fixed step lr={self.lr}: non-finite loss at θ + lr·p, step rejected"
+                return theta, st, close_step(opened, loss=f0, accepted=False, evals=evals, step_size=0.0,
+                                             nonfinite=True, extra=extra)
+            step = self.lr * p
+            return theta + step, st, close_step(opened, loss=f_new, accepted=True, evals=evals, step_size=self.lr,
+                                                step_norm=math.sqrt(float(step @ step)), nonfinite=nonfinite,
+                                                extra=extra)
+
         ls = backtracking_armijo(phi, f0, slope, alpha0=1.0, c1=self.c1, shrink=self.shrink, max_evals=self.max_ls_evals)
         evals += max(0, ls.n_evals - 1)
         st = HFState(new_lam, new_prev, state.k + 1)
@@ -529,3 +562,40 @@ class HessianFree(Optimizer):
         return theta + step, st, close_step(opened, loss=ls.value, accepted=True, evals=evals, step_size=ls.alpha,
                                             step_norm=math.sqrt(float(step @ step)), nonfinite=nonfinite,
                                             extra=extra)
+
+
+@register("shg")
+class SHG(HessianFree):
+    """SHG of the second-order CNN comparison ([SOC] §2.1 L47, §3.3 L87, §3.4 eq. 2, §4.3): the
+    Hessian-free method with **stochastic Hessian-vector products** and the gradient on 20 % of
+    the data. The same algorithm and code as :class:`HessianFree`; only ``curvature`` defaults to
+    ``"hessian"`` (A v = ∇²f_{D_c}(θ) v + λv, ``Point.hvp``: the exact Hessian of the curvature
+    batch, including the activations' f'' terms D_λ of [SOC] eq. 3–5, which the GGN never has).
+
+    The text's settings and where they sit: "Stochastic Hessian and full Gradient ... we will only
+    use 20% of data to compute the gradient" (§3.3) → ``grad_fraction=0.2``; the Hessian on a
+    batch of "batch size as 100" (§3.3; §4.2 varies the "batch size of hessian-vector product")
+    → ``curvature_batch=100``; CG "terminating it once it has made sufficient progress" (§2.1,
+    which cites Martens & Sutskever 2011 and gives no rule) → Martens' progress test
+    (``progress_eps=5e-4``, k = max(10, 0.1 i)); line search eq. (2), f(w + ηp) − f(w) ≤
+    0.1 η ∇f(w)ᵀp on the current batch (§3.4) → ``c1=0.1`` (backtracking factor 0.8 of Martens &
+    Sutskever: the text gives none). Damping, warm start and CG backtracking are Martens' (the
+    text says nothing about them). With the Hessian, CG may meet negative curvature dᵀAd ≤ 0: it
+    stops there (step 3 of the module docstring). ``step_rule="fixed"`` with ``lr`` is the
+    fixed-rate variant of §4.4 / Fig. 12. Every other hyperparameter is :class:`HessianFree`'s.
+    """
+
+    paper: ClassVar[str] = ("SHG of 'A comparison of second-order methods for deep convolutional neural networks' "
+                            "(§2.1, §3.3, eq. 2): Hessian-free (Martens 2010) with stochastic Hessian products")
+    #: the defaults in which SHG differs from Martens' HF
+    TEXT_DEFAULTS: ClassVar[dict[str, Any]] = {"curvature": "hessian"}
+
+    def __init__(self, **hyperparameters: Any):
+        super().__init__(**{**self.TEXT_DEFAULTS, **hyperparameters})
+
+
+# SHG's signature is HessianFree's with the text's defaults (the registry, the fuzz suite and the
+# paper-default look-up of capped batch sizes read it), written once from the parent's
+SHG.__init__.__signature__ = inspect.signature(HessianFree.__init__).replace(parameters=[
+    p.replace(default=SHG.TEXT_DEFAULTS.get(p.name, p.default))
+    for p in inspect.signature(HessianFree.__init__).parameters.values()])

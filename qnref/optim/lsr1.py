@@ -20,7 +20,8 @@ from typing import Any
 from .. import backend
 from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_int, check_positive, check_range, set_checked
 from .costs import CostAssumptions, ModelShapes
-from .drivers import close_step, finite_point, line_search, open_step, trust_region_update
+from .drivers import close_step, finite_point, line_search, open_step, stay, trust_region_update
+from .first_order import fixed_step_lr
 from .operators import LSR1Operator, lsr1_prune, lsr1_prune_flops, sr1_skip
 from .pairs import PairStore
 from .registry import register
@@ -32,13 +33,19 @@ from .trust_region import (RadiusRule, lsr1_subproblem_flops, lsr1_subproblem_gr
 class LSR1State:
     """memory: the :class:`~.pairs.PairStore` (S, Y rows; with the Grams SY, SS, YY for
     ``LSR1TrustRegion(gram_cache=True)``, the default); delta: radius (NaN before the first step:
-    Δ₀ = ‖∇f(x₀)‖ is set then); step_length: λ of the previous line-search step; k: steps done.
+    Δ₀ = ‖∇f(x₀)‖ is set then); step_length: λ of the previous line-search step; k: steps done;
+    trial_norm, trial_nonfinite: ‖s‖ of the previous trust-region trial step and whether it was
+    rejected as non-finite.
     A step consumes the state it is given (docs/optimizers.md, "State rule")."""
 
     memory: PairStore
     delta: float = math.nan
     step_length: float = 1.0
     k: int = 0
+    #: ‖s‖ of the last trial step (Alg. 1 line 2's ‖s_k‖ > t test; ∞ before the first step)
+    trial_norm: float = math.inf
+    #: the last trial point had a NaN/Inf loss or gradient (no pair could be stored from it)
+    trial_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         self.memory = PairStore.coerce(self.memory)
@@ -78,11 +85,19 @@ class LSR1TrustRegion(_LSR1Base):
     (line 13), Δ₀ = ‖∇f(x₀)‖ (Require line), B₀ = γI with γ = 1 ("typically γI"), SR1 skip
     threshold r = 10⁻⁸ (Nocedal & Wright eq. 6.26), minibatch 128 ([RD16] §4.2).
 
-    Steps: s = argmin gᵀs + ½sᵀBs s.t. ‖s‖ ≤ Δ (with no pairs, B = B₀: s = −g/γ cut to the
-    radius, which is the paper's s = −∇f when γ = 1 and ‖∇f‖ ≤ Δ); pred = −(gᵀs + ½sᵀBs);
-    ared = f(x) − f(x + s); accept iff ared/pred > η; pairs are stored whether or not the step
-    was accepted (line 12). ``solver="steihaug"`` uses truncated CG on B instead of the exact
-    solver. A trial point with NaN/Inf loss or gradient counts as ρ = −∞: rejected, radius halved.
+    Steps: s = argmin gᵀs + ½sᵀBs s.t. ‖s‖ ≤ Δ; with an empty memory (k = 0, or every pair
+    pruned) s = −∇f and B = B₀ (Alg. 1 lines 3–5: no radius cut, whatever Δ and γ; safeguard:
+    right after a non-finite trial, which stores no pair, −∇f is cut to the halved radius, else
+    the same rejected step would repeat forever);
+    pred = −(gᵀs + ½sᵀBs); ared = f(x) − f(x + s); accept iff ared/pred > η; the radius rule
+    (lines 18–25) follows in every case; pairs are stored whether or not the step was accepted
+    (line 12). ``solver="steihaug"`` uses truncated CG on B instead of the exact solver. A trial
+    point with NaN/Inf loss or gradient counts as ρ = −∞: rejected, radius halved.
+
+    Loop test (Alg. 1 line 2, "‖∇f(x_k)‖ > t and ‖s_k‖ > t"): ``tol`` is the gradient test
+    (‖∇f‖ ≤ tol stops), ``step_tol`` the step test: once a trial step had ‖s‖ ≤ ``step_tol``
+    the next steps do not move (``extra["converged"]``, ``extra["message"]``). Both default to
+    0 (no stop before ∇f = 0 / s = 0); the paper's one t is ``tol = step_tol = t``.
 
     ``gram_cache=True`` (the default) keeps SᵀY, SᵀS, YᵀY in the state, bordered in O(kn) when
     a pair is stored and sliced when old pairs are dropped (:class:`~.pairs.PairStore`); the
@@ -104,8 +119,9 @@ class LSR1TrustRegion(_LSR1Base):
                  eta: float = 1e-4, u: float = 0.75, rho_fraction: float = 0.8, l: float = 0.1,  # noqa: E741
                  increase: float = 2.0, decrease: float = 0.5, delta0: float | None = None,
                  solver: str = "exact", tol: float = 0.0, gram_cache: bool = True,
-                 gram_rcond: float = 1e-6):
+                 gram_rcond: float = 1e-6, step_tol: float = 0.0):
         super().__init__(memory, gamma, r, batch_size, tol)
+        self.step_tol = check_positive("step_tol", step_tol, allow_zero=True)
         self.gram_cache = check_bool("gram_cache", gram_cache)
         self.gram_rcond = check_range("gram_rcond", gram_rcond, 0.0, 1.0, hi_open=True)
         check_range("rho_fraction", rho_fraction, 0.0, 1.0, lo_open=True)
@@ -145,10 +161,10 @@ class LSR1TrustRegion(_LSR1Base):
                       "Bs": LSR1Operator.matvec_flops(n, k)})
         elif not self.gram_cache:
             t.update({"tr_subproblem": lsr1_subproblem_flops(n, k), "Bs": LSR1Operator.matvec_flops(n, k)})
-        elif k:
+        else:
             t.update(lsr1_subproblem_gram_flops(n, k))
-        else:  # no pairs: g_⊥ = g, B = γI, B s = γs
-            t.update({"tr_subproblem": 6 * n, "Bs": n})
+        if not k:  # empty memory (Alg. 1 l.3–5): s = −g, B s = γs (n), pred = −(gᵀs + ½sᵀBs) (2n)
+            t.update({"tr_subproblem": 2 * n, "Bs": n})
         t.update({"step_norm": n, "sr1_test": 3 * n,
                   "prune": lsr1_prune_flops(n, k1, grams=self.gram_cache)})
         if self.gram_cache:
@@ -172,6 +188,9 @@ class LSR1TrustRegion(_LSR1Base):
         o = open_step(problem, self.batch_size, theta, tol=self.tol)
         if o.stop is not None:
             return theta, state, o.stop
+        if self.step_tol > 0 and state.trial_norm <= self.step_tol:  # Alg. 1 line 2: ‖s_k‖ > t fails
+            return theta, state, stay(o.obj, o.f0, converged=True,
+                                      message=f"‖s‖ = {state.trial_norm:.3e} ≤ step_tol = {self.step_tol:.3e}")
         g, f0 = o.g, o.f0
         delta = state.delta
         if math.isnan(delta):  # Δ₀ = ‖∇f(x₀)‖ (Alg. 1, Require)
@@ -181,8 +200,20 @@ class LSR1TrustRegion(_LSR1Base):
             pairs.ensure_grams()  # once, for a checkpoint written with gram_cache=False
         else:
             pairs.drop_grams()
-        B = LSR1Operator.from_store(pairs, self.gamma) if pairs.count else None
-        s, pred, Bs, fallback = self._solve(g, B, delta)
+        if pairs.count:
+            B = LSR1Operator.from_store(pairs, self.gamma)
+            s, pred, Bs, fallback = self._solve(g, B, delta)
+        else:  # Alg. 1 lines 3–5: empty memory, s = −∇f, B = B₀ (not the radius-cut B₀ step)
+            B, fallback = None, 0
+            s = -g
+            if state.trial_nonfinite:
+                # safeguard (not in the paper): a non-finite trial stores no pair, so with an empty
+                # memory Alg. 1 would repeat the same rejected −∇f forever; cut it to the halved Δ
+                gn = math.sqrt(float(g @ g))
+                if gn > delta:
+                    s = (delta / gn) * s
+            Bs = self.gamma * s
+            pred = -float(g @ s + 0.5 * (s @ Bs))
         snorm = math.sqrt(float(s @ s))
         p1, f1 = finite_point(o.obj, theta + s)
         skipped = 0
@@ -200,7 +231,8 @@ class LSR1TrustRegion(_LSR1Base):
         info = close_step(o, loss=f1 if dec.accepted else f0, accepted=dec.accepted, evals=2,
                           step_norm=snorm if dec.accepted else 0.0, radius=dec.delta, skipped=skipped,
                           nonfinite=p1 is None, extra=extra)
-        new_state = dataclasses.replace(state, delta=dec.delta, k=state.k + 1)
+        new_state = dataclasses.replace(state, delta=dec.delta, k=state.k + 1, trial_norm=snorm,
+                                        trial_nonfinite=p1 is None)
         return (theta + s if dec.accepted else theta), new_state, info
 
 
@@ -214,24 +246,38 @@ class LSR1LineSearch(_LSR1Base):
     so when d is not a descent direction the step falls back to d = −∇f/γ (counted in
     ``extra["fallback"]``). The line search is Armijo backtracking (c₁ = 10⁻⁴, halving), one of
     the Dennis & Schnabel methods the paper tested.
+
+    ``step_rule="fixed"`` with ``lr`` η replaces the search by s = η d (the fixed-rate SR1 of the
+    second-order CNN comparison, [SOC] §4.4 / Fig. 12: "we replace the line search computations
+    with well tuned fixed learning rate"; the text reports that it does not work — "larger step
+    sizes usually cause model to explode", smaller ones stagnate). The step is taken whatever
+    f does there; only a NaN/Inf loss or gradient at θ + s rejects it (θ stays, no pair stored).
+    The pair (s, y = ∇f_B(θ + s) − ∇f_B(θ)) is kept by the same rule. ``lr`` is refused with the
+    line search.
     """
 
     def __init__(self, memory: int = 5, gamma: float = 1.0, r: float = 1e-8, batch_size: int | None = 128,
-                 c1: float = 1e-4, shrink: float = 0.5, max_evals: int = 30, tol: float = 0.0):
+                 c1: float = 1e-4, shrink: float = 0.5, max_evals: int = 30, tol: float = 0.0,
+                 step_rule: str = "armijo", lr: float | None = None):
         super().__init__(memory, gamma, r, batch_size, tol)
-        set_checked(self, c1=(c1, "(0, 1)"), shrink=(shrink, "(0, 1)"), max_evals=(max_evals, "int"))
+        set_checked(self, c1=(c1, "(0, 1)"), shrink=(shrink, "(0, 1)"), max_evals=(max_evals, "int"),
+                    step_rule=(step_rule, ("armijo", "fixed")))
+        fixed_step_lr(self, lr)
 
     cost_formula = "(5m² + 5m + 11 + t)n + O(m³)"
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
-        """‖g‖, the compact form from the pairs, the inverse middle N⁻¹, H g, gᵀd, θ + λd per trial,
-        y, H y, the SR1 test (3n), pruning on the inverse form, ‖s‖."""
+        """‖g‖, the compact form from the pairs, the inverse middle N⁻¹, H g, gᵀd, θ + λd per trial
+        (none with ``step_rule="fixed"``: s = ηd is the pair's n), the pair s = λd, H y, the SR1
+        test (3n), pruning on the inverse form, ‖s‖."""
         n = shapes.n
         k = assume.pairs_or(self.memory)
         t = {"grad_norm": n, "compact_form": LSR1Operator.build_flops(n, k)}
         if k:
             t["inverse_middle"] = LSR1Operator.inverse_setup_flops(n, k)
-        return {**t, "Hg": LSR1Operator.solve_flops(n, k), "slope": n, "line_search": assume.trials * n, "pair": n,
+        if self.step_rule != "fixed":
+            t["line_search"] = assume.trials * n
+        return {**t, "Hg": LSR1Operator.solve_flops(n, k), "slope": n, "pair": n,
                 "Hy": LSR1Operator.solve_flops(n, k), "sr1_test": 3 * n,
                 "prune": lsr1_prune_flops(n, min(k + 1, self.memory), inverse=True), "step_norm": n}
 
@@ -249,16 +295,26 @@ class LSR1LineSearch(_LSR1Base):
         if fallback:
             d = -g / self.gamma
             slope = float(g @ d)
-        lam0 = 1.0 if state.k == 0 else min(1.0, 2.0 * state.step_length)
-        ls = line_search(o.obj, theta, d, f0, slope, rule="armijo", alpha0=lam0, c1=self.c1, shrink=self.shrink,
-                         max_evals=self.max_evals)
-        if not ls.success:
-            info = close_step(o, loss=f0, accepted=False, evals=1 + ls.evals, step_size=0.0, nonfinite=ls.nonfinite,
-                              extra={"fallback": fallback, "pairs": pairs.count, "message": ls.message})
-            return theta, dataclasses.replace(state, k=state.k + 1), info
-        s = ls.alpha * d
-        p1 = ls.point
-        nonfinite, skipped = ls.nonfinite, 0
+        if self.step_rule == "fixed":
+            s = self.lr * d
+            p1, f1 = finite_point(o.obj, theta + s)
+            alpha, evals, nonfinite = self.lr, 1, p1 is None
+            if p1 is None:
+                info = close_step(o, loss=f0, accepted=False, evals=2, step_size=0.0, nonfinite=True,
+                                  extra={"fallback": fallback, "pairs": pairs.count,
+                                         "message": f"fixed step lr={self.lr}: non-finite loss or gradient at θ + s"})
+                return theta, dataclasses.replace(state, k=state.k + 1), info
+        else:
+            lam0 = 1.0 if state.k == 0 else min(1.0, 2.0 * state.step_length)
+            ls = line_search(o.obj, theta, d, f0, slope, rule="armijo", alpha0=lam0, c1=self.c1, shrink=self.shrink,
+                             max_evals=self.max_evals)
+            if not ls.success:
+                info = close_step(o, loss=f0, accepted=False, evals=1 + ls.evals, step_size=0.0, nonfinite=ls.nonfinite,
+                                  extra={"fallback": fallback, "pairs": pairs.count, "message": ls.message})
+                return theta, dataclasses.replace(state, k=state.k + 1), info
+            alpha, evals, nonfinite, p1, f1 = ls.alpha, ls.evals, ls.nonfinite, ls.point, ls.value
+            s = alpha * d
+        skipped = 0
         if backend.all_finite(p1.grad):
             y = p1.grad - g
             Hy = H.solve(y) if H is not None else y / self.gamma
@@ -266,7 +322,32 @@ class LSR1LineSearch(_LSR1Base):
             skipped = self._store(pairs, s, y, sr1_skip(y, s, Hy, self.r), inverse=True)
         else:
             nonfinite, skipped = True, 1
-        info = close_step(o, loss=ls.value, accepted=True, evals=1 + ls.evals, step_norm=math.sqrt(float(s @ s)),
-                          step_size=ls.alpha, skipped=skipped, nonfinite=nonfinite,
+        info = close_step(o, loss=f1, accepted=True, evals=1 + evals, step_norm=math.sqrt(float(s @ s)),
+                          step_size=alpha, skipped=skipped, nonfinite=nonfinite,
                           extra={"fallback": fallback, "pairs": pairs.count})
-        return theta + s, dataclasses.replace(state, step_length=ls.alpha, k=state.k + 1), info
+        return theta + s, dataclasses.replace(state, step_length=alpha, k=state.k + 1), info
+
+
+@register("soc-sr1")
+class SOCSR1(LSR1LineSearch):
+    """The "SR1" of the second-order CNN comparison ([SOC] §2.2, §3.3 L87, §3.4 L101): L-SR1 of
+    Ramamurthy & Duffy "with ... Line Search" (§2.2) and the line search of eq. (2),
+
+        f(w + ηp) − f(w) ≤ 0.1 η ∇f(w)ᵀp    (both sides on the current batch),
+
+    i.e. :class:`LSR1LineSearch` ([RD16] Algorithm 2, the same code) with the text's settings:
+    ``c1=0.1`` (eq. 2) and ``batch_size=100`` ("results are based on selecting batch size as
+    100", §3.3). The text gives no memory, backtracking factor or first trial step: [RD16]'s
+    m = 5 and λ₀ = min{1, 2λₖ₋₁} and halving (Nocedal & Wright Alg. 3.1) are kept. ``lsr1-ls``
+    keeps [RD16]'s own settings (c₁ = 10⁻⁴, batch 128). ``step_rule="fixed"`` with ``lr`` is the
+    fixed-rate SR1 of §4.4 / Fig. 12.
+    """
+
+    paper = ("SR1 of 'A comparison of second-order methods for deep convolutional neural networks' (§3.4 eq. 2): "
+             "Ramamurthy & Duffy (2016) Algorithm 2")
+
+    def __init__(self, memory: int = 5, gamma: float = 1.0, r: float = 1e-8, batch_size: int | None = 100,
+                 c1: float = 0.1, shrink: float = 0.5, max_evals: int = 30, tol: float = 0.0,
+                 step_rule: str = "armijo", lr: float | None = None):
+        super().__init__(memory=memory, gamma=gamma, r=r, batch_size=batch_size, c1=c1, shrink=shrink,
+                         max_evals=max_evals, tol=tol, step_rule=step_rule, lr=lr)
