@@ -307,6 +307,10 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--batch-size", type=_COUNT, default=None, help="batch size for --optimizers runs")
     cp.add_argument("--l2", type=_NONNEG, default=None, help="L2 coefficient (override; finite, ≥ 0)")
     cp.add_argument("--out", default=None, help="report folder (default reports/<preset or 'compare'>)")
+    cp.add_argument("--dry-run", action="store_true",
+                    help="check the experiment in seconds and exit: load and validate the data (--data-dir), build the "
+                         "model, construct every optimizer with its hyperparameters and schedule, run one forward pass "
+                         "on a probe batch (≤ 8 examples), print the plan; nothing is trained or written")
     cp.add_argument("--diverge-factor", type=_FACTOR, default=None, metavar="X",
                     help="a training loss above X × the starting loss marks a run diverged (default 1000)")
     _training(cp, compare=True)
@@ -695,6 +699,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     toml = dumps(preset_to_dict(pre), f"qnref compare config ({pre.name}): rerun with `qnref compare --config FILE`")
     if _write_config_only(a, toml):
         return EXIT_OK
+    if getattr(a, "dry_run", False):
+        return _dry_run(a, pre)
     epochs, seeds, l2 = pre.epochs, pre.seeds, pre.l2
     out = a.out or os.path.join("reports", pre.name)
     check.output_dir("--out", out)
@@ -766,6 +772,68 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dry_run(a: argparse.Namespace, pre: Any) -> int:
+    """``compare --dry-run``: everything a run needs, checked in seconds, and the plan printed.
+
+    Loads and validates the data of the first seed (the files of ``--data-dir`` for paper-scale presets), builds the
+    model and θ₀, constructs every optimizer with its hyperparameters and checks its schedule and batch size, and
+    evaluates the loss once on one batch (finite). Nothing is trained, no folder is created."""
+    from .curvature.objective import Objective
+    from .schedules import Scheduled, parse
+
+    opts = []
+    for r in pre.runs:
+        opt = make_optimizer(r.optimizer, dict(r.hyperparameters))
+        spec = r.schedule if r.schedule is not None else pre.schedule
+        if spec is not None:
+            try:
+                Scheduled(opt, parse(spec, f"schedule of {r.label}"))
+            except check.ValidationError as exc:
+                raise CLIError(f"{r.label}: {exc}") from None
+        opts.append((r, opt, spec))
+    seed = pre.seeds[0]
+    ds, data = build_data(pre.dataset, data_dir=a.data_dir, seed=seed, n_train=a.n_train, n_test=a.n_test,
+                          device=a.device, dtype=a.dtype, autoencoder=pre.autoencoder, **pre.dataset_kwargs)
+    model = build_model(pre.model, ds, **pre.model_kwargs)
+    theta0 = model.init(seed, scheme=pre.init, std=pre.init_std, device=a.device, dtype=a.dtype)
+    n = int(data.X_train.shape[0])
+    for r, _, _ in opts:
+        _check_batch(r.hyperparameters.get("batch_size"), data, pre.val_fraction)
+    sizes = [r.hyperparameters.get("batch_size") for r, _, _ in opts]
+    b = min(n, 8, min([s for s in sizes if isinstance(s, int)] or [8]))  # a probe batch: seconds even for VGG16
+    value = float(Objective(model, data.loss, data.X_train[:b], data.y_train[:b], train=False).value(theta0))
+    if not math.isfinite(value):
+        raise CLIError(f"{pre.name}: the loss at θ₀ on the first {b} training examples is {value} (not finite)")
+    budget = [f"{pre.epochs:g} epoch{'' if pre.epochs == 1 else 's'}"] + [f"{k} {v:g} s" for k, v in (("wall-clock", pre.max_time),
+                                                                       ("CPU", pre.max_cpu_time)) if v is not None]
+    if pre.max_steps is not None:
+        budget.append(f"{pre.max_steps} steps")
+    lines = [
+        f"dry run of {pre.name} ({getattr(pre, 'scale', 'small')} scale): {pre.description}",
+        f"  source:  {pre.paper}",
+        f"  data:    {ds.name} ({ds.task}, loss {ds.loss}): train {tuple(ds.X_train.shape)}, test {tuple(ds.X_test.shape)}"
+        f" — {ds.info.get('source', '')}",
+        f"  model:   {pre.model} {dict(pre.model_kwargs) or ''} — {model.n_params:,} parameters, input {model.input_shape} → "
+        f"output {model.output_shape}; init {pre.init}" + (f" (std {pre.init_std:g})" if pre.init == "gaussian" else ""),
+        f"  budget:  {', '.join(budget)}; seeds {', '.join(map(str, pre.seeds))}; L2 {pre.l2:g}; metric "
+        f"{getattr(pre, 'metric', 'train_loss')}" + (f"; target {pre.target}" if pre.target else ""),
+        f"  check:   loss at θ₀ on {b} training examples = {value:.6g}",
+        "  runs:",
+    ]
+    for r, opt, spec in opts:
+        has = "batch_size" in r.hyperparameters or hasattr(opt, "batch_size")
+        bs = r.hyperparameters.get("batch_size", getattr(opt, "batch_size", None))
+        steps = f"{-(-n // bs)} steps/epoch" if isinstance(bs, int) and bs > 0 else "full batch" if has and bs is None else ""
+        hp = ", ".join(f"{k}={v!r}" for k, v in r.hyperparameters.items()) or "defaults"
+        lines.append(f"    {r.label:<24} {r.optimizer:<10} {hp}" + (f"; schedule {spec}" if spec else "") +
+                     (f"  [{steps}]" if steps else ""))
+    if getattr(pre, "notes", ""):
+        lines.append(f"  notes:   {pre.notes}")
+    lines.append("dry run OK: data, model and every optimizer checked; nothing trained, nothing written")
+    print("\n".join(lines), flush=True)
+    return EXIT_OK
+
+
 def _legend(pre: Any) -> str:
     """The runs' settings under the summary table (what each legend label means)."""
     lines = ["| run | optimizer | hyperparameters | schedule |", "|---|---|---|---|"]
@@ -815,12 +883,26 @@ def cmd_list(a: argparse.Namespace) -> int:
         for name, desc in DATASETS.items():
             print(f"  {name:<16} {desc}")
     if what in ("presets", "all"):
-        from .presets import PRESETS
-
-        print("presets:")
-        for name, p in PRESETS.items():
-            print(f"  {name:<24} {p.description}  [{p.paper}]")
+        _list_presets()
     return 0
+
+
+def _list_presets() -> None:
+    """Each preset with its scale, source (text, figure/table) and metric; the small replica of a paper-scale
+    preset; the old names last."""
+    from .presets import ALIASES, PRESETS
+
+    print("presets (scale: small = shipped data, minutes on 2 cores; paper = the text's data from --data-dir):")
+    for name, p in PRESETS.items():
+        if name in ALIASES:
+            continue
+        replica = f"; small replica: {p.replica}" if p.replica else ""
+        print(f"  {name:<30} {p.scale:<5}  {p.paper}  [metric {p.metric}{replica}]")
+        print(f"  {'':<30} {'':<5}  {p.description}")
+    if ALIASES:
+        print("old preset names (aliases):")
+        for old, new in ALIASES.items():
+            print(f"  {old:<30} = {new}")
 
 
 def cmd_check(a: argparse.Namespace) -> int:
