@@ -91,3 +91,22 @@ def test_markdown_table_refuses_ragged_rows():
     assert H.markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |\n"
     with pytest.raises(ValueError, match="one cell per column"):
         H.markdown_table(["a", "b"], [[1]])
+
+
+def test_rescaled_factor_matches_the_per_epoch_change():
+    # 1.01 per step at 1000 steps/epoch changes λ by 1.01¹⁰⁰⁰ per epoch; so does the rescaled factor at 23.95
+    f = H.rescaled_factor(1.01, 1000, 1437 / 60)
+    assert f ** (1437 / 60) == pytest.approx(1.01 ** 1000, rel=1e-12)
+    assert f == pytest.approx(1.5150715508092616, rel=1e-12)
+    assert H.rescaled_factor(0.99, 10, 10) == 0.99
+    with pytest.raises(ValueError, match="positive"):
+        H.rescaled_factor(1.01, 0, 10)
+
+
+def test_mb_lsr1_with_lssr1_values_is_lssr1(tmp_path):
+    """The ablation's anchor: mb-lsr1 given L-SSR1-TR's five values ([MB] L218) runs lssr1-tr's trajectory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    out = subprocess.run([sys.executable, str(TOOLS / "mb_lsr1_ablation.py"), "--tiny"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "max |Δ final loss| = 0\n" in out.stdout, out.stdout

@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence
@@ -91,6 +92,28 @@ def run(setting: Setting, label: str, optimizer: str, hyper: dict, seed: int, *,
     return RunResult(label, seed, res.history, res.state)
 
 
+def cpu_seconds_per_epoch(setting: Setting, optimizer: str, hyper: dict, seed: int = 0, repeats: int = 3,
+                          epochs: float = 1.0) -> float:
+    """Process CPU seconds of the optimizer's steps over ``epochs`` data passes from θ₀ (evaluations
+    excluded), per epoch, the minimum over ``repeats`` fresh runs: a cost measure that the other jobs on a
+    shared machine disturb far less than wall time (one BLAS thread)."""
+    from qnref.optim.base import Problem  # noqa: PLC0415
+
+    best = math.inf
+    for _ in range(repeats):
+        model, data, theta = build(setting, seed)
+        problem = Problem(model, data.loss, data.X_train, data.y_train, setting.l2, seed=seed)
+        opt = make_optimizer(optimizer, **hyper)
+        state = opt.init(theta)
+        spent = 0.0
+        while problem.epochs < epochs - 1e-12:
+            t0 = time.process_time()
+            theta, state, _ = opt.step(theta, state, problem)
+            spent += time.process_time() - t0
+        best = min(best, spent / problem.epochs)
+    return best
+
+
 # ----------------------------------------------------------------------------------------------
 # arithmetic of the tables (tested)
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +159,14 @@ def count_reached(results: Sequence[RunResult], key: str, threshold: float, mode
     """"k of n" seeds that reached the threshold."""
     k = sum(first_reaching(r.history, key, threshold, mode) is not None for r in results)
     return f"{k} of {len(results)}"
+
+
+def rescaled_factor(factor: float, steps_per_epoch_text: float, steps_per_epoch_here: float) -> float:
+    """The per-step factor that changes a quantity as much per epoch here as ``factor`` per step does in
+    the text: factor ** (steps_text / steps_here) (e.g. λ_LM's boost 1.01 at MNIST's 1000 steps/epoch)."""
+    if not (factor > 0 and steps_per_epoch_text > 0 and steps_per_epoch_here > 0):
+        raise ValueError("factor and steps per epoch must be positive")
+    return float(factor) ** (float(steps_per_epoch_text) / float(steps_per_epoch_here))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
