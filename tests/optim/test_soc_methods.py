@@ -290,6 +290,23 @@ def test_soc_sr1_direction_and_eq2(c1_name):
     assert checked_dir >= 10 and checked_bt >= 1, (checked_dir, checked_bt)
 
 
+def test_soc_sr1_c_is_the_texts_point_one():
+    """f = 0.95‖x‖²: the first step d = −∇f at α = 1 lands at −0.9x, a decrease of 19 % — enough
+    for c = 10⁻⁴ (lsr1-ls) but not for eq. (2)'s c = 0.1, which halves to α = ½ (by hand:
+    f(½d) − f = −0.9975 f ≤ 0.1 · ½ · ∇fᵀd = −0.19 f)."""
+    from test_lsr1_lbfgs import FunctionProblem
+
+    prob = FunctionProblem(lambda x: 0.95 * float(x @ x), lambda x: 1.9 * x)
+    x0 = np.array([1.0, -2.0, 0.5])
+    alphas = {}
+    for name in ("soc-sr1", "lsr1-ls"):
+        opt = make_optimizer(name, batch_size=None)
+        x1, _, info = opt.step(x0, opt.init(x0), prob)
+        alphas[name] = info.step_size
+        np.testing.assert_allclose(x1, x0 - info.step_size * 1.9 * x0, rtol=1e-15)
+    assert alphas == {"soc-sr1": 0.5, "lsr1-ls": 1.0}
+
+
 def test_soc_sr1_fixed_step():
     """step_rule='fixed': s = lr·d with the same d; the pair (s, y) is stored by the SR1 rule."""
     _, theta, prob = setup()
