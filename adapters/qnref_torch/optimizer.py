@@ -79,7 +79,8 @@ from qnref import backend, checkpoint
 from qnref.curvature.objective import NonFiniteError, PassCounter
 from qnref.curvature.protocol import OPTIMIZER_NEEDS, optimizer_needs
 from qnref.optim.drivers import close_step, finite_move, open_step
-from qnref.optim.first_order import SGD, AdaDelta, DiagonalAdaptive, Momentum
+from qnref.optim.base import draw_size
+from qnref.optim.first_order import SGD, AdaDelta, DiagonalAdaptive, Momentum, full_gradient
 from qnref.optim.registry import make_optimizer
 
 from .objective import TorchProblem, from_torch_tensor, to_torch_tensor
@@ -345,6 +346,10 @@ class QNRefOptimizer(torch.optim.Optimizer):
         states = list(self.qn_state) if isinstance(self.qn_state, list) else [self.qn_state]
         states += [None] * (len(qns) - len(states))
         states = [q.init(theta[a:b]) if s is None else s for q, (a, b), s in zip(qns, sl, states)]
+        if any(getattr(q, "needs_warm_start", lambda _s: False)(s) for q, s in zip(qns, states)):
+            g_full = full_gradient(problem, theta, draw_size(qns[0], problem, qns[0].batch_size))
+            states = [q.warmed(s, g_full[a:b]) if getattr(q, "needs_warm_start", lambda _s: False)(s) else s
+                      for q, (a, b), s in zip(qns, sl, states)]
         if isinstance(self.qn, Momentum) and self.qn._lookahead:
             point = xp.concatenate([q._gradient_point(theta[a:b], s) for q, (a, b), s in zip(qns, sl, states)])
         else:

@@ -59,10 +59,12 @@ class UnsupportedProductError(NotImplementedError):
 OPTIMIZER_NEEDS: dict[str, str] = {
     "sgd": "grad", "momentum": "grad", "nag": "grad", "adam": "grad", "rmsprop": "grad", "adagrad": "grad",
     "adadelta": "grad", "svrg": "grad", "gd-ls": "grad", "lbfgs": "grad", "lsr1-tr": "grad", "lsr1-ls": "grad",
-    "mb-lsr1": "grad", "lssr1-tr": "grad",
+    "mb-lsr1": "grad", "lssr1-tr": "grad", "gd": "grad", "soc-sr1": "grad",
     "s-lbfgs": "curvature", "s-lsr1": "curvature",  # option "I" (gradient differences): "grad"
-    "sqn": "curvature", "hf": "curvature", "smw-gn": "curvature", "smw-ng": "curvature",
+    "sqn": "curvature", "hf": "curvature", "shg": "curvature", "smw-gn": "curvature", "smw-ng": "curvature",
+    "smw-ng-bd": "curvature",  # per-layer taps on dense nets, per-example gradient rows otherwise
     "kfac": "layers", "kbfgs": "layers", "kbfgs-l": "layers", "shampoo": "layers", "tnt": "layers",
+    "tnt-ideal": "layers",
 }
 
 

@@ -360,9 +360,18 @@ class RMSprop(DiagonalAdaptive):
         return RMSpropState(base.m, base.v)
 
     def _prepare(self, theta, state, problem: Problem):
-        if not self.warm_start or state.t > 0 or getattr(state, "warm_started", False):
+        if not self.needs_warm_start(state):
             return state
         g0 = full_gradient(problem, theta, draw_size(self, problem, self.batch_size))
+        return self.warmed(state, g0)
+
+    def needs_warm_start(self, state) -> bool:
+        """True while ``warm_start=True`` and the second moment has not been warm-started yet."""
+        return self.warm_start and state.t == 0 and not getattr(state, "warm_started", False)
+
+    def warmed(self, state, g0):
+        """The state with v = ∇f⊙∇f of the full training set (thesis §2.8 L832-840), given that ∇f
+        (the torch adapter's parameter groups pass each group's slice of one full gradient)."""
         # a non-finite g0 gives a non-finite step, which the driver rejects (θ and the state stay)
         return dataclasses.replace(state, v=g0 * g0, warm_started=True)
 

@@ -328,3 +328,32 @@ def test_closure_mode_add_param_group_keeps_old_state_and_resumes():
         opt2.step(c2)
     np.testing.assert_array_equal(_flat(A), _flat(A2))
     np.testing.assert_array_equal(_flat(B), _flat(B2))
+
+
+def test_rmsprop_warm_start_with_groups_equals_one_group_per_slice():
+    """RMSprop(warm_start=True) over two groups with different lr: v is warmed from one full-set
+    gradient, sliced per group, so group i's first step is bit-identical to that slice of one-group
+    qnref with group i's lr (after it the slices see different θ, so they differ)."""
+    def make(groups):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        X, y = _data(0, 24)[:2]
+        prob = qt.TorchProblem(net, "softmax_ce", X, y, 1e-2, seed=0, layout="qnref")
+        ps = (net.parameters() if groups is None else
+              [{"params": net[0].parameters(), **groups[0]}, {"params": net[2].parameters(), **groups[1]}])
+        return qt.QNRefOptimizer(ps, "rmsprop", problem=prob, batch_size=8, warm_start=True, lr=0.01), prob, net
+
+    two, p2, net = make(({"lr": 0.01}, {"lr": 0.003}))
+    n0 = sum(p.numel() for p in net[0].parameters())
+    th0 = p2.get_theta()
+    two.step()
+    assert len(two.qn_state) == 2 and all(s.warm_started for s in two.qn_state)
+    d2 = p2.get_theta() - th0
+    for lr, sl in ((0.01, slice(0, n0)), (0.003, slice(n0, None))):
+        one, p1, _ = make(None)
+        one.param_groups[0]["lr"] = lr
+        one.step()
+        assert one.qn_state.warm_started
+        np.testing.assert_array_equal(d2[sl], (p1.get_theta() - th0)[sl])
+    two.step()  # a later step does not warm again
+    assert all(s.t == 2 for s in two.qn_state)

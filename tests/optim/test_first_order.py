@@ -341,7 +341,8 @@ def test_registry_and_defaults():
         assert name in OPTIMIZERS and OPTIMIZERS[name].name == name
         assert OPTIMIZERS[name].family == "first-order"
     assert fo.Adam().hyperparameters() == {"lr": 1e-3, "batch_size": 128, "eps": 1e-8, "beta1": 0.9, "beta2": 0.999}
-    assert fo.RMSprop().hyperparameters() == {"lr": 1e-3, "batch_size": 128, "eps": 1e-8, "rho": 0.9, "beta1": 0.0}
+    assert fo.RMSprop().hyperparameters() == {"lr": 1e-3, "batch_size": 128, "eps": 1e-8, "rho": 0.9, "beta1": 0.0,
+                                           "warm_start": False}
     assert fo.AdaDelta().hyperparameters() == {"lr": 1.0, "batch_size": 128, "rho": 0.95, "eps": 1e-6}
     assert fo.GDLineSearch().hyperparameters() == {"batch_size": 128, "alpha0": 1.0, "c1": 0.1, "shrink": 0.5,
                                                   "max_evals": 30}

@@ -95,6 +95,7 @@ def test_lsr1_gamma_must_be_positive(name, gamma):
 
 #: what a hyperparameter needs beside it to be used at all
 _COMPANIONS = {("hf", "grad_batch"): {"grad_fraction": None}, ("hf", "curvature_batch"): {"curvature_fraction": None},
+               ("shg", "grad_batch"): {"grad_fraction": None}, ("shg", "curvature_batch"): {"curvature_fraction": None},
                ("sqn", "curvature_batch"): {"L": 1}}
 
 
