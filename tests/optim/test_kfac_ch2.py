@@ -238,3 +238,23 @@ def test_step_floor_counts_conv_locations():
     f = OPTIMIZERS["kfac"](stat_freq=1, inv_freq=1, batch_size=5).step_floor(m)
     assert f["gradient"] == 3 * 5 * (16 * 2 * 10 + 3 * 33)
     assert f["factor_statistics"] == 5 * (16 * (100 + 4) + (33 * 33 + 9))
+
+
+@pytest.mark.parametrize("version", ["ch3", "ch2"])
+def test_steps_do_only_what_they_need(version):
+    """Issue 21: a step with k ≢ 0 (mod T₁) runs one forward and one plain gradient backward (no taps, no
+    sampled targets); a statistics step adds one forward at θ⁺ and one "layer_stats" backward."""
+    m, th, prob = build("conv")
+    opt = OPTIMIZERS["kfac"](stat_freq=3, inv_freq=5, batch_size=8, version=version, **HP)
+    st = opt.init(th)
+    th, st, _ = opt.step(th, st, prob)                          # k = 1: the warm start happens here
+    for k in (2, 3):
+        c = prob.counter
+        f0, b0, calls0 = c.forward, c.backward, dict(c.calls)
+        th, st, _ = opt.step(th, st, prob)
+        calls = {key: v - calls0.get(key, 0) for key, v in c.calls.items() if v != calls0.get(key, 0)}
+        if k % 3:
+            assert (c.forward - f0, c.backward - b0) == (8, 8) and calls == {"forward": 1, "grad": 1}, calls
+        else:
+            assert (c.forward - f0, c.backward - b0) == (16, 16), calls
+            assert calls == {"forward": 2, "grad": 1, "layer_stats": 1}, calls
