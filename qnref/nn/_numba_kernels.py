@@ -72,6 +72,86 @@ def col2im_t(g6t, out, sh, sw, ph, pw):  # pragma: no cover - compiled
     return out
 
 
+# -- Winograd F(2×2, 3×3) (Lavin & Gray 2016), stride 1; private: CPU-only route of qnref.nn.conv --------
+@njit(cache=True, nogil=True)
+def _wino_input(x, V, a, e, ph, pw, th_, tw_):  # pragma: no cover - compiled
+    """V[ξ, c, (n − a)·T + t] = (Bᵀ d B)_ξ for the 4×4 input tile d of output tile t = (ty, tx)
+    (rows 2ty − ph … 2ty − ph + 3, zero outside x), examples a ≤ n < e; ξ = 4·row + column,
+    Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]], T = th_·tw_."""
+    h_, w_ = x.shape[2], x.shape[3]
+    c_ = x.shape[1]
+    T = th_ * tw_
+    d = np.empty(16, dtype=x.dtype)
+    for c in range(c_):
+        for n in range(a, e):
+            base = (n - a) * T
+            for ty in range(th_):
+                r0 = 2 * ty - ph
+                rin = r0 >= 0 and r0 + 3 < h_
+                for tx in range(tw_):
+                    c0 = 2 * tx - pw
+                    if rin and c0 >= 0 and c0 + 3 < w_:
+                        for i in range(4):
+                            for j in range(4):
+                                d[4 * i + j] = x[n, c, r0 + i, c0 + j]
+                    else:
+                        for i in range(4):
+                            r = r0 + i
+                            for j in range(4):
+                                cc = c0 + j
+                                if 0 <= r < h_ and 0 <= cc < w_:
+                                    d[4 * i + j] = x[n, c, r, cc]
+                                else:
+                                    d[4 * i + j] = 0
+                    col = base + ty * tw_ + tx
+                    for j in range(4):  # t = Bᵀ d, column j
+                        t0 = d[j] - d[8 + j]
+                        t1 = d[4 + j] + d[8 + j]
+                        t2 = d[8 + j] - d[4 + j]
+                        t3 = d[4 + j] - d[12 + j]
+                        d[j], d[4 + j], d[8 + j], d[12 + j] = t0, t1, t2, t3
+                    for i in range(4):  # V = t B, row i
+                        r = 4 * i
+                        V[r, c, col] = d[r] - d[r + 2]
+                        V[r + 1, c, col] = d[r + 1] + d[r + 2]
+                        V[r + 2, c, col] = d[r + 2] - d[r + 1]
+                        V[r + 3, c, col] = d[r + 1] - d[r + 3]
+    return V
+
+
+@njit(cache=True, nogil=True)
+def _wino_output(M, b, out, a, e, th_, tw_):  # pragma: no cover - compiled
+    """out[n, o, 2ty + i, 2tx + j] = (Aᵀ m A)_ij + b[o] for m = M[:, o, (n − a)·T + t] (4×4),
+    Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]; positions past the output's edge are skipped."""
+    co_, ho_, wo_ = out.shape[1], out.shape[2], out.shape[3]
+    T = th_ * tw_
+    for o in range(co_):
+        bo = b[o]
+        for n in range(a, e):
+            base = (n - a) * T
+            for ty in range(th_):
+                y0 = 2 * ty
+                for tx in range(tw_):
+                    x0 = 2 * tx
+                    col = base + ty * tw_ + tx
+                    s00 = M[0, o, col] + M[4, o, col] + M[8, o, col]
+                    s01 = M[1, o, col] + M[5, o, col] + M[9, o, col]
+                    s02 = M[2, o, col] + M[6, o, col] + M[10, o, col]
+                    s03 = M[3, o, col] + M[7, o, col] + M[11, o, col]
+                    s10 = M[4, o, col] - M[8, o, col] - M[12, o, col]
+                    s11 = M[5, o, col] - M[9, o, col] - M[13, o, col]
+                    s12 = M[6, o, col] - M[10, o, col] - M[14, o, col]
+                    s13 = M[7, o, col] - M[11, o, col] - M[15, o, col]
+                    out[n, o, y0, x0] = (s00 + s01 + s02) + bo
+                    if x0 + 1 < wo_:
+                        out[n, o, y0, x0 + 1] = (s01 - s02 - s03) + bo
+                    if y0 + 1 < ho_:
+                        out[n, o, y0 + 1, x0] = (s10 + s11 + s12) + bo
+                        if x0 + 1 < wo_:
+                            out[n, o, y0 + 1, x0 + 1] = (s11 - s12 - s13) + bo
+    return out
+
+
 @njit(cache=True)
 def index_add(gy, idx, out):  # pragma: no cover - compiled
     """out[r, idx[r, k]] += gy[r, k] for (R, K) arrays ``gy``/``idx`` and (R, M) ``out`` (max-pool backward)."""
@@ -89,3 +169,5 @@ def warmup() -> None:
         col2im_t(np.zeros((1, 1, 1, 1, 1, 1), dt).transpose(1, 2, 3, 0, 4, 5), np.zeros((1, 1, 1, 1), dt), 1, 1, 0, 0)
         im2col_t(np.zeros((1, 1, 1, 1), dt), np.zeros((1, 1, 1, 1, 1, 1), dt), 1, 1, 0, 0)
         index_add(np.zeros((1, 1), dt), np.zeros((1, 1), np.int64), np.zeros((1, 1), dt))
+        _wino_input(np.zeros((1, 1, 2, 2), dt), np.empty((16, 1, 1), dt), 0, 1, 1, 1, 1, 1)
+        _wino_output(np.zeros((16, 1, 1), dt), np.zeros(1, dt), np.empty((1, 1, 2, 2), dt), 0, 1, 1, 1)

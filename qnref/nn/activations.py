@@ -3,6 +3,10 @@
 For y = σ(x): the VJP is gx = σ'(x) gy, the R-op forward R{y} = σ'(x) R{x}, and the R-op of
 the backward pass R{gx} = σ'(x) R{gy} + σ''(x) R{x} gy (Pearlmutter 1994, eq. for a
 pointwise nonlinearity). ReLU has σ'' = 0 almost everywhere.
+
+ReLU: σ'(x)·u = [x > 0]·u (backward, jvp, backward_rop) is one ``multiply(u, x > 0)`` — the
+boolean mask enters the ufunc loop as the exact 1 or 0 of u's dtype, so the result is bit for bit
+``(x > 0).astype(dtype) * u`` without the float temporary and its pass (tests/nn/test_conv_fast_paths.py).
 """
 from __future__ import annotations
 
@@ -10,6 +14,15 @@ from typing import Any
 
 from .. import backend
 from .base import Ctx, Layer
+
+
+def relu_mask_mul(x: Any, g: Any) -> Any:
+    """``(x > 0).astype(x.dtype) * g``, bit for bit, as ``multiply(g, x > 0)`` when x and g share a
+    dtype (one temporary of booleans instead of a float mask)."""
+    xp = backend.namespace(x, g)
+    if x.dtype == g.dtype:
+        return xp.multiply(g, x > 0)
+    return (x > 0).astype(x.dtype) * g
 
 
 class Activation(Layer):
@@ -54,6 +67,21 @@ class Activation(Layer):
 
 
 class ReLU(Activation):
+    def backward(self, p, cache, gy, gp, need_gx: bool = True):
+        return relu_mask_mul(cache[0], gy)
+
+    def jvp(self, p, cache, dx, dp):
+        if dx is None:
+            return None, None
+        return relu_mask_mul(cache[0], dx), dx
+
+    def backward_rop(self, p, cache, rcache, gy, rgy, dp, rgp, need_gx: bool = True):
+        x = cache[0]
+        gx, rgx = relu_mask_mul(x, gy), relu_mask_mul(x, rgy)
+        if rcache is not None:  # σ'' = 0: the term adds zeros, kept for NumPy's NaN/inf propagation
+            rgx += self.d2(backend.namespace(x), x, None) * rcache * gy
+        return gx, rgx
+
     def f(self, xp, x):
         return xp.maximum(x, 0)
 

@@ -53,6 +53,13 @@ from .chunks import example_chunks, map_chunks
 #: "auto" (numba on the CPU when it imports), "numba" (require it) or "xp" (pure NumPy/CuPy path).
 KERNELS = "auto"
 
+#: "im2col" (default) or "winograd": on the CPU (numba), stride-1 3×3 convolutions with padding ≤ 2
+#: then run the forward pass and the input gradient by Winograd's minimal filtering F(2×2, 3×3)
+#: (Lavin & Gray 2016; :func:`winograd_conv`) — 16 instead of 36 multiplications per 2×2 output tile
+#: and channel pair, exact in exact arithmetic, a different rounding (docs/cnn.md). The weight
+#: gradient keeps the im2col GEMM.
+ALGORITHM = "im2col"
+
 #: CPU forward/backward work on example chunks whose (K, n·L) patch block has about this many
 #: bytes, so im2col, the GEMMs and col2im of a chunk share the cache (docs/cnn.md: measured).
 CHUNK_BYTES = 1 << 21
@@ -223,6 +230,50 @@ def col2im_t_xp(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, 
     return xp.ascontiguousarray(full[:, :, ph : ph + h, pw : pw + w]) if ph or pw else full
 
 
+# -- Winograd F(2×2, 3×3) -----------------------------------------------------------------------------
+#: the filter transform G of F(2×2, 3×3) (Lavin & Gray 2016, eq. 7): U = G g Gᵀ for a 3×3 filter g
+WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_filters(w4: Any) -> Any:
+    """U (16, C_out, C_in): U[4a + b, o, c] = (G w4[o, c] Gᵀ)_ab, formed in float64 and rounded once."""
+    import numpy  # noqa: PLC0415 - CPU route only
+
+    G = numpy.array(WINOGRAD_G)
+    U = numpy.einsum("ai,ocij,bj->aboc", G, w4.astype(numpy.float64), G)
+    return numpy.ascontiguousarray(U.reshape(16, w4.shape[0], w4.shape[1]).astype(w4.dtype))
+
+
+def winograd_conv(x: Any, w4: Any, bias: Any, ph: int, pw: int, out: Any = None) -> Any:
+    """Correlation of x (N, C, H, W) with 3×3 filters w4 (C_out, C, 3, 3), stride 1, zero padding
+    (ph, pw) ≤ 2, plus ``bias`` (C_out,), by Winograd's F(2×2, 3×3) on the CPU: per chunk of
+    examples the input tiles Bᵀ d B (numba), 16 GEMMs U_ξ V_ξ over the channels (one batched
+    ``matmul``), the output transform Aᵀ M A + b (numba). Chunks as in the im2col route
+    (``CHUNK_BYTES`` of transformed input each, on the chunk threads); results do not depend on
+    the thread count."""
+    import numpy  # noqa: PLC0415
+
+    n, c, h, w = x.shape
+    co = w4.shape[0]
+    ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    T = th * tw
+    U = winograd_filters(w4)
+    b = numpy.ascontiguousarray(bias, dtype=x.dtype)
+    if out is None:
+        out = numpy.empty((n, co, ho, wo), dtype=x.dtype)
+    k = numba_kernels()
+    x = numpy.ascontiguousarray(x)
+
+    def chunk(a: int, e: int) -> None:
+        V = numpy.empty((16, c, (e - a) * T), dtype=x.dtype)
+        k._wino_input(x, V, a, e, ph, pw, th, tw)
+        k._wino_output(numpy.matmul(U, V), b, out, a, e, th, tw)
+
+    map_chunks(chunk, example_chunks(x, 16 * c * T * x.dtype.itemsize, CHUNK_BYTES))
+    return out
+
+
 def _sum_outer(g: Any, cols: Any) -> Any:
     """Σᵢ gᵢ colsᵢᵀ over the examples, for g (N, C_out, L) and cols (N, K, L): (C_out, K)."""
     return (g @ cols.transpose(0, 2, 1)).sum(axis=0)
@@ -321,11 +372,24 @@ class Conv2d(Layer):
         """(N, C_out, Ho, Wo) → (N, C_out, L) (a view for contiguous g)."""
         return g.reshape(g.shape[0], self.out_channels, -1)
 
+    def _winograd(self, x: Any) -> bool:
+        """Whether the Winograd route serves this layer and array (``ALGORITHM``, 3×3, stride 1,
+        padding ≤ 2, CPU numba)."""
+        return (ALGORITHM == "winograd" and self.kernel_size == (3, 3) and self.stride == (1, 1)
+                and max(self.padding) <= 2 and use_numba(x))
+
+    def _w4(self, wb: Any) -> Any:
+        """The weights as (C_out, C_in, kh, kw) (a copy without the bias column)."""
+        (kh, kw) = self.kernel_size
+        return backend.namespace(wb).ascontiguousarray(wb[:, :-1]).reshape(self.out_channels, self.in_shape[0], kh, kw)
+
     # -- passes -----------------------------------------------------------------------------------
     def forward(self, p: Sequence[Any], x: Any, ctx: Ctx) -> tuple[Any, Any]:
         check_batch(x, self.in_shape, self.describe())
         xp = backend.namespace(x)
         x = xp.ascontiguousarray(x)
+        if self._winograd(x):
+            return winograd_conv(x, self._w4(p[0]), p[0][:, -1], *self.padding), x
         n, co = x.shape[0], self.out_channels
         w, b = p[0][:, :-1], p[0][:, -1:]
         out = xp.empty((n,) + self.out_shape, dtype=x.dtype)
@@ -344,12 +408,20 @@ class Conv2d(Layer):
         xp = backend.namespace(gy)
         n, co = gy.shape[0], self.out_channels
         g3 = self._flat(gy)
-        gx = xp.zeros((n,) + self.in_shape, dtype=gy.dtype) if need_gx else None
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        wino = need_gx and self._winograd(gy)
+        if wino:  # gx = gy ⋆ (flipped, transposed W) with padding 2 − p: the same Winograd route
+            w4 = self._w4(p[0])
+            wf = xp.ascontiguousarray(w4.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+            gx = winograd_conv(xp.ascontiguousarray(gy), wf, xp.zeros(self.in_shape[0], dtype=gy.dtype), 2 - ph, 2 - pw)
+            if gp is None:
+                return gx
+        else:
+            gx = xp.zeros((n,) + self.in_shape, dtype=gy.dtype) if need_gx else None
 
         def chunk(a: int, e: int) -> Any:
             g_t = xp.ascontiguousarray(g3[a:e].transpose(1, 0, 2)).reshape(co, -1)  # (C_out, n·L)
-            if need_gx:
+            if need_gx and not wino:
                 col2im_t(w.T @ g_t, (e - a,) + self.in_shape, kh, kw, sh, sw, ph, pw, out=gx[a:e])
             # this chunk's ∂/∂Wᵀ: the (K, C_out) product is BLAS's fast orientation here
             return self._patches_t(x[a:e]) @ g_t.T if gp is not None else None
