@@ -408,6 +408,62 @@ for _abl, _kw, _fig in (("relu", {"activation": "relu"}, "Fig. 10"), ("res", {"r
         epochs=10, seeds=(0,), runs=_soc_runs(), scale="paper", metric="train_loss", replica="soc-lenet-small",
         notes=_SOC_NOTES,
     ))
+# §4.2 Figs. 6–8: batch sizes (SQN; SGD vs SR1; SGD vs SHG, whose batch is the Hessian-product batch)
+_SOC_BATCHES = (100, 400, 3200)  # the text names 100 (§3.3), 400 and 3200 (§4.2); the rest of its grid is n/g
+
+
+def _soc_batch_runs(batches: tuple[int, ...], sgd_lr: float = 0.1) -> tuple[Run, ...]:
+    runs: list[Run] = []
+    for b in batches:
+        runs += [Run(f"SGD b={b}", "sgd", {"batch_size": b, "lr": sgd_lr}),
+                 Run(f"SHG b={b}", "shg", {"curvature_batch": b}),
+                 Run(f"SR1 b={b}", "soc-sr1", {"batch_size": b}),
+                 Run(f"SQN b={b}", "sqn", {"batch_size": b})]
+    return tuple(runs)
+
+
+def _soc_fixed_runs(sgd_lr: float = 0.1, sr1_lr: float = 0.1, shg_lr: float = 0.1) -> tuple[Run, ...]:
+    """§4.4, Fig. 12: the line searches replaced by 'well tuned fixed learning rates' (values n/g)."""
+    return (Run("SGD", "sgd", {"batch_size": 100, "lr": sgd_lr}),
+            Run("SR1 (line search)", "soc-sr1", {"batch_size": 100}),
+            Run("SR1 (fixed lr)", "soc-sr1", {"batch_size": 100, "step_rule": "fixed", "lr": sr1_lr}),
+            Run("SHG (line search)", "shg", {}),
+            Run("SHG (fixed lr)", "shg", {"step_rule": "fixed", "lr": shg_lr}))
+
+
+for _ds in ("mnist", "cifar10"):
+    _add(Preset(
+        name=f"soc-{_ds}-batch-sizes",
+        description=f"[SOC] §4.2 Figs. 6–8 ({'MNIST' if _ds == 'mnist' else 'CIFAR-10'}): SGD, SHG, SR1, SQN at batch "
+                    "sizes 100, 400, 3200 on LeNet",
+        paper="second-order CNN comparison, §4.2, Figs. 6–8", dataset=_ds, model="lenet", epochs=10, seeds=(0,),
+        runs=_soc_batch_runs(_SOC_BATCHES), scale="paper", metric="train_loss", replica="soc-batch-sizes-small",
+        notes="the batch of SHG is its Hessian-product batch (its gradient stays on 20 % of the data); the network of "
+              "Figs. 6–8, the batch grid beyond 100/400/3200, the lrs and epochs are n/g (LeNet, SGD lr 0.1, 10 epochs).",
+    ))
+    _add(Preset(
+        name=f"soc-{_ds}-fixed-lr",
+        description=f"[SOC] §4.4 Fig. 12 ({'MNIST' if _ds == 'mnist' else 'CIFAR-10'}): SR1 and SHG with their line "
+                    "search (2) and with a fixed learning rate, vs SGD, on LeNet",
+        paper="second-order CNN comparison, §4.4, Fig. 12", dataset=_ds, model="lenet", epochs=10, seeds=(0,),
+        runs=_soc_fixed_runs(), scale="paper", metric="train_loss", replica="soc-fixed-lr-small",
+        notes="the 'well tuned' fixed rates are n/g (0.1 here); network and epochs n/g (LeNet, 10).",
+    ))
+_add(Preset(
+    name="soc-batch-sizes-small",
+    description="[SOC] Figs. 6–8 at small scale: SGD, SHG, SR1, SQN at batch sizes 25, 100, 800 on the tanh digits LeNet",
+    paper="second-order CNN comparison, §4.2, Figs. 6–8 (small replica)", dataset="digits", model="lenet-digits",
+    model_kwargs={"activation": "tanh"}, epochs=10, seeds=(0,), runs=_soc_batch_runs((25, 100, 800)),
+    metric="train_loss", notes="the batch sizes scaled ÷4 (3200 would exceed the 1437 training images).",
+))
+_add(Preset(
+    name="soc-fixed-lr-small",
+    description="[SOC] Fig. 12 at small scale: SR1 and SHG with line search and with a fixed lr, vs SGD, on the tanh "
+                "digits LeNet",
+    paper="second-order CNN comparison, §4.4, Fig. 12 (small replica)", dataset="digits", model="lenet-digits",
+    model_kwargs={"activation": "tanh"}, epochs=10, seeds=(0,), runs=_soc_fixed_runs(), metric="train_loss",
+    notes="fixed rates 0.1 (n/g).",
+))
 _add(Preset(
     name="soc-lenet-small",
     description="[SOC] Figs. 2–3 at small scale: SGD, SHG, GD, SR1, SQN on a tanh LeNet for 8×8 digits",

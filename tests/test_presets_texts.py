@@ -121,8 +121,11 @@ def test_small_presets_take_two_steps(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL + PAPER_SHIPPED)
-def test_small_presets_run_whole(name, tmp_path):
-    """The whole small preset through the CLI (minutes each on 2 cores; run with -m slow)."""
+def test_small_presets_run_whole(name, tmp_path, request):
+    """The whole small preset through the CLI (5 s to 2 min each on 2 cores, ~15 min in all): run only when
+    asked for, ``pytest -m slow tests/test_presets_texts.py`` (the fast test above covers every run)."""
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("whole preset runs take ~15 min: select them with -m slow")
     assert main(["compare", "--preset", name, "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert (tmp_path / "r" / "summary.md").is_file()
 
