@@ -206,6 +206,26 @@ def _bcast(w, ndim):
     return w.reshape((-1,) + (1,) * (ndim - 1))
 
 
+def dense_pass_mults(shapes: ModelShapes, N: int) -> tuple[float, float]:
+    """(forward, backward) multiplications of one pass over N examples of a dense net (layers o × a,
+    a = d_in + 1): forward N·Σ o·a (the GEMMs W̄ā); backward N·Σ o·a (∇W̄ = γᵀĀ) + N·Σ_{l≥2} o(a − 1)
+    (γ Wₗ for the layer below; none below the first layer). Activations and the loss are not
+    counted: the multiplications an implementation cannot avoid (a *floor*). Dense nets only."""
+    if shapes.others or any(len(w) != 2 for w in shapes.w_shapes):
+        raise ValueError("the pass floor is defined for nets of dense layers only (no conv, BatchNorm or other blocks)")
+    fwd = N * sum(o * a for o, a in shapes.layers)
+    bwd = fwd + N * sum(o * (a - 1) for o, a in shapes.layers[1:])
+    return float(fwd), float(bwd)
+
+
+def floor_summary(passes: dict[str, float], algebra: dict[str, float], gradient: float) -> dict[str, Any]:
+    """The floor of one step: pass and algebra multiplications and their total as a multiple of one
+    gradient (forward + backward over the step's gradient batch)."""
+    total = sum(passes.values()) + sum(algebra.values())
+    return {"passes": passes, "algebra": sum(algebra.values()), "gradient": gradient, "per_step": total,
+            "gradients": total / gradient}
+
+
 def _check_lambda(lam: float) -> None:
     if not (lam > 0) or not math.isfinite(lam):
         raise ValueError(f"λ must be finite and > 0, got {lam}")
@@ -488,6 +508,25 @@ class SMWOptimizer(Optimizer):
             t = {"output_hessian": 2 * NC, "scaled_gram": 3 * NC * NC, "solve": flops_solve(NC, 1),
                  "weights": 3 * NC, "direction": n, "model": 2 * n + 2 * NC}
         return {**t, "trial_and_step": 3 * n}
+
+    def algebra_floor(self, shapes: ModelShapes, assume: CostAssumptions | None = None) -> dict[str, Any]:
+        """The floor of one Alg. 23 step on a dense net (issue 21): the passes' GEMM
+        multiplications (:func:`dense_pass_mults`) plus :meth:`algebra_flops`, as a multiple of a
+        gradient on S₁ (N₁ examples). Passes: ∇f on S₁ (F + B), the trial forward on S₁ (F), the
+        forward on S₂ when S₂ ≠ S₁ (F); SMW-NG: the taps backward of the Gram (B) with its per-layer
+        GEMMs N₂²(a + o) + N₂² (Alg. 22), the R-forward J g (2F: W ṙ + V ā per layer), the backward
+        Jᵀw (B); SMW-NG-BD: the taps backward and the per-layer Gram GEMMs only; SMW-GN: C taps
+        backward passes and C²N₂²(a + o) per layer, R-forward, backward. Full-gradient variant: N₁ = N."""
+        N1, N2 = self.batch_size, min(self.curvature_batch, self.batch_size)
+        F1, B1 = dense_pass_mults(shapes, N1)
+        F2, B2 = dense_pass_mults(shapes, N2)
+        C = shapes.out if self.curvature == "gn" else 1
+        gram = sum(C * C * N2 * N2 * (a + o) + C * C * N2 * N2 for o, a in shapes.layers)
+        passes = {"gradient_s1": F1 + B1, "trial_forward_s1": F1, "forward_s2": F2 if N2 < N1 else 0.0,
+                  "gram_backward_s2": C * B2, "gram_gemms": gram}
+        if self.curvature != "ng-bd":
+            passes.update(rforward_s2=2 * F2, backward_s2=B2)
+        return floor_summary(passes, self.algebra_flops(shapes, N1, assume or CostAssumptions()), F1 + B1)
 
     def _bd_flops(self, shapes: ModelShapes, N2: int) -> dict[str, float]:
         """SMW-NG-BD. Dense nets (taps route; layers o × a, nₗ = o·a), per layer: the Gram's scaling

@@ -223,3 +223,24 @@ def test_cost_model_hand_computed():
     # SMW-NG on the same model solves one N₂ × N₂ system, BD one per layer
     ng = algebra_flops(SMWNG(batch_size=10, curvature_batch=5), m)["terms"]
     assert ng["solve"] == round(N2 ** 3 / 3 + N2 * N2) and ng["gram_scale"] * 2 == t["gram_scale"]
+
+
+def test_floor_counts_the_passes_and_the_algebra():
+    """Issue 21's floor on a 4-3-2 MLP: pass GEMMs by hand, algebra from algebra_flops, in gradients."""
+    from qnref.optim.costs import model_shapes
+    from qnref.optim.smw import dense_pass_mults
+
+    m = Sequential([Dense(3), Tanh(), Dense(2)], input_shape=(4,))
+    sh = model_shapes(m)
+    assert dense_pass_mults(sh, 5) == (5 * (15 + 8), 5 * (15 + 8) + 5 * 2 * 3)   # no γW below layer 1
+    F1, B1, F2, B2 = 10 * 23, 10 * 29, 5 * 23, 5 * 29
+    gram = 5 * 5 * (5 + 3) + 25 + 5 * 5 * (4 + 2) + 25
+    for cls, extra in ((SMWNGBD, 0), (SMWNG, 2 * F2 + B2)):
+        opt = cls(batch_size=10, curvature_batch=5)
+        fl = opt.algebra_floor(sh)
+        alg = algebra_flops(opt, m, 10)["per_step"]
+        want = (F1 + B1) + F1 + F2 + B2 + gram + extra
+        assert sum(fl["passes"].values()) == want
+        assert fl["gradients"] == pytest.approx((want + alg) / (F1 + B1), rel=1e-3)   # algebra terms rounded
+    with pytest.raises(ValueError, match="dense layers only"):
+        SMWNG().algebra_floor(model_shapes(build_model("lenet-digits")))

@@ -221,3 +221,18 @@ def test_registry_and_cost_model():
     assert t["statistics_mean"] == 9 + 16 + 9 + 4 + 9 + 4
     assert t["inverses"] == sum(d ** 3 + 4 * d * d for d in (3, 4, 3, 2, 3, 2))
     assert t["step"] == 2 * m.n_params
+
+
+def test_tnt_floor_counts_the_sampled_backward_per_t1():
+    """TNT's floor (issue 21): gradient F + B, the sampled backward B/T₁, the algebra, in gradients."""
+    from qnref.optim.costs import model_shapes
+    from qnref.optim.registry import make_optimizer
+
+    m = Sequential([Dense(3), Tanh(), Dense(2)], input_shape=(4,))
+    F, B = 8 * 23, 8 * 29
+    for T1, fisher in ((1, "sampled"), (10, "sampled"), (10, "empirical")):
+        opt = make_optimizer("tnt", stat_freq=T1, inv_freq=20, batch_size=8, fisher=fisher)
+        fl = opt.algebra_floor(model_shapes(m))
+        assert fl["passes"] == {"gradient": F + B, "sampled_backward": B / T1 if fisher == "sampled" else 0.0}
+        alg = sum(opt.algebra_flops(model_shapes(m), 8, None).values())
+        assert fl["gradients"] == pytest.approx((F + B + fl["passes"]["sampled_backward"] + alg) / (F + B), rel=1e-14)
