@@ -130,8 +130,8 @@ class KFAC(Optimizer):
         ∂W̄ = gᵀā, ∂ā = W̄ᵀg; Lₗ output locations, 1 for dense layers) — elementwise work, activations and
         BatchNorm are left out, so the real gradient costs more and every ratio here is a lower bound of
         its kind. Per step KFAC adds, every T₁ steps, the curvature pass at θ⁺ (forward + ∂ā: 2·N·L·o·a;
-        with ``fisher="exact"`` C backward passes instead of one) and the factor GEMMs N·L·(a² + o²)
-        (C·N·L·o² for G of type 2), every T₂ steps the inverses (a³ + o³), and every step the
+        with ``fisher="exact"`` C backward passes instead of one) and the symmetric factor products N·L·(a(a+1) + o(o+1))/2
+        (C·N·L·o(o+1)/2 for G of type 2), every T₂ steps the inverses (a³ + o³), and every step the
         preconditioning o²a + oa² and the vector work (momentum and step: 3n, ch2 4n, + n with weight decay). Returns the terms (multiplications), the
         gradient's, ``passes`` (gradient equivalents of the passes: 1 + (2/3)/T₁) and ``floor`` (the
         step in gradients: passes + algebra / gradient). An SGD-momentum step costs one gradient + 3n,
@@ -147,7 +147,9 @@ class KFAC(Optimizer):
         C = shapes.out if self.fisher == "exact" else 1
         grad = sum(3 * N * L * o * a for (o, a), L in zip(shapes.layers, locs))
         curv_pass = sum((1 + C) * N * L * o * a for (o, a), L in zip(shapes.layers, locs)) / self.stat_freq
-        stats = sum(N * L * (a * a + C * o * o) for (o, a), L in zip(shapes.layers, locs)) / self.stat_freq
+        # A = āᵀā/N and G are symmetric: a rank-k update (BLAS syrk, which NumPy's ``x.T @ x`` calls) costs
+        # rows·d(d+1)/2
+        stats = sum(N * L * (a * (a + 1) + C * o * (o + 1)) / 2 for (o, a), L in zip(shapes.layers, locs)) / self.stat_freq
         inverses = sum(flops_inv(d) for o, a in shapes.layers for d in (o, a)) / self.inv_freq
         precond = kc.kron_precondition_flops(shapes.layers)
         vector = (3 if self.version == "ch3" else 4) * shapes.n + (shapes.n if self.weight_decay else 0)

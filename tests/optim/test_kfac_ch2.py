@@ -221,13 +221,13 @@ def test_ch2_cost_model():
 
 def test_step_floor_hand_computed():
     """One dense layer 2 → 3 (o = a = 3, n = 9), N = 4, T₁ = T₂ = 1: gradient 3·N·o·a = 108, curvature
-    pass 2·N·o·a = 72, statistics N(a² + o²) = 72, inverses a³ + o³ = 54, preconditioning o²a + oa² = 54,
-    vectors 3n = 27: floor = 387/108."""
+    pass 2·N·o·a = 72, statistics (symmetric products) N(a(a+1) + o(o+1))/2 = 48, inverses a³ + o³ = 54,
+    preconditioning o²a + oa² = 54, vectors 3n = 27: floor = 363/108."""
     m = Sequential([Dense(3)], input_shape=(2,), name="tiny")
     f = OPTIMIZERS["kfac"](stat_freq=1, inv_freq=1, batch_size=4).step_floor(m)
     assert (f["gradient"], f["curvature_pass"], f["factor_statistics"], f["inverses"], f["precondition"],
-            f["vector"]) == (108, 72, 72, 54, 54, 27)
-    assert f["floor"] == pytest.approx(387 / 108, rel=1e-15) and f["passes"] == pytest.approx(5 / 3)
+            f["vector"]) == (108, 72, 48, 54, 54, 27)
+    assert f["floor"] == pytest.approx(363 / 108, rel=1e-15) and f["passes"] == pytest.approx(5 / 3)
     f10 = OPTIMIZERS["kfac"](stat_freq=10, inv_freq=100, batch_size=4).step_floor(m)
     assert f10["passes"] == pytest.approx(1 + 2 / 30)
 
@@ -237,7 +237,7 @@ def test_step_floor_counts_conv_locations():
     m = Sequential([Conv2d(2, 3, padding=1), Flatten(), Dense(3)], input_shape=(1, 4, 4))
     f = OPTIMIZERS["kfac"](stat_freq=1, inv_freq=1, batch_size=5).step_floor(m)
     assert f["gradient"] == 3 * 5 * (16 * 2 * 10 + 3 * 33)
-    assert f["factor_statistics"] == 5 * (16 * (100 + 4) + (33 * 33 + 9))
+    assert f["factor_statistics"] == 5 * (16 * (55 + 3) + (561 + 6))
 
 
 @pytest.mark.parametrize("version", ["ch3", "ch2"])
