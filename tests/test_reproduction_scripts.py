@@ -35,11 +35,19 @@ def test_tiny_run_writes_table_and_figure(script, tmp_path):
     out = subprocess.run([sys.executable, str(TOOLS / script), "--tiny", "--out", str(png)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("|")]
-    assert len(lines) >= 3, out.stdout  # header, rule, at least one row
-    n = lines[0].count("|")
-    assert all(ln.count("|") == n for ln in lines), "ragged markdown table"
-    assert set(lines[1].replace("|", "")) <= {"-"}, lines[1]
+    tables, cur = [], []  # blocks of consecutive table lines
+    for ln in out.stdout.splitlines() + [""]:
+        if ln.startswith("|"):
+            cur.append(ln)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    assert tables, out.stdout
+    for lines in tables:
+        assert len(lines) >= 3, lines  # header, rule, at least one row
+        n = lines[0].count("|")
+        assert all(ln.count("|") == n for ln in lines), f"ragged markdown table: {lines}"
+        assert set(lines[1].replace("|", "")) <= {"-"}, lines[1]
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
