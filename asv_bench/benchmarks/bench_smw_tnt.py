@@ -7,13 +7,13 @@ in one process.
   per-step cost is the average over one period of lcm(T₁, T₂) steps (T₁ = 10, T₂ = 100: 90 plain
   steps, 9 with statistics, 1 with statistics and inverses), each kind of step timed once by
   setting the state's step count (issue 21's target: ≤ 1.35× SGD-m);
-* TNT step time / its floor (:meth:`TNT.algebra_floor`: the gradient, the sampled-gradient backward
+* TNT step time / its floor (:meth:`TNT.step_floor`: the gradient, the sampled-gradient backward
   pass /T₁ and the algebra's multiplications, in gradients) × the measured gradient time, on the
   thesis's MNIST autoencoder 784-1000-500-250-30-250-500-1000-784 (float32, batch 1000) at T₁ = 1
   and T₂ ∈ {1, 20};
 * SMW-NG-BD vs SMW-NG step time on the thesis's 784-500-10 MNIST classifier (sigmoid, softmax
   cross-entropy; §5.8: N₁ = 60, N₂ = 30), float64, synthetic data, and each against its floor
-  (:meth:`SMWOptimizer.algebra_floor`).
+  (:meth:`SMWOptimizer.step_floor`).
 
 Timing policy: each optimizer makes one untimed warm-up step (TNT: after its warm start), then
 every timed call is one step from a deep copy of that state (a step consumes its state; the copy is
@@ -33,7 +33,6 @@ from qnref.nn.model import Sequential
 from qnref.nn.zoo import build_model
 from qnref.optim import make_optimizer
 from qnref.optim.base import Problem
-from qnref.optim.costs import model_shapes
 
 from ._common import autoencoder
 
@@ -127,7 +126,7 @@ class TNTFloorAutoencoder:
         t_step = tnt_amortized_step(tnt, prob, th, st, 3)
         obj = prob.sample(1000)
         t_grad = min(_timed(lambda: obj.at(th).grad) for _ in range(3))
-        return t_step / (tnt.algebra_floor(model_shapes(model))["gradients"] * t_grad)
+        return t_step / (tnt.step_floor(model)["floor"] * t_grad)
 
     def track_tnt_over_momentum(self, inv_freq):
         model, prob, th0 = _autoencoder_problem()
@@ -175,7 +174,7 @@ class SMWBlockDiagonal:
         obj = prob.sample(60)
         obj.at(th0).grad
         t_grad = min(_timed(lambda: obj.at(th0).grad) for _ in range(REPEAT))
-        return self._time(name) / (make_optimizer(name).algebra_floor(model_shapes(model))["gradients"] * t_grad)
+        return self._time(name) / (make_optimizer(name).step_floor(model)["floor"] * t_grad)
 
     def track_bd_over_floor(self):
         return self._over_floor("smw-ng-bd")

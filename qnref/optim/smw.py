@@ -219,11 +219,13 @@ def dense_pass_mults(shapes: ModelShapes, N: int) -> tuple[float, float]:
 
 
 def floor_summary(passes: dict[str, float], algebra: dict[str, float], gradient: float) -> dict[str, Any]:
-    """The floor of one step: pass and algebra multiplications and their total as a multiple of one
-    gradient (forward + backward over the step's gradient batch)."""
-    total = sum(passes.values()) + sum(algebra.values())
-    return {"passes": passes, "algebra": sum(algebra.values()), "gradient": gradient, "per_step": total,
-            "gradients": total / gradient}
+    """The floor of one step (the keys of ``KFAC.step_floor`` where they mean the same):
+    ``pass_terms`` (multiplications by pass), ``algebra`` (:meth:`algebra_flops`, summed),
+    ``gradient`` (one gradient on the step's batch), ``passes`` (the passes in gradients) and
+    ``floor`` (passes + algebra, in gradients)."""
+    p = sum(passes.values())
+    return {"pass_terms": passes, "algebra": sum(algebra.values()), "gradient": gradient, "passes": p / gradient,
+            "floor": (p + sum(algebra.values())) / gradient}
 
 
 def _check_lambda(lam: float) -> None:
@@ -509,14 +511,18 @@ class SMWOptimizer(Optimizer):
                  "weights": 3 * NC, "direction": n, "model": 2 * n + 2 * NC}
         return {**t, "trial_and_step": 3 * n}
 
-    def algebra_floor(self, shapes: ModelShapes, assume: CostAssumptions | None = None) -> dict[str, Any]:
+    def step_floor(self, model: Any, assume: CostAssumptions | None = None) -> dict[str, Any]:
         """The floor of one Alg. 23 step on a dense net (issue 21): the passes' GEMM
         multiplications (:func:`dense_pass_mults`) plus :meth:`algebra_flops`, as a multiple of a
         gradient on S₁ (N₁ examples). Passes: ∇f on S₁ (F + B), the trial forward on S₁ (F), the
         forward on S₂ when S₂ ≠ S₁ (F); SMW-NG: the taps backward of the Gram (B) with its per-layer
         GEMMs N₂²(a + o) + N₂² (Alg. 22), the R-forward J g (2F: W ṙ + V ā per layer), the backward
         Jᵀw (B); SMW-NG-BD: the taps backward and the per-layer Gram GEMMs only; SMW-GN: C taps
-        backward passes and C²N₂²(a + o) per layer, R-forward, backward. Full-gradient variant: N₁ = N."""
+        backward passes and C²N₂²(a + o) per layer, R-forward, backward. ``model``: a dense Sequential (or its
+        layout)."""
+        from .costs import model_shapes  # noqa: PLC0415
+
+        shapes = model_shapes(model)
         N1, N2 = self.batch_size, min(self.curvature_batch, self.batch_size)
         F1, B1 = dense_pass_mults(shapes, N1)
         F2, B2 = dense_pass_mults(shapes, N2)

@@ -237,10 +237,10 @@ def test_floor_counts_the_passes_and_the_algebra():
     gram = 5 * 5 * (5 + 3) + 25 + 5 * 5 * (4 + 2) + 25
     for cls, extra in ((SMWNGBD, 0), (SMWNG, 2 * F2 + B2)):
         opt = cls(batch_size=10, curvature_batch=5)
-        fl = opt.algebra_floor(sh)
+        fl = opt.step_floor(m)
         alg = algebra_flops(opt, m, 10)["per_step"]
         want = (F1 + B1) + F1 + F2 + B2 + gram + extra
-        assert sum(fl["passes"].values()) == want
-        assert fl["gradients"] == pytest.approx((want + alg) / (F1 + B1), rel=1e-3)   # algebra terms rounded
+        assert sum(fl["pass_terms"].values()) == want
+        assert fl["floor"] == pytest.approx((want + alg) / (F1 + B1), rel=1e-3)   # algebra terms rounded
     with pytest.raises(ValueError, match="dense layers only"):
-        SMWNG().algebra_floor(model_shapes(build_model("lenet-digits")))
+        SMWNG().step_floor(build_model("lenet-digits"))

@@ -232,7 +232,7 @@ def test_tnt_floor_counts_the_sampled_backward_per_t1():
     F, B = 8 * 23, 8 * 29
     for T1, fisher in ((1, "sampled"), (10, "sampled"), (10, "empirical")):
         opt = make_optimizer("tnt", stat_freq=T1, inv_freq=20, batch_size=8, fisher=fisher)
-        fl = opt.algebra_floor(model_shapes(m))
-        assert fl["passes"] == {"gradient": F + B, "sampled_backward": B / T1 if fisher == "sampled" else 0.0}
+        fl = opt.step_floor(m)
+        assert fl["pass_terms"] == {"gradient": F + B, "sampled_backward": B / T1 if fisher == "sampled" else 0.0}
         alg = sum(opt.algebra_flops(model_shapes(m), 8, None).values())
-        assert fl["gradients"] == pytest.approx((F + B + fl["passes"]["sampled_backward"] + alg) / (F + B), rel=1e-14)
+        assert fl["floor"] == pytest.approx((F + B + fl["pass_terms"]["sampled_backward"] + alg) / (F + B), rel=1e-14)
