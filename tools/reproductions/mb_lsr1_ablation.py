@@ -75,7 +75,7 @@ def describe(results) -> dict:
     return {"restarts": restarts, "n_b": n_b, "delta": delta, "steps": steps}
 
 
-def trace(setting: Setting, name: str, hyper: dict, seed: int) -> dict:
+def trace(setting: Setting, name: str, hyper: dict, seed: int, epochs: float | None = None) -> dict:
     """Step-by-step counters of one run (the same steps as :func:`run`, taken one by one): ρ < 0, ρ̂ < 0.1
     (the only case in which Alg. 5 shrinks δ), restarts, mean number of stored pairs, largest δ, mean α."""
     model, data, theta = build(setting, seed)
@@ -83,7 +83,7 @@ def trace(setting: Setting, name: str, hyper: dict, seed: int) -> dict:
     opt = make_optimizer(name, **hyper)
     state = opt.init(theta)
     infos = []
-    while problem.epochs < setting.epochs - 1e-12:
+    while problem.epochs < (setting.epochs if epochs is None else epochs) - 1e-12:
         theta, state, info = opt.step(theta, state, problem)
         infos.append(info.as_dict())
     rho = [d["rho"] for d in infos]
@@ -132,15 +132,17 @@ def main(argv=None) -> int:
     eq = [abs(x.final["train_loss"] - y.final["train_loss"]) for x, y in
           zip(results["mb-lsr1 with all L-SSR1-TR values"], results["L-SSR1-TR (defaults)"])]
     emit(f"\nmb-lsr1 with L-SSR1-TR's values vs lssr1-tr: max |Δ final loss| = {max(eq):.3g}\n")
-    mech = [("MB-LSR1 (defaults)", "mb-lsr1", {"batch_size": 512}),
-            ("MB-LSR1, ζ = 0", "mb-lsr1", {"batch_size": 512, "zeta": 0.0}),
-            ("L-SSR1-TR (defaults)", "lssr1-tr", {"batch_size": 512}),
-            ("L-SSR1-TR + ζ = 1", "mb-lsr1", {"batch_size": 512, **LSSR1, "zeta": 1.0})]
+    mech = [("MB-LSR1 (defaults)", "mb-lsr1", {"batch_size": 512}, None),
+            ("MB-LSR1, ζ = 0", "mb-lsr1", {"batch_size": 512, "zeta": 0.0}, None),
+            ("L-SSR1-TR (defaults)", "lssr1-tr", {"batch_size": 512}, None),
+            ("L-SSR1-TR + ζ = 1", "mb-lsr1", {"batch_size": 512, **LSSR1, "zeta": 1.0}, None),
+            ("MB-LSR1 (defaults), 60 epochs", "mb-lsr1", {"batch_size": 512}, 60.0),
+            ("MB-LSR1 (defaults), n_b = 128", "mb-lsr1", {"batch_size": 128}, None)]
     if a.tiny:
         mech = mech[:1]
     mrows = []
-    for label, name, hyper in mech:
-        t = [trace(setting, name, hyper, s) for s in seeds]
+    for label, name, hyper, ep in mech:
+        t = [trace(setting, name, hyper, s, ep) for s in seeds]
         mrows.append([label] + [fmt_ms([x[k] for x in t], ".3g") for k in
                                 ("steps", "rho<0", "rho_hat<0.1", "restarts", "pairs", "delta_max", "alpha", "rho_hat_last")])
     emit("\nMechanism (per-step counters over the whole run, same seeds):\n\n")
