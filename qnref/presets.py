@@ -587,7 +587,7 @@ _CNN_NOTES = ("batch 128; the thesis's rule: ×0.1 every 60 epochs (first-order)
               "deviations: every run trains 200 epochs (the thesis stops the second-order ones at 150: qnref's epochs are "
               "per preset), no flip+crop augmentation (qnref has none), and the first-order runs get no weight decay γ "
               "(qnref's SGD-m/Adam have no per-run weight decay; the table's γ is listed in the run label); 5 seeds; "
-              "metric: validation (= test split) accuracy.")
+              "metric: validation (= test split) accuracy; He init (n/g).")
 _CH3_CNN = {  # Table 3.7 (VGG16, ResNet32) and 3.10 (ResNet32-4): (lr, γ, λ)
     ("cifar10", "vgg16"): {"kbfgs": (30, 1e-5, 1e4), "kbfgsl": (1, 1e-3, 100), "kfac": (3e-4, 1, 1e-3), "adam": (3e-3, 0.1, 0.1), "sgdm": (3e-3, 0.1)},
     ("cifar10", "resnet32"): {"kbfgs": (100, 1e-5, 1e3), "kbfgsl": (1e3, 1e-6, 1e4), "kfac": (0.01, 0.1, 0.1), "adam": (3e-3, 0.1, 0.01), "sgdm": (0.03, 0.01)},
