@@ -15,7 +15,7 @@ def test_registry_lists_all_sets_with_descriptions():
 
 @pytest.mark.parametrize(
     "typo, suggestion",
-    [("mnsit", "mnist"), ("digit", "digits"), ("cifar100", "cifar10"), ("fashion-mnst", "fashion-mnist"),
+    [("mnsit", "mnist"), ("digit", "digits"), ("cifar1000", "cifar100"), ("cifar-1O", "cifar10"), ("fashion-mnst", "fashion-mnist"),
      ("toy2clas", "toy2class"), ("imbalance", "imbalanced")],
 )
 def test_unknown_name_suggests_closest(typo, suggestion):
@@ -24,7 +24,7 @@ def test_unknown_name_suggests_closest(typo, suggestion):
 
 
 def test_unknown_name_without_close_match_lists_valid_names():
-    with pytest.raises(ValueError, match="Valid names: cifar10, digits") as e:
+    with pytest.raises(ValueError, match="Valid names: cifar10, cifar100, curves, digits, faces") as e:
         load_dataset("imagenet-21k")
     assert "Did you mean" not in str(e.value)
 
@@ -36,7 +36,7 @@ def test_aliases_and_case():
 
 
 def test_unknown_option_is_rejected_with_accepted_list():
-    with pytest.raises(TypeError, match=r"accepts \['flat', 'test_size'\]"):
+    with pytest.raises(TypeError, match=r"accepts \['flat', 'standardize', 'test_size'\]"):
         load_dataset("digits", flatten=True)
 
 

@@ -23,7 +23,7 @@ EXACT = {
     "autoencoder-curves": 842_340, "lenet5-mnist": 431_080, "lenet5-mnist-bn": 432_220, "lenet-cifar10": 145_578,
     "lenet-cifar10-bn": 145_962, "lenet": 431_080, "alexnet-small": 332_746, "resnet20": 270_410, "resnet32": 465_290,
     "vgg16": 14_728_266, "3c3d": 895_210, "allcnnc": 1_369_738, "lenet-digits": 1_898, "resnet-digits": 5_194,
-    "cnn-mnist1d": 4_298, **PAPER_COUNTS,
+    "cnn-mnist1d": 4_298, "netdnn": 59_946, "resnet18": 11_178_762, **PAPER_COUNTS,
 }
 
 
