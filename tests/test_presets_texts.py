@@ -84,7 +84,8 @@ def test_audit_named_errors_are_fixed():
         p, runs = PRESETS[name], _runs(name)
         assert p.dataset == ds and p.model == "mlp" and not p.autoencoder
         assert p.model_kwargs == {"hidden": hidden, "activation": "sigmoid"} and p.dataset_kwargs["standardize"] is True
-        assert {"SMW-GN", "SMW-NG", "SMW-NG-BD", "KFAC", "HF", "SGD"} == set(runs)
+        assert {"SMW-GN", "SMW-NG", "SMW-NG-BD", "KFAC", "HF", "HF (SMW rules)", "SGD"} == set(runs)
+        assert runs["HF (SMW rules)"].hyperparameters["boost"] == 1.01 and runs["HF (SMW rules)"].hyperparameters["step_rule"] == "fixed"
         assert runs["SMW-NG-BD"].optimizer == "smw-ng-bd" and runs["KFAC"].hyperparameters["momentum"] == 0.0
     assert _runs("ren-ch5-cifar10")["SMW-GN"].hyperparameters == {"batch_size": 100, "curvature_batch": 50, "lr": 0.01}
     assert _runs("ren-ch5-webspam")["SGD"].hyperparameters["lr"] == 0.4 and PRESETS["ren-ch5-webspam"].epochs == 1
@@ -220,3 +221,14 @@ def test_list_presets_shows_source_and_scale(capsys):
         line = next(ln for ln in out.splitlines() if ln.split() and ln.split()[0] == name)
         assert p.scale in line and p.paper in line and p.metric in line
     assert "lsr1-fig1-digits" in out and "= lsr1-fig1-small" in out
+
+
+def test_mb_small_replicas_carry_the_zeta_ablation_run():
+    """docs/reproductions.md: ζ decides MB-LSR1 vs L-SSR1-TR at small scale; the replicas run both ζ."""
+    from qnref.presets import PRESETS
+
+    for name in ("mblsr1-fig2-mnist-small", "mblsr1-fig2-cifar10-small"):
+        runs = {r.label: r for r in PRESETS[name].runs}
+        assert runs["MB-LSR1 (ζ = 0)"].hyperparameters == {"batch_size": 32, "zeta": 0.0}
+        assert "zeta" not in runs["MB-LSR1"].hyperparameters
+    assert all(r.hyperparameters.get("zeta") is None for r in PRESETS["mblsr1-fig2-mnist"].runs)
