@@ -375,6 +375,8 @@ class Conv2d(Layer):
     def _winograd(self, x: Any) -> bool:
         """Whether the Winograd route serves this layer and array (``ALGORITHM``, 3×3, stride 1,
         padding ≤ 2, CPU numba)."""
+        if ALGORITHM not in ("im2col", "winograd"):
+            raise ValueError(f"qnref.nn.conv.ALGORITHM must be 'im2col' or 'winograd', got {ALGORITHM!r}")
         return (ALGORITHM == "winograd" and self.kernel_size == (3, 3) and self.stride == (1, 1)
                 and max(self.padding) <= 2 and use_numba(x))
 

@@ -222,3 +222,17 @@ def test_winograd_resnet_gradient_and_hvp_are_exact(winograd):
     g2, hv2 = obj.grad(theta), obj.hvp(theta, v)
     assert np.abs(g - g2).max() <= 1e-12 * np.abs(g2).max()
     assert np.abs(hv - hv2).max() <= 1e-12 * np.abs(hv2).max()
+
+
+def test_unknown_algorithm_is_refused():
+    from qnref.nn.conv import Conv2d
+
+    layer = Conv2d(2, 3, padding=1)
+    layer.build((1, 4, 4))
+    saved = conv.ALGORITHM
+    conv.ALGORITHM = "fft"
+    try:
+        with pytest.raises(ValueError, match="ALGORITHM must be 'im2col' or 'winograd', got 'fft'"):
+            layer.forward([np.zeros((2, 10))], np.zeros((1, 1, 4, 4)), Ctx(train=True))
+    finally:
+        conv.ALGORITHM = saved
