@@ -8,8 +8,11 @@ tests first and stopping at the first failure:
 
     1. tests/optim/test_replays.py
     2. tests/optim/test_kron.py tests/optim/test_kron_methods.py tests/optim/test_smw.py
+    3. the new variants' oracle tests: test_kfac_ch2, test_kbfgs_variants, test_smw_ng_bd, test_tnt_ideal
+       (tests/optim/), test_type2_factors, test_block_fisher (tests/curvature/), test_mutation_gaps
 
-A mutant is *killed* when a selection fails (or times out), *survived* when both pass. The
+A mutant of the new variant code names its own test file, which runs first (then the stages above,
+each file once). A mutant is *killed* when a selection fails (or times out), *survived* when both pass. The
 repository this script lives in is never modified. Usage::
 
     OPENBLAS_NUM_THREADS=1 python tools/mutation_run.py [--only SUBSTRING] [--json out.json] [--keep]
@@ -31,11 +34,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = [
     ["tests/optim/test_replays.py"],
     ["tests/optim/test_kron.py", "tests/optim/test_kron_methods.py", "tests/optim/test_smw.py"],
+    # the new variants' oracle tests (issue 20, second run)
+    ["tests/optim/test_kfac_ch2.py", "tests/optim/test_kbfgs_variants.py", "tests/optim/test_smw_ng_bd.py",
+     "tests/optim/test_tnt_ideal.py", "tests/curvature/test_type2_factors.py", "tests/curvature/test_block_fisher.py",
+     "tests/optim/test_mutation_gaps.py"],
 ]
 O = "qnref/optim/"
 K = "qnref/curvature/kron.py"
+B = "qnref/curvature/block_fisher.py"
+T = "tests/optim/"
+C = "tests/curvature/"
 
-#: (id, file, old, new, what) — each a single injected bug
+#: (id, file, old, new, what[, first test files]) — each a single injected bug
 MUTANTS = [
     # -- the six named in issue 20 ----------------------------------------------------------------------
     ("kbfgs-no-1/lambda-others", O + "kbfgs.py", "P = mom / self.damping", "P = mom.copy()",
@@ -54,14 +64,14 @@ MUTANTS = [
     ("kbfgs-yG-beta-swap", O + "kbfgs.py", "yG = self.beta * st.yG[name] + (1.0 - self.beta) * dg",
      "yG = (1.0 - self.beta) * st.yG[name] + self.beta * dg", "β and 1−β swapped in the y_G average"),
     ("kbfgs-ch3-momentum-1-beta", O + "kbfgs.py",
-     '(grad if self.version == "ch3" else (1.0 - self.beta) * grad)', "((1.0 - self.beta) * grad)",
+     '(grad if self.gradient == "momentum" else (1.0 - self.beta) * grad)', "((1.0 - self.beta) * grad)",
      "ch3 momentum with the ch2 (1−β) factor"),
     ("kbfgs-ch2-A-ema-swap", O + "kbfgs.py", 'A = kron.ema(st.A[name], (a.T @ a) / t["a"].shape[0], self.beta)',
      'A = kron.ema((a.T @ a) / t["a"].shape[0], st.A[name], self.beta)', "ch2 A moving average swapped"),
     ("kbfgs-sG-old-weights", O + "kbfgs.py", "dh = kron.mean_h(t_new, w_new) - kron.mean_h(t, w_old)",
      "dh = kron.mean_h(t_new, w_old) - kron.mean_h(t, w_old)", "h̄⁺ computed with the old weights"),
-    ("kbfgs-damping-swap", O + "kbfgs.py", "damp = kc.dp_dlm if self.version == \"ch3\" else kc.double_damping",
-     "damp = kc.double_damping if self.version == \"ch3\" else kc.dp_dlm", "DD and D_P D_LM swapped between versions"),
+    ("kbfgs-damping-swap", O + "kbfgs.py", 'damp = kc.dp_dlm if self.damping_scheme == "dpdlm" else kc.double_damping',
+     'damp = kc.double_damping if self.damping_scheme == "dpdlm" else kc.dp_dlm', "DD and D_P D_LM swapped between versions"),
     ("kbfgs-no-location-split", O + "kbfgs.py", "lamA, lamG = kc.sqrt_split(self.damping, locs[L.name])",
      "lamA, lamG = kc.sqrt_split(self.damping, 1)", "conv damping split without |T|"),
     ("kbfgsl-undamped-s", O + "kbfgs.py", "st.pairs[name].append(s_t, y_t)", "st.pairs[name].append(sG, y_t)",
@@ -100,7 +110,7 @@ MUTANTS = [
     # -- kfac.py ---------------------------------------------------------------------------------------
     ("kfac-G-ema-swap", O + "kfac.py", "new.G[L.name] = kron.ema(new.G[L.name], G, self.beta)",
      "new.G[L.name] = kron.ema(G, new.G[L.name], self.beta)", "KFAC G moving average swapped"),
-    ("kfac-inv-at-stat-freq", O + "kfac.py", "if k % self.inv_freq == 0:", "if k % self.stat_freq == 0:",
+    ("kfac-inv-at-stat-freq", O + "kfac.py", "return k % self.inv_freq == 0 or", "return k % self.stat_freq == 0 or",
      "KFAC inverses at T₁ instead of T₂"),
     ("kfac-warm-unweighted", O + "kfac.py", "sums[name] = (sums[name][0] + n * A, sums[name][1] + n * G)",
      "sums[name] = (sums[name][0] + A, sums[name][1] + G)", "warm-start factors not weighted by chunk size"),
@@ -139,8 +149,8 @@ MUTANTS = [
      "(4.10) with c₀ᵏ instead of c₀^{k−1}"),
     ("tnt-c0-root", O + "tnt.py", "c0 = (max(tr, 0.0) / total) ** (1.0 / k)", "c0 = (max(tr, 0.0) / total) ** 0.5",
      "c₀ with the square root for every order"),
-    ("tnt-damping-squared", O + "tnt.py", "U + self.damping * xp.eye(U.shape[0], dtype=U.dtype)",
-     "U + self.damping ** 2 * xp.eye(U.shape[0], dtype=U.dtype)", "TNT damped with ε²"),
+    ("tnt-damping-squared", O + "tnt.py", "U + damping * xp.eye(U.shape[0], dtype=U.dtype)",
+     "U + damping ** 2 * xp.eye(U.shape[0], dtype=U.dtype)", "TNT (and TNT-ideal) damped with ε²"),
     # -- smw.py ------------------------------------------------------------------------------------------
     ("smw-boost-is-drop", O + "smw.py", "    if rho < eps:\n        return lambda_lm * boost",
      "    if rho < eps:\n        return lambda_lm * drop", "λ_LM decreased when ρ < ε"),
@@ -157,6 +167,87 @@ MUTANTS = [
     ("smw-rho-at-update", O + "smw.py", 't = 1.0 if self.rho_at == "direction" else self.lr', "t = self.lr",
      "ρ at θ + αp by default"),
     ("smw-full-step", O + "smw.py", "new = theta + self.lr * d.p", "new = theta + d.p", "θ ← θ + p (α ignored)"),
+    # -- new variant code (issue 20, second run): each runs its own test file first ------------------------
+    # kfac.py version="ch2" (thesis Alg. 7)
+    ("kfac-ch2-no-1-mu", O + "kfac.py", "(1.0 - self.momentum) * opened.g   # §2.5.2", "opened.g   # §2.5.2",
+     "ch2 KFAC momentum without Alg. 7's (1−β) factor", [T + "test_kfac_ch2.py"]),
+    ("kfac-ch2-mu-swap", O + "kfac.py", "self.momentum * state.mom + (1.0 - self.momentum) * opened.g",
+     "(1.0 - self.momentum) * state.mom + self.momentum * opened.g", "ch2 ĝ average with β and 1−β swapped",
+     [T + "test_kfac_ch2.py"]),
+    ("kfac-ch2-k-le-T-plus-1", O + "kfac.py", 'self.version == "ch2" and k <= self.inv_freq)',
+     'self.version == "ch2" and k <= self.inv_freq + 1)', "ch2 re-inversion off by one (k ≤ T + 1)",
+     [T + "test_kfac_ch2.py"]),
+    ("kfac-ch2-no-early-inverse", O + "kfac.py", 'self.version == "ch2" and k <= self.inv_freq)',
+     'self.version == "ch2" and k <= 1)', "ch2 without the k ≤ T re-inversions (only k = 1)", [T + "test_kfac_ch2.py"]),
+    ("kfac-ch2-pi-split", O + "kfac.py", 'return self.use_pi and self.version == "ch3"', "return self.use_pi",
+     "ch2 KFAC with the π split (Alg. 7 has π = 1)", [T + "test_kfac_ch2.py"]),
+    # type-2 factors and the BackPACK conversion (kron.py)
+    ("kron-exact-g-one-class", K, "    g2 = g.reshape(-1, g.shape[-1])\n    return (g2.T @ g2) / (n * L)",
+     "    g2 = g[:, 0].reshape(-1, g.shape[-1])\n    return (g2.T @ g2) / (n * L)",
+     "type-2 G from the first class only (no sum over labels)", [C + "test_type2_factors.py"]),
+    ("kron-exact-g-per-class-mean", K, "    g2 = g.reshape(-1, g.shape[-1])\n    return (g2.T @ g2) / (n * L)",
+     "    g2 = g.reshape(-1, g.shape[-1])\n    return (g2.T @ g2) / (n * L * g.shape[1])",
+     "type-2 G averaged over the labels instead of summed", [C + "test_type2_factors.py"]),
+    ("kron-backpack-G-mean", K, "gs = g.sum(axis=-2)", "gs = g.mean(axis=-2)",
+     "BackPACK conv G with gradients averaged, not summed, over locations", [C + "test_type2_factors.py"]),
+    # smw.py SMW-NG-BD (thesis §5.8)
+    ("smw-bd-D-unscaled", O + "smw.py", "    D = K / N\n    D = 0.5 * (D + D.T)\n    D[xp",
+     "    D = K\n    D = 0.5 * (D + D.T)\n    D[xp", "NG-BD: block D without 1/N₂", [T + "test_smw_ng_bd.py"]),
+    ("smw-bd-no-l2", O + "smw.py", "    mu = float(lam) + curv.l2\n    layout = curv.layout",
+     "    mu = float(lam)\n    layout = curv.layout", "NG-BD: μ without the l2 term", [T + "test_smw_ng_bd.py"]),
+    ("smw-bd-taps-sign", O + "smw.py", "pv[L.block][...] = -(gv[L.block] - (gam * (w / N)[:, None]).T @ a) / mu",
+     "pv[L.block][...] = -(gv[L.block] + (gam * (w / N)[:, None]).T @ a) / mu", "NG-BD taps route: Jᵀw added, not subtracted",
+     [T + "test_smw_ng_bd.py"]),
+    ("smw-bd-rows-unscaled", O + "smw.py", "p[idx] = -(g[idx] - Pl.T @ (w / N)) / mu", "p[idx] = -(g[idx] - Pl.T @ w) / mu",
+     "NG-BD rows route: Jᵀw without 1/N₂", [T + "test_smw_ng_bd.py"]),
+    ("smw-bd-group-per-block", O + "smw.py", 'groups.setdefault(str(b.name).rsplit(".", 1)[0], []).append(k)',
+     "groups.setdefault(str(b.name), []).append(k)", "NG-BD blocks per parameter block, not per layer",
+     [T + "test_smw_ng_bd.py"]),
+    # tnt.py TNT-ideal (thesis Alg. 14)
+    ("tnt-ideal-sum-not-mean", O + "tnt.py", "stats = [[S / n_pop for S in a] for a in total]",
+     "stats = [[S for S in a] for a in total]", "TNT-ideal: Σ_x instead of E_x", [T + "test_tnt_ideal.py"]),
+    ("tnt-ideal-decay-off-by-one", O + "tnt.py", "lr = self.lr * k ** (-self.decay) if self.decay else self.lr",
+     "lr = self.lr * (k + 1) ** (-self.decay) if self.decay else self.lr", "α_t = α (t+1)^(−β)",
+     [T + "test_tnt_ideal.py"]),
+    ("tnt-ideal-S-rows", O + "tnt.py", "U = xp.ascontiguousarray(S[:, :, c])", "U = xp.ascontiguousarray(S[:, c, :])",
+     "TNT-ideal: rows of S instead of its columns (SᵀS for SSᵀ)", [T + "test_tnt_ideal.py"]),
+    ("tnt-ideal-diag-no-root", O + "tnt.py", "            U[:, c] = S[:, c]", "            U[:, c] = S[:, c] ** 2",
+     "TNT-ideal, diagonal H_L: h instead of √h", [T + "test_tnt_ideal.py"]),
+    ("tnt-ideal-bias-column", O + "tnt.py", "        return v[:, :, -1]", "        return v[:, :, 0]",
+     "TNT-ideal: the bias part read from the first weight column", [T + "test_tnt_ideal.py"]),
+    # kbfgs.py variant branches (Table 3.8, Alg. 5, Alg. 10/11, §2.8.3)
+    ("kbfgs-lr-power-off-by-one", O + "kbfgs.py", "self.lr * float(k) ** (-self.lr_power)",
+     "self.lr * float(k + 1) ** (-self.lr_power)", "α_k = α (k+1)^(−β)", [T + "test_kbfgs_variants.py"]),
+    ("kbfgs-exact-inverse-lambda", O + "kbfgs.py", "            H = kron.spd_inverse(A + lamA * xp.eye",
+     "            H = kron.spd_inverse(A + self.damping * xp.eye", "exact H_A damped with λ instead of λ_A",
+     [T + "test_kbfgs_variants.py"]),
+    ("kbfgs-skip-inverted", O + "kbfgs.py", "if self.skip and not kc.dd_skip_passes(", "if self.skip and kc.dd_skip_passes(",
+     "DD-skip keeps the pairs it should skip", [T + "test_kbfgs_variants.py"]),
+    ("kbfgs-skip-strict", O + "_kron_common.py", "return float(st @ yt) >= bound - math.sqrt",
+     "return float(st @ yt) > bound + math.sqrt", "DD-skip test strict (drops the Powell equality pairs)",
+     [T + "test_kbfgs_variants.py"]),
+    ("kbfgs-dpidlm-H-identity", O + "_kron_common.py", "return dp_dlm(s, y, y / mu2, mu1, mu2)",
+     "return dp_dlm(s, y, y, mu1, mu2)", "D_P(I) with H = I instead of μ₂⁻¹ I", [T + "test_kbfgs_variants.py"]),
+    ("kbfgs-double-grad-sum", O + "kbfgs.py", "grad = 0.5 * (grad + state.grad_plus)", "grad = grad + state.grad_plus",
+     "double-grad without the ½", [T + "test_kbfgs_variants.py"]),
+    ("kbfgs-minibatch-grad-scaled", O + "kbfgs.py", "mom = grad                                   # Alg. 5",
+     "mom = (1.0 - self.beta) * grad                                   # Alg. 5", "gradient='minibatch' scaled by 1−β",
+     [T + "test_kbfgs_variants.py"]),
+    ("kbfgs-exact-minibatch-uses-HA", O + "kbfgs.py", '            if self.hessian_action == "minibatch":\n                a = t',
+     '            if False:\n                a = t', "Alg. 10 exact inverse of a stale A (no batch Ã)", [T + "test_kbfgs_variants.py"]),
+    # block_fisher.py (thesis Fig. 4.1 study)
+    ("bf-mom-beta-swap", B, "self.mom = self.beta * self.mom + (1 - self.beta) * point.grad",
+     "self.mom = (1 - self.beta) * self.mom + self.beta * point.grad", "block-Fisher ĝ with β and 1−β swapped",
+     [C + "test_block_fisher.py"]),
+    ("bf-damping-squared", B, "np.linalg.cholesky(F + self.damping * np.eye(len(F)))",
+     "np.linalg.cholesky(F + self.damping ** 2 * np.eye(len(F)))", "block Fisher damped with λ²", [C + "test_block_fisher.py"]),
+    ("bf-exact-p-not-sqrt", B, "* np.sqrt(p[:, c:c + 1])", "* p[:, c:c + 1]", "exact Fisher blocks weighted by p², not p",
+     [C + "test_block_fisher.py"]),
+    ("bf-F-ema-swap", B, "self.F[name] = kron.ema(self.F[name], F, self.beta)", "self.F[name] = kron.ema(F, self.F[name], self.beta)",
+     "block-Fisher F̂ moving average swapped", [C + "test_block_fisher.py"]),
+    ("bf-kfac-momentum-1-mu", B, "self.mom = self.momentum * self.mom + point.grad",
+     "self.mom = self.momentum * self.mom + (1 - self.momentum) * point.grad", "the study's KFAC direction with (1−μ)",
+     [C + "test_block_fisher.py"]),
 ]
 
 
@@ -195,6 +286,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     only = [w for w in (args.only or "").split(",") if w]
     stages = STAGES[1:] if args.without_replays else STAGES
+    stages = [[f for f in s if (ROOT / f).exists()] for s in stages]    # test_mutation_gaps.py may be absent
     mutants = [m for m in MUTANTS if not only or any(w in m[0] for w in only)]
     tmp = Path(tempfile.mkdtemp(prefix="qnref-mutants-"))
     tree = tmp / "tree"
@@ -212,7 +304,11 @@ def main(argv=None) -> int:
         return 2
     print(f"unmutated selection passes ({dt:.1f} s)")
     rows = []
-    for mid, rel, old, new, what in mutants:
+    for mid, rel, old, new, what, *first in mutants:
+        first = first[0] if first else []
+        # the mutant's own test files first, then the rest of the selection (each file once)
+        plan = [first] + [[f for f in s if f not in first] for s in stages] if first else stages
+        plan = [s for s in plan if s]
         path = tree / rel
         pristine = (ROOT / rel).read_text()
         n = pristine.count(old)
@@ -223,7 +319,7 @@ def main(argv=None) -> int:
         path.write_text(pristine.replace(old, new))
         try:
             status, by, total = "survived", "", 0.0
-            for files in stages:
+            for files in plan:
                 ok, why, dt = run_stage(tree, files, args.timeout)
                 total += dt
                 if not ok:
