@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .. import backend
 from .base import Optimizer, Problem, StepInfo, check_int, check_range, set_checked
 from .costs import CostAssumptions, ModelShapes
 from .drivers import close_step, line_search, open_step
@@ -85,7 +86,7 @@ class LBFGS(Optimizer):
             pairs.clear()
         if pairs.count:
             d = LBFGSOperator(pairs.S, pairs.Y).solve(g)  # a fresh array: negated in place (exact)
-            d *= -1
+            backend.namespace(d).negative(d, out=d)
         else:
             d = -g
         slope = float(g @ d)

@@ -106,6 +106,8 @@ class LBFGSOperator:
         """H v by the two-loop recursion ([NW06] Alg. 7.4)."""
         xp, S, Y, k = self._xp, self.S, self.Y, self.k
         backend.namespace(v, S)
+        # sum(S * Y) builds a (k, n) temporary (22 ms at n = 2.8·10⁶ against 8 ms for einsum's row dots), but a
+        # different summation order moves the chaotic s-lbfgs BN-CNN reference run by 1e-8: kept
         rho = 1.0 / xp.sum(S * Y, axis=1)  # stays on the device: no sync in the loops
         q = v.copy()
         col = (lambda a: a) if v.ndim == 1 else (lambda a: a[:, None])
@@ -113,7 +115,8 @@ class LBFGSOperator:
         for i in range(k - 1, -1, -1):
             alpha[i] = rho[i] * (S[i] @ q)
             q -= alpha[i] * col(Y[i])
-        r = self.gamma * q
+        q *= self.gamma  # in place: q is this call's own copy
+        r = q
         for i in range(k):
             beta = rho[i] * (Y[i] @ r)
             r += (alpha[i] - beta) * col(S[i])

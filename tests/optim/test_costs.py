@@ -353,7 +353,7 @@ def test_shampoo_and_tnt_hand_computed():
     assert tnt["statistics_ema"] == 2 * (9 + 4 + 9)
     assert tnt["inverses"] == (27 + 36) + (8 + 16) + (27 + 36)
     assert tnt["sampled_grad_scale"] == 4 * 3
-    sh = algebra_flops(make_optimizer("shampoo", inv_freq=1, newton_iters=2), model)["terms"]
+    sh = algebra_flops(make_optimizer("shampoo", inv_freq=1, root="newton", newton_iters=2), model)["terms"]
     # coupled Newton, p = 2k: per iteration (p + 1)d³ + 2d², setup 6d²
     assert sh["roots"] == (6 * 9 + 2 * (5 * 27 + 18)) + (6 * 4 + 2 * (5 * 8 + 8)) + (6 * 9 + 2 * (3 * 27 + 18))
 
