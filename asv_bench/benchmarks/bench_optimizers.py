@@ -39,12 +39,14 @@ def _kwargs(name):
     return {"batch_size": BATCH} if "batch_size" in params else {}
 
 
-def _setup(name, seed=0):
+def _setup(name, seed=0, **settings):
+    """Model, problem, optimizer (the benchmark's batch, plus ``settings``: a variant of the texts)
+    and one warm-up step."""
     model = autoencoder(64, (32, 16, 8, 16, 32))
     r = np.random.default_rng(seed)
     X = r.random((1000, 64))
     prob = Problem(model, "sigmoid_ce", X, X, seed=seed)
-    opt = make_optimizer(name, **_kwargs(name))
+    opt = make_optimizer(name, **{**_kwargs(name), **settings})
     theta = model.init(seed)
     state = opt.init(theta)
     theta, state, _ = opt.step(theta, state, prob)  # warm-up (first-step statistics, imports)
