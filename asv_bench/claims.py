@@ -250,6 +250,7 @@ def affine_in_n_claim(section, text, key, slope, target_text):
 
 
 E, C, L, S, K, M, P = "engine", "cnn", "lsr1", "stochastic", "kronecker", "smw", "process"
+SP = "speed"
 ENG = "bench_engine."
 CNN = "bench_cnn."
 LS = "bench_lsr1_scaling."
@@ -344,6 +345,40 @@ CLAIMS = [
                 (FAM + "SMWScaling.time_smw_gn_step", dict(curvature_batch=30)), (FAM + "SMWScaling.time_smw_gn_step", dict(curvature_batch=5)), ">=", 2.0),
     ratio_claim(M, "SMW-NG forms only an N₂ × N₂ matrix: step flat in N₂ (30 vs 5)",
                 (FAM + "SMWScaling.time_smw_ng_step", dict(curvature_batch=30)), (FAM + "SMWScaling.time_smw_ng_step", dict(curvature_batch=5)), "<=", 1.5),
+    # speed where users feel it (issue 21): ratios measured side by side in one process
+    value_claim(SP, "K-FAC (T₁ = 10, T₂ = 100) step / SGD-m step, ResNet-20, batch 128, float32",
+                "bench_kfac.KFACvsMomentum.track_step_over_sgdm", "<=", 1.35, model="resnet20"),
+    value_claim(SP, "… digits LeNet", "bench_kfac.KFACvsMomentum.track_step_over_sgdm", "<=", 2.0, model="lenet-digits"),
+    value_claim(SP, "… K-FAC's floor (passes + GEMMs, in SGD-m steps), ResNet-20", "bench_kfac.KFACvsMomentum.track_floor",
+                "<=", 1.35, model="resnet20"),
+] + [
+    value_claim(SP, f"{label} (T = 20) step / SGD-m step, {mname}, float32", "bench_kbfgs.KBFGSStepOverMomentum.track_step_over_momentum",
+                "<=", target, model=model, optimizer=opt, dtype="float32")
+    for opt, label in (("kbfgs", "K-BFGS"), ("kbfgs-l", "K-BFGS(L)"))
+    for model, mname, target in (("resnet20", "ResNet-20", 1.35), ("lenet-digits", "digits LeNet", 2.0))
+] + [
+    ratio_claim(SP, "K-BFGS (T = 20) no dearer than K-FAC (T₁ = 10, T₂ = 100) on ResNet-20 (thesis §3.7.2)",
+                ("bench_kbfgs.KBFGSStepOverMomentum.track_step_over_momentum", dict(model="resnet20", optimizer="kbfgs", dtype="float32")),
+                ("bench_kfac.KFACvsMomentum.track_step_over_sgdm", dict(model="resnet20")), "<=", 1.0, full=False),
+    value_claim(SP, "TNT (T₁ = 10, T₂ = 100) step / SGD-m step, ResNet-20", "bench_smw_tnt.TNTOverMomentumCNN.track_tnt_step_over_momentum",
+                "<=", 1.35, model="resnet20"),
+    value_claim(SP, "… digits LeNet", "bench_smw_tnt.TNTOverMomentumCNN.track_tnt_step_over_momentum", "<=", 2.0, model="lenet-digits"),
+    value_claim(SP, "TNT measured / floor, MNIST autoencoder, T = 1", "bench_smw_tnt.TNTFloorAutoencoder.track_tnt_over_floor",
+                "<=", 1.1, inv_freq=1),
+    value_claim(SP, "SMW-NG-BD measured / floor, 784-500-10", "bench_smw_tnt.SMWBlockDiagonal.track_bd_over_floor", "<=", 1.1),
+    value_claim(SP, "ResNet-20 forward+backward / torch (batch 128, same threads)", "bench_speed_ratios.CNNTorchRatios.track_forward_backward_ratio",
+                "<=", 1.5, model="resnet20"),
+    value_claim(SP, "LeNet-5 forward+backward / torch", "bench_speed_ratios.CNNTorchRatios.track_forward_backward_ratio",
+                "<=", 1.2, model="lenet5-mnist"),
+    value_claim(SP, "qnref Shampoo / pytorch_optimizer.Shampoo per step (autoencoder; needs pytorch_optimizer)",
+                "bench_speed_ratios.ShampooPeerRatio.track_step_ratio", "<=", 1.0),
+    value_claim(SP, "qnref L-BFGS / torch.optim.LBFGS per step (autoencoder, same evaluations)",
+                "bench_speed_ratios.LBFGSPeerRatio.track_step_ratio", "<=", 1.1),
+] + [
+    value_claim(SP, f"peak memory of a {name} step / SGD-m step, ResNet-20", "bench_speed_ratios.KroneckerPeakMemory.track_peak_ratio_to_momentum",
+                "<=", 1.3, optimizer=name)
+    for name in ("kfac", "kbfgs", "shampoo", "tnt")
+] + [
     # the benchmark process (hygiene)
     value_claim(P, "BLAS threads pinned per process", "bench_process.BenchmarkProcess.track_blas_threads", "==", 2, unit="exact"),
     value_claim(P, "qnref chunk threads pinned per process", "bench_process.BenchmarkProcess.track_qnref_chunk_threads", "==", 2, unit="exact"),
@@ -351,7 +386,7 @@ CLAIMS = [
 
 SECTIONS = {E: "Engine (issue 2)", C: "CNNs (issue 3)", L: "L-SR1 and L-BFGS (issue 4)",
             S: "Stochastic, sampled, Hessian-free (issue 5)", K: "Kronecker methods (issue 6)", M: "SMW (issue 7)",
-            P: "Benchmark process"}
+            SP: "Speed where users feel it (issue 21)", P: "Benchmark process"}
 
 
 # -- record tables (no target: every optimizer's measured costs) ---------------------------------
