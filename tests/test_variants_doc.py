@@ -152,3 +152,39 @@ def test_the_checker_fails_on_bad_references(token, why):
         check_code(token)
     with pytest.raises(AssertionError):
         check_test("tests/optim/test_kfac_ch2.py::test_no_such_test")
+
+
+#: settings the table states as the registered defaults (row: name, the default hyperparameters)
+STATED_DEFAULTS = {
+    "2": ("lsr1-tr", {"delta0": None}),
+    "3": ("lsr1-tr", {"eta": 1e-4}),
+    "5": ("lsr1-tr", {"r": 1e-8}),
+    "9": ("lsr1-tr", {"step_tol": 0.0}),
+    "14": ("mb-lsr1", {"eps": 1e-5}),
+    "17": ("mb-lsr1", {"zeta": 1.0}),
+    "18": ("mb-lsr1", {"K": 10}),
+    "23": ("mb-lsr1", {"memory": 16, "batch_size": 128, "delta0": 1e-4}),
+    "24": ("s-lbfgs", {"option": "II"}),
+    "25": ("s-lbfgs", {"lbfgs_test": "ss"}),
+    "29": ("shg", {"curvature": "hessian"}),
+    "30": ("shg", {"grad_fraction": 0.2}),
+    "32": ("shg", {"c1": 0.1}),
+    "33": ("soc-sr1", {"c1": 0.1}),
+    "35": ("gd", {"fraction": 0.2, "lr": 0.01}),
+    "38": ("kbfgs-l", {"memory": 100}),
+    "44": ("rmsprop", {"warm_start": False}),
+    "56": ("tnt-ideal", {"population": "data"}),
+    "57": ("shampoo", {"root": "auto"}),
+    "62": ("smw-gn", {"tau": 1e-3}),
+}
+
+
+@pytest.mark.parametrize("row", sorted(STATED_DEFAULTS, key=int))
+def test_stated_defaults_are_the_registered_defaults(row):
+    """Where a row's code column or status states a default, the registered optimizer has it, and the
+    row's setting names the same optimizer."""
+    name, want = STATED_DEFAULTS[row]
+    opt = make_optimizer(name)
+    assert {k: getattr(opt, k) for k in want} == want
+    (r,) = [r for r in ROWS if r["id"] == row]
+    assert any(t == name or t.startswith(name + "(") for t in r["code"]), (row, r["code"])
