@@ -31,6 +31,7 @@ from .cifar import load_cifar10_arrays
 from .cifar100 import load_cifar100_arrays
 from .dataset import Dataset, as_generator, train_test_split
 from .idx import load_mnist_arrays
+from .imbalanced_sets import load_imbalanced_benchmark
 from .libsvm import WEBSPAM_FEATURES, find_webspam, read_libsvm, webspam_test_size
 from .matsets import load_curves_arrays, load_faces_arrays
 
@@ -513,6 +514,9 @@ register_dataset("faces", _load_faces,
                  "FACES autoencoder set, newfaces_rot_single.mat in data_dir, 103500/62100 faces 25×25 → (625,), real")
 register_dataset("webspam", _load_webspam,
                  "webspam unigram (LIBSVM text) in data_dir, 254 features, ±1 → binary targets (N,1); 300000 train")
+register_dataset("imbalanced-benchmark", load_imbalanced_benchmark,
+                 "the 27 imbalanced-learn benchmark sets ([MB] §5.1), x{ID}data.npz in data_dir; problem=NAME; "
+                 "−1/1 → binary targets (N,1), 1 = minority; seeded stratified 80/20")
 
 
 def canonical_name(name: str) -> str:
