@@ -803,6 +803,98 @@ _both(
 )
 
 # ---------------------------------------------------------------------------------------------
+# [MB] §5.1 Fig. 1 at paper scale: the 27 imbalanced-learn benchmark sets of [7] (Ding 2011), one preset per set
+# ---------------------------------------------------------------------------------------------
+def _mb_fig1_batches(n_train: int) -> tuple[tuple[str, int], ...]:
+    """§5.1: n_b ∈ {16, 32, 64, 128, N/10, N/8, N/4}, N = the training rows of our 80/20 split (floor)."""
+    return (("16", 16), ("32", 32), ("64", 64), ("128", 128), ("N/10", n_train // 10), ("N/8", n_train // 8),
+            ("N/4", n_train // 4))
+
+
+def _mb_fig1_runs(n_train: int) -> tuple[Run, ...]:
+    runs: list[Run] = []
+    for tag, b in _mb_fig1_batches(n_train):
+        lab = f"b={b}" if tag == str(b) else f"b={tag}={b}"
+        runs += [Run(f"MB-LSR1 {lab}", "mb-lsr1", {"batch_size": b}),
+                 Run(f"SGD-m {lab}", "momentum", {"batch_size": b, "lr": 0.01, "momentum": 0.9})]
+    return tuple(runs)
+
+
+def _mb_fig1_presets() -> None:
+    from .data.imbalanced_sets import BENCHMARK, split_sizes  # noqa: PLC0415 - NumPy only, no optimizer imports
+
+    for problem, (ident, n_s, n_f, ratio) in BENCHMARK.items():
+        n_train = split_sizes(n_s)[0]
+        _add(Preset(
+            name=f"mblsr1-fig1-{problem.replace('_', '-')}",
+            description=f"[MB] Fig. 1, problem {ident}/27 '{problem}' ({n_s} × {n_f}, {ratio:g}:1): MB-LSR1 vs SGD-momentum, "
+                        "FC-50 tanh, at the seven minibatch sizes 16, 32, 64, 128, N/10, N/8, N/4",
+            paper="Griffin et al., §5.1, Fig. 1", dataset="imbalanced-benchmark",
+            dataset_kwargs={"problem": problem, "standardize": True}, model="mlp",
+            model_kwargs={"hidden": (50,), "activation": "tanh"}, epochs=10, seeds=(0,), runs=_mb_fig1_runs(n_train),
+            scale="paper", metric="test_acc", replica="mblsr1-fig1-small",
+            notes=f"one preset per set of the 27 (Fig. 1 plots test_acc of MB-LSR1 minus SGD-m per set and batch size); "
+                  f"the set '{problem}' = imbalanced-learn's x{ident}data.npz (Zenodo 61452), labels −1/1 → 0/1 (1 = "
+                  f"minority); split n/g: seeded stratified 80/20 → N = {n_train} training rows, N/10, N/8, N/4 = "
+                  f"{n_train // 10}, {n_train // 8}, {n_train // 4} (floor); features standardized with the training "
+                  "statistics (n/g); 'SGD' is SGD with momentum (footnote 3), lr 0.01 and momentum 0.9 from Table 2's "
+                  "grid (the tuned values are n/g); MB-LSR1 with its defaults (m = 16, δ₀ = 1e-4, ζ = 1); epochs (10), "
+                  "seeds (1) and train vs test accuracy are n/g.",
+        ))
+
+
+_mb_fig1_presets()
+
+# ---------------------------------------------------------------------------------------------
+# [REN] thesis Table 3.8 (§3.7.3, L1656-1689): ablation of K-BFGS's two improvements on the ch. 3 autoencoders
+# ---------------------------------------------------------------------------------------------
+#: qnref.optim.kbfgs.VARIANTS["table3.8-#1-off"] / ["table3.8-#2-off"] (tests check they agree): #1 = D_P D_LM
+#: damping, #2 = the minibatched Hessian-action BFGS update of H_A
+_T38_OFF = {"#1 off": {"version": "ch3", "damping_scheme": "dd"},
+            "#2 off": {"version": "ch3", "hessian_action": "moving-average"}}
+
+
+def _t38_runs(hp: dict, batch: int = 1000) -> tuple[Run, ...]:
+    """Table 3.8's four rows: K-BFGS (both on), #1 off, #2 off, K-BFGS-20 (both off = the ch. 2 algorithm)."""
+    b = {"batch_size": batch}
+    kb = {**b, "lr": hp["kbfgs"][0], "damping": hp["kbfgs"][1]}
+    return (
+        Run("K-BFGS", "kbfgs", kb),
+        Run("K-BFGS (#1 off)", "kbfgs", {**kb, **_T38_OFF["#1 off"]}),
+        Run("K-BFGS (#2 off)", "kbfgs", {**kb, **_T38_OFF["#2 off"]}),
+        Run("K-BFGS-20", "kbfgs", {**b, "version": "ch2", "lr": hp["k20"][0], "damping": hp["k20"][1]}),
+    )
+
+
+_T38_NOTES = ("Table 3.8 reports the training loss averaged over 5 seeds 'using the best HP values for each algorithm' "
+              "(L1689); the #1-off / #2-off values are n/g: they take K-BFGS's Table 3.5 (lr, λ), K-BFGS-20 its own "
+              "Table 3.5 values; 'the same MLP autoencoder experiments' as §3.7.1 (L1685): batch 1000, T = 1, no L2 "
+              "(L1572), 500 s (MNIST, CURVES) / 2000 s (FACES) per run (L1467). The table has no K-BFGS(L) rows.")
+_T38_SMALL = "ren-ch3-table3.8-small"
+_add(Preset(
+    name=_T38_SMALL,
+    description="[REN] Table 3.8 at small scale: K-BFGS, K-BFGS (#1 off: DD damping), K-BFGS (#2 off: moving-average "
+                "Hessian action), K-BFGS-20 on the digits autoencoder (MNIST column of Table 3.5)",
+    paper="Ren thesis, §3.7.3, Table 3.8 (small replica)", dataset="digits", dataset_kwargs={"flat": True},
+    autoencoder=True, model="autoencoder-digits", model_kwargs={"activation": "relu"}, epochs=10, seeds=(0, 1),
+    runs=_t38_runs(_CH3["mnist"], 100), metric="train_loss",
+    notes="batch 100 (1000 would be 70 % of digits), 10 epochs instead of 500 s, 2 seeds instead of 5; the MNIST "
+          "column's (lr, λ).",
+))
+for _t38 in ("mnist", "faces", "curves"):
+    _t38_ds, _t38_kw, _t38_ae = _AE_DATA[_t38]
+    _add(Preset(
+        name=f"ren-ch3-table3.8-{_t38}",
+        description=f"[REN] Table 3.8, {_t38.upper()} autoencoder: K-BFGS with both improvements, with #1 (D_P D_LM) off, "
+                    "with #2 (minibatched Hessian action) off, and K-BFGS-20 (both off)",
+        paper="Ren thesis, §3.7.3, Table 3.8, Table 3.5", dataset=_t38_ds, dataset_kwargs=dict(_t38_kw),
+        autoencoder=_t38_ae, model=_AE[_t38], model_kwargs={"activation": "relu"}, epochs=1000,
+        max_time=_AE_TIME[_t38], seeds=tuple(range(5)), runs=_t38_runs(_CH3[_t38]), scale="paper", metric="train_loss",
+        replica=_T38_SMALL, notes=_T38_NOTES,
+    ))
+del _t38, _t38_ds, _t38_kw, _t38_ae
+
+# ---------------------------------------------------------------------------------------------
 # old names (kept working)
 # ---------------------------------------------------------------------------------------------
 for _old, _new in (("lsr1-fig1-digits", "lsr1-fig1-small"), ("lsr1-fig3-batch1000", "lsr1-fig3-small"),
