@@ -280,8 +280,8 @@ _add(Preset(
         Run(f"MB-LSR1 b={b}", "mb-lsr1", {"batch_size": b}),
         Run(f"SGD-m b={b}", "momentum", {"batch_size": b, "lr": 0.01, "momentum": 0.9}))),
     metric="test_acc",
-    notes="the 27 KEEL sets of [7] are not shipped and qnref has no reader for them: the synthetic imbalanced "
-          "Gaussian mixture (N = 1600) stands in, so there is no paper-scale preset; N/10, N/8, N/4 = 160, 200, 400; "
+    notes="the 27 sets of [7] (imbalanced-learn's benchmark, presets mblsr1-fig1-<set> with --data-dir) are not "
+          "shipped: the synthetic imbalanced Gaussian mixture (N = 1600) stands in; N/10, N/8, N/4 = 160, 200, 400; "
           "'SGD' means SGD with momentum (footnote 3), lr 0.01 and momentum 0.9 from Table 2's grid (the tuned "
           "values are n/g); 10 epochs (n/g).",
 ))

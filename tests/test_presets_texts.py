@@ -176,8 +176,20 @@ def _webspam(d, r, n=420):
     (d / "webspam_wc_normalized_unigram.svm").write_text("\n".join(lines) + "\n")
 
 
+def _imbalanced_benchmark(d, r):
+    """imbalanced-learn's x{ID}data.npz ('data' (N, F), 'label' in {−1, 1}) for the 27 sets, with the table's #F and
+    enough rows for the real set's N/4 batch (qnref.data.imbalanced_sets)."""
+    from qnref.data.imbalanced_sets import BENCHMARK
+
+    for ident, n_s, n_f, ratio in BENCHMARK.values():
+        rows = n_s if n_s <= 3000 else -(-n_s // 3) + 10
+        n_min = max(4, round(rows / (ratio + 1)))
+        label = np.r_[-np.ones(rows - n_min, np.int64), np.ones(n_min, np.int64)]
+        np.savez(d / f"x{ident}data.npz", data=r.standard_normal((rows, n_f)).astype(np.float32), label=r.permutation(label))
+
+
 _WRITERS = {"mnist": _mnist, "cifar10": _cifar10, "cifar100": _cifar100, "faces": _faces, "curves": _curves,
-            "webspam": _webspam}
+            "webspam": _webspam, "imbalanced-benchmark": _imbalanced_benchmark}
 
 
 @pytest.fixture(scope="module")
