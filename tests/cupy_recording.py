@@ -641,8 +641,14 @@ class OptimizerRun:
     cpu_error: str | None = None  # refused on NumPy too (not a device problem)
 
 
-def run_optimizer(name: str, n_steps: int = 5, model: str = "mlp", n: int = 300) -> OptimizerRun:
-    """``n_steps`` of ``make_optimizer(name)`` on :func:`small_problem` ``model``: on the recording
+#: settings that make the NumPy run take the route the optimizer's default takes on the device
+#: (Shampoo's root="auto" is the eigendecomposition on NumPy, the coupled Newton on CuPy)
+CPU_AS_DEVICE: dict[str, dict] = {"shampoo": {"root": "newton"}}
+
+
+def run_optimizer(name: str, n_steps: int = 5, model: str = "mlp", n: int = 300,
+                  settings: dict | None = None) -> OptimizerRun:
+    """``n_steps`` of ``make_optimizer(name, **settings)`` on :func:`small_problem` ``model``: on the recording
     device (syncs counted per step in phases ``step0``…) and on NumPy with the layers' array-API
     paths (``conv.KERNELS = "xp"``; θ to compare bit for bit). A refusal on
     NumPy (e.g. SMW on BatchNorm in training mode) is recorded as ``error`` on both sides."""
@@ -654,7 +660,7 @@ def run_optimizer(name: str, n_steps: int = 5, model: str = "mlp", n: int = 300)
     saved, conv.KERNELS = conv.KERNELS, "xp"  # NumPy on the layers' array-API paths, as the device runs them
     try:
         theta, problem = small_problem(model, False, n)
-        opt = make_optimizer(name)
+        opt = make_optimizer(name, **(settings if settings is not None else CPU_AS_DEVICE.get(name, {})))
         state = opt.init(theta)
         for _ in range(n_steps):
             theta, state, _ = opt.step(theta, state, problem)
@@ -668,7 +674,7 @@ def run_optimizer(name: str, n_steps: int = 5, model: str = "mlp", n: int = 300)
     try:
         with recording_backend(rec):
             theta, problem = small_problem(model, True, n)
-            opt = make_optimizer(name)
+            opt = make_optimizer(name, **(settings or {}))
             with rec.in_phase("init"):
                 state = opt.init(theta)
             for i in range(n_steps):

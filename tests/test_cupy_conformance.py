@@ -208,6 +208,24 @@ def test_every_optimizer_conforms_and_matches_numpy():
     assert not found, "\n".join(f"{p}  [{len(s)} sites]" for p, s in found.items())
 
 
+def test_shampoo_eigh_route_conforms_and_auto_picks_per_device():
+    """root="eigh" on the device equals NumPy's eigh route bit for bit; "auto" resolves to the
+    eigendecomposition on NumPy and the coupled Newton iteration on CuPy (docs/shampoo_tnt.md)."""
+    from qnref.optim.shampoo import root_route
+
+    r = cr.run_optimizer("shampoo", 2, settings={"root": "eigh"})
+    assert r.error is None, r.error
+    for i, (a, b) in enumerate(zip(r.thetas, r.cpu_thetas)):
+        assert np.array_equal(a, b), f"shampoo root='eigh' step {i}: the device path differs from NumPy"
+    found = problems(r.recorder)
+    assert not found, "\n".join(f"{p}  [{len(s)} sites]" for p, s in found.items())
+    assert root_route("auto", np.eye(2)) == "eigh"
+    with cr.recording_backend(cr.Recorder()):
+        from qnref import backend
+
+        assert root_route("auto", backend.to_device(np.eye(2), "gpu")) == "newton"
+
+
 def test_data_paths_conform():
     rec, back = run_data()
     assert type(back.X_train) is np.ndarray and back.X_train.shape == (200, 3)

@@ -238,7 +238,11 @@ def kron_block(G: Any, A: Any) -> Any:
 def inv_root_eigh(M: Any, p: float, eps: float = 0.0) -> Any:
     """(M + εI)^(−1/p) by eigendecomposition (eigenvalues clamped at 0 before adding ε)."""
     xp = backend.namespace(M)
-    w, V = xp.linalg.eigh(sym(M))
+    try:
+        w, V = xp.linalg.eigh(sym(M))
+    except xp.linalg.LinAlgError:  # NumPy refuses a non-finite M ("did not converge"); CuPy returns NaN
+        # a NaN root makes the step non-finite, which the driver rejects and reports (no host sync here)
+        return xp.full_like(M, float("nan"))
     w = xp.maximum(w, 0.0) + eps
     return sym((V * w ** (-1.0 / p)) @ V.T)
 
