@@ -33,8 +33,9 @@ BATCH = 128
 T = 20
 ROUNDS = 3
 #: step sizes that keep 20 steps from the warm state finite on random data (the timing does not
-#: depend on them, as long as every step is accepted; lr 0.01 overflowed K-BFGS's H_G update in
-#: float32 on ResNet-20 in one full run, which the optimizer rejected as a non-finite step)
+#: depend on them, as long as every step is accepted). K-BFGS on ResNet-20 in float32 produced a
+#: non-finite H_G update at lr 0.01 and again at 1e-3 (rejected by the optimizer; an open float32
+#: defect of issue 21), so that cell records "failed" until it is fixed
 KW = {"kbfgs": dict(lr=1e-3, damping=1.0, curvature_freq=T), "kbfgs-l": dict(lr=1e-3, damping=1.0, curvature_freq=T),
       "momentum": dict(lr=0.01)}
 
