@@ -113,6 +113,34 @@ def _locate(data_dir: Path) -> tuple[str, Path]:
     )
 
 
+
+def read_tar_members(where: Path, folder: str, names: tuple[str, ...], tag: str, title: str) -> dict[str, tuple[bytes, str]]:
+    """The bytes of ``folder/name`` for each name in the tar archive ``where`` (with "file:member" for
+    error messages). Only regular members are read: a link or device member is refused, never
+    followed; a missing member is a FileNotFoundError, an unreadable archive a ValueError (``tag``
+    prefixes the messages, ``title`` names the data set)."""
+    raws: dict[str, tuple[bytes, str]] = {}
+    try:
+        with tarfile.open(where, "r:*") as tar:
+            for n in names:
+                try:
+                    member = tar.getmember(f"{folder}/{n}")
+                except KeyError:
+                    raise FileNotFoundError(f"{tag}: {where} lacks {folder}/{n}") from None
+                if not member.isfile():  # a symlink/hard link/device member is never followed
+                    kind = "a symbolic link" if member.issym() else "a link" if member.islnk() else "not a regular file"
+                    raise ValueError(f"{tag}: {where}:{folder}/{n} is {kind}; a {title} archive holds "
+                                     "regular files only")
+                f = tar.extractfile(member)
+                if f is None:
+                    raise ValueError(f"{tag}: {where}:{folder}/{n} is not a regular file")
+                raws[n] = (f.read(), f"{where}:{folder}/{n}")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{tag}: {where} is not a readable tar.gz archive ({exc})") from exc
+    return raws
+
 def load_cifar10_arrays(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """All of CIFAR-10: ``X_train`` (N, 3, 32, 32) uint8, ``y_train`` int64, ``X_test``, ``y_test``."""
     kind, where = _locate(Path(data_dir).expanduser())
@@ -121,25 +149,7 @@ def load_cifar10_arrays(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         for n in TRAIN_BATCHES + (TEST_BATCH,):
             raws[n] = ((where / n).read_bytes(), str(where / n))
     else:
-        try:
-            with tarfile.open(where, "r:*") as tar:
-                for n in TRAIN_BATCHES + (TEST_BATCH,):
-                    try:
-                        member = tar.getmember(f"{BATCH_DIR}/{n}")
-                    except KeyError:
-                        raise FileNotFoundError(f"cifar10: {where} lacks {BATCH_DIR}/{n}") from None
-                    if not member.isfile():  # a symlink/hard link/device member is never followed
-                        kind = "a symbolic link" if member.issym() else "a link" if member.islnk() else "not a regular file"
-                        raise ValueError(f"cifar10: {where}:{BATCH_DIR}/{n} is {kind}; a CIFAR-10 archive holds "
-                                         "regular files only")
-                    f = tar.extractfile(member)
-                    if f is None:
-                        raise ValueError(f"cifar10: {where}:{BATCH_DIR}/{n} is not a regular file")
-                    raws[n] = (f.read(), f"{where}:{BATCH_DIR}/{n}")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
-            raise ValueError(f"cifar10: {where} is not a readable tar.gz archive ({exc})") from exc
+        raws = read_tar_members(where, BATCH_DIR, TRAIN_BATCHES + (TEST_BATCH,), "cifar10", "CIFAR-10")
     train = [parse_batch(*raws[n]) for n in TRAIN_BATCHES]
     X_test, y_test = parse_batch(*raws[TEST_BATCH])
     return {

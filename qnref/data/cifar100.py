@@ -18,10 +18,11 @@ with a :class:`ValueError` naming the file, the record and the byte offset.
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from .cifar import read_tar_members
 
 BATCH_DIR = "cifar-100-binary"
 TRAIN_FILE = "train.bin"
@@ -108,29 +109,6 @@ def _locate(data_dir: Path) -> tuple[str, Path]:
     )
 
 
-def _read_tar(where: Path) -> dict[str, tuple[bytes, str]]:
-    raws: dict[str, tuple[bytes, str]] = {}
-    try:
-        with tarfile.open(where, "r:*") as tar:
-            for n in (TRAIN_FILE, TEST_FILE):
-                name = f"{BATCH_DIR}/{n}"
-                try:
-                    member = tar.getmember(name)
-                except KeyError:
-                    raise FileNotFoundError(f"cifar100: {where} lacks {name}") from None
-                if not member.isfile():  # links and devices are never followed
-                    raise ValueError(f"cifar100: {where}:{name} is not a regular file")
-                f = tar.extractfile(member)
-                if f is None:
-                    raise ValueError(f"cifar100: {where}:{name} is not a regular file")
-                raws[n] = (f.read(), f"{where}:{name}")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise ValueError(f"cifar100: {where} is not a readable tar.gz archive ({exc})") from exc
-    return raws
-
-
 def load_cifar100_arrays(data_dir: str | os.PathLike, *, strict_counts: bool = False) -> dict[str, np.ndarray]:
     """All of CIFAR-100: ``X_train``/``X_test`` (N, 3, 32, 32) uint8, ``y_*_fine`` and ``y_*_coarse`` int64.
 
@@ -140,7 +118,7 @@ def load_cifar100_arrays(data_dir: str | os.PathLike, *, strict_counts: bool = F
     if kind == "dir":
         raws = {n: ((where / n).read_bytes(), str(where / n)) for n in (TRAIN_FILE, TEST_FILE)}
     else:
-        raws = _read_tar(where)
+        raws = read_tar_members(where, BATCH_DIR, (TRAIN_FILE, TEST_FILE), "cifar100", "CIFAR-100")
     out: dict[str, np.ndarray] = {}
     for n, split in ((TRAIN_FILE, "train"), (TEST_FILE, "test")):
         X, fine, coarse = parse_bin(*raws[n])
