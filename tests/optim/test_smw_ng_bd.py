@@ -17,7 +17,7 @@ import pytest
 
 from qnref.curvature import dense
 from qnref.curvature.objective import Objective
-from qnref.nn.activations import Sigmoid, Tanh
+from qnref.nn.activations import Tanh
 from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.nn.zoo import build_model
@@ -26,23 +26,8 @@ from qnref.optim.costs import algebra_flops
 from qnref.optim.registry import OPTIMIZERS, make_optimizer
 from qnref.optim.smw import SMWNG, SMWNGBD, smw_bd_direction, smw_direction, update_lambda_lm
 
-N, D_IN, C = 7, 4, 3
-
-
-def _targets(loss, r, n=N, c=C):
-    if loss == "softmax_ce":
-        return r.integers(0, c, n)
-    if loss == "mse":
-        return r.standard_normal((n, c))
-    return r.random((n, c))
-
-
-def _mlp(loss, l2=0.0, seed=0):
-    r = np.random.default_rng(seed)
-    m = Sequential([Dense(5), Tanh(), Dense(4), Sigmoid(), Dense(C)], input_shape=(D_IN,))
-    theta = m.init(seed) + 0.3 * r.standard_normal(m.n_params)
-    X = r.standard_normal((N, D_IN))
-    return m, theta, Objective(m, loss, X, _targets(loss, r), l2=l2), r
+from test_smw import C, D_IN, N, _targets  # noqa: E402  (the SMW tests' small problem, one copy)
+from test_smw import _small as _mlp  # noqa: E402
 
 
 def _cnn(l2=0.0, seed=0):
