@@ -66,6 +66,8 @@ DEFAULT_TIMEOUT = 600.0
 EXIT_TIMEOUT = 5
 #: seconds the other ranks wait for rank 0 to print a refusal every rank meets alike
 REFUSAL_GRACE = 5.0
+#: seconds a rank waits between flushing its last message and MPI_Abort, so that the launcher forwards it
+ABORT_FORWARD_GRACE = 0.5
 _TAG_PROBE, _TAG_REPLY, _TAG_REFUSE = 71, 72, 73
 
 #: environment variables that process managers set in every rank (MPICH/Hydra, Intel MPI, Open MPI,
@@ -436,6 +438,9 @@ class MPIComm(Communicator):
         """MPI_Abort without MPICH's own 'Abort(…) on node …' line (our message was printed)."""
         sys.stderr.flush()
         sys.stdout.flush()
+        # The launcher forwards our pipes asynchronously and kills every process on MPI_Abort; on a
+        # loaded machine a message flushed just before the abort was lost (CI: empty stderr).
+        time.sleep(ABORT_FORWARD_GRACE)
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         except OSError:

@@ -167,7 +167,7 @@ def test_failing_rank_ends_the_job(tmp_path, how):
     assert res.returncode != 0
     assert elapsed < TIMEOUT
     if how == "raise":
-        assert "injected failure on rank 1" in res.stderr
+        assert "injected failure on rank 1" in res.stderr, (res.returncode, res.stdout, res.stderr)
         assert "error on rank 1 of 2" in res.stderr and "aborting all 2 ranks" in res.stderr
     if how == "kill":
         assert "BAD TERMINATION" in res.stdout + res.stderr or res.returncode in (9, 137, -9)
