@@ -476,7 +476,7 @@ def lsr1_prune(store: Any, gamma: float, *, inverse: bool = False, rtol: float =
 def bfgs_inverse_update(H: Any, s: Any, y: Any, *, symmetrize: bool = False, check: bool = True) -> Any:
     """Dense inverse BFGS update H⁺ = (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ, ρ = 1/yᵀs ([NW06] 6.17).
 
-    Written as H − ρ(s(Hy)ᵀ + (Hy)sᵀ) + (ρ²yᵀHy + ρ)ssᵀ (3n² multiplications + n² for Hy). H must be
+    Written as H − ρ(s(Hy)ᵀ + (Hy)sᵀ) + ρ(1 + ρyᵀHy)ssᵀ (3n² multiplications + n² for Hy). H must be
     symmetric. ``check``: raise ``ValueError`` unless sᵀy > 0 (callers that damp beforehand may
     pass False). ``symmetrize``: return ½(H⁺ + H⁺ᵀ) (exact symmetry for repeated updates).
     """
@@ -487,7 +487,9 @@ def bfgs_inverse_update(H: Any, s: Any, y: Any, *, symmetrize: bool = False, che
     rho = 1.0 / sy
     Hy = H @ y
     yHy = y @ Hy
-    out = H - rho * (xp.outer(s, Hy) + xp.outer(Hy, s)) + (rho * rho * yHy + rho) * xp.outer(s, s)
+    # ρ(1 + ρ yᵀHy), not ρ²yᵀHy + ρ: in float32 ρ² overflows for sᵀy < 1e-19 (ResNet-20 H_G pairs),
+    # while ρ yᵀHy = yᵀHy / sᵀy stays bounded by the damping (≤ 1/μ₁)
+    out = H - rho * (xp.outer(s, Hy) + xp.outer(Hy, s)) + (rho * (1.0 + rho * yHy)) * xp.outer(s, s)
     return 0.5 * (out + out.T) if symmetrize else out
 
 
