@@ -7,12 +7,22 @@ every step and every :class:`~qnref.optim.base.StepInfo`.
 ``python tests/optim/reference_trajectories.py`` writes
 ``data/reference_trajectories.npz`` (θ arrays, ``allow_pickle=False``) and ``data/reference_infos.json``
 (the step infos); ``test_reference_trajectories.py`` replays and compares them.
+
+The recording was made with OpenBLAS's AVX2 ("Haswell") kernels. On a CPU where OpenBLAS picks its
+AVX-512 kernels (SkylakeX) the last bits of a GEMM differ, and a chaotic trajectory (``hf`` on the
+BatchNorm CNN) turns them into an O(1) difference within 18 steps. Recording and replay therefore
+run in a child process with ``OPENBLAS_CORETYPE`` pinned to :data:`BLAS_CORETYPE` wherever the CPU
+has AVX2 and FMA (:func:`replay_all`, and ``__main__`` re-executes itself so pinned).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import platform
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -20,6 +30,8 @@ import numpy as np
 HERE = pathlib.Path(__file__).parent / "data"
 N_STEPS = 20
 MODELS = ("mlp", "cnn-bn")
+#: OpenBLAS kernel family of the recording (``OPENBLAS_CORETYPE``)
+BLAS_CORETYPE = "Haswell"
 # Hyperparameters held at the values the recording was made with, for optimizers whose default
 # changed later on purpose (the recording keeps checking the same algorithm; the new default is
 # tested on its own). Add an entry here when a default changes; never re-record an old optimizer.
@@ -123,6 +135,57 @@ def record(only: list[str] | None = None) -> None:
     (HERE / "reference_infos.json").write_text(json.dumps(infos, indent=0, sort_keys=True, allow_nan=True))
 
 
+def _cpu_runs_coretype() -> bool:
+    """Whether this CPU can run the recording's kernels (x86-64 with AVX2 and FMA)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def pinned_env() -> dict[str, str]:
+    """The environment of a recording or replay: one BLAS thread, the recording's kernels."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if _cpu_runs_coretype():
+        env["OPENBLAS_CORETYPE"] = BLAS_CORETYPE
+    return env
+
+
+def _is_pinned() -> bool:
+    return not _cpu_runs_coretype() or os.environ.get("OPENBLAS_CORETYPE") == BLAS_CORETYPE
+
+
+def _replay_to(out: pathlib.Path) -> None:
+    """Run every recorded setting; write θ arrays to ``out``.npz and infos (or refusals) to ``out``.json."""
+    keys = json.loads((HERE / "reference_infos.json").read_text())
+    arrays, infos = {}, {}
+    for key in sorted(keys):
+        name, mk = key.split("|")
+        try:
+            arrays[key], infos[key] = run(name, mk)
+        except (ValueError, TypeError) as e:
+            infos[key] = {"error": f"{type(e).__name__}: {e}"}
+    np.savez(out.with_suffix(".npz"), **arrays)
+    out.with_suffix(".json").write_text(json.dumps(infos, allow_nan=True))
+
+
+def replay_all(tmp: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every recorded setting replayed in a child process with :func:`pinned_env`."""
+    out = pathlib.Path(tmp) / "replay"
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env = pinned_env()
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, __file__, "--replay", str(out)], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"the replay process failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
+    with np.load(out.with_suffix(".npz"), allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    return arrays, json.loads(out.with_suffix(".json").read_text())
+
+
 def max_rel(a: Any, b: Any) -> float:
     """Largest relative difference between two plain values (0 when bit-identical)."""
     if isinstance(a, dict) or isinstance(b, dict):
@@ -144,12 +207,14 @@ def max_rel(a: Any, b: Any) -> float:
 
 
 if __name__ == "__main__":
-    import sys
-
     args = sys.argv[1:]
-    if args and args[0] == "--add":
+    if not _is_pinned():   # record and replay with the recording's BLAS kernels (module docstring)
+        os.execve(sys.executable, [sys.executable, *sys.argv], pinned_env())
+    if args and args[0] == "--replay" and len(args) == 2:
+        _replay_to(pathlib.Path(args[1]))
+    elif args and args[0] == "--add":
         record(args[1:])
     elif args:
-        raise SystemExit("usage: reference_trajectories.py [--add NAME ...]")
+        raise SystemExit("usage: reference_trajectories.py [--add NAME ... | --replay OUT]")
     else:
         record()
