@@ -81,7 +81,7 @@ from .. import backend
 __all__ = [
     "dense_factors", "conv_factors", "factors", "ema", "pi_split", "damped_inverses", "precondition",
     "kron_block", "sym", "spd_inverse", "inv_root_eigh", "inv_root_newton", "mean_a", "mean_g",
-    "apply_A", "contraction", "mode_product", "backpack_conv_factors",
+    "apply_A", "contraction", "mode_product", "backpack_conv_factors", "mean_g_rounding",
 ]
 
 
@@ -173,6 +173,21 @@ def mean_g(tap: dict) -> Any:
         raise ValueError("mean_g needs the taps of one set of targets, not the type-2 taps of layer_stats('exact')")
     g = tap["g"]
     return g.mean(axis=0) if g.ndim == 2 else g.mean(axis=(0, 1))
+
+
+def mean_g_rounding(tap: dict) -> Any:
+    """Per component, the rounding-error bound of :func:`mean_g`: ⌈log₂ n⌉ ε Eᵢₜ|gᵢₜ| for the mean of
+    n = N·L terms by pairwise summation (Higham 2002, §4.2; NumPy and CuPy sum pairwise or better).
+
+    A difference of two such means below the sum of their bounds is indistinguishable from rounding.
+    It is what K-BFGS's y_G of a layer feeding BatchNorm is made of: BatchNorm's backward removes
+    the batch mean of the gradients, so ḡ = 0 in exact arithmetic (docs/kbfgs.md)."""
+    g = tap["g"]
+    xp = backend.namespace(g)
+    axes = (0,) if g.ndim == 2 else (0, 1)
+    n = g.shape[0] * (1 if g.ndim == 2 else g.shape[1])
+    eps = float(xp.finfo(g.dtype).eps)
+    return (max(1, math.ceil(math.log2(max(n, 2)))) * eps) * xp.abs(g).mean(axis=axes)
 
 
 def mean_h(tap: dict, wbar: Any) -> Any:

@@ -26,7 +26,10 @@ Here h̄ = Eᵢ[(1/L)Σₜ hᵢₜ] and ḡ = Eᵢ[(1/L)Σₜ gᵢₜ] are batch
 per-example pre-activation gradients ∂ℓᵢ/∂hᵢ (L = 1 for dense layers), â the batch mean of ā.
 Damping split (§3.3.2, §3.4.3): λ_A = √L √λ, λ_G = √λ / √L (dense: √λ each).
 Pairs with s̃ᵀỹ ≤ 0 or non-finite entries are skipped (counted in ``StepInfo.skipped``); the thesis
-always updates (§2.3: after damping s̃ᵀỹ > 0 holds by construction unless s̃ = 0).
+always updates (§2.3: after damping s̃ᵀỹ > 0 holds by construction unless s̃ = 0). Components of
+ḡ⁺ − ḡ below the rounding bound of the two means (:func:`~qnref.curvature.kron.mean_g_rounding`)
+are taken as 0: for a layer feeding BatchNorm ḡ = 0 exactly, y_G = 0 and the update leaves
+H_G = I/λ_G, as in exact arithmetic, instead of an O(1) update made of rounding noise.
 
 The version is a preset of three independent pieces, each of which can be set on its own
 (``None``: the version's choice), plus four options that both versions leave off:
@@ -380,6 +383,10 @@ class KBFGS(Optimizer):
         # H_G by damped BFGS / L-BFGS on averaged pre-activations and their gradients
         dh = kron.mean_h(t_new, w_new) - kron.mean_h(t, w_old)
         dg = kron.mean_g(t_new) - kron.mean_g(t)
+        # components at rounding level are 0: a layer feeding BatchNorm has ḡ = 0 in exact arithmetic,
+        # and a y_G of rounding noise made H_G's update O(1) noise (not reproducible; float32: overflow)
+        xp = backend.namespace(dg)
+        dg = xp.where(xp.abs(dg) <= kron.mean_g_rounding(t_new) + kron.mean_g_rounding(t), 0, dg)
         sG = self.beta * st.sG[name] + (1.0 - self.beta) * dh
         yG = self.beta * st.yG[name] + (1.0 - self.beta) * dg
         st.sG[name], st.yG[name] = sG, yG

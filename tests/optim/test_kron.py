@@ -194,3 +194,25 @@ def test_tnt_factors_match_definition():
             acc[i] += kron.contraction(G, i) / 4000
     for i in range(3):
         assert np.abs(acc[i] - stats[i]).max() / np.abs(stats[i]).max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_mean_g_rounding_bounds_the_error_of_mean_g(kind, dtype):
+    """The bound of kron.mean_g_rounding holds against an exactly rounded mean (math.fsum), and it is
+    tight enough to keep a genuine difference: a relative change of 1e-3 (float32) is far above it."""
+    import math
+
+    from qnref.curvature import kron
+
+    r = np.random.default_rng(3)
+    shape = (300, 5) if kind == "dense" else (40, 49, 5)
+    g = (r.standard_normal(shape) * 10.0 ** r.uniform(-3, 3, shape[-1])).astype(dtype)
+    tap = {"kind": kind, "g": g}
+    got = kron.mean_g(tap)
+    rows = g.reshape(-1, shape[-1]).astype(np.float64)
+    exact = np.array([math.fsum(rows[:, j]) / rows.shape[0] for j in range(shape[-1])])
+    bound = kron.mean_g_rounding(tap)
+    assert np.all(np.abs(got - exact) <= bound)
+    assert np.all(bound <= 20 * np.finfo(dtype).eps * np.abs(rows).mean(axis=0) * 1.0001)
+    assert np.all(1e-3 * np.abs(rows).mean(axis=0) > 100 * bound)
