@@ -137,6 +137,7 @@ class SMWDirection:
     form: str
     finite: bool = True
     blocks: int = 1
+    pp: float = math.nan      # ‖p‖² (pᵀBp's l2 part and the step norm; one pass over p)
 
     @property
     def model_decrease(self) -> float:
@@ -234,12 +235,17 @@ def _check_lambda(lam: float) -> None:
 
 
 def _finished(curv: Any, g: Any, p: Any, pBp_data: Any, mu: float, d_size: int, form: str, blocks: int = 1) -> SMWDirection:
-    """The :class:`SMWDirection` of p: gᵀp and pᵀBp = pᵀB_d p + l2‖p‖² (not finite → ``finite=False``)."""
-    if not backend.all_finite(p):
-        return SMWDirection(p, math.nan, math.nan, mu, d_size, form, finite=False, blocks=blocks)
+    """The :class:`SMWDirection` of p: gᵀp and pᵀBp = pᵀB_d p + l2‖p‖² (not finite → ``finite=False``).
+
+    ‖p‖² is finite only for a finite p (a NaN or ±Inf entry makes it NaN or +Inf), so it is the
+    finiteness check of p too: two passes over p in all (‖p‖², gᵀp), not three (issue 21)."""
+    pp = float(p @ p)
+    if not math.isfinite(pp):
+        return SMWDirection(p, math.nan, math.nan, mu, d_size, form, finite=False, blocks=blocks, pp=pp)
     gp = float(g @ p)
-    pBp = float(pBp_data) + curv.l2 * float(p @ p)
-    return SMWDirection(p, gp, pBp, mu, d_size, form, finite=math.isfinite(gp) and math.isfinite(pBp), blocks=blocks)
+    pBp = float(pBp_data) + curv.l2 * pp
+    return SMWDirection(p, gp, pBp, mu, d_size, form, finite=math.isfinite(gp) and math.isfinite(pBp), blocks=blocks,
+                        pp=pp)
 
 
 def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", form: str = "5.6") -> SMWDirection:
@@ -360,6 +366,13 @@ def _bd_solve(xp: Any, K: Any, u: Any, mu: float, N: int) -> Any:
     return _solve(xp, D, u)
 
 
+def _bd_layer_direction(xp: Any, g: Any, jtw: Any, mu: float, out: Any) -> None:
+    """out ← pₗ = −(gₗ − Jₗᵀwₗ/N₂)/μ, given ``jtw`` = Jₗᵀwₗ/N₂ (a fresh array, overwritten), in two
+    passes: (Jₗᵀwₗ/N₂ − gₗ)/μ is the same rounding (negation and a − b = −(b − a) are exact)."""
+    xp.subtract(jtw, g, out=jtw)
+    xp.divide(jtw, mu, out=out)
+
+
 def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> SMWDirection:
     """SMW-NG-BD's direction p = −(B_BD + λI)⁻¹ g (thesis §5.8, L2816; module docstring).
 
@@ -400,7 +413,7 @@ def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> S
             if w is None:
                 return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, N, "5.6", finite=False,
                                     blocks=len(layers))
-            pv[L.block][...] = -(gv[L.block] - (gam * (w / N)[:, None]).T @ a) / mu   # Jₗᵀw = Γᵀ diag(w) Ā
+            _bd_layer_direction(xp, gv[L.block], (gam * (w / N)[:, None]).T @ a, mu, pv[L.block])  # Jₗᵀw = Γᵀ diag(w) Ā
             ww += float(w @ w)
         return _finished(curv, g, p, ww / N, mu, N, "5.6", blocks=len(layers))
     P = curv.per_example_grads()                                      # (N, n) rows ∇ℓᵢ
@@ -600,8 +613,8 @@ class SMWOptimizer(Optimizer):
             return rejected(lam_lm, evals, True)
         t = 1.0 if self.rho_at == "direction" else self.lr
         pred = d.model_decrease_at(t)
-        trial = theta + t * d.p
-        pt = try_point(opened.obj, trial) if backend.all_finite(trial) else None
+        trial = theta + d.p if t == 1.0 else theta + t * d.p      # 1·p = p exactly
+        pt = try_point(opened.obj, trial)                           # None when the trial θ is not finite
         evals += 1
         if pt is None:
             rho, f_trial = -math.inf, math.nan
@@ -610,15 +623,26 @@ class SMWOptimizer(Optimizer):
             rho = (f0 - f_trial) / pred if pred > 0 else math.nan
         lam_lm = update_lambda_lm(state.lambda_lm, rho, eps=self.eps, boost=self.boost, drop=self.drop)
         extra.update(rho=rho, lambda_lm=lam_lm, model_decrease=pred, loss_trial=f_trial)
-        new = theta + self.lr * d.p
-        if pt is None or not backend.all_finite(new):
+        new = None if pt is None else _update(theta, d.p, self.lr, t, trial)
+        if new is None:
             return rejected(lam_lm, evals, True)
         if self.eta is not None and not (rho >= self.eta):
             return rejected(lam_lm, evals, False)
         info = close_step(opened, loss=f_trial if t == self.lr else math.nan,    # f at θ + αp known only if evaluated
                           accepted=True, evals=evals, step_size=self.lr,
-                          step_norm=self.lr * math.sqrt(float(d.p @ d.p)), extra=extra)
+                          step_norm=self.lr * math.sqrt(d.pp), extra=extra)
         return new, SMWState(lam_lm, state.t + 1, state.rejected), info
+
+
+def _update(theta: Any, p: Any, lr: float, t: float, trial: Any) -> Any:
+    """θ + αp, or None when it is not finite (Alg. 23's update), given the finite trial θ + tp
+    (evaluated, so θ is finite too). No finiteness pass where the trial decides it: for t = α the
+    update *is* the trial; for t = 1 ≥ α > 0 every entry of fl(θ + fl(αp)) lies between θᵢ and
+    fl(θᵢ + pᵢ) (rounding is monotone and fl(αpᵢ) lies between 0 and pᵢ), so it is finite."""
+    if t == lr:
+        return trial
+    new = theta + lr * p
+    return new if (t == 1.0 and lr <= 1.0) or backend.all_finite(new) else None
 
 
 @register("smw-gn")

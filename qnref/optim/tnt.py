@@ -120,8 +120,36 @@ class TNT(TensorFactorOptimizer):
 
 def damped_inverse_factors(stats: list, shape: tuple, damping: float) -> list:
     """(Ũᵢ + εI)⁻¹ for i = 1…k, Ũᵢ from the contractions by (4.10) (Alg. 15 lines 15-16, Alg. 14 line 5)."""
-    xp = backend.namespace(stats[0])
-    return [kron.spd_inverse(U + damping * xp.eye(U.shape[0], dtype=U.dtype)) for U in tnt_factors(stats, shape)]
+    out = []
+    for U in tnt_factors(stats, shape):      # a fresh array each: ε is added to its diagonal in place
+        d = U.shape[0]
+        U.reshape(-1)[:: d + 1] += damping   # Ũᵢ + εI without an identity temporary
+        out.append(cholesky_inverse(U))
+    return out
+
+
+def cholesky_inverse(M: Any) -> Any:
+    """M⁻¹ of a symmetric positive-definite M by its Cholesky factor (LAPACK potrf + potri on the
+    lower triangle, mirrored: exactly symmetric), in M's dtype: d³/2 multiplications against the
+    4d³/3 of an LU inverse (getrf + getrs on I, ``numpy.linalg.inv``), ≈ 4× faster in float32 on
+    OpenBLAS (issue 21). A matrix that is not numerically positive definite (potrf fails), a CuPy
+    array or another dtype goes to :func:`kron.spd_inverse` (LU), whose result the driver checks."""
+    import numpy  # noqa: PLC0415 - the host path only
+
+    if not isinstance(M, numpy.ndarray) or M.dtype not in (numpy.float32, numpy.float64) or M.ndim != 2:
+        return kron.spd_inverse(M)
+    from scipy.linalg import get_lapack_funcs  # noqa: PLC0415
+
+    potrf, potri = get_lapack_funcs(("potrf", "potri"), (M,))
+    c, info = potrf(M, lower=True, clean=False)
+    if info == 0:
+        c, info = potri(c, lower=True, overwrite_c=True)
+    if info != 0:
+        return kron.spd_inverse(M)
+    L = numpy.tril(c)
+    L += L.T                                  # off-diagonal x + 0 and diagonal 2x: exact
+    L.reshape(-1)[:: L.shape[0] + 1] *= 0.5
+    return L
 
 
 # -- idealized TNT (thesis Algorithm 14) ---------------------------------------------------------------
