@@ -528,10 +528,13 @@ class SMWOptimizer(Optimizer):
         """The floor of one Alg. 23 step on a dense net (issue 21): the passes' GEMM
         multiplications (:func:`dense_pass_mults`) plus :meth:`algebra_flops`, as a multiple of a
         gradient on S₁ (N₁ examples). Passes: ∇f on S₁ (F + B), the trial forward on S₁ (F), the
-        forward on S₂ when S₂ ≠ S₁ (F); SMW-NG: the taps backward of the Gram (B) with its per-layer
+        forward on S₂ when S₂ ≠ S₁ (F); SMW-NG: the taps backward of the Gram with its per-layer
         GEMMs N₂²(a + o) + N₂² (Alg. 22), the R-forward J g (2F: W ṙ + V ā per layer), the backward
         Jᵀw (B); SMW-NG-BD: the taps backward and the per-layer Gram GEMMs only; SMW-GN: C taps
-        backward passes and C²N₂²(a + o) per layer, R-forward, backward. ``model``: a dense Sequential (or its
+        backward passes and C²N₂²(a + o) per layer, R-forward, backward. A taps backward
+        propagates γ only (γₗ₋₁ from γₗWₗ, B − F multiplications): the Gram needs āᵢ and γᵢ, never
+        ∇W̄ = ΓᵀĀ (Alg. 22 forms (ĀĀᵀ) ⊙ (ΓΓᵀ) from them), and the engine skips those GEMMs
+        (``layer_stats``/``gram`` pass ``want_params=False``). ``model``: a dense Sequential (or its
         layout)."""
         from .costs import model_shapes  # noqa: PLC0415
 
@@ -542,7 +545,7 @@ class SMWOptimizer(Optimizer):
         C = shapes.out if self.curvature == "gn" else 1
         gram = sum(C * C * N2 * N2 * (a + o) + C * C * N2 * N2 for o, a in shapes.layers)
         passes = {"gradient_s1": F1 + B1, "trial_forward_s1": F1, "forward_s2": F2 if N2 < N1 else 0.0,
-                  "gram_backward_s2": C * B2, "gram_gemms": gram}
+                  "gram_backward_s2": C * (B2 - F2), "gram_gemms": gram}
         if self.curvature != "ng-bd":
             passes.update(rforward_s2=2 * F2, backward_s2=B2)
         return floor_summary(passes, self.algebra_flops(shapes, N1, assume or CostAssumptions()), F1 + B1)
@@ -641,7 +644,8 @@ def _update(theta: Any, p: Any, lr: float, t: float, trial: Any) -> Any:
     fl(θᵢ + pᵢ) (rounding is monotone and fl(αpᵢ) lies between 0 and pᵢ), so it is finite."""
     if t == lr:
         return trial
-    new = theta + lr * p
+    new = lr * p
+    new += theta                              # = θ + αp (addition commutes exactly), one temporary fewer
     return new if (t == 1.0 and lr <= 1.0) or backend.all_finite(new) else None
 
 

@@ -318,3 +318,40 @@ def test_smw_gn_beats_hf_and_sgd_per_epoch_on_digits_autoencoder():
                   for name, kw in [("smw-gn", {"curvature_batch": 10, "lr": 0.5}), ("hf", {}), ("sgd", {"batch_size": 64, "lr": 0.3})]}
         assert curves["smw-gn"][0] + 1.0 < curves["hf"][0] < curves["sgd"][0], (seed, curves)
         assert max(curves["smw-gn"][1], curves["hf"][1]) < curves["sgd"][1], (seed, curves)
+
+
+def test_update_skips_only_the_passes_the_trial_decides():
+    """θ + αp (Alg. 23): the trial itself for t = α; for t = 1 ≥ α finite whenever the trial is (monotone
+    rounding), bit-equal to θ + αp; otherwise checked (α > 1 may overflow where θ + p does not)."""
+    from qnref.optim.smw import _update
+
+    r = np.random.default_rng(3)
+    theta, p = r.standard_normal(50), r.standard_normal(50)
+    trial = theta + 0.3 * p
+    assert _update(theta, p, 0.3, 0.3, trial) is trial
+    assert np.array_equal(_update(theta, p, 0.3, 1.0, theta + p), theta + 0.3 * p)
+    big = np.array([1.0e308, -1.0e308, 1.7e308])                # θ + p at the edge of the range
+    step = np.array([7.0e307, -7.0e307, -1.7e308])
+    edge = big + step
+    assert np.isfinite(edge).all()
+    for lr in (1.0, 0.999999, 0.5, 1e-300):
+        new = _update(big, step, lr, 1.0, edge)
+        assert np.isfinite(new).all() and np.array_equal(new, big + lr * step)
+    with np.errstate(over="ignore", invalid="ignore"):          # as in the step (SMWOptimizer.step)
+        assert _update(big, step, 3.0, 1.0, edge) is None       # α > 1: θ + αp overflows
+
+
+def test_direction_with_an_overflowing_norm_is_not_finite():
+    """_finished checks p through ‖p‖² (one pass): Inf/NaN entries and an overflowing finite p are refused."""
+    from qnref.optim.smw import _finished
+
+    m, theta, prob, n = _full_batch_problem()
+    pt = prob.full_objective.at(theta)
+    g = pt.grad
+    d = _finished(pt, g, -g, 0.5, 1.0, n, "5.6")
+    assert d.finite and d.pp == pytest.approx(g @ g, rel=1e-15) and d.g_dot_p == pytest.approx(-(g @ g), rel=1e-15)
+    for bad in (np.inf, np.nan, 1e200):
+        q = -g.copy()
+        q[0] = bad
+        with np.errstate(over="ignore", invalid="ignore"):      # as in the step (SMWOptimizer.step)
+            assert not _finished(pt, g, q, 0.5, 1.0, n, "5.6").finite

@@ -224,8 +224,20 @@ def test_floor_counts_the_passes_and_the_algebra():
         opt = cls(batch_size=10, curvature_batch=5)
         fl = opt.step_floor(m)
         alg = algebra_flops(opt, m, 10)["per_step"]
-        want = (F1 + B1) + F1 + F2 + B2 + gram + extra
+        want = (F1 + B1) + F1 + F2 + (B2 - F2) + gram + extra       # taps backward: γ only, no ∇W̄ GEMMs
         assert sum(fl["pass_terms"].values()) == want
         assert fl["floor"] == pytest.approx((want + alg) / (F1 + B1), rel=1e-3)   # algebra terms rounded
     with pytest.raises(ValueError, match="dense layers only"):
         SMWNG().step_floor(build_model("lenet-digits"))
+
+
+def test_layer_direction_rounds_as_the_formula():
+    """pₗ = −(gₗ − Jₗᵀwₗ/N₂)/μ written in two passes is bit-equal to the formula."""
+    from qnref.optim.smw import _bd_layer_direction
+
+    r = np.random.default_rng(4)
+    g, j = r.standard_normal((5, 7)), r.standard_normal((5, 7))
+    out = np.empty((5, 7))
+    want = -(g - j) / 1.37
+    _bd_layer_direction(np, g, j.copy(), 1.37, out)
+    assert np.array_equal(out, want)

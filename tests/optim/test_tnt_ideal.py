@@ -236,3 +236,45 @@ def test_tnt_floor_counts_the_sampled_backward_per_t1():
         assert fl["pass_terms"] == {"gradient": F + B, "sampled_backward": B / T1 if fisher == "sampled" else 0.0}
         alg = sum(opt.algebra_flops(model_shapes(m), 8, None).values())
         assert fl["floor"] == pytest.approx((F + B + fl["pass_terms"]["sampled_backward"] + alg) / (F + B), rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-4)])
+def test_cholesky_inverse_is_the_symmetric_inverse(dtype, tol):
+    """TNT's (Ũᵢ + εI)⁻¹ by potrf + potri: the inverse of the dense oracle, exactly symmetric, in M's dtype."""
+    from qnref.optim.tnt import cholesky_inverse
+
+    r = np.random.default_rng(5)
+    X = r.standard_normal((40, 60))
+    M = (X @ X.T / 60 + 0.1 * np.eye(40)).astype(dtype)
+    V = cholesky_inverse(M)
+    assert V.dtype == M.dtype and np.array_equal(V, V.T)
+    want = np.linalg.inv(M.astype("float64"))
+    assert np.abs(V - want).max() <= tol * np.abs(want).max()
+    assert np.abs(V.astype("float64") @ M - np.eye(40)).max() <= 50 * tol
+
+
+def test_cholesky_inverse_falls_back_and_flags_nonfinite():
+    """Not numerically positive definite: the LU inverse of kron.spd_inverse (same result); NaN input: NaN out."""
+    from qnref.curvature import kron
+    from qnref.optim.tnt import cholesky_inverse
+
+    M = np.array([[1.0, 2.0], [2.0, 1.0]])                      # indefinite: potrf fails
+    assert np.array_equal(cholesky_inverse(M), kron.spd_inverse(M))
+    bad = np.eye(3)
+    bad[1, 1] = np.nan
+    assert not np.isfinite(cholesky_inverse(bad)).all()
+
+
+def test_damped_inverse_factors_leave_the_statistics_alone():
+    """ε is added in place to the fresh Ũᵢ of (4.10), never to the state's Ĝ⁽ⁱ⁾; the result is (Ũᵢ + εI)⁻¹."""
+    from qnref.optim.tnt import damped_inverse_factors, tnt_factors
+
+    r = np.random.default_rng(6)
+    X = r.standard_normal((3, 4, 7))
+    stats = [np.moveaxis(X, i, 0).reshape(X.shape[i], -1) @ np.moveaxis(X, i, 0).reshape(X.shape[i], -1).T
+             for i in range(3)]
+    before = [s.copy() for s in stats]
+    mats = damped_inverse_factors(stats, (3, 4, 7), 0.1)
+    assert all(np.array_equal(s, b) for s, b in zip(stats, before))
+    for U, V in zip(tnt_factors(stats, (3, 4, 7)), mats):
+        assert np.abs(V - np.linalg.inv(U + 0.1 * np.eye(len(U)))).max() <= 1e-12 * np.abs(V).max()
