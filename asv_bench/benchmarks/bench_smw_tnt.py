@@ -89,7 +89,7 @@ class TNTOverMomentumCNN:
     param_names = ["model"]
     unit = "ratio to an SGD-momentum step"
     timeout = 900
-    version = "21.1"
+    version = "21.2"
 
     def track_tnt_step_over_momentum(self, name):
         model, prob, th0 = _cnn_problem(name)
@@ -117,7 +117,7 @@ class TNTFloorAutoencoder:
     param_names = ["inv_freq"]
     unit = "ratio of the measured step to its floor"
     timeout = 900
-    version = "21.1"
+    version = "21.2"
 
     def track_tnt_over_floor(self, inv_freq):
         model, prob, th0 = _autoencoder_problem()
@@ -157,7 +157,7 @@ class SMWBlockDiagonal:
 
     unit = "ratio"
     timeout = 300
-    version = "21.1"
+    version = "21.2"
 
     @staticmethod
     def _time(name):
