@@ -354,12 +354,12 @@ class JaxPoint(PointProducts):
         self.obj.counter.add("backward", self.N, "per_example_grads")
         return self._out(self.obj._f.pex(self._t, self.obj.X, self._native_targets(targets)))
 
-    def layer_stats(self, targets: Any = "empirical") -> dict:
+    def layer_stats(self, targets: Any = "empirical", reduce: Any = None) -> dict:
         """Spec models: the engine twin's taps (keyed by qnref layer name); an ``apply_fn`` raises."""
         if not isinstance(self.obj.model, ConvertedModel):
             raise no_layer_structure("layer_stats (the Kronecker layer taps)", "jax")
         return self.engine_point().layer_stats(targets if isinstance(targets, str) or targets is None
-                                               else numpy.asarray(targets))
+                                               else numpy.asarray(targets), reduce)
 
     @_scoped
     def sampled_targets(self, key: Any = None) -> Any:

@@ -431,22 +431,24 @@ class TorchPoint(PointProducts):
             self._twin = self.obj.engine_objective().at(self.theta)
         return self._twin
 
-    def layer_stats(self, targets: Any = "empirical", *, keys: str = "qnref") -> dict:
+    def layer_stats(self, targets: Any = "empirical", reduce: Any = None, *, keys: str = "qnref") -> dict:
         """Per Kronecker layer taps: from qnref's engine point on the converted model (layout="qnref");
         layout="torch" raises :class:`~qnref.curvature.protocol.UnsupportedProductError`.
 
         ``keys="qnref"`` (what optimizers read): qnref layer names ("0.conv2d", "5.dense").
         ``keys="torch"``: the torch module paths ("stem", "block.conv1", "head"), first layer to
-        last (``obj.conversion.layer_paths`` is the map)."""
+        last (``obj.conversion.layer_paths`` is the map). ``reduce(name, tap)`` (qnref name) replaces
+        each tap by its value, applied by the engine as each tap is recorded."""
         if keys not in ("qnref", "torch"):
             raise ValueError(f"keys must be 'qnref' or 'torch', got {keys!r}")
         if self.obj.conversion is None:
             raise no_layer_structure("layer_stats (the Kronecker layer taps)", "torch")
         pt = self.engine_point()
         if is_empirical(targets) or isinstance(targets, str):
-            taps = pt.layer_stats(targets)
+            taps = pt.layer_stats(targets, reduce)
         else:
-            taps = pt.layer_stats(backend.to_numpy(targets.detach().cpu()) if isinstance(targets, torch.Tensor) else targets)
+            taps = pt.layer_stats(backend.to_numpy(targets.detach().cpu()) if isinstance(targets, torch.Tensor) else targets,
+                                  reduce)
         if keys == "qnref":
             return taps
         paths = self.obj.conversion.layer_paths

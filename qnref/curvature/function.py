@@ -103,7 +103,7 @@ class FunctionPoint(PointProducts):
     def sampled_targets(self) -> Any:
         raise self._no_targets()
 
-    def layer_stats(self, targets: Any = "empirical") -> dict:
+    def layer_stats(self, targets: Any = "empirical", reduce: Any = None) -> dict:
         raise UnsupportedProductError("layer_stats needs a network with Kronecker layers; a plain function has none")
 
 

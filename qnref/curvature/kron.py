@@ -74,7 +74,7 @@ tolerance 1e-6) and :func:`inv_root_eigh` (eigendecomposition; the oracle).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from .. import backend
 
@@ -82,14 +82,49 @@ __all__ = [
     "dense_factors", "conv_factors", "factors", "ema", "pi_split", "damped_inverses", "precondition",
     "kron_block", "sym", "spd_inverse", "inv_root_eigh", "inv_root_newton", "mean_a", "mean_g",
     "apply_A", "contraction", "mode_product", "backpack_conv_factors", "mean_g_rounding",
+    "factor_A", "factor_sums", "tap_size", "weight_grad",
 ]
 
 
 # -- factor statistics ------------------------------------------------------------------------------
+def _row_blocks(tap: Any, fn: Callable[[Any, Any], Any], need_a: bool = True, need_g: bool = True) -> list:
+    """``fn`` applied to the tap's rows ā (rows, d_a) and g (rows, d_g): one block for array taps,
+    one per chunk of examples for taps that stream their rows (``map_row_blocks``: the conv taps
+    of :class:`qnref.nn.conv.ConvTap`, which never hold the (N, L, K+1) patches)."""
+    stream = getattr(tap, "map_row_blocks", None)
+    if stream is not None:
+        return stream(fn, need_a, need_g)
+    a = tap["a"] if need_a else None
+    g = tap["g"] if need_g else None
+    return [fn(None if a is None else a.reshape(-1, a.shape[-1]), None if g is None else g.reshape(-1, g.shape[-1]))]
+
+
+def _summed(parts: list) -> Any:
+    """Σ of the per-block results (tuples summed entrywise), in block order."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = tuple(t + q for t, q in zip(total, part)) if isinstance(total, tuple) else total + part
+    return total
+
+
+def tap_size(tap: Any) -> tuple[int, int]:
+    """(N, L): examples and output locations of a tap (L = 1 for dense layers)."""
+    if hasattr(tap, "map_row_blocks"):
+        return int(tap.n), int(tap.locations)
+    a = tap["a"]
+    return int(a.shape[0]), (int(a.shape[1]) if tap["kind"] == "conv" else 1)
+
+
+def factor_sums(tap: Any, need_g: bool = True) -> tuple[Any, Any]:
+    """(Σ āāᵀ, Σ ggᵀ) over all rows of the tap (examples and locations); ``need_g=False``: (Σ āāᵀ, None)."""
+    if need_g:
+        return _summed(_row_blocks(tap, lambda a, g: (a.T @ a, g.T @ g)))
+    return _summed(_row_blocks(tap, lambda a, g: a.T @ a, need_g=False)), None
+
+
 def dense_factors(a: Any, g: Any) -> tuple[Any, Any]:
     """A = (1/N) Σ āāᵀ and G = (1/N) Σ ggᵀ from dense taps a (N, d_in+1), g (N, d_out)."""
-    n = a.shape[0]
-    return (a.T @ a) / n, (g.T @ g) / n
+    return factors({"kind": "dense", "a": a, "g": g})
 
 
 def conv_factors(a: Any, g: Any) -> tuple[Any, Any]:
@@ -97,10 +132,13 @@ def conv_factors(a: Any, g: Any) -> tuple[Any, Any]:
 
     A = (1/N) Σᵢ Σₜ āᵢₜāᵢₜᵀ (sum over the L locations), G = (1/(N L)) Σᵢ Σₜ gᵢₜgᵢₜᵀ (thesis (3.9)).
     """
-    n, L = a.shape[0], a.shape[1]
-    a2 = a.reshape(n * L, a.shape[2])
-    g2 = g.reshape(n * L, g.shape[2])
-    return (a2.T @ a2) / n, (g2.T @ g2) / (n * L)
+    return factors({"kind": "conv", "a": a, "g": g})
+
+
+def factor_A(tap: Any) -> Any:
+    """A = (1/N) Σᵢ Σₜ āᵢₜāᵢₜᵀ of a tap alone (the A of :func:`factors`; dense: L = 1)."""
+    n, _ = tap_size(tap)
+    return factor_sums(tap, need_g=False)[0] / n
 
 
 def factors(tap: dict) -> tuple[Any, Any]:
@@ -112,17 +150,15 @@ def factors(tap: dict) -> tuple[Any, Any]:
     type-2 tap gathers its rows for that, its ``reduced_factors`` knows one set of targets only)."""
     kind = tap.get("kind")
     if is_exact(tap) and kind in ("dense", "conv"):
-        a = tap["a"]
-        a2 = a.reshape(-1, a.shape[-1])
-        return (a2.T @ a2) / a.shape[0], exact_g(tap)
+        return factor_A(tap), exact_g(tap)
     reduced = getattr(tap, "reduced_factors", None)
     if reduced is not None:
         return reduced()
-    if kind == "dense":
-        return dense_factors(tap["a"], tap["g"])
-    if kind == "conv":
-        return conv_factors(tap["a"], tap["g"])
-    raise ValueError(f"no Kronecker factors for a tap of kind {kind!r}")
+    if kind not in ("dense", "conv"):
+        raise ValueError(f"no Kronecker factors for a tap of kind {kind!r}")
+    n, L = tap_size(tap)
+    sa, sg = factor_sums(tap)
+    return sa / n, sg / (n * L)
 
 
 def is_exact(tap: dict) -> bool:
@@ -158,13 +194,13 @@ def backpack_conv_factors(tap: dict) -> tuple[Any, Any]:
 
 def locations(tap: dict) -> int:
     """|T|: the number of output locations (1 for dense layers)."""
-    return int(tap["a"].shape[1]) if tap["kind"] == "conv" else 1
+    return tap_size(tap)[1]
 
 
 def mean_a(tap: dict) -> Any:
     """â = Eᵢ[(1/L) Σₜ āᵢₜ] (thesis (3.14)); Eᵢ[āᵢ] for dense layers."""
-    a = tap["a"]
-    return a.mean(axis=0) if a.ndim == 2 else a.mean(axis=(0, 1))
+    n, L = tap_size(tap)
+    return _summed(_row_blocks(tap, lambda a, g: a.sum(axis=0), need_g=False)) / (n * L)
 
 
 def mean_g(tap: dict) -> Any:
@@ -197,10 +233,12 @@ def mean_h(tap: dict, wbar: Any) -> Any:
 
 def apply_A(tap: dict, s: Any) -> Any:
     """A s with A = Eᵢ[Σₜ āᵢₜāᵢₜᵀ] of the tap, without forming A (thesis (3.15))."""
-    a = tap["a"]
-    n = a.shape[0]
-    a2 = a.reshape(-1, a.shape[-1])
-    return a2.T @ (a2 @ s) / n
+    return _summed(_row_blocks(tap, lambda a, g: a.T @ (a @ s), need_g=False)) / tap_size(tap)[0]
+
+
+def weight_grad(tap: dict) -> Any:
+    """∂f/∂W̄ = (1/N) Σᵢ Σₜ gᵢₜ āᵢₜᵀ from empirical taps (per-example g of the mean loss)."""
+    return _summed(_row_blocks(tap, lambda a, g: g.T @ a)) / tap_size(tap)[0]
 
 
 def ema(old: Any, new: Any, beta: float) -> Any:

@@ -35,10 +35,10 @@ library) or :class:`~qnref.curvature.objective.NonFiniteError` (NaN/Inf; a ``Val
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 __all__ = ["UnsupportedProductError", "OPTIMIZER_NEEDS", "optimizer_needs", "ModelStructure", "PointPrimitives", "PointProtocol", "ObjectiveProtocol",
-           "ProblemProtocol", "FISHER_KINDS", "GRAM_KINDS", "TARGETS"]
+           "ProblemProtocol", "FISHER_KINDS", "GRAM_KINDS", "TARGETS", "TapReducer", "reduce_taps"]
 
 #: ``kind`` of :meth:`PointProtocol.fisher_vp`.
 FISHER_KINDS = ("empirical", "sampled", "exact")
@@ -78,6 +78,16 @@ def optimizer_needs(optimizer: Any) -> str:
     if name in ("s-lbfgs", "s-lsr1") and getattr(optimizer, "option", "II") == "I":
         need = "grad"
     return need
+
+
+#: ``reduce(name, tap) -> value`` of :meth:`PointPrimitives.layer_stats`
+TapReducer = Callable[[str, Any], Any]
+
+
+def reduce_taps(taps: dict, reduce: TapReducer | None) -> dict:
+    """``{name: reduce(name, tap)}`` (``taps`` itself when ``reduce`` is None): the meaning of
+    ``layer_stats(targets, reduce)`` for point types that record all taps first."""
+    return taps if reduce is None else {name: reduce(name, t) for name, t in taps.items()}
 
 
 @runtime_checkable
@@ -148,8 +158,10 @@ class PointPrimitives(Protocol):
         """ỹ ~ p(y | z) of the whole batch, drawn once per point."""
     def per_example_grads(self, targets: Any = "empirical") -> Any:
         """(N, n) rows gᵢ = ∇_θ ℓ(zᵢ, tᵢ) (data term, no 1/N)."""
-    def layer_stats(self, targets: Any = "empirical") -> dict:
-        """Per Kronecker layer {"a": āₗ₋₁, "g": gₗ = ∂ℓᵢ/∂hₗ, "kind": …} (KFAC §3)."""
+    def layer_stats(self, targets: Any = "empirical", reduce: TapReducer | None = None) -> dict:
+        """Per Kronecker layer {"a": āₗ₋₁, "g": gₗ = ∂ℓᵢ/∂hₗ, "kind": …} (KFAC §3). ``reduce``: each
+        layer's value is ``reduce(name, tap)`` instead (:func:`reduce_taps`); the engine applies it as
+        soon as the layer's tap is recorded, so that the tap's arrays are freed layer by layer."""
     def reduce_sum(self, x: Any) -> Any: ...
     def gather_rows(self, x: Any) -> Any: ...
     def local_rows(self, u: Any) -> Any: ...

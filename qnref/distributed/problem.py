@@ -53,7 +53,9 @@ from typing import Any, Sequence
 import numpy
 
 from .. import backend
+from ..curvature import kron
 from ..curvature.derived import PointProducts
+from ..curvature.protocol import reduce_taps
 from ..curvature.objective import Objective, PassCounter, Point, PointMethods, gram_matrix
 from ..curvature.structure import positions
 from ..optim.base import Problem
@@ -191,14 +193,14 @@ class DistributedTap(dict):
     :func:`qnref.curvature.kron.factors` uses it when present.
     """
 
-    def __init__(self, point: "DistributedPoint", tap: dict):
-        super().__init__({k: v for k, v in tap.items() if k not in ("a", "g")})
+    def __init__(self, point: "DistributedPoint", tap: Any):
+        super().__init__({k: tap[k] for k in tap if k not in ("a", "g")})
         self._point = point
-        self.local_a, self.local_g = tap["a"], tap["g"]
+        self.local = tap                 # the shard's taps (a conv tap streams its rows: never gathered)
 
     def __missing__(self, key: str) -> Any:
         if key in ("a", "g"):
-            local = self.local_a if key == "a" else self.local_g
+            local = self._point.xp.ascontiguousarray(self.local[key])
             val = self._point.obj.comm.allgather_rows(local, self._point.obj.counts)
             self[key] = val
             return val
@@ -212,20 +214,14 @@ class DistributedTap(dict):
 
     def reduced_factors(self) -> tuple[Any, Any]:
         """(A, G) of the global batch; same reductions as :func:`qnref.curvature.kron.factors`."""
+        kind = self.get("kind")
+        if kind not in ("dense", "conv"):
+            raise ValueError(f"no Kronecker factors for a tap of kind {kind!r}")
         xp, N = self._point.xp, self._point.N
-        a, g = self.local_a, self.local_g
-        if self.get("kind") == "conv":
-            n, L = a.shape[0], a.shape[1]
-            a2, g2 = a.reshape(n * L, a.shape[2]), g.reshape(n * L, g.shape[2])
-            denom_g = N * L
-        elif self.get("kind") == "dense":
-            a2, g2, denom_g = a, g, N
-        else:
-            raise ValueError(f"no Kronecker factors for a tap of kind {self.get('kind')!r}")
-        sa, sg = a2.T @ a2, g2.T @ g2
+        sa, sg = kron.factor_sums(self.local)
         both = self._point.obj.comm.allreduce_sum(xp.concatenate([sa.reshape(-1), sg.reshape(-1)]))
         k = sa.size
-        return both[:k].reshape(sa.shape) / N, both[k:].reshape(sg.shape) / denom_g
+        return both[:k].reshape(sa.shape) / N, both[k:].reshape(sg.shape) / (N * kron.locations(self.local))
 
 
 class DistributedPoint(PointProducts):
@@ -361,12 +357,12 @@ class DistributedPoint(PointProducts):
         return self.gather_rows(self.local.per_example_grads(targets))
 
     @_synced
-    def layer_stats(self, targets: Any = "empirical") -> dict:
+    def layer_stats(self, targets: Any = "empirical", reduce: Any = None) -> dict:
         """Per Kronecker layer a :class:`DistributedTap` (factors by allreduce, rows on demand)."""
         self._prepare(targets)
         if not isinstance(targets, str):
             targets = self.local_rows(targets)
-        return {name: DistributedTap(self, t) for name, t in self.local.layer_stats(targets).items()}
+        return reduce_taps({name: DistributedTap(self, t) for name, t in self.local.layer_stats(targets).items()}, reduce)
 
     @_synced
     def gram(self, kind: str = "grad") -> Any:

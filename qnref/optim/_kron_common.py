@@ -103,21 +103,15 @@ def write_part(views: list, part: TensorPart, value: Any) -> None:
 
 
 # -- gradients and taps ---------------------------------------------------------------------------------
-def grad_from_taps(layout, layers: list[KronLayer], others: list[int], taps: dict, p: Point) -> Any:
-    """∇f from empirical taps when every block is a Kronecker block (saves a backward pass).
-
-    ∇W̄ = (1/N) Σᵢ Σₜ gᵢₜ āᵢₜᵀ (+ λθ for the problem's L2 term). Falls back to ``p.grad`` otherwise.
-    """
-    if others:
-        return p.grad
+def grad_from_blocks(layout, layers: list[KronLayer], blocks: dict, p: Point) -> Any:
+    """∇f when every block is a Kronecker block, from each layer's ∇W̄ = (1/N) Σᵢ Σₜ gᵢₜ āᵢₜᵀ of
+    the empirical taps (:func:`qnref.curvature.kron.weight_grad`; saves a backward pass), + λθ for
+    the problem's L2 term."""
     xp = backend.namespace(p.theta)
     grad = xp.empty_like(p.theta)
     views = layout.views(grad)
     for L in layers:
-        t = taps[L.name]
-        a = t["a"].reshape(-1, t["a"].shape[-1])
-        g = t["g"].reshape(-1, t["g"].shape[-1])
-        views[L.block][...] = (g.T @ a) / p.N
+        views[L.block][...] = blocks[L.name]
     if p.l2:
         grad += p.l2 * p.theta
     return grad
@@ -189,9 +183,14 @@ def descend(theta: Any, P: Any, lr: float, weight_decay: float) -> tuple[Any, fl
 def second_pass(opened: Opened, theta_new: Any, due: bool) -> tuple[Point | None, float, int, bool]:
     """The curvature pass of KFAC / K-BFGS at θ⁺ on the step's own batch, every T steps (thesis
     Alg. 12 line 12, Alg. 9 line 10): (point at θ⁺ or None, f at the returned iterate as far as
-    known, evaluations of the step, whether the pass was due but θ⁺ is not finite there)."""
+    known, evaluations of the step, whether the pass was due but θ⁺ is not finite there). A due
+    pass first releases the point at θ (:meth:`~qnref.curvature.objective.Point.release`): callers
+    must have asked it for everything they need."""
     if not due:
         return None, opened.f0, 1, False
+    release = getattr(opened.point, "release", None)   # the θ point's activations are not needed any more
+    if release is not None:
+        release()
     p_new, f_new = evaluate(opened.obj, theta_new)
     return p_new, opened.f0 if p_new is None else f_new, 2, p_new is None
 

@@ -45,7 +45,7 @@ Data-dependent counts (:class:`CostAssumptions`, keyword arguments of :func:`alg
 Counted as objective passes, hence excluded here: f/∇f, Hv, Gv, Jv, Jᵀv, per-example Gram matrices
 (SMW), layer taps (activations ā and pre-activation gradients g), the loss's dz (sampled targets).
 Included although a pass might own it: ∇W̄ = gᵀā/N formed from taps by K-BFGS
-(``grad_from_taps``), the sampled-gradient scaling dz/N of TNT, and the output-Hessian diagonal
+(``grad_from_blocks``), the sampled-gradient scaling dz/N of TNT, and the output-Hessian diagonal
 of SMW-GN (≈ 2NC, sigmoid/mse losses).
 """
 from __future__ import annotations

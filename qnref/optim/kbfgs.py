@@ -265,13 +265,11 @@ class KBFGS(Optimizer):
         locs: dict = {}
         count = 0
         for obj in kc.warm_objectives(problem, self.batch_size, self.warm_start):
-            taps = obj.at(theta).layer_stats("empirical")
-            n = obj.n_samples
-            for name, t in taps.items():
-                a = t["a"].reshape(-1, t["a"].shape[-1])
-                sums[name] = sums.get(name, 0) + a.T @ a
-                locs[name] = kron.locations(t)
-            count += n
+            stats = obj.at(theta).layer_stats("empirical", lambda name, t: (kron.factor_sums(t, need_g=False)[0],
+                                                                             kron.locations(t)))
+            for name, (sa, locs[name]) in stats.items():
+                sums[name] = sums.get(name, 0) + sa
+            count += obj.n_samples
         for L in layers:
             A = sums[L.name] / count
             lamA, lamG = kc.sqrt_split(self.damping, locs[L.name])
@@ -301,6 +299,24 @@ class KBFGS(Optimizer):
         return LBFGSOperator(pairs.S, pairs.Y, self._h0(state.lam[name][1])).solve_compact(X)
 
     # -- step -----------------------------------------------------------------------------------------------
+    def _summarize(self, st: KBFGSState, need_grad: bool, at_theta: bool):
+        """The ``layer_stats`` reducer: what the updates need of one layer's tap, computed while the
+        tap exists (:meth:`~qnref.curvature.objective.Point.layer_stats`): â, ḡ and its rounding
+        bound, ∇W̄ (``need_grad``) and, at θ (``at_theta``), the H_A update's statistics — s_A = H_A â
+        with Ã s_A ((3.14)-(3.15)), or the batch's A for the moving average / exact inverse."""
+        def reduce(name: str, t: Any) -> dict:
+            out = {"mean_a": kron.mean_a(t), "mean_g": kron.mean_g(t), "g_round": kron.mean_g_rounding(t)}
+            if need_grad:
+                out["grad"] = kron.weight_grad(t)
+            if at_theta:
+                if self.hessian_action == "moving-average" or self.exact_inverse:
+                    out["A"] = kron.factor_A(t)
+                else:
+                    out["sA"] = st.HA[name] @ out["mean_a"]
+                    out["AsA"] = kron.apply_A(t, out["sA"])
+            return out
+        return reduce
+
     def step(self, theta: Any, state: KBFGSState, problem: Problem) -> tuple[Any, KBFGSState, StepInfo]:
         layout = problem.layout
         layers, others = kc.kron_structure(problem.model)
@@ -311,8 +327,9 @@ class KBFGS(Optimizer):
         k = state.k + 1
         due = k % self.curvature_freq == 0
         # the layer taps only where the curvature update needs them (issue 21); otherwise the plain gradient
-        taps = p.layer_stats("empirical") if due else None
-        grad = kc.grad_from_taps(layout, layers, others, taps, p) if due else p.grad
+        taps = p.layer_stats("empirical", self._summarize(state, not others, True)) if due else None
+        grad = kc.grad_from_blocks(layout, layers, {n: t["grad"] for n, t in taps.items()}, p) if due and not others \
+            else p.grad
         if self.double_grad and state.grad_plus is not None:
             grad = 0.5 * (grad + state.grad_plus)      # a gradient on both batches at this θ (§2.8.3)
         if not backend.all_finite(grad):
@@ -335,9 +352,10 @@ class KBFGS(Optimizer):
         p_new, loss, evals, failed = kc.second_pass(opened, theta_new, k % self.curvature_freq == 0)
         skipped = 2 * len(layers) if failed else 0
         if p_new is not None:
-            taps_new = p_new.layer_stats("empirical")
+            taps_new = p_new.layer_stats("empirical", self._summarize(new, self.double_grad and not others, False))
             if self.double_grad:
-                g_plus = kc.grad_from_taps(layout, layers, others, taps_new, p_new)
+                g_plus = (kc.grad_from_blocks(layout, layers, {n: t["grad"] for n, t in taps_new.items()}, p_new)
+                          if not others else p_new.grad)
                 new.grad_plus = g_plus if backend.all_finite(g_plus) else None
             w_old, w_new = layout.views(theta), layout.views(theta_new)
             for L in layers:
@@ -347,17 +365,16 @@ class KBFGS(Optimizer):
         return theta_new, new, info
 
     def _update_HA(self, st: KBFGSState, name: str, t: dict, lamA: float) -> int:
-        """H_A from the tap ``t`` at θ; returns 1 when the update is refused (non-finite, sᵀy ≤ 0)."""
+        """H_A from the summary ``t`` of the tap at θ (:meth:`_summarize`); returns 1 when the update is
+        refused (non-finite, sᵀy ≤ 0)."""
         HA = st.HA[name]
         if self.hessian_action == "moving-average":
-            a = t["a"].reshape(-1, t["a"].shape[-1])
-            A = kron.ema(st.A[name], (a.T @ a) / t["a"].shape[0], self.beta)
+            A = kron.ema(st.A[name], t["A"], self.beta)
             st.A[name] = A
         if self.exact_inverse:
             # H_A = (A + λ_A I)⁻¹ of the moving average (Alg. 5 l. 21-23) or of the batch's Ã (Alg. 10 l. 12)
             if self.hessian_action == "minibatch":
-                a = t["a"].reshape(-1, t["a"].shape[-1])
-                A = (a.T @ a) / t["a"].shape[0]
+                A = t["A"]
             xp = backend.namespace(A)
             H = kron.spd_inverse(A + lamA * xp.eye(A.shape[0], dtype=A.dtype))
             if not kc.all_finite(H):
@@ -365,10 +382,11 @@ class KBFGS(Optimizer):
             st.HA[name] = H
             return 0
         # Hessian-action BFGS: s_A = H_A â, y_A = (A + λ_A I) s_A
-        sA = HA @ kron.mean_a(t)
         if self.hessian_action == "minibatch":
-            yA = kron.apply_A(t, sA) + lamA * sA
+            sA = t["sA"]
+            yA = t["AsA"] + lamA * sA
         else:
+            sA = HA @ t["mean_a"]
             yA = A @ sA + lamA * sA
         if kc.all_finite(sA, yA) and float(sA @ yA) > 0:
             st.HA[name] = bfgs_inverse_update(HA, sA, yA)
@@ -381,12 +399,12 @@ class KBFGS(Optimizer):
         lamA, lamG = st.lam[name]
         skipped = self._update_HA(st, name, t, lamA)
         # H_G by damped BFGS / L-BFGS on averaged pre-activations and their gradients
-        dh = kron.mean_h(t_new, w_new) - kron.mean_h(t, w_old)
-        dg = kron.mean_g(t_new) - kron.mean_g(t)
+        dh = w_new @ t_new["mean_a"] - w_old @ t["mean_a"]          # h̄ = W̄ â (kron.mean_h)
+        dg = t_new["mean_g"] - t["mean_g"]
         # components at rounding level are 0: a layer feeding BatchNorm has ḡ = 0 in exact arithmetic,
         # and a y_G of rounding noise made H_G's update O(1) noise (not reproducible; float32: overflow)
         xp = backend.namespace(dg)
-        dg = xp.where(xp.abs(dg) <= kron.mean_g_rounding(t_new) + kron.mean_g_rounding(t), 0, dg)
+        dg = xp.where(xp.abs(dg) <= t_new["g_round"] + t["g_round"], 0, dg)
         sG = self.beta * st.sG[name] + (1.0 - self.beta) * dh
         yG = self.beta * st.yG[name] + (1.0 - self.beta) * dg
         st.sG[name], st.yG[name] = sG, yG

@@ -160,8 +160,8 @@ class KFAC(Optimizer):
 
     # -- statistics ----------------------------------------------------------------------------------------
     def _batch_factors(self, p) -> dict:
-        taps = p.layer_stats(self.fisher)
-        return {name: kron.factors(t) for name, t in taps.items()}
+        # each layer's tap becomes its (A, G) during the backward pass: no tap outlives its layer
+        return p.layer_stats(self.fisher, lambda name, t: kron.factors(t))
 
     def _warm(self, state: KFACState, problem: Problem, theta: Any, layers) -> int:
         sums: dict = {}

@@ -46,14 +46,18 @@ def test_dense_factors_are_explicit_averages():
 
 
 def test_taps_g_is_per_example_gradient_and_grad_from_taps():
-    """Σᵢ gᵢ āᵢᵀ / N is the mean-loss gradient (gᵢ per example); grad_from_taps reproduces p.grad."""
+    """Σᵢ gᵢ āᵢᵀ / N is the mean-loss gradient (gᵢ per example); kron.weight_grad per layer,
+    assembled by grad_from_blocks, reproduces p.grad (also when taken by a layer_stats reducer)."""
     m, th = mlp()
     X, y = data((4,), 6, 3)
     p = Objective(m, "softmax_ce", X, y, l2=1e-3).at(th)
     taps = p.layer_stats("empirical")
     layers, others = kc.kron_structure(m)
     assert others == []
-    np.testing.assert_allclose(kc.grad_from_taps(m.layout, layers, others, taps, p), p.grad, rtol=1e-12, atol=1e-14)
+    blocks = {n: kron.weight_grad(t) for n, t in taps.items()}
+    np.testing.assert_allclose(kc.grad_from_blocks(m.layout, layers, blocks, p), p.grad, rtol=1e-12, atol=1e-14)
+    reduced = p.layer_stats("empirical", lambda name, t: kron.weight_grad(t))
+    assert set(reduced) == set(blocks) and all(np.array_equal(reduced[n], blocks[n]) for n in blocks)
 
 
 def test_conv_factors_patch_formulas():
@@ -76,7 +80,8 @@ def test_conv_factors_patch_formulas():
     # the gradient of the block is the sum over locations of g āᵀ, averaged over examples
     p = Objective(m, "softmax_ce", X, y).at(th)
     layers, others = kc.kron_structure(m)
-    np.testing.assert_allclose(kc.grad_from_taps(m.layout, layers, others, taps, p), p.grad, rtol=1e-11, atol=1e-13)
+    blocks = {n: kron.weight_grad(t) for n, t in taps.items()}
+    np.testing.assert_allclose(kc.grad_from_blocks(m.layout, layers, blocks, p), p.grad, rtol=1e-11, atol=1e-13)
     assert [L_.w_shape for L_ in layers] == [(3, 2, 9), (2, 3, 4), (3, 8)]
 
 

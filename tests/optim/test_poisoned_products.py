@@ -40,12 +40,13 @@ def _point_class(kind: str, poison: float, calls: list) -> type:
             return Point.grad.fget(self) * poison
         Poisoned.grad = property(grad)
     elif kind == "layer_stats":
-        def layer_stats(self, targets="empirical"):
+        def layer_stats(self, targets="empirical", reduce=None):
             calls.append(kind)
-            taps = Point.layer_stats(self, targets)
-            for t in taps.values():
-                t["g"] = t["g"] * poison
-            return taps
+
+            def poisoned(name, t):
+                t = {"kind": t["kind"], "a": t["a"], "g": t["g"] * poison}
+                return t if reduce is None else reduce(name, t)
+            return Point.layer_stats(self, targets, poisoned)
         Poisoned.layer_stats = layer_stats
     else:
         base = getattr(Point, kind)
