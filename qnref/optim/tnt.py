@@ -136,7 +136,7 @@ def cholesky_inverse(M: Any) -> Any:
     array or another dtype goes to :func:`kron.spd_inverse` (LU), whose result the driver checks."""
     import numpy  # noqa: PLC0415 - the host path only
 
-    if not isinstance(M, numpy.ndarray) or M.dtype not in (numpy.float32, numpy.float64) or M.ndim != 2:
+    if backend.is_cupy_array(M) or M.dtype not in (numpy.float32, numpy.float64) or M.ndim != 2:
         return kron.spd_inverse(M)
     from scipy.linalg import get_lapack_funcs  # noqa: PLC0415
 
