@@ -63,18 +63,22 @@ class LBFGS(Optimizer):
         set_checked(self, curvature_eps=(curvature_eps, "≥ 0"), max_evals=(max_evals, "int"), tol=(tol, "≥ 0"))
 
     def init(self, theta: Any) -> LBFGSState:
-        return LBFGSState(PairStore.empty(theta, self.memory, grams=False))
+        memory = PairStore.empty(theta, self.memory, grams=False)
+        memory.curvatures()  # sᵢᵀyᵢ kept per pair from the first append: ρᵢ is not re-formed per step
+        return LBFGSState(memory)
 
-    cost_formula = "(5m + 8 + 2t)n + m"
+    cost_formula = "(4m + 9 + 2t)n + m"
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
-        """‖∇f‖ (n), the two-loop d = −H∇f, ∇fᵀd (n), 2 per trial (θ + αd and the Wolfe slope),
-        the pair s, y and its sᵀy test (3n). With forgetting: the mean memory over a cycle (approx.)."""
+        """‖∇f‖ (n), the two-loop d = −H∇f on the kept curvatures (:meth:`~.operators.LBFGSOperator.
+        from_store`: ρᵢ k divisions), ∇fᵀd (n), 2 per trial (θ + αd and the Wolfe slope), the pair
+        s = αd, its sᵀy, sᵀs test and the kept curvature Σ s⊙y (4n). With forgetting: the mean memory
+        over a cycle (approx.)."""
         n, k = shapes.n, assume.pairs_or(self.memory)
         if self.forget_every is not None and assume.pairs is None:
             k = min(k, max(0, (self.forget_every - 1) // 2))
-        return {"grad_norm": n, **LBFGSOperator.solve_terms(n, k), "slope": n, "line_search": 2 * assume.trials * n,
-                "pair": 3 * n}
+        return {"grad_norm": n, **LBFGSOperator.solve_terms(n, k, kept_curvatures=True), "slope": n,
+                "line_search": 2 * assume.trials * n, "pair": 4 * n}
 
     def step(self, theta: Any, state: LBFGSState, problem: Problem) -> tuple[Any, LBFGSState, StepInfo]:
         o = open_step(problem, self.batch_size, theta, tol=self.tol)
@@ -85,7 +89,7 @@ class LBFGS(Optimizer):
         if self.forget_every is not None and state.k > 0 and state.k % self.forget_every == 0:
             pairs.clear()
         if pairs.count:
-            d = LBFGSOperator(pairs.S, pairs.Y).solve(g)  # a fresh array: negated in place (exact)
+            d = LBFGSOperator.from_store(pairs).solve(g)  # a fresh array: negated in place (exact)
             backend.namespace(d).negative(d, out=d)
         else:
             d = -g

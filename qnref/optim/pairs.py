@@ -1,8 +1,17 @@
 """The quasi-Newton pair store: curvature pairs (sᵢ, yᵢ) and their Gram matrices in one place.
 
-Storage convention (the one convention of the package): pairs are **rows**, oldest first, in
-preallocated ``(capacity, n)`` buffers; row i is (sᵢ, yᵢ). The papers' n × k matrices Sₖ, Yₖ are
+Storage convention (the one convention of the package): pairs are **rows** in preallocated
+``(capacity, n)`` buffers used as a ring; row i is (sᵢ, yᵢ). The papers' n × k matrices Sₖ, Yₖ are
 the transposes, so the papers' SₖᵀYₖ is ``S @ Y.T`` here and (SₖᵀYₖ)ᵢⱼ = sᵢᵀyⱼ.
+
+Ring (issue 21): the oldest pair sits in buffer row ``start``, the i-th oldest in row
+``(start + i) % capacity`` (:meth:`PairStore.rows`). Appending to a full store overwrites the
+oldest row and dropping old pairs advances ``start``: no pair is ever copied between rows on a
+step. Readers that iterate the pairs (the L-BFGS two-loop, :meth:`~.operators.LBFGSOperator.
+from_store`) read the ring rows in place; the ordered ``(count, n)`` views :attr:`PairStore.S`,
+:attr:`PairStore.Y` (oldest first, what the compact forms and the Grams need) are plain slices,
+and only when the occupied rows wrap past the end of the buffer the rows are rotated in place once
+(:meth:`PairStore.linearize`; ≈ ``count`` row copies, what every drop cost before).
 
 :class:`PairStore` optionally keeps the k × k Grams SY = S Yᵀ, SS = S Sᵀ, YY = Y Yᵀ in step with
 the pairs: :meth:`PairStore.append` borders them with the new row and column (4kn + 3n
@@ -11,10 +20,15 @@ arithmetic). The compact L-SR1 operator, its pruning test and the Gram trust-reg
 cost O(kn) + O(k³) per step ([RD16] §3: "(4m + 1)n + O(m²)" per product, the Grams updated
 incrementally). Methods that never read the Grams (L-BFGS, SQN) keep ``grams=False``.
 
+The row curvatures sᵢᵀyᵢ of the two-loop's ρᵢ = 1/sᵢᵀyᵢ ([NW06] Alg. 7.4) are formed once per pair
+(:meth:`PairStore.curvatures`: kept in step by :meth:`~PairStore.append` from their first use on),
+as the sum of sᵢ⊙yᵢ — bit for bit the rows of ``(S * Y).sum(axis=1)`` — not recomputed per step.
+
 A PairStore is a dataclass of plain arrays and ints, so it checkpoints as a state field
 (:func:`~qnref.optim.base.state_to_host`); a state restored from a checkpoint holds the plain
 dict, which :meth:`PairStore.coerce` turns back into a store (the optimizers' state classes do
-that in ``__post_init__``).
+that in ``__post_init__``; a dict written before the ring has no ``start`` and no ``sy``: its
+rows start at 0 and the curvatures are formed again on first use, with the same bits).
 
 State rule (docs/optimizers.md): the store is updated in place; a step consumes the state that
 holds it. ``copy.deepcopy`` of the state before a step resumes bit-identically.
@@ -32,13 +46,16 @@ __all__ = ["PairStore"]
 
 @dataclass
 class PairStore:
-    """Curvature pairs in ``(capacity, n)`` row buffers plus (optionally) their Grams.
+    """Curvature pairs in ``(capacity, n)`` ring buffers plus (optionally) their Grams.
 
-    Sbuf, Ybuf: the buffers; rows ``0 .. count−1`` hold the pairs, oldest first.
+    Sbuf, Ybuf: the buffers; the i-th oldest pair is row ``(start + i) % capacity``, i < count.
     count: pairs stored.
-    SY, SS, YY: ``(count, count)`` Grams S Yᵀ, S Sᵀ, Y Yᵀ of the stored pairs, or ``None`` when the
-    store does not keep them (``grams=False``) or they were invalidated (:meth:`drop_grams`);
-    :meth:`ensure_grams` rebuilds them once (O(k²n)).
+    SY, SS, YY: ``(count, count)`` Grams S Yᵀ, S Sᵀ, Y Yᵀ of the stored pairs (oldest first), or
+    ``None`` when the store does not keep them (``grams=False``) or they were invalidated
+    (:meth:`drop_grams`); :meth:`ensure_grams` rebuilds them once (O(k²n)).
+    start: buffer row of the oldest pair (0 for a checkpoint written before the ring).
+    sy: ``(capacity,)`` row curvatures sᵢᵀyᵢ = Σ sᵢ⊙yᵢ by buffer row (valid at :meth:`rows`), or
+    ``None`` until :meth:`curvatures` first forms them; :meth:`append` then keeps them.
     """
 
     Sbuf: Any
@@ -47,14 +64,20 @@ class PairStore:
     SY: Any = None
     SS: Any = None
     YY: Any = None
+    start: int = 0
+    sy: Any = None
 
     def __post_init__(self) -> None:
-        self.count = int(self.count)
+        self.count, self.start = int(self.count), int(self.start)
         if self.Sbuf.ndim != 2 or self.Sbuf.shape != self.Ybuf.shape:
             raise ValueError(f"Sbuf and Ybuf must both have shape (capacity, n); got {self.Sbuf.shape} and "
                              f"{self.Ybuf.shape}")
         if not 0 <= self.count <= self.capacity:
             raise ValueError(f"count must lie in [0, {self.capacity}], got {self.count}")
+        if not 0 <= self.start < max(self.capacity, 1):
+            raise ValueError(f"start must lie in [0, {max(self.capacity, 1) - 1}], got {self.start}")
+        if self.sy is not None and self.sy.shape != (self.capacity,):
+            raise ValueError(f"sy must have shape ({self.capacity},) or be None, got {self.sy.shape}")
         grams = (self.SY, self.SS, self.YY)
         if any(G is not None for G in grams):
             if any(G is None or G.shape != (self.count, self.count) for G in grams):
@@ -98,7 +121,8 @@ class PairStore:
 
     @classmethod
     def coerce(cls, x: "PairStore | dict") -> "PairStore":
-        """``x`` itself, or the store a checkpoint dict (:func:`~.base.state_to_host`) describes."""
+        """``x`` itself, or the store a checkpoint dict (:func:`~.base.state_to_host`) describes
+        (a dict without ``start``/``sy``, written before the ring, has its rows from 0)."""
         if isinstance(x, cls):
             return x
         if isinstance(x, dict):
@@ -123,14 +147,29 @@ class PairStore:
         return self.SY is not None
 
     @property
+    def wrapped(self) -> bool:
+        """Whether the occupied rows run past the buffer's end (ordered views need :meth:`linearize`)."""
+        return self.start + self.count > self.capacity
+
+    def rows(self) -> list[int]:
+        """Buffer rows of the stored pairs, oldest first (read in place by the two-loop)."""
+        cap = self.capacity
+        return [(self.start + i) % cap for i in range(self.count)]
+
+    @property
     def S(self) -> Any:
-        """View ``(count, n)`` of the stored s vectors, oldest first (invalidated by a mutation)."""
-        return self.Sbuf[: self.count]
+        """View ``(count, n)`` of the stored s vectors, oldest first (invalidated by a mutation;
+        rotates the ring in place first when it wraps, :meth:`linearize`)."""
+        if self.wrapped:
+            self.linearize()
+        return self.Sbuf[self.start: self.start + self.count]
 
     @property
     def Y(self) -> Any:
-        """View ``(count, n)`` of the stored y vectors, oldest first."""
-        return self.Ybuf[: self.count]
+        """View ``(count, n)`` of the stored y vectors, oldest first (as :attr:`S`)."""
+        if self.wrapped:
+            self.linearize()
+        return self.Ybuf[self.start: self.start + self.count]
 
     def __len__(self) -> int:
         return self.count
@@ -139,7 +178,40 @@ class PairStore:
         """The newest pair (s, y) as views; ``IndexError`` when empty."""
         if self.count == 0:
             raise IndexError("PairStore is empty")
-        return self.Sbuf[self.count - 1], self.Ybuf[self.count - 1]
+        r = (self.start + self.count - 1) % self.capacity
+        return self.Sbuf[r], self.Ybuf[r]
+
+    def linearize(self) -> None:
+        """Rotate the ring in place so the oldest pair is buffer row 0 (``start = 0``): the wrapped
+        head rows are saved, the others moved down one row at a time (non-overlapping copies, safe on
+        CuPy, whose slice assignment does not guard against overlap), the head written after them;
+        count + (wrapped rows) row copies per buffer. Logical contents, Grams and curvatures unchanged."""
+        r, k, cap = self.start, self.count, self.capacity
+        if r == 0:
+            return
+        head = max(0, r + k - cap)  # pairs wrapped to buffer rows 0 .. head − 1
+        for buf in (self.Sbuf, self.Ybuf):
+            saved = buf[:head].copy()
+            for i in range(k - head):  # row r + i → i, ascending: a row is read before it is written
+                buf[i] = buf[r + i]
+            buf[k - head: k] = saved
+        if self.sy is not None:
+            self.sy = backend.namespace(self.sy).roll(self.sy, -r)
+        self.start = 0
+
+    # -- row curvatures -------------------------------------------------------------------------------
+    def _curvature(self, row: int) -> Any:
+        """sᵀy of one buffer row as Σ s⊙y (NumPy's pairwise sum: the bits of ``(S * Y).sum(axis=1)``)."""
+        return (self.Sbuf[row] * self.Ybuf[row]).sum()
+
+    def curvatures(self) -> Any:
+        """The ``(capacity,)`` row curvatures :attr:`sy` (index them by :meth:`rows`): formed on the
+        first call (count · 2n), kept in step by :meth:`append` afterwards (2n per pair)."""
+        if self.sy is None:
+            self.sy = backend.namespace(self.Sbuf).zeros(self.capacity, dtype=self.Sbuf.dtype)
+            for r in self.rows():
+                self.sy[r] = self._curvature(r)
+        return self.sy
 
     # -- Grams ----------------------------------------------------------------------------------------
     def ensure_grams(self) -> "PairStore":
@@ -162,8 +234,9 @@ class PairStore:
 
     # -- mutation -------------------------------------------------------------------------------------
     def append(self, s: Any, y: Any) -> None:
-        """Store (s, y) (copied) as the newest pair, dropping the oldest first when full; the kept
-        Grams are bordered with the new row/column (4kn + 3n multiplications)."""
+        """Store (s, y) (copied) as the newest pair, overwriting the oldest when full; the kept
+        Grams are bordered with the new row/column (4kn + 3n multiplications), the kept row
+        curvatures get sᵀy (2n)."""
         backend.namespace(self.Sbuf, s, y)  # raises on a host/device mix
         if s.shape != (self.n,) or y.shape != (self.n,):
             raise ValueError(f"s and y must have shape ({self.n},), got {s.shape} and {y.shape}")
@@ -171,8 +244,11 @@ class PairStore:
             self.drop_oldest(1)
         if self.SY is not None:
             self._border(s, y)
-        self.Sbuf[self.count] = s
-        self.Ybuf[self.count] = y
+        row = (self.start + self.count) % self.capacity
+        self.Sbuf[row] = s
+        self.Ybuf[row] = y
+        if self.sy is not None:
+            self.sy[row] = self._curvature(row)
         self.count += 1
 
     def _border(self, s: Any, y: Any) -> None:
@@ -195,7 +271,8 @@ class PairStore:
         self.YY = border(self.YY, Yy, Yy, yy)
 
     def drop_oldest(self, k: int = 1) -> None:
-        """Forget the ``k`` oldest pairs (all of them when ``k >= count``); Grams sliced."""
+        """Forget the ``k`` oldest pairs (all of them when ``k >= count``): ``start`` advances, no
+        row is copied; Grams sliced."""
         k = int(k)
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
@@ -204,11 +281,7 @@ class PairStore:
         if k >= self.count:
             self.clear()
             return
-        # rows k..count−1 → 0..count−k−1 one row at a time: non-overlapping copies, safe on CuPy
-        # too (whose slice assignment does not guard against overlap)
-        for i in range(self.count - k):
-            self.Sbuf[i] = self.Sbuf[i + k]
-            self.Ybuf[i] = self.Ybuf[i + k]
+        self.start = (self.start + k) % self.capacity  # the ring: no row moves
         self.count -= k
         if self.SY is not None:
             self.SY = self.SY[k:, k:].copy()
@@ -216,8 +289,8 @@ class PairStore:
             self.YY = self.YY[k:, k:].copy()
 
     def clear(self) -> None:
-        """Forget every pair (buffers kept; kept Grams become 0 × 0)."""
-        self.count = 0
+        """Forget every pair (buffers kept, ``start`` back to 0; kept Grams become 0 × 0)."""
+        self.count = self.start = 0
         if self.SY is not None:
             self.SY, self.SS, self.YY = self.SY[:0, :0].copy(), self.SS[:0, :0].copy(), self.YY[:0, :0].copy()
 

@@ -175,3 +175,120 @@ def test_like_dtype():
     assert mem.Sbuf.dtype == np.float32 and mem.SY.dtype == np.float32 and mem.n == 5 and mem.capacity == 2
     mem.append(np.ones(5, dtype=np.float32), np.ones(5, dtype=np.float32))
     assert mem.SY.dtype == np.float32
+
+
+# -- the ring (issue 21): rows never move on append/drop; ordered views rotate in place when wrapped --
+def _oracle_step(rng, store, rows, n, cap):
+    """One random mutation of ``store`` and of the oracle list ``rows`` (oldest first)."""
+    op = rng.choice(["append", "append", "append", "drop", "clear"], p=[.35, .25, .2, .15, .05])
+    if op == "append":
+        s, y = rng.standard_normal(n), rng.standard_normal(n)
+        store.append(s, y)
+        return (rows + [(s, y)])[-cap:]
+    if op == "drop":
+        k = int(rng.integers(0, 3))
+        store.drop_oldest(k)
+        return rows[k:]
+    store.clear()
+    return []
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("grams", [True, False])
+def test_ring_rows_against_a_list_of_pairs(seed, grams):
+    """rows(), newest(), the kept curvatures and (sometimes read) ordered views equal a plain list of
+    pairs through random appends, drops and clears — with the ring left wrapped between reads."""
+    rng = np.random.default_rng(seed)
+    n, cap = 9, 5
+    store = PairStore.empty(np.zeros(n), cap, grams=grams)
+    store.curvatures()  # kept from now on
+    rows, wrapped_seen, offset_seen = [], 0, 0
+    for _ in range(120):
+        rows = _oracle_step(rng, store, rows, n, cap)
+        assert store.count == len(rows) and store.rows() == [(store.start + i) % cap for i in range(len(rows))]
+        wrapped_seen += store.wrapped
+        offset_seen += store.start > 0
+        for r, (s, y) in zip(store.rows(), rows):  # the ring read in place, no reordering
+            np.testing.assert_array_equal(store.Sbuf[r], s)
+            np.testing.assert_array_equal(store.Ybuf[r], y)
+            assert store.sy[r] == (s * y).sum()  # the bits of (S * Y).sum(axis=1)
+        if rows:
+            np.testing.assert_array_equal(store.newest()[0], rows[-1][0])
+            np.testing.assert_array_equal(store.newest()[1], rows[-1][1])
+        if rng.random() < 0.3:  # an ordered read: rotates a wrapped ring, contents unchanged
+            was_wrapped = store.wrapped
+            np.testing.assert_array_equal(store.S, np.array([s for s, _ in rows]).reshape(-1, n))
+            np.testing.assert_array_equal(store.Y, np.array([y for _, y in rows]).reshape(-1, n))
+            assert not store.wrapped and (store.start == 0 or not was_wrapped)
+            if grams:
+                assert_grams_fresh(store)
+    assert wrapped_seen > 10 and offset_seen > 10  # the sequences exercised the ring
+
+
+@pytest.mark.parametrize("cap", [1, 2, 3, 5])
+def test_linearize_every_start_and_count(cap):
+    """linearize() rotates every (start, count) ring to start = 0 with the rows, curvatures and
+    Grams of the oracle (each row moved once; the wrapped head saved)."""
+    rng = np.random.default_rng(cap)
+    n = 4
+    for start in range(cap):
+        for count in range(cap + 1):
+            S, Y = rng.standard_normal((cap, n)), rng.standard_normal((cap, n))
+            store = PairStore(S.copy(), Y.copy(), count, start=start)
+            store.curvatures()
+            order = [(start + i) % cap for i in range(count)]
+            sy = store.sy.copy()
+            store.linearize()
+            assert store.start == 0 and store.rows() == list(range(count))
+            np.testing.assert_array_equal(store.Sbuf[:count], S[order])
+            np.testing.assert_array_equal(store.Ybuf[:count], Y[order])
+            np.testing.assert_array_equal(store.sy[:count], sy[order])
+
+
+def test_full_ring_append_moves_no_row():
+    """Appending to a full store writes one row of each buffer and advances ``start``: the other
+    rows are untouched (same memory, same values) — no per-step copies of S and Y."""
+    rng = np.random.default_rng(3)
+    store = PairStore.empty(np.zeros(6), 4, grams=False)
+    for _ in range(4):
+        store.append(rng.standard_normal(6), rng.standard_normal(6))
+    S0, Sbuf = store.Sbuf.copy(), store.Sbuf
+    s, y = rng.standard_normal(6), rng.standard_normal(6)
+    store.append(s, y)
+    assert store.Sbuf is Sbuf and store.start == 1 and store.wrapped
+    np.testing.assert_array_equal(store.Sbuf[1:], S0[1:])
+    np.testing.assert_array_equal(store.Sbuf[0], s)
+    np.testing.assert_array_equal(store.newest()[1], y)
+
+
+def test_ring_checkpoint_round_trip_and_old_format():
+    """A wrapped ring with kept curvatures round-trips through a checkpoint and continues bit for
+    bit; a dict written before the ring (no ``start``, no ``sy``) loads with its rows from 0."""
+    rng = np.random.default_rng(4)
+    store = PairStore.empty(np.zeros(5), 3, grams=False)
+    store.curvatures()
+    for _ in range(5):
+        store.append(rng.standard_normal(5), rng.standard_normal(5))
+    assert store.wrapped and store.sy is not None
+    back = state_from_host(_State, state_to_host(_State(store))).pairs
+    assert back.start == store.start and np.array_equal(back.sy, store.sy) and back.rows() == store.rows()
+    s, y = rng.standard_normal(5), rng.standard_normal(5)
+    store.append(s, y)
+    back.append(s, y)
+    for a, b in ((store.Sbuf, back.Sbuf), (store.sy, back.sy)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(store.S, back.S)
+    # the old form: rows 0..count−1 oldest first, no start, no curvatures
+    S, Y = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    old = {"__class__": "PairStore", "Sbuf": S, "Ybuf": Y, "count": 2, "SY": None, "SS": None, "YY": None}
+    st = state_from_host(_State, state_to_host(_State(PairStore.empty(np.zeros(5), 3, grams=False))) | {"pairs": old}).pairs
+    assert st.start == 0 and st.sy is None and st.rows() == [0, 1]
+    np.testing.assert_array_equal(st.curvatures()[:2], (S[:2] * Y[:2]).sum(axis=1))
+    np.testing.assert_array_equal(st.S, S[:2])
+
+
+def test_bad_ring_fields_are_rejected():
+    with pytest.raises(ValueError, match="start must lie in"):
+        PairStore(np.zeros((2, 3)), np.zeros((2, 3)), 1, start=2)
+    with pytest.raises(ValueError, match="sy must have shape"):
+        PairStore(np.zeros((2, 3)), np.zeros((2, 3)), 1, sy=np.zeros(3))
