@@ -175,7 +175,7 @@ class LBFGSPeerRatio(_OptimizerPair):
 
     unit = "ratio qnref/torch"
     timeout = 900
-    version = "21.1"
+    version = "21.2"  # 21.2: the pair ring, kept curvatures and fused two-loop updates
 
     def setup(self):
         _need_torch()
