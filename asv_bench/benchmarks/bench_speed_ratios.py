@@ -246,7 +246,7 @@ class KroneckerPeakMemory:
     param_names = ["optimizer"]
     unit = "ratio to an SGD-momentum step"
     timeout = 600
-    version = "21.1"
+    version = "21.2"  # 21.2: streamed conv taps, θ point released before the θ⁺ pass
 
     def track_peak_ratio_to_momentum(self, name):
         peaks = {}
@@ -265,7 +265,7 @@ class KroneckerStepPeakRSS:
     params = [["momentum", "kfac", "kbfgs", "shampoo", "tnt"]]
     param_names = ["optimizer"]
     timeout = 600
-    version = "21.1"
+    version = "21.2"  # 21.2: streamed conv taps, θ point released before the θ⁺ pass
 
     def peakmem_step(self, name):
         step = _resnet_stepper(name)
