@@ -261,9 +261,36 @@ def pi_split(A: Any, G: Any) -> float:
 
 
 def spd_inverse(M: Any) -> Any:
-    """Inverse of a symmetric positive-definite matrix (symmetrised)."""
+    """Inverse of a symmetric positive-definite matrix (of ½(M + Mᵀ); the result is symmetric).
+
+    On the host by its Cholesky factor (LAPACK potrf + potri on the lower triangle, mirrored:
+    exactly symmetric): d³/2 multiplications against the 4d³/3 of an LU inverse, ≈ 4× faster in
+    float32 on OpenBLAS (issue 21). A matrix that is not numerically positive definite (potrf
+    fails), a CuPy array or another dtype takes the LU inverse, whose result callers check."""
     xp = backend.namespace(M)
-    return sym(xp.linalg.inv(sym(M)))
+    S = sym(M)
+    H = None if backend.is_cupy_array(S) else _cholesky_inverse(S)
+    return H if H is not None else sym(xp.linalg.inv(S))
+
+
+def _cholesky_inverse(S: Any) -> Any:
+    """S⁻¹ by potrf + potri for a float32/float64 host matrix; None when S is not positive definite."""
+    import numpy  # noqa: PLC0415 - host path only
+
+    if S.dtype not in (numpy.float32, numpy.float64) or S.ndim != 2:
+        return None
+    from scipy.linalg import get_lapack_funcs  # noqa: PLC0415
+
+    potrf, potri = get_lapack_funcs(("potrf", "potri"), (S,))
+    c, info = potrf(S, lower=True, clean=False)
+    if info == 0:
+        c, info = potri(c, lower=True, overwrite_c=True)
+    if info != 0:
+        return None
+    L = numpy.tril(c)
+    L += L.T                                  # off-diagonal x + 0 and diagonal 2x: exact
+    L.reshape(-1)[:: L.shape[0] + 1] *= 0.5
+    return L
 
 
 def damped_inverses(A: Any, G: Any, damping: float, *, use_pi: bool = True) -> tuple[Any, Any, float]:

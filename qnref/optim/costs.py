@@ -53,13 +53,20 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-__all__ = ["algebra_flops", "model_shapes", "ModelShapes", "CostAssumptions", "flops_inv", "flops_solve",
+__all__ = ["algebra_flops", "model_shapes", "ModelShapes", "CostAssumptions", "flops_inv", "flops_spd_inv", "flops_solve",
            "flops_eigvalsh", "flops_eigh", "flops_svd", "flops_qr"]
 
 
 # -- LAPACK nominal costs (multiplications) --------------------------------------------------------
 def flops_inv(d: int) -> float:
+    """A general d × d inverse (LU: getrf + getri), in multiplications."""
     return d ** 3
+
+
+def flops_spd_inv(d: int) -> float:
+    """A symmetric positive-definite inverse by Cholesky (potrf + potri, :func:`kron.spd_inverse`):
+    d³/6 + d³/3 multiplications."""
+    return d ** 3 / 2
 
 
 def flops_solve(d: int, rhs: int) -> float:

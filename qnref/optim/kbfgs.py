@@ -77,7 +77,7 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
-from .costs import CostAssumptions, ModelShapes, flops_inv
+from .costs import CostAssumptions, ModelShapes, flops_inv, flops_spd_inv
 from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_int, check_positive, check_range
 from .operators import LBFGSOperator, bfgs_inverse_update
 from .pairs import PairStore
@@ -212,7 +212,7 @@ class KBFGS(Optimizer):
         for o, a in lay:
             est = N * a * a + a * a + (2 * a * a if self.hessian_action == "moving-average" else 0)
             if self.exact_inverse:
-                upd_a += est + a * a + flops_inv(a) + 2 * a * a     # + λ_A I, sym, inverse, sym
+                upd_a += est + a * a + flops_spd_inv(a) + 2 * a * a     # + λ_A I, sym, inverse, sym
             else:
                 ya = 2 * N * a + a if self.hessian_action == "minibatch" else est + a * a
                 upd_a += 3 * a + a * a + ya + _bfgs_inverse_update_flops(a)

