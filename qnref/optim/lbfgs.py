@@ -34,14 +34,15 @@ from .registry import register
 
 @dataclass
 class LBFGSState:
-    """memory: the (s, y) rows (:class:`~.pairs.PairStore`, no Grams); k: steps done. A step
-    consumes the state it is given (docs/optimizers.md, "State rule")."""
+    """memory: the (s, y) rows (:class:`~.pairs.PairStore`, a ring with its row curvatures, no
+    Grams); k: steps done. A step consumes the state it is given (docs/optimizers.md, "State rule")."""
 
     memory: PairStore
     k: int = 0
 
     def __post_init__(self) -> None:
         self.memory = PairStore.coerce(self.memory)
+        self.memory.ring = True  # read in place by the two-loop (a store from a pre-ring checkpoint too)
 
 
 @register("lbfgs")
@@ -63,7 +64,7 @@ class LBFGS(Optimizer):
         set_checked(self, curvature_eps=(curvature_eps, "≥ 0"), max_evals=(max_evals, "int"), tol=(tol, "≥ 0"))
 
     def init(self, theta: Any) -> LBFGSState:
-        memory = PairStore.empty(theta, self.memory, grams=False)
+        memory = PairStore.empty(theta, self.memory, grams=False, ring=True)  # appends move no row
         memory.curvatures()  # sᵢᵀyᵢ kept per pair from the first append: ρᵢ is not re-formed per step
         return LBFGSState(memory)
 

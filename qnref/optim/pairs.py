@@ -4,14 +4,19 @@ Storage convention (the one convention of the package): pairs are **rows** in pr
 ``(capacity, n)`` buffers used as a ring; row i is (sᵢ, yᵢ). The papers' n × k matrices Sₖ, Yₖ are
 the transposes, so the papers' SₖᵀYₖ is ``S @ Y.T`` here and (SₖᵀYₖ)ᵢⱼ = sᵢᵀyⱼ.
 
-Ring (issue 21): the oldest pair sits in buffer row ``start``, the i-th oldest in row
-``(start + i) % capacity`` (:meth:`PairStore.rows`). Appending to a full store overwrites the
-oldest row and dropping old pairs advances ``start``: no pair is ever copied between rows on a
-step. Readers that iterate the pairs (the L-BFGS two-loop, :meth:`~.operators.LBFGSOperator.
-from_store`) read the ring rows in place; the ordered ``(count, n)`` views :attr:`PairStore.S`,
-:attr:`PairStore.Y` (oldest first, what the compact forms and the Grams need) are plain slices,
-and only when the occupied rows wrap past the end of the buffer the rows are rotated in place once
-(:meth:`PairStore.linearize`; ≈ ``count`` row copies, what every drop cost before).
+Layout (issue 21): the oldest pair sits in buffer row ``start``, the i-th oldest in row
+``(start + i) % capacity`` (:meth:`PairStore.rows`); dropping old pairs advances ``start`` (no row
+moves) and the ordered ``(count, n)`` views :attr:`PairStore.S`, :attr:`PairStore.Y` (oldest first,
+what the compact forms and the Grams need) are plain slices of the buffers. Two append policies:
+
+* ``ring=False`` (default; stores read in order every step — L-SR1's Grams and compact forms,
+  K-BFGS(L)'s compact H_G): the rows never wrap. An append that would wrap shifts the pairs down
+  once (:meth:`PairStore.linearize`; the dropped row needs no saving: count row copies, what every
+  drop cost before), so ordered reads never copy.
+* ``ring=True`` (L-BFGS, whose two-loop reads the rows in place,
+  :meth:`~.operators.LBFGSOperator.from_store`): appending to a full store overwrites the oldest
+  row — no pair is ever copied between rows. An ordered read of a wrapped ring rotates it in
+  place once (count + wrapped rows copies).
 
 :class:`PairStore` optionally keeps the k × k Grams SY = S Yᵀ, SS = S Sᵀ, YY = Y Yᵀ in step with
 the pairs: :meth:`PairStore.append` borders them with the new row and column (4kn + 3n
@@ -27,8 +32,9 @@ as the sum of sᵢ⊙yᵢ — bit for bit the rows of ``(S * Y).sum(axis=1)`` �
 A PairStore is a dataclass of plain arrays and ints, so it checkpoints as a state field
 (:func:`~qnref.optim.base.state_to_host`); a state restored from a checkpoint holds the plain
 dict, which :meth:`PairStore.coerce` turns back into a store (the optimizers' state classes do
-that in ``__post_init__``; a dict written before the ring has no ``start`` and no ``sy``: its
-rows start at 0 and the curvatures are formed again on first use, with the same bits).
+that in ``__post_init__``; a dict written before the ring has no ``start``, ``sy`` or ``ring``: its
+rows start at 0, the curvatures are formed again on first use, with the same bits, and the append
+policy is the default).
 
 State rule (docs/optimizers.md): the store is updated in place; a step consumes the state that
 holds it. ``copy.deepcopy`` of the state before a step resumes bit-identically.
@@ -46,7 +52,7 @@ __all__ = ["PairStore"]
 
 @dataclass
 class PairStore:
-    """Curvature pairs in ``(capacity, n)`` ring buffers plus (optionally) their Grams.
+    """Curvature pairs in ``(capacity, n)`` row buffers plus (optionally) their Grams.
 
     Sbuf, Ybuf: the buffers; the i-th oldest pair is row ``(start + i) % capacity``, i < count.
     count: pairs stored.
@@ -56,6 +62,8 @@ class PairStore:
     start: buffer row of the oldest pair (0 for a checkpoint written before the ring).
     sy: ``(capacity,)`` row curvatures sᵢᵀyᵢ = Σ sᵢ⊙yᵢ by buffer row (valid at :meth:`rows`), or
     ``None`` until :meth:`curvatures` first forms them; :meth:`append` then keeps them.
+    ring: the append policy (module docstring): True overwrites the oldest row of a full store,
+    False keeps the rows unwrapped. A layout choice only: the pairs and their order are the same.
     """
 
     Sbuf: Any
@@ -66,9 +74,10 @@ class PairStore:
     YY: Any = None
     start: int = 0
     sy: Any = None
+    ring: bool = False
 
     def __post_init__(self) -> None:
-        self.count, self.start = int(self.count), int(self.start)
+        self.count, self.start, self.ring = int(self.count), int(self.start), bool(self.ring)
         if self.Sbuf.ndim != 2 or self.Sbuf.shape != self.Ybuf.shape:
             raise ValueError(f"Sbuf and Ybuf must both have shape (capacity, n); got {self.Sbuf.shape} and "
                              f"{self.Ybuf.shape}")
@@ -85,8 +94,9 @@ class PairStore:
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
-    def empty(cls, like: Any, capacity: int, *, grams: bool = True) -> "PairStore":
-        """An empty store for vectors shaped, typed and placed like the 1-D array ``like``."""
+    def empty(cls, like: Any, capacity: int, *, grams: bool = True, ring: bool = False) -> "PairStore":
+        """An empty store for vectors shaped, typed and placed like the 1-D array ``like``
+        (``ring``: the append policy, see the module docstring)."""
         capacity = int(capacity)
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -100,7 +110,7 @@ class PairStore:
         except (MemoryError, ValueError, OverflowError):  # numpy's and CuPy's refusals of huge shapes
             raise ValueError(f"memory (pair capacity) {capacity} is too large: two {capacity} × {n} arrays of "
                              f"{like.dtype} cannot be allocated; choose a smaller memory") from None
-        return cls(S, Y, 0, z, None if z is None else z.copy(), None if z is None else z.copy())
+        return cls(S, Y, 0, z, None if z is None else z.copy(), None if z is None else z.copy(), ring=ring)
 
     @classmethod
     def from_rows(cls, S: Any, Y: Any, *, capacity: int | None = None, grams: bool = True) -> "PairStore":
@@ -122,7 +132,7 @@ class PairStore:
     @classmethod
     def coerce(cls, x: "PairStore | dict") -> "PairStore":
         """``x`` itself, or the store a checkpoint dict (:func:`~.base.state_to_host`) describes
-        (a dict without ``start``/``sy``, written before the ring, has its rows from 0)."""
+        (a dict without ``start``/``sy``/``ring``, written before the ring, has its rows from 0)."""
         if isinstance(x, cls):
             return x
         if isinstance(x, dict):
@@ -191,10 +201,11 @@ class PairStore:
             return
         head = max(0, r + k - cap)  # pairs wrapped to buffer rows 0 .. head − 1
         for buf in (self.Sbuf, self.Ybuf):
-            saved = buf[:head].copy()
+            saved = buf[:head].copy() if head else None
             for i in range(k - head):  # row r + i → i, ascending: a row is read before it is written
                 buf[i] = buf[r + i]
-            buf[k - head: k] = saved
+            if head:
+                buf[k - head: k] = saved
         if self.sy is not None:
             self.sy = backend.namespace(self.sy).roll(self.sy, -r)
         self.start = 0
@@ -234,7 +245,8 @@ class PairStore:
 
     # -- mutation -------------------------------------------------------------------------------------
     def append(self, s: Any, y: Any) -> None:
-        """Store (s, y) (copied) as the newest pair, overwriting the oldest when full; the kept
+        """Store (s, y) (copied) as the newest pair, dropping the oldest first when full (a ring
+        overwrites its row; otherwise a pair that would wrap shifts the rows down once); the kept
         Grams are bordered with the new row/column (4kn + 3n multiplications), the kept row
         curvatures get sᵀy (2n)."""
         backend.namespace(self.Sbuf, s, y)  # raises on a host/device mix
@@ -242,6 +254,8 @@ class PairStore:
             raise ValueError(f"s and y must have shape ({self.n},), got {s.shape} and {y.shape}")
         if self.full:
             self.drop_oldest(1)
+        if not self.ring and self.start + self.count == self.capacity:
+            self.linearize()  # the new row would wrap: shift down (nothing wrapped yet, nothing saved)
         if self.SY is not None:
             self._border(s, y)
         row = (self.start + self.count) % self.capacity

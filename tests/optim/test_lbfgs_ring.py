@@ -13,8 +13,8 @@ from qnref.optim.operators import LBFGSOperator, axpy_
 from qnref.optim.pairs import PairStore
 
 
-def _filled_ring(rng, n, cap, appends, dtype=np.float64, keep=True):
-    store = PairStore.empty(np.zeros(n, dtype=dtype), cap, grams=False)
+def _filled_ring(rng, n, cap, appends, dtype=np.float64, keep=True, ring=True):
+    store = PairStore.empty(np.zeros(n, dtype=dtype), cap, grams=False, ring=ring)
     if keep:
         store.curvatures()
     for _ in range(appends):
@@ -25,12 +25,13 @@ def _filled_ring(rng, n, cap, appends, dtype=np.float64, keep=True):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("appends", [1, 3, 4, 7, 9])
-def test_from_store_same_bits_as_ordered_rows(dtype, appends):
+@pytest.mark.parametrize("ring", [True, False])
+def test_from_store_same_bits_as_ordered_rows(dtype, appends, ring):
     """from_store on a (wrapped) ring = LBFGSOperator(S, Y) on ordered copies, bit for bit, for H v
     (two-loop, kept curvatures) and the compact forms (gathered rows); the store is not rotated."""
     rng = np.random.default_rng(appends)
     n, cap = 50, 4
-    store = _filled_ring(rng, n, cap, appends, dtype)
+    store = _filled_ring(rng, n, cap, appends, dtype, ring=ring)
     v, V = rng.standard_normal(n).astype(dtype), rng.standard_normal((n, 3)).astype(dtype)
     start, wrapped = store.start, store.wrapped
     S = np.array([store.Sbuf[r] for r in store.rows()])
@@ -55,7 +56,7 @@ def test_from_store_dense_oracle_on_a_wrapped_ring():
     n, cap = 6, 3
     A = rng.standard_normal((n, n))
     A = A @ A.T + n * np.eye(n)  # SPD: every pair has sᵀy > 0
-    store = PairStore.empty(np.zeros(n), cap, grams=False)
+    store = PairStore.empty(np.zeros(n), cap, grams=False, ring=True)
     for _ in range(5):
         s = rng.standard_normal(n)
         store.append(s, A @ s)
@@ -140,15 +141,18 @@ def test_lbfgs_step_memory_is_a_ring_and_resumes_from_old_checkpoints():
     opt = make_optimizer("lbfgs", batch_size=None, memory=3)
     theta = model.init(0)
     state = opt.init(theta)
-    for _ in range(6):
+    for _ in range(10):
         theta, state, info = opt.step(theta, state, prob)
+        if state.memory.count == 3 and state.memory.start > 0:
+            break
     mem = state.memory
-    assert mem.count == 3 and mem.sy is not None
+    assert mem.count == 3 and mem.sy is not None and mem.ring and mem.start > 0
     d = state_to_host(state)
     S = np.array([mem.Sbuf[r] for r in mem.rows()])
     Y = np.array([mem.Ybuf[r] for r in mem.rows()])
     d["memory"] = {"Sbuf": S, "Ybuf": Y, "count": 3, "SY": None, "SS": None, "YY": None}
     old = state_from_host(LBFGSState, d)
+    assert old.memory.ring and old.memory.start == 0 and old.memory.sy is None
     t1, t2, s1, s2 = theta, theta.copy(), state, old
     for _ in range(4):
         t1, s1, _ = opt.step(t1, s1, prob)

@@ -177,7 +177,8 @@ def test_like_dtype():
     assert mem.SY.dtype == np.float32
 
 
-# -- the ring (issue 21): rows never move on append/drop; ordered views rotate in place when wrapped --
+# -- layout (issue 21): drops move no row; a ring's appends move none either and its ordered views rotate
+# in place when wrapped; a store without the ring never wraps (its ordered views never copy) -----------
 def _oracle_step(rng, store, rows, n, cap):
     """One random mutation of ``store`` and of the oracle list ``rows`` (oldest first)."""
     op = rng.choice(["append", "append", "append", "drop", "clear"], p=[.35, .25, .2, .15, .05])
@@ -195,12 +196,13 @@ def _oracle_step(rng, store, rows, n, cap):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("grams", [True, False])
-def test_ring_rows_against_a_list_of_pairs(seed, grams):
+@pytest.mark.parametrize("ring", [True, False])
+def test_ring_rows_against_a_list_of_pairs(seed, grams, ring):
     """rows(), newest(), the kept curvatures and (sometimes read) ordered views equal a plain list of
     pairs through random appends, drops and clears — with the ring left wrapped between reads."""
     rng = np.random.default_rng(seed)
     n, cap = 9, 5
-    store = PairStore.empty(np.zeros(n), cap, grams=grams)
+    store = PairStore.empty(np.zeros(n), cap, grams=grams, ring=ring)
     store.curvatures()  # kept from now on
     rows, wrapped_seen, offset_seen = [], 0, 0
     for _ in range(120):
@@ -222,7 +224,8 @@ def test_ring_rows_against_a_list_of_pairs(seed, grams):
             assert not store.wrapped and (store.start == 0 or not was_wrapped)
             if grams:
                 assert_grams_fresh(store)
-    assert wrapped_seen > 10 and offset_seen > 10  # the sequences exercised the ring
+    assert offset_seen > (10 if ring else 0)  # drops advanced start
+    assert wrapped_seen > 10 if ring else wrapped_seen == 0  # the sequences exercised the ring
 
 
 @pytest.mark.parametrize("cap", [1, 2, 3, 5])
@@ -249,7 +252,7 @@ def test_full_ring_append_moves_no_row():
     """Appending to a full store writes one row of each buffer and advances ``start``: the other
     rows are untouched (same memory, same values) — no per-step copies of S and Y."""
     rng = np.random.default_rng(3)
-    store = PairStore.empty(np.zeros(6), 4, grams=False)
+    store = PairStore.empty(np.zeros(6), 4, grams=False, ring=True)
     for _ in range(4):
         store.append(rng.standard_normal(6), rng.standard_normal(6))
     S0, Sbuf = store.Sbuf.copy(), store.Sbuf
@@ -259,19 +262,26 @@ def test_full_ring_append_moves_no_row():
     np.testing.assert_array_equal(store.Sbuf[1:], S0[1:])
     np.testing.assert_array_equal(store.Sbuf[0], s)
     np.testing.assert_array_equal(store.newest()[1], y)
+    # without the ring the pairs shift down once instead, and the ordered view is a plain slice
+    flat = PairStore.from_rows(S0, S0, grams=False)
+    flat.append(s, y)
+    assert flat.start == 0 and not flat.wrapped and not flat.ring
+    np.testing.assert_array_equal(flat.Sbuf, np.vstack([S0[1:], s]))
+    assert np.shares_memory(flat.S, flat.Sbuf)
 
 
 def test_ring_checkpoint_round_trip_and_old_format():
     """A wrapped ring with kept curvatures round-trips through a checkpoint and continues bit for
     bit; a dict written before the ring (no ``start``, no ``sy``) loads with its rows from 0."""
     rng = np.random.default_rng(4)
-    store = PairStore.empty(np.zeros(5), 3, grams=False)
+    store = PairStore.empty(np.zeros(5), 3, grams=False, ring=True)
     store.curvatures()
     for _ in range(5):
         store.append(rng.standard_normal(5), rng.standard_normal(5))
     assert store.wrapped and store.sy is not None
     back = state_from_host(_State, state_to_host(_State(store))).pairs
     assert back.start == store.start and np.array_equal(back.sy, store.sy) and back.rows() == store.rows()
+    assert back.ring
     s, y = rng.standard_normal(5), rng.standard_normal(5)
     store.append(s, y)
     back.append(s, y)
@@ -282,7 +292,7 @@ def test_ring_checkpoint_round_trip_and_old_format():
     S, Y = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
     old = {"__class__": "PairStore", "Sbuf": S, "Ybuf": Y, "count": 2, "SY": None, "SS": None, "YY": None}
     st = state_from_host(_State, state_to_host(_State(PairStore.empty(np.zeros(5), 3, grams=False))) | {"pairs": old}).pairs
-    assert st.start == 0 and st.sy is None and st.rows() == [0, 1]
+    assert st.start == 0 and st.sy is None and st.rows() == [0, 1] and not st.ring
     np.testing.assert_array_equal(st.curvatures()[:2], (S[:2] * Y[:2]).sum(axis=1))
     np.testing.assert_array_equal(st.S, S[:2])
 
