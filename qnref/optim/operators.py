@@ -49,7 +49,7 @@ SINGULAR_RTOL = 1e-10
 
 __all__ = ["SINGULAR_RTOL", "sym_rcond", "LBFGSOperator", "LSR1Operator", "lsr1_middle_inverse",
            "lsr1_inverse_middle", "psi_gram", "lsr1_prune_count", "lsr1_prune", "bfgs_inverse_update", "DenseInverseBFGS",
-           "sr1_skip", "operator_flops", "lsr1_prune_flops"]
+           "sr1_skip", "operator_flops", "lsr1_prune_flops", "axpy_"]
 
 
 def _check_pairs(S: Any, Y: Any) -> tuple[Any, int, int]:

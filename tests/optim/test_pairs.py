@@ -291,7 +291,8 @@ def test_ring_checkpoint_round_trip_and_old_format():
     # the old form: rows 0..count−1 oldest first, no start, no curvatures
     S, Y = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
     old = {"__class__": "PairStore", "Sbuf": S, "Ybuf": Y, "count": 2, "SY": None, "SS": None, "YY": None}
-    st = state_from_host(_State, state_to_host(_State(PairStore.empty(np.zeros(5), 3, grams=False))) | {"pairs": old}).pairs
+    saved = state_to_host(_State(PairStore.empty(np.zeros(5), 3, grams=False))) | {"pairs": old}
+    st = state_from_host(_State, saved).pairs
     assert st.start == 0 and st.sy is None and st.rows() == [0, 1] and not st.ring
     np.testing.assert_array_equal(st.curvatures()[:2], (S[:2] * Y[:2]).sum(axis=1))
     np.testing.assert_array_equal(st.S, S[:2])
