@@ -266,10 +266,13 @@ def spd_inverse(M: Any) -> Any:
     On the host by its Cholesky factor (LAPACK potrf + potri on the lower triangle, mirrored:
     exactly symmetric): d³/2 multiplications against the 4d³/3 of an LU inverse, ≈ 4× faster in
     float32 on OpenBLAS (issue 21). A matrix that is not numerically positive definite (potrf
-    fails), a CuPy array or another dtype takes the LU inverse, whose result callers check."""
+    fails), a CuPy array or another dtype takes the LU inverse, whose result callers check; so does
+    everything under ``qnref.nn.conv.KERNELS = "xp"`` (the pure NumPy/CuPy paths, as the device runs them)."""
+    from ..nn import conv  # noqa: PLC0415 - the package-wide kernel switch
+
     xp = backend.namespace(M)
     S = sym(M)
-    H = None if backend.is_cupy_array(S) else _cholesky_inverse(S)
+    H = None if backend.is_cupy_array(S) or conv.KERNELS == "xp" else _cholesky_inverse(S)
     return H if H is not None else sym(xp.linalg.inv(S))
 
 

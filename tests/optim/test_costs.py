@@ -242,7 +242,8 @@ def test_lbfgs_two_loop_term_uses_the_operators_count():
     n, m = 1000, 7
     t = algebra_flops(make_optimizer("lbfgs", memory=m), _vector_layout(n))["terms"]
     assert t["two_loop"] == LBFGSOperator.two_loop_flops(n, m) == 4 * m * n + n
-    assert algebra_flops(make_optimizer("lbfgs", memory=m), _vector_layout(n))["per_step"] == (5 * m + 10) * n + m
+    # ρᵢ = 1/sᵢᵀyᵢ from the kept curvatures (k, not kn + k), n per appended pair for its sᵢᵀyᵢ
+    assert algebra_flops(make_optimizer("lbfgs", memory=m), _vector_layout(n))["per_step"] == (4 * m + 11) * n + m
 
 
 def test_lsr1_matvec_term_and_leading_coefficient():
