@@ -260,19 +260,27 @@ def pi_split(A: Any, G: Any) -> float:
     return math.sqrt(ta / tg)
 
 
+#: smallest order d for which :func:`spd_inverse` takes the Cholesky route: below it the LU inverse
+#: costs microseconds as well, and a process that never reaches it does not load ``scipy.linalg``
+#: (+28 MB resident: the Kronecker steps of a small autoencoder measured 1.37× an SGD step's peak)
+CHOLESKY_MIN_DIM = 128
+
+
 def spd_inverse(M: Any) -> Any:
     """Inverse of a symmetric positive-definite matrix (of ½(M + Mᵀ); the result is symmetric).
 
     On the host by its Cholesky factor (LAPACK potrf + potri on the lower triangle, mirrored:
     exactly symmetric): d³/2 multiplications against the 4d³/3 of an LU inverse, ≈ 4× faster in
-    float32 on OpenBLAS (issue 21). A matrix that is not numerically positive definite (potrf
-    fails), a CuPy array or another dtype takes the LU inverse, whose result callers check; so does
+    float32 on OpenBLAS (issue 21), from order :data:`CHOLESKY_MIN_DIM` on. A smaller or not
+    numerically positive-definite matrix (potrf fails), a CuPy array or another dtype takes the LU
+    inverse, whose result callers check; so does
     everything under ``qnref.nn.conv.KERNELS = "xp"`` (the pure NumPy/CuPy paths, as the device runs them)."""
     from ..nn import conv  # noqa: PLC0415 - the package-wide kernel switch
 
     xp = backend.namespace(M)
     S = sym(M)
-    H = None if backend.is_cupy_array(S) or conv.KERNELS == "xp" else _cholesky_inverse(S)
+    host = not backend.is_cupy_array(S) and conv.KERNELS != "xp" and S.shape[-1] >= CHOLESKY_MIN_DIM
+    H = _cholesky_inverse(S) if host else None
     return H if H is not None else sym(xp.linalg.inv(S))
 
 

@@ -225,25 +225,30 @@ def test_mean_g_rounding_bounds_the_error_of_mean_g(kind, dtype):
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-4)])
 def test_spd_inverse_by_cholesky_is_the_symmetric_inverse(dtype, tol):
-    """kron.spd_inverse by potrf + potri: the inverse of the dense oracle, exactly symmetric, in M's dtype."""
+    """kron.spd_inverse by potrf + potri (order ≥ CHOLESKY_MIN_DIM): the inverse of the dense
+    oracle, exactly symmetric (the LU route is not), in M's dtype."""
     from qnref.curvature import kron
 
     r = np.random.default_rng(5)
-    X = r.standard_normal((40, 60))
-    M = (X @ X.T / 60 + 0.1 * np.eye(40)).astype(dtype)
+    d = kron.CHOLESKY_MIN_DIM
+    X = r.standard_normal((d, d + 20))
+    M = (X @ X.T / (d + 20) + 0.1 * np.eye(d)).astype(dtype)
     V = kron.spd_inverse(M)
     assert V.dtype == M.dtype and np.array_equal(V, V.T)
     want = np.linalg.inv(M.astype("float64"))
     assert np.abs(V - want).max() <= tol * np.abs(want).max()
-    assert np.abs(V.astype("float64") @ M - np.eye(40)).max() <= 50 * tol
+    assert np.abs(V.astype("float64") @ M - np.eye(d)).max() <= 50 * tol
+    assert not np.array_equal(V, np.linalg.inv(M))                 # it did not take the LU route
 
 
 def test_spd_inverse_falls_back_and_flags_nonfinite():
     """Not numerically positive definite: the LU inverse (checked against numpy's); NaN input: NaN out."""
     from qnref.curvature import kron
 
-    M = np.array([[1.0, 2.0], [2.0, 1.0]])                      # indefinite: potrf fails
+    d = kron.CHOLESKY_MIN_DIM
+    M = np.eye(d)
+    M[0, 1] = M[1, 0] = 2.0                                      # indefinite: potrf fails
     np.testing.assert_allclose(kron.spd_inverse(M), np.linalg.inv(M), rtol=1e-15)
-    bad = np.eye(3)
+    bad = np.eye(d)
     bad[1, 1] = np.nan
     assert not np.isfinite(kron.spd_inverse(bad)).all()
