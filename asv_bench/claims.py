@@ -528,9 +528,18 @@ def source_line(machine, chash, ename, paths, m):
             for s in r.get_result_stats(key, r.get_result_params(key)):
                 if s is not None:
                     full, quick = (full + 1, quick) if samples_of(s) >= MIN_SAMPLES else (full, quick + 1)
-    return (f"From `python -m asv_bench.claims`: machine `{machine}`, commit `{chash[:8]}`, environment "
+    line = (f"From `python -m asv_bench.claims`: machine `{machine}`, commit `{chash[:8]}`, environment "
             f"`{ename}`, {when} (`{os.path.relpath(paths[0], ROOT)}`); time results with "
             f"full statistics: {full}, one-sample (`--quick`): {quick}.")
+    if len(m.results) > 1:  # merged files: say where every other row comes from
+        parts = []
+        for r in m.results[1:]:
+            st = [t for t in r.started_at.values() if t]
+            parts.append(f"commit `{r.commit_hash[:8]}` ({len(r.get_all_result_keys())} benchmarks"
+                         + (f", run {utc(min(st))} – {utc(max(st))}" if st else "") + ")")
+        line += (f" Merged with older results for the benchmarks the first file lacks: {'; '.join(parts)}"
+                 f" (a benchmark in several files is read from the newest).")
+    return line
 
 
 MARK = re.compile(r"(<!-- claims:(\w+) -->\n)(.*?)(<!-- /claims -->)", re.S)
