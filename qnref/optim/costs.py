@@ -64,9 +64,12 @@ def flops_inv(d: int) -> float:
 
 
 def flops_spd_inv(d: int) -> float:
-    """A symmetric positive-definite inverse by Cholesky (potrf + potri, :func:`kron.spd_inverse`):
-    d³/6 + d³/3 multiplications."""
-    return d ** 3 / 2
+    """A symmetric positive-definite inverse as :func:`qnref.curvature.kron.spd_inverse` takes it:
+    by Cholesky (potrf + potri, d³/6 + d³/3 multiplications) from order ``CHOLESKY_MIN_DIM`` on,
+    by LU (:func:`flops_inv`) below it."""
+    from ..curvature.kron import CHOLESKY_MIN_DIM  # noqa: PLC0415
+
+    return d ** 3 / 2 if d >= CHOLESKY_MIN_DIM else flops_inv(d)
 
 
 def flops_solve(d: int, rhs: int) -> float:

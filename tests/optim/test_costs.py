@@ -238,6 +238,14 @@ def test_first_order_linear_in_n(name, c):
         assert algebra_flops(name, _vector_layout(n))["per_step"] == c * n
 
 
+def test_spd_inverse_count_follows_the_route():
+    from qnref.curvature.kron import CHOLESKY_MIN_DIM
+    from qnref.optim.costs import flops_spd_inv
+
+    d = CHOLESKY_MIN_DIM
+    assert flops_spd_inv(d - 1) == (d - 1) ** 3 and flops_spd_inv(d) == d ** 3 / 2
+
+
 def test_lbfgs_two_loop_term_uses_the_operators_count():
     n, m = 1000, 7
     t = algebra_flops(make_optimizer("lbfgs", memory=m), _vector_layout(n))["terms"]
@@ -331,9 +339,9 @@ def test_kfac_hand_computed_tiny_case():
     model = Sequential([Dense(3)], input_shape=(2,), name="tiny")
     opt = make_optimizer("kfac", stat_freq=1, inv_freq=1, batch_size=4)
     t = algebra_flops(opt, model)["terms"]
-    # inverses: two damped 3 × 3 factors, each a Cholesky inverse (d³/2 = 13.5) + 3d² = 27 (damping, sym)
+    # inverses: two damped 3 × 3 factors, each an LU inverse (d³ = 27, below kron.CHOLESKY_MIN_DIM) + 3d²
     assert t == {"momentum": 9, "precondition": 54, "step": 18, "factor_statistics": 90, "factor_ema": 36,
-                 "inverses": 81}
+                 "inverses": 108}
 
 
 def test_kfac_scaling_terms():
@@ -342,7 +350,7 @@ def test_kfac_scaling_terms():
     opt = make_optimizer("kfac", inv_freq=20, batch_size=256)
     t = algebra_flops(opt, model)["terms"]
     assert t["precondition"] == sum(o * a * (o + a) for o, a in lay)
-    assert t["inverses"] == round(sum((a ** 3 + o ** 3) / 2 + 3 * (a * a + o * o) for o, a in lay) / 20)
+    assert t["inverses"] == round(sum(a ** 3 + o ** 3 + 3 * (a * a + o * o) for o, a in lay) / 20)   # all d < 128: LU
     opt40 = make_optimizer("kfac", inv_freq=40, batch_size=256)
     assert abs(2 * algebra_flops(opt40, model)["terms"]["inverses"] - t["inverses"]) <= 1
 
@@ -353,7 +361,7 @@ def test_shampoo_and_tnt_hand_computed():
     # contractions: W mode 0: 3²·2 = 18, mode 1: 2²·3 = 12; b: 3² = 9 → 39 (same for the mode products)
     assert tnt["statistics"] == 39 and tnt["precondition"] == 39
     assert tnt["statistics_ema"] == 2 * (9 + 4 + 9)
-    assert tnt["inverses"] == (13.5 + 36) + (4 + 16) + (13.5 + 36)    # Cholesky d³/2 + 4d²
+    assert tnt["inverses"] == (27 + 36) + (8 + 16) + (27 + 36)    # LU d³ (d < 128) + 4d²
     assert tnt["sampled_grad_scale"] == 4 * 3
     sh = algebra_flops(make_optimizer("shampoo", inv_freq=1, root="newton", newton_iters=2), model)["terms"]
     # coupled Newton, p = 2k: per iteration (p + 1)d³ + 2d², setup 6d²
