@@ -62,3 +62,18 @@ def test_kfac_direction_of_the_cosine_study_is_algorithm_12():
         mom = mu * mom + grad
         want = HG @ mom @ HA
         assert rel(P[s].reshape(shape), want) <= TOL, k
+
+
+def test_every_mutant_of_the_mutation_run_still_applies():
+    """Each injected bug of tools/mutation_run.py matches its file exactly once: a rewrite of the code
+    it targets must move the mutant along (12 had silently become "n/a" after the streamed taps)."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("mutation_run", root / "tools" / "mutation_run.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    counts = {m[0]: (root / m[1]).read_text().count(m[2]) for m in mr.MUTANTS}
+    assert len(counts) == len(mr.MUTANTS) >= 91
+    assert {k: c for k, c in counts.items() if c != 1} == {}
