@@ -30,6 +30,17 @@ def layer_setup(layer, in_shape, n, seed=0, scale=1.0):
     return layout, theta, x, out_shape, r
 
 
+def conv_pass(layer, in_shape, n, seed=0):
+    """Build a Conv2d ``layer``, draw W̄ (C_out, K+1), x (n, *in_shape) and an output gradient gy, and
+    run the forward pass: (W̄, x, y, cache, gy)."""
+    layer.build(tuple(in_shape))
+    r = np.random.default_rng(seed)
+    wb = r.standard_normal((layer.out_channels, layer.patch_size + 1))
+    x = r.standard_normal((n,) + tuple(in_shape))
+    y, cache = layer.forward([wb], x, Ctx())
+    return wb, x, y, cache, r.standard_normal(y.shape)
+
+
 def check_layer_passes(layer, in_shape, n=3, seed=0, train=True, tol=1e-7, scale=1.0, first_layer=False):
     """Check backward, jvp and backward_rop of ``layer`` against central finite differences.
 

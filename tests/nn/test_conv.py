@@ -20,7 +20,7 @@ from qnref.nn.dense import Dense
 from qnref.nn.model import Sequential
 from qnref.nn.pool import AvgPool2d, MaxPool2d
 from qnref.nn.reshape import Flatten
-from helpers import check_layer_passes, rel_err
+from helpers import check_layer_passes, conv_pass, rel_err
 
 TOL = 1e-7
 
@@ -129,12 +129,7 @@ def test_col2im_is_adjoint_of_im2col_and_paths_agree():
 
 def test_conv_per_example_grads_and_kron_taps():
     layer = Conv2d(3, 3, stride=2, padding=1)
-    layer.build((2, 5, 6))
-    r = np.random.default_rng(0)
-    wb = r.standard_normal((3, layer.patch_size + 1))
-    x = r.standard_normal((4, 2, 5, 6))
-    y, cache = layer.forward([wb], x, Ctx())
-    gy = r.standard_normal(y.shape)
+    wb, x, y, cache, gy = conv_pass(layer, (2, 5, 6), 4, seed=0)
     out = np.zeros((4,) + wb.shape)
     gx_pe = layer.per_example_grads([wb], cache, gy, [out])
     gwb = np.zeros_like(wb)
