@@ -169,6 +169,29 @@ def test_mode_products_are_kronecker_products_row_major():
     np.testing.assert_allclose(kron.contraction(X, 0), X.reshape(2, -1) @ X.reshape(2, -1).T, rtol=1e-12)
 
 
+def test_mode_products_and_contractions_of_a_matrix():
+    """The one-GEMM routes of a weight matrix X (o × a): X ×₀ U = U X, X ×₁ V = X Vᵀ (non-symmetric
+    U, V catch a transposition), mat₀(X)mat₀(X)ᵀ = X Xᵀ, mat₁(X)mat₁(X)ᵀ = Xᵀ X (einsum oracles)."""
+    r = np.random.default_rng(7)
+    X, U, V = r.standard_normal((5, 3)), r.standard_normal((4, 5)), r.standard_normal((6, 3))
+    np.testing.assert_allclose(kron.mode_product(X, U, 0), np.einsum("pj,jk->pk", U, X), rtol=1e-13)
+    np.testing.assert_allclose(kron.mode_product(X, V, 1), np.einsum("ij,qj->iq", X, V), rtol=1e-13)
+    np.testing.assert_allclose(kron.contraction(X, 0), np.einsum("ik,jk->ij", X, X), rtol=1e-13)
+    np.testing.assert_allclose(kron.contraction(X, 1), np.einsum("ki,kj->ij", X, X), rtol=1e-13)
+    assert kron.mode_product(X, V, 1).flags.c_contiguous
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("d", [1, 5, kron.MIRROR_BLOCK - 1, kron.MIRROR_BLOCK, kron.MIRROR_BLOCK + 1, 3 * kron.MIRROR_BLOCK + 7])
+def test_mirror_lower_copies_the_lower_triangle_in_place(d, dtype):
+    """mirror_lower(c) = tril(c) + tril(c, −1)ᵀ bit for bit, in c itself, for orders below, at and
+    across the panel size (the upper triangle's old entries are garbage and must not survive)."""
+    c = np.random.default_rng(d).standard_normal((d, d)).astype(dtype)
+    want = np.tril(c) + np.tril(c, -1).T
+    out = kron.mirror_lower(c)
+    assert out is c and np.array_equal(out, want)
+
+
 def test_tnt_factors_match_definition():
     """(4.10): Ũᵢ = Ĝ⁽ⁱ⁾/(c₀^{k−1} Π_{j≠i} dⱼ); with E[G⁽ⁱ⁾] = Uᵢ Π_{j≠i} tr Uⱼ (4.2) the product ⊗Ũᵢ = ⊗Uᵢ."""
     r = np.random.default_rng(4)
