@@ -111,14 +111,14 @@ def test_quick_subset_of_family_benchmarks_runs():
 
 
 # -- the documented asv commands, on a temporary copy of the configuration -----------------------
-def _asv(args, cwd, timeout=300, ok=(0,)):
+def _asv(args, cwd, timeout=300, ok=(0,), env_extra=None):
     """asv with HOME in the temporary folder, so `asv machine` leaves ~/.asv-machine.json alone."""
     import shutil
     import subprocess
 
     asv = shutil.which("asv")
     assert asv is not None, "asv is a test dependency (pip install -e '.[test]')"
-    env = dict(os.environ, HOME=str(cwd))
+    env = dict(os.environ, HOME=str(cwd), **(env_extra or {}))
     env.setdefault("PIP_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pip"))  # keep pip's cache
     r = subprocess.run([asv] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode in ok, " ".join(args) + "\n" + r.stdout + r.stderr
@@ -154,8 +154,10 @@ def saved_results(tmp_path_factory):
     conf = _tmp_conf(tmp)
     _asv(["machine", "--yes", "--machine", "testvm", "--config", conf], cwd=str(tmp))
     head = _git("rev-parse", "HEAD")
+    # a shell pinned to 1 thread must not leak into the record (--python=same sets no ASV=true)
+    one = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "QNREF_NUM_THREADS")}
     out = _asv(["run", "--python=same", "--quick", "-b", "BenchmarkProcess.track_blas_threads", "--set-commit-hash",
-                head, "--machine", "testvm", "--config", conf], cwd=str(tmp))
+                head, "--machine", "testvm", "--config", conf], cwd=str(tmp), env_extra=one)
     assert "track_blas_threads" in out
     return tmp, conf, head
 

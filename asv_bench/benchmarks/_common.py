@@ -3,23 +3,33 @@
 
 Thread counts are pinned per benchmark process, before NumPy, numba or torch load: this module is
 imported by ``benchmarks/__init__.py``, which asv imports before any benchmark module. Inside an
-asv run (asv sets ``ASV=true``) the thread variables are *overwritten* with ``THREADS`` (2, or
-``QNREF_BENCH_THREADS``), so a shell's ``OPENBLAS_NUM_THREADS`` cannot leak into the record;
+asv run (``ASV=true``, or the runner's ``asv_runner`` imported: ``--python=same``) the thread
+variables are *overwritten* with ``THREADS`` (2, or ``QNREF_BENCH_THREADS``), so a shell's
+``OPENBLAS_NUM_THREADS`` cannot leak into the record;
 imported by the tests, only the three BLAS/OpenMP variables are defaulted (the test process keeps
-its own setting).
+its own setting). Libraries that asv's runner loaded before this module (NumPy's OpenBLAS) have
+read the shell's variables already, so inside asv their pools are reset to ``THREADS`` as well
+(threadpoolctl).
 ``track_blas_threads`` records the count a benchmark process really ran with.
 """
 import os
+import sys
 
 THREADS = int(os.environ.get("QNREF_BENCH_THREADS", "2"))
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "QNREF_NUM_THREADS")
-IN_ASV = os.environ.get("ASV") == "true"
+# asv sets ASV=true in the environments it builds, not for ``--python=same`` (its ExistingEnvironment
+# runs the runner without its variables); the runner has imported asv_runner in either case
+IN_ASV = os.environ.get("ASV") == "true" or "asv_runner" in sys.modules
 
 for _var in THREAD_VARS if IN_ASV else THREAD_VARS[:3]:
     if IN_ASV:
         os.environ[_var] = str(THREADS)
     else:
         os.environ.setdefault(_var, str(THREADS))
+if IN_ASV:  # a library asv's runner loaded before this module read the shell's variables: reset it too
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(THREADS)
 
 import time
 
@@ -119,6 +129,26 @@ def best_time(fn, repeat=5):
         sync(fn())
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def wall_time(fn):
+    """Wall time of one call of ``fn`` (device work included)."""
+    t0 = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - t0
+
+
+def interleaved_ratio(time_num, time_den, rounds=7):
+    """Median over ``rounds`` interleaved rounds of ``time_num() / time_den()``, after one untimed
+    call of each. ``time_num``/``time_den`` return the seconds of one measurement (so a caller
+    can keep untimed set-up, e.g. a state copy, out of it). The policy of the ``track_`` ratios
+    measured side by side (docs/benchmarks.md "Statistics"): a load spike on the shared machine
+    hits both sides of one round, or one round of ``rounds``, and the median ignores it."""
+    import statistics
+
+    time_num()
+    time_den()
+    return statistics.median(time_num() / time_den() for _ in range(rounds))
 
 
 def devices():
