@@ -17,8 +17,11 @@ in one process.
 
 Timing policy: each optimizer makes one untimed warm-up step (TNT: after its warm start), then
 every timed call is one step from a deep copy of that state (a step consumes its state; the copy is
-not timed); the best of ``REPEAT`` calls is taken (3 for ResNet-20), the numerator and the
-denominator in the same process one after the other, so the ratio holds with ``--quick`` too.
+not timed); the numerator and the denominator are timed in interleaved rounds (a step, then the
+step or gradient it is compared with, in every round; ``ROUNDS`` = 7, 3 for ResNet-20, 15 for the
+millisecond SMW steps) and the median of the per-round ratios is taken
+(:func:`~._common.interleaved_ratio`; version 21.3), so the ratio holds with ``--quick`` too and a
+load spike of the shared machine moves one round, not the result.
 """
 import copy
 import functools
@@ -34,23 +37,21 @@ from qnref.nn.zoo import build_model
 from qnref.optim import make_optimizer
 from qnref.optim.base import Problem
 
-from ._common import autoencoder
+from ._common import autoencoder, interleaved_ratio, wall_time
 
-REPEAT = 5
+ROUNDS = 7
 
 
-def _best_step(opt, prob, th, st, repeat=REPEAT, k=None):
-    """Best wall time of ``repeat`` steps, each from a deep copy of ``st`` (its step count set to
-    ``k`` − 1 when given, so the timed step is step k)."""
-    best = float("inf")
-    for _ in range(repeat):
+def _step_timer(opt, prob, th, st, k=None):
+    """A timer of one step from a deep copy of ``st`` (untimed; its step count set to ``k`` − 1 when
+    given, so the timed step is step k)."""
+    def timer():
         s = copy.deepcopy(st)
         if k is not None:
             s.k = k - 1
-        t0 = time.perf_counter()
-        opt.step(th, s, prob)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        return wall_time(lambda: opt.step(th, s, prob)[0])
+
+    return timer
 
 
 def _warm(opt, prob, th):
@@ -68,10 +69,10 @@ def _cnn_problem(name):
     return model, Problem(model, "softmax_ce", X, r.integers(0, 10, 256), seed=0), model.init(0, dtype="float32")
 
 
-def tnt_amortized_step(opt, prob, th, st, repeat):
-    """The average step time over one period P = lcm(T₁, T₂) of step indices k = 1…P: each kind of
-    step (statistics due: T₁ | k; inverses due: T₂ | k) timed once at a representative k, weighted
-    by how often it occurs in the period."""
+def tnt_amortized_timer(opt, prob, th, st):
+    """A timer of the average step time over one period P = lcm(T₁, T₂) of step indices k = 1…P:
+    each kind of step (statistics due: T₁ | k; inverses due: T₂ | k) timed once at a representative
+    k, weighted by how often it occurs in the period."""
     T1, T2 = opt.stat_freq, opt.inv_freq
     P = math.lcm(T1, T2)
     rep, count = {}, {}
@@ -79,7 +80,8 @@ def tnt_amortized_step(opt, prob, th, st, repeat):
         key = (k % T1 == 0, k % T2 == 0)
         rep.setdefault(key, k)
         count[key] = count.get(key, 0) + 1
-    return sum(count[key] * _best_step(opt, prob, th, st, repeat, k=rep[key]) for key in rep) / P
+    timers = [(count[key], _step_timer(opt, prob, th, st, k=rep[key])) for key in rep]
+    return lambda: sum(c * timer() for c, timer in timers) / P
 
 
 class TNTOverMomentumCNN:
@@ -89,17 +91,15 @@ class TNTOverMomentumCNN:
     param_names = ["model"]
     unit = "ratio to an SGD-momentum step"
     timeout = 900
-    version = "21.2"
+    version = "21.3"  # 21.3: interleaved rounds, median of the per-round ratios
 
     def track_tnt_step_over_momentum(self, name):
         model, prob, th0 = _cnn_problem(name)
-        repeat = 3 if name == "resnet20" else REPEAT
+        rounds = 3 if name == "resnet20" else ROUNDS
         tnt = make_optimizer("tnt", stat_freq=10, inv_freq=100, batch_size=128, damping=0.01)
-        th, st = _warm(tnt, prob, th0)
-        t_tnt = tnt_amortized_step(tnt, prob, th, st, repeat)
         mom = make_optimizer("momentum", batch_size=128)
-        th, st = _warm(mom, prob, th0)
-        return t_tnt / _best_step(mom, prob, th, st, repeat)
+        return interleaved_ratio(tnt_amortized_timer(tnt, prob, *_warm(tnt, prob, th0)),
+                                 _step_timer(mom, prob, *_warm(mom, prob, th0)), rounds)
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,31 +117,22 @@ class TNTFloorAutoencoder:
     param_names = ["inv_freq"]
     unit = "ratio of the measured step to its floor"
     timeout = 900
-    version = "21.2"
+    version = "21.3"  # 21.3: interleaved rounds, median of the per-round ratios
 
     def track_tnt_over_floor(self, inv_freq):
         model, prob, th0 = _autoencoder_problem()
         tnt = make_optimizer("tnt", stat_freq=1, inv_freq=inv_freq, batch_size=1000)
         th, st = _warm(tnt, prob, th0)
-        t_step = tnt_amortized_step(tnt, prob, th, st, 3)
         obj = prob.sample(1000)
-        t_grad = min(_timed(lambda: obj.at(th).grad) for _ in range(3))
-        return t_step / (tnt.step_floor(model)["floor"] * t_grad)
+        ratio = interleaved_ratio(tnt_amortized_timer(tnt, prob, th, st), lambda: wall_time(lambda: obj.at(th).grad))
+        return ratio / tnt.step_floor(model)["floor"]
 
     def track_tnt_over_momentum(self, inv_freq):
         model, prob, th0 = _autoencoder_problem()
         tnt = make_optimizer("tnt", stat_freq=1, inv_freq=inv_freq, batch_size=1000)
-        th, st = _warm(tnt, prob, th0)
-        t_tnt = tnt_amortized_step(tnt, prob, th, st, 3)
         mom = make_optimizer("momentum", batch_size=1000)
-        th, st = _warm(mom, prob, th0)
-        return t_tnt / _best_step(mom, prob, th, st, 3)
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+        return interleaved_ratio(tnt_amortized_timer(tnt, prob, *_warm(tnt, prob, th0)),
+                                 _step_timer(mom, prob, *_warm(mom, prob, th0)), 5)
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,24 +148,22 @@ class SMWBlockDiagonal:
 
     unit = "ratio"
     timeout = 300
-    version = "21.2"
+    version = "21.3"  # 21.3: interleaved rounds, median of the per-round ratios
 
     @staticmethod
-    def _time(name):
+    def _timer(name):
         model, prob, th0 = _mnist_classifier()
         opt = make_optimizer(name)
-        th, st = _warm(opt, prob, th0)
-        return _best_step(opt, prob, th, st)
+        return _step_timer(opt, prob, *_warm(opt, prob, th0))
 
     def track_bd_over_ng(self):
-        return self._time("smw-ng-bd") / self._time("smw-ng")
+        return interleaved_ratio(self._timer("smw-ng-bd"), self._timer("smw-ng"))
 
     def _over_floor(self, name):
         model, prob, th0 = _mnist_classifier()
         obj = prob.sample(60)
-        obj.at(th0).grad
-        t_grad = min(_timed(lambda: obj.at(th0).grad) for _ in range(REPEAT))
-        return self._time(name) / (make_optimizer(name).step_floor(model)["floor"] * t_grad)
+        ratio = interleaved_ratio(self._timer(name), lambda: wall_time(lambda: obj.at(th0).grad), 15)
+        return ratio / make_optimizer(name).step_floor(model)["floor"]
 
     def track_bd_over_floor(self):
         return self._over_floor("smw-ng-bd")

@@ -24,33 +24,22 @@ same count by ``torch.set_num_threads``. float32 on the CPU throughout.
   T₁ = T₂ = 1 (every step then updates the statistics and the factors: the peak step of a cycle);
   target ≤ 1.3. ``peakmem_step`` gives asv's own peak RSS of the same steps.
 """
-import statistics
 import time
 import tracemalloc
 
 import numpy as np
 
-from ._common import THREADS, autoencoder
+from ._common import THREADS, autoencoder, interleaved_ratio, wall_time
 
 ROUNDS = 7
 
 
 def _interleaved_ratio(f_qnref, f_peer, rounds=ROUNDS, calls=1):
-    """Median over ``rounds`` interleaved rounds of (time of ``calls`` qnref calls) / (time of
-    ``calls`` peer calls), after one untimed warm-up call of each."""
-    f_qnref()
-    f_peer()
-    ratios = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            f_qnref()
-        tq = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            f_peer()
-        ratios.append(tq / (time.perf_counter() - t0))
-    return statistics.median(ratios)
+    """:func:`~._common.interleaved_ratio` of ``calls`` qnref calls against ``calls`` peer calls."""
+    def timer(fn):
+        return lambda: wall_time(lambda: [fn() for _ in range(calls)])
+
+    return interleaved_ratio(timer(f_qnref), timer(f_peer), rounds)
 
 
 def _need_torch():
