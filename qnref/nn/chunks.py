@@ -2,7 +2,8 @@
 
 On the CPU a Conv2d pass over a batch is split into chunks of examples whose patch block fits
 in cache (``im2col`` → GEMM → ``col2im`` of one chunk run back to back while the data is hot).
-The chunks are independent, so :func:`map_chunks` runs them on ``num_threads()`` Python threads,
+The chunks are independent, so :func:`map_chunks` runs them on ``num_threads()`` Python threads
+(the caller and pool workers taking chunks from one counter),
 each calling a GIL-free numba kernel and a **single-threaded** BLAS GEMM. BLAS is limited to one
 thread for the duration (threadpoolctl): OpenBLAS's own workers spin between calls, and mixing
 them with a second pool of threads was measured 6× slower on a 2-core machine (docs/cnn.md).
@@ -13,6 +14,7 @@ On CuPy arrays the batch is one chunk and everything runs on the calling thread.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -73,17 +75,15 @@ def split_ranges(n: int, parts: int) -> list[tuple[int, int]]:
     return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)] if n else []
 
 
-def _run_marked(fn: Callable[[int, int], Any], ae: tuple[int, int]) -> Any:
-    _local.inside = True
-    try:
-        return fn(*ae)
-    finally:
-        _local.inside = False
-
-
 def map_chunks(fn: Callable[[int, int], Any], chunks: list[tuple[int, int]]) -> list[Any]:
     """``[fn(a, e) for (a, e) in chunks]``, in order, on the pool when there is more than one
-    chunk and more than one thread (nested calls from a worker run inline)."""
+    chunk and more than one thread (nested calls from a worker run inline).
+
+    The calling thread and ``num_threads() − 1`` pool workers each take the next chunk index from
+    one shared counter until none is left (``next`` on an ``itertools.count`` is atomic under the
+    GIL), so a call costs one pool task per extra thread, not one per chunk: with a task per chunk
+    the executor's futures and wake-ups were 7 % of a ResNet-20 gradient at 2 threads (issue 21).
+    Which thread runs a chunk does not change its result, and results come back in chunk order."""
     if len(chunks) < 2 or getattr(_local, "inside", False) or num_threads() < 2:
         return [fn(a, e) for a, e in chunks]
     with _lock:
@@ -92,5 +92,24 @@ def map_chunks(fn: Callable[[int, int], Any], chunks: list[tuple[int, int]]) -> 
         pool = _state["pool"]
     if _state["controller"] is None:
         _blas_threads()
+    out: list[Any] = [None] * len(chunks)
+    indices = itertools.count()
+
+    def worker() -> None:
+        _local.inside = True
+        try:
+            for i in indices:
+                if i >= len(chunks):
+                    return
+                out[i] = fn(*chunks[i])
+        finally:
+            _local.inside = False
+
     with _state["controller"].limit(limits=1, user_api="blas"):
-        return list(pool.map(lambda ae: _run_marked(fn, ae), chunks))
+        helpers = [pool.submit(worker) for _ in range(min(num_threads(), len(chunks)) - 1)]
+        try:
+            worker()
+        finally:
+            for h in helpers:  # wait for every helper (and re-raise its error) before returning
+                h.result()
+    return out

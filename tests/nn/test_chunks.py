@@ -89,6 +89,51 @@ def test_worker_exceptions_propagate(restore):
         chunks.map_chunks(boom, [(0, 1), (1, 2)])
 
 
+def test_caller_and_workers_share_the_chunks_results_in_order(restore):
+    """The caller thread and the pool worker both take chunks (each chunk sleeps, releasing the GIL,
+    for a varied time, so they finish out of order); every chunk runs exactly once and the results
+    come back in chunk order; the caller is left outside the pool (a later call threads again)."""
+    import threading
+    import time
+
+    chunks.set_num_threads(2)
+    ran = []
+
+    def work(a, e):
+        time.sleep(0.001 * ((a * 7) % 5))
+        ran.append((a, threading.get_ident()))
+        return a * 10 + e
+
+    todo = [(a, a + 1) for a in range(24)]
+    for _ in range(2):
+        ran.clear()
+        assert chunks.map_chunks(work, todo) == [a * 10 + a + 1 for a in range(24)]
+        assert sorted(a for a, _ in ran) == list(range(24))
+        threads = {t for _, t in ran}
+        assert threading.get_ident() in threads and len(threads) == 2
+
+
+def test_a_failing_chunk_propagates_after_every_thread_is_done(restore):
+    """An error in a chunk propagates only after the caller and the workers are done (no chunk
+    still running when map_chunks returns)."""
+    import time
+
+    chunks.set_num_threads(2)
+    live = []
+
+    def work(a, e):
+        live.append(a)
+        time.sleep(0.002)
+        live.remove(a)
+        if a == 0:
+            raise RuntimeError("chunk 0 failed")
+        return a
+
+    with pytest.raises(RuntimeError, match="chunk 0 failed"):
+        chunks.map_chunks(work, [(a, a + 1) for a in range(8)])
+    assert live == []
+
+
 def test_example_chunks_cover_the_batch_exactly():
     x = np.zeros((10, 3))
     assert chunks.example_chunks(x, 8, 24) == [(0, 3), (3, 6), (6, 9), (9, 10)]
