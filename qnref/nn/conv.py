@@ -429,13 +429,15 @@ class Conv2d(Layer):
             gx = winograd_conv(xp.ascontiguousarray(gy), wf, xp.zeros(self.in_shape[0], dtype=gy.dtype), 2 - ph, 2 - pw)
             if gp is None:
                 return gx
-        else:
-            gx = xp.zeros((n,) + self.in_shape, dtype=gy.dtype) if need_gx else None
+        else:  # zeroed chunk by chunk below, on the chunk's thread and just before its scatter-add
+            gx = xp.empty((n,) + self.in_shape, dtype=gy.dtype) if need_gx else None
 
         def chunk(a: int, e: int) -> Any:
             g_t = xp.ascontiguousarray(g3[a:e].transpose(1, 0, 2)).reshape(co, -1)  # (C_out, n·L)
             if need_gx and not wino:
-                col2im_t(w.T @ g_t, (e - a,) + self.in_shape, kh, kw, sh, sw, ph, pw, out=gx[a:e])
+                dst = gx[a:e]
+                dst.fill(0)                 # in parallel and in cache (a serial memset was 2 % of a gradient)
+                col2im_t(w.T @ g_t, (e - a,) + self.in_shape, kh, kw, sh, sw, ph, pw, out=dst)
             # this chunk's ∂/∂Wᵀ: the (K, C_out) product is BLAS's fast orientation here
             return self._patches_t(x[a:e]) @ g_t.T if gp is not None else None
 
