@@ -11,7 +11,6 @@ examples in [0, 1], batch sizes as each optimizer's defaults would use at small 
 import copy
 import functools
 import inspect
-import time
 
 import numpy as np
 
@@ -56,16 +55,6 @@ def _setup(name, seed=0, **settings):
 @functools.lru_cache(maxsize=1)
 def _warm(name):
     return _setup(name)
-
-
-def _step_time(name, repeat=5):
-    opt, prob, theta, state = _setup(name)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        theta, state, _ = opt.step(theta, state, prob)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class OptimizerStep(FastTiming):

@@ -26,7 +26,6 @@ load spike of the shared machine moves one round, not the result.
 import copy
 import functools
 import math
-import time
 
 import numpy as np
 

@@ -24,7 +24,6 @@ same count by ``torch.set_num_threads``. float32 on the CPU throughout.
   T₁ = T₂ = 1 (every step then updates the statistics and the factors: the peak step of a cycle);
   target ≤ 1.3. ``peakmem_step`` gives asv's own peak RSS of the same steps.
 """
-import time
 import tracemalloc
 
 import numpy as np
