@@ -28,6 +28,8 @@ from qnref.nn.zoo import build_model
 from qnref.optim import make_optimizer
 from qnref.optim.base import Problem
 
+from ._common import interleaved_ratio
+
 CASES = {"resnet20": (3, 32, 32), "lenet-digits": (1, 8, 8)}
 BATCH = 128
 T = 20
@@ -88,3 +90,48 @@ class KBFGSStepOverMomentum:
 
     def track_step_over_momentum(self, model_name, name, dtype):
         return step_ratio(model_name, name, dtype)
+
+
+def _cycle_timer(run, kinds):
+    """A timer of the mean step time over one period: ``kinds`` maps a step index k of the period to
+    its weight (how many steps of the period are of k's kind); each kind is one step from a copy of
+    the warm state with its step count set to k − 1, so the timed step is step k."""
+    opt, prob, th, st = run
+
+    def one(k):
+        s = copy.deepcopy(st)
+        s.k = k - 1
+        t0 = time.perf_counter()
+        _, _, info = opt.step(th, s, prob)
+        dt = time.perf_counter() - t0
+        if not info.accepted:
+            raise RuntimeError(f"{type(opt).__name__}: step {k} was not accepted ({info}); the timing would be wrong")
+        return dt
+
+    total = sum(kinds.values())
+    return lambda: sum(w * one(k) for k, w in kinds.items()) / total
+
+
+class KBFGSOverKFAC:
+    """K-BFGS (T = 20) step / K-FAC (T₁ = 10, T₂ = 100) step on ResNet-20 (batch 128, float32), each
+    the mean over its own curvature period, side by side in one process (thesis §3.7.2: K-BFGS(T = 20)
+    costs about what K-FAC(T₂ = 100) does; target ≤ 1). K-BFGS's period of 20 steps has 19 plain
+    steps and one curvature step (k = 20); K-FAC's of 100 has 90 plain steps, 9 with statistics
+    (k ≡ 0 mod 10) and one with statistics and inverses (k = 100). Policy:
+    :func:`~._common.interleaved_ratio` over 3 rounds (one step of each kind of both methods per
+    round). Replaces the quotient of two separately measured ratios to SGD-m (version 21.1)."""
+
+    unit = "ratio K-BFGS / K-FAC"
+    timeout = 900
+    version = "21.1"
+
+    def track_kbfgs_over_kfac(self):
+        from .bench_kfac import problem
+
+        kbfgs = setup_run("resnet20", "kbfgs")
+        model, prob, theta = problem("resnet20")
+        kfac = make_optimizer("kfac", lr=1e-3, damping=0.03, stat_freq=10, inv_freq=100, batch_size=BATCH)
+        state = kfac.init(theta)
+        theta, state, _ = kfac.step(theta, state, prob)  # warm start + step 1
+        return interleaved_ratio(_cycle_timer(kbfgs, {2: 19, 20: 1}),
+                                 _cycle_timer((kfac, prob, theta, state), {2: 90, 10: 9, 100: 1}), 3)
