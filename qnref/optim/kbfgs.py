@@ -109,12 +109,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _lbfgs_setup_flops(o: int, p: int) -> float:
+    """The compact L-BFGS operator's middle with p pairs in R^o (once per layer and step, shared by
+    the step's products: ``KBFGS._apply_HG``): SYᵀ and YYᵀ, R⁻¹, R⁻ᵀ(D + γYYᵀ)R⁻¹, γY."""
+    return 0 if p == 0 else 2 * p * p * o + flops_inv(p) + p * p + 2 * p ** 3 + o * p
+
+
 def _lbfgs_apply_flops(o: int, p: int, c: int) -> float:
-    """The L-BFGS product with H_G on an o × c block with p pairs (H₀ = γI)."""
+    """The L-BFGS product with H_G on an o × c block with p pairs (H₀ = γI), its middle built."""
     if p == 0:
         return o * c
-    return (2 * p * p * o + flops_inv(p) + p * p + 2 * p ** 3 + o * p
-            + 2 * p * o * c + 4 * p * p * c + 2 * p * o * c + o * c)
+    return 2 * p * o * c + 4 * p * p * c + 2 * p * o * c + o * c
 
 
 def _bfgs_inverse_update_flops(d: int) -> float:
@@ -204,8 +209,8 @@ class KBFGS(Optimizer):
         t = {"grad_from_taps": sum((N + 1) * o * a for o, a in lay) / T if not shapes.others else 0,
              "momentum": {"momentum": n, "moving-average": 2 * n, "minibatch": 0}[self.gradient],
              "scale": n, "step": 2 * n,
-             "precondition": (sum(o * a * a + _lbfgs_apply_flops(o, p, a) for o, a in lay) if limited
-                              else kc.kron_precondition_flops(lay))}
+             "precondition": (sum(o * a * a + _lbfgs_setup_flops(o, p) + _lbfgs_apply_flops(o, p, a) for o, a in lay)
+                              if limited else kc.kron_precondition_flops(lay))}
         if self.double_grad:
             t["double_grad"] = n
         upd_a = upd_g = 0.0
@@ -290,13 +295,22 @@ class KBFGS(Optimizer):
         """Scale γ of the initial H_G = γ I: 1/λ_G (Alg. 9 line 3) or 1 (Alg. 4 line 3)."""
         return 1.0 / lamG if self.version == "ch3" else 1.0
 
-    def _apply_HG(self, state: KBFGSState, name: str, X: Any) -> Any:
+    def _apply_HG(self, state: KBFGSState, name: str, X: Any, ops: dict | None = None) -> Any:
         """H_G X: the dense BFGS matrix, or (K-BFGS(L)) the compact L-BFGS inverse with H₀ = γ I
-        (Byrd, Nocedal & Schnabel 1994 eq. (3.1); the thesis's "non-loop" form, §2.3) on X's columns."""
+        (Byrd, Nocedal & Schnabel 1994 eq. (3.1); the thesis's "non-loop" form, §2.3) on X's columns.
+
+        ``ops`` (K-BFGS(L)) keeps each layer's operator, whose 2p × 2p middle matrix costs O(p²o + p³),
+        between the products of one step: the preconditioning and the damping's H_G y see the same
+        pairs (the new pair is appended after both), so the second product reuses the first's middle."""
         if self.memory is None:
             return state.HG[name] @ X
-        pairs = state.pairs[name]
-        return LBFGSOperator(pairs.S, pairs.Y, self._h0(state.lam[name][1])).solve_compact(X)
+        op = None if ops is None else ops.get(name)
+        if op is None:
+            pairs = state.pairs[name]
+            op = LBFGSOperator(pairs.S, pairs.Y, self._h0(state.lam[name][1]))
+            if ops is not None:
+                ops[name] = op
+        return op.solve_compact(X)
 
     # -- step -----------------------------------------------------------------------------------------------
     def _summarize(self, st: KBFGSState, need_grad: bool, at_theta: bool):
@@ -341,8 +355,9 @@ class KBFGS(Optimizer):
         lr = self.step_size(k)
         P = mom / self.damping          # non-Kronecker blocks: momentum with rate α/λ (thesis §3.4.3)
         pv, mv = layout.views(P), layout.views(mom)
+        ops = {}    # K-BFGS(L): each layer's compact operator, shared by this step's products (_apply_HG)
         for L in layers:
-            pv[L.block][...] = self._apply_HG(state, L.name, mv[L.block] @ state.HA[L.name])
+            pv[L.block][...] = self._apply_HG(state, L.name, mv[L.block] @ state.HA[L.name], ops)
         moved = kc.descend(theta, P, lr, self.weight_decay)
         if moved is None:
             return theta, state, nonfinite_step(opened, lr)
@@ -359,7 +374,8 @@ class KBFGS(Optimizer):
                 new.grad_plus = g_plus if backend.all_finite(g_plus) else None
             w_old, w_new = layout.views(theta), layout.views(theta_new)
             for L in layers:
-                skipped += self._update_layer(new, L, taps[L.name], taps_new[L.name], w_old[L.block], w_new[L.block])
+                skipped += self._update_layer(new, L, taps[L.name], taps_new[L.name], w_old[L.block], w_new[L.block],
+                                              ops)
         info = close_step(opened, loss=loss, accepted=True, evals=evals, step_size=lr, step_norm=step_norm,
                           skipped=skipped)
         return theta_new, new, info
@@ -393,7 +409,7 @@ class KBFGS(Optimizer):
             return 0
         return 1
 
-    def _update_layer(self, st: KBFGSState, L, t, t_new, w_old, w_new) -> int:
+    def _update_layer(self, st: KBFGSState, L, t, t_new, w_old, w_new, ops: dict | None = None) -> int:
         """Curvature updates of one layer; returns the number of skipped updates."""
         name = L.name
         lamA, lamG = st.lam[name]
@@ -411,12 +427,12 @@ class KBFGS(Optimizer):
         if self.damping_scheme == "dpidlm":
             s_t, y_t = kc.dpi_dlm(sG, yG, self.mu1, lamG)
         else:
-            Hy = self._apply_HG(st, name, yG)
+            Hy = self._apply_HG(st, name, yG, ops)
             damp = kc.dp_dlm if self.damping_scheme == "dpdlm" else kc.double_damping
             s_t, y_t = damp(sG, yG, Hy, self.mu1, lamG)
         if not (kc.all_finite(s_t, y_t) and float(s_t @ y_t) > 0):
             return skipped + 1
-        if self.skip and not kc.dd_skip_passes(s_t, y_t, self._apply_HG(st, name, y_t), self.mu1):
+        if self.skip and not kc.dd_skip_passes(s_t, y_t, self._apply_HG(st, name, y_t, ops), self.mu1):
             return skipped + 1
         if self.memory is None:
             st.HG[name] = bfgs_inverse_update(st.HG[name], s_t, y_t)
@@ -429,6 +445,6 @@ class KBFGS(Optimizer):
 class KBFGSL(KBFGS):
     """K-BFGS(L): L-BFGS with ``memory`` p pairs (default 100, thesis §2.8.2) for H_G."""
 
-    cost_formula: ClassVar[str] = "Σ[o a² + 4p o a + 4p² a] + L-BFGS setup O(p²o + p³) per product + …"
+    cost_formula: ClassVar[str] = "Σ[o a² + 4p o a + 4p² a] + L-BFGS setup O(p²o + p³) per layer and step + …"
 
     _limited: ClassVar[bool] = True

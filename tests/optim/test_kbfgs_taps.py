@@ -139,3 +139,42 @@ def test_algebra_floor_resnet20_is_near_one_plus_two_thirds_over_T():
     assert 1 + 2 / 60 < fl["ratio"] < 1.06, fl
     conv = [L for L in m.kron_layers if not getattr(L, "kron_dense", False)]
     assert len(conv) >= 19
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_kbfgs_l_builds_each_layers_compact_operator_once_per_step(kind, monkeypatch):
+    """K-BFGS(L): the preconditioning and the H_G update's products of a step see the same pairs, so
+    the compact operator (its O(p²o + p³) middle) is built once per layer and step, and the steps are
+    bit for bit those that build it for every product."""
+    import qnref.optim.kbfgs as kb
+
+    built = []
+
+    class Counting(kb.LBFGSOperator):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    def run(share):
+        m, th, prob = problem(kind)
+        opt = KBFGSL(lr=0.05, batch_size=8, memory=4)
+        if not share:
+            plain = KBFGSL._apply_HG
+            monkeypatch.setattr(KBFGSL, "_apply_HG", lambda self, st, name, X, ops=None: plain(self, st, name, X))
+        st = opt.init(th)
+        th, st, _ = opt.step(th, st, prob)      # the warm start
+        counts = []
+        for _ in range(6):
+            built.clear()
+            th, st, _ = opt.step(th, st, prob)
+            counts.append(len(built))
+        monkeypatch.undo()
+        monkeypatch.setattr(kb, "LBFGSOperator", Counting)
+        return th, counts, len(kb.kc.kron_structure(m)[0])
+
+    monkeypatch.setattr(kb, "LBFGSOperator", Counting)
+    th_shared, counts, layers = run(True)
+    th_each, counts_each, _ = run(False)
+    assert counts == [layers] * 6                     # one operator per layer and step
+    assert all(c >= 2 * layers for c in counts_each)  # the preconditioning and H_G y each built one
+    np.testing.assert_array_equal(th_shared, th_each)
