@@ -62,6 +62,11 @@ def namespace(*arrays: Any) -> types.ModuleType:
     :class:`BackendError` naming the offending positions, instead of letting CuPy or NumPy
     fail later with an obscure message (or silently copy).
     """
+    for a in arrays:    # the common case, host arrays only: one type test each (steps call this often)
+        if type(a) is not numpy.ndarray:
+            break
+    else:
+        return numpy
     kinds = []
     for i, a in enumerate(arrays):
         if a is None or isinstance(a, (int, float, complex, bool)):

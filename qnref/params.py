@@ -19,6 +19,7 @@ Biases (the last column of W̄), BatchNorm shifts start at 0 and BatchNorm scale
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -58,7 +59,7 @@ class Block:
 
     @property
     def size(self) -> int:
-        return int(numpy.prod(self.shape)) if self.shape else 1
+        return int(math.prod(self.shape))    # 1 for shape (); math.prod: views() asks for it per block and call
 
     @property
     def stop(self) -> int:
