@@ -260,11 +260,15 @@ def test_gram_cache_matches_fresh_grams_after_pushes_and_drops():
 def test_gram_cache_same_iterates_logistic():
     model, prob = logistic()
     th0 = model.init(0)
-    a, _, ia = run(LSR1TrustRegion(batch_size=None, gram_cache=False), prob, th0, 40)
-    b, st, ib = run(LSR1TrustRegion(batch_size=None), prob, th0, 40)  # gram_cache=True, the default
-    # full batch near the minimizer the pairs become nearly dependent: some steps (15 of 40)
-    # have κ(Ψ) > 10³ and take the QR fallback; the others are Gram steps
-    assert sum(i.extra["gram_fallback"] == 0 for i in ib) >= 20
+    # 30 steps: |∇f| falls to 1e-7, so f's decrease (≈ |∇f|²) is still far above its rounding (1e-16).
+    # Later the accept test compares ared and pred at rounding level and the two routes' last bits
+    # decide it (step 39 on an AVX2 AMD EPYC: one route accepts, the other rejects)
+    a, _, ia = run(LSR1TrustRegion(batch_size=None, gram_cache=False), prob, th0, 30)
+    b, st, ib = run(LSR1TrustRegion(batch_size=None), prob, th0, 30)  # gram_cache=True, the default
+    # full batch near the minimizer the pairs become nearly dependent: some steps (15 of 30)
+    # have κ(Ψ) > 10³ and take the QR fallback; the others are Gram steps — both routes are exercised
+    fallbacks = sum(i.extra["gram_fallback"] for i in ib)
+    assert fallbacks >= 10 and len(ib) - fallbacks >= 10
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
     assert [i.accepted for i in ia] == [i.accepted for i in ib]
     mem = st.memory
