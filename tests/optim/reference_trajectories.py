@@ -18,8 +18,8 @@ Pinning OpenBLAS is not enough everywhere: NumPy picks its float64 SIMD loops (`
 by the CPU's features at run time, and on a CPU with AVX2 but no AVX-512 (NumPy's ``X86_V3``; an
 AMD EPYC) they round differently from the recording machine's (``tanh`` differs from libm in 28 % of
 random arguments there), and 15 chaotic trajectories (HF, the L-SR1 family, SHG, the sampled
-methods) drift past 1e-12 within 20 steps. Those
-keys also have an **alternative recording** per numeric environment (:data:`ALTERNATIVES`,
+methods) drift past 1e-12 within 20 steps. Those keys also have an **alternative recording** per
+numeric environment (:data:`ALTERNATIVES`,
 ``data/reference_trajectories.<tag>.npz`` / ``reference_infos.<tag>.json``, made by
 ``--record-alternative TAG`` on such a machine: only the keys that miss the original are written).
 A replay passes when it matches the original or an alternative to 1e-12 (:func:`mismatch`). An
@@ -135,21 +135,18 @@ def record(only: list[str] | None = None) -> None:
         unknown = sorted(set(only) - set(names))
         if unknown:
             raise SystemExit(f"--add: not registered: {unknown}")
-        with np.load(HERE / "reference_trajectories.npz", allow_pickle=False) as old:
-            arrays = {k: old[k] for k in old.files if k.split("|")[0] not in only}
-        infos = {k: v for k, v in json.loads((HERE / "reference_infos.json").read_text()).items()
-                 if k.split("|")[0] not in only}
+        old_arrays, old_infos = load()
+        arrays = {k: v for k, v in old_arrays.items() if k.split("|")[0] not in only}
+        infos = {k: v for k, v in old_infos.items() if k.split("|")[0] not in only}
         names = sorted(only)
     for name in names:
         for mk in MODELS:
-            try:
-                th, inf = run(name, mk)
-            except (ValueError, TypeError) as e:  # a refusal (e.g. SMW on BatchNorm in training mode)
-                infos[f"{name}|{mk}"] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"{name:10s} {mk:7s} refused: {e}")
+            th, inf = replay_key(f"{name}|{mk}")
+            infos[f"{name}|{mk}"] = inf
+            if th is None:
+                print(f"{name:10s} {mk:7s} refused: {inf['error']}")
                 continue
             arrays[f"{name}|{mk}"] = th
-            infos[f"{name}|{mk}"] = inf
             print(f"{name:10s} {mk:7s} loss {inf[0].get('loss'):.6g} → {inf[-1].get('loss'):.6g}")
     np.savez_compressed(HERE / "reference_trajectories.npz", **arrays)
     (HERE / "reference_infos.json").write_text(json.dumps(infos, indent=0, sort_keys=True, allow_nan=True))
@@ -178,16 +175,23 @@ def _is_pinned() -> bool:
     return not _cpu_runs_coretype() or os.environ.get("OPENBLAS_CORETYPE") == BLAS_CORETYPE
 
 
+def replay_key(key: str) -> tuple[np.ndarray | None, Any]:
+    """(θ rows, step infos) of one ``"name|model"`` setting, or (None, the refusal) when the
+    optimizer refuses the model (e.g. SMW on BatchNorm in training mode)."""
+    name, mk = key.split("|")
+    try:
+        return run(name, mk)
+    except (ValueError, TypeError) as e:
+        return None, {"error": f"{type(e).__name__}: {e}"}
+
+
 def _replay_to(out: pathlib.Path) -> None:
     """Run every recorded setting; write θ arrays to ``out``.npz and infos (or refusals) to ``out``.json."""
-    keys = json.loads((HERE / "reference_infos.json").read_text())
     arrays, infos = {}, {}
-    for key in sorted(keys):
-        name, mk = key.split("|")
-        try:
-            arrays[key], infos[key] = run(name, mk)
-        except (ValueError, TypeError) as e:
-            infos[key] = {"error": f"{type(e).__name__}: {e}"}
+    for key in sorted(load()[1]):
+        th, infos[key] = replay_key(key)
+        if th is not None:
+            arrays[key] = th
     np.savez(out.with_suffix(".npz"), **arrays)
     out.with_suffix(".json").write_text(json.dumps(infos, allow_nan=True))
 
@@ -251,11 +255,7 @@ def record_alternative(tag: str) -> None:
     arrays, infos = load()
     out_a, out_i = {}, {"__environment__": ALTERNATIVES[tag]}
     for key in sorted(infos):
-        name, mk = key.split("|")
-        try:
-            th, inf = run(name, mk)
-        except (ValueError, TypeError) as e:
-            th, inf = None, {"error": f"{type(e).__name__}: {e}"}
+        th, inf = replay_key(key)
         why = mismatch(th, inf, arrays.get(key), infos[key])
         if why is None:
             continue

@@ -155,12 +155,9 @@ def test_kbfgs_l_builds_each_layers_compact_operator_once_per_step(kind, monkeyp
             built.append(1)
             super().__init__(*a, **k)
 
-    def run(share):
+    def run():
         m, th, prob = problem(kind)
         opt = KBFGSL(lr=0.05, batch_size=8, memory=4)
-        if not share:
-            plain = KBFGSL._apply_HG
-            monkeypatch.setattr(KBFGSL, "_apply_HG", lambda self, st, name, X, ops=None: plain(self, st, name, X))
         st = opt.init(th)
         th, st, _ = opt.step(th, st, prob)      # the warm start
         counts = []
@@ -168,13 +165,15 @@ def test_kbfgs_l_builds_each_layers_compact_operator_once_per_step(kind, monkeyp
             built.clear()
             th, st, _ = opt.step(th, st, prob)
             counts.append(len(built))
-        monkeypatch.undo()
-        monkeypatch.setattr(kb, "LBFGSOperator", Counting)
-        return th, counts, len(kb.kc.kron_structure(m)[0])
+        return th, counts
 
     monkeypatch.setattr(kb, "LBFGSOperator", Counting)
-    th_shared, counts, layers = run(True)
-    th_each, counts_each, _ = run(False)
+    th_shared, counts = run()
+    with monkeypatch.context() as mp:       # every product builds its own operator
+        plain = KBFGSL._apply_HG
+        mp.setattr(KBFGSL, "_apply_HG", lambda self, st, name, X, ops=None: plain(self, st, name, X))
+        th_each, counts_each = run()
+    layers = len(kb.kc.kron_structure(problem(kind)[0])[0])
     assert counts == [layers] * 6                     # one operator per layer and step
     assert all(c >= 2 * layers for c in counts_each)  # the preconditioning and H_G y each built one
     np.testing.assert_array_equal(th_shared, th_each)

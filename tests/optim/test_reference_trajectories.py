@@ -6,7 +6,8 @@ after each of 20 steps and each step's info, for a small MLP and a small BatchNo
 on one BLAS thread. A refactoring of shared algebra must leave them unchanged: the test asserts
 agreement to 1e-12 relative (θ, losses, radii, every info entry) and exact equality of counts and
 flags, against the original or an alternative recording of another numeric environment;
-docs/design.md lists which trajectories are bit-identical. The replays run once, in a child process with the recording's OpenBLAS kernels pinned (``reference_trajectories.replay_all``).
+docs/design.md lists which trajectories are bit-identical. The replays run once, in a child
+process with the recording's OpenBLAS kernels pinned (``reference_trajectories.replay_all``).
 """
 import pytest
 
