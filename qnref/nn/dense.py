@@ -49,7 +49,10 @@ class Dense(Layer):
     def backward(self, p, cache, gy, gp, need_gx: bool = True):
         x, wb = cache, p[0]
         if gp is not None:
-            gp[0][:, :-1] = gy.T @ x
+            # the GEMM writes the W part of the gradient block in place (a strided view: ldc = in + 1),
+            # the bits of ``gp[0][:, :-1] = gy.T @ x`` without its temporary and copy (0.4-0.7 ms a
+            # 1000 x 784 layer at batch 250; issue 21)
+            backend.namespace(x).matmul(gy.T, x, out=gp[0][:, :-1])
             gp[0][:, -1] = gy.sum(axis=0)
         return gy @ wb[:, :-1] if need_gx else None
 
@@ -71,10 +74,10 @@ class Dense(Layer):
         # gx = gy W; R{gx} = R{gy} W + gy R{W};  R{gW̄} = R{gy}ᵀ x̄ + gyᵀ R{x̄}
         x, dx, w = cache, rcache, p[0][:, :-1]
         if rgp is not None:
-            rgw = rgy.T @ x
+            rgw = rgp[0][:, :-1]  # written in place, as in backward
+            backend.namespace(x).matmul(rgy.T, x, out=rgw)
             if dx is not None:
                 rgw += gy.T @ dx
-            rgp[0][:, :-1] = rgw
             rgp[0][:, -1] = rgy.sum(axis=0)
         if not need_gx:
             return None, None
