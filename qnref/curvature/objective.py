@@ -329,21 +329,23 @@ class Point(PointProducts):
     def check_independent(self, what: str) -> None:
         self._check_coupling(what)
 
-    def rop(self, v: Any, N: int) -> tuple[Any, Any]:
+    def rop(self, v: Any, N: int, want_grad: bool = True) -> tuple[Any, Any]:
         """(Jᵀ dz / N, R{Jᵀ dz / N}) of this point's rows by Pearlmutter's R-op (forward R-pass,
         then the R-op of the backward pass; Pearlmutter 1994 eq. 4–5), no L2 term; ``N`` is the
-        whole batch's size (the shard's own for one process)."""
+        whole batch's size (the shard's own for one process). ``want_grad=False``: the first entry
+        is None and its parameter GEMMs are not done (the caller knows ∇f already)."""
         self.check_direction(v)
         jv, rcaches = self._jvp(v)
         gz = self.dz / N
         rgz = self.obj.loss.hvp(self.z, self.obj.y, jv) / N
         self.obj.counter.add("backward", self.N, "hvp")
         self.obj.counter.add("rbackward", self.N)
-        return self.obj.model.backward_rop(self.theta, self.caches, rcaches, gz, rgz, v)
+        return self.obj.model.backward_rop(self.theta, self.caches, rcaches, gz, rgz, v, want_grad=want_grad)
 
     def hvp(self, v: Any) -> Any:
-        """Exact ∇²f(θ) v by Pearlmutter's R-op (forward R-pass, then R-op of the backward pass)."""
-        grad, hv = self.rop(v, self.N)
+        """Exact ∇²f(θ) v by Pearlmutter's R-op (forward R-pass, then R-op of the backward pass); ∇f
+        comes along (and is cached) on the first product at a point, later ones skip it."""
+        grad, hv = self.rop(v, self.N, want_grad=self._grad is None)
         return self.close_hvp(grad, hv, v)
 
     def sampled_targets(self) -> Any:

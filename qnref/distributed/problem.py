@@ -332,7 +332,7 @@ class DistributedPoint(PointProducts):
     def hvp(self, v: Any) -> Any:
         """Exact ∇²f v: the shard's R-op with the global 1/N, summed over ranks (the gradient
         rides along in the same allreduce when it is not known yet)."""
-        g_loc, hv_loc = self.local.rop(v, self.N)
+        g_loc, hv_loc = self.local.rop(v, self.N, want_grad=self._grad is None)
         if self._grad is None:
             nn = g_loc.shape[0]
             both = self.reduce_sum(self.xp.concatenate([g_loc, hv_loc]))

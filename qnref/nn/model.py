@@ -115,15 +115,18 @@ class Sequential:
             rcaches.append(rc)
         return d, rcaches
 
-    def backward_rop(self, theta: Any, caches: list, rcaches: list, gz: Any, rgz: Any, v: Any) -> tuple[Any, Any]:
+    def backward_rop(self, theta: Any, caches: list, rcaches: list, gz: Any, rgz: Any, v: Any, *,
+                     want_grad: bool = True) -> tuple[Any, Any]:
         """R-op of the backward pass: (gradient, R{gradient}) for direction ``v`` (flat).
 
         With gz = ∂f/∂z and rgz = R{∂f/∂z} = H_L (J v) / N this is Pearlmutter's exact H v (data part).
+        ``want_grad=False`` returns ``(None, R{gradient})`` without the gradient's parameter GEMMs (one
+        of the nine GEMM passes of an MLP's H v: a point whose ∇f is known, e.g. in HF's CG, issue 21).
         """
         xp = backend.namespace(theta)
-        grad = xp.empty_like(theta)
+        grad = xp.empty_like(theta) if want_grad else None
         rgrad = xp.empty_like(theta)
-        gviews = self._split(self.layout.views(grad))
+        gviews = self._split(self.layout.views(grad)) if want_grad else [None] * len(self.layers)
         rviews = self._split(self.layout.views(rgrad))
         pviews = self._split(self.layout.views(theta))
         vviews = self._split(self.layout.views(v))

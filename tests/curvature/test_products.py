@@ -163,3 +163,34 @@ def test_hvp_sets_gradient_consistently():
     p = obj.at(th)
     p.hvp(r.standard_normal(th.shape))
     assert rel_err(p.grad, obj.grad(th)) < 1e-14
+
+
+@pytest.mark.parametrize("kind", ["ce", "bce"])
+def test_hvp_at_a_point_with_known_gradient_skips_only_the_gradient(kind, monkeypatch):
+    """Once ∇f is known, an R-op does not redo the gradient's parameter GEMMs (``want_grad=False``):
+    H v is bit for bit that of a fresh point (which also forms ∇f), and no layer's plain ``backward``
+    runs (a fresh point's product calls it once per parameter layer)."""
+    obj, th, r = make_problem(kind, 5, l2=0.03)
+    v = r.standard_normal(th.shape)
+    fresh = obj.at(th)
+    hv_fresh = fresh.hvp(v)
+    g_from_rop = fresh.grad  # cached by the first product
+    hv_fd = dense.hessian(obj, th, "fd") @ v
+    n_dense = sum(isinstance(layer, Dense) for layer in obj.model.layers)
+    calls = []
+    for layer in obj.model.layers:
+        if isinstance(layer, Dense):
+            orig = layer.backward
+            monkeypatch.setattr(layer, "backward", lambda *a, _o=orig, **k: calls.append(1) or _o(*a, **k))
+    known = obj.at(th)
+    g = known.grad
+    n_grad = len(calls)
+    assert n_grad == n_dense  # the gradient's backward pass itself
+    hv_known = known.hvp(v)
+    assert len(calls) == n_grad  # no plain backward inside the R-op now
+    np.testing.assert_array_equal(hv_known, hv_fresh)
+    np.testing.assert_array_equal(g, g_from_rop)
+    assert rel_err(hv_known, hv_fd) < TOL
+    again = obj.at(th)
+    again.hvp(v)
+    assert len(calls) == 2 * n_dense  # a fresh point's R-op forms ∇f: one plain backward per Dense layer
