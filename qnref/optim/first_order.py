@@ -574,12 +574,12 @@ class GDLineSearch(FirstOrderOptimizer):
     def init(self, theta) -> GDLineSearchState:
         return GDLineSearchState()
 
-    cost_formula: ClassVar[str] = "(2 + t)n"
+    cost_formula: ClassVar[str] = "(1 + t)n"
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
-        """gᵀg (n), θ + αp per trial (tn), θ − αg (n)."""
+        """gᵀg (n), θ + αp per trial (tn); the new θ is the accepted trial's (:attr:`~.drivers.LineOutcome.theta`)."""
         n = shapes.n
-        return {"grad_norm": n, "line_search": assume.trials * n, "update": n}
+        return {"grad_norm": n, "line_search": assume.trials * n}
 
     def step(self, theta, state, problem: Problem) -> tuple[Any, Any, StepInfo]:
         opened = open_step(problem, self.batch_size, theta, tol=None, need_grad=False)
@@ -597,4 +597,4 @@ class GDLineSearch(FirstOrderOptimizer):
                                             step_size=0.0, nonfinite=ls.nonfinite, extra=extra)
         info = close_step(opened, loss=ls.value, accepted=True, evals=1 + ls.evals, step_size=ls.alpha,
                           step_norm=ls.alpha * math.sqrt(gg), nonfinite=ls.nonfinite, extra=extra)
-        return theta - ls.alpha * g, GDLineSearchState(state.t + 1), info
+        return ls.theta, GDLineSearchState(state.t + 1), info  # θ + α(−g): the bits of θ − αg

@@ -104,7 +104,8 @@ class LBFGS(Optimizer):
             pairs.clear()
             return theta, new_state, close_step(o, loss=f0, accepted=False, evals=1 + ls.evals, step_size=0.0,
                                                 nonfinite=ls.nonfinite, extra={"pairs": 0, "message": ls.message})
-        s = ls.alpha * d
+        s = d  # d is this step's own array: s = αd in place, the bits of ``ls.alpha * d`` (θ + s is ls.theta)
+        s *= ls.alpha
         y = ls.point.grad - g
         sy, ss = float(s @ y), float(s @ s)
         skipped = 0
@@ -112,6 +113,6 @@ class LBFGS(Optimizer):
             pairs.append(s, y)
         else:
             skipped = 1
-        return theta + s, new_state, close_step(o, loss=ls.value, accepted=True, evals=1 + ls.evals,
+        return ls.theta, new_state, close_step(o, loss=ls.value, accepted=True, evals=1 + ls.evals,
                                                 step_norm=math.sqrt(ss), step_size=ls.alpha, skipped=skipped,
                                                 nonfinite=ls.nonfinite, extra={"pairs": pairs.count})

@@ -215,7 +215,8 @@ class LSR1TrustRegion(_LSR1Base):
             Bs = self.gamma * s
             pred = -float(g @ s + 0.5 * (s @ Bs))
         snorm = math.sqrt(float(s @ s))
-        p1, f1 = finite_point(o.obj, theta + s)
+        theta1 = theta + s  # the trial θ, evaluated and (if accepted) returned: formed once
+        p1, f1 = finite_point(o.obj, theta1)
         skipped = 0
         if p1 is not None:  # pairs are stored whether or not the step is accepted (Alg. 1 line 12)
             y = p1.grad - g
@@ -233,7 +234,7 @@ class LSR1TrustRegion(_LSR1Base):
                           nonfinite=p1 is None, extra=extra)
         new_state = dataclasses.replace(state, delta=dec.delta, k=state.k + 1, trial_norm=snorm,
                                         trial_nonfinite=p1 is None)
-        return (theta + s if dec.accepted else theta), new_state, info
+        return (theta1 if dec.accepted else theta), new_state, info
 
 
 @register("lsr1-ls")
@@ -297,7 +298,8 @@ class LSR1LineSearch(_LSR1Base):
             slope = float(g @ d)
         if self.step_rule == "fixed":
             s = self.lr * d
-            p1, f1 = finite_point(o.obj, theta + s)
+            theta1 = theta + s  # formed once: evaluated here, returned below
+            p1, f1 = finite_point(o.obj, theta1)
             alpha, evals, nonfinite = self.lr, 1, p1 is None
             if p1 is None:
                 info = close_step(o, loss=f0, accepted=False, evals=2, step_size=0.0, nonfinite=True,
@@ -312,7 +314,7 @@ class LSR1LineSearch(_LSR1Base):
                 info = close_step(o, loss=f0, accepted=False, evals=1 + ls.evals, step_size=0.0, nonfinite=ls.nonfinite,
                                   extra={"fallback": fallback, "pairs": pairs.count, "message": ls.message})
                 return theta, dataclasses.replace(state, k=state.k + 1), info
-            alpha, evals, nonfinite, p1, f1 = ls.alpha, ls.evals, ls.nonfinite, ls.point, ls.value
+            alpha, evals, nonfinite, p1, f1, theta1 = ls.alpha, ls.evals, ls.nonfinite, ls.point, ls.value, ls.theta
             s = alpha * d
         skipped = 0
         if backend.all_finite(p1.grad):
@@ -325,7 +327,7 @@ class LSR1LineSearch(_LSR1Base):
         info = close_step(o, loss=f1, accepted=True, evals=1 + evals, step_norm=math.sqrt(float(s @ s)),
                           step_size=alpha, skipped=skipped, nonfinite=nonfinite,
                           extra={"fallback": fallback, "pairs": pairs.count})
-        return theta + s, dataclasses.replace(state, step_length=alpha, k=state.k + 1), info
+        return theta1, dataclasses.replace(state, step_length=alpha, k=state.k + 1), info
 
 
 @register("soc-sr1")

@@ -353,7 +353,7 @@ class MBLSR1(Optimizer):
             s = ls.alpha * p
             if backend.all_finite(ls.point.grad):
                 y = ls.point.grad - g
-            theta_new = theta + s
+            theta_new = ls.theta
         else:
             s = backend.namespace(theta).zeros_like(theta)
             theta_new = theta

@@ -259,17 +259,18 @@ class SampledLBFGS(_SampledQN):
     def init(self, theta: Any) -> SampledState:
         return SampledState()
 
-    cost_formula: ClassVar[str] = "(8m + 7 + t)n + m"
+    cost_formula: ClassVar[str] = "(8m + 6 + t)n + m"
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """‖g‖ (n), m sampled directions (mn), the pair filter (2mn, 3mn with the cosine test), γ of
-        the newest kept pair (2n), the two-loop, gᵀp (n), θ + αp per trial (tn), the step (2n)."""
+        the newest kept pair (2n), the two-loop, gᵀp (n), θ + αp per trial (tn), the step length
+        ‖d‖ (n; the new θ is the accepted trial's, :attr:`~.drivers.LineOutcome.theta`)."""
         n, m = shapes.n, self.memory
         k = assume.pairs_or(m)
         t = {"grad_norm": n, "sample_directions": m * n, "pair_filter": (3 if self.lbfgs_test == "cosine" else 2) * m * n}
         if k:
             t.update({"gamma": 2 * n, **LBFGSOperator.solve_terms(n, k, gamma_given=True)})
-        return {**t, "slope": n, "line_search": assume.trials * n, "step": 2 * n}
+        return {**t, "slope": n, "line_search": assume.trials * n, "step": n}
 
     def step(self, theta: Any, state: SampledState, problem: Problem) -> tuple[Any, SampledState, StepInfo]:
         o = open_step(problem, self.batch_size, theta, tol=self.tol)
@@ -296,7 +297,7 @@ class SampledLBFGS(_SampledQN):
         info = close_step(o, loss=ls.value, accepted=ls.success, evals=1 + pairs.evals + ls.evals,
                           skipped=pairs.rejected, nonfinite=ls.nonfinite, extra=extra, **moved)
         new_state = SampledState(state.k + 1, state.delta)
-        return (theta + ls.alpha * d if ls.success else theta), new_state, info
+        return (ls.theta if ls.success else theta), new_state, info
 
 
 @register("s-lsr1")

@@ -116,16 +116,18 @@ class SQN(Optimizer):
         return SQNState(memory=PairStore.empty(theta, self.memory, grams=False),
                         wbar_sum=theta * 0, wbar_prev=theta * 0)
 
-    cost_formula: ClassVar[str] = "(5m + 6 + t + 4/L)n + m"
+    cost_formula: ClassVar[str] = "(5m + 5 + t + 4/L)n + m (Armijo); (5m + 6 + 4/L)n + m (β/k steps)"
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
-        """The two-loop, gᵀd (n), θ + αd per trial (tn, Armijo rule), the update (2n), the window
-        means and the pair (4n every L steps)."""
+        """The two-loop, gᵀd (n), θ + αd per trial (tn, Armijo rule: the accepted trial is the new θ,
+        :attr:`~.drivers.LineOutcome.theta`), the update (n for the window sum; + n for θ + αd with
+        β/k steps), the window means and the pair (4n every L steps)."""
         n = shapes.n
         t = {**LBFGSOperator.solve_terms(n, assume.pairs_or(self.memory)), "slope": n}
         if self.step_rule == "armijo":
             t["line_search"] = assume.trials * n
-        return {**t, "update": 2 * n, "window": 4 * n / self.L}
+        update = n if self.step_rule == "armijo" else 2 * n
+        return {**t, "update": update, "window": 4 * n / self.L}
 
     # -- curvature pairs ----------------------------------------------------------------------
     def _end_window(self, state: SQNState, problem: Problem, extra: dict) -> None:
@@ -161,7 +163,7 @@ class SQN(Optimizer):
                              shrink=self.shrink, max_evals=self.max_ls_evals)
             fields = {"evals": 1 + ls.evals, "nonfinite": ls.nonfinite, "loss": ls.value}
             if ls.success:
-                return theta + ls.alpha * d, {**fields, "step_size": ls.alpha, "accepted": True}, {}
+                return ls.theta, {**fields, "step_size": ls.alpha, "accepted": True}, {}
             return theta, {**fields, "step_size": 0.0, "accepted": False}, {"message": ls.message}
         alpha = self.beta / k
         with numpy.errstate(over="ignore", invalid="ignore"):  # overflow → rejected below

@@ -71,6 +71,9 @@ def test_line_search_conditions_on_rosenbrock(rule):
     assert out.value <= o.f0 + 1e-4 * out.alpha * slope
     assert out.value == out.point.value
     np.testing.assert_array_equal(out.point.theta, x + out.alpha * d)
+    # the accepted trial θ is handed back as the step's new θ: bit for bit θ + αd, the evaluated array itself
+    np.testing.assert_array_equal(out.theta, x + out.alpha * d)
+    assert out.theta is out.point.theta
     if rule == "wolfe":
         assert abs(float(out.point.grad @ d)) <= 0.9 * abs(slope)
 
@@ -79,7 +82,7 @@ def test_line_search_failure_and_nonfinite_trials():
     prob = FunctionProblem(lambda x: 0.0 if abs(x[0]) < 1e-6 else float("inf"), lambda x: x * 0 + 1.0)
     x = np.zeros(2) + 1e-9
     out = line_search(prob.full(), x, np.ones(2), 0.0, -1.0, rule="armijo", max_evals=3)
-    assert not out.success and out.alpha == 0.0 and out.point is None and out.value == 0.0
+    assert not out.success and out.alpha == 0.0 and out.point is None and out.value == 0.0 and out.theta is None
     assert out.evals == 3 and out.nonfinite
     with pytest.raises(ValueError, match="rule must be"):
         line_search(prob.full(), x, np.ones(2), 0.0, -1.0, rule="cubic")
