@@ -138,6 +138,27 @@ def wall_time(fn):
     return time.perf_counter() - t0
 
 
+#: seconds of sleep before a :func:`settled_time` block (both thread pools idle again)
+SETTLE_S = 0.5
+
+
+def settled_time(fn, calls=1, settle=SETTLE_S):
+    """Seconds per call of ``calls`` consecutive calls of ``fn`` after ``settle`` seconds of sleep and
+    one untimed call: the timing of one side of a ratio against **another runtime** (torch).
+
+    OpenBLAS's pthreads (qnref) and torch's OpenMP threads busy-wait after each parallel region, so
+    on 2 cores the side timed right after the other shares its cores with the other's spinning
+    threads: single alternating calls read qnref/torch 0.59-1.44 on one workload by wait policy
+    (docs/benchmarks.md, "Caveat: the two thread pools spin"). After the sleep the other pool has
+    gone idle, and the untimed call wakes this side's own pool before the clock starts."""
+    time.sleep(settle)
+    sync(fn())
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        sync(fn())
+    return (time.perf_counter() - t0) / calls
+
+
 def interleaved_ratio(time_num, time_den, rounds=7):
     """Median over ``rounds`` interleaved rounds of ``time_num() / time_den()``, after one untimed
     call of each. ``time_num``/``time_den`` return the seconds of one measurement (so a caller

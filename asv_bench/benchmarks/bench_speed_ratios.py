@@ -5,7 +5,10 @@ Timing policy of the ``track_`` ratios here (their own statistics, the same with
 ``--quick``): one untimed warm-up call of each side (numba compilation, allocator, caches, the
 optimizers' warm starts and first memory fill), then ``ROUNDS`` = 7 interleaved rounds — qnref,
 then the peer, in every round — and the **median of the per-round ratios** (a load spike on the
-shared machine then hits both sides of one round, or one round of seven). Threads: BLAS, OpenMP and
+shared machine then hits both sides of one round, or one round of seven). Each side of a round is
+a **settled block** (:func:`~._common.settled_time`, version 21.4 of each benchmark): 0.5 s of
+sleep, one untimed call, then its timed calls, so neither side runs while the other runtime's
+threads still spin (docs/benchmarks.md, "Caveat: the two thread pools spin"). Threads: BLAS, OpenMP and
 qnref's chunk pool are pinned to ``THREADS`` by ``_common`` (asv's benchmark processes), torch to the
 same count by ``torch.set_num_threads``. float32 on the CPU throughout.
 
@@ -28,15 +31,16 @@ import tracemalloc
 
 import numpy as np
 
-from ._common import THREADS, autoencoder, interleaved_ratio, wall_time
+from ._common import THREADS, autoencoder, interleaved_ratio, settled_time
 
 ROUNDS = 7
 
 
 def _interleaved_ratio(f_qnref, f_peer, rounds=ROUNDS, calls=1):
-    """:func:`~._common.interleaved_ratio` of ``calls`` qnref calls against ``calls`` peer calls."""
+    """:func:`~._common.interleaved_ratio` of settled blocks (:func:`~._common.settled_time`) of
+    ``calls`` qnref calls against ``calls`` peer calls."""
     def timer(fn):
-        return lambda: wall_time(lambda: [fn() for _ in range(calls)])
+        return lambda: settled_time(fn, calls)
 
     return interleaved_ratio(timer(f_qnref), timer(f_peer), rounds)
 
@@ -58,7 +62,7 @@ class CNNTorchRatios:
     unit = "ratio qnref/torch"
     timeout = 600
     # bump ``version`` when the measured code or a helper it calls (``_common``, ``bench_cnn``) changes
-    version = "21.1"
+    version = "21.4"  # 21.4: settled blocks of 3 calls
 
     def setup(self, name):
         _need_torch()
@@ -83,7 +87,7 @@ class CNNTorchRatios:
             tm.zero_grad(set_to_none=True)
             loss_fn(tm(X), y).backward()
 
-        return _interleaved_ratio(lambda: obj.grad(theta), peer)
+        return _interleaved_ratio(lambda: obj.grad(theta), peer, calls=3)
 
 
 def _autoencoder_pair(batch):
@@ -132,7 +136,7 @@ class ShampooPeerRatio(_OptimizerPair):
 
     unit = "ratio qnref/pytorch_optimizer"
     timeout = 900
-    version = "21.1"
+    version = "21.4"  # 21.4: settled blocks (20 steps after an untimed one: still one T₂ update per block)
 
     def setup(self):
         _need_torch()
@@ -163,7 +167,8 @@ class LBFGSPeerRatio(_OptimizerPair):
 
     unit = "ratio qnref/torch"
     timeout = 900
-    version = "21.3"  # 21.2: the pair ring, kept curvatures and fused two-loop updates; 21.3: torch max_eval=20
+    version = "21.4"  # 21.2: the pair ring, kept curvatures and fused two-loop updates; 21.3: torch max_eval=20;
+    # 21.4: settled blocks
 
     def setup(self):
         _need_torch()
