@@ -8,14 +8,24 @@ each calling a GIL-free numba kernel and a **single-threaded** BLAS GEMM. BLAS i
 thread for the duration (threadpoolctl): OpenBLAS's own workers spin between calls, and mixing
 them with a second pool of threads was measured 6× slower on a 2-core machine (docs/cnn.md).
 
+**Two pools on the same cores.** OpenBLAS's idle workers busy-wait 2²⁸ cycles (≈ 0.1 s) after
+each multi-threaded call before they sleep, and any such call (a Dense layer's GEMM, an optimizer's
+dot product) leaves them spinning through the next chunked pass: on 2 cores the pool's two threads
+then share the cores with a spinner, and a LeNet-5 gradient ran at one thread's speed (28 vs 19 ms,
+docs/cnn.md). So when the pool runs, :func:`shorten_blas_spin` sets every loaded OpenBLAS to spin
+at most 2^:data:`BLAS_SPIN_LOG2` cycles, ≈ 0.4 ms (OpenBLAS's ``OPENBLAS_THREAD_TIMEOUT``, which it
+reads only at start-up; a value the user set in the environment is left alone).
+
 Results never depend on the thread count: the chunks are fixed by the data size alone and
 reductions over chunks (e.g. weight gradients) are summed in chunk order by the caller.
 On CuPy arrays the batch is one chunk and everything runs on the calling thread.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -24,7 +34,18 @@ from .. import backend
 
 _lock = threading.Lock()
 _local = threading.local()
-_state: dict[str, Any] = {"threads": None, "pool": None, "controller": None}
+_state: dict[str, Any] = {"threads": None, "pool": None, "controller": None, "blas_spin": None,
+                         "modules": -1}
+
+#: log₂ of the cycles an idle OpenBLAS worker busy-waits before it sleeps, set by
+#: :func:`shorten_blas_spin` when the chunk pool first runs (OpenBLAS's default is 28, ≈ 0.1 s; 2²⁰
+#: ≈ 0.4 ms keeps its workers hot across the short gaps between an MLP pass's GEMMs). ``None``:
+#: leave OpenBLAS as it is. Measured per gradient (2 threads, float32, one process per value):
+#: LeNet-5 at batch 128 21.1–22.6 ms at 16–20 against 31.8–35.3 ms at 28; the MNIST autoencoder's
+#: gradient and H v (batch 1000) the same at 16–28 within the machine's noise (docs/cnn.md).
+BLAS_SPIN_LOG2: int | None = 20
+
+_SPIN_ENV = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
 
 
 def _blas_threads() -> int:
@@ -34,6 +55,59 @@ def _blas_threads() -> int:
     _state["controller"] = ctrl
     counts = [int(info["num_threads"]) for info in ctrl.info() if info.get("user_api") == "blas"]
     return max(1, min(counts)) if counts else 1
+
+
+def shorten_blas_spin(log2_cycles: int | None = None) -> dict[str, int]:
+    """Make every loaded OpenBLAS's idle workers busy-wait at most 2^``log2_cycles`` cycles
+    (default :data:`BLAS_SPIN_LOG2`) before they sleep; returns {library path: its timeout}.
+
+    OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` (4–30) only when it starts its threads, so the value
+    is put in the environment for one call of its ``openblas_read_env`` and its workers are stopped
+    (``blas_thread_shutdown_``, the routine it runs at ``fork``); the next multi-threaded call starts
+    them again with the new timeout. Results are unchanged (only the waiting policy moves). Nothing
+    is done where the user set ``OPENBLAS_THREAD_TIMEOUT``/``GOTO_THREAD_TIMEOUT`` or where the
+    BLAS is not OpenBLAS (MKL, BLIS); call it with no other thread inside BLAS."""
+    if log2_cycles is None:
+        log2_cycles = BLAS_SPIN_LOG2
+    if int(log2_cycles) != log2_cycles or not 4 <= log2_cycles <= 30:
+        raise ValueError(f"log2_cycles must be an integer in [4, 30] (OpenBLAS's range), got {log2_cycles!r}")
+    if any(name in os.environ for name in _SPIN_ENV):
+        return {}
+    from threadpoolctl import threadpool_info  # noqa: PLC0415 - only on first CPU use
+
+    done: dict[str, int] = {}
+    for info in threadpool_info():
+        if info.get("internal_api") != "openblas":
+            continue
+        lib = ctypes.CDLL(info["filepath"])  # already loaded: the same handle, nothing new runs
+        needed = ("openblas_read_env", "openblas_thread_timeout", "blas_thread_shutdown_")
+        if not all(hasattr(lib, name) for name in needed):
+            continue
+        if lib.openblas_thread_timeout() == log2_cycles:  # done before: its workers keep running
+            done[info["filepath"]] = int(log2_cycles)
+            continue
+        os.environ[_SPIN_ENV[0]] = str(int(log2_cycles))
+        try:
+            lib.openblas_read_env()
+        finally:
+            del os.environ[_SPIN_ENV[0]]
+        lib.blas_thread_shutdown_()
+        done[info["filepath"]] = int(lib.openblas_thread_timeout())
+    return done
+
+
+def _refresh_blas() -> None:
+    """The BLAS controller (for the one-thread limit) and the spin policy, rebuilt whenever modules
+    were imported since the last pool run: a BLAS loaded later (scipy's OpenBLAS, at the first
+    Cholesky inverse of a Kronecker step) comes with new modules, and ``len(sys.modules)`` costs
+    nothing where a scan of the loaded libraries costs 0.3 ms (about 60 pool runs per ResNet-20
+    gradient)."""
+    if _state["modules"] == len(sys.modules) and _state["controller"] is not None:
+        return
+    _blas_threads()
+    if BLAS_SPIN_LOG2 is not None:
+        _state["blas_spin"] = shorten_blas_spin()
+    _state["modules"] = len(sys.modules)
 
 
 def num_threads() -> int:
@@ -90,8 +164,7 @@ def map_chunks(fn: Callable[[int, int], Any], chunks: list[tuple[int, int]]) -> 
         if _state["pool"] is None:
             _state["pool"] = ThreadPoolExecutor(max_workers=_state["threads"], thread_name_prefix="qnref")
         pool = _state["pool"]
-    if _state["controller"] is None:
-        _blas_threads()
+    _refresh_blas()
     out: list[Any] = [None] * len(chunks)
     indices = itertools.count()
 

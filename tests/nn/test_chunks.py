@@ -157,3 +157,77 @@ def test_split_ranges_partition():
             if r:
                 sizes = [e - a for a, e in r]
                 assert max(sizes) - min(sizes) <= 1
+
+
+_SPIN_PROBE = r"""
+import ctypes, json, os, sys, time
+import numpy as np
+from threadpoolctl import threadpool_info
+from qnref.nn import chunks
+
+a = np.random.default_rng(0).standard_normal((600, 600))
+
+def cpu_while_asleep():
+    a @ a  # a multi-threaded GEMM wakes OpenBLAS's workers
+    t0 = time.process_time()
+    time.sleep(0.1)
+    return time.process_time() - t0  # spinning workers burn CPU while this thread sleeps
+
+libs = [ctypes.CDLL(i["filepath"]) for i in threadpool_info() if i.get("internal_api") == "openblas"]
+before = cpu_while_asleep()
+chunks.set_num_threads(2)
+chunks.map_chunks(lambda a, e: a, [(0, 1), (1, 2)])  # the pool runs: OpenBLAS's spin is shortened
+after = cpu_while_asleep()
+timeouts = [lib.openblas_thread_timeout() for lib in libs]
+state = dict(chunks._state["blas_spin"])
+import scipy.linalg  # a second OpenBLAS, loaded after the pool's first run
+chunks.map_chunks(lambda a, e: a, [(0, 1), (1, 2)])
+later = [ctypes.CDLL(i["filepath"]).openblas_thread_timeout() for i in threadpool_info() if i.get("internal_api") == "openblas"]
+print(json.dumps({"before": before, "after": after, "env": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+                  "timeouts": timeouts, "state": state, "later": later, "later_state": chunks._state["blas_spin"]}))
+"""
+
+
+def _spin_probe(**env):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")}
+    full.update(OPENBLAS_NUM_THREADS="2", QNREF_NUM_THREADS="2", **env)
+    out = subprocess.run([sys.executable, "-c", _SPIN_PROBE], env=full, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _need_openblas():
+    if not any(i.get("internal_api") == "openblas" for i in threadpool_info()):
+        pytest.fail("the spin policy is specific to OpenBLAS, which NumPy is expected to use here")
+
+
+def test_pool_shortens_openblas_spin_and_leaves_the_environment_alone():
+    _need_openblas()
+    r = _spin_probe()
+    # OpenBLAS's default: an idle worker busy-waits ≈ 0.1 s after a call (most of a 0.1 s sleep)
+    assert r["before"] > 0.05, r
+    # after the pool's first run every OpenBLAS waits 2²⁰ cycles (≈ 0.4 ms), then sleeps
+    assert r["timeouts"] and all(t == chunks.BLAS_SPIN_LOG2 for t in r["timeouts"]), r
+    assert sorted(r["state"].values()) == r["timeouts"] and r["after"] < 0.03, r
+    assert r["env"] is None  # put in the environment for OpenBLAS's re-read only
+    # a BLAS loaded after the first run (scipy's own OpenBLAS) is set at the next pool run
+    assert len(r["later"]) >= len(r["timeouts"]) and all(t == chunks.BLAS_SPIN_LOG2 for t in r["later"]), r
+    assert len(r["later_state"]) == len(r["later"]), r
+
+
+def test_a_spin_timeout_set_by_the_user_is_kept():
+    _need_openblas()
+    r = _spin_probe(OPENBLAS_THREAD_TIMEOUT="18")
+    assert r["state"] == {} and all(t == 18 for t in r["timeouts"] + r["later"]), r
+    assert r["env"] == "18"
+
+
+@pytest.mark.parametrize("bad", [3, 31, 2.5, "16"])
+def test_bad_spin_setting(bad):
+    with pytest.raises(ValueError, match=r"log2_cycles must be an integer in \[4, 30\]"):
+        chunks.shorten_blas_spin(bad)
