@@ -65,8 +65,8 @@ def shorten_blas_spin(log2_cycles: int | None = None) -> dict[str, int]:
     is put in the environment for one call of its ``openblas_read_env`` and its workers are stopped
     (``blas_thread_shutdown_``, the routine it runs at ``fork``); the next multi-threaded call starts
     them again with the new timeout. Results are unchanged (only the waiting policy moves). Nothing
-    is done where the user set ``OPENBLAS_THREAD_TIMEOUT``/``GOTO_THREAD_TIMEOUT`` or where the
-    BLAS is not OpenBLAS (MKL, BLIS); call it with no other thread inside BLAS."""
+    is done where the user set ``OPENBLAS_THREAD_TIMEOUT``/``GOTO_THREAD_TIMEOUT``, for an OpenBLAS
+    built on OpenMP or for another BLAS (MKL, BLIS); call it with no other thread inside BLAS."""
     if log2_cycles is None:
         log2_cycles = BLAS_SPIN_LOG2
     if int(log2_cycles) != log2_cycles or not 4 <= log2_cycles <= 30:
@@ -77,7 +77,8 @@ def shorten_blas_spin(log2_cycles: int | None = None) -> dict[str, int]:
 
     done: dict[str, int] = {}
     for info in threadpool_info():
-        if info.get("internal_api") != "openblas":
+        # the pthreads server only: an OpenMP build's workers are OpenMP's (OMP_WAIT_POLICY governs)
+        if info.get("internal_api") != "openblas" or info.get("threading_layer") != "pthreads":
             continue
         lib = ctypes.CDLL(info["filepath"])  # already loaded: the same handle, nothing new runs
         needed = ("openblas_read_env", "openblas_thread_timeout", "blas_thread_shutdown_")
