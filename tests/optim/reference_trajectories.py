@@ -12,7 +12,10 @@ The recording was made with OpenBLAS's AVX2 ("Haswell") kernels. On a CPU where 
 AVX-512 kernels (SkylakeX) the last bits of a GEMM differ, and a chaotic trajectory (``hf`` on the
 BatchNorm CNN) turns them into an O(1) difference within 18 steps. Recording and replay therefore
 run in a child process with ``OPENBLAS_CORETYPE`` pinned to :data:`BLAS_CORETYPE` wherever the CPU
-has AVX2 and FMA (:func:`replay_all`, and ``__main__`` re-executes itself so pinned).
+has AVX2 and FMA (:func:`replay_all`, and ``__main__`` re-executes itself so pinned). On a CPU with
+AVX-512 numba's kernels are compiled for the AVX2 target :data:`NUMBA_CPU` as well (``NUMBA_CPU_NAME``):
+numba compiles for the host, and its 512-bit code rounds the BatchNorm kernels' float64 sums
+differently from the AVX2 code the recordings were made with.
 
 Pinning OpenBLAS is not enough everywhere: NumPy picks its float64 SIMD loops (``tanh``, ``exp``, …)
 by the CPU's features at run time, and on a CPU with AVX2 but no AVX-512 (NumPy's ``X86_V3``; an
@@ -44,6 +47,10 @@ N_STEPS = 20
 MODELS = ("mlp", "cnn-bn")
 #: OpenBLAS kernel family of the recording (``OPENBLAS_CORETYPE``)
 BLAS_CORETYPE = "Haswell"
+#: LLVM target of numba's kernels (``NUMBA_CPU_NAME``) on CPUs with AVX-512: compiled for such a
+#: host, the BatchNorm kernels' float64 sums vectorize differently (7 BatchNorm-CNN trajectories —
+#: HF, SHG, the L-SR1 family, the sampled methods — drifted by 1e-11 to 0.5 on a Sapphire Rapids VM)
+NUMBA_CPU = "haswell"
 #: numeric environments with an alternative recording of the keys whose last bits differ there
 ALTERNATIVES = {
     "x86-v3": "x86-64 with AVX2/FMA but no AVX-512 (NumPy X86_V3 SIMD loops; recorded on an AMD EPYC, "
@@ -152,15 +159,28 @@ def record(only: list[str] | None = None) -> None:
     (HERE / "reference_infos.json").write_text(json.dumps(infos, indent=0, sort_keys=True, allow_nan=True))
 
 
+def _cpu_flags() -> set[str]:
+    """The x86-64 CPU's feature flags (empty elsewhere or where /proc/cpuinfo cannot be read)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
+    try:
+        return set(pathlib.Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def _cpu_runs_coretype() -> bool:
     """Whether this CPU can run the recording's kernels (x86-64 with AVX2 and FMA)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "avx2" in flags and "fma" in flags
+
+
+def _numba_pin() -> str | None:
+    """:data:`NUMBA_CPU` where the CPU has AVX-512 (numba would compile for it) and the user has
+    not chosen a target; None elsewhere (an AVX2 host's own target is what the recordings saw)."""
+    if "avx512f" in _cpu_flags() and _cpu_runs_coretype() and "NUMBA_CPU_NAME" not in os.environ:
+        return NUMBA_CPU
+    return None
 
 
 def pinned_env() -> dict[str, str]:
@@ -168,11 +188,14 @@ def pinned_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if _cpu_runs_coretype():
         env["OPENBLAS_CORETYPE"] = BLAS_CORETYPE
+    if _numba_pin():
+        env["NUMBA_CPU_NAME"] = NUMBA_CPU
     return env
 
 
 def _is_pinned() -> bool:
-    return not _cpu_runs_coretype() or os.environ.get("OPENBLAS_CORETYPE") == BLAS_CORETYPE
+    blas = not _cpu_runs_coretype() or os.environ.get("OPENBLAS_CORETYPE") == BLAS_CORETYPE
+    return blas and _numba_pin() is None
 
 
 def replay_key(key: str) -> tuple[np.ndarray | None, Any]:

@@ -52,3 +52,17 @@ def test_trajectory_matches_recording(key, replayed):
                 return
             tried.append(f"{tag}: {alt}")
     pytest.fail("; ".join(tried))
+
+
+@pytest.mark.parametrize("flags,numba", [({"avx2", "fma", "avx512f"}, "haswell"), ({"avx2", "fma"}, None), (set(), None)])
+def test_pinned_environment_follows_the_cpu(monkeypatch, flags, numba):
+    """OpenBLAS's AVX2 kernels wherever the CPU runs them; numba's AVX2 target only where numba
+    would otherwise compile for AVX-512; a user's own NUMBA_CPU_NAME is kept."""
+    monkeypatch.delenv("NUMBA_CPU_NAME", raising=False)
+    monkeypatch.setattr(ref, "_cpu_flags", lambda: flags)
+    env = ref.pinned_env()
+    assert env.get("NUMBA_CPU_NAME") == numba
+    assert env.get("OPENBLAS_CORETYPE") == ("Haswell" if "avx2" in flags else ref.os.environ.get("OPENBLAS_CORETYPE"))
+    assert env["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("NUMBA_CPU_NAME", "skylake-avx512")
+    assert ref.pinned_env()["NUMBA_CPU_NAME"] == "skylake-avx512"
