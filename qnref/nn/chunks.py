@@ -67,16 +67,21 @@ def shorten_blas_spin(log2_cycles: int | None = None) -> dict[str, int]:
     them again with the new timeout. Results are unchanged (only the waiting policy moves). Nothing
     is done where the user set ``OPENBLAS_THREAD_TIMEOUT``/``GOTO_THREAD_TIMEOUT``, for an OpenBLAS
     built on OpenMP or for another BLAS (MKL, BLIS); call it with no other thread inside BLAS."""
+    from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - only on first CPU use
+
+    return _shorten_spin(ThreadpoolController().info(), log2_cycles)
+
+
+def _shorten_spin(infos: list[dict[str, Any]], log2_cycles: int | None) -> dict[str, int]:
+    """:func:`shorten_blas_spin` over the libraries ``infos`` (threadpoolctl's ``info()``)."""
     if log2_cycles is None:
         log2_cycles = BLAS_SPIN_LOG2
     if int(log2_cycles) != log2_cycles or not 4 <= log2_cycles <= 30:
         raise ValueError(f"log2_cycles must be an integer in [4, 30] (OpenBLAS's range), got {log2_cycles!r}")
     if any(name in os.environ for name in _SPIN_ENV):
         return {}
-    from threadpoolctl import threadpool_info  # noqa: PLC0415 - only on first CPU use
-
     done: dict[str, int] = {}
-    for info in threadpool_info():
+    for info in infos:
         # the pthreads server only: an OpenMP build's workers are OpenMP's (OMP_WAIT_POLICY governs)
         if info.get("internal_api") != "openblas" or info.get("threading_layer") != "pthreads":
             continue
@@ -84,15 +89,13 @@ def shorten_blas_spin(log2_cycles: int | None = None) -> dict[str, int]:
         needed = ("openblas_read_env", "openblas_thread_timeout", "blas_thread_shutdown_")
         if not all(hasattr(lib, name) for name in needed):
             continue
-        if lib.openblas_thread_timeout() == log2_cycles:  # done before: its workers keep running
-            done[info["filepath"]] = int(log2_cycles)
-            continue
-        os.environ[_SPIN_ENV[0]] = str(int(log2_cycles))
-        try:
-            lib.openblas_read_env()
-        finally:
-            del os.environ[_SPIN_ENV[0]]
-        lib.blas_thread_shutdown_()
+        if lib.openblas_thread_timeout() != log2_cycles:  # else done before: its workers keep running
+            os.environ[_SPIN_ENV[0]] = str(int(log2_cycles))
+            try:
+                lib.openblas_read_env()
+            finally:
+                del os.environ[_SPIN_ENV[0]]
+            lib.blas_thread_shutdown_()
         done[info["filepath"]] = int(lib.openblas_thread_timeout())
     return done
 
@@ -102,12 +105,12 @@ def _refresh_blas() -> None:
     were imported since the last pool run: a BLAS loaded later (scipy's OpenBLAS, at the first
     Cholesky inverse of a Kronecker step) comes with new modules, and ``len(sys.modules)`` costs
     nothing where a scan of the loaded libraries costs 0.3 ms (about 60 pool runs per ResNet-20
-    gradient)."""
+    gradient). The spin policy reads the controller's own scan."""
     if _state["modules"] == len(sys.modules) and _state["controller"] is not None:
         return
     _blas_threads()
     if BLAS_SPIN_LOG2 is not None:
-        _state["blas_spin"] = shorten_blas_spin()
+        _state["blas_spin"] = _shorten_spin(_state["controller"].info(), BLAS_SPIN_LOG2)
     _state["modules"] = len(sys.modules)
 
 

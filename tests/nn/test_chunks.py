@@ -1,5 +1,11 @@
 """Chunked, threaded CPU passes (qnref.nn.chunks): same numbers for every thread count and chunk
-size, BLAS thread count restored, nested calls safe, bad settings rejected."""
+size, BLAS thread count restored, nested calls safe, bad settings rejected, OpenBLAS's idle spin
+shortened when the pool runs."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
@@ -189,11 +195,6 @@ print(json.dumps({"before": before, "after": after, "env": os.environ.get("OPENB
 
 
 def _spin_probe(**env):
-    import json
-    import os
-    import subprocess
-    import sys
-
     full = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")}
     full.update(OPENBLAS_NUM_THREADS="2", QNREF_NUM_THREADS="2", **env)
     out = subprocess.run([sys.executable, "-c", _SPIN_PROBE], env=full, capture_output=True, text=True, timeout=120)

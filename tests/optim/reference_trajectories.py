@@ -31,6 +31,7 @@ against the original, so it records the same algorithm under other last bits.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -159,14 +160,16 @@ def record(only: list[str] | None = None) -> None:
     (HERE / "reference_infos.json").write_text(json.dumps(infos, indent=0, sort_keys=True, allow_nan=True))
 
 
-def _cpu_flags() -> set[str]:
-    """The x86-64 CPU's feature flags (empty elsewhere or where /proc/cpuinfo cannot be read)."""
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    """The x86-64 CPU's feature flags (empty elsewhere or where /proc/cpuinfo cannot be read);
+    read once per process."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return set()
+        return frozenset()
     try:
-        return set(pathlib.Path("/proc/cpuinfo").read_text().split())
+        return frozenset(pathlib.Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def _cpu_runs_coretype() -> bool:
@@ -188,8 +191,9 @@ def pinned_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if _cpu_runs_coretype():
         env["OPENBLAS_CORETYPE"] = BLAS_CORETYPE
-    if _numba_pin():
-        env["NUMBA_CPU_NAME"] = NUMBA_CPU
+    numba_cpu = _numba_pin()
+    if numba_cpu:
+        env["NUMBA_CPU_NAME"] = numba_cpu
     return env
 
 
