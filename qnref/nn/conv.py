@@ -167,13 +167,20 @@ def scatter_windows_xp(g6: Any, xpad_shape: tuple, sh: int, sw: int) -> Any:
 
 def col2im(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
     """Adjoint of :func:`im2col`: scatter-add (N, K, L) patch gradients to (N, C, H, W)."""
+    if use_numba(gcols):
+        n, c, h, w = x_shape
+        g6 = backend.namespace(gcols).ascontiguousarray(gcols).reshape(n, c, kh, kw, out_size(h, kh, sh, ph), out_size(w, kw, sw, pw))
+        return numba_kernels().col2im(g6, backend.namespace(gcols).zeros(x_shape, dtype=gcols.dtype), sh, sw, ph, pw)
+    return col2im_xp(gcols, x_shape, kh, kw, sh, sw, ph, pw)
+
+
+def col2im_xp(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    """The array-API twin of the numba kernel ``col2im`` (NumPy and CuPy): strided slice adds over
+    the kh·kw kernel offsets into the padded image, then the unpadded part."""
     n, c, h, w = x_shape
     ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
     xp = backend.namespace(gcols)
     g6 = xp.ascontiguousarray(gcols).reshape(n, c, kh, kw, ho, wo)
-    if use_numba(gcols):
-        # the (K, N·L) kernel on a transposed view: same loops, same summation order
-        return numba_kernels().col2im_t(g6.transpose(1, 2, 3, 0, 4, 5), xp.zeros((n, c, h, w), dtype=gcols.dtype), sh, sw, ph, pw)
     out = scatter_windows_xp(g6, (n, c, h + 2 * ph, w + 2 * pw), sh, sw)
     if ph or pw:
         out = xp.ascontiguousarray(out[:, :, ph : ph + h, pw : pw + w])

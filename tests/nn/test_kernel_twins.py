@@ -29,6 +29,14 @@ WINDOW_CASES = [
     ((3, 3, 2, 2, 1, 1), (3, 2, 7, 7)),
     ((2, 2, 2, 2, 0, 0), (2, 2, 6, 8)),
     ((3, 2, 1, 2, 1, 0), (1, 3, 5, 6)),
+    # "same" stride-1 shapes (the im2col plane runs), a kernel wider than the image, no padding,
+    # same rows but not columns, a strided 1×1 (ResNet's shortcut), stride only along the width
+    ((5, 5, 1, 1, 2, 2), (2, 2, 7, 9)),
+    ((5, 5, 1, 1, 2, 2), (1, 2, 3, 3)),
+    ((3, 3, 1, 1, 0, 0), (2, 2, 5, 7)),
+    ((3, 3, 1, 1, 1, 0), (2, 2, 6, 6)),
+    ((1, 1, 2, 2, 0, 0), (2, 3, 5, 5)),
+    ((3, 3, 1, 2, 1, 1), (1, 2, 4, 9)),
 ]
 BN_CASES = [(4, 3, 5, 5), (2, 5, 3, 1)]
 
@@ -71,6 +79,17 @@ def _col2im_t(case, xp, to_dev, to_host):
     g = _rng(case).standard_normal((c * kh * kw, n * ho * wo))
     ref = k.col2im_t(g.reshape(c, kh, kw, n, ho, wo), np.zeros(shape), sh, sw, ph, pw)
     return ref, to_host(twin(MODULES[0], "col2im_t")(to_dev(g), shape, kh, kw, sh, sw, ph, pw))
+
+
+def _col2im(case, xp, to_dev, to_host):
+    (kh, kw, sh, sw, ph, pw), shape = WINDOW_CASES[case]
+    from qnref.nn import _numba_kernels as k
+
+    n, c, h, w = shape
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    g = _rng(case).standard_normal((n, c * kh * kw, ho * wo))
+    ref = k.col2im(g.reshape(n, c, kh, kw, ho, wo), np.zeros(shape), sh, sw, ph, pw)
+    return ref, to_host(twin(MODULES[0], "col2im")(to_dev(g), shape, kh, kw, sh, sw, ph, pw))
 
 
 def _index_add(case, xp, to_dev, to_host):
@@ -163,7 +182,7 @@ def _maxpool_backward(case, xp, to_dev, to_host):
 
 #: kernel name → comparison; must cover every kernel of :data:`MODULES`
 CASES = {
-    "im2col_t": _im2col_t, "col2im_t": _col2im_t, "index_add": _index_add,
+    "im2col_t": _im2col_t, "col2im_t": _col2im_t, "col2im": _col2im, "index_add": _index_add,
     "bn_forward": _bn_forward, "bn_sums": _bn_sums, "bn_backward": _bn_backward,
     "maxpool_forward": _maxpool_forward, "maxpool_backward": _maxpool_backward,
 }
