@@ -103,15 +103,26 @@ class Tanh(Activation):
         return -2 * y * (1 - y * y)
 
 
-def _sigmoid(xp, x):
-    # numerically stable logistic: exp of a non-positive argument only
+def sigmoid(xp: Any, x: Any) -> Any:
+    """The logistic function 1/(1 + e⁻ˣ), numerically stable: with e = e^{−|x|} (exp of a
+    non-positive argument only, never overflows) it is 1/(1 + e) for x ≥ 0 and e/(1 + e) for x < 0,
+    formed as one division of the selected numerator (the same bits as dividing twice and
+    selecting; NaN stays NaN). The one implementation for the activation and the sigmoid
+    cross-entropy loss."""
     e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    d = e + 1
+    return xp.divide(xp.where(x >= 0, e.dtype.type(1), e), d, out=d)
+
+
+def softplus(xp: Any, x: Any) -> Any:
+    """log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|}) (no overflow for large x, no cancellation for
+    small): the one implementation for the activation and the sigmoid cross-entropy loss."""
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 class Sigmoid(Activation):
     def f(self, xp, x):
-        return _sigmoid(xp, x)
+        return sigmoid(xp, x)
 
     def d1(self, xp, x, y):
         return y * (1 - y)
@@ -124,13 +135,13 @@ class Softplus(Activation):
     """softplus(x) = log(1 + eˣ), computed as max(x, 0) + log1p(e^{−|x|})."""
 
     def f(self, xp, x):
-        return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+        return softplus(xp, x)
 
     def d1(self, xp, x, y):
-        return _sigmoid(xp, x)
+        return sigmoid(xp, x)
 
     def d2(self, xp, x, y):
-        s = _sigmoid(xp, x)
+        s = sigmoid(xp, x)
         return s * (1 - s)
 
 

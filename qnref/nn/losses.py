@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import backend
+from .activations import sigmoid, softplus
 
 
 class Loss:
@@ -217,13 +218,10 @@ class SigmoidCrossEntropy(Loss):
 
     def per_example(self, z, y):
         xp = backend.namespace(z)
-        sp = xp.maximum(z, 0) + xp.log1p(xp.exp(-xp.abs(z)))
-        return (sp - y * z).reshape(z.shape[0], -1).sum(axis=1)
+        return (softplus(xp, z) - y * z).reshape(z.shape[0], -1).sum(axis=1)
 
     def _p(self, z):
-        xp = backend.namespace(z)
-        e = xp.exp(-xp.abs(z))
-        return xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
+        return sigmoid(backend.namespace(z), z)
 
     def dz(self, z, y):
         return self._p(z) - y

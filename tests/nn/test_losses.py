@@ -110,3 +110,30 @@ def test_bad_targets(loss, z_shape, y, msg):
 def test_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss"):
         get_loss("hinge")
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_sigmoid_and_softplus_match_scipy_and_are_shared(dt):
+    """The stable logistic and softplus (one implementation for the activations and the sigmoid
+    cross-entropy) against independent oracles: scipy.special.expit and numpy.logaddexp(0, x),
+    within 4 ulp (absolute: the smallest normal number, where results are subnormal), including
+    ±inf, ±0 and NaN; the loss's p and dz use the same bits."""
+    from scipy.special import expit
+
+    from qnref.nn.activations import Sigmoid, Softplus, sigmoid, softplus
+    from qnref.nn.losses import SigmoidCrossEntropy
+
+    x = (np.random.default_rng(3).standard_normal(20000) * 40).astype(dt)
+    x[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30]
+    with np.errstate(over="ignore", invalid="ignore"):  # the oracles on NaN and inf
+        for got, ref in ((sigmoid(np, x), expit(x)), (softplus(np, x), np.logaddexp(dt(0), x))):
+            assert got.dtype == dt
+            assert np.array_equal(np.isnan(got), np.isnan(x))
+            ok = ~np.isnan(x)
+            eps, tiny = np.finfo(dt).eps, np.finfo(dt).tiny
+            np.testing.assert_allclose(got[ok], ref[ok].astype(dt), rtol=4 * eps, atol=tiny)
+    z, y = x[:19990].reshape(-1, 10), np.random.default_rng(4).random((1999, 10)).astype(dt)
+    loss = SigmoidCrossEntropy()
+    assert sigmoid(np, z).tobytes() == loss._p(z).tobytes() == Sigmoid().f(np, z).tobytes()
+    assert (sigmoid(np, z) - y).tobytes() == loss.dz(z, y).tobytes()
+    assert sigmoid(np, z).tobytes() == Softplus().d1(np, z, None).tobytes()
