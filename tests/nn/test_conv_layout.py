@@ -27,3 +27,19 @@ def test_im2col_t_col2im_t_match_reference(dt, k, s, p):
             np.testing.assert_allclose(adj, ref_adj, rtol=1e-5 if dt == np.float32 else 1e-12, atol=1e-5 if dt == np.float32 else 1e-12)
     finally:
         conv.KERNELS = saved
+
+
+def test_patch_kernels_refuse_non_contiguous_arrays():
+    """The numba patch kernels index flat views, so a strided array would be written through a
+    copy and the result lost: they refuse it instead (the layer always passes fresh C arrays)."""
+    k = pytest.importorskip("qnref.nn._numba_kernels")
+    x = np.zeros((2, 3, 5, 5))
+    cols = np.zeros((3, 3, 3, 2, 5, 5))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        k.im2col_t(x, cols.transpose(0, 1, 2, 3, 5, 4), 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        k.im2col_t(x.transpose(0, 1, 3, 2), cols, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        k.col2im_t(cols.transpose(0, 1, 2, 3, 5, 4), np.zeros((2, 3, 5, 5)), 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        k.col2im(np.zeros((2, 3, 3, 3, 5, 5)), np.zeros((2, 3, 5, 5)).transpose(0, 1, 3, 2), 1, 1, 1, 1)
