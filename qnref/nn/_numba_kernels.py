@@ -35,6 +35,15 @@ def _span(off, s, w_, wo_):  # pragma: no cover - compiled
     return min(lo, hi), hi
 
 
+@njit(cache=True, inline="always")
+def _zero_edges(of, r, ulo, uhi, uwo):  # pragma: no cover - compiled
+    """Zero the columns [0, lo) and [hi, wo) of the output row starting at flat offset r."""
+    for ow in range(ulo):
+        of[r + ow] = 0
+    for ow in range(uhi, uwo):
+        of[r + ow] = 0
+
+
 # Indexing note (measured, docs/cnn.md "Fourth round"): every kernel below indexes flat views with
 # **unsigned** offsets. numba wraps a negative signed index around, so an index such as ``ow + off``
 # (off < 0 at a padded edge) keeps a per-element check that stops LLVM from vectorizing the loop;
@@ -55,7 +64,7 @@ def im2col_t(x, out, sh, sw, ph, pw):  # pragma: no cover - compiled
     c_, kh, kw, n_, ho_, wo_ = out.shape
     h_, w_ = x.shape[2], x.shape[3]
     xf, of = x.ravel(), out.ravel()
-    plane, uwo = U(ho_ * wo_), U(wo_)
+    plane, uwo, usw = U(ho_ * wo_), U(wo_), U(sw)
     same = sh == 1 and sw == 1 and ho_ == h_ and wo_ == w_
     for c in range(c_):
         for i in range(kh):
@@ -80,11 +89,7 @@ def im2col_t(x, out, sh, sw, ph, pw):  # pragma: no cover - compiled
                         for t in range(t1, plane):
                             of[ob + t] = 0
                         for oh in range(oh_lo, oh_hi):  # the wrapped-around edge columns
-                            r = ob + U(oh * wo_)
-                            for ow in range(ulo):
-                                of[r + ow] = 0
-                            for ow in range(uhi, uwo):
-                                of[r + ow] = 0
+                            _zero_edges(of, ob + U(oh * wo_), ulo, uhi, uwo)
                         continue
                     for oh in range(ho_):
                         hh = oh * sh - ph + i
@@ -93,16 +98,12 @@ def im2col_t(x, out, sh, sw, ph, pw):  # pragma: no cover - compiled
                             for ow in range(uwo):
                                 of[r + ow] = 0
                             continue
-                        for ow in range(ulo):
-                            of[r + ow] = 0
-                        for ow in range(uhi, uwo):
-                            of[r + ow] = 0
+                        _zero_edges(of, r, ulo, uhi, uwo)
                         src, dst = U(xb + hh * w_ + lo * sw - pw + j), r + ulo
                         if sw == 1:
                             for t in range(uhi - ulo):
                                 of[dst + t] = xf[src + t]
                         else:
-                            usw = U(sw)
                             for t in range(uhi - ulo):
                                 of[dst + t] = xf[src + t * usw]
     return out
@@ -114,7 +115,7 @@ def _col2im(gf, gs, out, kh, kw, ho_, wo_, sh, sw, ph, pw):  # pragma: no cover 
     (Ho, Wo) plane of (c, i, j, n) starts at gf[c·gs[0] + i·gs[1] + j·gs[2] + n·gs[3]]. Each element
     of ``out`` receives its terms in (i, j) order, whichever layout ``gs`` describes."""
     n_, c_, h_, w_ = out.shape
-    of = out.ravel()
+    of, usw = out.ravel(), U(sw)
     for n in range(n_):
         for c in range(c_):
             xb = (n * c_ + c) * h_ * w_
@@ -133,7 +134,6 @@ def _col2im(gf, gs, out, kh, kw, ho_, wo_, sh, sw, ph, pw):  # pragma: no cover 
                             for t in range(m):
                                 of[dst + t] += gf[src + t]
                         else:
-                            usw = U(sw)
                             for t in range(m):
                                 of[dst + t * usw] += gf[src + t]
     return out

@@ -168,9 +168,9 @@ def scatter_windows_xp(g6: Any, xpad_shape: tuple, sh: int, sw: int) -> Any:
 def col2im(gcols: Any, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
     """Adjoint of :func:`im2col`: scatter-add (N, K, L) patch gradients to (N, C, H, W)."""
     if use_numba(gcols):
-        n, c, h, w = x_shape
-        g6 = backend.namespace(gcols).ascontiguousarray(gcols).reshape(n, c, kh, kw, out_size(h, kh, sh, ph), out_size(w, kw, sw, pw))
-        return numba_kernels().col2im(g6, backend.namespace(gcols).zeros(x_shape, dtype=gcols.dtype), sh, sw, ph, pw)
+        xp, (n, c, h, w) = backend.namespace(gcols), x_shape
+        g6 = xp.ascontiguousarray(gcols).reshape(n, c, kh, kw, out_size(h, kh, sh, ph), out_size(w, kw, sw, pw))
+        return numba_kernels().col2im(g6, xp.zeros(x_shape, dtype=gcols.dtype), sh, sw, ph, pw)
     return col2im_xp(gcols, x_shape, kh, kw, sh, sw, ph, pw)
 
 
