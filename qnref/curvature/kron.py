@@ -73,6 +73,7 @@ tolerance 1e-6) and :func:`inv_root_eigh` (eigendecomposition; the oracle).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -260,10 +261,34 @@ def pi_split(A: Any, G: Any) -> float:
     return math.sqrt(ta / tg)
 
 
-#: smallest order d for which :func:`spd_inverse` takes the Cholesky route: below it the LU inverse
-#: costs microseconds as well, and a process that never reaches it does not load ``scipy.linalg``
-#: (+28 MB resident: the Kronecker steps of a small autoencoder measured 1.37× an SGD step's peak)
+#: smallest order d for which :func:`spd_inverse` and :func:`sym_eigh` take SciPy's LAPACK routes
+#: (Cholesky inverse, ``syevd``): below it NumPy's own routines cost microseconds as well, and a
+#: process that never reaches it does not load ``scipy.linalg`` (+28 MB resident: the Kronecker
+#: steps of a small autoencoder measured 1.37× an SGD step's peak)
 CHOLESKY_MIN_DIM = 128
+
+
+def _host_lapack(S: Any) -> bool:
+    """Whether ``S`` takes SciPy's LAPACK routes: a 2-D float32/float64 host matrix of order at
+    least :data:`CHOLESKY_MIN_DIM`, outside ``qnref.nn.conv.KERNELS = "xp"`` (the pure NumPy/CuPy
+    paths, as the device runs them)."""
+    from ..nn import conv  # noqa: PLC0415 - the package-wide kernel switch
+
+    return (not backend.is_cupy_array(S) and conv.KERNELS != "xp" and S.ndim == 2 and S.shape[-1] >= CHOLESKY_MIN_DIM
+            and S.dtype.char in "fd")
+
+
+def _lapack(*names: str, like: Any) -> tuple:
+    """SciPy's LAPACK routines ``names`` for the dtype of ``like``; the first call loads SciPy's
+    OpenBLAS, which then gets the short spin of every loaded OpenBLAS (:func:`qnref.nn.chunks.refresh_blas`:
+    two libraries' spinning workers on 2 cores slowed a dense net's Kronecker step 1.5×, issue 21)."""
+    from scipy.linalg import get_lapack_funcs  # noqa: PLC0415
+
+    from ..nn import chunks  # noqa: PLC0415
+
+    funcs = get_lapack_funcs(names, (like,))
+    chunks.refresh_blas()
+    return funcs
 
 
 def spd_inverse(M: Any) -> Any:
@@ -273,26 +298,16 @@ def spd_inverse(M: Any) -> Any:
     exactly symmetric): d³/2 multiplications against the 4d³/3 of an LU inverse, ≈ 4× faster in
     float32 on OpenBLAS (issue 21), from order :data:`CHOLESKY_MIN_DIM` on. A smaller or not
     numerically positive-definite matrix (potrf fails), a CuPy array or another dtype takes the LU
-    inverse, whose result callers check; so does
-    everything under ``qnref.nn.conv.KERNELS = "xp"`` (the pure NumPy/CuPy paths, as the device runs them)."""
-    from ..nn import conv  # noqa: PLC0415 - the package-wide kernel switch
-
+    inverse, whose result callers check; so does everything outside :func:`_host_lapack`."""
     xp = backend.namespace(M)
     S = sym(M)
-    host = not backend.is_cupy_array(S) and conv.KERNELS != "xp" and S.shape[-1] >= CHOLESKY_MIN_DIM
-    H = _cholesky_inverse(S) if host else None
+    H = _cholesky_inverse(S) if _host_lapack(S) else None
     return H if H is not None else sym(xp.linalg.inv(S))
 
 
 def _cholesky_inverse(S: Any) -> Any:
     """S⁻¹ by potrf + potri for a float32/float64 host matrix; None when S is not positive definite."""
-    import numpy  # noqa: PLC0415 - host path only
-
-    if S.dtype not in (numpy.float32, numpy.float64) or S.ndim != 2:
-        return None
-    from scipy.linalg import get_lapack_funcs  # noqa: PLC0415
-
-    potrf, potri = get_lapack_funcs(("potrf", "potri"), (S,))
+    potrf, potri = _lapack("potrf", "potri", like=S)
     c, info = potrf(S, lower=True, clean=False)
     if info == 0:
         c, info = potri(c, lower=True, overwrite_c=True)
@@ -316,10 +331,21 @@ def mirror_lower(c: Any) -> Any:
     for a in range(0, d, MIRROR_BLOCK):
         e = min(d, a + MIRROR_BLOCK)
         blk = c[a:e, a:e]
-        upper = numpy.triu_indices(e - a, 1)
+        upper = _strict_upper(e - a)
         blk[upper] = blk.T[upper]
         c[a:e, e:] = c[e:, a:e].T
     return c
+
+
+@functools.lru_cache(maxsize=8)
+def _strict_upper(m: int) -> tuple[Any, Any]:
+    """``numpy.triu_indices(m, 1)``, formed once per order (read-only): 16 ms of index building per
+    TNT step on the MNIST autoencoder at T₂ = 1 otherwise (issue 21)."""
+    import numpy  # noqa: PLC0415 - host path only
+
+    rows, cols = numpy.triu_indices(m, 1)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
 
 
 def damped_inverses(A: Any, G: Any, damping: float, *, use_pi: bool = True) -> tuple[Any, Any, float]:
@@ -344,11 +370,32 @@ def kron_block(G: Any, A: Any) -> Any:
 
 
 # -- inverse p-th roots -------------------------------------------------------------------------------
+def sym_eigh(S: Any) -> tuple[Any, Any]:
+    """(w, V), ascending eigenvalues and orthonormal eigenvectors of the symmetric ``S`` (read from
+    its lower triangle), as ``xp.linalg.eigh``.
+
+    Under :func:`_host_lapack` (host, order ≥ :data:`CHOLESKY_MIN_DIM`) by SciPy's LAPACK ``syevd``
+    (divide and conquer, NumPy's algorithm): NumPy's float32 ``eigh`` measured 158 / 29 / 6.2 ms at
+    order 1000 / 500 / 250 against 97 / 21 / 5.3 ms for SciPy's on a 2-core AMD EPYC (Zen 4, OpenBLAS
+    0.3.31 and 0.3.30), the same in float64 (issue 21). There a non-finite ``S`` raises
+    ``numpy.linalg.LinAlgError`` (LAPACK is not handed NaN); NumPy's route raises or returns NaN."""
+    xp = backend.namespace(S)
+    if not _host_lapack(S):
+        return xp.linalg.eigh(S)
+    if not backend.all_finite(S):
+        raise xp.linalg.LinAlgError("sym_eigh: the matrix has non-finite entries")
+    (syevd,) = _lapack("syevd", like=S)
+    w, V, info = syevd(S.T, compute_v=1, lower=0)  # Sᵀ: Fortran order, no copy in; its upper is S's lower
+    if info != 0:
+        raise xp.linalg.LinAlgError(f"sym_eigh: LAPACK syevd did not converge (info = {info})")
+    return w, V
+
+
 def inv_root_eigh(M: Any, p: float, eps: float = 0.0) -> Any:
     """(M + εI)^(−1/p) by eigendecomposition (eigenvalues clamped at 0 before adding ε)."""
     xp = backend.namespace(M)
     try:
-        w, V = xp.linalg.eigh(sym(M))
+        w, V = sym_eigh(sym(M))
     except xp.linalg.LinAlgError:  # NumPy refuses a non-finite M ("did not converge"); CuPy returns NaN
         # a NaN root makes the step non-finite, which the driver rejects and reports (no host sync here)
         return xp.full_like(M, float("nan"))

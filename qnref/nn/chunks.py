@@ -100,12 +100,19 @@ def _shorten_spin(infos: list[dict[str, Any]], log2_cycles: int | None) -> dict[
     return done
 
 
-def _refresh_blas() -> None:
+def refresh_blas() -> None:
     """The BLAS controller (for the one-thread limit) and the spin policy, rebuilt whenever modules
-    were imported since the last pool run: a BLAS loaded later (scipy's OpenBLAS, at the first
-    Cholesky inverse of a Kronecker step) comes with new modules, and ``len(sys.modules)`` costs
-    nothing where a scan of the loaded libraries costs 0.3 ms (about 60 pool runs per ResNet-20
-    gradient). The spin policy reads the controller's own scan."""
+    were imported since the last call: a BLAS loaded later (scipy's OpenBLAS, at the first Cholesky
+    inverse of a Kronecker step) comes with new modules, and ``len(sys.modules)`` costs nothing
+    where a scan of the loaded libraries costs 0.3 ms (about 60 pool runs per ResNet-20 gradient).
+    The spin policy reads the controller's own scan.
+
+    Called by every pool run and by the code that loads a second BLAS
+    (:func:`qnref.curvature.kron.spd_inverse`'s LAPACK route): two OpenBLAS libraries in one process
+    (NumPy's and SciPy's) each keep a worker spinning after their calls, and on 2 cores one library's
+    GEMMs then share a core with the other's spinner — a K-BFGS/K-FAC/TNT step of a dense net, which
+    never runs the pool, took 1.5× its time (issue 21: a TNT step on the MNIST autoencoder at
+    T₁ = T₂ = 1, 680 → 460 ms; docs/design.md)."""
     if _state["modules"] == len(sys.modules) and _state["controller"] is not None:
         return
     _blas_threads()
@@ -168,7 +175,7 @@ def map_chunks(fn: Callable[[int, int], Any], chunks: list[tuple[int, int]]) -> 
         if _state["pool"] is None:
             _state["pool"] = ThreadPoolExecutor(max_workers=_state["threads"], thread_name_prefix="qnref")
         pool = _state["pool"]
-    _refresh_blas()
+    refresh_blas()
     out: list[Any] = [None] * len(chunks)
     indices = itertools.count()
 

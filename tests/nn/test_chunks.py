@@ -221,6 +221,37 @@ def test_pool_shortens_openblas_spin_and_leaves_the_environment_alone():
     assert len(r["later_state"]) == len(r["later"]), r
 
 
+_LAPACK_SPIN_PROBE = r"""
+import ctypes, json, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+from qnref.curvature import kron
+from qnref.nn import chunks
+
+a = np.random.default_rng(0).standard_normal((400, 200))
+M = a.T @ a                                 # a dense net's factor: order 200 ≥ CHOLESKY_MIN_DIM
+getattr(kron, sys.argv[1])(M)               # loads SciPy's OpenBLAS; the chunk pool never runs
+print(json.dumps({"pool": chunks._state["pool"] is not None, "scipy": "scipy.linalg" in sys.modules,
+                  "timeouts": [ctypes.CDLL(i["filepath"]).openblas_thread_timeout()
+                               for i in threadpool_info() if i.get("internal_api") == "openblas"]}))
+"""
+
+
+@pytest.mark.parametrize("route", ["spd_inverse", "sym_eigh"])
+def test_scipy_lapack_routes_shorten_every_openblas_spin(route):
+    """A dense net's Kronecker step loads SciPy's OpenBLAS next to NumPy's and never runs the chunk
+    pool: the LAPACK routes apply the spin policy themselves (two spinning libraries on 2 cores made
+    such a step 1.5× slower, issue 21)."""
+    _need_openblas()
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")}
+    out = subprocess.run([sys.executable, "-c", _LAPACK_SPIN_PROBE, route], env={**env, "OPENBLAS_NUM_THREADS": "2"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["scipy"] and not r["pool"], r
+    assert len(r["timeouts"]) >= 2 and all(t == chunks.BLAS_SPIN_LOG2 for t in r["timeouts"]), r
+
+
 def test_a_spin_timeout_set_by_the_user_is_kept():
     _need_openblas()
     r = _spin_probe(OPENBLAS_THREAD_TIMEOUT="18")

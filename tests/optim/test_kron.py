@@ -275,3 +275,53 @@ def test_spd_inverse_falls_back_and_flags_nonfinite():
     bad = np.eye(d)
     bad[1, 1] = np.nan
     assert not np.isfinite(kron.spd_inverse(bad)).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-5)])
+def test_sym_eigh_by_scipy_syevd_is_the_eigendecomposition(dtype, tol):
+    """kron.sym_eigh by SciPy's syevd (order ≥ CHOLESKY_MIN_DIM): ascending eigenvalues and
+    orthonormal eigenvectors of the lower triangle, against float64 numpy.linalg.eigh of the same
+    lower triangle (the strictly upper part holds noise that must not be read), in S's dtype."""
+    r = np.random.default_rng(6)
+    d = kron.CHOLESKY_MIN_DIM + 3
+    X = r.standard_normal((d, d + 10))
+    S = (X @ X.T / (d + 10)).astype(dtype)
+    S[np.triu_indices(d, 1)] += 5.0                                # noise above the diagonal
+    w, V = kron.sym_eigh(S)
+    assert w.dtype == V.dtype == S.dtype and V.shape == (d, d)
+    w0 = np.linalg.eigh(S.astype("float64"), UPLO="L")[0]
+    assert np.all(np.diff(w) >= 0)
+    assert np.abs(w - w0).max() <= tol * np.abs(w0).max()
+    L = np.tril(S.astype("float64")) + np.tril(S.astype("float64"), -1).T
+    assert np.abs((V.astype("float64") * w) @ V.T - L).max() <= 10 * tol * np.abs(L).max()
+    assert np.abs(V.T.astype("float64") @ V - np.eye(d)).max() <= 10 * tol * d ** 0.5
+
+
+def test_sym_eigh_routes_and_refuses_nonfinite():
+    """Below CHOLESKY_MIN_DIM (and for any matrix under KERNELS = "xp") it is numpy.linalg.eigh bit
+    for bit; on the LAPACK route a non-finite matrix is refused with LinAlgError (LAPACK never sees
+    NaN); on either route inv_root_eigh's root is then non-finite (the driver's non-finite rejection)."""
+    from qnref.nn import conv
+
+    r = np.random.default_rng(7)
+    for d in (kron.CHOLESKY_MIN_DIM - 1, kron.CHOLESKY_MIN_DIM):
+        X = r.standard_normal((d, d))
+        S = X @ X.T
+        w, V = kron.sym_eigh(S)
+        w0, V0 = np.linalg.eigh(S)
+        small = d < kron.CHOLESKY_MIN_DIM
+        if small:
+            assert np.array_equal(w, w0) and np.array_equal(V, V0)
+        old = conv.KERNELS
+        conv.KERNELS = "xp"
+        try:
+            wx, Vx = kron.sym_eigh(S)
+        finally:
+            conv.KERNELS = old
+        assert np.array_equal(wx, w0) and np.array_equal(Vx, V0)
+        bad = S.copy()
+        bad[2, 1] = np.inf
+        if not small:
+            with pytest.raises(np.linalg.LinAlgError, match="non-finite"):
+                kron.sym_eigh(bad)
+        assert not np.isfinite(kron.inv_root_eigh(bad, 4, 1e-3)).any()
