@@ -4,7 +4,7 @@ Ren's thesis §3.4.3: with curvature update frequency T, "when k ≢ 0 (mod T), 
 Line 11 of Algorithm 9 is incurred" (the minibatch gradient and the preconditioned step), and
 Table 3.2 puts K-BFGS's extra pass and curvature work at O(·/T): K-BFGS(T = 20) should cost about
 what KFAC(T₁ = 10, T₂ = 100) does, a small multiple of a first-order step. The floor of the ratio
-is :meth:`qnref.optim.kbfgs.KBFGS.algebra_floor` (≈ 1.05 for ResNet-20 at batch 128, T = 20).
+is :meth:`qnref.optim.kbfgs.KBFGS.step_floor` (≈ 1.05 for ResNet-20 at batch 128, T = 20).
 
 Measured on ResNet-20 (``qnref.nn.zoo``, 3×32×32, batch 128) and the digits LeNet (1×8×8, batch
 128), softmax cross-entropy, random inputs (256 examples: the warm start of A covers 2 batches),

@@ -11,6 +11,8 @@ in one process.
   pass /T₁ and the algebra's multiplications, in gradients) × the measured gradient time, on the
   thesis's MNIST autoencoder 784-1000-500-250-30-250-500-1000-784 (float32, batch 1000) at T₁ = 1
   and T₂ ∈ {1, 20};
+* the same for K-FAC, K-BFGS, K-BFGS(L) and Shampoo at T = 1 (:class:`KroneckerFloorAutoencoder`, each
+  method's ``step_floor``);
 * SMW-NG-BD vs SMW-NG step time on the thesis's 784-500-10 MNIST classifier (sigmoid, softmax
   cross-entropy; §5.8: N₁ = 60, N₂ = 30), float64, synthetic data, and each against its floor
   (:meth:`SMWOptimizer.step_floor`).
@@ -132,6 +134,31 @@ class TNTFloorAutoencoder:
         mom = make_optimizer("momentum", batch_size=1000)
         return interleaved_ratio(tnt_amortized_timer(tnt, prob, *_warm(tnt, prob, th0)),
                                  _step_timer(mom, prob, *_warm(mom, prob, th0)), 5)
+
+
+#: the T = 1 settings of the Kronecker methods (every step updates the statistics and the factors)
+T1_SETTINGS = {"kfac": dict(stat_freq=1, inv_freq=1), "kbfgs": dict(curvature_freq=1), "kbfgs-l": dict(curvature_freq=1),
+               "shampoo": dict(stat_freq=1, inv_freq=1)}
+
+
+class KroneckerFloorAutoencoder:
+    """K-FAC, K-BFGS, K-BFGS(L) and Shampoo at T = 1 on the MNIST autoencoder (batch 1000, float32):
+    measured step / (floor × gradient), the floor being each method's ``step_floor`` (its passes and
+    algebra in gradients; TNT's is :class:`TNTFloorAutoencoder`). Issue 21's target: ≤ 1.1 each."""
+
+    params = (list(T1_SETTINGS),)
+    param_names = ["optimizer"]
+    unit = "ratio of the measured step to its floor"
+    timeout = 900
+    version = "21.6"
+
+    def track_step_over_floor(self, name):
+        model, prob, th0 = _autoencoder_problem()
+        opt = make_optimizer(name, batch_size=1000, **T1_SETTINGS[name])
+        obj = prob.sample(1000)
+        th, st = _warm(opt, prob, th0)
+        ratio = interleaved_ratio(_step_timer(opt, prob, th, st), lambda: wall_time(lambda: obj.at(th).grad), 5)
+        return ratio / opt.step_floor(model, 1000)["floor"]
 
 
 @functools.lru_cache(maxsize=1)

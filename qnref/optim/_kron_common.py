@@ -325,6 +325,28 @@ class TensorFactorOptimizer(Optimizer):
              self._root_term: sum(self._root_flops(d, len(shp), assume) for shp in parts for d in shp) / self.inv_freq}
         return {**t, "precondition": modes, "step": 2 * shapes.n + (shapes.n if self.weight_decay else 0)}
 
+    def step_floor(self, model: Any, batch_size: int | None = None,
+                   assume: CostAssumptions | None = None) -> dict[str, Any]:
+        """The floor of one step on a dense net (issue 21), in gradients on the batch (m =
+        ``batch_size``, default the optimizer's, else 1000): the gradient (F + B,
+        :func:`~.costs.dense_pass_mults`), the method's extra passes (:meth:`_floor_passes`: TNT's
+        sampled backward every T₁ steps; none for Shampoo, whose statistics are the gradient's) and
+        :meth:`algebra_flops` (statistics and EMA /T₁, roots or inverses /T₂, mode products,
+        momentum, step), by :func:`~.costs.floor_summary`. An SGD-momentum step's floor is
+        1 + 2n/(F + B)."""
+        from .costs import dense_pass_mults, floor_summary, model_shapes  # noqa: PLC0415
+
+        shapes = model_shapes(model)
+        m = batch_size or self.batch_size or 1000
+        F, B = dense_pass_mults(shapes, m)
+        passes = {"gradient": F + B, **self._floor_passes(F, B)}
+        return floor_summary(passes, self.algebra_flops(shapes, m, assume or CostAssumptions()), F + B)
+
+    def _floor_passes(self, F: float, B: float) -> dict[str, float]:
+        """Passes beyond the gradient in a step's floor, by name (multiplications; F, B: one forward
+        and one backward pass on the batch)."""
+        return {}
+
     _root_term: ClassVar[str] = "roots"
 
     def _root_flops(self, d: int, order: int, assume: Any) -> float:

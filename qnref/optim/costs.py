@@ -147,6 +147,29 @@ def model_shapes(layout_or_model: Any) -> ModelShapes:
     return ModelShapes(n, lay, wshapes, oth, lay[-1][0] if lay else n)
 
 
+# -- step floors (issue 21): the passes and algebra a step cannot avoid, in gradients --------------------
+def dense_pass_mults(shapes: ModelShapes, N: int) -> tuple[float, float]:
+    """(forward, backward) multiplications of one pass over N examples of a dense net (layers o × a,
+    a = d_in + 1): forward N·Σ o·a (the GEMMs W̄ā); backward N·Σ o·a (∇W̄ = γᵀĀ) + N·Σ_{l≥2} o(a − 1)
+    (γ Wₗ for the layer below; none below the first layer). Activations and the loss are not
+    counted: the multiplications an implementation cannot avoid (a *floor*). Dense nets only."""
+    if shapes.others or any(len(w) != 2 for w in shapes.w_shapes):
+        raise ValueError("the pass floor is defined for nets of dense layers only (no conv, BatchNorm or other blocks)")
+    fwd = N * sum(o * a for o, a in shapes.layers)
+    bwd = fwd + N * sum(o * (a - 1) for o, a in shapes.layers[1:])
+    return float(fwd), float(bwd)
+
+
+def floor_summary(passes: dict[str, float], algebra: dict[str, float], gradient: float) -> dict[str, Any]:
+    """The floor of one step in gradients (the keys of ``KFAC.step_floor`` where they mean the same):
+    ``pass_terms`` (multiplications by pass), ``algebra`` (:meth:`algebra_flops`, summed),
+    ``gradient`` (one gradient on the step's batch), ``passes`` (the passes in gradients) and
+    ``floor`` (passes + algebra, in gradients)."""
+    p = sum(passes.values())
+    return {"pass_terms": passes, "algebra": sum(algebra.values()), "gradient": gradient, "passes": p / gradient,
+            "floor": (p + sum(algebra.values())) / gradient}
+
+
 def algebra_flops(opt: Any, layout_or_model: Any, batch_size: int | None = None, *,
                   trials: int = 1, pairs: int | None = None, cg_iters: int = 10,
                   root_iters: int | None = None) -> dict:

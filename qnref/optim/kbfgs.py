@@ -228,8 +228,9 @@ class KBFGS(Optimizer):
             upd_g += 0 if limited else _bfgs_inverse_update_flops(o)
         return {**t, "HA_update": upd_a / T, "HG_update": upd_g / T}
 
-    def algebra_floor(self, model: Any, batch_size: int | None = None) -> dict[str, float]:
-        """The least a K-BFGS step must do beyond an SGD step, as a multiple of a gradient (issue 21).
+    def step_floor(self, model: Any, batch_size: int | None = None) -> dict[str, float]:
+        """The least a K-BFGS step must do, as a multiple of a gradient (issue 21; the keys
+        ``gradient``, ``passes`` and ``floor`` of every method's ``step_floor``).
 
         Per Kronecker layer with output size o, input size a (= d_in + 1; conv: C_in·kh·kw + 1) and
         |T| output locations (1 for dense layers), a gradient's GEMMs cost G = Σ 3N|T|oa
@@ -241,8 +242,9 @@ class KBFGS(Optimizer):
         - ``curvature`` = Σ [2N|T|a + 7a² + 2oa + (8o² or 4p·o)] / T: the Hessian action on s_A, the
           BFGS update of H_A, h̄ at both points, the H_G product and its update.
 
-        ``ratio`` = 1 + (second_pass + precondition + curvature) / G, the floor of the measured
-        K-BFGS step / SGD step (element-wise work, the taps' patch matrices, BatchNorm and the
+        ``passes`` = 1 + (2/3)/T (the gradient and the second pass, in gradients) and ``floor`` =
+        1 + (second_pass + precondition + curvature) / G, the floor of the measured K-BFGS step /
+        gradient and of the K-BFGS step / SGD step (element-wise work, the taps' patch matrices, BatchNorm and the
         curvature step's first-pass taps, which replace the gradient's ∂W̄ GEMM, not counted).
         """
         N = int(batch_size if batch_size is not None else (self.batch_size or 1000))
@@ -261,7 +263,8 @@ class KBFGS(Optimizer):
         second = 2.0 * grad / (3 * T)
         extra = second + pre + curv / T
         return {"gradient": grad, "extra_passes": 1.0 / T, "second_pass": second, "precondition": pre,
-                "curvature": curv / T, "ratio": 1.0 + extra / grad if grad else 1.0}
+                "curvature": curv / T, "passes": 1.0 + second / grad if grad else 1.0,
+                "floor": 1.0 + extra / grad if grad else 1.0}
 
     # -- initialisation ----------------------------------------------------------------------------------
     def _warm(self, state: KBFGSState, problem: Problem, theta: Any, layers) -> None:

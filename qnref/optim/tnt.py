@@ -93,22 +93,9 @@ class TNT(TensorFactorOptimizer):
         """The damped inverse (d³) and the factor's scaling (4d²)."""
         return flops_spd_inv(d) + 4 * d * d
 
-    def step_floor(self, model: Any, batch_size: int | None = None,
-                   assume: CostAssumptions | None = None) -> dict[str, Any]:
-        """The floor of one TNT step on a dense net (issue 21), as a multiple of a gradient on the
-        batch (m = ``batch_size``, default the optimizer's): the gradient (F + B,
-        :func:`~.smw.dense_pass_mults`), the sampled-gradient backward pass every T₁ steps (B/T₁;
-        TNT-EF reuses the gradient) and :meth:`algebra_flops` (statistics and EMA /T₁, inverses
-        /T₂, mode products, momentum, step). An SGD-momentum step's floor is 1 + 2n/(F + B)."""
-        from .costs import model_shapes  # noqa: PLC0415
-        from .smw import dense_pass_mults, floor_summary  # noqa: PLC0415
-
-        shapes = model_shapes(model)
-
-        m = batch_size or self.batch_size or 1000
-        F, B = dense_pass_mults(shapes, m)
-        passes = {"gradient": F + B, "sampled_backward": B / self.stat_freq if self.fisher == "sampled" else 0.0}
-        return floor_summary(passes, self.algebra_flops(shapes, m, assume or CostAssumptions()), F + B)
+    def _floor_passes(self, F: float, B: float) -> dict[str, float]:
+        """The sampled-gradient backward pass every T₁ steps (B/T₁; TNT-EF reuses the gradient's)."""
+        return {"sampled_backward": B / self.stat_freq if self.fisher == "sampled" else 0.0}
 
     def _extra_flops(self, shapes: Any, batch_size: int) -> dict:
         """The sampled-gradient scaling dz/N every T₁ steps (sampled Fisher)."""

@@ -5,7 +5,7 @@ forward/backward for the minibatch gradient and the preconditioned step. The tap
 conv: the patch matrices) are needed only for the curvature update, at θ and at θ⁺, every T steps.
 These tests count the engine's passes by kind (``PassCounter.calls``), check that the non-curvature
 path is the objective's own gradient (bit for bit) and that the curvature steps are unchanged, and
-check :meth:`KBFGS.algebra_floor` by hand.
+check :meth:`KBFGS.step_floor` by hand.
 """
 from __future__ import annotations
 
@@ -116,27 +116,28 @@ def test_algebra_flops_amortize_grad_from_taps():
     assert t1["precondition"] == t4["precondition"]
 
 
-def test_algebra_floor_by_hand():
+def test_step_floor_by_hand():
     """Dense 5-6-4-3 net, batch 8, T = 4, K-BFGS (BFGS): layers (o, a) = (6, 6), (4, 7), (3, 5)."""
     m, _, _ = problem("mlp")
-    fl = KBFGS(curvature_freq=4).algebra_floor(m, 8)
+    fl = KBFGS(curvature_freq=4).step_floor(m, 8)
     lay = [(6, 6), (4, 7), (3, 5)]
     G = sum(3 * 8 * o * a for o, a in lay)
     pre = sum(o * a * a + o * o * a for o, a in lay)
     curv = sum(2 * 8 * a + 7 * a * a + 2 * o * a + 8 * o * o for o, a in lay) / 4
     assert fl["gradient"] == G and fl["precondition"] == pre and fl["curvature"] == pytest.approx(curv)
     assert fl["extra_passes"] == 0.25 and fl["second_pass"] == pytest.approx(2 * G / 12)
-    assert fl["ratio"] == pytest.approx(1 + (2 * G / 12 + pre + curv) / G)
-    flL = KBFGSL(curvature_freq=4, memory=10).algebra_floor(m, 8)
+    assert fl["floor"] == pytest.approx(1 + (2 * G / 12 + pre + curv) / G)
+    assert fl["passes"] == pytest.approx(1 + 2 / 12)
+    flL = KBFGSL(curvature_freq=4, memory=10).step_floor(m, 8)
     assert flL["precondition"] == sum(o * a * a + 40 * o * a for o, a in lay)
 
 
-def test_algebra_floor_resnet20_is_near_one_plus_two_thirds_over_T():
+def test_step_floor_resnet20_is_near_one_plus_two_thirds_over_T():
     """ResNet-20, batch 128, T = 20: the preconditioning and curvature algebra are small next to the
     gradient's GEMMs (|T| = 1024, 256, 64 locations), so the floor is ≈ 1 + (2/3)/20 + a few percent."""
     m = build_model("resnet20")
-    fl = KBFGS(curvature_freq=20).algebra_floor(m, 128)
-    assert 1 + 2 / 60 < fl["ratio"] < 1.06, fl
+    fl = KBFGS(curvature_freq=20).step_floor(m, 128)
+    assert 1 + 2 / 60 < fl["floor"] < 1.06, fl
     conv = [L for L in m.kron_layers if not getattr(L, "kron_dense", False)]
     assert len(conv) >= 19
 

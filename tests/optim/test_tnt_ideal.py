@@ -238,6 +238,25 @@ def test_tnt_floor_counts_the_sampled_backward_per_t1():
         assert fl["floor"] == pytest.approx((F + B + fl["pass_terms"]["sampled_backward"] + alg) / (F + B), rel=1e-14)
 
 
+def test_shampoo_floor_is_the_gradient_and_its_algebra():
+    """Shampoo's floor (issue 21, the same :meth:`step_floor` as TNT's): no pass beyond the gradient
+    (its statistics are the minibatch gradient's), the algebra by hand for the eigh route at T₁ = T₂ = 1."""
+    from qnref.optim.registry import make_optimizer
+
+    m = Sequential([Dense(3), Tanh(), Dense(2)], input_shape=(4,))
+    F, B = 8 * 23, 8 * 29              # forward 3·5 + 2·4 per example; backward + γW of layer 2 (2·3)
+    opt = make_optimizer("shampoo", stat_freq=1, inv_freq=1, batch_size=8)
+    fl = opt.step_floor(m)
+    assert fl["pass_terms"] == {"gradient": F + B} and fl["passes"] == 1.0
+    parts = [(3, 4), (3,), (2, 3), (2,)]              # W and b of each layer (tensor_parts)
+    dims = [d for shp in parts for d in shp]
+    modes = sum(d * np.prod(shp) for shp in parts for d in shp)
+    roots = sum(3 * d ** 3 + d ** 3 + 2 * d * d for d in dims)          # eigh, V diag Vᵀ, the scaling
+    alg = m.n_params + modes + sum(2 * d * d for d in dims) + roots + modes + 2 * m.n_params
+    assert fl["algebra"] == alg
+    assert fl["floor"] == pytest.approx((F + B + alg) / (F + B), rel=1e-14)
+
+
 def test_damped_inverse_factors_leave_the_statistics_alone():
     """ε is added in place to the fresh Ũᵢ of (4.10), never to the state's Ĝ⁽ⁱ⁾; the result is (Ũᵢ + εI)⁻¹."""
     from qnref.optim.tnt import damped_inverse_factors, tnt_factors
