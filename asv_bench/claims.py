@@ -364,6 +364,11 @@ CLAIMS = [
     value_claim(SP, "… digits LeNet", "bench_smw_tnt.TNTOverMomentumCNN.track_tnt_step_over_momentum", "<=", 2.0, model="lenet-digits"),
     value_claim(SP, "TNT measured / floor, MNIST autoencoder, T = 1", "bench_smw_tnt.TNTFloorAutoencoder.track_tnt_over_floor",
                 "<=", 1.1, inv_freq=1),
+] + [
+    value_claim(SP, f"{label} measured / floor, MNIST autoencoder, T = 1", "bench_smw_tnt.KroneckerFloorAutoencoder.track_step_over_floor",
+                "<=", 1.1, optimizer=opt)
+    for opt, label in (("kfac", "K-FAC"), ("kbfgs", "K-BFGS"), ("kbfgs-l", "K-BFGS(L)"), ("shampoo", "Shampoo"))
+] + [
     value_claim(SP, "SMW-NG-BD measured / floor, 784-500-10", "bench_smw_tnt.SMWBlockDiagonal.track_bd_over_floor", "<=", 1.1),
     value_claim(SP, "ResNet-20 forward+backward / torch (batch 128, same threads)", "bench_speed_ratios.CNNTorchRatios.track_forward_backward_ratio",
                 "<=", 1.5, model="resnet20"),

@@ -348,13 +348,27 @@ def _strict_upper(m: int) -> tuple[Any, Any]:
     return rows, cols
 
 
+def add_identity_(M: Any, c: float) -> Any:
+    """M ← M + c·I in place (any layout, NumPy or CuPy); returns M. Off the diagonal nothing is
+    touched: the bits of ``M + c * eye`` (x + 0 = x) without the identity's two d × d temporaries."""
+    xp = backend.namespace(M)
+    i = xp.arange(M.shape[0])
+    M[i, i] += c
+    return M
+
+
+def plus_identity(M: Any, c: float) -> Any:
+    """M + c·I as a new array (:func:`add_identity_` on a copy)."""
+    return add_identity_(M.copy(), c)
+
+
 def damped_inverses(A: Any, G: Any, damping: float, *, use_pi: bool = True) -> tuple[Any, Any, float]:
     """(H_A, H_G, π) = ((A + π√λ I)⁻¹, (G + √λ/π I)⁻¹, π): factored Tikhonov damping."""
-    xp = backend.namespace(A, G)
+    backend.namespace(A, G)  # refuses a host/device mix
     pi = pi_split(A, G) if use_pi else 1.0
     r = math.sqrt(damping)
-    HA = spd_inverse(A + (pi * r) * xp.eye(A.shape[0], dtype=A.dtype))
-    HG = spd_inverse(G + (r / pi) * xp.eye(G.shape[0], dtype=G.dtype))
+    HA = spd_inverse(plus_identity(A, pi * r))
+    HG = spd_inverse(plus_identity(G, r / pi))
     return HA, HG, pi
 
 

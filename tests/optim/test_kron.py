@@ -325,3 +325,16 @@ def test_sym_eigh_routes_and_refuses_nonfinite():
             with pytest.raises(np.linalg.LinAlgError, match="non-finite"):
                 kron.sym_eigh(bad)
         assert not np.isfinite(kron.inv_root_eigh(bad, 4, 1e-3)).any()
+
+
+def test_plus_identity_is_the_identity_shift_without_temporaries():
+    """kron.plus_identity / add_identity_: M + c·I bit for bit (off the diagonal x + 0 = x), on a
+    copy or in place, for any layout (a transposed view too)."""
+    r = np.random.default_rng(8)
+    M = r.standard_normal((5, 7))[:, :5]                         # a strided view
+    want = M + 0.3 * np.eye(5)
+    got = kron.plus_identity(M, 0.3)
+    assert np.array_equal(got, want) and not np.shares_memory(got, M)
+    T = np.ascontiguousarray(r.standard_normal((4, 4))).T
+    want = T + 1.5 * np.eye(4)
+    assert kron.add_identity_(T, 1.5) is T and np.array_equal(T, want)
