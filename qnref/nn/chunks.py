@@ -107,12 +107,12 @@ def refresh_blas() -> None:
     where a scan of the loaded libraries costs 0.3 ms (about 60 pool runs per ResNet-20 gradient).
     The spin policy reads the controller's own scan.
 
-    Called by every pool run and by the code that loads a second BLAS
-    (:func:`qnref.curvature.kron.spd_inverse`'s LAPACK route): two OpenBLAS libraries in one process
-    (NumPy's and SciPy's) each keep a worker spinning after their calls, and on 2 cores one library's
-    GEMMs then share a core with the other's spinner — a K-BFGS/K-FAC/TNT step of a dense net, which
-    never runs the pool, took 1.5× its time (issue 21: a TNT step on the MNIST autoencoder at
-    T₁ = T₂ = 1, 680 → 460 ms; docs/design.md)."""
+    Called by every pool run and by the code that loads a second BLAS (SciPy's LAPACK routes of
+    :mod:`qnref.curvature.kron`: the Cholesky inverse, ``sym_eigh``): two OpenBLAS libraries in one
+    process (NumPy's and SciPy's) each keep a worker spinning after their calls, and on 2 cores one
+    library's GEMMs then share a core with the other's spinner; a K-FAC, Shampoo or TNT step of a
+    dense net, which never runs the pool, ran its inverses and mode products at half speed (issue 21:
+    a TNT step on the MNIST autoencoder at T₁ = T₂ = 1, 580–650 → 460–520 ms; docs/shampoo_tnt.md)."""
     if _state["modules"] == len(sys.modules) and _state["controller"] is not None:
         return
     _blas_threads()
