@@ -343,3 +343,39 @@ def test_lsr1_prune_same_with_kept_and_fresh_grams(inverse):
     assert lsr1_prune(PairStore.empty(np.zeros(n), 2), 1.0) == 0
     with pytest.raises(ValueError, match="pruning test needs"):
         prune_on_grams(np.eye(2), None, np.eye(2), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 5, 64, 333])
+def test_bfgs_inverse_update_kernel_same_bits_as_the_expression(dtype, n, monkeypatch):
+    """The one-pass numba update (host, C-contiguous, one dtype) gives the bits of NumPy's
+    H − ρ(s(Hy)ᵀ + (Hy)sᵀ) + ρ(1 + ρyᵀHy)ssᵀ, also for huge and tiny entries; outside its domain
+    (a transposed H, mixed dtypes, the 'xp' switch) the expression itself runs."""
+    from qnref.nn import conv
+    from qnref.optim.operators import bfgs_inverse_update
+
+    rng = np.random.default_rng(n)
+    A = (rng.standard_normal((n, n)) * 10.0 ** rng.uniform(-15, 15, (n, 1))).astype(dtype)
+    H = (A @ A.T + np.eye(n)).astype(dtype)
+    s = (rng.standard_normal(n) * 10.0 ** rng.uniform(-5, 5, n)).astype(dtype)
+    y = (s + 0.1 * rng.standard_normal(n)).astype(dtype)
+    if float(s @ y) <= 0:
+        y = -y
+
+    def expression(H, s=s, y=y):
+        rho = 1.0 / (s @ y)
+        Hy = H @ y
+        return H - rho * (np.outer(s, Hy) + np.outer(Hy, s)) + (rho * (1.0 + rho * (y @ Hy))) * np.outer(s, s)
+
+    with np.errstate(all="ignore"):
+        want = expression(H)
+        got = bfgs_inverse_update(H, s, y)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == H.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(bfgs_inverse_update(H, s, y, symmetrize=True), 0.5 * (want + want.T))
+        Ht = np.asfortranarray(H)                       # not C-contiguous: the expression (H y by another BLAS path)
+        np.testing.assert_array_equal(bfgs_inverse_update(Ht, s, y), expression(Ht))
+        s64, y64 = s.astype(np.float64), y.astype(np.float64)   # mixed dtypes (float32 H): the expression
+        np.testing.assert_array_equal(bfgs_inverse_update(H, s64, y64), expression(H, s64, y64))
+        monkeypatch.setattr(conv, "KERNELS", "xp")
+        np.testing.assert_array_equal(bfgs_inverse_update(H, s, y), want)
