@@ -259,10 +259,11 @@ MUTANTS = [
 
 
 def copy_tree(dst: Path) -> None:
-    """The package, the tests and the project file of the working tree (what the selection needs)."""
+    """The package, the tests, the tools (test_mutation_gaps reads this file's mutants) and the
+    project file of the working tree (what the selection needs)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_cache")
     dst.mkdir(parents=True)
-    for name in ("qnref", "tests"):
+    for name in ("qnref", "tests", "tools"):
         shutil.copytree(ROOT / name, dst / name, ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", dst / "pyproject.toml")
 
