@@ -462,6 +462,9 @@ def contraction(X: Any, i: int) -> Any:
     """X⁽ⁱ⁾ = mat_i(X) mat_i(X)ᵀ: contraction of X with itself along all but mode i (thesis §4.2.1)."""
     if X.ndim == 2:  # a weight matrix: one GEMM on X itself, no transposed copy
         return X @ X.T if i == 0 else X.T @ X
+    if X.ndim == 1:  # a bias: mat_0(x) is the column x itself (the general route's product, no moveaxis)
+        Xi = X.reshape(-1, 1)
+        return Xi @ Xi.T
     xp = backend.namespace(X)
     Xi = xp.moveaxis(X, i, 0).reshape(X.shape[i], -1)
     return Xi @ Xi.T
@@ -472,5 +475,7 @@ def mode_product(X: Any, U: Any, i: int) -> Any:
     if X.ndim == 2:  # a weight matrix: U X or X Uᵀ, one GEMM with a contiguous result
         return U @ X if i == 0 else X @ U.T
     xp = backend.namespace(X, U)
+    if X.ndim == 1:  # a bias: the product tensordot forms, U · (x as a column), without its axis bookkeeping
+        return xp.dot(U, X.reshape(-1, 1)).reshape(-1)
     Y = xp.tensordot(U, X, axes=([1], [i]))
     return xp.moveaxis(Y, 0, i)

@@ -338,3 +338,23 @@ def test_plus_identity_is_the_identity_shift_without_temporaries():
     T = np.ascontiguousarray(r.standard_normal((4, 4))).T
     want = T + 1.5 * np.eye(4)
     assert kron.add_identity_(T, 1.5) is T and np.array_equal(T, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bias_mode_product_and_contraction_are_the_general_route(dtype):
+    """A 1-D part (a bias) skips tensordot's and moveaxis's bookkeeping but forms the same products:
+    bit for bit the general route, and U x / x xᵀ against float64 oracles."""
+    r = np.random.default_rng(9)
+    for d in (1, 3, 64, 300):
+        x = r.standard_normal(d).astype(dtype)
+        U = r.standard_normal((d, d)).astype(dtype)
+        general = np.moveaxis(np.tensordot(U, x, axes=([1], [0])), 0, 0)
+        got = kron.mode_product(x, U, 0)
+        assert got.shape == (d,) and got.dtype == x.dtype and np.array_equal(got, general)
+        col = np.moveaxis(x, 0, 0).reshape(d, -1)
+        C = kron.contraction(x, 0)
+        assert np.array_equal(C, col @ col.T)
+        x64, U64 = x.astype("float64"), U.astype("float64")
+        tol = 1e-5 if dtype == "float32" else 1e-13
+        assert np.abs(got - U64 @ x64).max() <= tol * (np.abs(U64) @ np.abs(x64)).max()
+        assert np.abs(C - np.outer(x64, x64)).max() <= tol * (x64 ** 2).max()
