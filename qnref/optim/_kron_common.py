@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 from .. import backend
 from ..curvature.objective import Point
 from .base import Optimizer, Problem, StepInfo, check_bool, check_int, check_positive, check_range, draw_size, evaluate
-from .costs import CostAssumptions, ModelShapes
+from .costs import CostAssumptions, ModelShapes, dense_pass_mults, floor_summary, model_shapes
 from .drivers import Opened, close_step, finite_move, nonfinite_step, open_step, step_objective
 
 
@@ -334,8 +334,6 @@ class TensorFactorOptimizer(Optimizer):
         :meth:`algebra_flops` (statistics and EMA /T₁, roots or inverses /T₂, mode products,
         momentum, step), by :func:`~.costs.floor_summary`. An SGD-momentum step's floor is
         1 + 2n/(F + B)."""
-        from .costs import dense_pass_mults, floor_summary, model_shapes  # noqa: PLC0415
-
         shapes = model_shapes(model)
         m = batch_size or self.batch_size or 1000
         F, B = dense_pass_mults(shapes, m)

@@ -88,6 +88,7 @@ from typing import Any, ClassVar
 import numpy
 
 from .. import backend
+from ..curvature import kron
 from ..curvature.objective import Point
 from ..curvature.protocol import UnsupportedProductError
 from .costs import CostAssumptions, ModelShapes, dense_pass_mults, floor_summary, flops_solve
@@ -257,11 +258,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     if curvature == "ng":
         e = curv.dz                                                 # ∂ℓᵢ/∂zᵢ: ∇ℓᵢ = J_iᵀ eᵢ
         u = (e * jg).reshape(N, -1).sum(axis=1)                     # (J g)ᵢ = ∇ℓᵢᵀ g = eᵢᵀ (J_out g)ᵢ
-        K = curv.gram("grad")                                       # [∇ℓᵢᵀ ∇ℓⱼ], N₂ × N₂
-        D = K / N
-        D = 0.5 * (D + D.T)
-        D[xp.arange(N), xp.arange(N)] += mu
-        w = _solve(xp, D, u)
+        w = _gram_solve(xp, curv.gram("grad"), u, mu, N)           # K = [∇ℓᵢᵀ ∇ℓⱼ], N₂ × N₂
         if w is None:
             return fail(N)
         p = -(g - curv.vjp(e * _bcast(w / N, e.ndim))) / mu         # Jᵀ w = Σ wᵢ ∇ℓᵢ = J_outᵀ (wᵢ eᵢ)
@@ -276,9 +273,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     if form == "5.6":
         S = _BlockDiag(xp, N, C, curv.loss_sqrt_hessian())   # (N, C) √diag for mse/sigmoid_ce
         u = S.T.apply(jg).reshape(NC)                               # J̃ g = Sᵢᵀ (J g)ᵢ
-        D = S.T.left(S.right(K)) / N                                # Sᵀ (J Jᵀ) S / N₂
-        D = 0.5 * (D + D.T)
-        D[xp.arange(NC), xp.arange(NC)] += mu
+        D = kron.add_identity_(kron.sym(S.T.left(S.right(K)) / N), mu)   # Sᵀ (J Jᵀ) S / N₂ + μI
         w = _solve(xp, D, u)
         if w is None:
             return fail(NC)
@@ -287,8 +282,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     H = _BlockDiag(xp, N, C, curv.loss_hessian())
     u = jg.reshape(NC)
     if form == "5.7":
-        D = H.right(K) / N                                          # J Jᵀ H / N₂ (not symmetric)
-        D[xp.arange(NC), xp.arange(NC)] += mu
+        D = kron.add_identity_(H.right(K) / N, mu)                  # J Jᵀ H / N₂ + μI (not symmetric)
         d = _solve(xp, D, u)
         if d is None:
             return fail(NC)
@@ -336,12 +330,10 @@ def _dense_taps_route(curv: Any) -> list | None:
     return layers if layers and not others and all(L.kind == "dense" for L in layers) else None
 
 
-def _bd_solve(xp: Any, K: Any, u: Any, mu: float, N: int) -> Any:
-    """wₗ = Dₗ⁻¹ uₗ with Dₗ = μI + Kₗ/N₂ (symmetrised), or None when singular / not finite."""
-    D = K / N
-    D = 0.5 * (D + D.T)
-    D[xp.arange(N), xp.arange(N)] += mu
-    return _solve(xp, D, u)
+def _gram_solve(xp: Any, K: Any, u: Any, mu: float, N: int) -> Any:
+    """w = D⁻¹ u with D = μI + K/N₂ (K an N₂ × N₂ gradient Gram, symmetrised: SMW-NG's, or one layer's
+    for SMW-NG-BD), or None when singular / not finite."""
+    return _solve(xp, kron.add_identity_(kron.sym(K / N), mu), u)
 
 
 def _bd_layer_direction(xp: Any, g: Any, jtw: Any, mu: float, out: Any) -> None:
@@ -387,7 +379,7 @@ def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> S
             a, gam = taps[L.name]["a"], taps[L.name]["g"]             # āᵢ (N, d_in+1), γᵢ = ∂ℓᵢ/∂hᵢ (N, d_out)
             K = (a @ a.T) * (gam @ gam.T)                             # [∇ℓᵢ,ₗᵀ ∇ℓⱼ,ₗ] (Alg. 22, one layer)
             u = ((gam @ gv[L.block]) * a).sum(axis=1)                 # (Jₗ gₗ)ᵢ = γᵢᵀ Gₗ āᵢ
-            w = _bd_solve(xp, K, u, mu, N)
+            w = _gram_solve(xp, K, u, mu, N)
             if w is None:
                 return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, N, "5.6", finite=False,
                                     blocks=len(layers))
@@ -399,7 +391,7 @@ def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> S
     for grp in groups:
         idx = xp.concatenate([xp.arange(layout.blocks[k].offset, layout.blocks[k].stop) for k in grp])
         Pl = P[:, idx]
-        w = _bd_solve(xp, Pl @ Pl.T, Pl @ g[idx], mu, N)
+        w = _gram_solve(xp, Pl @ Pl.T, Pl @ g[idx], mu, N)
         if w is None:
             return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, N, "5.6", finite=False,
                                 blocks=len(groups))
