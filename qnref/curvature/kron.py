@@ -81,7 +81,7 @@ from .. import backend
 
 __all__ = [
     "dense_factors", "conv_factors", "factors", "ema", "pi_split", "damped_inverses", "precondition",
-    "kron_block", "sym", "spd_inverse", "inv_root_eigh", "inv_root_newton", "mean_a", "mean_g",
+    "kron_block", "sym", "gram", "spd_inverse", "inv_root_eigh", "inv_root_newton", "mean_a", "mean_g",
     "apply_A", "contraction", "mode_product", "backpack_conv_factors", "mean_g_rounding",
     "factor_A", "factor_sums", "tap_size", "weight_grad",
 ]
@@ -403,8 +403,17 @@ def sym_eigh(S: Any) -> tuple[Any, Any]:
     return w, V
 
 
+def gram(U: Any) -> Any:
+    """U Uᵀ, exactly symmetric. On the host NumPy's ``U @ U.T`` is one BLAS syrk (half a GEMM's
+    multiplications), which computes one triangle and mirrors it; CuPy's is a GEMM, symmetrised."""
+    G = U @ U.T
+    return G if not backend.is_cupy_array(G) else sym(G)
+
+
 def inv_root_eigh(M: Any, p: float, eps: float = 0.0) -> Any:
-    """(M + εI)^(−1/p) by eigendecomposition (eigenvalues clamped at 0 before adding ε)."""
+    """(M + εI)^(−1/p) by eigendecomposition (eigenvalues clamped at 0 before adding ε), formed as
+    :func:`gram` of V D^½ with D = (w + ε)^(−1/p): at order 1000 (float32, 2-core Zen 4) the syrk took
+    6.2 ms against 10.4 ms for V D Vᵀ as a GEMM, and needs no symmetrisation (issue 21)."""
     xp = backend.namespace(M)
     try:
         w, V = sym_eigh(sym(M))
@@ -412,7 +421,7 @@ def inv_root_eigh(M: Any, p: float, eps: float = 0.0) -> Any:
         # a NaN root makes the step non-finite, which the driver rejects and reports (no host sync here)
         return xp.full_like(M, float("nan"))
     w = xp.maximum(w, 0.0) + eps
-    return sym((V * w ** (-1.0 / p)) @ V.T)
+    return gram(V * w ** (-0.5 / p))  # (V D^½)(V D^½)ᵀ with D = w^(−1/p): a syrk, not a GEMM and a sym
 
 
 def inv_root_newton(M: Any, p: int, eps: float = 0.0, *, max_iter: int = 100, tol: float = 1e-6) -> tuple[Any, int, float]:

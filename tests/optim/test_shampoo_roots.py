@@ -38,6 +38,27 @@ def test_eigh_route_matches_scipy(d, p, cond):
     assert _rel(kron.inv_root_eigh(M, p, eps), _oracle(M, p, eps)) < 1e-10
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [1, 3, 64, 127, 128, 300])
+def test_eigh_root_is_exactly_symmetric_on_both_eigh_routes(d, dtype):
+    """The root is formed as the Gram matrix of V D^½ (kron.gram: one syrk on the host), so it is
+    symmetric to the last bit, below and above CHOLESKY_MIN_DIM (NumPy's eigh, SciPy's syevd), and
+    within each dtype's rounding of scipy's root of the float64 matrix."""
+    M = _spd(d, 1e3, 7 + d).astype(dtype)
+    R = kron.inv_root_eigh(M, 4, 1e-3)
+    assert R.dtype == dtype and R.flags.c_contiguous
+    np.testing.assert_array_equal(R, R.T)
+    tol = 1e-10 if dtype == np.float64 else 2e-4
+    assert _rel(R.astype(np.float64), _oracle(M.astype(np.float64), 4, 1e-3)) < tol
+
+
+def test_gram_is_u_times_its_transpose():
+    U = np.random.default_rng(3).standard_normal((50, 20))
+    G = kron.gram(U)
+    np.testing.assert_array_equal(G, G.T)
+    assert np.abs(G - np.einsum("ik,jk->ij", U, U)).max() < 1e-12 * np.abs(G).max()
+
+
 @pytest.mark.parametrize("d,p,cond", [(7, 2, 1e2), (30, 4, 1e3), (60, 6, 1e4)])
 def test_newton_route_matches_scipy(d, p, cond):
     """Run to float64 round-off (tol 1e-13) the Newton root is the same matrix to 1e-10; with the
