@@ -314,12 +314,14 @@ class TensorFactorOptimizer(Optimizer):
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
         """Tensor variables: W (o, d_in) and b (o,) per layer, the other blocks. Momentum (n); every
-        T₁ steps the contractions Ĝ⁽ⁱ⁾ = mat_i(X) mat_i(X)ᵀ (dᵢ²Πⱼ≠ᵢdⱼ per mode) and their EMA
-        (2dᵢ²); every T₂ steps the per-mode matrices (:meth:`_root_flops`); the mode products
-        ĝ ×₁ U₁ ⋯ ×ₖ Uₖ (as the contractions); the step (2n, + n with weight decay)."""
+        T₁ steps the contractions Ĝ⁽ⁱ⁾ = mat_i(X) mat_i(X)ᵀ (symmetric: one syrk, dᵢ(dᵢ+1)/2 Πⱼ≠ᵢdⱼ
+        per mode, as K-FAC's factors are counted) and their EMA (2dᵢ²); every T₂ steps the per-mode
+        matrices (:meth:`_root_flops`); the mode products ĝ ×₁ U₁ ⋯ ×ₖ Uₖ (GEMMs, dᵢ²Πⱼ≠ᵢdⱼ per
+        mode); the step (2n, + n with weight decay)."""
         parts = [q for w in shapes.w_shapes for q in (tuple(w), (w[0],))] + [(s,) for s in shapes.others]
         modes = sum(d * math.prod(shp) for shp in parts for d in shp)
-        t = {"momentum": shapes.n, "statistics": modes / self.stat_freq,
+        sym_modes = sum((d + 1) * math.prod(shp) / 2 for shp in parts for d in shp)
+        t = {"momentum": shapes.n, "statistics": sym_modes / self.stat_freq,
              "statistics_ema": sum(2 * d * d for shp in parts for d in shp) / self.stat_freq,
              **self._extra_flops(shapes, batch_size),
              self._root_term: sum(self._root_flops(d, len(shp), assume) for shp in parts for d in shp) / self.inv_freq}

@@ -65,15 +65,16 @@ class Shampoo(TensorFactorOptimizer):
     def _stat_grad(self, p) -> Any:
         return p.grad
 
-    cost_formula: ClassVar[str] = ("Σ_parts Σᵢ dᵢ²Πⱼ≠ᵢdⱼ (×2: statistics/T₁ + preconditioning) + Σ (4dᵢ³ + 2dᵢ²)/T₂ "
-                                   "(eigh; newton: I_root (2k+1)dᵢ³) + 4n")
+    cost_formula: ClassVar[str] = ("Σ_parts Σᵢ [dᵢ(dᵢ+1)/2 Πⱼ≠ᵢdⱼ (statistics, /T₁) + dᵢ²Πⱼ≠ᵢdⱼ (preconditioning)] "
+                                   "+ Σ (3dᵢ³ + dᵢ²(dᵢ+1)/2 + 2dᵢ²)/T₂ (eigh; newton: I_root (2k+1)dᵢ³) + 4n")
 
     def _root_flops(self, d: int, order: int, assume: Any) -> float:
-        """eigh route ("eigh", and "auto": its CPU route): eigh + the d³ product + 2d²; coupled
+        """eigh route ("eigh", and "auto": its CPU route): eigh + the Gram product (V D^½)(V D^½)ᵀ
+        (a syrk, d²(d+1)/2: :func:`~qnref.curvature.kron.inv_root_eigh`) + 2d²; coupled
         Newton: 6d² + I((2k + 1)d³ + 2d²) with I = ``assume.root_iters`` or the cap ``newton_iters``
         (an upper bound)."""
         if self.root != "newton":
-            return flops_eigh(d) + d ** 3 + 2 * d * d
+            return flops_eigh(d) + d * d * (d + 1) / 2 + 2 * d * d
         its = assume.root_iters if assume.root_iters is not None else self.newton_iters
         return 6 * d * d + its * ((2 * order + 1) * d ** 3 + 2 * d * d)
 

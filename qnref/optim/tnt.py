@@ -86,11 +86,13 @@ class TNT(TensorFactorOptimizer):
     def _stat_grad(self, p) -> Any:
         return sampled_mean_grad(p) if self.fisher == "sampled" else p.grad
 
-    cost_formula: ClassVar[str] = "Σ_parts Σᵢ dᵢ²Πⱼ≠ᵢdⱼ (×2) + Σ (dᵢ³ + 4dᵢ²)/T₂ + NC/T₁ + 4n"
+    cost_formula: ClassVar[str] = ("Σ_parts Σᵢ [dᵢ(dᵢ+1)/2 Πⱼ≠ᵢdⱼ (statistics, /T₁) + dᵢ²Πⱼ≠ᵢdⱼ (preconditioning)] "
+                                   "+ Σ (dᵢ³/2 + 4dᵢ²)/T₂ (dᵢ³ below order 128) + NC/T₁ + 4n")
     _root_term: ClassVar[str] = "inverses"
 
     def _root_flops(self, d: int, order: int, assume: Any) -> float:
-        """The damped inverse (d³) and the factor's scaling (4d²)."""
+        """The damped inverse (:func:`~.costs.flops_spd_inv`: d³/2 by Cholesky, d³ by LU below order
+        128) and the factor's scaling (4d²)."""
         return flops_spd_inv(d) + 4 * d * d
 
     def _floor_passes(self, F: float, B: float) -> dict[str, float]:

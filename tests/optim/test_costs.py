@@ -358,8 +358,9 @@ def test_kfac_scaling_terms():
 def test_shampoo_and_tnt_hand_computed():
     model = Sequential([Dense(3)], input_shape=(2,), name="tiny")  # W (3, 2), b (3,)
     tnt = algebra_flops(make_optimizer("tnt", stat_freq=1, inv_freq=1, batch_size=4), model)["terms"]
-    # contractions: W mode 0: 3²·2 = 18, mode 1: 2²·3 = 12; b: 3² = 9 → 39 (same for the mode products)
-    assert tnt["statistics"] == 39 and tnt["precondition"] == 39
+    # contractions (symmetric, a syrk): W mode 0: (3·4/2)·2 = 12, mode 1: (2·3/2)·3 = 9; b: 3·4/2 = 6 → 27;
+    # the mode products are GEMMs: W 3²·2 + 2²·3 = 30, b 3² = 9 → 39
+    assert tnt["statistics"] == 27 and tnt["precondition"] == 39
     assert tnt["statistics_ema"] == 2 * (9 + 4 + 9)
     assert tnt["inverses"] == (27 + 36) + (8 + 16) + (27 + 36)    # LU d³ (d < 128) + 4d²
     assert tnt["sampled_grad_scale"] == 4 * 3

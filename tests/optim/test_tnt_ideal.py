@@ -250,9 +250,10 @@ def test_shampoo_floor_is_the_gradient_and_its_algebra():
     assert fl["pass_terms"] == {"gradient": F + B} and fl["passes"] == 1.0
     parts = [(3, 4), (3,), (2, 3), (2,)]              # W and b of each layer (tensor_parts)
     dims = [d for shp in parts for d in shp]
-    modes = sum(d * np.prod(shp) for shp in parts for d in shp)
-    roots = sum(3 * d ** 3 + d ** 3 + 2 * d * d for d in dims)          # eigh, V diag Vᵀ, the scaling
-    alg = m.n_params + modes + sum(2 * d * d for d in dims) + roots + modes + 2 * m.n_params
+    modes = sum(d * np.prod(shp) for shp in parts for d in shp)        # mode products: GEMMs
+    stats = sum(d * (d + 1) // 2 * np.prod(shp) // d for shp in parts for d in shp)   # symmetric: syrk
+    roots = sum(3 * d ** 3 + d * d * (d + 1) // 2 + 2 * d * d for d in dims)   # eigh, (V D^½)(V D^½)ᵀ, scaling
+    alg = m.n_params + stats + sum(2 * d * d for d in dims) + roots + modes + 2 * m.n_params
     assert fl["algebra"] == alg
     assert fl["floor"] == pytest.approx((F + B + alg) / (F + B), rel=1e-14)
 
