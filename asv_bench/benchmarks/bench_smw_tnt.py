@@ -118,7 +118,7 @@ class TNTFloorAutoencoder:
     param_names = ["inv_freq"]
     unit = "ratio of the measured step to its floor"
     timeout = 900
-    version = "21.3"  # 21.3: interleaved rounds, median of the per-round ratios
+    version = "21.4"  # 21.4: the floor counts the contractions as syrks; 21.3: interleaved rounds, median of the per-round ratios
 
     def track_tnt_over_floor(self, inv_freq):
         model, prob, th0 = _autoencoder_problem()
@@ -155,7 +155,7 @@ class KroneckerFloorAutoencoder:
     param_names = ["optimizer", "inv_freq"]
     unit = "ratio of the measured step to its floor"
     timeout = 900
-    version = "21.6"
+    version = "21.7"  # 21.7: Shampoo's floor counts its contractions and root product as syrks
 
     def track_step_over_floor(self, name, inv_freq):
         if name in _NO_T2 and inv_freq != 1:
