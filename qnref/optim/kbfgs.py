@@ -282,7 +282,7 @@ class KBFGS(Optimizer):
             A = sums[L.name] / count
             lamA, lamG = kc.sqrt_split(self.damping, locs[L.name])
             state.lam[L.name] = (lamA, lamG)
-            state.HA[L.name] = kron.spd_inverse(kron.plus_identity(A, lamA))
+            state.HA[L.name] = kron.spd_inverse(kron.plus_identity(A, lamA), lower=True)
             if self.hessian_action == "moving-average":
                 state.A[L.name] = A
             d_out = L.shape[0]
@@ -394,7 +394,7 @@ class KBFGS(Optimizer):
             # H_A = (A + λ_A I)⁻¹ of the moving average (Alg. 5 l. 21-23) or of the batch's Ã (Alg. 10 l. 12)
             if self.hessian_action == "minibatch":
                 A = t["A"]
-            H = kron.spd_inverse(kron.plus_identity(A, lamA))
+            H = kron.spd_inverse(kron.plus_identity(A, lamA), lower=True)
             if not kc.all_finite(H):
                 return 1
             st.HA[name] = H

@@ -111,7 +111,8 @@ def damped_inverse_factors(stats: list, shape: tuple, damping: float) -> list:
     """(Ũᵢ + εI)⁻¹ for i = 1…k, Ũᵢ from the contractions by (4.10) (Alg. 15 lines 15-16, Alg. 14 line 5)."""
     out = []
     for U in tnt_factors(stats, shape):      # a fresh array each: ε is added to its diagonal in place
-        out.append(kron.spd_inverse(kron.add_identity_(U, damping)))   # Cholesky on the host (issue 21)
+        # Ũᵢ is symmetric by construction (a syrk, its average, scaled and shifted): lower=True (issue 21)
+        out.append(kron.spd_inverse(kron.add_identity_(U, damping), lower=True))
     return out
 
 

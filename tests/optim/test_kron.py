@@ -264,6 +264,45 @@ def test_spd_inverse_by_cholesky_is_the_symmetric_inverse(dtype, tol):
     assert not np.array_equal(V, np.linalg.inv(M))                 # it did not take the LU route
 
 
+@pytest.mark.parametrize("d", [5, 127, 128, 300])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_spd_inverse_lower_reads_the_lower_triangle_only(d, dtype):
+    """``lower=True`` on both routes (LU below CHOLESKY_MIN_DIM, Cholesky from it): the inverse of
+    the symmetric matrix of M's lower triangle (noise above the diagonal is not read), the same bits
+    as the default for an exactly symmetric M, exactly symmetric, and M is left as it was."""
+    from qnref.curvature import kron
+
+    r = np.random.default_rng(d)
+    X = r.standard_normal((d, d + 20))
+    S = X @ X.T / (d + 20) + 0.1 * np.eye(d)               # a syrk: exactly symmetric
+    S = S.astype(dtype)
+    assert np.array_equal(S, S.T)
+    np.testing.assert_array_equal(kron.spd_inverse(S, lower=True), kron.spd_inverse(S))
+    M = S.copy()
+    M[np.triu_indices(d, 1)] += 7.0                        # noise above the diagonal
+    before = M.copy()
+    V = kron.spd_inverse(M, lower=True)
+    np.testing.assert_array_equal(M, before)
+    assert V.dtype == M.dtype and np.array_equal(V, V.T)
+    want = np.linalg.inv(S.astype("float64"))
+    tol = 1e-11 if dtype == "float64" else 3e-4
+    assert np.abs(V - want).max() <= tol * np.abs(want).max()
+    np.testing.assert_array_equal(kron.from_lower(M), S)
+
+
+def test_spd_inverse_lower_falls_back_on_an_indefinite_lower_triangle():
+    """potrf fails on the lower triangle's matrix: the LU inverse of that symmetric matrix."""
+    from qnref.curvature import kron
+
+    d = kron.CHOLESKY_MIN_DIM
+    M = np.eye(d)
+    M[1, 0] = 2.0                                             # lower triangle: indefinite
+    M[0, 1] = -9.0                                            # not read
+    L = np.eye(d)
+    L[0, 1] = L[1, 0] = 2.0
+    np.testing.assert_allclose(kron.spd_inverse(M, lower=True), np.linalg.inv(L), rtol=1e-15)
+
+
 def test_spd_inverse_falls_back_and_flags_nonfinite():
     """Not numerically positive definite: the LU inverse (checked against numpy's); NaN input: NaN out."""
     from qnref.curvature import kron

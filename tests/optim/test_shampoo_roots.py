@@ -127,7 +127,7 @@ def test_cost_model_counts_the_route():
     from qnref.optim.costs import algebra_flops
 
     model = Sequential([Dense(3)], input_shape=(2,), name="tiny")  # W (3, 2), b (3,)
-    eig = lambda d: 3 * d ** 3 + d ** 3 + 2 * d * d
+    eig = lambda d: 3 * d ** 3 + d * d * (d + 1) // 2 + 2 * d * d   # eigh, the syrk (V D^½)(V D^½)ᵀ, the scaling
     for root in ("auto", "eigh"):
         t = algebra_flops(make_optimizer("shampoo", inv_freq=1, root=root), model)["terms"]
         assert t["roots"] == eig(3) + eig(2) + eig(3)
