@@ -77,7 +77,10 @@ import functools
 import math
 from typing import Any, Callable
 
+import numpy
+
 from .. import backend
+from ..host_kernels import kernel, plain_host
 
 __all__ = [
     "dense_factors", "conv_factors", "factors", "ema", "pi_split", "damped_inverses", "precondition",
@@ -243,7 +246,19 @@ def weight_grad(tap: dict) -> Any:
 
 
 def ema(old: Any, new: Any, beta: float) -> Any:
-    """Exponential moving average β·old + (1 − β)·new (thesis §2.5.2, Algorithm 12 line 14)."""
+    """Exponential moving average β·old + (1 − β)·new (thesis §2.5.2, Algorithm 12 line 14), a new array.
+
+    For contiguous NumPy float arrays of one dtype and shape with a Python float β, one numba pass
+    (:mod:`qnref.host_kernels`) with the expression's own rounding (β and 1 − β rounded to the
+    arrays' dtype, as NumPy does with a Python scalar): 0.36 → 0.16 ms at order 1000 in float32,
+    and no two temporaries (issue 21). Anything else runs the expression itself."""
+    if type(beta) is float and old.shape == new.shape and plain_host(old, new):
+        k = kernel("ema")
+        if k is not None:
+            dt = old.dtype.type
+            out = numpy.empty_like(old)
+            k(old.reshape(-1), new.reshape(-1), dt(beta), dt(1.0 - beta), out.reshape(-1))
+            return out
     return beta * old + (1.0 - beta) * new
 
 
@@ -357,8 +372,6 @@ def mirror_lower(c: Any) -> Any:
 def _strict_upper(m: int) -> tuple[Any, Any]:
     """``numpy.triu_indices(m, 1)``, formed once per order (read-only): 16 ms of index building per
     TNT step on the MNIST autoencoder at T₂ = 1 otherwise (issue 21)."""
-    import numpy  # noqa: PLC0415 - host path only
-
     rows, cols = numpy.triu_indices(m, 1)
     rows.flags.writeable = cols.flags.writeable = False
     return rows, cols

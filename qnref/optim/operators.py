@@ -42,6 +42,7 @@ from typing import Any
 import numpy
 
 from .. import backend
+from ..host_kernels import kernel as _host_kernel, plain_host as _plain_host
 from .costs import flops_eigvalsh, flops_solve
 
 #: Reciprocal-condition threshold below which a small middle matrix counts as singular.
@@ -74,53 +75,6 @@ def sym_rcond(A: Any) -> float:
 # --------------------------------------------------------------------------------------------------
 # L-BFGS
 # --------------------------------------------------------------------------------------------------
-_KERNELS: dict[str, Any] = {}  # name → the compiled host kernel, or None without numba (filled on first use)
-
-
-def _host_kernel(name: str) -> Any:
-    """The numba kernel ``name`` of :func:`_build_kernels` (compiled on first use, GIL-free, no
-    fast-math: each entry gets exactly the rounded operations of the NumPy expression it replaces,
-    no FMA contraction), or None when numba is missing or ``qnref.nn.conv.KERNELS == "xp"``."""
-    from ..nn import conv  # noqa: PLC0415 - the package's one kernel switch, read at call time
-
-    if conv.KERNELS == "xp":
-        return None
-    if not _KERNELS:
-        _KERNELS.update(_build_kernels())
-    return _KERNELS.get(name)
-
-
-def _build_kernels() -> dict[str, Any]:
-    try:
-        from numba import njit  # noqa: PLC0415 - numba is heavy: `import qnref` must not load it
-    except Exception:  # numba missing or broken
-        return {"axpy": None, "bfgs": None}
-
-    @njit(cache=True, nogil=True)
-    def axpy(q, c, y):  # pragma: no cover - compiled
-        for j in range(q.shape[0]):
-            q[j] = q[j] + c * y[j]
-
-    @njit(cache=True, nogil=True)
-    def bfgs(H, s, Hy, rho, c, out):  # pragma: no cover - compiled
-        # out = H − ρ(s(Hy)ᵀ + (Hy)sᵀ) + c·ssᵀ, each entry rounded as NumPy's whole-array expression
-        n = H.shape[0]
-        for i in range(n):
-            si, hi = s[i], Hy[i]
-            for j in range(n):
-                out[i, j] = (H[i, j] - rho * (si * Hy[j] + hi * s[j])) + c * (si * s[j])
-        return out
-
-    return {"axpy": axpy, "bfgs": bfgs}
-
-
-def _plain_host(*arrays: Any) -> bool:
-    """C-contiguous NumPy float32/float64 arrays (not subclasses with their own arithmetic) of one dtype."""
-    first = arrays[0]
-    return all(type(a) is numpy.ndarray and a.dtype == first.dtype and a.flags.c_contiguous for a in arrays) \
-        and first.dtype in (numpy.float32, numpy.float64)
-
-
 def axpy_(q: Any, c: Any, y: Any) -> None:
     """q ← q + c·y in place, bit for bit ``q += c * y`` (the two-loop's update, [NW06] Alg. 7.4).
 

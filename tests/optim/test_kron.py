@@ -397,3 +397,38 @@ def test_bias_mode_product_and_contraction_are_the_general_route(dtype):
         tol = 1e-5 if dtype == "float32" else 1e-13
         assert np.abs(got - U64 @ x64).max() <= tol * (np.abs(U64) @ np.abs(x64)).max()
         assert np.abs(C - np.outer(x64, x64)).max() <= tol * (x64 ** 2).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 33), (3, 4, 5)])
+def test_ema_kernel_same_bits_as_the_expression(dtype, shape, monkeypatch):
+    """kron.ema's one-pass numba route (host, contiguous, one dtype, Python-float β) gives the bits
+    of NumPy's β·old + (1 − β)·new, also for huge and tiny entries and β whose float32 rounding
+    matters; a NumPy-scalar β (which NumPy does not round to float32), mixed dtypes, a transposed
+    operand and the 'xp' switch run the expression itself; the inputs are not written."""
+    from qnref import host_kernels
+    from qnref.nn import conv
+
+    rng = np.random.default_rng(len(shape))
+    old = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-30, 30, shape)).astype(dtype)
+    new = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-30, 30, shape)).astype(dtype)
+    o0, n0 = old.copy(), new.copy()
+    calls = []
+    real = host_kernels.kernel
+    monkeypatch.setattr(kron, "kernel", lambda name: calls.append(name) or real(name))
+    for beta in (0.9, 0.95, 1.0 / 3.0, 0.0):
+        got = kron.ema(old, new, beta)
+        np.testing.assert_array_equal(got, beta * old + (1.0 - beta) * new)
+        assert got.dtype == old.dtype and got.shape == old.shape and got.flags.c_contiguous
+    assert calls == ["ema"] * 4                                   # the kernel route was taken
+    np.testing.assert_array_equal(old, o0)
+    np.testing.assert_array_equal(new, n0)
+    b64 = np.float64(1.0 / 3.0)
+    np.testing.assert_array_equal(kron.ema(old, new, b64), b64 * old + (1.0 - b64) * new)
+    other = new.astype(np.float64 if dtype == np.float32 else np.float32)
+    np.testing.assert_array_equal(kron.ema(old, other, 0.9), 0.9 * old + (1.0 - 0.9) * other)
+    if len(shape) == 2:
+        np.testing.assert_array_equal(kron.ema(old, new.T, 0.9), 0.9 * old + (1.0 - 0.9) * new.T)
+    assert calls == ["ema"] * 4                                   # none of those took it
+    monkeypatch.setattr(conv, "KERNELS", "xp")
+    assert host_kernels.kernel("ema") is None
