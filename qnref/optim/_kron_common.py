@@ -92,6 +92,22 @@ def read_part(views: list, part: TensorPart) -> Any:
     return v.reshape(part.shape)
 
 
+def precondition_parts(layout, parts: list[TensorPart], mats: list, g: Any) -> Any:
+    """P with each tensor part of ``g`` multiplied by its per-mode matrices, X ×₁ U₁ ⋯ ×ₖ Uₖ
+    (thesis Alg. 15 line 18, Alg. 16 line 14, Alg. 14 line 5): a new vector, every entry written
+    (the parts tile θ: :func:`tensor_parts`)."""
+    from ..curvature import kron  # noqa: PLC0415
+
+    P = backend.namespace(g).empty_like(g)
+    gv, pv = layout.views(g), layout.views(P)
+    for q, ms in zip(parts, mats):
+        X = read_part(gv, q)
+        for i, U in enumerate(ms):
+            X = kron.mode_product(X, U, i)
+        write_part(pv, q, X)
+    return P
+
+
 def write_part(views: list, part: TensorPart, value: Any) -> None:
     v = views[part.block]
     if part.part == "W":
@@ -177,7 +193,8 @@ def descend(theta: Any, P: Any, lr: float, weight_decay: float) -> tuple[Any, fl
     ``P`` (the step's own preconditioned direction) is consumed."""
     if weight_decay:
         P += weight_decay * theta
-    return finite_move(theta, -lr * P)
+    P *= -lr   # in place: the bits of −α·P without its temporary
+    return finite_move(theta, P)
 
 
 def second_pass(opened: Opened, theta_new: Any, due: bool) -> tuple[Point | None, float, int, bool]:
@@ -414,13 +431,7 @@ class TensorFactorOptimizer(Optimizer):
         if k % self.inv_freq == 0:
             precond, bad = self._recompute(stats, parts, precond)
             skipped += bad
-        P = backend.namespace(theta).zeros_like(theta)
-        mv, pv = layout.views(mom), layout.views(P)
-        for q, mats in zip(parts, precond):
-            X = read_part(mv, q)
-            for i, U in enumerate(mats):
-                X = kron.mode_product(X, U, i)
-            write_part(pv, q, X)
+        P = precondition_parts(layout, parts, precond, mom)
         moved = descend(theta, P, self.lr, self.weight_decay)
         if moved is None:
             return theta, state, nonfinite_step(opened, self.lr, skipped)

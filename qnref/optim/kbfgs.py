@@ -356,7 +356,8 @@ class KBFGS(Optimizer):
         else:
             mom = self.beta * state.mom + (grad if self.gradient == "momentum" else (1.0 - self.beta) * grad)
         lr = self.step_size(k)
-        P = mom / self.damping          # non-Kronecker blocks: momentum with rate α/λ (thesis §3.4.3)
+        # non-Kronecker blocks: momentum with rate α/λ (thesis §3.4.3); the Kronecker ones are overwritten below
+        P = mom / self.damping if others else backend.namespace(mom).empty_like(mom)
         pv, mv = layout.views(P), layout.views(mom)
         ops = {}    # K-BFGS(L): each layer's compact operator, shared by this step's products (_apply_HG)
         for L in layers:

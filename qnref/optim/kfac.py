@@ -201,7 +201,7 @@ class KFAC(Optimizer):
     # -- step -------------------------------------------------------------------------------------------------
     def step(self, theta: Any, state: KFACState, problem: Problem) -> tuple[Any, KFACState, StepInfo]:
         layout = problem.layout
-        layers, _ = kc.kron_structure(problem.model)
+        layers, others = kc.kron_structure(problem.model)
         state, opened = kc.open_kron_step(self, state, problem, theta, layers, KFACState)
         if opened.stop is not None:
             return theta, state, opened.stop
@@ -210,7 +210,8 @@ class KFAC(Optimizer):
             mom = self.momentum * state.mom + opened.g                     # Alg. 12 l. 7
         else:
             mom = self.momentum * state.mom + (1.0 - self.momentum) * opened.g   # §2.5.2 (L592)
-        P = mom.copy()
+        # the Kronecker blocks are overwritten below; only the other blocks keep the momentum
+        P = mom.copy() if others else backend.namespace(mom).empty_like(mom)
         pv, mv = layout.views(P), layout.views(mom)
         for L in layers:
             pv[L.block][...] = kron.precondition(mv[L.block], state.HG[L.name], state.HA[L.name])

@@ -49,8 +49,8 @@ from typing import Any, ClassVar
 from .. import backend
 from ..curvature import kron
 from ..curvature.protocol import UnsupportedProductError
-from ._kron_common import (TensorFactorOptimizer, TensorPart, descend, full_chunks, read_part, sampled_mean_grad,
-                           tensor_parts, write_part)
+from ._kron_common import (TensorFactorOptimizer, TensorPart, descend, full_chunks, precondition_parts,
+                           sampled_mean_grad, tensor_parts)
 from .costs import CostAssumptions, ModelShapes, flops_spd_inv
 from .base import Optimizer, Problem, StepInfo, check_choice, check_int, check_positive, check_range, draw_size
 from .drivers import close_step, nonfinite_step, open_step
@@ -260,14 +260,7 @@ class TNTIdeal(Optimizer):
             mats = None
         if mats is None or not all(backend.all_finite(m) for ms in mats for m in ms):
             return theta, TNTIdealState(k), nonfinite_step(opened, lr, skipped=1)
-        layout = problem.layout
-        P = backend.namespace(theta).zeros_like(theta)
-        gv, pv = layout.views(opened.g), layout.views(P)
-        for q, ms in zip(parts, mats):
-            X = read_part(gv, q)
-            for i, V in enumerate(ms):
-                X = kron.mode_product(X, V, i)
-            write_part(pv, q, X)                                                 # p_t (line 5)
+        P = precondition_parts(problem.layout, parts, mats, opened.g)            # p_t (line 5)
         moved = descend(theta, P, lr, 0.0)                                       # θ − α_t p_t (line 6)
         if moved is None:
             return theta, TNTIdealState(k), nonfinite_step(opened, lr)
