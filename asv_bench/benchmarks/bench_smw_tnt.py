@@ -175,9 +175,8 @@ class KroneckerFloorAutoencoder:
         return ratio / opt.step_floor(model, 1000)["floor"]
 
     def track_rest_over_floor(self, name, inv_freq):
-        """The step without its inverse / root recomputation over the floor without that term: the
-        per-round step time minus one recomputation / T₂ (timed in the same round on the state's own
-        factors), over (floor − its inverse/root term) × the gradient. Where
+        """The step without its inverse / root recomputation over the floor without that term
+        (:func:`_rest_over_floor`: the recomputation timed inside the timed steps). Where
         ``track_step_over_floor`` fails only because LAPACK's potrf/potri or syevd run slower than
         the GEMM rate the floor charges them at, this one passes (issue 21). K-BFGS (no T₂) n/a."""
         if name in _NO_T2:
