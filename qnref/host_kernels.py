@@ -4,8 +4,9 @@ A kernel here fuses the passes of one whole-array NumPy expression into one pass
 (fewer memory transfers and no temporaries) and gives each entry exactly the rounded operations of
 that expression: compiled without fast-math, so no FMA contraction and no reassociation
 (docs/design.md, "optimizer host kernels"). Callers use a kernel only where :func:`plain_host` holds
-and the scalars have the arrays' dtype, and otherwise run the NumPy expression itself; with numba
-missing or ``qnref.nn.conv.KERNELS = "xp"`` (the pure NumPy/CuPy paths) :func:`kernel` returns None.
+and the scalars have the arrays' dtype, and otherwise run the NumPy expression itself; for operands
+below :data:`MIN_SIZE` entries (a process that never reaches it does not import numba), with numba
+missing or with ``qnref.nn.conv.KERNELS = "xp"`` (the pure NumPy/CuPy paths) :func:`kernel` returns None.
 
 - ``axpy``: q ← q + c·y (the two-loop's update, :func:`qnref.optim.operators.axpy_`);
 - ``bfgs``: H − ρ(s(Hy)ᵀ + (Hy)sᵀ) + c·ssᵀ (:func:`qnref.optim.operators.bfgs_inverse_update`);
@@ -19,13 +20,18 @@ import numpy
 
 _KERNELS: dict[str, Any] = {}  # name → the compiled kernel, or None without numba (filled on first use)
 
+#: fewest entries an operand must have for a kernel to run: below it the NumPy expression costs
+#: microseconds, and importing numba costs ≈ 140 MB resident — the Kronecker steps of the small
+#: 64-32-16-8 autoencoder peaked at 3.8× an SGD step's process memory when their EMA loaded it
+MIN_SIZE = 1 << 16
 
-def kernel(name: str) -> Any:
-    """The numba kernel ``name`` (compiled on first use, GIL-free), or None when numba is missing
-    or ``qnref.nn.conv.KERNELS == "xp"``."""
+
+def kernel(name: str, size: int) -> Any:
+    """The numba kernel ``name`` (compiled on first use, GIL-free) for operands of ``size`` entries,
+    or None when ``size`` < :data:`MIN_SIZE`, numba is missing or ``qnref.nn.conv.KERNELS == "xp"``."""
     from .nn import conv  # noqa: PLC0415 - the package's one kernel switch, read at call time
 
-    if conv.KERNELS == "xp":
+    if size < MIN_SIZE or conv.KERNELS == "xp":
         return None
     if not _KERNELS:
         _KERNELS.update(_build())

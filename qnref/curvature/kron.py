@@ -248,12 +248,13 @@ def weight_grad(tap: dict) -> Any:
 def ema(old: Any, new: Any, beta: float) -> Any:
     """Exponential moving average β·old + (1 − β)·new (thesis §2.5.2, Algorithm 12 line 14), a new array.
 
-    For contiguous NumPy float arrays of one dtype and shape with a Python float β, one numba pass
+    For contiguous NumPy float arrays of one dtype and shape (from ``host_kernels.MIN_SIZE`` entries)
+    with a Python float β, one numba pass
     (:mod:`qnref.host_kernels`) with the expression's own rounding (β and 1 − β rounded to the
     arrays' dtype, as NumPy does with a Python scalar): 0.36 → 0.16 ms at order 1000 in float32,
     and no two temporaries (issue 21). Anything else runs the expression itself."""
     if type(beta) is float and old.shape == new.shape and plain_host(old, new):
-        k = kernel("ema")
+        k = kernel("ema", old.size)
         if k is not None:
             dt = old.dtype.type
             out = numpy.empty_like(old)

@@ -78,14 +78,15 @@ def sym_rcond(A: Any) -> float:
 def axpy_(q: Any, c: Any, y: Any) -> None:
     """q ← q + c·y in place, bit for bit ``q += c * y`` (the two-loop's update, [NW06] Alg. 7.4).
 
-    On 1-D contiguous NumPy float vectors of one dtype with a scalar c of that dtype, one numba pass
+    On 1-D contiguous NumPy float vectors of one dtype (from ``host_kernels.MIN_SIZE`` entries) with a
+    scalar c of that dtype, one numba pass
     (reads y and q, writes q: 3 n-vector transfers against NumPy's 5 and an n-vector temporary;
     10 ms of the 30 ms two-loop at n = 2.8·10⁶, m = 10, issue 21); otherwise (CuPy, matrices,
     mixed dtypes, ndarray subclasses with their own arithmetic, no numba) NumPy's own ``q += c * y``.
     """
     if (_plain_host(q, y) and q.ndim == 1 and y.ndim == 1 and q.dtype == getattr(c, "dtype", None)
             and q.shape == y.shape and q.flags.writeable):
-        kernel = _host_kernel("axpy")
+        kernel = _host_kernel("axpy", q.size)
         if kernel is not None:
             kernel(q, c, y)
             return
@@ -565,7 +566,7 @@ def bfgs_inverse_update(H: Any, s: Any, y: Any, *, symmetrize: bool = False, che
     # ρ(1 + ρ yᵀHy), not ρ²yᵀHy + ρ: in float32 ρ² overflows for sᵀy < 1e-19 (ResNet-20 H_G pairs),
     # while ρ yᵀHy = yᵀHy / sᵀy stays bounded by the damping (≤ 1/μ₁)
     c = rho * (1.0 + rho * yHy)
-    kernel = _host_kernel("bfgs") if (_plain_host(H, s, Hy) and H.ndim == 2 and s.ndim == 1
+    kernel = _host_kernel("bfgs", H.size) if (_plain_host(H, s, Hy) and H.ndim == 2 and s.ndim == 1
                                       and getattr(rho, "dtype", None) == getattr(c, "dtype", None) == H.dtype) else None
     if kernel is not None:
         # one pass over H instead of the expression's eight (three outer products and their sums):

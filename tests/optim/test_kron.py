@@ -405,9 +405,12 @@ def test_ema_kernel_same_bits_as_the_expression(dtype, shape, monkeypatch):
     """kron.ema's one-pass numba route (host, contiguous, one dtype, Python-float β) gives the bits
     of NumPy's β·old + (1 − β)·new, also for huge and tiny entries and β whose float32 rounding
     matters; a NumPy-scalar β (which NumPy does not round to float32), mixed dtypes, a transposed
-    operand and the 'xp' switch run the expression itself; the inputs are not written."""
+    operand and the 'xp' switch run the expression itself; the inputs are not written. Every size
+    runs on the kernel here (MIN_SIZE 0; tests/test_host_kernels.py has the threshold)."""
     from qnref import host_kernels
     from qnref.nn import conv
+
+    monkeypatch.setattr(host_kernels, "MIN_SIZE", 0)
 
     rng = np.random.default_rng(len(shape))
     old = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-30, 30, shape)).astype(dtype)
@@ -415,7 +418,7 @@ def test_ema_kernel_same_bits_as_the_expression(dtype, shape, monkeypatch):
     o0, n0 = old.copy(), new.copy()
     calls = []
     real = host_kernels.kernel
-    monkeypatch.setattr(kron, "kernel", lambda name: calls.append(name) or real(name))
+    monkeypatch.setattr(kron, "kernel", lambda name, size: calls.append(name) or real(name, size))
     for beta in (0.9, 0.95, 1.0 / 3.0, 0.0):
         got = kron.ema(old, new, beta)
         np.testing.assert_array_equal(got, beta * old + (1.0 - beta) * new)
@@ -431,4 +434,4 @@ def test_ema_kernel_same_bits_as_the_expression(dtype, shape, monkeypatch):
         np.testing.assert_array_equal(kron.ema(old, new.T, 0.9), 0.9 * old + (1.0 - 0.9) * new.T)
     assert calls == ["ema"] * 4                                   # none of those took it
     monkeypatch.setattr(conv, "KERNELS", "xp")
-    assert host_kernels.kernel("ema") is None
+    assert host_kernels.kernel("ema", old.size) is None

@@ -350,9 +350,13 @@ def test_lsr1_prune_same_with_kept_and_fresh_grams(inverse):
 def test_bfgs_inverse_update_kernel_same_bits_as_the_expression(dtype, n, monkeypatch):
     """The one-pass numba update (host, C-contiguous, one dtype) gives the bits of NumPy's
     H − ρ(s(Hy)ᵀ + (Hy)sᵀ) + ρ(1 + ρyᵀHy)ssᵀ, also for huge and tiny entries; outside its domain
-    (a transposed H, mixed dtypes, the 'xp' switch) the expression itself runs."""
+    (a transposed H, mixed dtypes, the 'xp' switch) the expression itself runs. Every size runs on
+    the kernel here (MIN_SIZE 0)."""
+    from qnref import host_kernels
     from qnref.nn import conv
     from qnref.optim.operators import bfgs_inverse_update
+
+    monkeypatch.setattr(host_kernels, "MIN_SIZE", 0)
 
     rng = np.random.default_rng(n)
     A = (rng.standard_normal((n, n)) * 10.0 ** rng.uniform(-15, 15, (n, 1))).astype(dtype)
