@@ -377,8 +377,8 @@ CLAIMS = [
     value_claim(SP, f"… {label} without its {what}, T₁ = T₂ = 1", bench, "<=", 1.1, inv_freq=1, **kw)
     for label, what, bench, kw in (
         ("TNT", "Cholesky inverses", "bench_smw_tnt.TNTFloorAutoencoder.track_rest_over_floor", {}),
-        ("K-FAC", "Cholesky inverses", "bench_smw_tnt.KroneckerFloorAutoencoder.track_rest_over_floor", {"optimizer": "kfac"}),
-        ("Shampoo", "eigh roots", "bench_smw_tnt.KroneckerFloorAutoencoder.track_rest_over_floor", {"optimizer": "shampoo"}))
+        ("K-FAC", "Cholesky inverses", "bench_smw_tnt.KroneckerRestAutoencoder.track_rest_over_floor", {"optimizer": "kfac"}),
+        ("Shampoo", "eigh roots", "bench_smw_tnt.KroneckerRestAutoencoder.track_rest_over_floor", {"optimizer": "shampoo"}))
 ] + [
     value_claim(SP, "SMW-NG-BD measured / floor, 784-500-10", "bench_smw_tnt.SMWBlockDiagonal.track_bd_over_floor", "<=", 1.1),
     value_claim(SP, "ResNet-20 forward+backward / torch (batch 128, same threads)", "bench_speed_ratios.CNNTorchRatios.track_forward_backward_ratio",
