@@ -322,13 +322,11 @@ def spd_inverse(M: Any, *, lower: bool = False) -> Any:
     shifts of such): it gives the same bits as the default for them and, on the Cholesky route, skips
     the symmetrisation pass that potrf would not read (1.4 of 11.6 ms at order 1000, float32)."""
     xp = backend.namespace(M)
-    if lower and _host_lapack(M):
-        H = _cholesky_inverse(M)
-        if H is not None:
-            return H
-    S = from_lower(M) if lower else sym(M)
-    H = _cholesky_inverse(S) if not lower and _host_lapack(S) else None
-    return H if H is not None else sym(xp.linalg.inv(S))
+    S = M if lower else sym(M)  # potrf reads the lower triangle only
+    H = _cholesky_inverse(S) if _host_lapack(S) else None
+    if H is not None:
+        return H
+    return sym(xp.linalg.inv(from_lower(M) if lower else S))
 
 
 def from_lower(M: Any) -> Any:
