@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from .. import backend
+from ..curvature import kron
 from ..curvature.objective import Point
 from .base import Optimizer, Problem, StepInfo, check_bool, check_int, check_positive, check_range, draw_size, evaluate
 from .costs import CostAssumptions, ModelShapes, dense_pass_mults, floor_summary, model_shapes
@@ -96,8 +97,6 @@ def precondition_parts(layout, parts: list[TensorPart], mats: list, g: Any) -> A
     """P with each tensor part of ``g`` multiplied by its per-mode matrices, X ×₁ U₁ ⋯ ×ₖ Uₖ
     (thesis Alg. 15 line 18, Alg. 16 line 14, Alg. 14 line 5): a new vector, every entry written
     (the parts tile θ: :func:`tensor_parts`)."""
-    from ..curvature import kron  # noqa: PLC0415
-
     P = backend.namespace(g).empty_like(g)
     gv, pv = layout.views(g), layout.views(P)
     for q, ms in zip(parts, mats):
@@ -381,8 +380,6 @@ class TensorFactorOptimizer(Optimizer):
 
     # helpers
     def _contractions(self, layout, parts, flat: Any) -> list:
-        from ..curvature import kron  # noqa: PLC0415
-
         views = layout.views(flat)
         return [[kron.contraction(read_part(views, q), i) for i in range(len(q.shape))] for q in parts]
 
@@ -410,8 +407,6 @@ class TensorFactorOptimizer(Optimizer):
         return bad
 
     def step(self, theta: Any, state: TensorState, problem: Problem) -> tuple[Any, TensorState, StepInfo]:
-        from ..curvature import kron  # noqa: PLC0415
-
         layout = problem.layout
         parts = tensor_parts(problem.model)
         state, opened = open_kron_step(self, state, problem, theta, parts, TensorState)
