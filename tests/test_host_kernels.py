@@ -14,7 +14,7 @@ from qnref import host_kernels
 
 def test_kernels_only_from_min_size():
     pytest.importorskip("numba")
-    for name in ("axpy", "bfgs", "ema"):
+    for name in ("axpy", "bfgs", "ema", "dot", "axpy_dot", "scale_dot"):
         assert host_kernels.kernel(name, host_kernels.MIN_SIZE - 1) is None
         assert host_kernels.kernel(name, host_kernels.MIN_SIZE) is not None
 
