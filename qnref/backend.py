@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import numpy
 
+from . import host_kernels as _host_kernels
+
 Device = Literal["cpu", "gpu"]
 SUPPORTED_DTYPES = ("float32", "float64")
 
@@ -186,7 +188,12 @@ def asarray(x: Any, xp: types.ModuleType, dtype: Any | None = None) -> Any:
 
 
 def all_finite(x: Any) -> bool:
-    """True when every entry of ``x`` is finite (one host sync on the GPU)."""
+    """True when every entry of ``x`` is finite (one host sync on the GPU). Large contiguous host
+    float arrays are read once, split over the layer threads (:func:`qnref.host_kernels.all_finite`)."""
+    if type(x) is numpy.ndarray and x.size >= _host_kernels.MIN_SIZE:
+        fast = _host_kernels.all_finite(x)
+        if fast is not None:
+            return fast
     xp = namespace(x)
     return bool(xp.isfinite(x).all())
 

@@ -17,7 +17,11 @@ missing or with ``qnref.nn.conv.KERNELS = "xp"`` (the pure NumPy/CuPy paths) :fu
   **not** BLAS's bits: they accumulate in float64 (for float32 operands more accurate than
   ``sdot``, which sums in float32) in the lane order LLVM vectorises them in (``reassoc``). They run
   over the fixed ranges of :func:`split_ranges` on the layer thread pool (:func:`split_sum`), so a
-  result depends on n and the machine's vector width, never on the thread count.
+  result depends on n and the machine's vector width, never on the thread count;
+- ``nonfinite``: Σ (xⱼ − xⱼ), +0 when every entry is finite and NaN otherwise (±inf − ±inf and NaN − NaN
+  are NaN, and a NaN term stays in a sum however it is associated), for :func:`all_finite`: one read
+  pass split over the pool, against NumPy's ``isfinite(x).all()`` (a boolean temporary written and
+  read, on one thread): 1.2 → 0.35 ms at 2.8·10⁶ float32 entries.
 """
 from __future__ import annotations
 
@@ -71,6 +75,19 @@ def split_sum(work: Any, n: int) -> float:
     return total
 
 
+def all_finite(x: Any) -> bool | None:
+    """Whether every entry of ``x`` is finite, by the ``nonfinite`` kernel over :func:`split_ranges`;
+    None when ``x`` is not a contiguous host float array of at least :data:`MIN_SIZE` entries or
+    there is no kernel (the caller then uses the expression)."""
+    if not plain_host(x):
+        return None
+    k = kernel("nonfinite", x.size)
+    if k is None:
+        return None
+    flat = x.reshape(-1)
+    return split_sum(lambda lo, hi: k(flat[lo:hi]), flat.size) == 0.0
+
+
 def plain_host(*arrays: Any) -> bool:
     """C-contiguous NumPy float32/float64 arrays (not subclasses with their own arithmetic) of one dtype."""
     first = arrays[0]
@@ -82,7 +99,7 @@ def _build() -> dict[str, Any]:
     try:
         from numba import njit  # noqa: PLC0415 - numba is heavy: `import qnref` must not load it
     except Exception:  # numba missing or broken
-        return {name: None for name in ("axpy", "bfgs", "ema", "dot", "axpy_dot", "scale_dot")}
+        return {name: None for name in ("axpy", "bfgs", "ema", "dot", "axpy_dot", "scale_dot", "nonfinite")}
 
     @njit(cache=True, nogil=True)
     def axpy(q, c, y):  # pragma: no cover - compiled
@@ -133,4 +150,13 @@ def _build() -> dict[str, Any]:
             s += numpy.float64(z[j]) * numpy.float64(t)
         return s
 
-    return {"axpy": axpy, "bfgs": bfgs, "ema": ema, "dot": dot, "axpy_dot": axpy_dot, "scale_dot": scale_dot}
+    @njit(cache=True, nogil=True, fastmath={"reassoc"})
+    def nonfinite(x):  # pragma: no cover - compiled
+        # reassoc only: without nnan/ninf LLVM may not fold x − x to 0, so every NaN/inf term counts
+        s = 0.0
+        for j in range(x.shape[0]):
+            s += x[j] - x[j]
+        return s
+
+    return {"axpy": axpy, "bfgs": bfgs, "ema": ema, "dot": dot, "axpy_dot": axpy_dot, "scale_dot": scale_dot,
+            "nonfinite": nonfinite}

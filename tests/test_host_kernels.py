@@ -46,3 +46,35 @@ print("numba" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_kernel_finds_every_nonfinite_entry(dtype, monkeypatch):
+    """backend.all_finite on the one-pass kernel (every size: MIN_SIZE 0, split from 64 entries):
+    a NaN, +inf or −inf at the first, last or a range's edge entry is found; the largest finite
+    values (whose sum would overflow) and subnormals are finite; 2-D arrays read as one vector;
+    non-contiguous arrays and integer arrays take the expression."""
+    pytest.importorskip("numba")
+    from qnref import backend
+
+    monkeypatch.setattr(host_kernels, "MIN_SIZE", 0)
+    monkeypatch.setattr(host_kernels, "SPLIT_SIZE", 64)
+    n = 1000
+    x = np.random.default_rng(0).standard_normal(n).astype(dtype)
+    assert host_kernels.all_finite(x) is True
+    edges = sorted({0, n - 1} | {a for a, _ in host_kernels.split_ranges(n)} | {e - 1 for _, e in host_kernels.split_ranges(n)})
+    for pos in edges:
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[pos] = bad
+            assert host_kernels.all_finite(y) is False and backend.all_finite(y) is False, (pos, bad)
+            assert backend.all_finite(y.reshape(40, 25)) is False
+    big = np.full(n, np.finfo(dtype).max, dtype=dtype)
+    big[::2] = -np.finfo(dtype).max
+    big[7] = np.finfo(dtype).tiny / 4
+    assert host_kernels.all_finite(big) is True and backend.all_finite(big)
+    assert host_kernels.all_finite(x[::2]) is None and backend.all_finite(x[::2])  # strided: the expression
+    y = x.copy()
+    y[4] = np.nan
+    assert host_kernels.all_finite(y[::2]) is None and backend.all_finite(y[::2]) is False
+    assert host_kernels.all_finite(np.arange(n)) is None and backend.all_finite(np.arange(n))
