@@ -190,10 +190,9 @@ def asarray(x: Any, xp: types.ModuleType, dtype: Any | None = None) -> Any:
 def all_finite(x: Any) -> bool:
     """True when every entry of ``x`` is finite (one host sync on the GPU). Large contiguous host
     float arrays are read once, split over the layer threads (:func:`qnref.host_kernels.all_finite`)."""
-    if type(x) is numpy.ndarray and x.size >= _host_kernels.MIN_SIZE:
-        fast = _host_kernels.all_finite(x)
-        if fast is not None:
-            return fast
+    fast = _host_kernels.all_finite(x)
+    if fast is not None:
+        return fast
     xp = namespace(x)
     return bool(xp.isfinite(x).all())
 

@@ -21,7 +21,7 @@ missing or with ``qnref.nn.conv.KERNELS = "xp"`` (the pure NumPy/CuPy paths) :fu
 - ``nonfinite``: Σ (xⱼ − xⱼ), +0 when every entry is finite and NaN otherwise (±inf − ±inf and NaN − NaN
   are NaN, and a NaN term stays in a sum however it is associated), for :func:`all_finite`: one read
   pass split over the pool, against NumPy's ``isfinite(x).all()`` (a boolean temporary written and
-  read, on one thread): 1.2 → 0.35 ms at 2.8·10⁶ float32 entries.
+  read, on one thread): 1.18–1.28 → 0.78 ms on cold 2.8·10⁶-entry float32 vectors.
 """
 from __future__ import annotations
 
@@ -78,8 +78,9 @@ def split_sum(work: Any, n: int) -> float:
 def all_finite(x: Any) -> bool | None:
     """Whether every entry of ``x`` is finite, by the ``nonfinite`` kernel over :func:`split_ranges`;
     None when ``x`` is not a contiguous host float array of at least :data:`MIN_SIZE` entries or
-    there is no kernel (the caller then uses the expression)."""
-    if not plain_host(x):
+    there is no kernel (the caller then uses the expression). The cheap size test comes first: most
+    callers pass small arrays."""
+    if type(x) is not numpy.ndarray or x.size < MIN_SIZE or not plain_host(x):
         return None
     k = kernel("nonfinite", x.size)
     if k is None:

@@ -93,55 +93,79 @@ def axpy_(q: Any, c: Any, y: Any) -> None:
     q += c * y
 
 
-class _TwoLoopPasses:
-    """The passes of the two-loop recursion on a right-hand side v: ``dot(a, q)`` = aᵀq,
-    ``axpy_dot(q, c, y, z)``: q ← q + c·y, then zᵀq, and ``scale_dot(q, g, z)``: q ← g·q, then zᵀq
-    (z None: no dot product, None returned).
+def _two_loop_passes(Sb: Any, v: Any = None) -> "_ExpressionPasses | _FusedPasses":
+    """The passes of the two-loop recursion over vectors like the rows of the buffer ``Sb`` and the
+    right-hand side ``v`` (None: the rows themselves, e.g. for γ = sᵀy/yᵀy; the route then depends
+    on Sb alone). Each pass has three forms: ``dot(a, q)`` = aᵀq, ``axpy_dot(q, c, y, z)``:
+    q ← q + c·y, then zᵀq, and ``scale_dot(q, g, z)``: q ← g·q, then zᵀq (z None: no dot product,
+    None returned).
 
-    * **Expressions** (CuPy, 2-D v, below ``host_kernels.MIN_SIZE`` entries, no numba): NumPy's /
-      CuPy's own ``a @ q``, :func:`axpy_` and ``q *= g``.
-    * **Fused** (1-D contiguous NumPy float vectors of one dtype, with numba): one pass per loop step
-      that updates q and forms the next dot product on it — 4 n-vector transfers instead of 5 —
-      run over fixed ranges on the layer threads (``host_kernels.split_sum``). The updates have
-      NumPy's bits; the dot products accumulate in float64 (not BLAS's bits; more accurate than its
-      float32 ``sdot``). Measured at n = 2.8·10⁶, m = 10, float32, 2 threads: 30 ms per two-loop
-      against 46–50 ms with BLAS dots and one-thread updates (docs/optimizers.md)."""
+    * :class:`_FusedPasses` for 1-D contiguous NumPy float vectors of one dtype from
+      ``host_kernels.MIN_SIZE`` entries, with numba;
+    * :class:`_ExpressionPasses` otherwise (CuPy, 2-D v, small or strided operands, no numba, the
+      ``"xp"`` switch)."""
+    n = int(Sb.shape[-1])
+    if (v is None or (v.ndim == 1 and v.shape[0] == n and _plain_host(v, Sb))) and _plain_host(Sb):
+        kernels = {name: _host_kernel(name, n) for name in ("dot", "axpy_dot", "scale_dot")}
+        if None not in kernels.values():
+            return _FusedPasses(kernels, n, Sb.dtype.type)
+    return _ExpressionPasses(v is not None and v.ndim != 1)
 
-    def __init__(self, Sb: Any, v: Any = None) -> None:
-        """Passes over vectors like the rows of the buffer ``Sb`` and the right-hand side ``v``
-        (None: the rows themselves, e.g. for γ = sᵀy/yᵀy; the route then depends on Sb alone)."""
-        names, n = ("dot", "axpy_dot", "scale_dot"), int(Sb.shape[-1])
-        vector = v is None or (v.ndim == 1 and v.shape[0] == n and _plain_host(v, Sb))
-        kernels = [_host_kernel(nm, n) for nm in names] if vector and _plain_host(Sb) else [None]
-        self.fused = None not in kernels
-        self._col = (lambda a: a) if v is None or v.ndim == 1 else (lambda a: a[:, None])
-        if self.fused:
-            from ..host_kernels import split_sum  # noqa: PLC0415 - loads the layer pool module
 
-            self._k, self._n, self._split, self._type = dict(zip(names, kernels)), n, split_sum, Sb.dtype.type
+class _ExpressionPasses:
+    """The two-loop's passes as NumPy's / CuPy's own ``a @ q``, :func:`axpy_` and ``q *= g``, with
+    their usual bits (see :func:`_two_loop_passes`)."""
+
+    fused = False
+
+    def __init__(self, matrix_rhs: bool) -> None:
+        self._col = (lambda a: a[:, None]) if matrix_rhs else (lambda a: a)
 
     def dot(self, a: Any, q: Any) -> Any:
-        if not self.fused:
-            return a @ q
+        return a @ q
+
+    def axpy_dot(self, q: Any, c: Any, y: Any, z: Any) -> Any:
+        axpy_(q, c, self._col(y))
+        return None if z is None else z @ q
+
+    def scale_dot(self, q: Any, g: Any, z: Any) -> Any:
+        q *= g
+        return None if z is None else z @ q
+
+
+class _FusedPasses:
+    """The two-loop's passes as the host kernels (see :func:`_two_loop_passes`): one pass per loop
+    step that updates q and forms the next dot product on it — 4 n-vector transfers instead of 5 —
+    run over fixed ranges on the layer threads (``host_kernels.split_sum``). The updates have
+    NumPy's bits; the dot products accumulate in float64 (not BLAS's bits; more accurate than its
+    float32 ``sdot``). Measured at n = 2.8·10⁶, m = 10, float32, 2 threads: 30 ms per two-loop
+    against 46–50 ms with BLAS dots and one-thread updates (docs/design.md)."""
+
+    fused = True
+
+    def __init__(self, kernels: dict[str, Any], n: int, scalar_type: Any) -> None:
+        from ..host_kernels import split_sum  # noqa: PLC0415 - loads the layer pool module
+
+        self._k, self._n, self._split, self._type = kernels, n, split_sum, scalar_type
+
+    def dot(self, a: Any, q: Any) -> Any:
         kernel = self._k["dot"]
         return numpy.float64(self._split(lambda lo, hi: kernel(a[lo:hi], q[lo:hi]), self._n))
 
     def axpy_dot(self, q: Any, c: Any, y: Any, z: Any) -> Any:
-        if not self.fused:
-            axpy_(q, c, self._col(y))
-            return None if z is None else z @ q
-        kernel, c = self._k["axpy_dot"], self._type(c)
-        zz = y if z is None else z  # the same cache lines as y: no extra transfer, the sum unused
-        t = self._split(lambda lo, hi: kernel(q[lo:hi], c, y[lo:hi], zz[lo:hi]), self._n)
-        return None if z is None else numpy.float64(t)
+        return self._update("axpy_dot", q, c, (y,), z)
 
     def scale_dot(self, q: Any, g: Any, z: Any) -> Any:
-        if not self.fused:
-            q *= g
-            return None if z is None else z @ q
-        kernel, g = self._k["scale_dot"], self._type(g)
-        zz = q if z is None else z
-        t = self._split(lambda lo, hi: kernel(q[lo:hi], g, zz[lo:hi]), self._n)
+        return self._update("scale_dot", q, g, (), z)
+
+    def _update(self, name: str, q: Any, scalar: Any, operands: tuple, z: Any) -> Any:
+        """The kernel ``name`` on (q, the scalar rounded to the vectors' dtype, ``operands``, z). With
+        z None the sum runs over the first operand's entries, which the pass reads anyway, and is
+        dropped. Summing over q instead would alias the vector being written: LLVM's runtime alias
+        check then takes the scalar loop, which cost 4–6 ms per L-BFGS step at n = 2.8·10⁶."""
+        kernel, c = self._k[name], self._type(scalar)
+        vectors = (*operands, z if z is not None else operands[0] if operands else q)
+        t = self._split(lambda lo, hi: kernel(q[lo:hi], c, *[a[lo:hi] for a in vectors]), self._n)
         return None if z is None else numpy.float64(t)
 
 
@@ -188,7 +212,7 @@ class LBFGSOperator:
         self._S = self._Y = None
         if gamma is None:
             if rows:
-                s, y, passes = Sb[rows[-1]], Yb[rows[-1]], _TwoLoopPasses(Sb)
+                s, y, passes = Sb[rows[-1]], Yb[rows[-1]], _two_loop_passes(Sb)
                 gamma = passes.dot(s, y) / passes.dot(y, y)
             else:
                 gamma = 1.0
@@ -235,11 +259,11 @@ class LBFGSOperator:
         """H v by the two-loop recursion ([NW06] Alg. 7.4), over the pairs' buffer rows in place.
 
         Each loop step is one update of q followed by the next pair's dot product on the new q
-        (:class:`_TwoLoopPasses`): on NumPy/CuPy arrays the expressions ``q += c·y`` and ``zᵀq``, on
+        (:func:`_two_loop_passes`): on NumPy/CuPy arrays the expressions ``q += c·y`` and ``zᵀq``, on
         large 1-D host vectors one fused pass of both, split over the layer threads."""
         Sb, Yb, rows, k = self._Sb, self._Yb, self._rows, self.k
         backend.namespace(v, Sb)
-        passes = _TwoLoopPasses(Sb, v)
+        passes = _two_loop_passes(Sb, v)
         rho = 1.0 / self._row_curvatures() if k else None  # stays on the device: no sync in the loops
         q = v.copy()
         alpha = [None] * k

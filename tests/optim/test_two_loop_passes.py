@@ -1,5 +1,5 @@
 """The two-loop's fused host passes (qnref/host_kernels.py: dot, axpy_dot, scale_dot; the route in
-``qnref.optim.operators._TwoLoopPasses``): the updates of q keep NumPy's bits, the dot products are
+``qnref.optim.operators._two_loop_passes``): the updates of q keep NumPy's bits, the dot products are
 float64 sums checked against exact sums (math.fsum), H v on the fused route agrees with a float64
 oracle (float32 more closely than the expression route), and nothing depends on the thread count."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from qnref import host_kernels
 from qnref.nn import chunks, conv
-from qnref.optim.operators import LBFGSOperator, _TwoLoopPasses
+from qnref.optim.operators import LBFGSOperator, _two_loop_passes
 
 pytest.importorskip("numba")
 
@@ -104,7 +104,7 @@ def test_fused_two_loop_against_a_float64_oracle(dtype, rtol, k, every_size_fuse
     S, Y = _pairs(rng, k, n, dtype)
     v = rng.standard_normal(n).astype(dtype)
     op = LBFGSOperator(S, Y)
-    assert _TwoLoopPasses(S, v).fused
+    assert _two_loop_passes(S, v).fused
     got = op.solve(v)
     want = LBFGSOperator(S.astype(np.float64), Y.astype(np.float64)).solve(v.astype(np.float64))
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -115,7 +115,7 @@ def test_fused_two_loop_against_a_float64_oracle(dtype, rtol, k, every_size_fuse
     conv_kernels = conv.KERNELS
     try:
         conv.KERNELS = "xp"
-        assert not _TwoLoopPasses(S, v).fused
+        assert not _two_loop_passes(S, v).fused
         expr = LBFGSOperator(S, Y).solve(v)
     finally:
         conv.KERNELS = conv_kernels
@@ -161,11 +161,11 @@ def test_routes_outside_the_fused_domain(every_size_fused):
         return q
 
     V = rng.standard_normal((300, 2))
-    assert not _TwoLoopPasses(S, V).fused
+    assert not _two_loop_passes(S, V).fused
     np.testing.assert_array_equal(LBFGSOperator(S, Y, 0.7).solve(V), plain(S, Y, V, 0.7))
-    assert not _TwoLoopPasses(S, v.astype(np.float32)).fused
+    assert not _two_loop_passes(S, v.astype(np.float32)).fused
     Sf = np.asfortranarray(S)
-    assert not _TwoLoopPasses(Sf, v).fused
+    assert not _two_loop_passes(Sf, v).fused
     # strided rows: BLAS's strided dots and NumPy's strided sums round differently, so values only
     np.testing.assert_allclose(LBFGSOperator(Sf, Y, 0.7).solve(v), plain(S, Y, v, 0.7), rtol=1e-12, atol=1e-14)
     kernels = conv.KERNELS
