@@ -1,4 +1,4 @@
-"""CPU kernels (numba) for training-mode BatchNorm on (N, C, H, W) inputs and for max pooling.
+"""CPU kernels (numba) for training-mode BatchNorm on (N, C, H, W) inputs, max pooling and ReLU.
 
 Like :mod:`qnref.nn._numba_kernels` this module imports numba at the top, so ``import qnref`` never
 imports it: :func:`qnref.nn.pool.fast_kernels` loads it on first use (it honours the same switch,
@@ -7,8 +7,8 @@ imports it: :func:`qnref.nn.pool.fast_kernels` loads it on first use (it honours
 the two paths.
 
 The kernels are ``@njit(cache=True, nogil=True)`` and serial; each takes a range [lo, hi) of the
-channels (BatchNorm) or of the N·C image planes (pooling), whose outputs are disjoint, and
-:func:`run_split` runs a few ranges side by side on the thread pool of :mod:`qnref.nn.chunks`
+channels (BatchNorm), of the N·C image planes (pooling) or of the entries (ReLU), whose outputs
+are disjoint, and :func:`run_split` runs a few ranges side by side on the thread pool of :mod:`qnref.nn.chunks`
 (one knob, ``QNREF_NUM_THREADS`` / :func:`qnref.nn.chunks.set_num_threads`, for all CPU layer
 threads). So there are no races and the result does not depend on the number of threads.
 Per-channel sums are accumulated in float64 whatever the input dtype (NumPy's ``x.mean``
@@ -23,7 +23,8 @@ right after a GEMM took 4.5 ms instead of 0.9 ms, ResNet-20's gradient 585–593
 Python threads calling GIL-free kernels have neither problem.
 
 Shapes: the BatchNorm kernels take (N, C, M) views (M = H·W) of C-contiguous arrays; the pooling
-kernels take (P, H, W) / (P, Ho, Wo) views with P = N·C.
+kernels take (P, H, W) / (P, Ho, Wo) views with P = N·C; the ReLU kernels take the flat (1-D)
+arrays and a range of their entries.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ KERNEL_TWINS: dict[str, str] = {
     "bn_backward": "qnref.nn.norm:bn_backward_xp",
     "maxpool_forward": "qnref.nn.pool:maxpool_forward_xp",
     "maxpool_backward": "qnref.nn.pool:unpool_xp",
+    "relu_forward": "qnref.nn.activations:relu_xp",
+    "relu_mask_mul": "qnref.nn.activations:relu_mask_mul_xp",
 }
 
 
@@ -81,6 +84,32 @@ def _row_sums2(g, xh):  # pragma: no cover - compiled
         s += gk
         t += gk * xh[k]
     return s, t
+
+
+# -- ReLU (elementwise on the flat arrays; range [lo, hi) of the entries) ---------------------------
+# Slices of the flat arrays, not ``range(lo, hi)`` over the whole ones: with signed loop indices
+# LLVM left these loops scalar (3-4x slower than NumPy, the indexing note of _numba_kernels).
+@njit(cache=True, nogil=True)
+def relu_forward(x, y, lo, hi):  # pragma: no cover - compiled
+    """y = max(x, 0) on entries [lo, hi), bit for bit NumPy's ``maximum(x, 0)``: x where x > 0 or x
+    is NaN (the NaN itself), +0 everywhere else (−0 included)."""
+    xs, ys = x[lo:hi], y[lo:hi]
+    zero = xs.dtype.type(0)
+    for k in range(xs.shape[0]):
+        v = xs[k]
+        ys[k] = v if (v > zero or v != v) else zero
+    return y
+
+
+@njit(cache=True, nogil=True)
+def relu_mask_mul(x, g, out, lo, hi):  # pragma: no cover - compiled
+    """out = g·[x > 0] on entries [lo, hi): the product g·1 or g·0 in g's dtype, bit for bit
+    NumPy's ``multiply(g, x > 0)`` (NaN or ±inf in g times 0 is NaN, −g·0 is −0)."""
+    xs, gs, os_ = x[lo:hi], g[lo:hi], out[lo:hi]
+    one, zero = gs.dtype.type(1), gs.dtype.type(0)
+    for k in range(xs.shape[0]):
+        os_[k] = gs[k] * (one if xs[k] > zero else zero)
+    return out
 
 
 # -- BatchNorm (training mode, 4-D) ---------------------------------------------------------------
@@ -298,3 +327,6 @@ def warmup() -> None:
         xp_ = np.zeros((1, 2, 2), dt)
         maxpool_forward(xp_, 2, 2, 2, 2, 0, 0, np.empty((1, 1, 1), dt), np.empty((1, 1, 1), np.int64), 0, 1)
         maxpool_backward(np.zeros((1, 1), dt), np.zeros((1, 1), np.int64), np.empty((1, 4), dt), 0, 1)
+        v = np.zeros(2, dt)
+        relu_forward(v, np.empty_like(v), 0, 2)
+        relu_mask_mul(v, v, np.empty_like(v), 0, 2)

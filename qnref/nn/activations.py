@@ -7,18 +7,78 @@ pointwise nonlinearity). ReLU has σ'' = 0 almost everywhere.
 ReLU: σ'(x)·u = [x > 0]·u (backward, jvp, backward_rop) is one ``multiply(u, x > 0)`` — the
 boolean mask enters the ufunc loop as the exact 1 or 0 of u's dtype, so the result is bit for bit
 ``(x > 0).astype(dtype) * u`` without the float temporary and its pass (tests/nn/test_conv_fast_paths.py).
+On the activations of conv nets (4-D host arrays) the forward max(x, 0) and that product run as
+numba passes split over the layer threads, bit for bit the same (NumPy's ``maximum`` and
+``multiply`` are single-threaded, and ``maximum``'s NaN handling made it compute-bound: 0.77 ms
+for 8 MB against 0.17 ms; docs/cnn.md, "Fifth round").
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy
+
 from .. import backend
+from ..host_kernels import MIN_SIZE, SPLIT_SIZE, plain_host
 from .base import Ctx, Layer
+from .chunks import map_chunks, num_threads, split_ranges
+from .pool import fast_kernels, use_fast
+
+
+#: fewest entries of a 4-D (image) array for the numba ReLU kernels: below it NumPy's loop takes
+#: microseconds (:data:`qnref.host_kernels.MIN_SIZE`, which also keeps small models from loading numba)
+FAST_MIN = MIN_SIZE
+
+
+def _fast_relu(*arrays: Any) -> Any:
+    """The kernel module (:mod:`qnref.nn._numba_fast`) when the ReLU kernels run on these arrays:
+    C-contiguous 4-D host float arrays of one dtype and shape with at least :data:`FAST_MIN` entries
+    — the activations of conv nets, whose layers load numba anyway; None otherwise (MLP activations
+    keep NumPy's loop, so an MLP never loads numba for its ReLUs)."""
+    first = arrays[0]
+    if getattr(first, "ndim", 0) != 4 or first.size < FAST_MIN or not plain_host(*arrays) \
+            or any(a.shape != first.shape for a in arrays) or not use_fast(first):
+        return None
+    return fast_kernels()
+
+
+def _run_flat(kernel: Any, *arrays: Any) -> Any:
+    """``kernel(*flat arrays, lo, hi)`` over ranges of the entries: one on the calling thread below
+    :data:`qnref.host_kernels.SPLIT_SIZE` entries (a pool round trip would cost more than the pass),
+    else one per pool thread; the last array is the output, returned with the first one's shape."""
+    flat = [a.reshape(-1) for a in arrays]
+    n = flat[0].size
+    ranges = [(0, n)] if n < SPLIT_SIZE else split_ranges(n, num_threads())
+    map_chunks(lambda lo, hi: kernel(*flat, lo, hi), ranges)
+    return arrays[-1]
+
+
+def relu(x: Any) -> Any:
+    """max(x, 0), bit for bit ``maximum(x, 0)`` (NaN stays NaN, −0 becomes +0); on conv activations
+    one numba pass split over the layer threads (:func:`_fast_relu`)."""
+    k = _fast_relu(x)
+    if k is None:
+        return backend.namespace(x).maximum(x, 0)
+    return _run_flat(k.relu_forward, x, numpy.empty_like(x))
+
+
+def relu_xp(x: Any) -> Any:
+    """The array-API twin of the kernel ``relu_forward`` (NumPy and CuPy)."""
+    return backend.namespace(x).maximum(x, 0)
 
 
 def relu_mask_mul(x: Any, g: Any) -> Any:
-    """``(x > 0).astype(x.dtype) * g``, bit for bit, as ``multiply(g, x > 0)`` when x and g share a
-    dtype (one temporary of booleans instead of a float mask)."""
+    """``(x > 0).astype(x.dtype) * g``, bit for bit: on conv activations one numba pass split over
+    the layer threads (:func:`_fast_relu`), else :func:`relu_mask_mul_xp`."""
+    k = _fast_relu(x, g)
+    if k is None:
+        return relu_mask_mul_xp(x, g)
+    return _run_flat(k.relu_mask_mul, x, g, numpy.empty_like(g))
+
+
+def relu_mask_mul_xp(x: Any, g: Any) -> Any:
+    """``(x > 0).astype(x.dtype) * g`` as ``multiply(g, x > 0)`` when x and g share a dtype (one
+    temporary of booleans instead of a float mask); the twin of the kernel ``relu_mask_mul``."""
     xp = backend.namespace(x, g)
     if x.dtype == g.dtype:
         return xp.multiply(g, x > 0)
@@ -83,7 +143,7 @@ class ReLU(Activation):
         return gx, rgx
 
     def f(self, xp, x):
-        return xp.maximum(x, 0)
+        return relu(x)
 
     def d1(self, xp, x, y):
         return (x > 0).astype(x.dtype)

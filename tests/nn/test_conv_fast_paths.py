@@ -10,7 +10,8 @@ pytest.importorskip("numba")
 
 from qnref.curvature.objective import Objective  # noqa: E402
 from qnref.nn import chunks, conv  # noqa: E402
-from qnref.nn.activations import ReLU, relu_mask_mul  # noqa: E402
+from qnref.nn import activations  # noqa: E402
+from qnref.nn.activations import ReLU, relu, relu_mask_mul  # noqa: E402
 from qnref.nn.base import Ctx  # noqa: E402
 from qnref.nn.zoo import build_model  # noqa: E402
 
@@ -59,6 +60,44 @@ def test_relu_product_is_the_float_mask_formula_bit_for_bit(dtype):
         other = np.float64 if dtype == np.float32 else np.float32
         mixed = relu_mask_mul(x, g.astype(other))
     assert mixed.dtype == np.result_type(dtype, other)
+
+
+#: (2, 8, 64, 70): above MIN_SIZE, one range on the calling thread; (3, 16, 96, 97): above
+#: SPLIT_SIZE, split over the pool
+KERNEL_SHAPES = [(2, 8, 64, 70), (3, 16, 96, 97)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_kernels_are_numpy_bit_for_bit(dtype, shape, threads):
+    """The numba ReLU passes of conv activations: max(x, 0) and g·[x > 0] equal NumPy's
+    ``maximum(x, 0)`` and the float-mask product in every bit (−0 → +0, NaN kept, inf·0 = NaN),
+    for every thread count; the route is the kernel's (not NumPy's) for these shapes."""
+    assert activations._fast_relu(np.empty(shape, dtype)) is not None
+    x, g = _special(shape, dtype, 3), _special(shape, dtype, 4)
+    flat = x.reshape(-1)
+    flat[-3:] = [-0.0, np.nan, 1.0]  # the last range's edge
+    before = chunks.num_threads()
+    chunks.set_num_threads(threads)
+    try:
+        with np.errstate(invalid="ignore"):
+            _same_bits(relu(x), np.maximum(x, 0))
+            _same_bits(relu_mask_mul(x, g), (x > 0).astype(dtype) * g)
+    finally:
+        chunks.set_num_threads(before)
+
+
+def test_relu_kernel_route_is_only_for_large_contiguous_images():
+    """MLP activations (2-D), small or strided arrays and mixed dtypes keep NumPy's expressions, so
+    an MLP never loads numba for its ReLUs."""
+    big = np.zeros(KERNEL_SHAPES[0], np.float32)
+    assert activations._fast_relu(big) is not None
+    assert activations._fast_relu(big.reshape(big.shape[0], -1)) is None
+    assert activations._fast_relu(np.zeros((2, 8, 8, 8), np.float32)) is None
+    assert activations._fast_relu(big.transpose(0, 1, 3, 2)) is None
+    assert activations._fast_relu(big, big.astype(np.float64)) is None
+    assert activations._fast_relu(big.astype(np.float16)) is None
 
 
 def test_relu_layer_passes_match_the_xp_path(xp_kernels):

@@ -180,11 +180,28 @@ def _maxpool_backward(case, xp, to_dev, to_host):
     return out.ravel(), to_host(got)
 
 
+def _relu_forward(case, xp, to_dev, to_host):
+    from qnref.nn import _numba_fast as k
+
+    x = _rng(case).standard_normal(50 + 7 * case)
+    ref = k.relu_forward(x, np.empty_like(x), 0, x.size)
+    return ref, to_host(twin(MODULES[1], "relu_forward")(to_dev(x)))
+
+
+def _relu_mask_mul(case, xp, to_dev, to_host):
+    from qnref.nn import _numba_fast as k
+
+    x, g = _rng(case).standard_normal((2, 50 + 7 * case))
+    ref = k.relu_mask_mul(x, g, np.empty_like(g), 0, x.size)
+    return ref, to_host(twin(MODULES[1], "relu_mask_mul")(to_dev(x), to_dev(g)))
+
+
 #: kernel name → comparison; must cover every kernel of :data:`MODULES`
 CASES = {
     "im2col_t": _im2col_t, "col2im_t": _col2im_t, "col2im": _col2im, "index_add": _index_add,
     "bn_forward": _bn_forward, "bn_sums": _bn_sums, "bn_backward": _bn_backward,
     "maxpool_forward": _maxpool_forward, "maxpool_backward": _maxpool_backward,
+    "relu_forward": _relu_forward, "relu_mask_mul": _relu_mask_mul,
 }
 N_CASES = len(WINDOW_CASES)
 
@@ -211,7 +228,7 @@ def test_every_numba_kernel_has_a_twin_and_a_case():
         assert set(ks) == set(twins), f"{module}: kernels without twin {sorted(set(ks) - set(twins))}, twins without kernel {sorted(set(twins) - set(ks))}"
         for name in ks:
             assert callable(twin(module, name)), name
-            assert twins[name].split(":")[0] in ("qnref.nn.conv", "qnref.nn.pool", "qnref.nn.norm")
+            assert twins[name].split(":")[0] in ("qnref.nn.conv", "qnref.nn.pool", "qnref.nn.norm", "qnref.nn.activations")
             assert name in CASES, f"{module}.{name} has no comparison case in this test"
 
 
