@@ -21,7 +21,7 @@ import numpy
 from .. import backend
 from ..host_kernels import MIN_SIZE, SPLIT_SIZE, plain_host
 from .base import Ctx, Layer
-from .chunks import map_chunks, num_threads, split_ranges
+from .chunks import map_chunks, num_threads, rowwise, split_ranges
 from .pool import fast_kernels, use_fast
 
 
@@ -163,21 +163,32 @@ class Tanh(Activation):
         return -2 * y * (1 - y * y)
 
 
-def sigmoid(xp: Any, x: Any) -> Any:
+def sigmoid_expr(xp: Any, x: Any) -> Any:
     """The logistic function 1/(1 + e⁻ˣ), numerically stable: with e = e^{−|x|} (exp of a
     non-positive argument only, never overflows) it is 1/(1 + e) for x ≥ 0 and e/(1 + e) for x < 0,
     formed as one division of the selected numerator (the same bits as dividing twice and
-    selecting; NaN stays NaN). The one implementation for the activation and the sigmoid
-    cross-entropy loss."""
+    selecting; NaN stays NaN). The one formula for the activation and the sigmoid cross-entropy
+    loss, on one thread (:func:`sigmoid` splits it over rows)."""
     e = xp.exp(-xp.abs(x))
     d = e + 1
     return xp.divide(xp.where(x >= 0, e.dtype.type(1), e), d, out=d)
 
 
-def softplus(xp: Any, x: Any) -> Any:
+def softplus_expr(xp: Any, x: Any) -> Any:
     """log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|}) (no overflow for large x, no cancellation for
-    small): the one implementation for the activation and the sigmoid cross-entropy loss."""
+    small): the one formula for the activation and the sigmoid cross-entropy loss, on one thread."""
     return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def sigmoid(xp: Any, x: Any) -> Any:
+    """:func:`sigmoid_expr` over ranges of rows on the layer threads (:func:`~qnref.nn.chunks.rowwise`,
+    the same bits)."""
+    return rowwise(lambda v: sigmoid_expr(xp, v), x)
+
+
+def softplus(xp: Any, x: Any) -> Any:
+    """:func:`softplus_expr` over ranges of rows on the layer threads (the same bits)."""
+    return rowwise(lambda v: softplus_expr(xp, v), x)
 
 
 class Sigmoid(Activation):

@@ -160,6 +160,42 @@ def split_ranges(n: int, parts: int) -> list[tuple[int, int]]:
     return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)] if n else []
 
 
+#: fewest entries of the first operand for :func:`rowwise` to split a pass over the pool: a round
+#: trip costs ≈ 75 µs on the 2-vCPU machines, a float32 sigmoid of 2¹⁶ entries ≈ 0.37 ms
+ROWWISE_MIN = 1 << 16
+
+
+def rowwise(fn: Callable[..., Any], *arrays: Any) -> Any:
+    """``fn(*arrays)`` for an expression whose row i (index i of the leading axis) depends only on
+    row i of each operand — elementwise maps, per-example losses — computed over ranges of rows on
+    the pool's threads: NumPy's ufuncs run on one thread, and a sigmoid of the MNIST autoencoder's
+    (1000, 784) output took 4.5 ms on one and 2.4 ms on two. Each row is the same expression on the
+    same values, so the result is bit for bit ``fn(*arrays)`` for every thread count.
+
+    The direct call runs for CuPy arrays, operands below :data:`ROWWISE_MIN` entries, one thread,
+    or operands of different lengths. The output's dtype and trailing shape come from ``fn`` on the
+    first row (nothing is cast). NumPy's error handling (``errstate``) is per thread: the caller's is
+    applied in every block, so warnings and raised errors are the direct call's."""
+    first = arrays[0]
+    n = int(first.shape[0]) if getattr(first, "ndim", 0) else 0
+    if (first.size < ROWWISE_MIN or n < 2 or backend.is_cupy_array(first) or num_threads() < 2
+            or any(getattr(a, "ndim", 0) == 0 or a.shape[0] != n for a in arrays)):
+        return fn(*arrays)
+    import numpy  # noqa: PLC0415 - host arrays only from here
+
+    err = numpy.geterr()  # the caller's floating-point error handling, which is per thread
+    with numpy.errstate(all="ignore"):
+        probe = fn(*(a[:1] for a in arrays))
+    out = numpy.empty((n,) + tuple(probe.shape[1:]), dtype=probe.dtype)
+
+    def block(a: int, e: int) -> None:
+        with numpy.errstate(**err):
+            out[a:e] = fn(*(x[a:e] for x in arrays))
+
+    map_chunks(block, split_ranges(n, num_threads()))
+    return out
+
+
 def map_chunks(fn: Callable[[int, int], Any], chunks: list[tuple[int, int]]) -> list[Any]:
     """``[fn(a, e) for (a, e) in chunks]``, in order, on the pool when there is more than one
     chunk and more than one thread (nested calls from a worker run inline).

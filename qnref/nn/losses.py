@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import backend
-from .activations import sigmoid, softplus
+from .activations import sigmoid, sigmoid_expr, softplus, softplus_expr
+from .chunks import rowwise
 
 
 class Loss:
@@ -216,19 +217,27 @@ class SigmoidCrossEntropy(Loss):
             raise ValueError("sigmoid_ce targets must lie in [0, 1]")
         return y
 
+    # per example (row), so each pass runs over ranges of rows on the layer threads (chunks.rowwise:
+    # the same bits; the loss and its gradient were single-threaded passes of 2-5 ms on the MNIST
+    # autoencoder's (1000, 784) output)
     def per_example(self, z, y):
         xp = backend.namespace(z)
-        return (softplus(xp, z) - y * z).reshape(z.shape[0], -1).sum(axis=1)
+        return rowwise(lambda z_, y_: (softplus_expr(xp, z_) - y_ * z_).reshape(z_.shape[0], -1).sum(axis=1), z, y)
 
     def _p(self, z):
         return sigmoid(backend.namespace(z), z)
 
     def dz(self, z, y):
-        return self._p(z) - y
+        xp = backend.namespace(z)
+        return rowwise(lambda z_, y_: sigmoid_expr(xp, z_) - y_, z, y)
 
     def hvp(self, z, y, v):
-        p = self._p(z)
-        return p * (1 - p) * v
+        xp = backend.namespace(z)
+
+        def f(z_, v_):
+            p = sigmoid_expr(xp, z_)
+            return p * (1 - p) * v_
+        return rowwise(f, z, v)
 
     def sqrt_hessian(self, z, y):
         xp = backend.namespace(z)

@@ -263,3 +263,81 @@ def test_a_spin_timeout_set_by_the_user_is_kept():
 def test_bad_spin_setting(bad):
     with pytest.raises(ValueError, match=r"log2_cycles must be an integer in \[4, 30\]"):
         chunks.shorten_blas_spin(bad)
+
+
+# -- rowwise: per-row NumPy expressions split over the pool --------------------------------------
+def _special_rows(shape, seed):
+    r = np.random.default_rng(seed)
+    z = r.standard_normal(shape) * 30            # exp under- and overflow at the tails
+    flat = z.reshape(-1)
+    flat[r.choice(flat.size, 12, replace=False)] = [np.nan, np.inf, -np.inf, -0.0, 0.0, 88.8, -88.8, 710, -710,
+                                                    1e-300, -1e-300, 5e-324]
+    return z
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rowwise_losses_and_activations_are_the_direct_expressions_bit_for_bit(restore, dtype, threads):
+    """sigmoid, softplus and the sigmoid cross-entropy's per-example loss, gradient and Hessian
+    product on a (1000, 784) output split over rows equal the one-thread expressions in every bit
+    (NaN, ±inf, signed zeros, exp's over- and underflow), for every thread count and both dtypes."""
+    from qnref.nn.activations import sigmoid, sigmoid_expr, softplus, softplus_expr
+    from qnref.nn.losses import SigmoidCrossEntropy
+
+    chunks.set_num_threads(threads)
+    z = _special_rows((1000, 784), 1).astype(dtype)
+    y = np.random.default_rng(2).random(z.shape).astype(dtype)
+    v = np.random.default_rng(3).standard_normal(z.shape).astype(dtype)
+    loss = SigmoidCrossEntropy()
+    with np.errstate(all="ignore"):
+        p = sigmoid_expr(np, z)
+        cases = [(sigmoid(np, z), p), (softplus(np, z), softplus_expr(np, z)),
+                 (loss.per_example(z, y), (softplus_expr(np, z) - y * z).sum(axis=1)),
+                 (loss.dz(z, y), p - y), (loss.hvp(z, y, v), p * (1 - p) * v),
+                 (loss.dz(z, y.astype(np.float64)), p - y.astype(np.float64))]  # mixed dtypes: promoted, not cast
+    for got, ref in cases:
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8))
+
+
+def test_rowwise_splits_only_large_host_arrays_of_one_length(restore, monkeypatch):
+    """The pool runs for ≥ ROWWISE_MIN entries and more than one thread; small arrays, one thread
+    and operands whose lengths differ call the expression once, directly."""
+    calls = []
+
+    def fn(a, b):
+        calls.append(a.shape[0])
+        return a + b
+
+    chunks.set_num_threads(2)
+    big = np.ones((512, 256))
+    assert np.array_equal(chunks.rowwise(fn, big, big), 2 * big) and sorted(calls) == [1, 256, 256]  # probe row + 2 ranges
+    for args in [(np.ones((8, 8)), np.ones((8, 8))), (big, np.ones(256))]:
+        calls.clear()
+        chunks.rowwise(fn, *args)
+        assert calls == [args[0].shape[0]]
+    chunks.set_num_threads(1)
+    calls.clear()
+    chunks.rowwise(fn, big, big)
+    assert calls == [512]
+
+
+def test_rowwise_applies_the_callers_errstate_in_every_thread(restore):
+    """NumPy's error handling is per thread: an invalid operation in a worker's rows warns, raises or
+    stays silent as the caller asked."""
+    from qnref.nn.losses import SigmoidCrossEntropy
+
+    chunks.set_num_threads(2)
+    z, y = np.zeros((1000, 784)), np.zeros((1000, 784))
+    z[900, 5] = np.inf                             # in the second range: inf − inf
+    loss = SigmoidCrossEntropy()
+    with np.errstate(invalid="raise"), pytest.raises(FloatingPointError):
+        loss.per_example(z, y)
+    with np.errstate(invalid="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert np.isnan(loss.per_example(z, y)[900])
+    with np.errstate(invalid="warn"), pytest.warns(RuntimeWarning):
+        loss.per_example(z, y)
