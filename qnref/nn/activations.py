@@ -58,7 +58,7 @@ def relu(x: Any) -> Any:
     one numba pass split over the layer threads (:func:`_fast_relu`)."""
     k = _fast_relu(x)
     if k is None:
-        return backend.namespace(x).maximum(x, 0)
+        return relu_xp(x)
     return _run_flat(k.relu_forward, x, numpy.empty_like(x))
 
 

@@ -180,7 +180,7 @@ def rowwise(fn: Callable[..., Any], *arrays: Any) -> Any:
     applied in every block, so warnings and raised errors are the direct call's."""
     first = arrays[0]
     n = int(first.shape[0]) if getattr(first, "ndim", 0) else 0
-    if (first.size < ROWWISE_MIN or n < 2 or backend.is_cupy_array(first) or num_threads() < 2
+    if (getattr(first, "size", 0) < ROWWISE_MIN or n < 2 or backend.is_cupy_array(first) or num_threads() < 2
             or any(getattr(a, "ndim", 0) == 0 or a.shape[0] != n for a in arrays)):
         return fn(*arrays)
     import numpy  # noqa: PLC0415 - host arrays only from here
