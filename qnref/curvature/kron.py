@@ -497,15 +497,15 @@ def inv_root_newton(M: Any, p: int, eps: float = 0.0, *, max_iter: int = 100, to
 
 # -- tensor contractions (Shampoo, TNT) ------------------------------------------------------------------
 def contraction(X: Any, i: int) -> Any:
-    """X⁽ⁱ⁾ = mat_i(X) mat_i(X)ᵀ: contraction of X with itself along all but mode i (thesis §4.2.1)."""
-    if X.ndim == 2:  # a weight matrix: one GEMM on X itself, no transposed copy
-        return X @ X.T if i == 0 else X.T @ X
+    """X⁽ⁱ⁾ = mat_i(X) mat_i(X)ᵀ: contraction of X with itself along all but mode i (thesis §4.2.1),
+    as :func:`gram` of mat_i(X): one syrk on the host (the bits of ``mat_i(X) @ mat_i(X).T``), a GEMM
+    symmetrised on CuPy, whose GEMM does not give an exactly symmetric product."""
+    if X.ndim == 2:  # a weight matrix: X itself or its transposed view, no copy
+        return gram(X if i == 0 else X.T)
     if X.ndim == 1:  # a bias: mat_0(x) is the column x itself (the general route's product, no moveaxis)
-        Xi = X.reshape(-1, 1)
-        return Xi @ Xi.T
+        return gram(X.reshape(-1, 1))
     xp = backend.namespace(X)
-    Xi = xp.moveaxis(X, i, 0).reshape(X.shape[i], -1)
-    return Xi @ Xi.T
+    return gram(xp.moveaxis(X, i, 0).reshape(X.shape[i], -1))
 
 
 def mode_product(X: Any, U: Any, i: int) -> Any:

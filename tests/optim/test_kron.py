@@ -435,3 +435,28 @@ def test_ema_kernel_same_bits_as_the_expression(dtype, shape, monkeypatch):
     assert calls == ["ema"] * 4                                   # none of those took it
     monkeypatch.setattr(conv, "KERNELS", "xp")
     assert host_kernels.kernel("ema", old.size) is None
+
+
+def test_contraction_is_the_gram_of_the_unfolding(monkeypatch):
+    """Every contraction (matrix, bias, higher-order tensor, each mode) is kron.gram of mat_i(X): on
+    the host the bits of mat_i(X) @ mat_i(X).T, and on CuPy gram's symmetrised GEMM (one
+    implementation of the symmetric product)."""
+    r = np.random.default_rng(11)
+    cases = [(r.standard_normal((7, 5)), (0, 1)), (r.standard_normal(6), (0,)), (r.standard_normal((3, 4, 5)), (0, 1, 2))]
+    for X, modes in cases:
+        for i in modes:
+            Xi = np.moveaxis(X, i, 0).reshape(X.shape[i], -1)
+            C = kron.contraction(X, i)
+            assert np.array_equal(C, Xi @ Xi.T) and np.array_equal(C, C.T)
+    seen = []
+    real = kron.gram
+
+    def spy(U):
+        out = real(U)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(kron, "gram", spy)
+    for X, modes in cases:
+        for i in modes:
+            assert kron.contraction(X, i) is seen[-1]
