@@ -138,8 +138,8 @@ MUTANTS = [
      "coupled Newton with another start scaling (same root to the tolerance)"),
     ("kron-mode-product-transpose", K, "Y = xp.tensordot(U, X, axes=([1], [i]))",
      "Y = xp.tensordot(U, X, axes=([0], [i]))", "mode product with Uᵀ"),
-    ("kron-contraction-wrong-mode", K, "Xi = xp.moveaxis(X, i, 0).reshape(X.shape[i], -1)",
-     "Xi = xp.moveaxis(X, i, -1).reshape(X.shape[i], -1)", "mode-i unfolding from a wrong memory order"),
+    ("kron-contraction-wrong-mode", K, "return gram(xp.moveaxis(X, i, 0).reshape(X.shape[i], -1))",
+     "return gram(xp.moveaxis(X, i, -1).reshape(X.shape[i], -1))", "mode-i unfolding from a wrong memory order"),
     # -- shampoo.py, tnt.py --------------------------------------------------------------------------
     ("shampoo-root-k", O + "shampoo.py", "kron.inv_root_newton(S, 2 * k, self.damping",
      "kron.inv_root_newton(S, k, self.damping", "Shampoo root −1/k instead of −1/(2k)"),
