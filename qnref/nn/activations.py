@@ -19,9 +19,9 @@ from typing import Any
 import numpy
 
 from .. import backend
-from ..host_kernels import MIN_SIZE, SPLIT_SIZE, plain_host
+from ..host_kernels import MIN_SIZE, plain_host, split_ranges
 from .base import Ctx, Layer
-from .chunks import map_chunks, num_threads, rowwise, split_ranges
+from .chunks import map_chunks, rowwise
 from .pool import fast_kernels, use_fast
 
 
@@ -43,13 +43,12 @@ def _fast_relu(*arrays: Any) -> Any:
 
 
 def _run_flat(kernel: Any, *arrays: Any) -> Any:
-    """``kernel(*flat arrays, lo, hi)`` over ranges of the entries: one on the calling thread below
-    :data:`qnref.host_kernels.SPLIT_SIZE` entries (a pool round trip would cost more than the pass),
-    else one per pool thread; the last array is the output, returned with the first one's shape."""
+    """``kernel(*flat arrays, lo, hi)`` over :func:`qnref.host_kernels.split_ranges` of the entries
+    (one range on the calling thread below ``SPLIT_SIZE`` entries, where a pool round trip would
+    cost more than the pass; else a few on the pool); the last array is the output, returned with
+    the first one's shape."""
     flat = [a.reshape(-1) for a in arrays]
-    n = flat[0].size
-    ranges = [(0, n)] if n < SPLIT_SIZE else split_ranges(n, num_threads())
-    map_chunks(lambda lo, hi: kernel(*flat, lo, hi), ranges)
+    map_chunks(lambda lo, hi: kernel(*flat, lo, hi), split_ranges(flat[0].size))
     return arrays[-1]
 
 

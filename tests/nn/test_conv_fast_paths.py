@@ -62,9 +62,9 @@ def test_relu_product_is_the_float_mask_formula_bit_for_bit(dtype):
     assert mixed.dtype == np.result_type(dtype, other)
 
 
-#: (2, 8, 64, 70): above MIN_SIZE, one range on the calling thread; (3, 16, 96, 97): above
-#: SPLIT_SIZE, split over the pool
-KERNEL_SHAPES = [(2, 8, 64, 70), (3, 16, 96, 97)]
+#: (2, 8, 64, 70): above MIN_SIZE, one range on the calling thread; (3, 16, 110, 111): above
+#: SPLIT_SIZE, split over the pool (each shape's number of ranges is asserted in the test)
+KERNEL_SHAPES = [(2, 8, 64, 70), (3, 16, 110, 111)]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -74,7 +74,10 @@ def test_relu_kernels_are_numpy_bit_for_bit(dtype, shape, threads):
     """The numba ReLU passes of conv activations: max(x, 0) and g·[x > 0] equal NumPy's
     ``maximum(x, 0)`` and the float-mask product in every bit (−0 → +0, NaN kept, inf·0 = NaN),
     for every thread count; the route is the kernel's (not NumPy's) for these shapes."""
+    from qnref import host_kernels
+
     assert activations._fast_relu(np.empty(shape, dtype)) is not None
+    assert len(host_kernels.split_ranges(int(np.prod(shape)))) == (1 if shape == KERNEL_SHAPES[0] else 2)
     x, g = _special(shape, dtype, 3), _special(shape, dtype, 4)
     flat = x.reshape(-1)
     flat[-3:] = [-0.0, np.nan, 1.0]  # the last range's edge
