@@ -30,6 +30,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import numpy
+
 from .. import backend
 
 _lock = threading.Lock()
@@ -183,8 +185,6 @@ def rowwise(fn: Callable[..., Any], *arrays: Any) -> Any:
     if (getattr(first, "size", 0) < ROWWISE_MIN or n < 2 or backend.is_cupy_array(first) or num_threads() < 2
             or any(getattr(a, "ndim", 0) == 0 or a.shape[0] != n for a in arrays)):
         return fn(*arrays)
-    import numpy  # noqa: PLC0415 - host arrays only from here
-
     err = numpy.geterr()  # the caller's floating-point error handling, which is per thread
     with numpy.errstate(all="ignore"):
         probe = fn(*(a[:1] for a in arrays))

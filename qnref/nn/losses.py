@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import backend
-from .activations import sigmoid, sigmoid_expr, softplus, softplus_expr
+from .activations import sigmoid, sigmoid_expr, softplus_expr
 from .chunks import rowwise
 
 
