@@ -36,6 +36,7 @@ from .. import backend
 from ..validate import number as _number
 from ..nn.losses import Loss, MeanSquaredError, SigmoidCrossEntropy, get_loss
 from ..nn.model import Sequential
+from . import kron
 from .derived import NonFiniteError, PointProducts, is_empirical
 from .protocol import TapReducer, reduce_taps
 
@@ -290,11 +291,24 @@ class Point(PointProducts):
     def grad(self) -> Any:
         """∇f(θ) (flat, computed once per point)."""
         if self._grad is None:
-            g = self._backward(self.dz / self.N, "grad")
-            if self.obj.l2:
-                g += self.obj.l2 * self.theta
-            self._grad = g
+            self._grad = self._mean_grad(None)
         return self._grad
+
+    def grad_with_taps(self) -> tuple[Any, dict]:
+        """(∇f, taps) from one backward pass: the gradient of :attr:`grad` (the same GEMMs and bits,
+        cached as it) and, recorded on the way, the Kronecker layers' taps of the *mean* loss,
+        {"a": āₗ₋₁, "g": gₗ/N, "kind"}: :meth:`layer_stats` ("empirical") scaled by 1/N. For methods
+        that need ∇f and the per-example taps at one θ (SMW-NG and SMW-NG-BD on dense nets), one
+        backward instead of two."""
+        taps: dict = {}
+        self._grad = self._mean_grad(taps)
+        return self._grad, dict(taps)
+
+    def _mean_grad(self, taps: dict | None) -> Any:
+        g = self._backward(self.dz / self.N, "grad", taps=taps)
+        if self.obj.l2:
+            g += self.obj.l2 * self.theta
+        return g
 
     # -- primitives (PointPrimitives) -------------------------------------------------------
     def local_jvp(self, v: Any) -> Any:
@@ -445,16 +459,15 @@ def gram_matrix(local: Point, kind: str, rows: Any = None) -> Any:
     rows = rows or (lambda x: x)
     local._check_coupling("gram")
     model, xp = local.obj.model, local.xp
-    kron = all(l.kron_dense for l in model.kron_layers) and _only_kron_params(model)
+    trick = all(l.kron_dense for l in model.kron_layers) and _only_kron_params(model)
     if kind == "grad":
-        if not kron:
+        if not trick:
             P = rows(local.per_example_grads())
             return P @ P.T
         taps = local.layer_stats("empirical")
         total = 0
         for t in taps.values():
-            a, g = rows(t["a"]), rows(t["g"])
-            total = total + (a @ a.T) * (g @ g.T)
+            total = total + kron.tap_gram(rows(t["a"]), rows(t["g"]))
         return total
     if kind != "jacobian":
         raise ValueError(f"unknown Gram kind {kind!r}; choose 'grad' or 'jacobian'")
@@ -463,7 +476,7 @@ def gram_matrix(local: Point, kind: str, rows: Any = None) -> Any:
     C = local.z.shape[1]
     eye = xp.eye(C, dtype=local.z.dtype)
     unit = [xp.broadcast_to(eye[c], local.z.shape).copy() for c in range(C)]  # ∂z_c/∂z for every example
-    if not kron:
+    if not trick:
         J = []
         for c in range(C):
             local.obj.counter.add("backward", local.N, "gram")

@@ -135,6 +135,25 @@ def test_layer_stats_reproduce_gradient_blocks():
         assert rel_err(t["g"].T @ t["a"] / 6, gv) < 1e-13
 
 
+@pytest.mark.parametrize("l2", [0.0, 0.03])
+def test_grad_with_taps_is_the_gradient_and_the_mean_loss_taps(l2):
+    """One backward pass: ∇f bit for bit :attr:`Point.grad` of a fresh point (and cached as it), the
+    taps those of ``layer_stats("empirical")`` with g scaled by 1/N (ā the same bits), counted as one
+    backward; the gradient also matches central finite differences."""
+    obj, th, _ = make_problem("ce", 6, l2=l2)
+    p = obj.at(th)
+    before = obj.counter.backward
+    g, taps = p.grad_with_taps()
+    assert obj.counter.backward - before == 6 and p.grad is g
+    assert np.array_equal(g, obj.at(th).grad)
+    assert rel_err(g, dense.gradient_fd(obj, th)) < TOL
+    ref = obj.at(th).layer_stats("empirical")
+    assert set(taps) == set(ref)
+    for name, t in taps.items():
+        assert t["kind"] == "dense" and np.array_equal(t["a"], ref[name]["a"])
+        assert rel_err(t["g"] * 6, ref[name]["g"]) < 1e-15
+
+
 def test_float32_agrees_with_float64():
     obj64, th, r = make_problem("ce", 5, l2=0.01)
     obj32, th32, _ = make_problem("ce", 5, l2=0.01, dtype="float32")
