@@ -204,6 +204,11 @@ MUTANTS = [
     ("smw-bd-group-per-block", O + "smw.py", 'groups.setdefault(str(b.name).rsplit(".", 1)[0], []).append(k)',
      "groups.setdefault(str(b.name), []).append(k)", "NG-BD blocks per parameter block, not per layer",
      [T + "test_smw_ng_bd.py"]),
+    # smw.py: S₂'s taps as rows of S₁'s backward pass (issue 21, tenth session)
+    ("smw-s1-taps-unscaled", O + "smw.py", '"g": taps[L.name]["g"][at] * N1}', '"g": taps[L.name]["g"][at]}',
+     "NG / NG-BD on dense nets: S₂'s γ left at the mean loss's scale γ/N₁", [T + "test_smw_ng_bd.py"]),
+    ("smw-ng-taps-last-layer", O + "smw.py", "            u = u + jg(a, gam, gl)", "            u = jg(a, gam, gl)",
+     "NG on dense nets: J g of the last layer only", [T + "test_smw_ng_bd.py"]),
     # tnt.py TNT-ideal (thesis Alg. 14)
     ("tnt-ideal-sum-not-mean", O + "tnt.py", "stats = [[S / n_pop for S in a] for a in total]",
      "stats = [[S for S in a] for a in total]", "TNT-ideal: Σ_x instead of E_x", [T + "test_tnt_ideal.py"]),

@@ -93,11 +93,11 @@ from ..curvature.objective import Point
 from ..curvature.protocol import UnsupportedProductError
 from .costs import CostAssumptions, ModelShapes, dense_pass_mults, floor_summary, flops_solve
 from .base import Optimizer, Problem, StepInfo, check_bool, check_choice, check_int, check_positive, check_range, set_checked, try_point
-from .drivers import close_step, open_step, with_extra
+from .drivers import close_step, open_step, stay, with_extra
 from .registry import register
 
 __all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWNGBD", "SMWState", "SMWDirection", "smw_direction",
-           "smw_bd_direction", "layer_groups", "update_lambda_lm", "FORMS"]
+           "smw_bd_direction", "taps_direction", "dense_layers", "layer_groups", "update_lambda_lm", "FORMS"]
 
 FORMS = ("5.6", "5.7", "5.6-inv")
 CURVATURES = ("gn", "ng", "ng-bd")
@@ -213,7 +213,7 @@ def _check_lambda(lam: float) -> None:
         raise ValueError(f"λ must be finite and > 0, got {lam}")
 
 
-def _finished(curv: Any, g: Any, p: Any, pBp_data: Any, mu: float, d_size: int, form: str, blocks: int = 1) -> SMWDirection:
+def _finished(l2: float, g: Any, p: Any, pBp_data: Any, mu: float, d_size: int, form: str, blocks: int = 1) -> SMWDirection:
     """The :class:`SMWDirection` of p: gᵀp and pᵀBp = pᵀB_d p + l2‖p‖² (not finite → ``finite=False``).
 
     ‖p‖² is finite only for a finite p (a NaN or ±Inf entry makes it NaN or +Inf), so it is the
@@ -222,7 +222,7 @@ def _finished(curv: Any, g: Any, p: Any, pBp_data: Any, mu: float, d_size: int, 
     if not math.isfinite(pp):
         return SMWDirection(p, math.nan, math.nan, mu, d_size, form, finite=False, blocks=blocks, pp=pp)
     gp = float(g @ p)
-    pBp = float(pBp_data) + curv.l2 * pp
+    pBp = float(pBp_data) + l2 * pp
     return SMWDirection(p, gp, pBp, mu, d_size, form, finite=math.isfinite(gp) and math.isfinite(pBp), blocks=blocks,
                         pp=pp)
 
@@ -250,7 +250,7 @@ def smw_direction(curv: Point, g: Any, lam: float, *, curvature: str = "gn", for
     jg = curv.jvp(g)                                   # J_out g, output shape (N, …)
 
     def finish(p, pBp_data, d_size):
-        return _finished(curv, g, p, pBp_data, mu, d_size, form)
+        return _finished(curv.l2, g, p, pBp_data, mu, d_size, form)
 
     def fail(d_size):
         return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, d_size, form, finite=False)
@@ -319,13 +319,19 @@ def layer_groups(layout: Any) -> list[list[int]]:
 
 
 def _dense_taps_route(curv: Any) -> list | None:
-    """The Kronecker layers when every parametrised layer is dense and every block is one of
-    theirs (one W̄ per layer, taps give everything), else None (explicit per-example rows)."""
+    """The Kronecker layers of the point's model when every parametrised layer is dense (one W̄ per
+    layer, taps give everything; :func:`dense_layers`), else None (explicit per-example rows)."""
+    return dense_layers(getattr(getattr(curv, "obj", None), "model", None))
+
+
+def dense_layers(model: Any) -> list | None:
+    """The Kronecker layers of ``model`` when every parametrised layer is dense and every parameter
+    block is one of theirs, else None (conv layers, BatchNorm, a model that is not a qnref one)."""
     from ._kron_common import kron_structure  # noqa: PLC0415
 
     try:
-        layers, others = kron_structure(curv.obj.model)
-    except (UnsupportedProductError, AttributeError, KeyError, ValueError):
+        layers, others = kron_structure(model)
+    except (UnsupportedProductError, AttributeError, KeyError, ValueError, TypeError):
         return None
     return layers if layers and not others and all(L.kind == "dense" for L in layers) else None
 
@@ -341,6 +347,54 @@ def _bd_layer_direction(xp: Any, g: Any, jtw: Any, mu: float, out: Any) -> None:
     passes: (Jₗᵀwₗ/N₂ − gₗ)/μ is the same rounding (negation and a − b = −(b − a) are exact)."""
     xp.subtract(jtw, g, out=jtw)
     xp.divide(jtw, mu, out=out)
+
+
+def taps_direction(xp: Any, layout: Any, layers: list, taps: dict, g: Any, mu: float, l2: float, *,
+                   block_diagonal: bool) -> SMWDirection:
+    """SMW-NG's (``block_diagonal=False``) or SMW-NG-BD's direction from the layer taps of the
+    curvature batch on a net whose parametrised layers are all dense (:func:`dense_layers`).
+
+    ``taps[L.name]`` holds āᵢ (N₂, a) and γᵢ = ∂ℓᵢ/∂hᵢ (N₂, o) per example; ∇_{W̄ₗ}ℓᵢ = γᵢāᵢᵀ, so
+    Jₗ Jₗᵀ = (ĀĀᵀ) ⊙ (ΓΓᵀ) (Alg. 22, :func:`kron.tap_gram`), (Jₗgₗ)ᵢ = γᵢᵀ Gₗ āᵢ and
+    Jₗᵀw = Γᵀ diag(w) Ā: no R-forward and no backward pass. NG solves D = μI + (1/N₂) Σₗ JₗJₗᵀ once
+    for u = Σₗ Jₗgₗ (J = [J₁ … J_L]); NG-BD solves one Dₗ per layer (module docstring). Both set
+    pₗ = −(gₗ − Jₗᵀw/N₂)/μ, and pᵀB_d p = ‖w‖²/N₂ (J p = −w, per block for NG-BD)."""
+    N = int(taps[layers[0].name]["a"].shape[0])
+    gv = layout.views(g)
+    p = xp.empty_like(g)
+    pv = layout.views(p)
+    parts = [(taps[L.name]["a"], taps[L.name]["g"], gv[L.block], pv[L.block]) for L in layers]
+    blocks = len(parts) if block_diagonal else 1
+
+    def jg(a, gam, gl):
+        return ((gam @ gl) * a).sum(axis=1)                        # (Jₗ gₗ)ᵢ = γᵢᵀ Gₗ āᵢ
+
+    def direction(a, gam, gl, pl, w):
+        _bd_layer_direction(xp, gl, (gam * (w / N)[:, None]).T @ a, mu, pl)   # Jₗᵀw = Γᵀ diag(w) Ā
+
+    def failed():
+        return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, N, "5.6", finite=False, blocks=blocks)
+
+    ww = 0.0
+    if block_diagonal:
+        for a, gam, gl, pl in parts:
+            w = _gram_solve(xp, kron.tap_gram(a, gam), jg(a, gam, gl), mu, N)
+            if w is None:
+                return failed()
+            direction(a, gam, gl, pl, w)
+            ww += float(w @ w)
+    else:
+        K = u = 0
+        for a, gam, gl, _ in parts:
+            K = K + kron.tap_gram(a, gam)
+            u = u + jg(a, gam, gl)
+        w = _gram_solve(xp, K, u, mu, N)
+        if w is None:
+            return failed()
+        for a, gam, gl, pl in parts:
+            direction(a, gam, gl, pl, w)
+        ww = float(w @ w)
+    return _finished(l2, g, p, ww / N, mu, N, "5.6", blocks=blocks)
 
 
 def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> SMWDirection:
@@ -360,10 +414,6 @@ def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> S
     N = curv.N
     mu = float(lam) + curv.l2
     layout = curv.layout
-    gv = layout.views(g)
-    p = xp.empty_like(g)
-    pv = layout.views(p)
-    ww = 0.0
     layers = _dense_taps_route(curv) if route != "rows" else None
     if route == "taps" and layers is None:
         raise ValueError("route 'taps' needs a net whose parametrised layers are all dense; use route='rows'")
@@ -375,18 +425,10 @@ def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> S
             if route == "taps":
                 raise
     if taps is not None:
-        for L in layers:
-            a, gam = taps[L.name]["a"], taps[L.name]["g"]             # āᵢ (N, d_in+1), γᵢ = ∂ℓᵢ/∂hᵢ (N, d_out)
-            K = (a @ a.T) * (gam @ gam.T)                             # [∇ℓᵢ,ₗᵀ ∇ℓⱼ,ₗ] (Alg. 22, one layer)
-            u = ((gam @ gv[L.block]) * a).sum(axis=1)                 # (Jₗ gₗ)ᵢ = γᵢᵀ Gₗ āᵢ
-            w = _gram_solve(xp, K, u, mu, N)
-            if w is None:
-                return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, N, "5.6", finite=False,
-                                    blocks=len(layers))
-            _bd_layer_direction(xp, gv[L.block], (gam * (w / N)[:, None]).T @ a, mu, pv[L.block])  # Jₗᵀw = Γᵀ diag(w) Ā
-            ww += float(w @ w)
-        return _finished(curv, g, p, ww / N, mu, N, "5.6", blocks=len(layers))
+        return taps_direction(xp, layout, layers, taps, g, mu, curv.l2, block_diagonal=True)
     P = curv.per_example_grads()                                      # (N, n) rows ∇ℓᵢ
+    p = xp.empty_like(g)
+    ww = 0.0
     groups = layer_groups(layout)
     for grp in groups:
         idx = xp.concatenate([xp.arange(layout.blocks[k].offset, layout.blocks[k].stop) for k in grp])
@@ -397,7 +439,7 @@ def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> S
                                 blocks=len(groups))
         p[idx] = -(g[idx] - Pl.T @ (w / N)) / mu
         ww += float(w @ w)
-    return _finished(curv, g, p, ww / N, mu, N, "5.6", blocks=len(groups))
+    return _finished(curv.l2, g, p, ww / N, mu, N, "5.6", blocks=len(groups))
 
 
 # -- the optimizer -----------------------------------------------------------------------------------
@@ -474,15 +516,17 @@ class SMWOptimizer(Optimizer):
         return SMWState(lambda_lm=self.lambda_lm)
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
-        """With N₂ = min(curvature_batch, batch_size) and C outputs: NG — Jacobian dots (N₂C), the
-        scaled Gram (2N₂²), its solve, the weights, Jᵀw (n), the model (2n + N₂); GN — the output
-        Hessian, the right-hand side, the scaled N₂C × N₂C Gram, its solve, the weights, Jᵀw, the
-        model (eq. 5.7 / 5.6-inv approximate: the same leading terms); the trial and step (3n)."""
+        """With N₂ = min(curvature_batch, batch_size) and C outputs: NG and NG-BD on dense nets (S₂ ⊆ S₁,
+        the taps route, :meth:`_taps_flops`); NG otherwise — Jacobian dots (N₂C), the scaled Gram
+        (2N₂²), its solve, the weights, Jᵀw (n), the model (2n + N₂); NG-BD otherwise — the rows
+        route (:meth:`_taps_flops`); GN — the output Hessian, the right-hand side, the scaled
+        N₂C × N₂C Gram, its solve, the weights, Jᵀw, the model (eq. 5.7 / 5.6-inv approximate: the
+        same leading terms); the trial and step (3n)."""
         n, C = shapes.n, shapes.out
         N2 = min(self.curvature_batch, self.batch_size)
         NC = N2 * C
-        if self.curvature == "ng-bd":
-            return {**self._bd_flops(shapes, N2), "trial_and_step": 3 * n}
+        if self.curvature == "ng-bd" or (self.curvature == "ng" and self._taps_shapes(shapes)):
+            return {**self._taps_flops(shapes, N2), "trial_and_step": 3 * n}
         if self.curvature == "ng":
             t = {"jacobian_dot": NC, "gram_scale": 2 * N2 * N2, "solve": flops_solve(N2, 1), "weights": N2 + NC,
                  "direction": n, "model": 2 * n + N2}
@@ -497,15 +541,15 @@ class SMWOptimizer(Optimizer):
     def step_floor(self, model: Any, assume: CostAssumptions | None = None) -> dict[str, Any]:
         """The floor of one Alg. 23 step on a dense net (issue 21): the passes' GEMM
         multiplications (:func:`dense_pass_mults`) plus :meth:`algebra_flops`, as a multiple of a
-        gradient on S₁ (N₁ examples). Passes: ∇f on S₁ (F + B), the trial forward on S₁ (F), the
-        forward on S₂ when S₂ ≠ S₁ (F); SMW-NG: the taps backward of the Gram with its per-layer
-        GEMMs N₂²(a + o) + N₂² (Alg. 22), the R-forward J g (2F: W ṙ + V ā per layer), the backward
-        Jᵀw (B); SMW-NG-BD: the taps backward and the per-layer Gram GEMMs only; SMW-GN: C taps
-        backward passes and C²N₂²(a + o) per layer, R-forward, backward. A taps backward
-        propagates γ only (γₗ₋₁ from γₗWₗ, B − F multiplications): the Gram needs āᵢ and γᵢ, never
-        ∇W̄ = ΓᵀĀ (Alg. 22 forms (ĀĀᵀ) ⊙ (ΓΓᵀ) from them), and the engine skips those GEMMs
-        (``layer_stats``/``gram`` pass ``want_params=False``). ``model``: a dense Sequential (or its
-        layout)."""
+        gradient on S₁ (N₁ examples). Passes: ∇f on S₁ (F + B), the trial forward on S₁ (F).
+        SMW-NG and SMW-NG-BD (S₂ ⊆ S₁): ∇f comes from a backward pass of taps on S₁ and its ∇W̄ =
+        ΓᵀĀ/N₁ GEMMs (F + B in all), S₂'s taps are rows of S₁'s, and the per-layer Gram GEMMs
+        N₂²(a + o) + N₂² (Alg. 22) are the only other pass terms (:meth:`_s1_taps_route`).
+        Otherwise (SMW-GN; NG's semi-stochastic variant, whose S₂ is its own sample): the forward on S₂
+        (F), the taps backward of the Gram (B − F per output: γ only, no ∇W̄ GEMMs, ``want_params=False``)
+        with C²N₂²(a + o) + C²N₂² per layer, the R-forward J g (2F: W ṙ + V ā per layer) and the
+        backward Jᵀw (B); NG-BD's variant has the forward, the taps backward and the Gram GEMMs only.
+        ``model``: a dense Sequential (or its layout)."""
         from .costs import model_shapes  # noqa: PLC0415
 
         shapes = model_shapes(model)
@@ -514,21 +558,29 @@ class SMWOptimizer(Optimizer):
         F2, B2 = dense_pass_mults(shapes, N2)
         C = shapes.out if self.curvature == "gn" else 1
         gram = sum(C * C * N2 * N2 * (a + o) + C * C * N2 * N2 for o, a in shapes.layers)
-        passes = {"gradient_s1": F1 + B1, "trial_forward_s1": F1, "forward_s2": F2 if N2 < N1 else 0.0,
-                  "gram_backward_s2": C * (B2 - F2), "gram_gemms": gram}
-        if self.curvature != "ng-bd":
-            passes.update(rforward_s2=2 * F2, backward_s2=B2)
+        passes = {"gradient_s1": F1 + B1, "trial_forward_s1": F1}
+        if self.curvature != "gn" and not self.full_gradient:
+            passes["gram_gemms"] = gram
+        else:
+            passes.update(forward_s2=F2, gram_backward_s2=C * (B2 - F2), gram_gemms=gram)
+            if self.curvature != "ng-bd":
+                passes.update(rforward_s2=2 * F2, backward_s2=B2)
         return floor_summary(passes, self.algebra_flops(shapes, N1, assume or CostAssumptions()), F1 + B1)
 
-    def _bd_flops(self, shapes: ModelShapes, N2: int) -> dict[str, float]:
-        """SMW-NG-BD. Dense nets (taps route; layers o × a, nₗ = o·a), per layer: the Gram's scaling
-        (2N₂²), the right-hand side γᵢᵀGₗāᵢ (N₂nₗ + N₂a), the solve, the weights (N₂ + N₂o),
-        Jₗᵀw = Γᵀdiag(w)Ā (N₂nₗ); then the 1/μ (n) and the model (2n + LN₂). Other nets (rows route,
-        blocks of sizes nₗ): Pₗgₗ (N₂nₗ), the scaling, the solve, w/N₂ (N₂), Pₗᵀw (N₂nₗ), 1/μ (n).
-        The per-layer Gram matrices themselves ((ĀĀᵀ) ⊙ (ΓΓᵀ) or PₗPₗᵀ) are counted with the
-        passes, as SMW-NG's Gram is (module :mod:`.costs`)."""
-        dense = not shapes.others and all(len(w) == 2 for w in shapes.w_shapes)
-        if dense:
+    @staticmethod
+    def _taps_shapes(shapes: ModelShapes) -> bool:
+        """Whether the cost model's layers are all dense (the taps route's nets)."""
+        return bool(shapes.layers) and not shapes.others and all(len(w) == 2 for w in shapes.w_shapes)
+
+    def _taps_flops(self, shapes: ModelShapes, N2: int) -> dict[str, float]:
+        """SMW-NG-BD, and SMW-NG on dense nets (:func:`taps_direction`; layers o × a, nₗ = o·a), per
+        layer: the right-hand side γᵢᵀGₗāᵢ (N₂nₗ + N₂a), the weights w/N₂ and Γ diag(w/N₂) (N₂ + N₂o),
+        Jₗᵀw = Γᵀdiag(w)Ā (N₂nₗ); per solved system (one per layer for NG-BD, one for NG) the Gram's
+        scaling (2N₂²), the solve and ‖w‖² (N₂); then the 1/μ (n) and the model (2n). SMW-NG-BD on
+        other nets (rows route, blocks of sizes nₗ): Pₗgₗ (N₂nₗ), the scaling, the solve, w/N₂ (N₂),
+        Pₗᵀw (N₂nₗ), 1/μ (n). The per-layer Gram matrices themselves ((ĀĀᵀ) ⊙ (ΓΓᵀ) or PₗPₗᵀ) are
+        counted with the passes, as the Gram of the Jacobian route is (module :mod:`.costs`)."""
+        if self._taps_shapes(shapes):
             L = list(shapes.layers)
             rhs = sum(N2 * o * a + N2 * a for o, a in L)
             weights = sum(N2 + N2 * o for o, a in L)
@@ -537,40 +589,84 @@ class SMWOptimizer(Optimizer):
             sizes = [o * a for o, a in shapes.layers] + list(shapes.others)
             rhs = sum(N2 * m for m in sizes)
             weights = N2 * len(sizes)
-        return {"gram_scale": 2 * N2 * N2 * len(sizes), "rhs": rhs, "solve": sum(flops_solve(N2, 1) for _ in sizes),
+        solved = len(sizes) if self.curvature == "ng-bd" else 1
+        return {"gram_scale": 2 * N2 * N2 * solved, "rhs": rhs, "solve": solved * flops_solve(N2, 1),
                 "weights": weights, "direction": sum(N2 * m for m in sizes) + shapes.n,
-                "model": 2 * shapes.n + N2 * len(sizes)}
+                "model": 2 * shapes.n + N2 * solved}
 
-    def _curvature_objective(self, problem: Problem, obj1: Any, theta: Any) -> Any:
-        """S₂ ⊆ S₁ uniformly without replacement (Alg. 23 line 3), or problem.sample(N₂) in the
-        semi-stochastic variant."""
-        if self.full_gradient:
-            return problem.sample(self.curvature_batch)
-        n1 = obj1.n_samples
+    def _curvature_rows(self, problem: Problem, n1: int) -> Any:
+        """S₂ ⊆ S₁ uniformly without replacement (Alg. 23 line 3): sorted host indices into S₁'s
+        ``n1`` examples, or None when S₂ = S₁ (N₂ ≥ N₁). Not for the semi-stochastic variant."""
         if self.curvature_batch >= n1:
-            return obj1
-        idx = numpy.sort(problem.rng.choice(n1, size=self.curvature_batch, replace=False))
-        return obj1.subset(backend.namespace(theta).asarray(idx))
+            return None
+        return numpy.sort(problem.rng.choice(n1, size=self.curvature_batch, replace=False))
+
+    def _s1_taps_route(self, problem: Problem) -> list | None:
+        """The dense layers when S₂'s taps can be rows of S₁'s (SMW-NG and SMW-NG-BD, S₂ ⊆ S₁, a qnref
+        net whose parametrised layers are all dense), else None. At one θ the curvature batch's
+        activations āᵢ and output gradients γᵢ are S₁'s rows, so one backward pass of taps on S₁ gives
+        ∇f (∇W̄ = ΓᵀĀ/N₁) and every curvature quantity (:func:`taps_direction`): no forward pass on S₂,
+        no R-forward and no backward on S₂ (issue 21: steps that do only what the step needs)."""
+        if self.curvature == "gn" or self.full_gradient:
+            return None
+        return dense_layers(getattr(problem, "model", None))
 
     def step(self, theta: Any, state: SMWState, problem: Problem) -> tuple[Any, SMWState, StepInfo]:
         """One iteration of Alg. 23 (see the class and module docstrings)."""
-        opened = open_step(problem, None if self.full_gradient else self.batch_size, theta, tol=None)
-        obj2 = self._curvature_objective(problem, opened.obj, theta)
+        layers = self._s1_taps_route(problem)
+        opened = open_step(problem, None if self.full_gradient else self.batch_size, theta, tol=None,
+                           need_grad=layers is None)
+        if self.full_gradient:
+            obj2, rows = problem.sample(self.curvature_batch), None
+        else:
+            obj2, rows = opened.obj, self._curvature_rows(problem, opened.obj.n_samples)
         lam = state.lambda_lm + self.tau
-        extra = {"lambda": lam, "curvature_batch": obj2.n_samples, "form": self.form}
+        extra = {"lambda": lam, "curvature_batch": obj2.n_samples if rows is None else len(rows), "form": self.form}
+        # the taps route needs a plain engine point (data-parallel and framework points take the passes)
+        if layers is not None and opened.stop is None and type(opened.point) is not Point:
+            layers = None
+        if layers is None and opened.stop is None and not backend.all_finite(opened.g):
+            opened = opened._replace(point=None, stop=stay(opened.obj))       # as open_step's ∇f check
         if opened.stop is not None:
             info = with_extra(dataclasses.replace(opened.stop, step_size=self.lr), **extra)
             return theta, SMWState(state.lambda_lm, state.t + 1, state.rejected + 1), info
-        pt2 = opened.point if obj2 is opened.obj else obj2.at(theta)
         # overflow in the direction, the trial forward pass or θ + αp is detected explicitly below
         # (finiteness checks) and turned into a rejected step, so NumPy's warnings are silenced here
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._finish(theta, state, opened, pt2, lam, extra)
+            if layers is not None:
+                g, d = self._s1_taps_direction(problem, opened.point, layers, rows, lam)
+                evals = 1
+                if g is None:                                             # ∇f not finite at θ
+                    info = with_extra(dataclasses.replace(stay(opened.obj), step_size=self.lr), **extra)
+                    return theta, SMWState(state.lambda_lm, state.t + 1, state.rejected + 1), info
+            else:
+                g = opened.g
+                if rows is not None:
+                    obj2 = obj2.subset(backend.namespace(theta).asarray(rows))
+                pt2 = opened.point if obj2 is opened.obj else obj2.at(theta)
+                d = smw_direction(pt2, g, lam, curvature=self.curvature, form=self.form)
+                evals = 1 + (pt2 is not opened.point)
+            return self._finish(theta, state, opened, g, d, evals, extra)
 
-    def _finish(self, theta, state, opened, pt2, lam, extra):
-        f0, g = opened.f0, opened.g
-        evals = 1 + (pt2 is not opened.point)
-        d = smw_direction(pt2, g, lam, curvature=self.curvature, form=self.form)
+    def _s1_taps_direction(self, problem: Problem, p1: Point, layers: list, rows: Any, lam: float) -> tuple:
+        """(∇f, direction) from one backward pass on S₁ (:meth:`_s1_taps_route`); (None, None) when ∇f
+        is not finite. :meth:`Point.grad_with_taps` gives ∇f (the bits of ``Point.grad``) and the taps
+        of the mean loss, γᵢ/N₁; S₂'s taps are their rows ``rows`` (all of them when None), γᵢ
+        restored by the factor N₁."""
+        p1.check_independent("SMW-NG (per-example gradients)")
+        g, taps = p1.grad_with_taps()
+        if not backend.all_finite(g):
+            return None, None
+        xp, N1 = p1.xp, p1.N
+        at = slice(None) if rows is None else xp.asarray(rows)
+        taps = {L.name: {"kind": "dense", "a": taps[L.name]["a"][at], "g": taps[L.name]["g"][at] * N1}
+                for L in layers}
+        mu = float(lam) + p1.l2
+        return g, taps_direction(xp, problem.layout, layers, taps, g, mu, p1.l2,
+                                 block_diagonal=self.curvature == "ng-bd")
+
+    def _finish(self, theta, state, opened, g, d, evals, extra):
+        f0 = opened.f0
         extra["d_size"] = d.d_size
         if self.curvature == "ng-bd":
             extra["blocks"] = d.blocks

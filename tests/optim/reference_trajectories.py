@@ -92,6 +92,26 @@ def build_problem(model_key: str):
     return model, theta0, problem
 
 
+#: Step-info counts that changed on purpose since the recording: ``{key: {info entry: offset}}``, the
+#: replay's value being the recorded one plus the offset at every step (θ and every other entry still
+#: to RTOL, the flags exactly). Add an entry only for a count that measures work the method no longer
+#: does, with the reason; never re-record.
+COUNT_OFFSETS: dict[str, dict[str, int]] = {
+    # issue 21: on a dense net SMW-NG's and SMW-NG-BD's curvature batch S₂ ⊆ S₁ takes its taps from the
+    # rows of S₁'s backward pass, so the step no longer runs a forward pass on S₂ (3 → 2 evaluations)
+    "smw-ng|mlp": {"evals": -1},
+    "smw-ng-bd|mlp": {"evals": -1},
+}
+
+
+def expected_infos(key: str, infos: Any) -> Any:
+    """The recorded step infos of ``key`` with its :data:`COUNT_OFFSETS` applied (a new list)."""
+    offsets = COUNT_OFFSETS.get(key)
+    if not offsets or isinstance(infos, dict):
+        return infos
+    return [{k: (v + offsets[k] if k in offsets else v) for k, v in step.items()} for step in infos]
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
@@ -283,7 +303,7 @@ def record_alternative(tag: str) -> None:
     out_a, out_i = {}, {"__environment__": ALTERNATIVES[tag]}
     for key in sorted(infos):
         th, inf = replay_key(key)
-        why = mismatch(th, inf, arrays.get(key), infos[key])
+        why = mismatch(th, inf, arrays.get(key), expected_infos(key, infos[key]))
         if why is None:
             continue
         if th is None:

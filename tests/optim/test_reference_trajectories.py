@@ -24,6 +24,15 @@ def test_every_registered_optimizer_is_recorded():
     assert recorded == set(load_all()), "record a reference trajectory for each new optimizer"
 
 
+def test_count_offsets_name_recorded_counts():
+    """Each documented count change names a recorded key and an integer entry of its step infos."""
+    for key, offsets in ref.COUNT_OFFSETS.items():
+        assert key in _INFOS and not isinstance(_INFOS[key], dict), key
+        for entry, off in offsets.items():
+            assert isinstance(off, int) and off != 0, (key, entry)
+            assert all(isinstance(step[entry], int) for step in _INFOS[key]), (key, entry)
+
+
 def test_alternatives_hold_only_recorded_keys():
     for tag, (arrays, infos) in _ALTERNATIVES.items():
         assert set(infos) <= set(_INFOS), f"{tag}: keys not in the original recording"
@@ -41,13 +50,13 @@ def test_trajectory_matches_recording(key, replayed):
     environment whose last bits differ (module docstring of ``reference_trajectories``)."""
     arrays, got_infos = replayed
     got = (arrays.get(key), got_infos[key])
-    why = ref.mismatch(*got, _ARRAYS.get(key), _INFOS[key])
+    why = ref.mismatch(*got, _ARRAYS.get(key), ref.expected_infos(key, _INFOS[key]))
     if why is None:
         return
     tried = [f"original: {why}"]
     for tag, (alt_arrays, alt_infos) in _ALTERNATIVES.items():
         if key in alt_infos:
-            alt = ref.mismatch(*got, alt_arrays[key], alt_infos[key])
+            alt = ref.mismatch(*got, alt_arrays[key], ref.expected_infos(key, alt_infos[key]))
             if alt is None:
                 return
             tried.append(f"{tag}: {alt}")

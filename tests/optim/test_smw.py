@@ -217,18 +217,21 @@ def test_nonfinite_direction_is_rejected(monkeypatch):
     import qnref.optim.smw as smw
 
     m, theta, prob, n = _full_batch_problem()
-    real = smw.smw_direction
 
-    def broken(*a, **k):
-        d = real(*a, **k)
-        d.p = d.p * np.nan
-        d.finite = False
-        return d
+    def broken(real):
+        def direction(*a, **k):
+            d = real(*a, **k)
+            d.p = d.p * np.nan
+            d.finite = False
+            return d
+        return direction
 
-    monkeypatch.setattr(smw, "smw_direction", broken)
-    opt = SMWNG(batch_size=n, curvature_batch=4)
-    new, st, info = opt.step(theta, opt.init(theta), prob)
-    assert info.nonfinite and not info.accepted and new is theta and st.lambda_lm == pytest.approx(1.01)
+    # both routes: the passes on S₂ (smw_direction) and the taps of S₁ (taps_direction, dense nets)
+    monkeypatch.setattr(smw, "smw_direction", broken(smw.smw_direction))
+    monkeypatch.setattr(smw, "taps_direction", broken(smw.taps_direction))
+    for opt in (SMWNG(batch_size=n, curvature_batch=4), SMWNG(batch_size=n, curvature_batch=4, full_gradient=True)):
+        new, st, info = opt.step(theta, opt.init(theta), prob)
+        assert info.nonfinite and not info.accepted and new is theta and st.lambda_lm == pytest.approx(1.01)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -348,7 +351,7 @@ def test_direction_with_an_overflowing_norm_is_not_finite():
     m, theta, prob, n = _full_batch_problem()
     pt = prob.full_objective.at(theta)
     g = pt.grad
-    d = _finished(pt, g, -g, 0.5, 1.0, n, "5.6")
+    d = _finished(pt.l2, g, -g, 0.5, 1.0, n, "5.6")
     assert d.finite and d.pp == pytest.approx(g @ g, rel=1e-15) and d.g_dot_p == pytest.approx(-(g @ g), rel=1e-15)
     for bad in (np.inf, np.nan, 1e200):
         q = -g.copy()

@@ -162,6 +162,58 @@ def test_step_follows_algorithm_23():
         theta, state = new, new_state
 
 
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+@pytest.mark.parametrize("loss", ["softmax_ce", "sigmoid_ce"])
+@pytest.mark.parametrize("cls", [SMWNG, SMWNGBD])
+def test_step_with_a_curvature_subset_matches_the_dense_solve(cls, loss, l2):
+    """N₂ < N₁ on a dense net, where S₂'s taps are rows of S₁'s backward pass: every step's θ₊ and ρ
+    against the dense (block-diagonal for NG-BD) LM solve on the same S₁ and S₂, drawn by a twin
+    problem with the same seed; the step's passes are S₁'s forward and backward and the trial forward
+    (no pass on S₂)."""
+    m, theta, prob, _ = _full_batch_problem(loss, l2=l2, n=40)
+    twin = _full_batch_problem(loss, l2=l2, n=40)[2]
+    N1, N2 = 20, 7
+    opt = cls(lr=0.5, batch_size=N1, curvature_batch=N2, lambda_lm=0.3)
+    state = opt.init(theta)
+    for _ in range(3):
+        obj1 = twin.batch(N1)
+        S2 = np.sort(twin.rng.choice(N1, size=N2, replace=False))
+        lam = state.lambda_lm + opt.tau
+        g = obj1.grad(theta)
+        P = obj1.at(theta).per_example_grads()[S2]               # ∇ℓᵢ, i ∈ S₂ (oracle rows)
+        B = _block_diagonal_fisher(m, P, l2)[0] if cls is SMWNGBD else P.T @ P / N2 + l2 * np.eye(m.n_params)
+        p = -np.linalg.solve(B + lam * np.eye(m.n_params), g)
+        rho = (obj1.value(theta) - obj1.value(theta + p)) / (-(g @ p) - 0.5 * p @ B @ p)
+        before = prob.counter.snapshot()
+        new, new_state, info = opt.step(theta, state, prob)
+        after = prob.counter.snapshot()
+        assert info.accepted and info.evals == 2 and info.extra["curvature_batch"] == N2
+        assert (after["forward"] - before["forward"], after["backward"] - before["backward"]) == (2 * N1, N1)
+        assert after["rforward"] == before["rforward"]
+        assert info.extra["rho"] == pytest.approx(rho, rel=1e-9)
+        assert _rel(new - theta, 0.5 * p) <= 1e-10
+        theta, state = new, new_state
+
+
+def test_subset_route_keeps_the_passes_for_other_nets_and_the_semi_stochastic_variant():
+    """The taps of S₁ serve only dense nets with S₂ ⊆ S₁: a conv net, BatchNorm blocks and the
+    semi-stochastic variant (S₂ its own sample) take S₂'s forward pass as before."""
+    from qnref.nn.norm import BatchNorm
+    from qnref.optim.smw import dense_layers
+
+    m, theta, prob, _ = _full_batch_problem(n=40)
+    assert [L.kind for L in dense_layers(m)] == ["dense", "dense"]
+    assert dense_layers(build_model("lenet-digits")) is None
+    assert dense_layers(Sequential([Dense(4), BatchNorm(), Dense(C)], input_shape=(D_IN,))) is None
+    assert dense_layers(object()) is None
+    _, _, info = SMWNG(batch_size=20, curvature_batch=7, full_gradient=True).step(theta, SMWNG().init(theta), prob)
+    assert info.evals == 3
+    cm, ctheta, cobj, r = _cnn()
+    cprob = Problem(cm, "softmax_ce", cobj.X, cobj.y, seed=0)
+    _, _, info = SMWNGBD(batch_size=6, curvature_batch=3).step(ctheta, SMWNGBD().init(ctheta), cprob)
+    assert info.evals == 3 and info.extra["curvature_batch"] == 3
+
+
 def test_curvature_batch_is_a_subset_of_the_gradient_batch():
     """S₂ ⊆ S₁ drawn as SMW-NG draws it: the same index stream gives SMW-NG's S₂ (same ρ inputs)."""
     m, theta, prob, n = _full_batch_problem("softmax_ce", n=40)
@@ -220,11 +272,15 @@ def test_floor_counts_the_passes_and_the_algebra():
     assert dense_pass_mults(sh, 5) == (5 * (15 + 8), 5 * (15 + 8) + 5 * 2 * 3)   # no γW below layer 1
     F1, B1, F2, B2 = 10 * 23, 10 * 29, 5 * 23, 5 * 29
     gram = 5 * 5 * (5 + 3) + 25 + 5 * 5 * (4 + 2) + 25
-    for cls, extra in ((SMWNGBD, 0), (SMWNG, 2 * F2 + B2)):
-        opt = cls(batch_size=10, curvature_batch=5)
+    # S₂ ⊆ S₁: S₂'s taps are rows of S₁'s (one taps backward on S₁ and its ∇W̄ GEMMs = F₁ + B₁), so the
+    # Gram GEMMs are the only curvature pass terms; the semi-stochastic variant's S₂ is its own sample:
+    # its forward, the taps backward (γ only, no ∇W̄ GEMMs) and, for NG, the R-forward and the backward
+    for cls, full, extra in ((SMWNGBD, False, 0), (SMWNG, False, 0), (SMWNGBD, True, F2 + (B2 - F2)),
+                             (SMWNG, True, F2 + (B2 - F2) + 2 * F2 + B2)):
+        opt = cls(batch_size=10, curvature_batch=5, full_gradient=full)
         fl = opt.step_floor(m)
         alg = algebra_flops(opt, m, 10)["per_step"]
-        want = (F1 + B1) + F1 + F2 + (B2 - F2) + gram + extra       # taps backward: γ only, no ∇W̄ GEMMs
+        want = (F1 + B1) + F1 + gram + extra
         assert sum(fl["pass_terms"].values()) == want
         assert fl["floor"] == pytest.approx((want + alg) / (F1 + B1), rel=1e-3)   # algebra terms rounded
     with pytest.raises(ValueError, match="dense layers only"):
