@@ -516,8 +516,8 @@ class SMWOptimizer(Optimizer):
         return SMWState(lambda_lm=self.lambda_lm)
 
     def algebra_flops(self, shapes: ModelShapes, batch_size: int, assume: CostAssumptions) -> dict[str, float]:
-        """With N₂ = min(curvature_batch, batch_size) and C outputs: NG and NG-BD on dense nets (S₂ ⊆ S₁,
-        the taps route, :meth:`_taps_flops`); NG otherwise — Jacobian dots (N₂C), the scaled Gram
+        """With N₂ = min(curvature_batch, batch_size) and C outputs: NG-BD, and NG on dense nets with
+        S₂ ⊆ S₁ (the taps route; :meth:`_taps_flops`); NG otherwise — Jacobian dots (N₂C), the scaled Gram
         (2N₂²), its solve, the weights, Jᵀw (n), the model (2n + N₂); NG-BD otherwise — the rows
         route (:meth:`_taps_flops`); GN — the output Hessian, the right-hand side, the scaled
         N₂C × N₂C Gram, its solve, the weights, Jᵀw, the model (eq. 5.7 / 5.6-inv approximate: the
@@ -525,7 +525,7 @@ class SMWOptimizer(Optimizer):
         n, C = shapes.n, shapes.out
         N2 = min(self.curvature_batch, self.batch_size)
         NC = N2 * C
-        if self.curvature == "ng-bd" or (self.curvature == "ng" and self._taps_shapes(shapes)):
+        if self.curvature == "ng-bd" or (self.curvature == "ng" and not self.full_gradient and self._taps_shapes(shapes)):
             return {**self._taps_flops(shapes, N2), "trial_and_step": 3 * n}
         if self.curvature == "ng":
             t = {"jacobian_dot": NC, "gram_scale": 2 * N2 * N2, "solve": flops_solve(N2, 1), "weights": N2 + NC,

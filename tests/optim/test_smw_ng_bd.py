@@ -260,6 +260,13 @@ def test_cost_model_hand_computed():
     # SMW-NG on the same model solves one N₂ × N₂ system, BD one per layer
     ng = algebra_flops(SMWNG(batch_size=10, curvature_batch=5), m)["terms"]
     assert ng["solve"] == round(N2 ** 3 / 3 + N2 * N2) and ng["gram_scale"] * 2 == t["gram_scale"]
+    # the same per-layer right-hand sides, weights and Jₗᵀw from S₁'s taps (dense net); one ‖w‖²
+    assert all(ng[k] == t[k] for k in ("rhs", "weights", "direction", "trial_and_step"))
+    assert ng["model"] == 2 * n + N2
+    # the semi-stochastic variant takes the passes on S₂: J g and Jᵀw are passes, the algebra is O(N₂C + n)
+    semi = algebra_flops(SMWNG(batch_size=10, curvature_batch=5, full_gradient=True), m)["terms"]
+    assert semi == {"jacobian_dot": N2 * 2, "gram_scale": 2 * N2 * N2, "solve": round(N2 ** 3 / 3 + N2 * N2),
+                    "weights": N2 + N2 * 2, "direction": n, "model": 2 * n + N2, "trial_and_step": 3 * n}
 
 
 def test_floor_counts_the_passes_and_the_algebra():
