@@ -207,8 +207,11 @@ MUTANTS = [
     # smw.py: S₂'s taps as rows of S₁'s backward pass (issue 21, tenth session)
     ("smw-s1-taps-unscaled", O + "smw.py", '"g": taps[L.name]["g"][at] * N1}', '"g": taps[L.name]["g"][at]}',
      "NG / NG-BD on dense nets: S₂'s γ left at the mean loss's scale γ/N₁", [T + "test_smw_ng_bd.py"]),
-    ("smw-ng-taps-last-layer", O + "smw.py", "            u = u + jg(a, gam, gl)", "            u = jg(a, gam, gl)",
+    ("smw-ng-taps-last-layer", O + "smw.py", "            u = u + jg(a, gam, gl, name)", "            u = jg(a, gam, gl, name)",
      "NG on dense nets: J g of the last layer only", [T + "test_smw_ng_bd.py"]),
+    ("smw-gram-rhs-mean", O + "smw.py", 'return ((a @ b["a"].T) * (gam @ b["g"].T)).sum(axis=1)',
+     'return ((a @ b["a"].T) * (gam @ b["g"].T)).mean(axis=1)', "NG / NG-BD: the S₂ × S₁ Gram right-hand side averaged over S₁ again",
+     [T + "test_smw_ng_bd.py"]),
     # tnt.py TNT-ideal (thesis Alg. 14)
     ("tnt-ideal-sum-not-mean", O + "tnt.py", "stats = [[S / n_pop for S in a] for a in total]",
      "stats = [[S for S in a] for a in total]", "TNT-ideal: Σ_x instead of E_x", [T + "test_tnt_ideal.py"]),

@@ -249,7 +249,7 @@ class SMWBlockDiagonal:
 
     unit = "ratio"
     timeout = 300
-    version = "21.4"  # 21.4: SMW-NG/NG-BD take S₂'s taps from S₁'s backward pass, the floor without S₂'s passes; 21.3: interleaved rounds
+    version = "21.5"  # 21.5: right-hand sides by the S₂ × S₁ Gram where cheaper; 21.4: SMW-NG/NG-BD take S₂'s taps from S₁'s backward pass, the floor without S₂'s passes; 21.3: interleaved rounds
 
     @staticmethod
     def _timer(name):

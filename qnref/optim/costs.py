@@ -107,12 +107,13 @@ class ModelShapes(NamedTuple):
 class CostAssumptions(NamedTuple):
     """The nominal data-dependent counts (module docstring): line-search ``trials``, curvature
     ``pairs`` in memory (None: the memory size), HF's ``cg_iters``, Shampoo's ``root_iters``
-    (None: the cap)."""
+    (None: the cap), and whether the problem has an ``l2`` term."""
 
     trials: int = 1
     pairs: int | None = None
     cg_iters: int = 10
     root_iters: int | None = None
+    l2: bool = False   # the problem has an L2 term (SMW-NG's right-hand sides then skip the Gram trick)
 
     def pairs_or(self, memory: int) -> int:
         return memory if self.pairs is None else self.pairs
@@ -172,7 +173,7 @@ def floor_summary(passes: dict[str, float], algebra: dict[str, float], gradient:
 
 def algebra_flops(opt: Any, layout_or_model: Any, batch_size: int | None = None, *,
                   trials: int = 1, pairs: int | None = None, cg_iters: int = 10,
-                  root_iters: int | None = None) -> dict:
+                  root_iters: int | None = None, l2: bool = False) -> dict:
     """Multiplications of one step of ``opt``'s own algebra (see the module docstring): the
     optimizer's own cost model, ``opt.algebra_flops(shapes, batch_size, assumptions)``.
 
@@ -193,6 +194,6 @@ def algebra_flops(opt: Any, layout_or_model: Any, batch_size: int | None = None,
         raise ValueError(f"no algebra cost model for optimizer {getattr(opt, 'name', opt)!r}")
     N = batch_size if batch_size is not None else getattr(opt, "batch_size", None)
     raw = model(model_shapes(layout_or_model), int(1000 if N is None else N),
-                CostAssumptions(int(trials), pairs, int(cg_iters), root_iters))
+                CostAssumptions(int(trials), pairs, int(cg_iters), root_iters, bool(l2)))
     terms = {k: int(round(v)) for k, v in raw.items()}
     return {"per_step": int(sum(terms.values())), "terms": terms}

@@ -97,7 +97,7 @@ from .drivers import close_step, open_step, stay, with_extra
 from .registry import register
 
 __all__ = ["SMWOptimizer", "SMWGN", "SMWNG", "SMWNGBD", "SMWState", "SMWDirection", "smw_direction",
-           "smw_bd_direction", "taps_direction", "dense_layers", "layer_groups", "update_lambda_lm", "FORMS"]
+           "smw_bd_direction", "taps_direction", "rhs_by_gram", "dense_layers", "layer_groups", "update_lambda_lm", "FORMS"]
 
 FORMS = ("5.6", "5.7", "5.6-inv")
 CURVATURES = ("gn", "ng", "ng-bd")
@@ -349,8 +349,15 @@ def _bd_layer_direction(xp: Any, g: Any, jtw: Any, mu: float, out: Any) -> None:
     xp.divide(jtw, mu, out=out)
 
 
+def rhs_by_gram(n1: int, block_shape: tuple) -> bool:
+    """Whether a layer's (Jₗgₗ)ᵢ over S₂ costs fewer multiplications as the S₂ × S₁ Gram trick
+    (N₁(a + o) per example) than as γᵢᵀGₗāᵢ (o·a), for an o × a block and N₁ = ``n1``."""
+    o, a = block_shape
+    return n1 * (a + o) < o * a
+
+
 def taps_direction(xp: Any, layout: Any, layers: list, taps: dict, g: Any, mu: float, l2: float, *,
-                   block_diagonal: bool) -> SMWDirection:
+                   block_diagonal: bool, batch_taps: dict | None = None) -> SMWDirection:
     """SMW-NG's (``block_diagonal=False``) or SMW-NG-BD's direction from the layer taps of the
     curvature batch on a net whose parametrised layers are all dense (:func:`dense_layers`).
 
@@ -358,15 +365,23 @@ def taps_direction(xp: Any, layout: Any, layers: list, taps: dict, g: Any, mu: f
     Jₗ Jₗᵀ = (ĀĀᵀ) ⊙ (ΓΓᵀ) (Alg. 22, :func:`kron.tap_gram`), (Jₗgₗ)ᵢ = γᵢᵀ Gₗ āᵢ and
     Jₗᵀw = Γᵀ diag(w) Ā: no R-forward and no backward pass. NG solves D = μI + (1/N₂) Σₗ JₗJₗᵀ once
     for u = Σₗ Jₗgₗ (J = [J₁ … J_L]); NG-BD solves one Dₗ per layer (module docstring). Both set
-    pₗ = −(gₗ − Jₗᵀw/N₂)/μ, and pᵀB_d p = ‖w‖²/N₂ (J p = −w, per block for NG-BD)."""
+    pₗ = −(gₗ − Jₗᵀw/N₂)/μ, and pᵀB_d p = ‖w‖²/N₂ (J p = −w, per block for NG-BD).
+
+    ``batch_taps``: the gradient batch's taps of the mean loss (ā, γ/N₁ over S₁), given when g is
+    exactly S₁'s gradient Σⱼ γⱼāⱼᵀ/N₁ (no L2 term). Then (Jₗgₗ)ᵢ = Σⱼ (āᵢᵀāⱼ)(γᵢᵀγⱼ)/N₁, the Gram
+    trick between S₂ and S₁: N₂N₁(a + o) multiplications instead of N₂·o·a, taken for the layers where
+    that is fewer (:func:`rhs_by_gram`)."""
     N = int(taps[layers[0].name]["a"].shape[0])
     gv = layout.views(g)
     p = xp.empty_like(g)
     pv = layout.views(p)
-    parts = [(taps[L.name]["a"], taps[L.name]["g"], gv[L.block], pv[L.block]) for L in layers]
+    parts = [(taps[L.name]["a"], taps[L.name]["g"], gv[L.block], pv[L.block], L.name) for L in layers]
     blocks = len(parts) if block_diagonal else 1
 
-    def jg(a, gam, gl):
+    def jg(a, gam, gl, name):
+        b = batch_taps[name] if batch_taps is not None else None
+        if b is not None and rhs_by_gram(b["a"].shape[0], gl.shape):
+            return ((a @ b["a"].T) * (gam @ b["g"].T)).sum(axis=1)  # Σⱼ (āᵢᵀāⱼ)(γᵢᵀγⱼ/N₁)
         return ((gam @ gl) * a).sum(axis=1)                        # (Jₗ gₗ)ᵢ = γᵢᵀ Gₗ āᵢ
 
     def direction(a, gam, gl, pl, w):
@@ -377,21 +392,21 @@ def taps_direction(xp: Any, layout: Any, layers: list, taps: dict, g: Any, mu: f
 
     ww = 0.0
     if block_diagonal:
-        for a, gam, gl, pl in parts:
-            w = _gram_solve(xp, kron.tap_gram(a, gam), jg(a, gam, gl), mu, N)
+        for a, gam, gl, pl, name in parts:
+            w = _gram_solve(xp, kron.tap_gram(a, gam), jg(a, gam, gl, name), mu, N)
             if w is None:
                 return failed()
             direction(a, gam, gl, pl, w)
             ww += float(w @ w)
     else:
         K = u = 0
-        for a, gam, gl, _ in parts:
+        for a, gam, gl, _, name in parts:
             K = K + kron.tap_gram(a, gam)
-            u = u + jg(a, gam, gl)
+            u = u + jg(a, gam, gl, name)
         w = _gram_solve(xp, K, u, mu, N)
         if w is None:
             return failed()
-        for a, gam, gl, pl in parts:
+        for a, gam, gl, pl, _ in parts:
             direction(a, gam, gl, pl, w)
         ww = float(w @ w)
     return _finished(l2, g, p, ww / N, mu, N, "5.6", blocks=blocks)
@@ -526,7 +541,7 @@ class SMWOptimizer(Optimizer):
         N2 = min(self.curvature_batch, self.batch_size)
         NC = N2 * C
         if self.curvature == "ng-bd" or (self.curvature == "ng" and not self.full_gradient and self._taps_shapes(shapes)):
-            return {**self._taps_flops(shapes, N2), "trial_and_step": 3 * n}
+            return {**self._taps_flops(shapes, self.batch_size, N2, assume), "trial_and_step": 3 * n}
         if self.curvature == "ng":
             t = {"jacobian_dot": NC, "gram_scale": 2 * N2 * N2, "solve": flops_solve(N2, 1), "weights": N2 + NC,
                  "direction": n, "model": 2 * n + N2}
@@ -572,17 +587,21 @@ class SMWOptimizer(Optimizer):
         """Whether the cost model's layers are all dense (the taps route's nets)."""
         return bool(shapes.layers) and not shapes.others and all(len(w) == 2 for w in shapes.w_shapes)
 
-    def _taps_flops(self, shapes: ModelShapes, N2: int) -> dict[str, float]:
+    def _taps_flops(self, shapes: ModelShapes, N1: int, N2: int, assume: CostAssumptions) -> dict[str, float]:
         """SMW-NG-BD, and SMW-NG on dense nets (:func:`taps_direction`; layers o × a, nₗ = o·a), per
-        layer: the right-hand side γᵢᵀGₗāᵢ (N₂nₗ + N₂a), the weights w/N₂ and Γ diag(w/N₂) (N₂ + N₂o),
-        Jₗᵀw = Γᵀdiag(w)Ā (N₂nₗ); per solved system (one per layer for NG-BD, one for NG) the Gram's
-        scaling (2N₂²), the solve and ‖w‖² (N₂); then the 1/μ (n) and the model (2n). SMW-NG-BD on
-        other nets (rows route, blocks of sizes nₗ): Pₗgₗ (N₂nₗ), the scaling, the solve, w/N₂ (N₂),
-        Pₗᵀw (N₂nₗ), 1/μ (n). The per-layer Gram matrices themselves ((ĀĀᵀ) ⊙ (ΓΓᵀ) or PₗPₗᵀ) are
-        counted with the passes, as the Gram of the Jacobian route is (module :mod:`.costs`)."""
+        layer: the right-hand side γᵢᵀGₗāᵢ (N₂nₗ + N₂a), or, on the S₁ route without an L2 term
+        where :func:`rhs_by_gram` takes it, Σⱼ(āᵢᵀāⱼ)(γᵢᵀγⱼ)/N₁ (N₂N₁(a + o) + N₂N₁); the weights w/N₂
+        and Γ diag(w/N₂) (N₂ + N₂o), Jₗᵀw = Γᵀdiag(w)Ā (N₂nₗ); per solved system (one per layer for
+        NG-BD, one for NG) the Gram's scaling (2N₂²), the solve and ‖w‖² (N₂); then the 1/μ (n) and
+        the model (2n). SMW-NG-BD on other nets (rows route, blocks of sizes nₗ): Pₗgₗ (N₂nₗ), the
+        scaling, the solve, w/N₂ (N₂), Pₗᵀw (N₂nₗ), 1/μ (n). The per-layer Gram matrices themselves
+        ((ĀĀᵀ) ⊙ (ΓΓᵀ) or PₗPₗᵀ) are counted with the passes, as the Gram of the Jacobian route is
+        (module :mod:`.costs`)."""
         if self._taps_shapes(shapes):
             L = list(shapes.layers)
-            rhs = sum(N2 * o * a + N2 * a for o, a in L)
+            gram_rhs = not (self.full_gradient or assume.l2)
+            rhs = sum(N2 * N1 * (a + o) + N2 * N1 if gram_rhs and rhs_by_gram(N1, (o, a)) else N2 * o * a + N2 * a
+                      for o, a in L)
             weights = sum(N2 + N2 * o for o, a in L)
             sizes = [o * a for o, a in L]
         else:
@@ -659,11 +678,11 @@ class SMWOptimizer(Optimizer):
             return None, None
         xp, N1 = p1.xp, p1.N
         at = slice(None) if rows is None else xp.asarray(rows)
-        taps = {L.name: {"kind": "dense", "a": taps[L.name]["a"][at], "g": taps[L.name]["g"][at] * N1}
-                for L in layers}
+        rows_taps = {L.name: {"kind": "dense", "a": taps[L.name]["a"][at], "g": taps[L.name]["g"][at] * N1}
+                     for L in layers}
         mu = float(lam) + p1.l2
-        return g, taps_direction(xp, problem.layout, layers, taps, g, mu, p1.l2,
-                                 block_diagonal=self.curvature == "ng-bd")
+        return g, taps_direction(xp, problem.layout, layers, rows_taps, g, mu, p1.l2,
+                                 block_diagonal=self.curvature == "ng-bd", batch_taps=None if p1.l2 else taps)
 
     def _finish(self, theta, state, opened, g, d, evals, extra):
         f0 = opened.f0

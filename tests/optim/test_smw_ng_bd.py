@@ -195,6 +195,37 @@ def test_step_with_a_curvature_subset_matches_the_dense_solve(cls, loss, l2):
         theta, state = new, new_state
 
 
+@pytest.mark.parametrize("cls", [SMWNG, SMWNGBD])
+def test_gram_right_hand_side_on_a_wide_layer(cls):
+    """Without an L2 term, (Jₗgₗ)ᵢ of a layer wider than N₁(a + o)/(o·a) comes from the S₂ × S₁ Gram
+    (rhs_by_gram: here the 30 → 40 layer, not the 40 → 3 one): the step against the dense solve on
+    the same S₁ and S₂, and the cost model's right-hand side term by term."""
+    from qnref.optim.smw import rhs_by_gram
+
+    r = np.random.default_rng(5)
+    m = Sequential([Dense(40), Tanh(), Dense(3)], input_shape=(30,))
+    X, y = r.standard_normal((36, 30)), r.integers(0, 3, 36)
+    prob, twin = (Problem(m, "softmax_ce", X, y, seed=2) for _ in range(2))
+    N1, N2 = 12, 5
+    assert rhs_by_gram(N1, (40, 31)) and not rhs_by_gram(N1, (3, 41))
+    opt = cls(lr=0.5, batch_size=N1, curvature_batch=N2, lambda_lm=0.3)
+    theta, state = m.init(2), opt.init(m.init(2))
+    for _ in range(2):
+        obj1 = twin.batch(N1)
+        S2 = np.sort(twin.rng.choice(N1, size=N2, replace=False))
+        lam = state.lambda_lm + opt.tau
+        g = obj1.grad(theta)
+        P = obj1.at(theta).per_example_grads()[S2]
+        B = _block_diagonal_fisher(m, P, 0.0)[0] if cls is SMWNGBD else P.T @ P / N2
+        p = -np.linalg.solve(B + lam * np.eye(m.n_params), g)
+        new, state, info = opt.step(theta, state, prob)
+        assert info.accepted and _rel(new - theta, 0.5 * p) <= 1e-10
+        theta = new
+    t = algebra_flops(opt, m, N1)["terms"]
+    assert t["rhs"] == (N2 * N1 * (31 + 40) + N2 * N1) + (N2 * 3 * 41 + N2 * 41)
+    assert algebra_flops(opt, m, N1, l2=True)["terms"]["rhs"] == (N2 * 40 * 31 + N2 * 31) + (N2 * 3 * 41 + N2 * 41)
+
+
 def test_subset_route_keeps_the_passes_for_other_nets_and_the_semi_stochastic_variant():
     """The taps of S₁ serve only dense nets with S₂ ⊆ S₁: a conv net, BatchNorm blocks and the
     semi-stochastic variant (S₂ its own sample) take S₂'s forward pass as before."""
