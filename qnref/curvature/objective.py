@@ -219,6 +219,10 @@ class Objective(PointMethods):
                          counter=self.counter, rng=self.rng, validate=False)
 
 
+#: "not computed yet" for a point's cached predictive distribution (None is a valid value: no cache)
+_UNSET = object()
+
+
 class Point(PointProducts):
     """The objective linearised at one θ: caches the forward pass (and the gradient once computed).
 
@@ -238,6 +242,7 @@ class Point(PointProducts):
         self._grad = None
         self._dz = None
         self._sampled = None
+        self._pred: Any = _UNSET
         self._value: float | None = None
 
     # -- values ---------------------------------------------------------------------------
@@ -261,8 +266,18 @@ class Point(PointProducts):
     def dz(self) -> Any:
         """Per-example output gradients ∂ℓᵢ/∂zᵢ (N, C)."""
         if self._dz is None:
-            self._dz = self.obj.loss.dz(self.z, self.obj.y)
+            self._dz = self._loss_call("dz", self.z, self.obj.y)
         return self._dz
+
+    def _loss_call(self, method: str, *args: Any) -> Any:
+        """``loss.<method>(*args)`` with this point's predictive distribution p = σ(z) or softmax(z)
+        (:meth:`Loss.predictive`, computed once per point), for losses that have one: a point's
+        gradient, sampled targets and every H_L product (each CG iteration of HF) share one σ or
+        softmax pass instead of one each (issue 21)."""
+        if self._pred is _UNSET:
+            self._pred = self.obj.loss.predictive(self.z)
+        fn = getattr(self.obj.loss, method)
+        return fn(*args) if self._pred is None else fn(*args, p=self._pred)
 
     @property
     def caches(self) -> list:
@@ -318,7 +333,7 @@ class Point(PointProducts):
         return self._backward(u, call)
 
     def local_loss_hvp(self, u: Any) -> Any:
-        return self.obj.loss.hvp(self.z, self.obj.y, u)
+        return self._loss_call("hvp", self.z, self.obj.y, u)
 
     def local_output_grads(self, targets: Any) -> Any:
         return self._fisher_dz(targets)
@@ -328,17 +343,17 @@ class Point(PointProducts):
 
     def local_loss_sqrt_hessian(self) -> Any:
         """√diag(H_L) for mse/sigmoid_ce ((N, C), from ``loss.hvp`` with ones), else ``loss.sqrt_hessian``."""
-        loss, z, y = self.obj.loss, self.z, self.obj.y
+        z, y = self.z, self.obj.y
         if self._diagonal_hessian():
-            return self.xp.sqrt(loss.hvp(z, y, self.xp.ones_like(z)))
-        return loss.sqrt_hessian(z, y)
+            return self.xp.sqrt(self._loss_call("hvp", z, y, self.xp.ones_like(z)))
+        return self._loss_call("sqrt_hessian", z, y)
 
     def local_loss_hessian(self) -> Any:
         """diag(H_L) for mse/sigmoid_ce ((N, C)), else ``loss.hessian`` ((N, C, C))."""
-        loss, z, y = self.obj.loss, self.z, self.obj.y
+        z, y = self.z, self.obj.y
         if self._diagonal_hessian():
-            return loss.hvp(z, y, self.xp.ones_like(z))
-        return loss.hessian(z, y)
+            return self._loss_call("hvp", z, y, self.xp.ones_like(z))
+        return self._loss_call("hessian", z, y)
 
     def check_independent(self, what: str) -> None:
         self._check_coupling(what)
@@ -351,7 +366,7 @@ class Point(PointProducts):
         self.check_direction(v)
         jv, rcaches = self._jvp(v)
         gz = self.dz / N
-        rgz = self.obj.loss.hvp(self.z, self.obj.y, jv) / N
+        rgz = self._loss_call("hvp", self.z, self.obj.y, jv) / N
         self.obj.counter.add("backward", self.N, "hvp")
         self.obj.counter.add("rbackward", self.N)
         return self.obj.model.backward_rop(self.theta, self.caches, rcaches, gz, rgz, v, want_grad=want_grad)
@@ -365,7 +380,7 @@ class Point(PointProducts):
     def sampled_targets(self) -> Any:
         """Targets ỹ ~ p(y | z) drawn once per point (so the sampled Fisher is a fixed matrix)."""
         if self._sampled is None:
-            self._sampled = self.obj.loss.sample(self.z, self.obj.rng)
+            self._sampled = self._loss_call("sample", self.z, self.obj.rng)
         return self._sampled
 
     def _fisher_dz(self, targets: Any) -> Any:
@@ -373,7 +388,7 @@ class Point(PointProducts):
         if is_empirical(targets):
             return self.dz
         loss = self.obj.loss
-        return loss.dz(self.z, self.select_targets(targets, None, lambda t: loss.check(tuple(self.z.shape), t)))
+        return self._loss_call("dz", self.z, self.select_targets(targets, None, lambda t: loss.check(tuple(self.z.shape), t)))
 
     # -- per-example quantities ---------------------------------------------------------------
     def _check_coupling(self, what: str) -> None:

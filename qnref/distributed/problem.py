@@ -248,6 +248,7 @@ class DistributedPoint(PointProducts):
         self._grad = None
         self._z = self._dz = self._losses = None
         self._sampled = None
+        self._pred = None     # Point._loss_call without a cached p: the gathered z's σ/softmax is used once
 
     @property
     def comm(self) -> Communicator:
@@ -342,6 +343,7 @@ class DistributedPoint(PointProducts):
     #: ỹ ~ p(y | z) for the global batch (gathered z), drawn once per point from the shared device
     #: RNG — the same draw as :meth:`Point.sampled_targets` on the whole batch.
     sampled_targets = Point.sampled_targets
+    _loss_call = Point._loss_call
 
     def _prepare(self, kind: Any) -> None:
         """Give the shard point its slice of the globally drawn targets (before any local use)."""

@@ -27,11 +27,22 @@ from .chunks import rowwise
 
 
 class Loss:
+    """Base of the losses. ``dz``, ``hvp``, ``sqrt_hessian``, ``hessian`` and ``sample`` take an
+    optional ``p=``: the predictive distribution :meth:`predictive` returned for the same z (a
+    :class:`~qnref.curvature.objective.Point` computes it once and passes it to every call at its θ:
+    one σ(z) or softmax(z) per point instead of one per call, e.g. per CG iteration of HF's G v).
+    A loss whose ``predictive`` returns None (the default) is always called without it."""
+
     name = "loss"
 
     def check(self, z_shape: tuple[int, ...], y: Any) -> Any:
         """Validate targets against outputs of shape ``z_shape`` and return them normalised."""
         raise NotImplementedError
+
+    def predictive(self, z: Any) -> Any:
+        """The model's predictive distribution at outputs z that the other methods reuse (``p=``),
+        or None when there is nothing worth caching."""
+        return None
 
     def per_example(self, z, y):
         raise NotImplementedError
@@ -131,42 +142,48 @@ class SoftmaxCrossEntropy(Loss):
             return lse - z[xp.arange(z.shape[0]), y]
         return lse * y.sum(axis=1) - (y * z).sum(axis=1)
 
-    def dz(self, z, y):
-        xp = backend.namespace(z)
+    def predictive(self, z):
+        """softmax(z) per row."""
+        return _softmax(backend.namespace(z), z)
+
+    def _probs(self, z, p):
+        return _softmax(backend.namespace(z), z) if p is None else p
+
+    def dz(self, z, y, p=None):
         t = self._onehot(z, y)
-        return _softmax(xp, z) * t.sum(axis=1, keepdims=True) - t
+        return self._probs(z, p) * t.sum(axis=1, keepdims=True) - t
 
     def _mass(self, z, y):
         if y.ndim == 1:
             return 1.0
         return y.sum(axis=1, keepdims=True).astype(z.dtype)
 
-    def hvp(self, z, y, v):
-        p = _softmax(backend.namespace(z), z)
+    def hvp(self, z, y, v, p=None):
+        p = self._probs(z, p)
         return self._mass(z, y) * (p * v - p * (p * v).sum(axis=1, keepdims=True))
 
-    def sqrt_hessian(self, z, y):
+    def sqrt_hessian(self, z, y, p=None):
         # S = √s (diag √p − p √pᵀ):  S Sᵀ = s (diag p − 2 p pᵀ + p (Σ p) pᵀ) = s (diag p − p pᵀ)
         xp = backend.namespace(z)
-        p = _softmax(xp, z)
+        p = self._probs(z, p)
         r = xp.sqrt(p)
         s = xp.sqrt(xp.asarray(self._mass(z, y), dtype=z.dtype))
         eye = xp.eye(z.shape[1], dtype=z.dtype)
         mat = r[:, :, None] * eye[None] - p[:, :, None] * r[:, None, :]
         return mat * (s[:, :, None] if s.ndim == 2 else s)
 
-    def hessian(self, z, y):
+    def hessian(self, z, y, p=None):
         xp = backend.namespace(z)
-        p = _softmax(xp, z)
+        p = self._probs(z, p)
         eye = xp.eye(z.shape[1], dtype=z.dtype)
         h = p[:, :, None] * eye[None] - p[:, :, None] * p[:, None, :]
         m = self._mass(z, y)
         return h * (m[:, :, None] if getattr(m, "ndim", 0) == 2 else m)
 
-    def sample(self, z, rng):
+    def sample(self, z, rng, p=None):
         """Labels drawn from Categorical(softmax(z)) by inverting the CDF."""
         xp = backend.namespace(z)
-        p = _softmax(xp, z)
+        p = self._probs(z, p)
         u = rng.random((z.shape[0], 1), dtype=z.dtype)
         idx = (xp.cumsum(p, axis=1) < u).sum(axis=1)
         return xp.minimum(idx, z.shape[1] - 1).astype(xp.int64)
@@ -206,6 +223,11 @@ class MeanSquaredError(Loss):
         return z + rng.standard_normal(z.shape, dtype=z.dtype)
 
 
+def _bernoulli_hvp(p: Any, v: Any) -> Any:
+    """H_L v = p(1 − p) v for σ outputs p (the sigmoid cross-entropy's diagonal output Hessian)."""
+    return p * (1 - p) * v
+
+
 class SigmoidCrossEntropy(Loss):
     """Binary cross-entropy on logits, summed over outputs (autoencoders, binary labels)."""
 
@@ -224,34 +246,41 @@ class SigmoidCrossEntropy(Loss):
         xp = backend.namespace(z)
         return rowwise(lambda z_, y_: (softplus_expr(xp, z_) - y_ * z_).reshape(z_.shape[0], -1).sum(axis=1), z, y)
 
-    def _p(self, z):
+    def predictive(self, z):
+        """σ(z) (:func:`~qnref.nn.activations.sigmoid`: the bits of every method's own σ)."""
         return sigmoid(backend.namespace(z), z)
 
-    def dz(self, z, y):
+    def _p(self, z, p=None):
+        return sigmoid(backend.namespace(z), z) if p is None else p
+
+    def dz(self, z, y, p=None):
         xp = backend.namespace(z)
+        if p is not None:
+            return p - y
         return rowwise(lambda z_, y_: sigmoid_expr(xp, z_) - y_, z, y)
 
-    def hvp(self, z, y, v):
+    def hvp(self, z, y, v, p=None):
         xp = backend.namespace(z)
+        if p is not None:
+            return rowwise(_bernoulli_hvp, p, v)
 
         def f(z_, v_):
-            p = sigmoid_expr(xp, z_)
-            return p * (1 - p) * v_
+            return _bernoulli_hvp(sigmoid_expr(xp, z_), v_)
         return rowwise(f, z, v)
 
-    def sqrt_hessian(self, z, y):
+    def sqrt_hessian(self, z, y, p=None):
         xp = backend.namespace(z)
-        p = self._p(z)
+        p = self._p(z, p)
         return xp.sqrt(p * (1 - p))[:, :, None] * xp.eye(z.shape[1], dtype=z.dtype)[None]
 
-    def hessian(self, z, y):
+    def hessian(self, z, y, p=None):
         xp = backend.namespace(z)
-        p = self._p(z)
+        p = self._p(z, p)
         return (p * (1 - p))[:, :, None] * xp.eye(z.shape[1], dtype=z.dtype)[None]
 
-    def sample(self, z, rng):
+    def sample(self, z, rng, p=None):
         """y ~ Bernoulli(σ(z)) per output."""
-        return (rng.random(z.shape, dtype=z.dtype) < self._p(z)).astype(z.dtype)
+        return (rng.random(z.shape, dtype=z.dtype) < self._p(z, p)).astype(z.dtype)
 
     def predict(self, z):
         return (z > 0).astype(z.dtype)

@@ -137,3 +137,61 @@ def test_sigmoid_and_softplus_match_scipy_and_are_shared(dt):
     assert sigmoid(np, z).tobytes() == loss._p(z).tobytes() == Sigmoid().f(np, z).tobytes()
     assert (sigmoid(np, z) - y).tobytes() == loss.dz(z, y).tobytes()
     assert sigmoid(np, z).tobytes() == Softplus().d1(np, z, None).tobytes()
+
+
+@pytest.mark.parametrize("dt", ["float64", "float32"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_predictive_reuse_gives_the_same_bits(name, dt):
+    """dz, hvp, sqrt_hessian, hessian and sample with ``p=loss.predictive(z)`` are bit for bit the
+    calls that compute p themselves (z with saturating entries and a (300, 300) output, so that the
+    sigmoid cross-entropy's rowwise passes split over the threads); mse has nothing to cache."""
+    r = np.random.default_rng(7)
+    for n, c in ((4, 5), (300, 300)):
+        loss, z, y = make(name, n, c, r)
+        z = z.astype(dt)
+        z.flat[:3] = [40.0, -40.0, 0.0]
+        y = y.astype(dt) if y.dtype.kind == "f" else y
+        p = loss.predictive(z)
+        if name == "mse":
+            assert p is None
+            continue
+        v = r.standard_normal(z.shape).astype(dt)
+        for method, args in (("dz", (z, y)), ("hvp", (z, y, v)), ("sqrt_hessian", (z, y)), ("hessian", (z, y))):
+            got, want = getattr(loss, method)(*args, p=p), getattr(loss, method)(*args)
+            assert got.dtype == want.dtype and np.array_equal(got, want), (method, n)
+        got = loss.sample(z, np.random.default_rng(3), p=p)
+        assert np.array_equal(got, loss.sample(z, np.random.default_rng(3)))
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_ce", "softmax_ce"])
+def test_a_point_computes_its_predictive_distribution_once(monkeypatch, loss):
+    """The gradient, the sampled targets, their output gradients and three G v products at one point
+    share one predictive pass (the same bits as a point that recomputes it for every call)."""
+    from qnref.curvature.objective import Objective
+    from qnref.nn.activations import Tanh
+    from qnref.nn.dense import Dense
+    from qnref.nn.model import Sequential
+
+    r = np.random.default_rng(2)
+    m = Sequential([Dense(6), Tanh(), Dense(4)], input_shape=(3,))
+    X = r.standard_normal((10, 3))
+    y = r.random((10, 4)) if loss == "sigmoid_ce" else r.integers(0, 4, 10)
+    theta = m.init(0)
+    vs = [r.standard_normal(m.n_params) for _ in range(3)]
+
+    def run():
+        p = Objective(m, loss, X, y, rng=np.random.default_rng(5)).at(theta)
+        return [p.grad, p.sampled_targets(), p.output_grads("sampled")] + [p.ggn_vp(v) for v in vs]
+
+    import qnref.nn.losses as L
+
+    calls = []
+    for fname in ("_softmax", "sigmoid", "sigmoid_expr"):              # every σ / softmax pass of the losses
+        real = getattr(L, fname)
+        monkeypatch.setattr(L, fname, lambda *a, _real=real, _f=fname: calls.append(_f) or _real(*a))
+    cached = run()
+    assert calls == ["sigmoid" if loss == "sigmoid_ce" else "_softmax"]
+    cls = type(Objective(m, loss, X, y).loss)
+    monkeypatch.setattr(cls, "predictive", lambda self, z: None)      # every call computes p itself
+    for a, b in zip(cached, run()):
+        assert np.array_equal(a, b)
