@@ -11,6 +11,7 @@ examples in [0, 1], batch sizes as each optimizer's defaults would use at small 
 import copy
 import functools
 import inspect
+import math
 
 import numpy as np
 
@@ -110,18 +111,33 @@ def _stepping_timer(name, calls):
     return lambda: wall_time(run)
 
 
+#: the step-count attributes of periodic work (statistics, inverses and roots, SQN's curvature windows)
+PERIODS = ("stat_freq", "inv_freq", "curvature_freq", "L")
+
+
+def period(name):
+    """Steps after which ``name``'s default schedule repeats: the lcm of its periods (1: none)."""
+    opt = make_optimizer(name, **_kwargs(name))
+    return math.lcm(*(int(getattr(opt, a)) for a in PERIODS if isinstance(getattr(opt, a, None), int)), 1)
+
+
 class OptimizerRatios:
-    """Step time / SGD step time, in interleaved rounds of ``CALLS`` steps of each (the median of
-    the per-round ratios, :func:`~._common.interleaved_ratio`; version 21.1). Steps here take
-    0.05–5 ms, so a single wake-up of a BLAS thread (3–20 ms) spoils a best-of-5 taken one method
-    after the other: TNT read 13.2 in one process and 3.6 in another that way."""
+    """Step time / SGD step time, in interleaved rounds of ``CALLS`` steps of each, or of one period
+    of the method's schedule when that is longer (:func:`period`: K-FAC, Shampoo, TNT recompute
+    inverses or roots every 20 steps, SQN its curvature pair), the median of the per-round ratios
+    (:func:`~._common.interleaved_ratio`; version 21.2). Steps here take 0.05–5 ms, so a single
+    wake-up of a BLAS thread (3–20 ms) spoils a best-of-5 taken one method after the other: TNT
+    read 13.2 in one process and 3.6 in another that way. With 5-step rounds the median skipped
+    the rounds holding a periodic step, which the amortized cost includes (2–6 % of the tiny net's
+    K-FAC, TNT, Shampoo and SQN steps; found in the tenth session)."""
 
     params = [names()]
     param_names = ["optimizer"]
     unit = "ratio to an SGD step"
     timeout = 300  # tnt-ideal: 50 steps of ≈ 3.5 s (its 180 s limit was hit in the tenth session)
-    version = "21.1"
+    version = "21.2"
     CALLS, ROUNDS = 5, 9
 
     def track_time_ratio_to_sgd(self, name):
-        return interleaved_ratio(_stepping_timer(name, self.CALLS), _stepping_timer("sgd", self.CALLS), self.ROUNDS)
+        calls = max(self.CALLS, period(name))
+        return interleaved_ratio(_stepping_timer(name, calls), _stepping_timer("sgd", calls), self.ROUNDS)
