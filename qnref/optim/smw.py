@@ -646,9 +646,14 @@ class SMWOptimizer(Optimizer):
             layers = None
         if layers is None and opened.stop is None and not backend.all_finite(opened.g):
             opened = opened._replace(point=None, stop=stay(opened.obj))       # as open_step's ∇f check
-        if opened.stop is not None:
-            info = with_extra(dataclasses.replace(opened.stop, step_size=self.lr), **extra)
+
+        def stopped(info: StepInfo) -> tuple[Any, SMWState, StepInfo]:
+            """θ does not move: a non-finite start (f or ∇f), the step counted as rejected."""
+            info = with_extra(dataclasses.replace(info, step_size=self.lr), **extra)
             return theta, SMWState(state.lambda_lm, state.t + 1, state.rejected + 1), info
+
+        if opened.stop is not None:
+            return stopped(opened.stop)
         # overflow in the direction, the trial forward pass or θ + αp is detected explicitly below
         # (finiteness checks) and turned into a rejected step, so NumPy's warnings are silenced here
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -656,8 +661,7 @@ class SMWOptimizer(Optimizer):
                 g, d = self._s1_taps_direction(problem, opened.point, layers, rows, lam)
                 evals = 1
                 if g is None:                                             # ∇f not finite at θ
-                    info = with_extra(dataclasses.replace(stay(opened.obj), step_size=self.lr), **extra)
-                    return theta, SMWState(state.lambda_lm, state.t + 1, state.rejected + 1), info
+                    return stopped(stay(opened.obj))
             else:
                 g = opened.g
                 if rows is not None:

@@ -165,8 +165,9 @@ def test_predictive_reuse_gives_the_same_bits(name, dt):
 
 @pytest.mark.parametrize("loss", ["sigmoid_ce", "softmax_ce"])
 def test_a_point_computes_its_predictive_distribution_once(monkeypatch, loss):
-    """The gradient, the sampled targets, their output gradients and three G v products at one point
-    share one predictive pass (the same bits as a point that recomputes it for every call)."""
+    """The sampled targets, their output gradients and three G v products at one point share one
+    predictive pass, after the gradient's own fused pass (the same bits as a point that recomputes p
+    for every call)."""
     from qnref.curvature.objective import Objective
     from qnref.nn.activations import Tanh
     from qnref.nn.dense import Dense
@@ -190,7 +191,8 @@ def test_a_point_computes_its_predictive_distribution_once(monkeypatch, loss):
         real = getattr(L, fname)
         monkeypatch.setattr(L, fname, lambda *a, _real=real, _f=fname: calls.append(_f) or _real(*a))
     cached = run()
-    assert calls == ["sigmoid" if loss == "sigmoid_ce" else "_softmax"]
+    # the gradient's fused ∂ℓ/∂z pass, then one p for the sampled targets, their gradients and the G v
+    assert calls == (["sigmoid_expr", "sigmoid"] if loss == "sigmoid_ce" else ["_softmax", "_softmax"])
     cls = type(Objective(m, loss, X, y).loss)
     monkeypatch.setattr(cls, "predictive", lambda self, z: None)      # every call computes p itself
     for a, b in zip(cached, run()):

@@ -226,6 +226,27 @@ def test_gram_right_hand_side_on_a_wide_layer(cls):
     assert algebra_flops(opt, m, N1, l2=True)["terms"]["rhs"] == (N2 * 40 * 31 + N2 * 31) + (N2 * 3 * 41 + N2 * 41)
 
 
+@pytest.mark.parametrize("cls", [SMWNG, SMWNGBD])
+def test_nonfinite_gradient_on_the_taps_route_does_not_move(monkeypatch, cls):
+    """A finite f with a non-finite ∇f (from the S₁ backward of the taps route): θ stays, the step
+    is reported non-finite and counted as rejected, λ_LM unchanged (as open_step's ∇f check)."""
+    from qnref.curvature.objective import Point
+
+    m, theta, prob, _ = _full_batch_problem(n=40)
+    real = Point.grad_with_taps
+
+    def poisoned(self):
+        g, taps = real(self)
+        return g * np.nan, taps
+
+    monkeypatch.setattr(Point, "grad_with_taps", poisoned)
+    opt = cls(batch_size=20, curvature_batch=7)
+    state = opt.init(theta)
+    new, st, info = opt.step(theta, state, prob)
+    assert new is theta and info.nonfinite and not info.accepted and math.isnan(info.loss)
+    assert st.rejected == 1 and st.t == 1 and st.lambda_lm == state.lambda_lm
+
+
 def test_subset_route_keeps_the_passes_for_other_nets_and_the_semi_stochastic_variant():
     """The taps of S₁ serve only dense nets with S₂ ⊆ S₁: a conv net, BatchNorm blocks and the
     semi-stochastic variant (S₂ its own sample) take S₂'s forward pass as before."""
