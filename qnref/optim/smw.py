@@ -753,7 +753,7 @@ class SMWNG(SMWOptimizer):
 
     curvature = "ng"
     forms = ("5.6",)
-    cost_formula: ClassVar[str] = "2N₂² + N₂³/3 + 6n + O(N₂C)"
+    cost_formula: ClassVar[str] = "2N₂² + N₂³/3 + 6n + O(N₂C); dense nets with S₂ ⊆ S₁: + Σₗ 2N₂nₗ (from taps) + O(L N₂ d)"
 
 
 @register("smw-ng-bd")
