@@ -144,9 +144,10 @@ class SoftmaxCrossEntropy(Loss):
 
     def predictive(self, z):
         """softmax(z) per row."""
-        return _softmax(backend.namespace(z), z)
+        return self._probs(z, None)
 
     def _probs(self, z, p):
+        """The given p, else softmax(z)."""
         return _softmax(backend.namespace(z), z) if p is None else p
 
     def dz(self, z, y, p=None):
@@ -248,9 +249,10 @@ class SigmoidCrossEntropy(Loss):
 
     def predictive(self, z):
         """σ(z) (:func:`~qnref.nn.activations.sigmoid`: the bits of every method's own σ)."""
-        return sigmoid(backend.namespace(z), z)
+        return self._p(z)
 
     def _p(self, z, p=None):
+        """The given p, else σ(z)."""
         return sigmoid(backend.namespace(z), z) if p is None else p
 
     def dz(self, z, y, p=None):
