@@ -641,11 +641,12 @@ class SMWOptimizer(Optimizer):
             obj2, rows = opened.obj, self._curvature_rows(problem, opened.obj.n_samples)
         lam = state.lambda_lm + self.tau
         extra = {"lambda": lam, "curvature_batch": obj2.n_samples if rows is None else len(rows), "form": self.form}
-        # the taps route needs a plain engine point (data-parallel and framework points take the passes)
+        # the taps route needs a plain engine point (data-parallel and framework points take the passes);
+        # leaving it, make the ∇f check that open_step skipped for it
         if layers is not None and opened.stop is None and type(opened.point) is not Point:
             layers = None
-        if layers is None and opened.stop is None and not backend.all_finite(opened.g):
-            opened = opened._replace(point=None, stop=stay(opened.obj))       # as open_step's ∇f check
+            if not backend.all_finite(opened.g):
+                opened = opened._replace(point=None, stop=stay(opened.obj))
 
         def stopped(info: StepInfo) -> tuple[Any, SMWState, StepInfo]:
             """θ does not move: a non-finite start (f or ∇f), the step counted as rejected."""
