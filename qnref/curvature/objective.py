@@ -481,8 +481,7 @@ def gram_matrix(local: Point, kind: str, rows: Any = None) -> Any:
     trick = all(l.kron_dense for l in model.kron_layers) and _only_kron_params(model)
     if kind == "grad":
         if not trick:
-            P = rows(local.per_example_grads())
-            return P @ P.T
+            return kron.gram(rows(local.per_example_grads()))
         taps = local.layer_stats("empirical")
         total = 0
         for t in taps.values():
@@ -501,8 +500,7 @@ def gram_matrix(local: Point, kind: str, rows: Any = None) -> Any:
             local.obj.counter.add("backward", local.N, "gram")
             J.append(rows(model.per_example_grads(local.theta, local.caches, unit[c])))
         J = xp.stack(J, axis=1)
-        J = J.reshape(J.shape[0] * C, -1)
-        return J @ J.T
+        return kron.gram(J.reshape(J.shape[0] * C, -1))
     per_c = []
     for c in range(C):
         taps: dict = {}
@@ -511,10 +509,10 @@ def gram_matrix(local: Point, kind: str, rows: Any = None) -> Any:
     total = None
     for name in per_c[0]:
         a = rows(per_c[0][name]["a"])
-        ka = a @ a.T
+        ka = kron.gram(a)
         gam = xp.stack([rows(t[name]["g"]) for t in per_c], axis=1)  # row i·C + c
         gam = gam.reshape(gam.shape[0] * C, -1)
-        term = xp.repeat(xp.repeat(ka, C, axis=0), C, axis=1) * (gam @ gam.T)
+        term = xp.repeat(xp.repeat(ka, C, axis=0), C, axis=1) * kron.gram(gam)
         total = term if total is None else total + term
     return total
 

@@ -448,7 +448,7 @@ def smw_bd_direction(curv: Any, g: Any, lam: float, *, route: str = "auto") -> S
     for grp in groups:
         idx = xp.concatenate([xp.arange(layout.blocks[k].offset, layout.blocks[k].stop) for k in grp])
         Pl = P[:, idx]
-        w = _gram_solve(xp, Pl @ Pl.T, Pl @ g[idx], mu, N)
+        w = _gram_solve(xp, kron.gram(Pl), Pl @ g[idx], mu, N)
         if w is None:
             return SMWDirection(xp.full_like(g, xp.nan), math.nan, math.nan, mu, N, "5.6", finite=False,
                                 blocks=len(groups))
